@@ -1,0 +1,191 @@
+"""Training-artifact generation (ORT's standard files) and the in-memory artifact set passes rewrite.
+
+An artifact directory holds ORT's four standard files, loadable by any ORT Training user with
+``onnxruntime.training.api`` and no accelc:
+
+    training_model.onnx  eval_model.onnx  optimizer_model.onnx  checkpoint
+
+plus accelc's ``report.json`` (what was compiled, how, what each pass changed, costs before/after).
+
+Two fix-ups are applied to ORT's output, both needed for ORT 1.19.2 to train correctly:
+  * IR version: onnx >= 1.17 stamps IR 14 on generated models; ORT 1.19.2 loads at most IR 10.
+  * Eval-mode BatchNorm: the eval model is cut from the training-mode export, so its
+    BatchNormalization nodes would normalise with batch statistics; they are switched to use the
+    running statistics (training_mode=0, one output).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from .errors import AccelcError
+from .model import ModelInfo
+
+MAX_IR_VERSION = 10
+LOSSES = ("cross_entropy",)
+OPTIMIZERS = ("adamw", "sgd")
+FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+
+@dataclass
+class Artifacts:
+    """One set of ORT training artifacts held in memory while passes rewrite it."""
+
+    training: onnx.ModelProto
+    eval: onnx.ModelProto
+    optimizer: onnx.ModelProto
+    checkpoint: bytes
+    info: ModelInfo
+    config: dict = field(default_factory=dict)  # loss, optimizer, lr, batch_size
+    extra_files: dict = field(default_factory=dict)  # name -> bytes, written beside the models
+
+    def copy(self) -> "Artifacts":
+        def cp(m):
+            c = onnx.ModelProto()
+            c.CopyFrom(m)
+            return c
+        return Artifacts(cp(self.training), cp(self.eval), cp(self.optimizer), self.checkpoint, self.info,
+                         dict(self.config), dict(self.extra_files))
+
+    def write(self, directory: Path) -> None:
+        directory = Path(directory)
+        _save(self.training, directory / "training_model.onnx")
+        _save(self.eval, directory / "eval_model.onnx")
+        _save(self.optimizer, directory / "optimizer_model.onnx")
+        (directory / "checkpoint").write_bytes(self.checkpoint)
+        for name, data in self.extra_files.items():
+            (directory / name).write_bytes(data)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    if model.ByteSize() > 1_900_000_000:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        with open(path, "wb") as fh:
+            fh.write(model.SerializeToString())
+
+
+def fix_ir_version(model: onnx.ModelProto) -> bool:
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+        return True
+    return False
+
+
+def fix_eval_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Make eval-model BatchNorm use running statistics. Returns the names of changed nodes."""
+    changed = []
+    for n in model.graph.node:
+        if n.op_type != "BatchNormalization":
+            continue
+        touched = False
+        for a in n.attribute:
+            if a.name == "training_mode" and a.i == 1:
+                a.i = 0
+                touched = True
+        if len(n.output) > 1:  # ORT's eval model resets training_mode but keeps the stat outputs
+            del n.output[1:]
+            touched = True
+        if touched:
+            changed.append(n.name)
+    return changed
+
+
+def _ort_loss(loss: str):
+    from onnxruntime.training import artifacts as ort_artifacts
+    if loss == "cross_entropy":
+        return ort_artifacts.LossType.CrossEntropyLoss
+    raise AccelcError(f"unknown loss '{loss}'; choose from: {', '.join(LOSSES)}")
+
+
+def _ort_optimizer(name: str):
+    from onnxruntime.training import artifacts as ort_artifacts
+    table = {"adamw": ort_artifacts.OptimType.AdamW, "sgd": ort_artifacts.OptimType.SGD}
+    if name not in table:
+        raise AccelcError(f"unknown optimizer '{name}'; choose from: {', '.join(OPTIMIZERS)}")
+    return table[name]
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence C++ log lines ORT's gradient builder writes straight to fd 2 (INFO, one per transformer)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def ort_generate(info: ModelInfo, directory: Path, loss: str = "cross_entropy", optimizer: str = "adamw") -> None:
+    """Plain ``generate_artifacts`` exactly as an ORT user would call it (no fix-ups)."""
+    import onnxruntime as ort
+    from onnxruntime.training import artifacts as ort_artifacts
+    ort.set_default_logger_severity(3)
+    os.makedirs(directory, exist_ok=True)
+    # generate_artifacts logs through the root logger and ORT's own logger; keep the terminal clean.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    with quiet_native_stderr(), contextlib.redirect_stdout(io.StringIO()):
+        ort_artifacts.generate_artifacts(
+            info.model, requires_grad=list(info.params), frozen_params=list(info.frozen),
+            loss=_ort_loss(loss), optimizer=_ort_optimizer(optimizer), artifact_directory=str(directory),
+            additional_output_names=[info.output_name])
+
+
+def generate(info: ModelInfo, loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3,
+             batch_size: int = 64) -> tuple[Artifacts, list[str]]:
+    """Generate ORT artifacts for a checked model and apply the fix-ups. Returns (artifacts, notes)."""
+    if lr <= 0 or lr != lr:
+        raise AccelcError(f"--lr must be a positive number, got {lr}")
+    if batch_size <= 0:
+        raise AccelcError(f"--batch-size must be positive, got {batch_size}")
+    _ort_loss(loss), _ort_optimizer(optimizer)
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="accelc-gen-") as d:
+        try:
+            ort_generate(info, Path(d), loss, optimizer)
+        except AccelcError:
+            raise
+        except Exception as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise AccelcError(f"ORT could not build the training graph: {msg[:300]}") from None
+        d = Path(d)
+        training = onnx.load_model(str(d / "training_model.onnx"))
+        eval_m = onnx.load_model(str(d / "eval_model.onnx"))
+        opt = onnx.load_model(str(d / "optimizer_model.onnx"))
+        ckpt = (d / "checkpoint").read_bytes()
+    for name, m in (("training", training), ("eval", eval_m), ("optimizer", opt)):
+        if fix_ir_version(m):
+            notes.append(f"{name} model: IR version lowered to {MAX_IR_VERSION} for ORT 1.19.2")
+    bn = fix_eval_batchnorm(eval_m)
+    if bn:
+        notes.append(f"eval model: {len(bn)} BatchNormalization node(s) switched to running statistics")
+    config = {"loss": loss, "optimizer": optimizer, "lr": lr, "batch_size": batch_size}
+    return Artifacts(training, eval_m, opt, ckpt, info, config), notes
+
+
+def optimizer_hyperparameters(optimizer_model: onnx.ModelProto) -> dict:
+    """Read the optimizer op and its attributes from an ORT optimizer model."""
+    for n in optimizer_model.graph.node:
+        if n.domain == "com.microsoft" and n.op_type.endswith("Optimizer") or n.op_type.startswith("SGDOptimizer"):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            kind = "adamw" if n.op_type.startswith("AdamW") else "sgd"
+            return {"kind": kind, **{k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}}
+    raise AccelcError("optimizer_model.onnx has no optimizer node")

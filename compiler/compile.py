@@ -1,0 +1,160 @@
+"""``compile`` and ``inspect``: the compiler's two main entry points."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import onnx
+
+from . import __name__ as _pkg  # noqa: F401
+from .artifacts import Artifacts, generate
+from .cost import graph_costs
+from .errors import AccelcError, atomic_dir
+from .graph import TrainingGraph, infer_shapes
+from .model import ModelInfo, check_model, load_model, read_model
+from .pass_manager import PassManager, validate
+
+VERSION = "0.1.0"
+
+
+def training_graph(art: Artifacts) -> TrainingGraph:
+    shapes = infer_shapes(art.info.model, art.config.get("batch_size", 64))
+    return TrainingGraph(art.training, shapes)
+
+
+def layer_table(tg: TrainingGraph, costs: dict) -> list[dict]:
+    rows = []
+    for layer in tg.layers:
+        c = costs["layers"].get(layer.name, {})
+        passes = sorted({t["accelc.pass"] for n in [layer.forward] + layer.backward
+                         for t in [tg.tags.get(n.name)] if t})
+        rows.append({
+            "name": layer.name, "op": layer.op, "params": list(layer.params),
+            "param_count": int(sum(_numel(tg.shape(p)) for p in layer.params)),
+            "weight_shape": list(layer.weight_shape), "input_shape": list(layer.input_shape),
+            "output_shape": list(layer.output_shape),
+            "flops_fwd": c.get("forward", {}).get("flops", 0.0), "flops_bwd": c.get("backward", {}).get("flops", 0.0),
+            "bytes_fwd": c.get("forward", {}).get("bytes", 0.0), "bytes_bwd": c.get("backward", {}).get("bytes", 0.0),
+            "backward_nodes": len(layer.backward), "trainable": all(p in tg.params for p in layer.params),
+            "passes": passes,
+        })
+    return rows
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n if shape else 0
+
+
+def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_options: dict | None = None,
+                  loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3,
+                  batch_size: int = 64, force: bool = False, validate_result: bool = True,
+                  info: ModelInfo | None = None) -> dict:
+    """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes``."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if info is None:
+        if Path(model_path).resolve() == out_dir.resolve():
+            raise AccelcError("output path is the input model; choose another -o")
+        info = load_model(model_path)
+    manager = PassManager(passes or [], pass_options or {}, validate_each=validate_result)
+    with atomic_dir(out_dir, force=force) as tmp:
+        art, notes = generate(info, loss, optimizer, lr, batch_size)
+        before = graph_costs(training_graph(art), optimizer)
+        art, records = manager.run(art)
+        after_tg = training_graph(art)
+        after = graph_costs(after_tg, optimizer)
+        final_validation = validate(art) if (validate_result and not records) else None
+        report = {
+            "accelc_version": VERSION,
+            "input": {"file": Path(model_path).name if model_path else None, "sha256": info.sha256},
+            "model": {"input_name": info.input_name, "input_shape": list(info.input_shape),
+                      "output_name": info.output_name, "num_classes": info.num_classes,
+                      "params": info.params, "frozen": info.frozen, "param_count": info.param_count},
+            "options": dict(art.config),
+            "fixups": notes,
+            "warnings": list(info.warnings),
+            "passes": records,
+            "validation": final_validation,
+            "costs": {"before": before, "after": after},
+            "layers": layer_table(after_tg, after),
+            "compile_seconds": None,
+        }
+        art.write(tmp)
+        report["compile_seconds"] = round(time.perf_counter() - t0, 3)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def load_artifacts(directory) -> tuple[Artifacts, dict]:
+    """Read a compiled artifact directory back (for inspect, the runtime and variant building)."""
+    d = Path(directory)
+    if not d.exists():
+        raise AccelcError(f"'{d}': no such file or directory")
+    if not d.is_dir():
+        raise AccelcError(f"'{d}' is not an artifact directory")
+    missing = [f for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "report.json")
+               if not (d / f).exists()]
+    if missing:
+        raise AccelcError(f"'{d}' is not an accelc artifact directory (missing {', '.join(missing)})")
+    try:
+        report = json.loads((d / "report.json").read_text())
+    except (ValueError, OSError) as e:
+        raise AccelcError(f"'{d}/report.json' is unreadable: {e}") from None
+    models = {}
+    for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+        try:
+            models[f], _ = read_model(d / f)
+        except AccelcError as e:
+            raise AccelcError(f"artifact {f}: {e}") from None
+    ev = models["eval_model.onnx"]
+    info = _info_from_eval(ev, report)
+    art = Artifacts(models["training_model.onnx"], ev, models["optimizer_model.onnx"],
+                    (d / "checkpoint").read_bytes(), info, dict(report.get("options", {})))
+    return art, report
+
+
+def _info_from_eval(ev: onnx.ModelProto, report: dict) -> ModelInfo:
+    """Rebuild the forward model description from the eval model (forward graph + loss)."""
+    m = report["model"]
+    fwd = onnx.ModelProto()
+    fwd.CopyFrom(ev)
+    g = fwd.graph
+    keep = [n for n in g.node if not n.op_type.startswith("SoftmaxCrossEntropyLoss")]
+    del g.node[:]
+    g.node.extend(keep)
+    ins = [i for i in g.input if i.name != "labels"]
+    del g.input[:]
+    g.input.extend(ins)
+    outs = [o for o in g.output if o.name == m["output_name"]]
+    del g.output[:]
+    g.output.extend(outs)
+    # parameters are graph inputs in the eval model; shape inference needs their shapes, which inputs carry
+    return ModelInfo(model=fwd, path=None, sha256=report["input"].get("sha256", ""), input_name=m["input_name"],
+                     input_shape=tuple(m["input_shape"]), output_name=m["output_name"],
+                     num_classes=m["num_classes"], params=list(m["params"]), frozen=list(m["frozen"]))
+
+
+def inspect_path(path) -> dict:
+    """Per-layer view of an artifact directory or an ONNX model (forward models are compiled in memory)."""
+    p = Path(path)
+    if p.is_dir():
+        art, report = load_artifacts(p)
+        tg = training_graph(art)
+        costs = graph_costs(tg, art.config.get("optimizer", "adamw"))
+        return {"source": "artifacts", "layers": layer_table(tg, costs), "costs": costs,
+                "passes": report.get("passes", []), "fixups": report.get("fixups", [])}
+    model, sha = read_model(p)
+    if any(n.op_type == "InPlaceAccumulatorV2" for n in model.graph.node):
+        tg = TrainingGraph(model, {})
+        costs = graph_costs(tg)
+        return {"source": "training_model", "layers": layer_table(tg, costs), "costs": costs, "passes": []}
+    info = check_model(model, sha, p)
+    art, notes = generate(info)
+    tg = training_graph(art)
+    costs = graph_costs(tg)
+    return {"source": "model", "layers": layer_table(tg, costs), "costs": costs, "passes": [],
+            "warnings": info.warnings}

@@ -1,0 +1,172 @@
+"""Export torch modules to ONNX *for training*, and the built-in model zoo.
+
+Exporting in eval mode lets torch fold BatchNorm into Conv, which silently breaks training, so
+this helper always exports in training mode without constant folding.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import AccelcError, atomic_write_bytes
+
+OPSET = 17
+
+
+def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
+    """Return the ONNX bytes of ``module`` exported for training (BatchNorm kept, batch dim dynamic)."""
+    was_training = module.training
+    module.train()
+    # BatchNorm running statistics must not move during export.
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, (example_input,), buf, input_names=["input"], output_names=["output"],
+                dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=OPSET,
+                training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False,
+            )
+    finally:
+        module.load_state_dict(saved)
+        module.train(was_training)
+    return buf.getvalue()
+
+
+def export(module: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Export any torch module for training with accelc; written atomically to ``path``."""
+    path = Path(path)
+    atomic_write_bytes(path, export_bytes(module, example_input))
+    return path
+
+
+# ----------------------------------------------------------------------------- model zoo
+class CNN3(nn.Module):
+    """3-conv CIFAR-style net: conv-relu-pool ×3, flatten→FC (the net of ORT-FACTS)."""
+
+    def __init__(self, in_ch=3, num_classes=10, size=32, widths=(64, 128, 256)):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.c1 = nn.Conv2d(in_ch, c1, 3, padding=1)
+        self.c2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.c3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.fc = nn.Linear(c3 * (size // 8) ** 2, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        x = F.max_pool2d(F.relu(self.c3(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+class VGG(nn.Module):
+    """VGG-style net with BatchNorm: 3 stages of 2×(conv-bn-relu) + max-pool, flatten→FC→FC."""
+
+    def __init__(self, in_ch=1, num_classes=10, size=28, widths=(32, 64, 128)):
+        super().__init__()
+        layers, c = [], in_ch
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        s = size
+        for _ in widths:
+            s //= 2
+        self.fc1 = nn.Linear(c * s * s, 256)
+        self.fc2 = nn.Linear(256, num_classes)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(self.features(x).flatten(1))))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: BasicBlocks, strided convs, 1×1 shortcuts, global average pool → FC."""
+
+    def __init__(self, in_ch=3, num_classes=10, blocks=(1, 1, 1), widths=(16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        layers, c = [], widths[0]
+        for i, (n, w) in enumerate(zip(blocks, widths)):
+            for j in range(n):
+                layers.append(BasicBlock(c, w, 2 if (j == 0 and i > 0) else 1))
+                c = w
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.layers(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class LargeKernel(nn.Module):
+    """Large-kernel net for kernel rescaling: 7×7/2 and 5×5/2 convs, then 3×3, flatten→FC."""
+
+    def __init__(self, in_ch=1, num_classes=10, size=56):
+        super().__init__()
+        self.c1 = nn.Conv2d(in_ch, 32, 7, 2, 3)
+        self.c2 = nn.Conv2d(32, 64, 5, 2, 2)
+        self.c3 = nn.Conv2d(64, 64, 3, 1, 1)
+        self.fc = nn.Linear(64 * (size // 8) ** 2, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = F.max_pool2d(F.relu(self.c3(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+# name -> (builder(in_ch, num_classes, size), default (C, H, W), description)
+ZOO = {
+    "cnn3": (lambda c, k, s: CNN3(c, k, s), (3, 32, 32), "3-conv CIFAR-style net (64-128-256), max-pool, FC head"),
+    "cnn3-small": (lambda c, k, s: CNN3(c, k, s, widths=(16, 32, 64)), (1, 28, 28), "3-conv net (16-32-64) for tests"),
+    "vgg": (lambda c, k, s: VGG(c, k, s), (1, 28, 28), "VGG-style net with BatchNorm (32-64-128), FC head"),
+    "resnet": (lambda c, k, s: ResNet(c, k), (3, 32, 32), "small CIFAR ResNet (16-32-64, 1 block/stage)"),
+    "resnet18": (lambda c, k, s: ResNet(c, k, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512)), (3, 32, 32),
+                 "ResNet-18 (11.2M parameters)"),
+    "largekernel": (lambda c, k, s: LargeKernel(c, k, s), (1, 56, 56), "7×7/2 and 5×5/2 convs, for rescale"),
+}
+
+
+def zoo_module(name: str, input_shape=None, num_classes: int = 10, seed: int = 0) -> tuple[nn.Module, tuple]:
+    """Build zoo model ``name`` with deterministic initial weights; returns (module, (C, H, W))."""
+    if name not in ZOO:
+        raise AccelcError(f"unknown model '{name}'; the zoo has: {', '.join(ZOO)}")
+    build, default_shape, _ = ZOO[name]
+    shape = tuple(input_shape) if input_shape else default_shape
+    if len(shape) != 3 or min(shape) <= 0:
+        raise AccelcError(f"input shape must be C,H,W with positive values, got {shape}")
+    torch.manual_seed(seed)
+    return build(shape[0], num_classes, shape[1]), shape
+
+
+def export_zoo(name: str, path, input_shape=None, num_classes: int = 10, seed: int = 0) -> Path:
+    module, shape = zoo_module(name, input_shape, num_classes, seed)
+    return export(module, torch.zeros(2, *shape), path)

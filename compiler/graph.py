@@ -1,0 +1,187 @@
+"""The graph view every pass shares.
+
+A :class:`TrainingGraph` wraps an ORT training graph (forward + loss + backward + gradient
+accumulators) in onnx-graphsurgeon and indexes it by trainable layer: for every Conv, Gemm and
+MatMul with a weight parameter, its forward node, backward nodes, parameters, gradient
+accumulators, input/output tensors and shapes. Node tags (``metadata_props``) added by passes are
+kept beside the gs graph and written on export, because gs does not carry node metadata.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .model import LAYER_OPS
+
+ACCUMULATOR_OP = "InPlaceAccumulatorV2"
+GRAD_SUFFIX = "_grad"
+BUFFER_SUFFIX = "_grad.accumulation.buffer"
+ACC_OUT_SUFFIX = "_grad.accumulation.out"
+
+
+@dataclass
+class Layer:
+    """One trainable layer of a training graph."""
+
+    name: str
+    op: str
+    forward: gs.Node
+    backward: list = field(default_factory=list)  # gs.Node, topological order
+    params: list = field(default_factory=list)  # parameter names (weight first)
+    accumulators: list = field(default_factory=list)  # gs.Node InPlaceAccumulatorV2
+    input: str = ""
+    output: str = ""
+    weight_shape: tuple = ()
+    input_shape: tuple = ()
+    output_shape: tuple = ()
+
+    @property
+    def weight(self) -> str:
+        return self.params[0]
+
+
+def infer_shapes(base_model: onnx.ModelProto, batch: int) -> dict[str, tuple]:
+    """Static shapes of every forward tensor at a concrete batch size."""
+    m = onnx.ModelProto()
+    m.CopyFrom(base_model)
+    inits = {t.name for t in m.graph.initializer}
+    for vi in list(m.graph.input) + list(m.graph.output):
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    try:
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:
+        pass
+    shapes: dict[str, tuple] = {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+    for t in m.graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+    return shapes
+
+
+def layer_name_for(param: str, node_name: str) -> str:
+    """Readable layer name: the weight's module path ('features.0.weight' -> 'features.0')."""
+    if "." in param and not param.startswith("onnx::"):
+        return param.rsplit(".", 1)[0]
+    return re.sub(r"^/|/[A-Za-z]+$", "", node_name).replace("/", ".") or node_name
+
+
+class TrainingGraph:
+    """An ORT training graph indexed by layer. Mutate ``self.graph`` (gs) and call :meth:`reindex`."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple] | None = None):
+        self.opset_imports = list(model.opset_import)
+        self.ir_version = model.ir_version
+        self.producer = (model.producer_name, model.producer_version)
+        self.graph: gs.Graph = gs.import_onnx(model)
+        self.shapes = dict(shapes or {})
+        self.tags: dict[str, dict[str, str]] = {}
+        for n in model.graph.node:  # keep tags already on the model (from earlier passes)
+            if n.metadata_props:
+                self.tags[n.name] = {p.key: p.value for p in n.metadata_props}
+        self.reindex()
+
+    # ------------------------------------------------------------------ indexing
+    def reindex(self) -> None:
+        g = self.graph
+        self.graph_inputs = {t.name for t in g.inputs}
+        self.params = [t.name for t in g.inputs if (t.name + BUFFER_SUFFIX) in self.graph_inputs]
+        self.all_params = self.params + [t.name for t in g.inputs if self._is_frozen_param(t)]
+        by_name = {n.name: n for n in g.nodes}
+        self.nodes_by_name = by_name
+        acc_by_grad = {}
+        for n in g.nodes:
+            if n.op == ACCUMULATOR_OP:
+                acc_by_grad[n.inputs[1].name] = n
+        self.layers: list[Layer] = []
+        used = set()
+        param_set = set(self.all_params)
+        for n in g.nodes:
+            if n.op not in LAYER_OPS or self.is_backward(n):
+                continue
+            slots = (0, 1) if n.op == "MatMul" else (1, 2)
+            params = [n.inputs[s].name for s in slots if s < len(n.inputs) and n.inputs[s].name in param_set]
+            if n.op != "MatMul" and (not params or params[0] != n.inputs[1].name):
+                continue
+            if not params:
+                continue
+            name = layer_name_for(params[0], n.name)
+            while name in used:
+                name += "_"
+            used.add(name)
+            prefix = n.name + "_Grad/"
+            bwd = [b for b in g.nodes if b.name.startswith(prefix)]
+            accs = [acc_by_grad[p + GRAD_SUFFIX] for p in params if p + GRAD_SUFFIX in acc_by_grad]
+            data_in = n.inputs[1].name if n.op == "MatMul" and n.inputs[0].name in param_set else n.inputs[0].name
+            self.layers.append(Layer(
+                name=name, op=n.op, forward=n, backward=bwd, params=params, accumulators=accs,
+                input=data_in, output=n.outputs[0].name,
+                weight_shape=self.shape(params[0]), input_shape=self.shape(data_in),
+                output_shape=self.shape(n.outputs[0].name)))
+
+    def _is_frozen_param(self, t) -> bool:
+        return (t.name not in self.params and (t.name + BUFFER_SUFFIX) not in self.graph_inputs
+                and not t.name.endswith(BUFFER_SUFFIX) and t.name != "lazy_reset_grad"
+                and t.dtype == np.float32 and t.name not in (self.graph.inputs[0].name,))
+
+    @staticmethod
+    def is_backward(node: gs.Node) -> bool:
+        return "_Grad/" in node.name or node.op == ACCUMULATOR_OP
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def shape(self, tensor: str) -> tuple:
+        """Static shape of a tensor; gradient tensors take the shape of what they differentiate."""
+        if tensor in self.shapes:
+            return self.shapes[tensor]
+        base = re.sub(r"_grad(_\d+)?$", "", tensor)
+        base = re.sub(r"(\.accumulation\.(buffer|out))$", "", base)
+        base = re.sub(r"_grad$", "", base)
+        if base in self.shapes:
+            return self.shapes[base]
+        for t in self.graph.inputs:
+            if t.name in (tensor, base) and t.shape and all(isinstance(d, int) for d in t.shape):
+                return tuple(t.shape)
+        return ()
+
+    # ------------------------------------------------------------------ tagging
+    def tag(self, node_name: str, pass_name: str, layer: str, note: str) -> None:
+        """Mark a node added or changed by a pass; shown by Netron as node properties."""
+        self.tags[node_name] = {"accelc.pass": pass_name, "accelc.layer": layer, "accelc.note": note}
+
+    # ------------------------------------------------------------------ export
+    def to_onnx(self) -> onnx.ModelProto:
+        self.graph.cleanup(remove_unused_graph_inputs=False)
+        self.graph.toposort()
+        model = gs.export_onnx(self.graph, do_type_check=False)
+        del model.opset_import[:]
+        model.opset_import.extend(self.opset_imports)
+        model.ir_version = self.ir_version
+        model.producer_name, model.producer_version = self.producer
+        for n in model.graph.node:
+            tags = self.tags.get(n.name)
+            if tags:
+                del n.metadata_props[:]
+                for k, v in tags.items():
+                    n.metadata_props.add(key=k, value=v)
+            if "_Grad/" in n.name and not n.doc_string:
+                n.doc_string = "Backward pass"
+        return model

@@ -1,0 +1,151 @@
+"""Pass contract, registry and manager.
+
+A pass is a class with a ``name``, a one-line ``summary``, the ``paper`` it implements,
+documented ``options`` and ``run(artifacts, options) -> PassResult``. It edits the training graph
+through :class:`~accelc.compiler.graph.TrainingGraph`, tags every node it adds or changes, and may
+declare ``self_check(before, after, options)``, a numeric check that runs after it.
+
+After every pass the manager validates the result: ONNX shape inference on the training graph,
+ORT sessions created for the training and eval models, then the pass's self-check.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import onnx
+
+from .artifacts import Artifacts
+from .errors import AccelcError
+
+
+@dataclass
+class Option:
+    """A documented pass option. ``parse`` turns the CLI string into a value (raise ValueError if bad)."""
+
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    flag: str | None = None  # CLI flag, e.g. "--skip-layers"; default --<pass>-<option>
+
+
+@dataclass
+class PassResult:
+    artifacts: Artifacts
+    modified: bool
+    changes: list = field(default_factory=list)  # JSON-ready records of what changed
+
+
+class Pass:
+    name: str = ""
+    summary: str = ""
+    paper: str = ""
+    options: dict[str, Option] = {}
+
+    def run(self, artifacts: Artifacts, options: dict) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def self_check(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
+        """Numeric check of the rewrite; return a short description of what was checked, or None."""
+        return None
+
+    def resolve_options(self, given: dict) -> dict:
+        unknown = set(given) - set(self.options)
+        if unknown:
+            raise AccelcError(f"pass '{self.name}' has no option(s) {sorted(unknown)}; "
+                              f"valid: {', '.join(self.options) or 'none'}")
+        out = {}
+        for k, opt in self.options.items():
+            v = given.get(k, opt.default)
+            if isinstance(v, str) and opt.parse is not str:
+                try:
+                    v = opt.parse(v)
+                except (ValueError, TypeError) as e:
+                    raise AccelcError(f"bad value '{given[k]}' for {opt.flag or '--' + self.name + '-' + k}: {e}") from None
+            out[k] = v
+        return out
+
+
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> dict[str, type[Pass]]:
+    from .. import passes  # noqa: F401  (registers the passes)
+    return dict(REGISTRY)
+
+
+def parse_pass_list(text: str | None) -> list[str]:
+    if text is None or text.strip() in ("", "none"):
+        return []
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    reg = available()
+    bad = [n for n in names if n not in reg]
+    if bad:
+        raise AccelcError(f"unknown pass(es) {', '.join(bad)}; available: {', '.join(reg) or 'none'} (or 'none')")
+    if len(set(names)) != len(names):
+        raise AccelcError(f"a pass is listed twice in --passes {text}")
+    return names
+
+
+def validate(art: Artifacts) -> dict:
+    """Shape inference + ORT sessions for the training and eval models. Raises AccelcError."""
+    import onnxruntime as ort
+    t0 = time.perf_counter()
+    try:
+        onnx.shape_inference.infer_shapes(art.training, strict_mode=False)
+    except Exception as e:
+        raise AccelcError(f"shape inference failed on the rewritten training graph: {str(e).splitlines()[0]}") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for name, m in (("training", art.training), ("eval", art.eval)):
+        try:
+            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise AccelcError(f"ORT rejects the {name} model: {str(e).strip().splitlines()[-1][:300]}") from None
+    return {"ort_session": True, "shape_inference": True, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+class PassManager:
+    """Run passes in the given order, validating after each."""
+
+    def __init__(self, names: list[str], options: dict[str, dict] | None = None, validate_each: bool = True):
+        reg = available()
+        self.passes = [reg[n]() for n in names]
+        options = options or {}
+        self.options = {p.name: p.resolve_options(options.get(p.name, {})) for p in self.passes}
+        self.validate_each = validate_each
+
+    def run(self, art: Artifacts) -> tuple[Artifacts, list[dict]]:
+        records = []
+        for p in self.passes:
+            opts = self.options[p.name]
+            t0 = time.perf_counter()
+            before = art
+            result = p.run(art.copy(), opts)
+            art = result.artifacts
+            rec = {"name": p.name, "options": _jsonable(opts), "modified": result.modified,
+                   "changes": result.changes, "seconds": round(time.perf_counter() - t0, 3)}
+            if result.modified and self.validate_each:
+                rec["validation"] = validate(art)
+                check = p.self_check(before, art, opts)
+                if check:
+                    rec["validation"]["self_check"] = check
+            records.append(rec)
+        return art, records
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)

@@ -1,0 +1,220 @@
+"""``accelc bench``: configurations side by side on one model, initial weights, data order and
+hyper-parameters, in one process, one after the other.
+
+Configurations: ``torch`` (torch eager, the baseline users would otherwise run), ``ort`` (the
+artifacts without passes) and ``ort+PASS[+PASS...]`` (artifacts compiled with those passes and
+their controllers). ``--repeats R`` runs the whole set R times, interleaved, and reports medians.
+Writes bench.json, bench.md and accuracy-vs-time PNG plots.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ..compiler.errors import AccelcError, atomic_write_text
+from .data import load_data
+from .train import Trainer, machine_info
+
+DEFAULT_CONFIGS = "torch,ort"
+
+
+def parse_configs(text: str) -> list[str]:
+    from ..compiler.pass_manager import parse_pass_list
+    out = []
+    for c in [c.strip() for c in text.split(",") if c.strip()]:
+        if c in ("torch", "ort"):
+            out.append(c)
+        elif c.startswith("ort+"):
+            parse_pass_list(c[4:].replace("+", ","))
+            out.append(c)
+        else:
+            raise AccelcError(f"unknown configuration '{c}'; use torch, ort or ort+PASS[+PASS]")
+    if not out:
+        raise AccelcError("--configs is empty")
+    return out
+
+
+def _time_to(history: list[dict], target: float | None):
+    if target is None:
+        return None
+    for m in history:
+        if m["test_acc"] >= target - 1e-9:
+            return m["train_time"]
+    return None
+
+
+def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, batch_size: int = 64,
+              seed: int = 0, lr: float = 1e-3, repeats: int = 1, train_limit=None, test_limit=None,
+              target: str = "ort-best", progress: bool = True, pass_options: dict | None = None,
+              threads: int | None = None) -> dict:
+    import torch
+
+    from ..compiler.compile import compile_model
+    from ..compiler.export import ZOO, export_zoo, zoo_module
+    from ..compiler.model import load_model
+    from .plan import controllers_for
+    from .session import TrainingSession
+    from .torch_engine import TorchSession
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "artifacts"
+    work.mkdir(exist_ok=True)
+    if model in ZOO:
+        model_path = work / f"{model}.onnx"
+        export_zoo(model, model_path, seed=seed)
+    else:
+        model_path = Path(model)
+        if "torch" in configs:
+            print("accelc: warning: torch eager needs a zoo model; dropping the torch configuration", file=sys.stderr)
+            configs = [c for c in configs if c != "torch"]
+    info = load_model(model_path)
+    ds = load_data(data, info.input_shape, info.num_classes, train_limit, test_limit)
+    art_dirs = {}
+    for c in configs:
+        if c == "torch":
+            continue
+        names = [] if c == "ort" else c[4:].split("+")
+        d = work / c.replace("+", "_")
+        compile_model(model_path, d, names, pass_options or {}, lr=lr, batch_size=batch_size, force=True, info=info)
+        art_dirs[c] = d
+    if threads:
+        torch.set_num_threads(threads)
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    for r in range(repeats):
+        for c in configs:
+            if c == "torch":
+                hyper_src = TrainingSession(next(iter(art_dirs.values()))) if art_dirs else None
+                hyper = hyper_src.hyper if hyper_src else {"kind": "adamw"}
+                module, _ = zoo_module(model, info.input_shape, info.num_classes, seed)
+                engine = TorchSession(module, hyper, lr)
+                ctrls = []
+            else:
+                engine = TrainingSession(art_dirs[c], lr=lr, threads=threads)
+                ctrls = controllers_for(art_dirs[c], engine)
+            tr = Trainer(engine, ds, None, epochs, batch_size, seed, ctrls, progress=progress, name=c,
+                         checkpoints=False)
+            s = tr.run()
+            results[c].append(s)
+    report = summarise(results, target, ds, batch_size)
+    report.update({"model": model if model in ZOO else Path(model).name, "data": data.split(":")[0],
+                   "epochs": epochs, "batch_size": batch_size, "seed": seed, "lr": lr, "repeats": repeats,
+                   "train_images": int(len(ds.x_train)), "test_images": int(len(ds.x_test)),
+                   "machine": machine_info(), "date": time.strftime("%Y-%m-%d")})
+    atomic_write_text(out / "bench.json", json.dumps(report, indent=1))
+    atomic_write_text(out / "bench.md", markdown(report))
+    plot_bench(results, out / "accuracy_vs_time.png", report)
+    return report
+
+
+def summarise(results: dict, target_spec: str, ds, batch_size: int) -> dict:
+    med = statistics.median
+    rows = {}
+    for c, runs in results.items():
+        h0 = runs[0]["history"]
+        per_epoch = [m["train_seconds"] for s in runs for m in s["history"]]
+        steps = h0[0]["steps"] if h0 else 1
+        rows[c] = {"epoch_seconds": med(per_epoch), "ms_per_step": 1000 * med(per_epoch) / steps,
+                   "final_test_acc": med([s["final_test_acc"] for s in runs]),
+                   "best_test_acc": med([s["best_test_acc"] for s in runs]),
+                   "train_time": med([s["train_time"] for s in runs]),
+                   "decisions": runs[0]["decisions"], "histories": [s["history"] for s in runs]}
+    target = None
+    if target_spec == "ort-best" and "ort" in rows:
+        target = rows["ort"]["best_test_acc"]
+    elif target_spec == "torch-best-0.2" and "torch" in rows:
+        target = rows["torch"]["best_test_acc"] - 0.002
+    else:
+        try:
+            target = float(target_spec)
+        except ValueError:
+            target = None
+    for c, r in rows.items():
+        times = [_time_to(h, target) for h in r["histories"]]
+        r["time_to_target"] = med(times) if target is not None and all(t is not None for t in times) else None
+        for base in ("torch", "ort"):
+            if base in rows:
+                r[f"epoch_ratio_vs_{base}"] = r["epoch_seconds"] / rows[base]["epoch_seconds"]
+                tb = rows[base].get("time_to_target") if base != c else r["time_to_target"]
+                r[f"time_to_target_ratio_vs_{base}"] = None
+        for base in ("torch", "ort"):
+            if base in rows and r["time_to_target"] is not None:
+                tb = [_time_to(h, target) for h in rows[base]["histories"]]
+                if all(t is not None for t in tb):
+                    r[f"time_to_target_ratio_vs_{base}"] = r["time_to_target"] / med(tb)
+    return {"target_acc": target, "target_rule": target_spec, "configs": rows}
+
+
+def _f(x, fmt="{:.3f}"):
+    return "—" if x is None else fmt.format(x)
+
+
+def markdown(rep: dict) -> str:
+    lines = [f"# accelc bench — {rep['model']} on {rep['data']}", "",
+             f"{rep['epochs']} epochs, batch {rep['batch_size']}, lr {rep['lr']}, seed {rep['seed']}, "
+             f"{rep['train_images']} training / {rep['test_images']} test images, repeats {rep['repeats']} "
+             f"(medians). Machine: {rep['machine']['platform']}, {rep['machine']['cpus']} CPUs, "
+             f"ORT {rep['machine']['onnxruntime']}, torch {rep['machine']['torch']}. Date {rep['date']}.", "",
+             f"Target accuracy: {_f(rep['target_acc'], '{:.4f}')} ({rep['target_rule']}). Times are training "
+             f"seconds (evaluation excluded).", "",
+             "| config | s/epoch | ms/step | ×torch (epoch) | ×ort (epoch) | time to target (s) | ×torch (target) "
+             "| ×ort (target) | final acc | best acc |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c, r in rep["configs"].items():
+        lines.append(f"| {c} | {r['epoch_seconds']:.2f} | {r['ms_per_step']:.1f} | {_f(r.get('epoch_ratio_vs_torch'), '{:.2f}')} "
+                     f"| {_f(r.get('epoch_ratio_vs_ort'), '{:.2f}')} | {_f(r['time_to_target'], '{:.1f}')} "
+                     f"| {_f(r.get('time_to_target_ratio_vs_torch'), '{:.2f}')} | {_f(r.get('time_to_target_ratio_vs_ort'), '{:.2f}')} "
+                     f"| {r['final_test_acc']:.4f} | {r['best_test_acc']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(results: dict, path: Path, rep: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c, runs in results.items():
+        h = runs[0]["history"]
+        ax.plot([0] + [m["train_time"] for m in h], [None] + [m["test_acc"] for m in h], "o-", label=c)
+    if rep.get("target_acc"):
+        ax.axhline(rep["target_acc"], color="grey", ls=":", label="target")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{rep['model']} on {rep['data']}")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def add_bench_args(p) -> None:
+    p.add_argument("--model", default="vgg", help="zoo model name or ONNX path (default vgg)")
+    p.add_argument("--data", default="synthetic", help="synthetic[:N] | fashion-mnist[:DIR] | imagefolder:DIR")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per configuration (default 3)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of torch, ort, ort+PASS[+PASS] (default {DEFAULT_CONFIGS})")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--repeats", type=int, default=1, help="run every configuration R times, report medians")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--target", default="ort-best", help="target accuracy: ort-best (default), torch-best-0.2 or a number")
+    p.add_argument("--threads", type=int, default=None, help="threads for ORT and torch (default: all cores)")
+    p.add_argument("-o", "--output", default="bench-out", help="output directory (default bench-out)")
+
+
+def bench_cli(a) -> int:
+    if a.epochs <= 0 or a.repeats <= 0:
+        raise AccelcError("--epochs and --repeats must be positive")
+    configs = parse_configs(a.configs)
+    rep = run_bench(a.model, a.data, a.epochs, configs, a.output, a.batch_size, a.seed, a.lr, a.repeats,
+                    a.train_limit, a.test_limit, a.target, progress=not a.quiet, threads=a.threads)
+    if not a.quiet:
+        print(markdown(rep))
+        print(f"wrote {a.output}/bench.json, bench.md, accuracy_vs_time.png")
+    return 0

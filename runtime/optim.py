@@ -1,0 +1,101 @@
+"""The optimizer ops of ORT's optimizer_model.onnx, executed with torch tensor ops.
+
+The arithmetic follows ORT 1.19's CPU kernels (com.microsoft::AdamWOptimizer modes 0 and 1,
+SGDOptimizerV2) step for step, reading alpha/beta/epsilon/weight_decay/adam_mode/correct_bias
+from the artifact's optimizer model, so training under accelc's runtime matches ORT's own
+Optimizer. It runs in place on the parameter tensors that ORT reads through IOBinding.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+class OrtAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3, alpha=0.9, beta=0.999, epsilon=1e-6, weight_decay=0.0, adam_mode=1,
+                 correct_bias=1):
+        super().__init__(params, dict(lr=lr, alpha=alpha, beta=beta, epsilon=epsilon, weight_decay=weight_decay,
+                                      adam_mode=adam_mode, correct_bias=correct_bias))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, a, b, eps, wd = group["lr"], group["alpha"], group["beta"], group["epsilon"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = st["step"]
+                g, m, v = p.grad, st["exp_avg"], st["exp_avg_sq"]
+                ac = bc = 1.0
+                lr_c = lr
+                if group["correct_bias"]:
+                    # float32 like the kernel: pow in double, cast to float, then float arithmetic
+                    ac = float(np.float32(1.0) - np.float32(a ** t))
+                    bc = float(np.float32(1.0) - np.float32(b ** t))
+                    lr_c = float(np.float32(lr) * np.float32(math.sqrt(bc)) / np.float32(ac))
+                if group["adam_mode"] == 0:
+                    if wd:
+                        p.mul_(1.0 - lr * wd)
+                    m.mul_(a).add_(g, alpha=1.0 - a)
+                    v.mul_(b).addcmul_(g, g, value=1.0 - b)
+                    denom = (v / bc).sqrt_().add_(eps)
+                    p.addcdiv_(m, denom, value=-lr / ac)
+                else:
+                    m.mul_(a).add_(g, alpha=1.0 - a)
+                    v.mul_(b).addcmul_(g, g, value=1.0 - b)
+                    denom = v.sqrt().add_(eps)
+                    p.addcdiv_(m, denom, value=-lr_c)
+                    if wd:
+                        p.mul_(1.0 - lr * wd)
+        return None
+
+
+class OrtSGD(torch.optim.Optimizer):
+    def __init__(self, params, lr=1e-3):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+        return None
+
+
+def make_optimizer(params, hyper: dict, lr: float) -> torch.optim.Optimizer:
+    """Build the optimizer an artifact's optimizer_model.onnx describes."""
+    if hyper["kind"] == "sgd":
+        return OrtSGD(params, lr=lr)
+    return OrtAdamW(params, lr=lr, alpha=hyper.get("alpha", 0.9), beta=hyper.get("beta", 0.999),
+                    epsilon=hyper.get("epsilon", 1e-6), weight_decay=hyper.get("weight_decay", 0.0),
+                    adam_mode=hyper.get("adam_mode", 1), correct_bias=hyper.get("correct_bias", 1))
+
+
+def optimizer_state_arrays(opt: torch.optim.Optimizer, names: dict) -> dict:
+    """Flatten optimizer state to {"<param>/<key>": numpy} (no pickles). ``names``: tensor id -> name."""
+    out = {}
+    for p, st in opt.state.items():
+        n = names[id(p)]
+        for k, v in st.items():
+            out[f"{n}/{k}"] = v.detach().cpu().numpy().copy() if torch.is_tensor(v) else torch.tensor(v).numpy()
+    return out
+
+
+def load_optimizer_state_arrays(opt: torch.optim.Optimizer, params: dict, arrays: dict) -> None:
+    for key, val in arrays.items():
+        n, k = key.rsplit("/", 1)
+        p = params[n]
+        st = opt.state.setdefault(p, {})
+        if k == "step":
+            st[k] = int(val)
+        else:
+            st[k] = torch.from_numpy(val.copy()).to(p.device)

@@ -1,0 +1,297 @@
+"""The training session: one model's parameters and optimizer state, run on ORT.
+
+Design (and why not ``onnxruntime.training.api.Module``/``Optimizer``): the passes need to swap
+between compiled *variants* of one model between epochs — a skip variant trains fewer parameters,
+a rescale variant has other shapes — while carrying every parameter value and the optimizer state
+exactly. ORT's Module binds a fixed trainable set and hides the optimizer moments inside its
+CheckpointState, so a swap would mean a lossy round trip. Here:
+
+* the artifact's ``training_model.onnx`` runs in an ORT InferenceSession (the training kernels —
+  ConvGrad, ReluGrad, BatchNormInternal, ... — are ORT Training's own). The gradient-accumulator
+  nodes are lowered away (with ``lazy_reset_grad`` true they are identities), and gradients are
+  written straight into preallocated buffers through IOBinding;
+* parameters live in torch tensors that ORT reads in place (zero copy, CPU or CUDA);
+* the optimizer step is the artifact's own optimizer op (AdamW mode 0/1 or SGD, hyper-parameters
+  read from ``optimizer_model.onnx``) computed with torch tensor ops, in place;
+* BatchNorm running statistics, which ORT's training graph computes but never writes back, are
+  copied back after each step (ORT's own Module leaves them at their initial values).
+
+A variant swap replaces only the ORT session; parameters and optimizer state stay where they are.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..compiler.artifacts import Artifacts, optimizer_hyperparameters
+from ..compiler.compile import load_artifacts
+from ..compiler.errors import AccelcError
+from ..compiler.graph import ACCUMULATOR_OP, BUFFER_SUFFIX
+from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
+
+BN_OPS = ("BatchNormInternal", "BatchNormalization")
+
+
+def lower_training_model(model: onnx.ModelProto, logits_name: str) -> tuple[onnx.ModelProto, dict]:
+    """Strip gradient accumulators and expose raw gradients and BN running-stat updates as outputs.
+
+    Returns the lowered model and a description: {"loss", "logits", "grads": {param: output},
+    "bn_stats": {output: param}}.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    input_names = {i.name for i in g.input}
+    grads = {}
+    keep = []
+    for n in g.node:
+        if n.op_type == ACCUMULATOR_OP:
+            buf = n.input[0]
+            grads[buf[: -len(BUFFER_SUFFIX)]] = n.input[1]
+        else:
+            keep.append(n)
+    bn_stats = {}
+    for n in keep:
+        if n.op_type in BN_OPS and len(n.output) >= 3 and len(n.input) >= 5:
+            for o, i in ((n.output[1], n.input[3]), (n.output[2], n.input[4])):
+                if o and i in input_names:
+                    bn_stats[o] = i
+    del g.node[:]
+    g.node.extend(keep)
+    ins = [i for i in g.input if not i.name.endswith(BUFFER_SUFFIX) and i.name != "lazy_reset_grad"]
+    del g.input[:]
+    g.input.extend(ins)
+    loss = g.output[0].name
+    outs = [onnx.helper.make_empty_tensor_value_info(loss)]
+    names = [loss]
+    if logits_name:
+        names.append(logits_name)
+    names += list(grads.values()) + list(bn_stats)
+    del g.output[:]
+    for nm in names:
+        g.output.append(onnx.helper.make_empty_tensor_value_info(nm))
+    del outs
+    return m, {"loss": loss, "logits": logits_name, "grads": grads, "bn_stats": bn_stats}
+
+
+def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
+    """All parameters (trainable and frozen) of an ORT checkpoint, as numpy arrays."""
+    from onnxruntime.training import api
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "checkpoint")
+        with open(p, "wb") as fh:
+            fh.write(checkpoint)
+        state = api.CheckpointState.load_checkpoint(p)
+        return {name: np.array(param.data, dtype=np.float32, copy=True) for name, param in state.parameters}
+
+
+def session_options(threads: int | None = None):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+class TrainingSession:
+    """Owns one model's parameters, optimizer state and the ORT sessions of its current variant."""
+
+    def __init__(self, artifacts: str | Path | Artifacts, device: str = "cpu", lr: float | None = None,
+                 threads: int | None = None):
+        if isinstance(artifacts, Artifacts):
+            art, report = artifacts, {"options": artifacts.config}
+        else:
+            art, report = load_artifacts(artifacts)
+        self.device = self._check_device(device)
+        self.threads = threads
+        self.info = art.info
+        self.config = dict(report.get("options", {}))
+        self.lr = float(lr if lr is not None else self.config.get("lr", 1e-3))
+        values = read_checkpoint_params(art.checkpoint)
+        self.params: dict[str, torch.Tensor] = {
+            k: torch.from_numpy(v).to(self.device).contiguous() for k, v in values.items()}
+        self.trainable_all = [p for p in art.info.params if p in self.params]
+        self.hyper = optimizer_hyperparameters(art.optimizer)
+        self.optimizer = make_optimizer([self.params[p] for p in self.trainable_all], self.hyper, self.lr)
+        self.variant_name = "base"
+        self.steps = 0
+        self._build(art)
+
+    @staticmethod
+    def _check_device(device: str) -> str:
+        if device not in ("cpu", "cuda"):
+            raise AccelcError(f"--device must be cpu or cuda, got '{device}'")
+        if device == "cuda":
+            import onnxruntime as ort
+            if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
+                raise AccelcError("--device cuda needs the gpu extra (onnxruntime-training==1.19.2) and a CUDA GPU")
+        return device
+
+    # ------------------------------------------------------------------ variants
+    def _providers(self):
+        if self.device == "cuda":
+            return [("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}), "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _build(self, art: Artifacts) -> None:
+        import onnxruntime as ort
+        lowered, desc = lower_training_model(art.training, art.info.output_name)
+        missing = [i.name for i in lowered.graph.input
+                   if i.name not in self.params and i.name not in (art.info.input_name, "labels")]
+        if missing:
+            raise AccelcError(f"variant needs parameters this session does not hold: {missing[:5]}")
+        for i in lowered.graph.input:  # shape changes (rescale) replace the parameter tensor
+            if i.name in self.params:
+                want = tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
+                if want and tuple(self.params[i.name].shape) != want:
+                    raise AccelcError(f"variant expects '{i.name}' of shape {want}, session holds "
+                                      f"{tuple(self.params[i.name].shape)}; use swap(..., params=...)")
+        so = session_options(self.threads)
+        self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())
+        self.eval_sess = ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
+        self.desc = desc
+        self.train_inputs = [i.name for i in self.train_sess.get_inputs()]
+        self.eval_inputs = [i.name for i in self.eval_sess.get_inputs()]
+        self.eval_outputs = [o.name for o in self.eval_sess.get_outputs()]
+        self.trained = [p for p in self.trainable_all if p in desc["grads"]]
+        self.grads = {p: torch.empty_like(self.params[p]) for p in self.trained}
+        self.bn_buf = {o: torch.empty_like(self.params[p]) for o, p in desc["bn_stats"].items()}
+        for p in self.trainable_all:
+            self.params[p].grad = None
+        self.artifacts = art
+        self._binding = None
+        self._bound_shape = None
+
+    def swap(self, variant: str | Path | Artifacts, name: str | None = None,
+             params: dict[str, np.ndarray] | None = None, reset_optimizer_for: list[str] | None = None) -> None:
+        """Switch to another compiled variant of this model, keeping parameters and optimizer state.
+
+        ``params`` replaces parameter values (for variants with other shapes); the optimizer state of
+        ``reset_optimizer_for`` parameters is dropped (moments do not carry across a shape change).
+        """
+        art = variant if isinstance(variant, Artifacts) else load_artifacts(variant)[0]
+        for k, v in (params or {}).items():
+            t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(self.device)
+            if k in self.params and self.params[k].shape == t.shape:
+                self.params[k].copy_(t)
+            else:
+                old = self.params.get(k)
+                self.params[k] = t
+                if old is not None:
+                    self._replace_in_optimizer(old, t)
+        for k in reset_optimizer_for or []:
+            self.optimizer.state.pop(self.params[k], None)
+        self.variant_name = name or getattr(variant, "name", None) or str(variant)
+        self._build(art)
+
+    def _replace_in_optimizer(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        for group in self.optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        self.optimizer.state.pop(old, None)
+
+    # ------------------------------------------------------------------ steps
+    def _bind(self, x: torch.Tensor, y: torch.Tensor):
+        io = self.train_sess.io_binding()
+        dev = "cuda" if self.device == "cuda" else "cpu"
+        idx = torch.cuda.current_device() if self.device == "cuda" else 0
+
+        def bind_in(name, t):
+            io.bind_input(name, dev, idx, _np_dtype(t), tuple(t.shape), t.data_ptr())
+
+        bind_in(self.info.input_name, x)
+        bind_in("labels", y)
+        for n in self.train_inputs:
+            if n in self.params:
+                bind_in(n, self.params[n])
+        io.bind_output(self.desc["loss"], dev, idx)
+        if self.desc["logits"]:
+            io.bind_output(self.desc["logits"], dev, idx)
+        for p, out in self.desc["grads"].items():
+            if p in self.grads:
+                g = self.grads[p]
+                io.bind_output(out, dev, idx, np.float32, tuple(g.shape), g.data_ptr())
+        for o, buf in self.bn_buf.items():
+            io.bind_output(o, dev, idx, np.float32, tuple(buf.shape), buf.data_ptr())
+        return io
+
+    def train_step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[float, np.ndarray]:
+        """One forward+backward on ORT and one optimizer step. Returns (loss, logits)."""
+        xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
+        yt = torch.as_tensor(y).to(self.device, torch.int64).contiguous()
+        # Inputs are re-bound each step (the data buffer changes); params and grads stay put.
+        io = self._bind(xt, yt)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.train_sess.run_with_iobinding(io)
+        outs = io.get_outputs()
+        loss = float(outs[0].numpy().reshape(-1)[0]) if self.device == "cpu" else float(np.asarray(io.copy_outputs_to_cpu()[0]).reshape(-1)[0])
+        logits = (outs[1].numpy() if self.device == "cpu" else io.copy_outputs_to_cpu()[1]) if self.desc["logits"] else None
+        for p in self.trained:
+            self.params[p].grad = self.grads[p]
+        self.optimizer.step()
+        for o, buf in self.bn_buf.items():
+            self.params[self.desc["bn_stats"][o]].copy_(buf)
+        self.steps += 1
+        return loss, logits
+
+    def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        feeds = {self.info.input_name: np.ascontiguousarray(x, dtype=np.float32),
+                 "labels": np.ascontiguousarray(y, dtype=np.int64)}
+        for n in self.eval_inputs:
+            if n in self.params:
+                feeds[n] = self.params[n].detach().cpu().numpy()
+        out = self.eval_sess.run(None, feeds)
+        loss = float(np.asarray(out[0]).reshape(-1)[0])
+        logits = out[self.eval_outputs.index(self.info.output_name)] if self.info.output_name in self.eval_outputs else None
+        return loss, logits
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Gradients of the last step (before the optimizer update), as numpy."""
+        return {p: g.detach().cpu().numpy().copy() for p, g in self.grads.items()}
+
+    def compute_gradients(self, x, y) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+        """Forward+backward only (no update): loss, gradients, logits. For checks and tests."""
+        xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
+        yt = torch.as_tensor(y).to(self.device, torch.int64).contiguous()
+        io = self._bind(xt, yt)
+        self.train_sess.run_with_iobinding(io)
+        outs = io.copy_outputs_to_cpu()
+        return float(np.asarray(outs[0]).reshape(-1)[0]), self.gradients(), (outs[1] if self.desc["logits"] else None)
+
+    # ------------------------------------------------------------------ state
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Parameters and optimizer state as named numpy arrays (for checkpoints)."""
+        out = {f"param/{k}": v.detach().cpu().numpy() for k, v in self.params.items()}
+        names = {id(t): k for k, t in self.params.items()}
+        out.update({f"optim/{k}": v for k, v in optimizer_state_arrays(self.optimizer, names).items()})
+        return out
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        for k, v in arrays.items():
+            if k.startswith("param/"):
+                n = k[len("param/"):]
+                t = torch.from_numpy(np.array(v, dtype=np.float32)).to(self.device)
+                if n in self.params and self.params[n].shape == t.shape:
+                    self.params[n].copy_(t)
+                else:
+                    old = self.params.get(n)
+                    self.params[n] = t
+                    if old is not None:
+                        self._replace_in_optimizer(old, t)
+        self.optimizer.state.clear()
+        load_optimizer_state_arrays(self.optimizer, self.params,
+                                    {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")})
+        self._build(self.artifacts)
+
+    def param_arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.params.items()}
+
+
+def _np_dtype(t: torch.Tensor):
+    return {torch.float32: np.float32, torch.int64: np.int64}[t.dtype]

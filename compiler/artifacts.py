@@ -118,12 +118,11 @@ def _ort_optimizer(name: str):
 @contextlib.contextmanager
 def quiet_native_stderr():
     """Silence C++ log lines ORT's gradient builder writes straight to fd 2 (INFO, one per transformer)."""
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        yield
-        return
-    sys.stderr.flush()
+        sys.stderr.flush()
+    except (AttributeError, ValueError):
+        pass
     saved = os.dup(fd)
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), fd)

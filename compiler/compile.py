@@ -12,6 +12,7 @@ from .artifacts import Artifacts, generate
 from .cost import graph_costs
 from .errors import AccelcError, atomic_dir
 from .graph import TrainingGraph, infer_shapes
+from .legalize import legalize
 from .model import ModelInfo, check_model, load_model, read_model
 from .pass_manager import PassManager, validate
 
@@ -62,7 +63,9 @@ def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_opt
         info = load_model(model_path)
     manager = PassManager(passes or [], pass_options or {}, validate_each=validate_result)
     with atomic_dir(out_dir, force=force) as tmp:
-        art, notes = generate(info, loss, optimizer, lr, batch_size)
+        legal = legalized(info)
+        art, notes = generate(legal, loss, optimizer, lr, batch_size)
+        notes = legal.legalize_notes + notes
         before = graph_costs(training_graph(art), optimizer)
         art, records = manager.run(art)
         after_tg = training_graph(art)
@@ -87,6 +90,15 @@ def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_opt
         report["compile_seconds"] = round(time.perf_counter() - t0, 3)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def legalized(info: ModelInfo) -> ModelInfo:
+    """The model with constructs ORT Training cannot train rewritten (see compiler.legalize)."""
+    import dataclasses
+    model, notes = legalize(info.model)
+    if not notes:
+        return info
+    return dataclasses.replace(info, model=model, warnings=list(info.warnings), legalize_notes=notes)
 
 
 def load_artifacts(directory) -> tuple[Artifacts, dict]:
@@ -153,7 +165,7 @@ def inspect_path(path) -> dict:
         costs = graph_costs(tg)
         return {"source": "training_model", "layers": layer_table(tg, costs), "costs": costs, "passes": []}
     info = check_model(model, sha, p)
-    art, notes = generate(info)
+    art, notes = generate(legalized(info))
     tg = training_graph(art)
     costs = graph_costs(tg)
     return {"source": "model", "layers": layer_table(tg, costs), "costs": costs, "passes": [],

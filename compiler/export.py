@@ -37,7 +37,17 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
     finally:
         module.load_state_dict(saved)
         module.train(was_training)
-    return buf.getvalue()
+    # Tracing ran one training-mode forward, which moved BatchNorm running statistics before torch
+    # captured them as initialisers: put the module's true values back.
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load_model_from_string(buf.getvalue())
+    fixed = False
+    for i, t in enumerate(model.graph.initializer):
+        if t.name in saved and ("running_" in t.name or "num_batches" in t.name):
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(saved[t.name].cpu().numpy(), t.name))
+            fixed = True
+    return model.SerializeToString() if fixed else buf.getvalue()
 
 
 def export(module: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> Path:

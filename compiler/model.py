@@ -55,6 +55,7 @@ class ModelInfo:
     params: list[str]  # trainable, in graph order
     frozen: list[str]  # float initialisers that are not trained (BN running stats, constants)
     warnings: list[str] = field(default_factory=list)
+    legalize_notes: list[str] = field(default_factory=list)
 
     @property
     def param_count(self) -> int:

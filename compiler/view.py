@@ -24,7 +24,7 @@ def serve(path, port: int = 8080, block: bool = True, browse: bool = False):
         raise AccelcError(f"--port must be in 1..65535, got {port}")
     p = resolve_model(path)
     try:
-        address = netron.serve(str(p), None, (HOST, port), browse=browse, verbosity=0)
+        address = netron.serve(str(p), None, (HOST, port), browse=browse)
     except OSError as e:
         raise AccelcError(f"cannot serve on {HOST}:{port}: {e.strerror or e}") from None
     print(f"Netron serving {p.name} at http://{HOST}:{port}/", flush=True)

@@ -41,7 +41,11 @@ def lower_training_model(model: onnx.ModelProto, logits_name: str) -> tuple[onnx
     """Strip gradient accumulators and expose raw gradients and BN running-stat updates as outputs.
 
     Returns the lowered model and a description: {"loss", "logits", "grads": {param: output},
-    "bn_stats": {output: param}}.
+    "bn_stats": {output: param}, "bn": [per-BatchNorm running-variance correction data]}.
+
+    ORT's BatchNormInternal updates running_var with the biased batch variance; torch uses the
+    unbiased one. The saved inverse std is exposed too, so the runtime can apply torch's
+    n/(n-1) correction (see TrainingSession._update_bn_stats).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -56,11 +60,16 @@ def lower_training_model(model: onnx.ModelProto, logits_name: str) -> tuple[onnx
         else:
             keep.append(n)
     bn_stats = {}
+    bn = []
     for n in keep:
         if n.op_type in BN_OPS and len(n.output) >= 3 and len(n.input) >= 5:
             for o, i in ((n.output[1], n.input[3]), (n.output[2], n.input[4])):
                 if o and i in input_names:
                     bn_stats[o] = i
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            if n.op_type == "BatchNormInternal" and len(n.output) >= 5 and n.output[4] and n.output[2]:
+                bn.append({"x": n.input[0], "var_out": n.output[2], "inv_std": n.output[4],
+                           "momentum": float(attrs.get("momentum", 0.9)), "epsilon": float(attrs.get("epsilon", 1e-5))})
     del g.node[:]
     g.node.extend(keep)
     ins = [i for i in g.input if not i.name.endswith(BUFFER_SUFFIX) and i.name != "lazy_reset_grad"]
@@ -71,12 +80,12 @@ def lower_training_model(model: onnx.ModelProto, logits_name: str) -> tuple[onnx
     names = [loss]
     if logits_name:
         names.append(logits_name)
-    names += list(grads.values()) + list(bn_stats)
+    names += list(grads.values()) + list(bn_stats) + [b["inv_std"] for b in bn]
     del g.output[:]
     for nm in names:
         g.output.append(onnx.helper.make_empty_tensor_value_info(nm))
     del outs
-    return m, {"loss": loss, "logits": logits_name, "grads": grads, "bn_stats": bn_stats}
+    return m, {"loss": loss, "logits": logits_name, "grads": grads, "bn_stats": bn_stats, "bn": bn}
 
 
 def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
@@ -162,6 +171,11 @@ class TrainingSession:
         self.trained = [p for p in self.trainable_all if p in desc["grads"]]
         self.grads = {p: torch.empty_like(self.params[p]) for p in self.trained}
         self.bn_buf = {o: torch.empty_like(self.params[p]) for o, p in desc["bn_stats"].items()}
+        self.bn_inv_std = {b["inv_std"]: torch.empty_like(self.bn_buf[b["var_out"]]) for b in desc["bn"]}
+        from ..compiler.graph import infer_shapes
+        shapes = infer_shapes(art.info.model, 1)
+        self.bn_spatial = {b["inv_std"]: int(np.prod(shapes[b["x"]][2:])) if b["x"] in shapes else None
+                           for b in desc["bn"]}
         for p in self.trainable_all:
             self.params[p].grad = None
         self.artifacts = art
@@ -216,7 +230,7 @@ class TrainingSession:
             if p in self.grads:
                 g = self.grads[p]
                 io.bind_output(out, dev, idx, np.float32, tuple(g.shape), g.data_ptr())
-        for o, buf in self.bn_buf.items():
+        for o, buf in list(self.bn_buf.items()) + list(self.bn_inv_std.items()):
             io.bind_output(o, dev, idx, np.float32, tuple(buf.shape), buf.data_ptr())
         return io
 
@@ -235,10 +249,21 @@ class TrainingSession:
         for p in self.trained:
             self.params[p].grad = self.grads[p]
         self.optimizer.step()
-        for o, buf in self.bn_buf.items():
-            self.params[self.desc["bn_stats"][o]].copy_(buf)
+        self._update_bn_stats(xt.shape[0])
         self.steps += 1
         return loss, logits
+
+    def _update_bn_stats(self, batch: int) -> None:
+        """Write BatchNorm running statistics back, with torch's unbiased running variance:
+        rv = m·rv + (1-m)·var·n/(n-1), where ORT computed it with var (biased)."""
+        for b in self.desc["bn"]:
+            spatial = self.bn_spatial.get(b["inv_std"])
+            if spatial:
+                n = batch * spatial
+                var = self.bn_inv_std[b["inv_std"]].pow(-2).sub_(b["epsilon"])
+                self.bn_buf[b["var_out"]].add_(var, alpha=(1.0 - b["momentum"]) / max(n - 1, 1))
+        for o, buf in self.bn_buf.items():
+            self.params[self.desc["bn_stats"][o]].copy_(buf)
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         feeds = {self.info.input_name: np.ascontiguousarray(x, dtype=np.float32),

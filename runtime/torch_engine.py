@@ -33,7 +33,7 @@ class TorchSession:
         loss.backward()
         self.optimizer.step()
         self.steps += 1
-        return float(loss), logits.detach().cpu().numpy()
+        return float(loss.detach()), logits.detach().cpu().numpy()
 
     @torch.no_grad()
     def evaluate_batch(self, x, y):

@@ -1,0 +1,58 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+ACCELC = [sys.executable, "-m", "accelc.compiler.cli"]
+
+
+def run_cli(*args, timeout=300, cwd=None):
+    """Run the accelc CLI in a subprocess; returns CompletedProcess (text)."""
+    return subprocess.run(ACCELC + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+class MixedNet(nn.Module):
+    """Written in the test: BatchNorm, residual add, grouped conv, depthwise conv, strided conv,
+    average pooling and a flatten->Gemm head."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.fc = nn.Linear(24 * 4 * 4, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.stem(x)))
+        h = F.relu(h + self.bn2(self.grouped(h)))  # residual
+        h = F.relu(self.pw(self.dw(h)))
+        h = F.avg_pool2d(h, 2)
+        return self.fc(h.flatten(1))
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+@pytest.fixture
+def mixed_model(tmp_path):
+    import accelc
+    torch.manual_seed(0)
+    m = MixedNet()
+    path = tmp_path / "mixed.onnx"
+    accelc.export(m, torch.zeros(2, 3, 16, 16), path)
+    return m, path

@@ -24,8 +24,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(JOBS) tests
 
-bench: $(STAMP)
-	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs 3 --configs torch,ort -o bench-out
+FASHION := /usr/share/datasets/fashion-mnist
+BENCH_CONFIGS ?= torch,ort
+BENCH_EPOCHS ?= 3
+
+$(FASHION):
+	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
+	 else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 2; fi
+
+bench: $(STAMP) $(FASHION)
+	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs $(BENCH_EPOCHS) --configs $(BENCH_CONFIGS) -o bench-out
 
 clean:
 	rm -rf $(VENV) bench-out demo-out

@@ -199,7 +199,7 @@ def add_bench_args(p) -> None:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of torch, ort, ort+PASS[+PASS] (default {DEFAULT_CONFIGS})")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4: stable for the BatchNorm zoo models)")
     p.add_argument("--repeats", type=int, default=1, help="run every configuration R times, report medians")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")

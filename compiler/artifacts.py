@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
@@ -46,6 +47,7 @@ class Artifacts:
     info: ModelInfo
     config: dict = field(default_factory=dict)  # loss, optimizer, lr, batch_size
     extra_files: dict = field(default_factory=dict)  # name -> bytes, written beside the models
+    plan: list = field(default_factory=list)  # runtime controllers the passes ask for (plan.json)
 
     def copy(self) -> "Artifacts":
         def cp(m):
@@ -53,7 +55,7 @@ class Artifacts:
             c.CopyFrom(m)
             return c
         return Artifacts(cp(self.training), cp(self.eval), cp(self.optimizer), self.checkpoint, self.info,
-                         dict(self.config), dict(self.extra_files))
+                         dict(self.config), dict(self.extra_files), [dict(p) for p in self.plan])
 
     def write(self, directory: Path) -> None:
         directory = Path(directory)
@@ -63,6 +65,7 @@ class Artifacts:
         (directory / "checkpoint").write_bytes(self.checkpoint)
         for name, data in self.extra_files.items():
             (directory / name).write_bytes(data)
+        (directory / "plan.json").write_text(json.dumps({"controllers": self.plan}, indent=1))
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

@@ -81,6 +81,7 @@ def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_opt
             "fixups": notes,
             "warnings": list(info.warnings),
             "passes": records,
+            "plan": art.plan,
             "validation": final_validation,
             "costs": {"before": before, "after": after},
             "layers": layer_table(after_tg, after),
@@ -124,8 +125,14 @@ def load_artifacts(directory) -> tuple[Artifacts, dict]:
             raise AccelcError(f"artifact {f}: {e}") from None
     ev = models["eval_model.onnx"]
     info = _info_from_eval(ev, report)
+    plan = []
+    if (d / "plan.json").exists():
+        try:
+            plan = json.loads((d / "plan.json").read_text()).get("controllers", [])
+        except (ValueError, OSError, AttributeError) as e:
+            raise AccelcError(f"'{d}/plan.json' is unreadable: {e}") from None
     art = Artifacts(models["training_model.onnx"], ev, models["optimizer_model.onnx"],
-                    (d / "checkpoint").read_bytes(), info, dict(report.get("options", {})))
+                    (d / "checkpoint").read_bytes(), info, dict(report.get("options", {})), plan=plan)
     return art, report
 
 

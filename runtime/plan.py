@@ -1,10 +1,22 @@
-"""Training plan: which controllers a compiled artifact set asks for.
+"""Training plan: the controllers a compiled artifact set asks for.
 
-Passes that decide during training (skip, reuse, rescale) record their controller in
-``report.json``; ``controllers_for`` builds them for ``accelc train``.
+Passes that decide during training record a controller spec in ``plan.json`` (and report.json);
+``controllers_for`` builds them for ``accelc train`` and ``accelc bench``. Editing thresholds in
+plan.json changes what the next ``accelc train`` does.
 """
 from __future__ import annotations
 
+from ..compiler.errors import AccelcError
+
 
 def controllers_for(artifact_dir, session) -> list:
-    return []
+    from .skip import LarsSkipController
+    out = []
+    for spec in session.artifacts.plan:
+        kind = spec.get("type")
+        opts = {k: v for k, v in spec.items() if k != "type"}
+        if kind == "skip":
+            out.append(LarsSkipController(session.artifacts, opts))
+        else:
+            raise AccelcError(f"plan.json names an unknown controller '{kind}'")
+    return out

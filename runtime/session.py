@@ -76,16 +76,18 @@ def lower_training_model(model: onnx.ModelProto, logits_name: str) -> tuple[onnx
     del g.input[:]
     g.input.extend(ins)
     loss = g.output[0].name
+    extras = [o.name for o in g.output if o.name.startswith("accelc.")]
     outs = [onnx.helper.make_empty_tensor_value_info(loss)]
     names = [loss]
     if logits_name:
         names.append(logits_name)
-    names += list(grads.values()) + list(bn_stats) + [b["inv_std"] for b in bn]
+    names += list(grads.values()) + list(bn_stats) + [b["inv_std"] for b in bn] + extras
     del g.output[:]
     for nm in names:
         g.output.append(onnx.helper.make_empty_tensor_value_info(nm))
     del outs
-    return m, {"loss": loss, "logits": logits_name, "grads": grads, "bn_stats": bn_stats, "bn": bn}
+    return m, {"loss": loss, "logits": logits_name, "grads": grads, "bn_stats": bn_stats, "bn": bn,
+               "extras": extras}
 
 
 def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
@@ -130,6 +132,7 @@ class TrainingSession:
         self.optimizer = make_optimizer([self.params[p] for p in self.trainable_all], self.hyper, self.lr)
         self.variant_name = "base"
         self.steps = 0
+        self.extras: dict[str, float] = {}
         self._build(art)
 
     @staticmethod
@@ -226,6 +229,8 @@ class TrainingSession:
         io.bind_output(self.desc["loss"], dev, idx)
         if self.desc["logits"]:
             io.bind_output(self.desc["logits"], dev, idx)
+        for name in self.desc["extras"]:  # instrumentation scalars added by passes
+            io.bind_output(name, "cpu", 0)
         for p, out in self.desc["grads"].items():
             if p in self.grads:
                 g = self.grads[p]
@@ -246,6 +251,9 @@ class TrainingSession:
         outs = io.get_outputs()
         loss = float(outs[0].numpy().reshape(-1)[0]) if self.device == "cpu" else float(np.asarray(io.copy_outputs_to_cpu()[0]).reshape(-1)[0])
         logits = (outs[1].numpy() if self.device == "cpu" else io.copy_outputs_to_cpu()[1]) if self.desc["logits"] else None
+        if self.desc["extras"]:
+            first = 2 if self.desc["logits"] else 1
+            self.extras = {n: float(outs[first + k].numpy()) for k, n in enumerate(self.desc["extras"])}
         for p in self.trained:
             self.params[p].grad = self.grads[p]
         self.optimizer.step()

@@ -182,6 +182,7 @@ class Trainer:
             "train_time": self.train_time, "wall_time": self.wall_time,
             "mean_images_per_second": float(np.mean([m["images_per_second"] for m in h])) if h else None,
             "decisions": [d for m in h for d in m.get("decisions", [])],
+            "controllers": {c.name: c.report() for c in self.controllers if hasattr(c, "report")},
             "history": h,
         }
 

@@ -25,15 +25,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(JOBS) tests
 
 FASHION := /usr/share/datasets/fashion-mnist
-BENCH_CONFIGS ?= torch,ort
-BENCH_EPOCHS ?= 3
+BENCH_CONFIGS ?= torch,ort,ort+skip,ort+skip[policy=suffix]
+BENCH_EPOCHS ?= 5
+BENCH_ARGS ?= --train-limit 20000 --test-limit 5000
 
 $(FASHION):
 	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
 	 else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 2; fi
 
 bench: $(STAMP) $(FASHION)
-	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs $(BENCH_EPOCHS) --configs $(BENCH_CONFIGS) -o bench-out
+	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs $(BENCH_EPOCHS) --configs "$(BENCH_CONFIGS)" $(BENCH_ARGS) -o bench-out
+	$(BIN)/python benchmarks/skip_step_time.py 25
+	$(BIN)/python benchmarks/lars_overhead.py 80
 
 clean:
 	rm -rf $(VENV) bench-out demo-out

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import onnx
 
-from .errors import AccelcError
+from .errors import AccelcError, ort_message
 from .model import ModelInfo
 
 MAX_IR_VERSION = 10
@@ -166,8 +166,7 @@ def generate(info: ModelInfo, loss: str = "cross_entropy", optimizer: str = "ada
         except AccelcError:
             raise
         except Exception as e:
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise AccelcError(f"ORT could not build the training graph: {msg[:300]}") from None
+            raise AccelcError(f"ORT could not build the training graph: {ort_message(e)}") from None
         d = Path(d)
         training = onnx.load_model(str(d / "training_model.onnx"))
         eval_m = onnx.load_model(str(d / "eval_model.onnx"))

@@ -99,7 +99,8 @@ def legalized(info: ModelInfo) -> ModelInfo:
     model, notes = legalize(info.model)
     if not notes:
         return info
-    return dataclasses.replace(info, model=model, warnings=list(info.warnings), legalize_notes=notes)
+    return dataclasses.replace(info, model=model, warnings=list(info.warnings),
+                               legalize_notes=list(info.legalize_notes) + notes)
 
 
 def load_artifacts(directory) -> tuple[Artifacts, dict]:

@@ -17,6 +17,19 @@ class AccelcError(Exception):
     """An error caused by the user's input; shown as one line, exit code 2."""
 
 
+def ort_message(e: BaseException, limit: int = 300) -> str:
+    """The human part of an ORT exception (drop source paths and C++ signatures)."""
+    import re
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"/onnxruntime_src/\S+", "", text)
+    for marker in ("Failed to load model with error:", "[ONNXRuntimeError] :"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[-1]
+    if ") " in text and "::" in text:
+        text = text.rsplit(") ", 1)[-1]
+    return text.strip()[:limit]
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -39,8 +52,9 @@ def atomic_dir(dest: str | os.PathLike, force: bool = False):
     parent = dest.parent if str(dest.parent) else Path(".")
     if not parent.exists():
         raise AccelcError(f"output folder '{parent}' does not exist")
+    _remove_stale(parent, dest.name)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as e:
         raise AccelcError(f"cannot write to '{parent}': {e.strerror}") from None
     try:
@@ -60,6 +74,30 @@ def atomic_dir(dest: str | os.PathLike, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Remove temporary siblings left by killed runs (their writer process no longer exists)."""
+    prefix = f".{name}.tmp-"
+    for p in parent.glob(glob_escape(prefix) + "*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def glob_escape(s: str) -> str:
+    import glob
+    return glob.escape(s)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

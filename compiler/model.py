@@ -186,16 +186,29 @@ def check_model(model: onnx.ModelProto, sha256: str = "", path: Path | None = No
     odims = _dims(out)
     if len(odims) != 2 or not isinstance(odims[1], int) or odims[1] < 2:
         raise AccelcError(f"output '{out.name}' has shape {odims}: expected logits [batch, classes]")
+    if model.ir_version > 10:  # ORT 1.19.2 loads IR <= 10; onnx >= 1.17 writes newer ones
+        model.ir_version = 10
+        info_note = "input model IR version lowered to 10 for ORT 1.19.2"
+    else:
+        info_note = None
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0]
         raise AccelcError(f"model fails the ONNX checker: {first}") from None
+    for n in g.node:  # a Conv reading the data input needs the batch dimension in front
+        if n.op_type == "Conv" and n.input and n.input[0] == inp.name and len(n.input) > 1:
+            w = next((t for t in g.initializer if t.name == n.input[1]), None)
+            if w is not None and len(w.dims) != len(dims):
+                raise AccelcError(f"input '{inp.name}' has shape {dims} but Conv '{n.name}' needs a "
+                                  f"{len(w.dims)}-D input [batch, C, ...]: is the batch dimension missing?")
     params, frozen = _trainable_params(model)
     if not params:
         raise AccelcError("model has no trainable parameters (no Conv/Gemm/MatMul weight initialisers)")
     info = ModelInfo(model=model, path=path, sha256=sha256, input_name=inp.name, input_shape=tuple(dims[1:]),
                      output_name=out.name, num_classes=int(odims[1]), params=params, frozen=frozen)
+    if info_note:
+        info.legalize_notes.append(info_note)
     hint = folded_batchnorm_hint(model)
     if hint:
         info.warnings.append(hint)

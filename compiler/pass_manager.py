@@ -17,7 +17,7 @@ from typing import Any, Callable
 import onnx
 
 from .artifacts import Artifacts
-from .errors import AccelcError
+from .errors import AccelcError, ort_message
 
 
 @dataclass
@@ -108,7 +108,7 @@ def validate(art: Artifacts) -> dict:
         try:
             ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise AccelcError(f"ORT rejects the {name} model: {str(e).strip().splitlines()[-1][:300]}") from None
+            raise AccelcError(f"ORT rejects the {name} model: {ort_message(e)}") from None
     return {"ort_session": True, "shape_inference": True, "seconds": round(time.perf_counter() - t0, 3)}
 
 

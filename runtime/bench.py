@@ -9,6 +9,7 @@ Writes bench.json, bench.md and accuracy-vs-time PNG plots.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 import time
@@ -22,19 +23,43 @@ DEFAULT_CONFIGS = "torch,ort"
 
 
 def parse_configs(text: str) -> list[str]:
-    from ..compiler.pass_manager import parse_pass_list
+    """Configurations: torch, ort, ort+PASS[+PASS...], each optionally with pass options in
+    brackets, e.g. ``ort+skip[policy=suffix;tau=1.5]``."""
     out = []
-    for c in [c.strip() for c in text.split(",") if c.strip()]:
+    for c in [c.strip() for c in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if c.strip()]:
         if c in ("torch", "ort"):
             out.append(c)
         elif c.startswith("ort+"):
-            parse_pass_list(c[4:].replace("+", ","))
+            config_passes(c)
             out.append(c)
         else:
-            raise AccelcError(f"unknown configuration '{c}'; use torch, ort or ort+PASS[+PASS]")
+            raise AccelcError(f"unknown configuration '{c}'; use torch, ort or ort+PASS[+PASS][opt=value;...]")
     if not out:
         raise AccelcError("--configs is empty")
+    if len(set(out)) != len(out):
+        raise AccelcError("a configuration is listed twice in --configs")
     return out
+
+
+def config_passes(c: str) -> tuple[list[str], dict]:
+    """('ort+skip[tau=1.5]') -> (['skip'], {'skip': {'tau': '1.5'}}): options go to every pass that has them."""
+    from ..compiler.pass_manager import available, parse_pass_list
+    if c == "ort":
+        return [], {}
+    m = re.fullmatch(r"ort\+([\w+]+)(?:\[([^\]]*)\])?", c)
+    if not m:
+        raise AccelcError(f"bad configuration '{c}'")
+    names = parse_pass_list(m.group(1).replace("+", ","))
+    opts: dict = {}
+    reg = available()
+    for kv in filter(None, (m.group(2) or "").split(";")):
+        k, _, v = kv.partition("=")
+        owners = [n for n in names if k.strip() in reg[n].options]
+        if not owners or not v:
+            raise AccelcError(f"configuration '{c}': no pass in it has option '{k}' (or no value given)")
+        for n in owners:
+            opts.setdefault(n, {})[k.strip()] = v.strip()
+    return names, opts
 
 
 def _time_to(history: list[dict], target: float | None):
@@ -48,8 +73,7 @@ def _time_to(history: list[dict], target: float | None):
 
 def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, batch_size: int = 64,
               seed: int = 0, lr: float = 1e-3, repeats: int = 1, train_limit=None, test_limit=None,
-              target: str = "ort-best", progress: bool = True, pass_options: dict | None = None,
-              threads: int | None = None) -> dict:
+              target: str = "ort-best", progress: bool = True, threads: int | None = None) -> dict:
     import torch
 
     from ..compiler.compile import compile_model
@@ -77,9 +101,9 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
     for c in configs:
         if c == "torch":
             continue
-        names = [] if c == "ort" else c[4:].split("+")
-        d = work / c.replace("+", "_")
-        compile_model(model_path, d, names, pass_options or {}, lr=lr, batch_size=batch_size, force=True, info=info)
+        names, opts = config_passes(c)
+        d = work / re.sub(r"[^\w.-]+", "_", c).strip("_")
+        compile_model(model_path, d, names, opts, lr=lr, batch_size=batch_size, force=True, info=info)
         art_dirs[c] = d
     if threads:
         torch.set_num_threads(threads)
@@ -121,7 +145,12 @@ def summarise(results: dict, target_spec: str, ds, batch_size: int) -> dict:
                    "final_test_acc": med([s["final_test_acc"] for s in runs]),
                    "best_test_acc": med([s["best_test_acc"] for s in runs]),
                    "train_time": med([s["train_time"] for s in runs]),
-                   "decisions": runs[0]["decisions"], "histories": [s["history"] for s in runs]}
+                   "decisions": runs[0]["decisions"], "histories": [s["history"] for s in runs],
+                   "controllers": runs[0].get("controllers", {})}
+        sk = rows[c]["controllers"].get("skip")
+        if sk:
+            rows[c]["op_reduction"] = med([s["controllers"]["skip"]["op_reduction"] for s in runs])
+            rows[c]["bandwidth_reduction"] = med([s["controllers"]["skip"]["bandwidth_reduction"] for s in runs])
     target = None
     if target_spec == "ort-best" and "ort" in rows:
         target = rows["ort"]["best_test_acc"]
@@ -161,13 +190,18 @@ def markdown(rep: dict) -> str:
              f"Target accuracy: {_f(rep['target_acc'], '{:.4f}')} ({rep['target_rule']}). Times are training "
              f"seconds (evaluation excluded).", "",
              "| config | s/epoch | ms/step | ×torch (epoch) | ×ort (epoch) | time to target (s) | ×torch (target) "
-             "| ×ort (target) | final acc | best acc |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ×ort (target) | final acc | best acc | ops −% | bytes −% |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in rep["configs"].items():
         lines.append(f"| {c} | {r['epoch_seconds']:.2f} | {r['ms_per_step']:.1f} | {_f(r.get('epoch_ratio_vs_torch'), '{:.2f}')} "
                      f"| {_f(r.get('epoch_ratio_vs_ort'), '{:.2f}')} | {_f(r['time_to_target'], '{:.1f}')} "
                      f"| {_f(r.get('time_to_target_ratio_vs_torch'), '{:.2f}')} | {_f(r.get('time_to_target_ratio_vs_ort'), '{:.2f}')} "
-                     f"| {r['final_test_acc']:.4f} | {r['best_test_acc']:.4f} |")
+                     f"| {r['final_test_acc']:.4f} | {r['best_test_acc']:.4f} "
+                     f"| {_f(r.get('op_reduction'), '{:.1%}')} | {_f(r.get('bandwidth_reduction'), '{:.1%}')} |")
+    dec = [(c, d) for c, r in rep["configs"].items() for d in r.get("decisions", [])]
+    if dec:
+        lines += ["", "Controller decisions (first run):", ""]
+        lines += [f"- {c}, epoch {d['epoch']}: {d['action']}: {d['why']}" for c, d in dec]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,183 @@
+"""skip pass: pruned gradients equal torch autograd with the same parameters frozen; skipped
+layers have no gradient nodes; an input-side prefix leaves no backward below it; the controller
+skips exactly the layers whose λ crossed τ."""
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+import accelc
+from accelc.compiler.compile import load_artifacts, training_graph
+from accelc.compiler.export import zoo_module
+from accelc.passes.skip import layer_groups, skip_variant
+from accelc.runtime.session import TrainingSession
+from accelc.runtime.skip import LarsSkipController, numpy_lars
+
+from conftest import MixedNet
+
+CASES = {
+    "vgg": [["features.0"], ["features.0", "features.3", "features.7"], ["features.10"], ["fc1"]],
+    "resnet": [["stem"], ["stem", "layers.0.conv1", "layers.0.conv2"], ["layers.1.conv2"], ["layers.1.down.0"]],
+    "mixed": [["stem", "grouped"], ["dw"], ["pw", "fc"]],
+}
+
+
+def _model(name, tmp_path):
+    if name == "mixed":
+        torch.manual_seed(0)
+        m, shape = MixedNet(), (3, 16, 16)
+    else:
+        m, shape = zoo_module(name)
+    accelc.export(m, torch.zeros(2, *shape), tmp_path / "m.onnx")
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "art")
+    return m, shape
+
+
+def torch_frozen_grads(module, frozen, x, y):
+    module = copy.deepcopy(module).train()
+    for k, p in module.named_parameters():
+        p.requires_grad_(k not in frozen)
+    loss = F.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y))
+    loss.backward()
+    return float(loss), {k: p.grad.numpy() for k, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pruned_gradients_match_torch_frozen(name, tmp_path):
+    module, shape = _model(name, tmp_path)
+    base, _ = load_artifacts(tmp_path / "art")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, 4).astype(np.int64)
+    for skip in CASES[name]:
+        art, changes = skip_variant(base, skip)
+        tg = training_graph(art)
+        frozen = [p for s in skip for p in layer_groups(training_graph(base))[s]]
+        loss, grads, _ = TrainingSession(art).compute_gradients(x, y)
+        tloss, tgrads = torch_frozen_grads(module, set(frozen), x, y)
+        assert abs(loss - tloss) < 1e-4
+        assert set(grads) == set(tgrads), (skip, set(grads) ^ set(tgrads))
+        for k in tgrads:
+            d = np.linalg.norm(grads[k] - tgrads[k])
+            assert d <= 1e-4 * np.linalg.norm(tgrads[k]) + 1e-6, (skip, k, d)
+        # skipped layers have no gradient nodes: no accumulator, no weight-gradient output
+        for s in skip:
+            layer = tg.layer(s)
+            assert not layer.accumulators
+            for n in layer.backward:
+                if n.op == "ConvGrad":
+                    assert all(not o.name for o in n.outputs[1:])
+                else:  # Gemm gradient: only the input-gradient Gemm may remain
+                    assert all(not o.name.endswith("_grad") or o.name.split("_grad")[0] not in layer.params
+                               for o in n.outputs)
+        # the plain ORT API loads the pruned artifacts (checkpoint marks them frozen)
+        assert all(p not in tg.params for p in frozen)
+
+
+def test_input_prefix_leaves_no_backward_below(tmp_path):
+    _model("vgg", tmp_path)
+    base, _ = load_artifacts(tmp_path / "art")
+    prefix = ["features.0", "features.3", "features.7"]
+    art, _ = skip_variant(base, prefix)
+    tg = training_graph(art)
+    lowest = tg.layer("features.10")
+    cg = [n for n in lowest.backward if n.op == "ConvGrad"][0]
+    assert not cg.outputs[0].name  # the lowest trained conv computes no input gradient
+    # no backward node consumes or produces a gradient of anything below features.10
+    below = {"/features/features.%d" % i for i in range(0, 10)}
+    for n in tg.graph.nodes:
+        if tg.is_backward(n):
+            assert not any(n.name.startswith(b + "/") or n.name.startswith(b + "_") for b in below), n.name
+    # fewer backward FLOPs than the full graph, equal forward
+    from accelc.compiler.cost import graph_costs
+    full, pruned = graph_costs(training_graph(base)), graph_costs(tg)
+    assert pruned["phases"]["forward"]["flops"] == full["phases"]["forward"]["flops"]
+    assert pruned["phases"]["backward"]["flops"] < 0.8 * full["phases"]["backward"]["flops"]
+
+
+def test_compile_fixed_skip_set_cli_and_plain_ort(tmp_path):
+    from onnxruntime.training import api
+    from conftest import run_cli
+    _model("vgg", tmp_path)
+    r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "s", "--passes", "skip",
+                "--skip-layers", "features.0,features.3")
+    assert r.returncode == 0, r.stderr
+    d = tmp_path / "s"
+    m = onnx.load(str(d / "training_model.onnx"))
+    tagged = [n for n in m.graph.node if any(p.key == "accelc.pass" and p.value == "skip" for p in n.metadata_props)]
+    assert tagged  # Netron shows what the pass changed
+    state = api.CheckpointState.load_checkpoint(str(d / "checkpoint"))
+    module = api.Module(str(d / "training_model.onnx"), state, str(d / "eval_model.onnx"))
+    opt = api.Optimizer(str(d / "optimizer_model.onnx"), module)
+    module.train()
+    module(np.zeros((2, 1, 28, 28), np.float32), np.zeros(2, np.int64))
+    opt.step()
+    r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "bad", "--passes", "skip", "--skip-layers", "nope")
+    assert r.returncode == 2 and "nope" in r.stderr and "features.0" in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+class _FakeTrainer:
+    def __init__(self, engine):
+        self.engine = engine
+
+
+def test_lars_values_match_numpy_and_controller_skips_crossers(tmp_path):
+    _model("vgg", tmp_path)
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], force=True)
+    sess = TrainingSession(tmp_path / "inst")
+    opts = dict(sess.artifacts.plan[0])
+    opts.pop("type")
+    ctrl = LarsSkipController(sess.artifacts, opts)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 8).astype(np.int64)
+    before = {k: v.numpy().copy() for k, v in sess.params.items()}
+    sess.train_step(x, y)
+    grads = sess.gradients()
+    tg = training_graph(sess.artifacts)
+    for layer in tg.layers:
+        w = layer.weight
+        expect = numpy_lars(before[w], grads[w], opts["eta"], opts["beta"])
+        wk, gk = ctrl.keys[layer.name]
+        got = ctrl.lars(sess.extras[wk], sess.extras[gk], opts["eta"], opts["beta"])
+        assert abs(got - expect) <= 1e-5 * expect, (layer.name, got, expect)
+    # decisions: relative τ=2; epoch 1 sets the reference, epoch 2 λ values cross for some layers
+    ctrl.first = {l: 1.0 for l in ctrl.layers}
+    lam = {l: 1.0 for l in ctrl.layers}
+    for l in ("features.0", "features.3", "features.10"):
+        lam[l] = 2.5
+    assert ctrl.done_layers(lam) == ["features.0", "features.3", "features.10"]
+    assert ctrl.choose(ctrl.done_layers(lam)) == ["features.0", "features.3"]  # prefix stops at features.7
+    ctrl.opts["policy"] = "any"
+    assert ctrl.choose(ctrl.done_layers(lam)) == ["features.0", "features.3", "features.10"]
+    ctrl.opts["policy"] = "prefix"
+    ctrl.skipped = ["features.0", "features.3"]
+    lam2 = {l: 1.0 for l in ctrl.layers}  # monotone: nothing done any more, nothing un-skipped
+    assert ctrl.choose(ctrl.done_layers(lam2)) == ["features.0", "features.3"]
+    ctrl.opts["tau_mode"], ctrl.opts["tau"] = "absolute", 0.5
+    assert set(ctrl.done_layers({"fc1": 0.6, "fc2": 0.4})) == {"fc1"}
+
+
+def test_controller_end_to_end_skips_and_accounts(tmp_path):
+    from accelc.runtime.data import synthetic
+    from accelc.runtime.train import Trainer
+    _model("vgg", tmp_path)
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], force=True)
+    sess = TrainingSession(tmp_path / "inst")
+    opts = {k: v for k, v in sess.artifacts.plan[0].items() if k != "type"}
+    opts.update(tau=1.05, policy="any")  # a low threshold so the tiny run decides
+    ctrl = LarsSkipController(sess.artifacts, opts)
+    ds = synthetic((1, 28, 28), 10, 512, 64)
+    s = Trainer(sess, ds, None, 3, 64, seed=0, controllers=[ctrl], progress=False).run()
+    skips = [d for d in s["decisions"] if d["action"] == "skip"]
+    assert skips, s["decisions"]
+    d = skips[0]
+    for layer, lam in d["lam"].items():  # every skipped layer crossed its threshold
+        assert lam > opts["tau"] * d["first"][layer]
+    rep = s["controllers"]["skip"]
+    assert 0 < rep["op_reduction"] < 1 and 0 < rep["bandwidth_reduction"] < 1
+    assert sess.variant_name.startswith("skip:")

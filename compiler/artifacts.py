@@ -48,6 +48,7 @@ class Artifacts:
     config: dict = field(default_factory=dict)  # loss, optimizer, lr, batch_size
     extra_files: dict = field(default_factory=dict)  # name -> bytes, written beside the models
     plan: list = field(default_factory=list)  # runtime controllers the passes ask for (plan.json)
+    stages: dict = field(default_factory=dict)  # subdirectory -> Artifacts (e.g. a low-resolution stage)
 
     def copy(self) -> "Artifacts":
         def cp(m):
@@ -55,7 +56,8 @@ class Artifacts:
             c.CopyFrom(m)
             return c
         return Artifacts(cp(self.training), cp(self.eval), cp(self.optimizer), self.checkpoint, self.info,
-                         dict(self.config), dict(self.extra_files), [dict(p) for p in self.plan])
+                         dict(self.config), dict(self.extra_files), [dict(p) for p in self.plan],
+                         dict(self.stages))
 
     def write(self, directory: Path) -> None:
         directory = Path(directory)
@@ -66,6 +68,18 @@ class Artifacts:
         for name, data in self.extra_files.items():
             (directory / name).write_bytes(data)
         (directory / "plan.json").write_text(json.dumps({"controllers": self.plan}, indent=1))
+        for name, stage in self.stages.items():
+            (directory / name).mkdir()
+            stage.write(directory / name)
+            (directory / name / "report.json").write_text(json.dumps(
+                {"input": {"sha256": stage.info.sha256}, "model": model_summary(stage.info),
+                 "options": stage.config, "stage_of": "..", "passes": []}, indent=1))
+
+
+def model_summary(info: ModelInfo) -> dict:
+    return {"input_name": info.input_name, "input_shape": list(info.input_shape), "output_name": info.output_name,
+            "num_classes": info.num_classes, "params": info.params, "frozen": info.frozen,
+            "param_count": info.param_count}
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

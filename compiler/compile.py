@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from . import __name__ as _pkg  # noqa: F401
-from .artifacts import Artifacts, generate
+from .artifacts import Artifacts, generate, model_summary
 from .cost import graph_costs
 from .errors import AccelcError, atomic_dir
 from .graph import TrainingGraph, infer_shapes
@@ -74,9 +74,7 @@ def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_opt
         report = {
             "accelc_version": VERSION,
             "input": {"file": Path(model_path).name if model_path else None, "sha256": info.sha256},
-            "model": {"input_name": info.input_name, "input_shape": list(info.input_shape),
-                      "output_name": info.output_name, "num_classes": info.num_classes,
-                      "params": info.params, "frozen": info.frozen, "param_count": info.param_count},
+            "model": model_summary(info),
             "options": dict(art.config),
             "fixups": notes,
             "warnings": list(info.warnings),
@@ -134,6 +132,12 @@ def load_artifacts(directory) -> tuple[Artifacts, dict]:
             raise AccelcError(f"'{d}/plan.json' is unreadable: {e}") from None
     art = Artifacts(models["training_model.onnx"], ev, models["optimizer_model.onnx"],
                     (d / "checkpoint").read_bytes(), info, dict(report.get("options", {})), plan=plan)
+    for spec in plan:
+        stage = spec.get("stage")
+        if stage:
+            if "/" in stage or stage.startswith("."):
+                raise AccelcError(f"plan.json names a stage '{stage}' outside the artifact directory")
+            art.stages[stage] = load_artifacts(d / stage)[0]
     return art, report
 
 

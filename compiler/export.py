@@ -139,7 +139,7 @@ class ResNet(nn.Module):
 class LargeKernel(nn.Module):
     """Large-kernel net for kernel rescaling: 7×7/2 and 5×5/2 convs, then 3×3, flatten→FC."""
 
-    def __init__(self, in_ch=1, num_classes=10, size=56):
+    def __init__(self, in_ch=1, num_classes=10, size=64):
         super().__init__()
         self.c1 = nn.Conv2d(in_ch, 32, 7, 2, 3)
         self.c2 = nn.Conv2d(32, 64, 5, 2, 2)
@@ -161,7 +161,7 @@ ZOO = {
     "resnet": (lambda c, k, s: ResNet(c, k), (3, 32, 32), "small CIFAR ResNet (16-32-64, 1 block/stage)"),
     "resnet18": (lambda c, k, s: ResNet(c, k, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512)), (3, 32, 32),
                  "ResNet-18 (11.2M parameters)"),
-    "largekernel": (lambda c, k, s: LargeKernel(c, k, s), (1, 56, 56), "7×7/2 and 5×5/2 convs, for rescale"),
+    "largekernel": (lambda c, k, s: LargeKernel(c, k, s), (1, 64, 64), "7×7/2 and 5×5/2 convs, for rescale"),
 }
 
 

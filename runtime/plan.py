@@ -10,6 +10,7 @@ from ..compiler.errors import AccelcError
 
 
 def controllers_for(artifact_dir, session) -> list:
+    from .rescale import RescaleController
     from .skip import LarsSkipController
     out = []
     for spec in session.artifacts.plan:
@@ -17,6 +18,8 @@ def controllers_for(artifact_dir, session) -> list:
         opts = {k: v for k, v in spec.items() if k != "type"}
         if kind == "skip":
             out.append(LarsSkipController(session.artifacts, opts))
+        elif kind == "rescale":
+            out.append(RescaleController(session.artifacts, spec))
         else:
             raise AccelcError(f"plan.json names an unknown controller '{kind}'")
     return out

@@ -22,7 +22,9 @@ def main(out: str = "demo-out") -> int:
     compile_model(out_dir / f"{model}.onnx", out_dir / "artifacts", force=True)
     print(f"== accelc inspect {out_dir}/artifacts ({model}: VGG-style CNN with BatchNorm)\n")
     print(layer_table_text(inspect_path(out_dir / "artifacts")))
-    passes = [p for p in ("skip", "reuse", "rescale") if p in available()]
+    # rescale needs large kernels and a head that follows a smaller map (the `largekernel` zoo
+    # model); the demo's VGG has 3x3 kernels only, so it shows skip (and reuse once it exists).
+    passes = [p for p in ("skip", "reuse") if p in available()]
     configs = ["torch", "ort"] + [f"ort+{p}" for p in passes]
     print(f"\n== training on synthetic data: {', '.join(configs)}\n", flush=True)
     rep = run_bench(model, "synthetic:4000", epochs=int(os.environ.get("DEMO_EPOCHS", 3)), configs=configs,

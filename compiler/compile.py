@@ -66,10 +66,14 @@ def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_opt
         legal = legalized(info)
         art, notes = generate(legal, loss, optimizer, lr, batch_size)
         notes = legal.legalize_notes + notes
-        before = graph_costs(training_graph(art), optimizer)
+        before_tg = training_graph(art)
+        before = graph_costs(before_tg, optimizer)
         art, records = manager.run(art)
-        after_tg = training_graph(art)
-        after = graph_costs(after_tg, optimizer)
+        if any(r["modified"] for r in records):
+            after_tg = training_graph(art)
+            after = graph_costs(after_tg, optimizer)
+        else:
+            after_tg, after = before_tg, before
         final_validation = validate(art) if (validate_result and not records) else None
         report = {
             "accelc_version": VERSION,

@@ -126,3 +126,22 @@ def test_model_that_cannot_be_rescaled_says_why(tmp_path):
     export_zoo("largekernel", tmp_path / "m.onnx", input_shape=(1, 56, 56))  # final map 7x7
     r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "a", "--passes", "rescale")
     assert r.returncode == 2 and "7x7" in r.stderr and not (tmp_path / "a").exists()
+
+
+def test_switch_rules():
+    from accelc.runtime.rescale import RescaleController
+
+    class Base:
+        stages = {"stage-low": None}
+
+    def ctrl(rule):
+        return RescaleController(Base(), {"stage": "stage-low", "switch": rule, "params": {}, "factor": 2})
+
+    c = ctrl("epoch:2")
+    assert c._due(1, {"test_loss": 1.0}, 6) is None and c._due(2, {"test_loss": 1.0}, 6)
+    c = ctrl("fraction:0.5")
+    assert c._due(2, {"test_loss": 1.0}, 6) is None and c._due(3, {"test_loss": 1.0}, 6)
+    c = ctrl("plateau:2")
+    losses = [1.0, 0.8, 0.79999, 0.81, 0.7]
+    due = [c._due(e + 1, {"test_loss": l}, 10) for e, l in enumerate(losses)]
+    assert due[:3] == [None, None, None] and due[3] and "did not improve" in due[3]

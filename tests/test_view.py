@@ -57,6 +57,7 @@ def test_view_binds_loopback_only(served):
 
 @pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian chromium and chromium-driver")
 def test_netron_renders_training_graph(served):
+    pytest.importorskip("selenium")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By

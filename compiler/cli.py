@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     try:
         parser = build_parser()
         a = parser.parse_args(argv)
+        a.argv = list(argv)
         if not getattr(a, "fn", None):
             parser.print_help()
             return 2

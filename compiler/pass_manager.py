@@ -93,10 +93,9 @@ def parse_pass_list(text: str | None) -> list[str]:
     return names
 
 
-def validate(art: Artifacts) -> dict:
-    """Shape inference + ORT sessions for the training and eval models. Raises AccelcError."""
+def _validate_in_process(art: Artifacts) -> dict:
+    import numpy as np
     import onnxruntime as ort
-    t0 = time.perf_counter()
     try:
         onnx.shape_inference.infer_shapes(art.training, strict_mode=False)
     except Exception as e:
@@ -104,12 +103,71 @@ def validate(art: Artifacts) -> dict:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = {}
     for name, m in (("training", art.training), ("eval", art.eval)):
         try:
-            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            sessions[name] = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise AccelcError(f"ORT rejects the {name} model: {ort_message(e)}") from None
-    return {"ort_session": True, "shape_inference": True, "seconds": round(time.perf_counter() - t0, 3)}
+    # One forward+backward on a random batch of 2: constructs that crash
+    # ORT's kernels show up here, in the child, rather than in the user's training run.
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in sessions["training"].get_inputs():
+        if i.name == "labels":
+            feeds[i.name] = rng.integers(0, art.info.num_classes, 2).astype(np.int64)
+        elif i.type == "tensor(bool)":
+            feeds[i.name] = np.array([True])
+        elif i.name == art.info.input_name:
+            feeds[i.name] = rng.standard_normal([2, *art.info.input_shape]).astype(np.float32)
+        else:  # parameters and buffers: constant values are enough to exercise every kernel
+            feeds[i.name] = np.full([2 if not isinstance(d, int) else d for d in i.shape], 0.01, np.float32)
+    try:
+        loss = sessions["training"].run(None, feeds)[0]
+    except Exception as e:
+        raise AccelcError(f"ORT fails to run the training graph: {ort_message(e)}") from None
+    return {"ort_session": True, "shape_inference": True, "training_step": bool(np.all(np.isfinite(loss)))}
+
+
+def validate(art: Artifacts) -> dict:
+    """Shape inference, ORT sessions for the training and eval models and one training step on a
+    random batch, in a forked child process: a native crash (ORT 1.19.2 can die with SIGFPE on
+    some op combinations) becomes a clear compile-time error instead of killing accelc."""
+    import json
+    import os
+    import signal
+    t0 = time.perf_counter()
+    if not hasattr(os, "fork"):
+        out = _validate_in_process(art)
+    else:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(r)
+            code = 0
+            try:
+                res = _validate_in_process(art)
+            except AccelcError as e:
+                res, code = {"error": str(e)}, 3
+            except BaseException as e:  # noqa: BLE001
+                res, code = {"error": f"{type(e).__name__}: {e}"}, 4
+            with os.fdopen(w, "w") as fh:
+                fh.write(json.dumps(res))
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            payload = fh.read()
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            sig = signal.Signals(os.WTERMSIG(status)).name
+            raise AccelcError(f"ONNX Runtime crashed ({sig}) while validating the training graph: the model uses a "
+                              f"construct ORT Training 1.19.2 cannot run; run `accelc inspect` on it and report the "
+                              f"layer types (not written)")
+        out = json.loads(payload or "{}")
+        if "error" in out:
+            raise AccelcError(out["error"])
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
 
 
 class PassManager:

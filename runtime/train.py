@@ -283,7 +283,43 @@ def add_train_args(p) -> None:
     p.add_argument("-o", "--output", default="run", help="run directory (default ./run)")
 
 
+WORKER_ENV = "ACCELC_TRAIN_WORKER"
+
+
+def _supervise(argv: list[str], run_dir: Path) -> int:
+    """Run the training in a child process so a native crash (ORT can die with SIGFPE/SIGSEGV)
+    is reported with where it happened and what was saved, never as a silent death."""
+    import signal
+    import subprocess
+    env = dict(os.environ, **{WORKER_ENV: "1"})
+    p = subprocess.Popen([sys.executable, "-m", "accelc.compiler.cli"] + argv, env=env)
+    try:
+        rc = p.wait()
+    except KeyboardInterrupt:
+        p.send_signal(signal.SIGINT)
+        rc = p.wait()
+    if rc >= 0:
+        return rc
+    sig = signal.Signals(-rc).name
+    done = []
+    if (run_dir / "metrics.jsonl").exists():
+        done = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    where = f"during epoch {len(done) + 1}"
+    saved = (f"the last good checkpoint is epoch {done[-1]['epoch']} in '{run_dir}' (continue with --resume)"
+             if done and ckpt.exists(run_dir) else "no epoch had finished, so nothing was saved")
+    raise AccelcError(f"the training process was killed by {sig} {where}"
+                      + (" (a native crash inside ONNX Runtime)" if sig in ("SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL",
+                                                                          "SIGABRT") else "") + f"; {saved}")
+
+
 def train_cli(a) -> int:
+    if not os.environ.get(WORKER_ENV) and not getattr(a, "in_process", False):
+        # validate what can be validated cheaply here, then train in a supervised child
+        from ..compiler.compile import load_artifacts
+        load_artifacts(a.artifacts)
+        if Path(a.output).exists() and any(Path(a.output).iterdir()) and not (a.resume or a.force):
+            raise AccelcError(f"run directory '{a.output}' is not empty (use --resume to continue or --force to replace)")
+        return _supervise(a.argv, Path(a.output))
     s = train(a.artifacts, a.data, a.epochs, a.batch_size, a.output, a.device, a.seed, a.resume, a.lr, a.threads,
               a.train_limit, a.test_limit, a.force, progress=not a.quiet)
     if not a.quiet:

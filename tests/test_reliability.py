@@ -236,3 +236,137 @@ def test_kill_during_compile_leaves_complete_or_nothing(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f], os.listdir(tmp_path)
     print("kill outcomes", outcomes)
     assert outcomes["complete"] + outcomes["absent"] == 20
+
+
+# ----------------------------------------------------------------------------- faults
+def _avgpool_model(tmp_path):
+    import torch
+    import torch.nn as nn
+
+    class AvgNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 4 * 4, 10)
+
+        def forward(self, x):
+            return self.fc(nn.functional.avg_pool2d(torch.relu(self.c(x)), 4).flatten(1))
+
+    import accelc
+    torch.manual_seed(0)
+    accelc.export(AvgNet(), torch.zeros(2, 1, 16, 16), tmp_path / "avg.onnx")
+    return tmp_path / "avg.onnx"
+
+
+def _raw_avgpool_artifacts(tmp_path):
+    """Artifacts whose training graph keeps ORT's own AveragePoolGrad (which dies with SIGFPE)."""
+    import shutil
+    import sys
+
+    import accelc
+    p = _avgpool_model(tmp_path)
+    accelc.compile(p, tmp_path / "art")
+    code = ("import sys; from accelc.compiler.artifacts import ort_generate; "
+            "from accelc.compiler.model import load_model; ort_generate(load_model(sys.argv[1]), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(p), str(tmp_path / "raw")], check=True)
+    m = onnx.load(str(tmp_path / "raw" / "training_model.onnx"))
+    assert any(n.op_type == "AveragePoolGrad" for n in m.graph.node)
+    shutil.copy(tmp_path / "raw" / "training_model.onnx", tmp_path / "art" / "training_model.onnx")
+    return tmp_path / "art"
+
+
+def test_average_pool_is_legalised_and_trains(tmp_path):
+    out = tmp_path / "o"
+    r = run_cli("compile", _avgpool_model(tmp_path), "-o", out)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert any("AveragePool" in f for f in rep["fixups"])
+    m = onnx.load(str(out / "training_model.onnx"))
+    assert not any(n.op_type.startswith("AveragePool") for n in m.graph.node)
+    r = run_cli("train", out, "--data", "synthetic:128", "--epochs", "1", "--batch-size", "32", "-o", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+
+
+def test_native_crash_caught_by_validation(tmp_path):
+    from accelc.compiler.compile import load_artifacts
+    from accelc.compiler.errors import AccelcError
+    from accelc.compiler.pass_manager import validate
+    art, _ = load_artifacts(_raw_avgpool_artifacts(tmp_path))
+    with pytest.raises(AccelcError, match="crashed \\(SIGFPE\\)"):
+        validate(art)
+
+
+def test_native_crash_in_training_is_reported_not_silent(tmp_path):
+    art = _raw_avgpool_artifacts(tmp_path)
+    r = run_cli("train", art, "--data", "synthetic:128", "--epochs", "1", "--batch-size", "32", "-o", tmp_path / "run")
+    assert r.returncode == 2
+    assert "killed by SIGFPE during epoch 1" in r.stderr and "native crash" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path):
+    export_zoo("cnn3-small", tmp_path / "m.onnx")
+    assert run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "art").returncode == 0
+    r = run_cli("train", tmp_path / "art", "--data", "synthetic:512", "--epochs", "2", "--batch-size", "32",
+                "--lr", "1e12", "-o", tmp_path / "run")
+    assert r.returncode == 2, r.stderr
+    assert "loss became" in r.stderr and "epoch 1, step" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_nan_keeps_last_good_checkpoint(tmp_path):
+    from accelc.compiler.errors import AccelcError
+    from accelc.runtime import checkpoint
+    from accelc.runtime.data import synthetic
+    from accelc.runtime.train import Trainer
+
+    class Engine:  # finite losses in epoch 1, NaN at epoch 2, step 3
+        def __init__(self):
+            self.calls = 0
+
+        def train_step(self, x, y):
+            self.calls += 1
+            return (float("nan") if self.calls == 8 + 3 else 1.0), np.zeros((len(y), 10), np.float32)
+
+        def evaluate_batch(self, x, y):
+            return 1.0, np.zeros((len(y), 10), np.float32)
+
+        def state_arrays(self):
+            return {"param/w": np.full(3, float(self.calls), np.float32)}
+
+    ds = synthetic((1, 8, 8), 10, 256, 32)
+    with pytest.raises(AccelcError, match="epoch 2, step 3.*checkpoint: epoch 1"):
+        Trainer(Engine(), ds, tmp_path, 3, 32, progress=False).run()
+    arrays, meta = checkpoint.load(tmp_path)
+    assert meta["epoch"] == 0 and arrays["param/w"][0] == 8  # the state after epoch 1, untouched
+
+
+def _mount_tmpfs(path, opts):
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    return path
+
+
+@pytest.mark.parametrize("opts,needle", [("size=64k", "space"), ("ro,size=1m", "read-only")])
+def test_full_or_read_only_output(tmp_path, opts, needle):
+    export_zoo("vgg", tmp_path / "m.onnx")
+    mnt = _mount_tmpfs(tmp_path / "mnt", opts)
+    try:
+        out = mnt / "o"
+        r = run_cli("compile", tmp_path / "m.onnx", "-o", out)
+        assert r.returncode == 2 and needle in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1
+        assert not out.exists() and not [f for f in os.listdir(mnt) if f.startswith(".o")]
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def test_checkpoints_are_never_unpickled(tmp_path):
+    """A checkpoint holding a pickled object array is refused, not executed."""
+    from accelc.compiler.errors import AccelcError
+    from accelc.runtime import checkpoint
+    np.savez(tmp_path / "checkpoint-0000.npz", evil=np.array([{"a": 1}], dtype=object))
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"epoch": 0, "arrays": "checkpoint-0000.npz"}))
+    with pytest.raises(AccelcError, match="unreadable"):
+        checkpoint.load(tmp_path)

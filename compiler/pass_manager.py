@@ -144,6 +144,10 @@ def validate(art: Artifacts) -> dict:
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
+            import faulthandler
+            faulthandler.disable()  # the parent reports a crash in one line; no dump on the terminal
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
             code = 0
             try:
                 res = _validate_in_process(art)

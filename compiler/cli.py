@@ -99,14 +99,16 @@ def cmd_compile(a) -> int:
     from .compile import compile_model
     from .pass_manager import parse_pass_list
     names = parse_pass_list(a.passes)
-    report = compile_model(a.model, a.output, names, _pass_options(a, names), loss=a.loss, optimizer=a.optimizer,
-                           lr=a.lr, batch_size=a.batch_size, force=a.force, validate_result=not a.no_validate)
+    report = compile_model(a.model, a.output, names, _pass_options(a, names + ([] if a.no_opt else ["opt"])),
+                           loss=a.loss, optimizer=a.optimizer, lr=a.lr, batch_size=a.batch_size, force=a.force,
+                           validate_result=not a.no_validate, opt=not a.no_opt)
     for w in report["warnings"]:
         print(f"accelc: warning: {w}", file=sys.stderr)
     if not a.quiet:
         b, f = report["costs"]["before"]["total"], report["costs"]["after"]["total"]
+        ran = [p["name"] for p in report["passes"]]
         print(f"compiled {a.model} -> {a.output} in {report['compile_seconds']:.2f}s "
-              f"(passes: {','.join(names) or 'none'}; {report['model']['param_count']:,} params)")
+              f"(passes: {','.join(ran) or 'none'}; {report['model']['param_count']:,} params)")
         if names:
             print(f"training-step cost: {_fmt_num(b['flops'])}FLOPs -> {_fmt_num(f['flops'])}FLOPs, "
                   f"{_fmt_num(b['bytes'])}B -> {_fmt_num(f['bytes'])}B")
@@ -198,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="batch size used for cost accounting (default 64)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip ORT-session and numeric validation")
+    p.add_argument("--no-opt", action="store_true",
+                   help="do not run the default 'opt' pass (with --passes none: ORT's plain artifacts, unchanged)")
     for pname, cls in available().items():
         for oname, opt in cls.options.items():
             p.add_argument(_opt_flag(pname, oname, opt), dest=_opt_dest(pname, oname, opt), default=None,

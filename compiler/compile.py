@@ -19,9 +19,17 @@ from .pass_manager import PassManager, validate
 VERSION = "0.1.0"
 
 
+_SHAPES: dict = {}
+
+
 def training_graph(art: Artifacts) -> TrainingGraph:
-    shapes = infer_shapes(art.info.model, art.config.get("batch_size", 64))
-    return TrainingGraph(art.training, shapes)
+    """The graph view of an artifact set's training model (forward shapes inferred once per model)."""
+    key = (id(art.info.model), art.config.get("batch_size", 64))
+    if key not in _SHAPES or _SHAPES[key][0] is not art.info.model:
+        if len(_SHAPES) > 16:
+            _SHAPES.clear()
+        _SHAPES[key] = (art.info.model, infer_shapes(art.info.model, key[1]))
+    return TrainingGraph(art.training, _SHAPES[key][1])
 
 
 def layer_table(tg: TrainingGraph, costs: dict) -> list[dict]:
@@ -53,8 +61,15 @@ def _numel(shape):
 def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_options: dict | None = None,
                   loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3,
                   batch_size: int = 64, force: bool = False, validate_result: bool = True,
-                  info: ModelInfo | None = None) -> dict:
-    """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes``."""
+                  info: ModelInfo | None = None, opt: bool = True) -> dict:
+    """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes``.
+
+    The ``opt`` pass (exact speed rewrites) runs first unless ``opt`` is False; with
+    ``passes=[]`` and ``opt=False`` the artifacts are ORT's plain generate_artifacts output.
+    """
+    passes = [p for p in (passes or []) if p != "opt"]
+    if opt:
+        passes = ["opt"] + passes
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if info is None:

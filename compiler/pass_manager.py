@@ -93,6 +93,43 @@ def parse_pass_list(text: str | None) -> list[str]:
     return names
 
 
+def random_feeds(session, art: Artifacts, rng, params: str = "random", batch: int = 2) -> dict:
+    """Feeds for a raw training graph: random data and labels, lazy_reset_grad true, parameters
+    random (uniform ±0.1) or constant 0.01 (cheapest: enough to exercise every kernel)."""
+    import numpy as np
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name == "labels":
+            feeds[i.name] = rng.integers(0, art.info.num_classes, batch).astype(np.int64)
+        elif i.type == "tensor(bool)":
+            feeds[i.name] = np.array([True])
+        elif i.name == art.info.input_name:
+            feeds[i.name] = rng.standard_normal([batch, *art.info.input_shape]).astype(np.float32)
+        else:
+            shape = [batch if not isinstance(d, int) else d for d in i.shape]
+            if params == "constant" or i.name.endswith("_grad.accumulation.buffer"):
+                feeds[i.name] = np.full(shape, 0.01 if params == "constant" else 0.0, np.float32)
+            else:
+                feeds[i.name] = (rng.random(shape, dtype=np.float32) - 0.5) * 0.2
+    return feeds
+
+
+def run_lowered(art: Artifacts, model, feeds) -> dict:
+    """Run a training graph once with its accumulators lowered away: {output: value} for the loss,
+    logits, gradients and statistics
+    (InPlaceAccumulatorV2 outputs only a flag, so the raw graph's outputs carry no gradients)."""
+    import onnxruntime as ort
+
+    from ..runtime.session import lower_training_model
+    model, _ = lower_training_model(model, art.info.output_name)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})
+    return dict(zip([o.name for o in sess.get_outputs()], outs))
+
+
 def _validate_in_process(art: Artifacts) -> dict:
     import numpy as np
     import onnxruntime as ort
@@ -109,19 +146,9 @@ def _validate_in_process(art: Artifacts) -> dict:
             sessions[name] = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise AccelcError(f"ORT rejects the {name} model: {ort_message(e)}") from None
-    # One forward+backward on a random batch of 2: constructs that crash
-    # ORT's kernels show up here, in the child, rather than in the user's training run.
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for i in sessions["training"].get_inputs():
-        if i.name == "labels":
-            feeds[i.name] = rng.integers(0, art.info.num_classes, 2).astype(np.int64)
-        elif i.type == "tensor(bool)":
-            feeds[i.name] = np.array([True])
-        elif i.name == art.info.input_name:
-            feeds[i.name] = rng.standard_normal([2, *art.info.input_shape]).astype(np.float32)
-        else:  # parameters and buffers: constant values are enough to exercise every kernel
-            feeds[i.name] = np.full([2 if not isinstance(d, int) else d for d in i.shape], 0.01, np.float32)
+    # One forward+backward on a random batch of 2: constructs that crash ORT's kernels show up
+    # here, in the child, rather than in the user's training run.
+    feeds = random_feeds(sessions["training"], art, np.random.default_rng(0), params="constant")
     try:
         loss = sessions["training"].run(None, feeds)[0]
     except Exception as e:

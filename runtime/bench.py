@@ -27,7 +27,7 @@ def parse_configs(text: str) -> list[str]:
     brackets, e.g. ``ort+skip[policy=suffix;tau=1.5]``."""
     out = []
     for c in [c.strip() for c in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if c.strip()]:
-        if c in ("torch", "ort"):
+        if c in ("torch", "ort", "ort-noopt"):
             out.append(c)
         elif c.startswith("ort+"):
             config_passes(c)
@@ -44,7 +44,7 @@ def parse_configs(text: str) -> list[str]:
 def config_passes(c: str) -> tuple[list[str], dict]:
     """('ort+skip[tau=1.5]') -> (['skip'], {'skip': {'tau': '1.5'}}): options go to every pass that has them."""
     from ..compiler.pass_manager import available, parse_pass_list
-    if c == "ort":
+    if c in ("ort", "ort-noopt"):
         return [], {}
     m = re.fullmatch(r"ort\+([\w+]+)(?:\[([^\]]*)\])?", c)
     if not m:
@@ -103,7 +103,8 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
             continue
         names, opts = config_passes(c)
         d = work / re.sub(r"[^\w.-]+", "_", c).strip("_")
-        compile_model(model_path, d, names, opts, lr=lr, batch_size=batch_size, force=True, info=info)
+        compile_model(model_path, d, names, opts, lr=lr, batch_size=batch_size, force=True, info=info,
+                      opt=c != "ort-noopt")
         art_dirs[c] = d
     if threads:
         torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import onnx
 
-from . import __name__ as _pkg  # noqa: F401
 from .artifacts import Artifacts, generate, model_summary
 from .cost import graph_costs
 from .errors import AccelcError, atomic_dir

@@ -56,3 +56,16 @@ def mixed_model(tmp_path):
     path = tmp_path / "mixed.onnx"
     accelc.export(m, torch.zeros(2, 3, 16, 16), path)
     return m, path
+
+
+def export_test_model(name, path):
+    """Export zoo model ``name`` or, for "mixed", MixedNet (seeded) to ``path``; returns (module, shape)."""
+    import accelc
+    from accelc.compiler.export import zoo_module
+    if name == "mixed":
+        torch.manual_seed(0)
+        m, shape = MixedNet(), (3, 16, 16)
+    else:
+        m, shape = zoo_module(name)
+    accelc.export(m, torch.zeros(2, *shape), path)
+    return m, shape

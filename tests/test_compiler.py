@@ -9,9 +9,7 @@ import onnx
 import pytest
 
 import accelc
-from accelc.compiler.artifacts import ort_generate
 from accelc.compiler.export import export_zoo
-from accelc.compiler.model import load_model
 
 from conftest import run_cli
 

@@ -2,23 +2,16 @@
 import numpy as np
 import onnx
 import pytest
-import torch
 
 import accelc
-from accelc.compiler.export import zoo_module
 from accelc.runtime.session import TrainingSession
 
-from conftest import MixedNet
+from conftest import export_test_model
 
 
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mixed"])
 def test_relu_grad_rewrite_is_exact(name, tmp_path):
-    if name == "mixed":
-        torch.manual_seed(0)
-        m, shape = MixedNet(), (3, 16, 16)
-    else:
-        m, shape = zoo_module(name)
-    accelc.export(m, torch.zeros(2, *shape), tmp_path / "m.onnx")
+    m, shape = export_test_model(name, tmp_path / "m.onnx")
     plain = accelc.compile(tmp_path / "m.onnx", tmp_path / "plain", opt=False)
     rep = accelc.compile(tmp_path / "m.onnx", tmp_path / "opt")
     assert [p["name"] for p in rep["passes"]] == ["opt"] and not plain["passes"]

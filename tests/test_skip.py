@@ -11,12 +11,11 @@ import torch.nn.functional as F
 
 import accelc
 from accelc.compiler.compile import load_artifacts, training_graph
-from accelc.compiler.export import zoo_module
 from accelc.passes.skip import layer_groups, skip_variant
 from accelc.runtime.session import TrainingSession
 from accelc.runtime.skip import LarsSkipController, numpy_lars
 
-from conftest import MixedNet
+from conftest import export_test_model
 
 CASES = {
     "vgg": [["features.0"], ["features.0", "features.3", "features.7"], ["features.10"], ["fc1"]],
@@ -26,12 +25,7 @@ CASES = {
 
 
 def _model(name, tmp_path):
-    if name == "mixed":
-        torch.manual_seed(0)
-        m, shape = MixedNet(), (3, 16, 16)
-    else:
-        m, shape = zoo_module(name)
-    accelc.export(m, torch.zeros(2, *shape), tmp_path / "m.onnx")
+    m, shape = export_test_model(name, tmp_path / "m.onnx")
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art")
     return m, shape
 

@@ -13,6 +13,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 class AccelcError(Exception):
     """An error caused by the user's input; shown as one line, exit code 2."""
 
@@ -55,6 +61,7 @@ def atomic_dir(dest: str | os.PathLike, force: bool = False):
     _remove_stale(parent, dest.name)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
     except OSError as e:
         raise AccelcError(f"cannot write to '{parent}': {e.strerror}") from None
     try:
@@ -104,6 +111,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

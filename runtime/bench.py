@@ -108,12 +108,16 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
         art_dirs[c] = d
     if threads:
         torch.set_num_threads(threads)
+    # torch eager uses the optimizer the artifacts describe (ORT's AdamW defaults without artifacts)
+    from ..compiler.artifacts import optimizer_hyperparameters
+    from ..compiler.compile import load_artifacts
+    hyper = (optimizer_hyperparameters(load_artifacts(next(iter(art_dirs.values())))[0].optimizer) if art_dirs
+             else {"kind": "adamw", "alpha": 0.9, "beta": 0.999, "epsilon": 1e-6, "weight_decay": 0.0,
+                   "adam_mode": 1, "correct_bias": 1})
     results: dict[str, list[dict]] = {c: [] for c in configs}
     for r in range(repeats):
         for c in configs:
             if c == "torch":
-                hyper_src = TrainingSession(next(iter(art_dirs.values()))) if art_dirs else None
-                hyper = hyper_src.hyper if hyper_src else {"kind": "adamw"}
                 module, _ = zoo_module(model, info.input_shape, info.num_classes, seed)
                 engine = TorchSession(module, hyper, lr)
                 ctrls = []
@@ -168,7 +172,6 @@ def summarise(results: dict, target_spec: str, ds, batch_size: int) -> dict:
         for base in ("torch", "ort"):
             if base in rows:
                 r[f"epoch_ratio_vs_{base}"] = r["epoch_seconds"] / rows[base]["epoch_seconds"]
-                tb = rows[base].get("time_to_target") if base != c else r["time_to_target"]
                 r[f"time_to_target_ratio_vs_{base}"] = None
         for base in ("torch", "ort"):
             if base in rows and r["time_to_target"] is not None:

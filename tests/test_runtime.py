@@ -110,3 +110,20 @@ def test_imagefolder(tmp_path):
     ds = load_data(f"imagefolder:{tmp_path}", (1, 16, 16), 10)
     assert ds.num_classes == 2 and ds.x_train.shape[1:] == (1, 16, 16)
     assert len(ds.x_train) + len(ds.x_test) == 10
+
+
+def test_bench_side_by_side(tmp_path):
+    r = run_cli("bench", "--model", "cnn3-small", "--data", "synthetic:256", "--epochs", "2", "--batch-size", "32",
+                "--configs", "torch,ort-noopt,ort,ort+skip[tau=1.5;policy=any]", "-o", tmp_path / "b", "-q")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert list(rep["configs"]) == ["torch", "ort-noopt", "ort", "ort+skip[tau=1.5;policy=any]"]
+    for c, v in rep["configs"].items():
+        assert v["epoch_seconds"] > 0 and 0 <= v["final_test_acc"] <= 1
+    # same initial weights, data order and mathematics: the two ORT variants train identically
+    a, b = rep["configs"]["ort-noopt"]["histories"][0], rep["configs"]["ort"]["histories"][0]
+    assert all(abs(x["train_loss"] - y["train_loss"]) < 1e-5 for x, y in zip(a, b))
+    assert "| torch |" in (tmp_path / "b" / "bench.md").read_text()
+    assert (tmp_path / "b" / "accuracy_vs_time.png").stat().st_size > 1000
+    r = run_cli("bench", "--configs", "torch,tpu", "-o", tmp_path / "c")
+    assert r.returncode == 2 and "tpu" in r.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from .artifacts import Artifacts, generate, model_summary
-from .cost import graph_costs
+from .cost import _numel, graph_costs
 from .errors import AccelcError, atomic_dir
 from .graph import TrainingGraph, infer_shapes
 from .legalize import legalize
@@ -48,13 +48,6 @@ def layer_table(tg: TrainingGraph, costs: dict) -> list[dict]:
             "passes": passes,
         })
     return rows
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n if shape else 0
 
 
 def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_options: dict | None = None,

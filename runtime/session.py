@@ -182,8 +182,6 @@ class TrainingSession:
         for p in self.trainable_all:
             self.params[p].grad = None
         self.artifacts = art
-        self._binding = None
-        self._bound_shape = None
 
     def swap(self, variant: str | Path | Artifacts, name: str | None = None,
              params: dict[str, np.ndarray] | None = None, reset_optimizer_for: list[str] | None = None) -> None:
@@ -239,8 +237,9 @@ class TrainingSession:
             io.bind_output(o, dev, idx, np.float32, tuple(buf.shape), buf.data_ptr())
         return io
 
-    def train_step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[float, np.ndarray]:
-        """One forward+backward on ORT and one optimizer step. Returns (loss, logits)."""
+    def _forward_backward(self, x, y) -> tuple[float, np.ndarray | None]:
+        """Run the training graph once: gradients land in self.grads, BN statistics in their
+        buffers, instrumentation scalars in self.extras. Returns (loss, logits)."""
         xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
         yt = torch.as_tensor(y).to(self.device, torch.int64).contiguous()
         # Inputs are re-bound each step (the data buffer changes); params and grads stay put.
@@ -248,16 +247,21 @@ class TrainingSession:
         if self.device == "cuda":
             torch.cuda.synchronize()
         self.train_sess.run_with_iobinding(io)
-        outs = io.get_outputs()
-        loss = float(outs[0].numpy().reshape(-1)[0]) if self.device == "cpu" else float(np.asarray(io.copy_outputs_to_cpu()[0]).reshape(-1)[0])
-        logits = (outs[1].numpy() if self.device == "cpu" else io.copy_outputs_to_cpu()[1]) if self.desc["logits"] else None
+        outs = [o.numpy() for o in io.get_outputs()] if self.device == "cpu" else io.copy_outputs_to_cpu()
+        loss = float(np.asarray(outs[0]).reshape(-1)[0])
+        logits = outs[1] if self.desc["logits"] else None
         if self.desc["extras"]:
             first = 2 if self.desc["logits"] else 1
-            self.extras = {n: float(outs[first + k].numpy()) for k, n in enumerate(self.desc["extras"])}
+            self.extras = {n: float(outs[first + k]) for k, n in enumerate(self.desc["extras"])}
+        return loss, logits
+
+    def train_step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[float, np.ndarray]:
+        """One forward+backward on ORT and one optimizer step. Returns (loss, logits)."""
+        loss, logits = self._forward_backward(x, y)
         for p in self.trained:
             self.params[p].grad = self.grads[p]
         self.optimizer.step()
-        self._update_bn_stats(xt.shape[0])
+        self._update_bn_stats(len(y))
         self.steps += 1
         return loss, logits
 
@@ -290,12 +294,8 @@ class TrainingSession:
 
     def compute_gradients(self, x, y) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
         """Forward+backward only (no update): loss, gradients, logits. For checks and tests."""
-        xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
-        yt = torch.as_tensor(y).to(self.device, torch.int64).contiguous()
-        io = self._bind(xt, yt)
-        self.train_sess.run_with_iobinding(io)
-        outs = io.copy_outputs_to_cpu()
-        return float(np.asarray(outs[0]).reshape(-1)[0]), self.gradients(), (outs[1] if self.desc["logits"] else None)
+        loss, logits = self._forward_backward(x, y)
+        return loss, self.gradients(), logits
 
     # ------------------------------------------------------------------ state
     def state_arrays(self) -> dict[str, np.ndarray]:

@@ -58,6 +58,7 @@ class Trainer:
         self.wall_time = 0.0
         self.variant: Variant | None = None
         self._resized: dict = {}
+        self._pending_arrays = None
         if resume and self.run_dir and ckpt.exists(self.run_dir):
             self._resume()
         for c in self.controllers:
@@ -67,8 +68,6 @@ class Trainer:
         if resume and self.run_dir and self._pending_arrays is not None:
             self.engine.load_state_arrays(self._pending_arrays)
         self._pending_arrays = None
-
-    _pending_arrays = None
 
     def _resume(self) -> None:
         arrays, meta = ckpt.load(self.run_dir)
@@ -104,7 +103,6 @@ class Trainer:
 
     def run(self) -> dict:
         from tqdm import tqdm
-        steps = self.data.steps_per_epoch(self.batch_size)
         for epoch in range(self.start_epoch, self.epochs):
             steps = self.data.steps_per_epoch(self.batch_size)
             bar = tqdm(total=steps, desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", unit="step",

@@ -108,7 +108,8 @@ class TrainingGraph:
         used = set()
         param_set = set(self.all_params)
         for n in g.nodes:
-            if n.op not in LAYER_OPS or self.is_backward(n):
+            reused = n.domain == "ai.accelc.reuse" and n.op.startswith("ReuseConv_")
+            if (n.op not in LAYER_OPS and not reused) or self.is_backward(n):
                 continue
             slots = (0, 1) if n.op == "MatMul" else (1, 2)
             params = [n.inputs[s].name for s in slots if s < len(n.inputs) and n.inputs[s].name in param_set]
@@ -125,7 +126,7 @@ class TrainingGraph:
             accs = [acc_by_grad[p + GRAD_SUFFIX] for p in params if p + GRAD_SUFFIX in acc_by_grad]
             data_in = n.inputs[1].name if n.op == "MatMul" and n.inputs[0].name in param_set else n.inputs[0].name
             self.layers.append(Layer(
-                name=name, op=n.op, forward=n, backward=bwd, params=params, accumulators=accs,
+                name=name, op="ReuseConv" if reused else n.op, forward=n, backward=bwd, params=params, accumulators=accs,
                 input=data_in, output=n.outputs[0].name,
                 weight_shape=self.shape(params[0]), input_shape=self.shape(data_in),
                 output_shape=self.shape(n.outputs[0].name)))

@@ -114,13 +114,19 @@ class TrainingSession:
     """Owns one model's parameters, optimizer state and the ORT sessions of its current variant."""
 
     def __init__(self, artifacts: str | Path | Artifacts, device: str = "cpu", lr: float | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, reuse_impl: str | None = None):
         if isinstance(artifacts, Artifacts):
             art, report = artifacts, {"options": artifacts.config}
         else:
             art, report = load_artifacts(artifacts)
         self.device = self._check_device(device)
         self.threads = threads
+        # reuse nodes: "native" (accelc's kernels, CPU), "torch" (reference kernels) or "ort" (the
+        # portable standard-op functions inside ORT; the only path on CUDA)
+        self.reuse_impl = reuse_impl or os.environ.get("ACCELC_REUSE_IMPL") or (
+            "ort" if self.device == "cuda" else "native")
+        if self.reuse_impl not in ("native", "torch", "ort"):
+            raise AccelcError(f"reuse implementation must be native, torch or ort, got '{self.reuse_impl}'")
         self.info = art.info
         self.config = dict(report.get("options", {}))
         self.lr = float(lr if lr is not None else self.config.get("lr", 1e-3))
@@ -165,10 +171,23 @@ class TrainingSession:
                     raise AccelcError(f"variant expects '{i.name}' of shape {want}, session holds "
                                       f"{tuple(self.params[i.name].shape)}; use swap(..., params=...)")
         so = session_options(self.threads)
-        self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())
+        from .executor import SegmentedRunner, has_reuse
+        self.runner = None
+        if has_reuse(lowered) and self.reuse_impl != "ort":
+            impl = self.reuse_impl
+            if impl == "native":
+                from . import reuse_native
+                if not reuse_native.available():
+                    import warnings
+                    warnings.warn(f"native reuse kernels unavailable ({reuse_native._error}); using torch kernels")
+                    impl = "torch"
+            self.runner = SegmentedRunner(lowered, so, self._providers(), impl=impl)
+            self.train_sess = None
+        else:
+            self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())
         self.eval_sess = ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
         self.desc = desc
-        self.train_inputs = [i.name for i in self.train_sess.get_inputs()]
+        self.train_inputs = [i.name for i in lowered.graph.input]
         self.eval_inputs = [i.name for i in self.eval_sess.get_inputs()]
         self.eval_outputs = [o.name for o in self.eval_sess.get_outputs()]
         self.trained = [p for p in self.trainable_all if p in desc["grads"]]
@@ -242,6 +261,8 @@ class TrainingSession:
         buffers, instrumentation scalars in self.extras. Returns (loss, logits)."""
         xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
         yt = torch.as_tensor(y).to(self.device, torch.int64).contiguous()
+        if self.runner is not None:
+            return self._forward_backward_segmented(xt, yt)
         # Inputs are re-bound each step (the data buffer changes); params and grads stay put.
         io = self._bind(xt, yt)
         if self.device == "cuda":
@@ -253,6 +274,18 @@ class TrainingSession:
         if self.desc["extras"]:
             first = 2 if self.desc["logits"] else 1
             self.extras = {n: float(outs[first + k]) for k, n in enumerate(self.desc["extras"])}
+        return loss, logits
+
+    def _forward_backward_segmented(self, xt, yt):
+        feeds = {self.info.input_name: xt, "labels": yt}
+        feeds.update({n: self.params[n] for n in self.train_inputs if n in self.params})
+        bound = {out: self.grads[p] for p, out in self.desc["grads"].items() if p in self.grads}
+        bound.update(self.bn_buf)
+        bound.update(self.bn_inv_std)
+        outs = self.runner.run(feeds, bound)
+        loss = float(outs[self.desc["loss"]].reshape(-1)[0])
+        logits = outs[self.desc["logits"]].numpy() if self.desc["logits"] else None
+        self.extras = {n: float(outs[n].reshape(-1)[0]) for n in self.desc["extras"]}
         return loss, logits
 
     def train_step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[float, np.ndarray]:

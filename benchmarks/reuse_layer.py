@@ -1,0 +1,129 @@
+"""Layer micro-benchmark of adaptive deep reuse against ORT's Conv + ConvGrad (issue 5).
+
+One 64→128, 3×3, pad 1 convolution on 64×32×32 activations from real images: Fashion-MNIST
+pictures (resized to 32×32) through a seeded 1→64 3×3 conv, batch-normalised, ReLU. Times are
+medians of ``--repeats`` runs, all in this one process on this machine:
+
+* ORT: the layer's Conv and ORT Training's ConvGrad (dX, dW, dB) in one InferenceSession;
+* torch (oneDNN) conv forward + convolution_backward, for reference;
+* reuse (accelc native kernels): hash + cluster + forward, then backward with the exact input
+  gradient (default) and with the per-cluster one, at remain ratios near 0.05, 0.1 and 0.3.
+
+Output error = ‖Y_reuse − Y‖/‖Y‖, weight-gradient error = ‖dW_reuse − dW‖/‖dW‖.
+
+    python benchmarks/reuse_layer.py [--batch 64] [--repeats 5] [-o docs/reuse_layer.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from accelc.runtime import reuse_native as rn
+from accelc.runtime.data import fashion_mnist, resize
+from accelc.runtime.reuse_kernels import ConvGeom, ReuseSpec, make_planes, reuse_backward, reuse_forward
+
+SETTINGS = [(144, 6), (144, 8), (144, 16)]  # (L, H) giving remain ratios near 0.05, 0.1, 0.3 here
+
+
+def activations(n: int) -> torch.Tensor:
+    xtr = fashion_mnist()[0][:n]
+    img = torch.from_numpy(np.ascontiguousarray(resize(xtr, (32, 32)), dtype=np.float32))
+    img = (img - img.mean()) / img.std()
+    g = torch.Generator().manual_seed(0)
+    w1 = torch.randn(64, 1, 3, 3, generator=g) * (2 / 9) ** 0.5
+    a = torch.nn.functional.conv2d(img, w1, padding=1)
+    a = (a - a.mean((0, 2, 3), keepdim=True)) / a.std((0, 2, 3), keepdim=True)
+    return torch.relu(a).contiguous()
+
+
+def median_ms(fn, repeats):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3)
+
+
+def ort_session(threads):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    attrs = dict(pads=[1, 1, 1, 1], kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1])
+    g = h.make_graph(
+        [h.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs),
+         h.make_node("ConvGrad", ["dY", "X", "W"], ["dX", "dW", "dB"], domain="com.microsoft", group=1, **attrs)],
+        "conv_layer", [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("X", "W", "B", "dY")],
+        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("Y", "dX", "dW", "dB")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    del onnx
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("-o", "--output", default=None, help="write the results as JSON here")
+    a = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    x = activations(a.batch)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(128, 64, 3, 3, generator=g) * (2 / 576) ** 0.5
+    b = torch.zeros(128)
+    geom = ConvGeom(64, 128, 3, 3, (1, 1), (1, 1, 1, 1))
+    y_ref = torch.nn.functional.conv2d(x, w, b, padding=1)
+    dy = torch.randn(y_ref.shape, generator=g) / y_ref.numel() ** 0.5
+    _, dw_ref, _ = torch.ops.aten.convolution_backward(dy, x, w, [128], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                       [True, True, True])
+    feeds = {"X": x.numpy(), "W": w.numpy(), "B": b.numpy(), "dY": dy.numpy()}
+    sess = ort_session(threads)
+    res = {"machine": f"{platform.processor() or platform.machine()}, {threads} threads",
+           "batch": a.batch, "layer": "64->128 3x3 pad 1 on 64x32x32", "repeats": a.repeats,
+           "native_kernels": rn.available()}
+    res["ort_ms"] = median_ms(lambda: sess.run(["Y", "dX", "dW", "dB"], feeds), a.repeats)
+    res["torch_ms"] = median_ms(lambda: torch.ops.aten.convolution_backward(
+        dy, x, w, [128], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True])
+        if torch.nn.functional.conv2d(x, w, b, padding=1) is not None else None, a.repeats)
+    rows = []
+    for L, H in SETTINGS:
+        for ig in ("exact", "cluster"):
+            spec = ReuseSpec(L, H, "image", ig)
+            planes = torch.from_numpy(make_planes(spec.chunks(geom.K), L, H, seed=0))
+            y, ctx = reuse_forward(x, w, b, planes, geom, spec)
+            _, dw, _ = reuse_backward(dy, x, w, ctx, geom, spec)
+
+            def step():
+                yy, cc = reuse_forward(x, w, b, planes, geom, spec)
+                reuse_backward(dy, x, w, cc, geom, spec)
+            fwd = median_ms(lambda: reuse_forward(x, w, b, planes, geom, spec), a.repeats)
+            total = median_ms(step, a.repeats)
+            rows.append({"L": L, "H": H, "input_grad": ig, "remain_ratio": ctx.remain_ratio,
+                         "output_error": float((y - y_ref).norm() / y_ref.norm()),
+                         "dW_error": float((dw - dw_ref).norm() / dw_ref.norm()),
+                         "forward_ms": fwd, "fwd_bwd_ms": total, "speedup_vs_ort": res["ort_ms"] / total,
+                         "speedup_vs_torch": res["torch_ms"] / total})
+            print(f"L={L:4d} H={H:2d} dX={ig:7s} remain={ctx.remain_ratio:.3f} out_err={rows[-1]['output_error']:.3f} "
+                  f"dW_err={rows[-1]['dW_error']:.3f} fwd={fwd:6.1f} ms fwd+bwd={total:6.1f} ms "
+                  f"vs ORT {res['ort_ms']:.1f} ms: {rows[-1]['speedup_vs_ort']:.2f}x", flush=True)
+    res["reuse"] = rows
+    print(f"ORT Conv+ConvGrad {res['ort_ms']:.1f} ms, torch conv fwd+bwd {res['torch_ms']:.1f} ms")
+    if a.output:
+        from accelc.compiler.errors import atomic_write_text
+        atomic_write_text(a.output, json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()

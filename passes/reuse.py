@@ -1,0 +1,283 @@
+"""Pass ``reuse``: adaptive deep reuse — LSH-clustered rows in a conv's forward and backward.
+
+Paper: Ning, Guan, Shen, "Adaptive Deep Reuse: Accelerating CNN Training on the Fly", ICDE 2019
+(reported: 63–69% less training time without accuracy loss). The rows of a layer's unfolded
+input are cut into sub-vectors of length L and hashed with H random hyperplanes; rows with one
+hash ID share one centroid, so the layer's GEMM runs on centroids only, forward and backward.
+
+What the pass does to the training graph, for each chosen conv (group 1, 2-D):
+
+* the forward ``Conv`` becomes one node ``ai.accelc.reuse::ReuseConv_<layer>`` (inputs X, W, B,
+  the layer's hyperplanes; outputs Y and the cluster assignment handed to the backward);
+* ORT's ``ConvGrad`` becomes ``ReuseConvGrad_<layer>`` (dY, X, W, assignment → dX, dW, dB):
+  dW from centroids and per-cluster sums of dY, dB exact, dX exact (default) or per cluster;
+* both are ONNX local functions made of standard ops (:mod:`accelc.passes.reuse_onnx`): plain
+  ORT runs them (the portable reference path) and Netron shows one node per layer, with the pass's
+  metadata. accelc's runtime runs them with fused native kernels instead
+  (:mod:`accelc.runtime.executor`);
+* the hyperplanes are fixed per layer (seeded from ``seed`` and the layer name) and saved as an
+  initializer ``accelc.reuse.<layer>.planes`` [G, L, H];
+* the eval model is not changed: evaluation uses the exact convolution.
+
+The unrewritten training graph is kept as ``training_model.noreuse.onnx`` so the runtime
+controller can build other settings (L, H) or switch reuse off; ``plan.json`` names the strategy.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..compiler.artifacts import Artifacts
+from ..compiler.errors import AccelcError
+from ..compiler.pass_manager import Option, Pass, PassResult, register
+from ..runtime.reuse_kernels import ConvGeom, ReuseSpec, make_planes
+
+DOMAIN = "ai.accelc.reuse"
+NOREUSE_FILE = "training_model.noreuse.onnx"
+CONFIG_KEY = "accelc.reuse.config"
+STRATEGIES = ("fixed", "lh", "off")
+
+
+def _choice(values):
+    def parse(text):
+        if text not in values:
+            raise ValueError(f"choose from {', '.join(values)}")
+        return text
+    return parse
+
+
+def _pos_int(text):
+    v = int(text)
+    if v < 1:
+        raise ValueError("must be >= 1")
+    return v
+
+
+def _hbits(text):
+    v = int(text)
+    if not 1 <= v <= 20:
+        raise ValueError("must be in 1..20")
+    return v
+
+
+def _layers(text):
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    return None if text in (None, "", "auto") else [s.strip() for s in str(text).split(",") if s.strip()]
+
+
+def _schedule(text):
+    if isinstance(text, (list, tuple)):
+        return [tuple(int(v) for v in s) for s in text]
+    out = []
+    for part in str(text).split(","):
+        a, _, b = part.strip().partition(":")
+        if not b:
+            raise ValueError("write L:H pairs, e.g. 288:6,144:8,72:10")
+        out.append((_pos_int(a), _hbits(b)))
+    return out
+
+
+def _fraction(text):
+    v = float(text)
+    if not 0 <= v < 1:
+        raise ValueError("must be in [0, 1)")
+    return v
+
+
+def layer_seed(seed: int, layer: str) -> int:
+    return (int(seed) * 1000003 + zlib.crc32(layer.encode())) % (2 ** 31)
+
+
+def conv_geom(node: onnx.NodeProto, wshape: tuple) -> ConvGeom:
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    if int(a.get("group", 1)) != 1:
+        raise AccelcError(f"reuse: conv '{node.name}' is grouped (group={a['group']}); only group-1 convs are reused")
+    auto = a.get("auto_pad", b"NOTSET")
+    if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", ""):
+        raise AccelcError(f"reuse: conv '{node.name}' uses auto_pad; export with explicit pads")
+    if len(wshape) != 4:
+        raise AccelcError(f"reuse: conv '{node.name}' is not 2-D")
+    pads = tuple(a.get("pads", [0, 0, 0, 0]))
+    return ConvGeom(C=wshape[1], Co=wshape[0], kh=wshape[2], kw=wshape[3], stride=tuple(a.get("strides", [1, 1])),
+                    pads=(pads[0], pads[1], pads[2], pads[3]), dilation=tuple(a.get("dilations", [1, 1])))
+
+
+def candidate_layers(tg) -> list:
+    """Layers the pass can reuse: group-1 2-D convs with at least 8 input channels (the input
+    layer, with 1–3 channels, has K = 9–27: nothing to cluster)."""
+    out = []
+    for layer in tg.layers:
+        if layer.op != "Conv" or len(layer.weight_shape) != 4:
+            continue
+        a = {x.name: x for x in layer.forward.attrs.items()} if False else layer.forward.attrs
+        if int(a.get("group", 1)) != 1 or layer.weight_shape[1] < 8:
+            continue
+        if not any(b.op == "ConvGrad" for b in layer.backward):
+            continue
+        out.append(layer)
+    return out
+
+
+def layer_settings(tg, layers, L: int, H: int, scope: str, input_grad: str, seed: int) -> dict:
+    """Per-layer reuse settings (L clipped to the layer's K)."""
+    cands = {layer.name: layer for layer in candidate_layers(tg)}
+    names = list(cands) if layers is None else layers
+    out = {}
+    for name in names:
+        if name not in cands:
+            raise AccelcError(f"reuse: '{name}' is not a reusable layer; candidates: {', '.join(cands) or 'none'}")
+        layer = cands[name]
+        K = int(np.prod(layer.weight_shape[1:]))
+        out[name] = {"L": int(min(L, K)), "H": int(H), "scope": scope, "input_grad": input_grad,
+                     "seed": layer_seed(seed, name)}
+    return out
+
+
+def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx.ModelProto, list]:
+    """Rewrite ``training`` (a graph without reuse) so that the layers in ``settings`` are reused.
+
+    ``settings``: layer -> {"L", "H", "scope", "input_grad", "seed"}; layers absent stay exact."""
+    from ..compiler.graph import TrainingGraph
+    from .reuse_onnx import build_reuse_functions
+    tg = TrainingGraph(training, shapes)
+    by_layer = {layer.name: layer for layer in tg.layers}
+    m = onnx.ModelProto()
+    m.CopyFrom(training)
+    nodes = {n.name: n for n in m.graph.node}
+    inits = {t.name for t in m.graph.initializer}
+    changes = []
+    for name, s in settings.items():
+        layer = by_layer.get(name)
+        if layer is None:
+            raise AccelcError(f"reuse: no layer '{name}' in the training graph")
+        grads = [b for b in layer.backward if b.op == "ConvGrad"]
+        if layer.op != "Conv" or not grads:
+            raise AccelcError(f"reuse: layer '{name}' is not a conv with a ConvGrad")
+        fwd, bwd = nodes[layer.forward.name], nodes[grads[0].name]
+        geom = conv_geom(fwd, tuple(layer.weight_shape))
+        in_hw = tuple(layer.input_shape[2:4])
+        if len(in_hw) != 2:
+            raise AccelcError(f"reuse: the input shape of '{name}' is unknown")
+        spec = ReuseSpec(int(s["L"]), int(s["H"]), s["scope"], s["input_grad"])
+        G = spec.chunks(geom.K)
+        f_fwd, f_bwd = build_reuse_functions(name, geom, spec, in_hw, domain=DOMAIN)
+        safe = "".join(ch if ch.isalnum() else "_" for ch in name)
+        planes_name = f"accelc.reuse.{name}.planes"
+        planes = make_planes(G, spec.L, spec.H, int(s["seed"]))
+        if planes_name not in inits:
+            m.graph.initializer.append(numpy_helper.from_array(planes, planes_name))
+            inits.add(planes_name)
+        bias = fwd.input[2] if len(fwd.input) > 2 and fwd.input[2] else ""
+        if not bias:
+            bias = f"accelc.reuse.{name}.zero_bias"
+            if bias not in inits:
+                m.graph.initializer.append(numpy_helper.from_array(np.zeros(geom.Co, np.float32), bias))
+                inits.add(bias)
+        aux = [f"accelc.reuse.{safe}.{k}" for k in ("ids", "centroids", "counts")]
+        config = {"layer": name, "L": spec.L, "H": spec.H, "scope": spec.scope, "input_grad": spec.input_grad,
+                  "seed": int(s["seed"]), "G": G, "geom": {"C": geom.C, "Co": geom.Co, "kh": geom.kh, "kw": geom.kw,
+                                                           "stride": list(geom.stride), "pads": list(geom.pads),
+                                                           "dilation": list(geom.dilation)},
+                  "in_hw": list(in_hw)}
+        note = (f"adaptive deep reuse: rows cut into {G} chunks of L={spec.L}, hashed by H={spec.H} hyperplanes "
+                f"(scope {spec.scope}); GEMM on centroids")
+        new_f = helper.make_node(f_fwd.name, [fwd.input[0], fwd.input[1], bias, planes_name],
+                                 [fwd.output[0]] + aux, name=fwd.name, domain=DOMAIN)
+        outs = list(bwd.output) + [""] * (3 - len(bwd.output))
+        outs = [o if o else f"accelc.reuse.{safe}.unused_{i}" for i, o in enumerate(outs)]
+        new_b = helper.make_node(f_bwd.name, [bwd.input[0], fwd.input[0], fwd.input[1]] + aux, outs,
+                                 name=bwd.name, domain=DOMAIN, doc_string="Backward pass")
+        for nd, extra in ((new_f, note), (new_b, f"reuse backward: dW from centroids, dB exact, dX {spec.input_grad}")):
+            for k, v in (("accelc.pass", "reuse"), ("accelc.layer", name), ("accelc.note", extra),
+                         (CONFIG_KEY, json.dumps(config))):
+                nd.metadata_props.add(key=k, value=v)
+        for old, new in ((fwd, new_f), (bwd, new_b)):
+            old.CopyFrom(new)
+        m.functions.extend([f_fwd, f_bwd])
+        changes.append({"layer": name, "action": "reused", "L": spec.L, "H": spec.H, "chunks": G,
+                        "scope": spec.scope, "input_grad": spec.input_grad,
+                        "nodes": [fwd.name, bwd.name], "functions": [f_fwd.name, f_bwd.name]})
+    if settings and not any(o.domain == DOMAIN for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return m, changes
+
+
+def reused_layers(model: onnx.ModelProto) -> dict:
+    """layer -> config of every reused layer in a training graph (from the nodes' metadata)."""
+    out = {}
+    for n in model.graph.node:
+        if n.domain == DOMAIN and n.op_type.startswith("ReuseConv_"):
+            cfg = {p.key: p.value for p in n.metadata_props}.get(CONFIG_KEY)
+            if cfg:
+                c = json.loads(cfg)
+                out[c["layer"]] = c
+    return out
+
+
+def noreuse_training(art: Artifacts) -> onnx.ModelProto:
+    data = art.extra_files.get(NOREUSE_FILE)
+    if data is None:
+        raise AccelcError("these artifacts carry no training_model.noreuse.onnx (compile with --passes reuse)")
+    return onnx.load_from_string(data)
+
+
+def reuse_variant(base: Artifacts, settings: dict) -> Artifacts:
+    """``base`` (compiled with reuse) with other reuse settings; ``{}`` switches reuse off."""
+    from ..compiler.compile import training_graph
+    art = base.copy()
+    plain = noreuse_training(base)
+    shapes = training_graph(art).shapes
+    art.training, _ = apply(plain, shapes, settings)
+    return art
+
+
+@register
+class ReusePass(Pass):
+    name = "reuse"
+    summary = "adaptive deep reuse: LSH-clustered rows, the conv GEMMs run on centroids (forward and backward)"
+    paper = "Ning, Guan, Shen: Adaptive Deep Reuse, ICDE 2019"
+    options = {
+        "layers": Option(None, "convs to reuse (names as `accelc inspect` prints); default: every group-1 conv "
+                               "with >= 8 input channels", _layers, flag="--reuse-layers"),
+        "L": Option(144, "sub-vector length L (clipped to the layer's K = C·kh·kw; a multiple of kh·kw lets the "
+                         "hash run as one grouped conv)", _pos_int, flag="--reuse-L"),
+        "H": Option(8, "hyperplanes per sub-vector (cluster IDs have H bits; 1..20)", _hbits, flag="--reuse-H"),
+        "scope": Option("image", "clustering scope: image (rows of one image) or batch", _choice(("image", "batch")),
+                        flag="--reuse-scope"),
+        "input_grad": Option("exact", "input gradient: exact (the conv's own) or cluster ((Gs/count)·Wᵀ to the "
+                                      "members)", _choice(("exact", "cluster")), flag="--reuse-input-grad"),
+        "seed": Option(0, "seed of the hyperplanes", int, flag="--reuse-seed"),
+        "strategy": Option("fixed", "runtime strategy: fixed (L, H throughout), lh (L, H stepped coarse to fine "
+                                    "along --reuse-schedule at each loss plateau), off (reuse on, then off at a "
+                                    "plateau)", _choice(STRATEGIES), flag="--reuse-strategy"),
+        "schedule": Option("288:6,144:8,72:10", "lh strategy: the L:H settings, coarse to fine", _schedule,
+                           flag="--reuse-schedule"),
+        "plateau": Option(0.05, "a plateau: the epoch's training loss fell by less than this fraction", _fraction,
+                          flag="--reuse-plateau"),
+        "min_epochs": Option(1, "epochs at least between two switches", _pos_int, flag="--reuse-min-epochs"),
+    }
+
+    def run(self, art: Artifacts, options: dict) -> PassResult:
+        from ..compiler.compile import training_graph
+        out = art.copy()
+        tg = training_graph(out)
+        L, H = options["L"], options["H"]
+        if options["strategy"] == "lh":
+            L, H = options["schedule"][0]
+        settings = layer_settings(tg, options["layers"], L, H, options["scope"], options["input_grad"],
+                                  options["seed"])
+        if not settings:
+            return PassResult(out, False, [{"action": "none", "why": "no reusable conv (group 1, >= 8 input channels)"}])
+        out.extra_files[NOREUSE_FILE] = out.training.SerializeToString()
+        out.training, changes = apply(art.training, tg.shapes, settings)
+        out.plan = [p for p in out.plan if p.get("type") != "reuse"] + [{
+            "type": "reuse", "strategy": options["strategy"], "layers": list(settings),
+            "L": L, "H": H, "scope": options["scope"], "input_grad": options["input_grad"], "seed": options["seed"],
+            "schedule": [list(s) for s in options["schedule"]], "plateau": options["plateau"],
+            "min_epochs": options["min_epochs"]}]
+        return PassResult(out, True, changes)

@@ -1,0 +1,224 @@
+"""The native reuse path: C kernels (``_reuse.c``) for the gather/scatter work, torch for GEMMs.
+
+The C file is compiled at first use with the system C compiler (``cc -O3 -march=native
+-fopenmp``) into ``$ACCELC_CACHE`` (default ``~/.cache/accelc``), keyed by the source hash and
+the machine, written to a temporary name and renamed (several processes may race). Tensors are
+passed by pointer (zero copy). :func:`available` says whether the build worked; callers fall
+back to the torch reference otherwise.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .reuse_kernels import ConvGeom, ReuseContext, ReuseSpec, _weight_chunks, exact_input_grad
+
+_SRC = Path(__file__).with_name("_reuse.c")
+_lib = None
+_error: str | None = None
+
+
+class _Geom(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in
+                ("N", "C", "Hin", "Win", "kh", "kw", "sh", "sw", "pt", "pl", "dh", "dw", "Ho", "Wo", "L", "G")]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ACCELC_CACHE") or Path.home() / ".cache" / "accelc")
+
+
+def _build() -> Path:
+    src = _SRC.read_bytes()
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln for ln in fh if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    key = hashlib.sha256(src + platform.machine().encode() + cpu.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"reuse-{key}.so"
+    if out.exists():
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc) found; install gcc for the fast reuse kernels")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(_SRC)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"building the reuse kernels failed: {r.stderr.strip().splitlines()[-1:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def lib():
+    global _lib, _error
+    if _lib is None and _error is None:
+        try:
+            so = ctypes.CDLL(str(_build()))
+            P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+            so.reuse_compact.argtypes = [P, I, I, I, I, I, P, P, I]
+            so.reuse_compact.restype = I
+            so.reuse_hash.argtypes = [P, P, P, ctypes.POINTER(_Geom), I, I, P, I]
+            so.reuse_sums.argtypes = [P, P, ctypes.POINTER(_Geom), I, P, P, I]
+            so.reuse_scatter_dx.argtypes = [P, P, ctypes.POINTER(_Geom), P, I]
+            so.reuse_gather_out.argtypes = [P, P, P, I, I, I, I, P, I]
+            so.reuse_grad_sums.argtypes = [P, P, I, I, I, I, I, P, I]
+            del I64
+            _lib = so
+        except (OSError, RuntimeError) as e:
+            _error = str(e)
+    if _lib is None:
+        raise RuntimeError(_error)
+    return _lib
+
+
+def available() -> bool:
+    try:
+        lib()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _geom(geom: ConvGeom, spec: ReuseSpec, xp: torch.Tensor, out_hw) -> _Geom:
+    """Geometry for the kernels, which take the zero-padded input (so pads are 0 here)."""
+    n, c, h, w = xp.shape
+    return _Geom(n, c, h, w, geom.kh, geom.kw, geom.stride[0], geom.stride[1], 0, 0,
+                 geom.dilation[0], geom.dilation[1], out_hw[0], out_hw[1], spec.L, spec.chunks(geom.K))
+
+
+def _padded(x: torch.Tensor, geom: ConvGeom) -> torch.Tensor:
+    pt, pl, pb, pr = geom.pads
+    if not any(geom.pads):
+        return x.contiguous()
+    return torch.nn.functional.pad(x, (pl, pr, pt, pb)).contiguous()
+
+
+def hash_buckets(x: torch.Tensor, planes: torch.Tensor, geom: ConvGeom, spec: ReuseSpec,
+                 mu: torch.Tensor | None = None, xp: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as reuse_kernels.hash_buckets, computed by one fused C pass over the input."""
+    n, _, h, w = x.shape
+    ho, wo = geom.out_hw(h, w)
+    G = spec.chunks(geom.K)
+    xp = _padded(x, geom) if xp is None else xp
+    mu = x.mean(dim=(0, 2, 3)) if mu is None else mu
+    mu_k = torch.zeros(G * spec.L)
+    mu_k[: geom.K] = mu.repeat_interleave(geom.kh * geom.kw)
+    hs = -(-spec.H // 8) * 8
+    pl = torch.zeros(G, spec.L, hs)
+    pl[:, :, : spec.H] = planes
+    out = torch.empty(n, G, ho * wo, dtype=torch.int32)
+    lib().reuse_hash(_ptr(xp), _ptr(pl), _ptr(mu_k), ctypes.byref(_geom(geom, spec, xp, (ho, wo))), spec.H, hs,
+                     _ptr(out), _threads())
+    return out
+
+
+def _ptr(t: torch.Tensor) -> int:
+    assert t.is_contiguous() and t.device.type == "cpu"
+    return t.data_ptr()
+
+
+def compact(buckets: torch.Tensor, spec: ReuseSpec) -> tuple[torch.Tensor, list]:
+    n, G, p = buckets.shape
+    buckets = buckets.contiguous()
+    ids = torch.empty_like(buckets)
+    ncl = torch.empty(G, dtype=torch.int64)
+    if lib().reuse_compact(_ptr(buckets), n, G, p, spec.H, int(spec.scope == "image"), _ptr(ids), _ptr(ncl),
+                           _threads()) != 0:
+        raise MemoryError("reuse_compact: out of memory")
+    offsets = [0]
+    for c in ncl.tolist():
+        offsets.append(offsets[-1] + int(c))
+    ids += torch.tensor(offsets[:-1], dtype=torch.int32).view(1, G, 1)
+    return ids, offsets
+
+
+def forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, buckets=None):
+    """Hash, cluster and compute the reused conv. Returns (y, ReuseContext)."""
+    xp = _padded(x, geom)
+    if buckets is None:
+        if spec.L % (geom.kh * geom.kw) == 0:  # chunks are whole channels: one grouped conv (oneDNN)
+            from .reuse_kernels import hash_buckets as conv_hash
+            buckets = conv_hash(x, planes, geom, spec)
+        else:
+            buckets = hash_buckets(x, planes, geom, spec, xp=xp)
+    ids, offsets = compact(buckets, spec)
+    return forward_with_ids(x, w, b, ids, offsets, geom, spec, xp=xp)
+
+
+def forward_with_ids(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec, xp=None):
+    x = x.contiguous()
+    n, _, h, wd = x.shape
+    ho, wo = geom.out_hw(h, wd)
+    G = spec.chunks(geom.K)
+    T = offsets[-1]
+    xp = _padded(x, geom) if xp is None else xp
+    q = _geom(geom, spec, xp, (ho, wo))
+    sums = torch.zeros(T, spec.L)
+    counts = torch.zeros(T)
+    ids = ids.contiguous()
+    lib().reuse_sums(_ptr(xp), _ptr(ids), ctypes.byref(q), int(spec.scope == "image"), _ptr(sums), _ptr(counts),
+                     _threads())
+    centroids = sums.div_(counts.clamp_min(1).unsqueeze(1))
+    wg = _weight_chunks(w, G, spec.L)
+    co = w.shape[0]
+    pm = torch.empty(T, co)
+    for g in range(G):
+        torch.mm(centroids[offsets[g]:offsets[g + 1]], wg[g], out=pm[offsets[g]:offsets[g + 1]])
+    y = torch.empty(n, co, ho, wo)
+    bias = b.contiguous() if b is not None else None
+    lib().reuse_gather_out(_ptr(pm), _ptr(ids), _ptr(bias) if bias is not None else None, n, G, ho * wo, co,
+                           _ptr(y), _threads())
+    return y, ReuseContext(ids, list(offsets), centroids, counts, (h, wd), (ho, wo))
+
+
+def backward(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec, need_dx: bool = True,
+             need_dw: bool = True):
+    dy = dy.contiguous()
+    n, co, ho, wo = dy.shape
+    G = spec.chunks(geom.K)
+    T = ctx.offsets[-1]
+    off = ctx.offsets
+    db = dy.sum(dim=(0, 2, 3))
+    if not need_dw and (spec.input_grad == "exact" or not need_dx):
+        return (exact_input_grad(dy, x, w, geom) if need_dx else None), None, db
+    gs = torch.zeros(T, co)
+    lib().reuse_grad_sums(_ptr(dy), _ptr(ctx.ids), n, G, ho * wo, co, int(spec.scope == "image"), _ptr(gs),
+                          _threads())
+    dwg = torch.empty(G, spec.L, co)
+    for g in range(G):
+        torch.mm(ctx.centroids[off[g]:off[g + 1]].t(), gs[off[g]:off[g + 1]], out=dwg[g])
+    dw = dwg.reshape(G * spec.L, co)[: geom.K].t().reshape(w.shape).contiguous()
+    if not need_dx:
+        dx = None
+    elif spec.input_grad == "exact":
+        dx = exact_input_grad(dy, x, w, geom)
+    else:
+        wg = _weight_chunks(w, G, spec.L)
+        d = gs.div_(ctx.counts.clamp_min(1).unsqueeze(1))
+        dc = torch.empty(T, spec.L)
+        for g in range(G):
+            torch.mm(d[off[g]:off[g + 1]], wg[g].t(), out=dc[off[g]:off[g + 1]])
+        pt, pl, pb, pr = geom.pads
+        h, wd = ctx.hw
+        dxp = torch.zeros(n, x.shape[1], h + pt + pb, wd + pl + pr)
+        q = _geom(geom, spec, dxp, (ho, wo))
+        lib().reuse_scatter_dx(_ptr(dc), _ptr(ctx.ids), ctypes.byref(q), _ptr(dxp), _threads())
+        dx = dxp[:, :, pt:pt + h, pl:pl + wd].contiguous() if any(geom.pads) else dxp
+    return dx, dw, db

@@ -61,6 +61,9 @@ class SegmentedRunner:
 
     def __init__(self, model: onnx.ModelProto, session_options, providers, impl: str = "native"):
         import onnxruntime as ort
+        # ORT's intra-op threads spin after each run by default; with native kernels running between
+        # segments that spinning steals the cores they need.
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         g = model.graph
         inits = {t.name: t for t in g.initializer}
         planes = {n: torch.from_numpy(numpy_helper.to_array(t).copy()) for n, t in inits.items()

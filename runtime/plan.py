@@ -11,6 +11,7 @@ from ..compiler.errors import AccelcError
 
 def controllers_for(artifact_dir, session) -> list:
     from .rescale import RescaleController
+    from .reuse import ReuseController
     from .skip import LarsSkipController
     out = []
     for spec in session.artifacts.plan:
@@ -18,6 +19,8 @@ def controllers_for(artifact_dir, session) -> list:
         opts = {k: v for k, v in spec.items() if k != "type"}
         if kind == "skip":
             out.append(LarsSkipController(session.artifacts, opts))
+        elif kind == "reuse":
+            out.append(ReuseController(session.artifacts, spec))
         elif kind == "rescale":
             out.append(RescaleController(session.artifacts, spec))
         else:

@@ -67,7 +67,7 @@ def lib():
     if _lib is None and _error is None:
         try:
             so = ctypes.CDLL(str(_build()))
-            P, I, I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+            P, I = ctypes.c_void_p, ctypes.c_int
             so.reuse_compact.argtypes = [P, I, I, I, I, I, P, P, I]
             so.reuse_compact.restype = I
             so.reuse_hash.argtypes = [P, P, P, ctypes.POINTER(_Geom), I, I, P, I]
@@ -75,7 +75,6 @@ def lib():
             so.reuse_scatter_dx.argtypes = [P, P, ctypes.POINTER(_Geom), P, I]
             so.reuse_gather_out.argtypes = [P, P, P, I, I, I, I, P, I]
             so.reuse_grad_sums.argtypes = [P, P, I, I, I, I, I, P, I]
-            del I64
             _lib = so
         except (OSError, RuntimeError) as e:
             _error = str(e)

@@ -1,0 +1,203 @@
+"""Runtime controller of adaptive deep reuse: the paper's three strategies, and the reuse report.
+
+Strategies (``plan.json`` → ``"type": "reuse"``, ``"strategy"``):
+
+* ``fixed`` (a): one (L, H) for the whole run;
+* ``lh`` (b): start at the first ``schedule`` setting (coarse: long sub-vectors, few hyperplanes)
+  and step to the next, finer one whenever the training loss plateaus;
+* ``off`` (c): reuse on, then off (the exact ORT Conv/ConvGrad graph) at the first plateau.
+
+A plateau: the epoch's mean training loss fell by less than ``plateau`` (a fraction) against the
+previous epoch, at least ``min_epochs`` epochs after the last switch. Every switch is logged
+with its reason.
+
+Report, per layer and per epoch: the mean remain ratio (clusters / rows), the multiply-adds of the
+layer (forward + weight gradient + input gradient) with reuse against the exact conv, the
+measured milliseconds per step of the reused layer (the native nodes, forward and backward), and
+the measured milliseconds of ORT's own Conv + ConvGrad for the same layer shape (timed once, on
+the first epoch's end, in a side session).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .controllers import Controller, Variant
+
+
+def layer_macs(cfg: dict, batch: int, remain: float | None) -> dict:
+    """Multiply-adds per step of one conv layer, exact (remain None) or reused at ``remain``."""
+    g = cfg["geom"]
+    h, w = cfg["in_hw"]
+    pt, pl, pb, pr = g["pads"]
+    ho = (h + pt + pb - g["dilation"][0] * (g["kh"] - 1) - 1) // g["stride"][0] + 1
+    wo = (w + pl + pr - g["dilation"][1] * (g["kw"] - 1) - 1) // g["stride"][1] + 1
+    M, K, Co = batch * ho * wo, g["C"] * g["kh"] * g["kw"], g["Co"]
+    full = M * K * Co
+    if remain is None:
+        return {"forward": full, "weight_grad": full, "input_grad": full, "total": 3 * full}
+    fwd = remain * full + M * K * cfg["H"]  # centroid GEMM + hashing
+    dw = remain * full
+    dx = full if cfg["input_grad"] == "exact" else remain * full
+    return {"forward": fwd, "weight_grad": dw, "input_grad": dx, "total": fwd + dw + dx}
+
+
+def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
+    """Median ms of ORT's Conv + ConvGrad for one layer shape (random data, side session)."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    g = cfg["geom"]
+    attrs = dict(pads=list(g["pads"]), kernel_shape=[g["kh"], g["kw"]], strides=list(g["stride"]),
+                 dilations=list(g["dilation"]))
+    graph = h.make_graph(
+        [h.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs),
+         h.make_node("ConvGrad", ["dY", "X", "W"], ["dX", "dW", "dB"], domain="com.microsoft", group=1, **attrs)],
+        "layer", [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("X", "W", "B", "dY")],
+        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("Y", "dX", "dW", "dB")])
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    hh, ww = cfg["in_hw"]
+    x = rng.standard_normal((batch, g["C"], hh, ww), dtype=np.float32)
+    w = rng.standard_normal((g["Co"], g["C"], g["kh"], g["kw"]), dtype=np.float32)
+    pt, pl, pb, pr = g["pads"]
+    ho = (hh + pt + pb - g["dilation"][0] * (g["kh"] - 1) - 1) // g["stride"][0] + 1
+    wo = (ww + pl + pr - g["dilation"][1] * (g["kw"] - 1) - 1) // g["stride"][1] + 1
+    feeds = {"X": x, "W": w, "B": np.zeros(g["Co"], np.float32),
+             "dY": rng.standard_normal((batch, g["Co"], ho, wo), dtype=np.float32)}
+    s.run(None, feeds)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        s.run(None, feeds)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts) * 1e3)
+
+
+class ReuseController(Controller):
+    name = "reuse"
+
+    def __init__(self, base, spec: dict, measure_original: bool = True):
+        super().__init__()
+        from ..passes.reuse import reused_layers
+        self.base = base
+        self.spec = dict(spec)
+        self.strategy = spec.get("strategy", "fixed")
+        self.schedule = [tuple(s) for s in spec.get("schedule", [])] or [(spec["L"], spec["H"])]
+        self.configs = reused_layers(base.training)  # layer -> config at compile time
+        self.index = 0  # position in the schedule (lh)
+        self.on = True
+        self.last_switch = 0
+        self.prev_loss = None
+        self.measure_original = measure_original
+        self.original_ms: dict = {}
+        self.epochs: list[dict] = []
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ variants
+    def settings(self) -> dict:
+        if not self.on:
+            return {}
+        L, H = self.schedule[self.index] if self.strategy == "lh" else (self.spec["L"], self.spec["H"])
+        out = {}
+        for layer, c in self.configs.items():
+            K = c["geom"]["C"] * c["geom"]["kh"] * c["geom"]["kw"]
+            out[layer] = {"L": int(min(L, K)), "H": int(H), "scope": c["scope"], "input_grad": c["input_grad"],
+                          "seed": c["seed"]}
+        return out
+
+    def variant(self) -> Variant:
+        from ..passes.reuse import reuse_variant
+        s = self.settings()
+        key = repr(sorted((k, sorted(v.items())) for k, v in s.items()))
+        if key not in self._cache:
+            self._cache[key] = reuse_variant(self.base, s)
+        name = "reuse:off" if not s else "reuse:" + ",".join(sorted({f"L{v['L']}H{v['H']}" for v in s.values()}))
+        return Variant(name=name, artifacts=self._cache[key], info={"reuse": s})
+
+    def on_train_start(self, trainer):
+        if not self.on or (self.strategy == "lh" and self.index > 0):
+            return self.variant()
+        return None
+
+    # ------------------------------------------------------------------ per epoch
+    def on_epoch_end(self, epoch, metrics, trainer):
+        engine = trainer.engine
+        runner = getattr(engine, "runner", None)
+        stats = runner.take_stats() if runner is not None else {}
+        batch = int(getattr(trainer, "batch_size", 0) or engine.config.get("batch_size", 64))
+        steps = max(int(metrics.get("steps", 1)), 1)
+        layers = {}
+        settings = self.settings()
+        for layer, c in self.configs.items():
+            f = stats.get(f"{layer}|forward", {})
+            b = stats.get(f"{layer}|backward", {})
+            remain = f["remain"] / f["calls"] if f.get("calls") else None
+            cfg = dict(c, **settings.get(layer, {}))
+            exact = layer_macs(c, batch, None)["total"]
+            used = layer_macs(cfg, batch, remain)["total"] if (remain is not None and layer in settings) else exact
+            if self.measure_original and layer not in self.original_ms:
+                try:
+                    self.original_ms[layer] = time_ort_conv_layer(c, batch)
+                except Exception:  # a side measurement must never stop training
+                    self.original_ms[layer] = None
+            layers[layer] = {
+                "reused": layer in settings, "L": settings.get(layer, {}).get("L"), "H": settings.get(layer, {}).get("H"),
+                "remain_ratio": remain, "macs_exact": exact, "macs_reuse": used, "macs_saved": 1 - used / exact,
+                "reuse_ms_per_step": ((f.get("ms", 0) + b.get("ms", 0)) / max(f.get("calls", 0), 1))
+                if f.get("calls") else None,
+                "ort_conv_ms": self.original_ms.get(layer)}
+        rec = {"epoch": epoch, "on": self.on, "setting": self.schedule[self.index] if self.strategy == "lh" else
+               (self.spec["L"], self.spec["H"]), "train_loss": metrics.get("train_loss"), "layers": layers,
+               "steps": steps}
+        self.epochs.append(rec)
+        metrics["reuse"] = {k: {"remain_ratio": v["remain_ratio"], "macs_saved": v["macs_saved"]}
+                            for k, v in layers.items()}
+        loss = metrics.get("train_loss")
+        prev, self.prev_loss = self.prev_loss, loss
+        if prev is None or loss is None or self.strategy == "fixed" or not self.on:
+            return None
+        drop = (prev - loss) / max(abs(prev), 1e-12)
+        if drop >= float(self.spec.get("plateau", 0.05)) or epoch - self.last_switch < int(self.spec.get("min_epochs", 1)):
+            return None
+        if self.strategy == "lh":
+            if self.index + 1 >= len(self.schedule):
+                return None
+            self.index += 1
+            L, H = self.schedule[self.index]
+            self.decide(epoch, "refine", f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
+                        f"reuse L={L}, H={H} from epoch {epoch + 1}", L=L, H=H, drop=drop)
+        else:
+            self.on = False
+            self.decide(epoch, "off", f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
+                        f"reuse off (exact conv) from epoch {epoch + 1}", drop=drop)
+        self.last_switch = epoch
+        return self.variant()
+
+    # ------------------------------------------------------------------ report and state
+    def report(self) -> dict:
+        if not self.epochs:
+            return {}
+        tot_exact = sum(l["macs_exact"] * e["steps"] for e in self.epochs for l in e["layers"].values())
+        tot_used = sum(l["macs_reuse"] * e["steps"] for e in self.epochs for l in e["layers"].values())
+        return {"strategy": self.strategy, "epochs": self.epochs,
+                "reused_layer_macs_saved": 1 - tot_used / tot_exact if tot_exact else 0.0,
+                "switches": [d for d in self.log if d["action"] in ("refine", "off")]}
+
+    def state(self) -> dict:
+        return {"log": self.log, "index": self.index, "on": self.on, "last_switch": self.last_switch,
+                "prev_loss": self.prev_loss, "epochs": self.epochs, "original_ms": self.original_ms}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.index = int(state.get("index", 0))
+        self.on = bool(state.get("on", True))
+        self.last_switch = int(state.get("last_switch", 0))
+        self.prev_loss = state.get("prev_loss")
+        self.epochs = list(state.get("epochs", []))
+        self.original_ms = dict(state.get("original_ms", {}))

@@ -143,9 +143,6 @@ def load_artifacts(directory) -> tuple[Artifacts, dict]:
             raise AccelcError(f"'{d}/plan.json' is unreadable: {e}") from None
     art = Artifacts(models["training_model.onnx"], ev, models["optimizer_model.onnx"],
                     (d / "checkpoint").read_bytes(), info, dict(report.get("options", {})), plan=plan)
-    noreuse = d / "training_model.noreuse.onnx"  # kept by the reuse pass for its runtime variants
-    if noreuse.exists():
-        art.extra_files[noreuse.name] = noreuse.read_bytes()
     for spec in plan:
         stage = spec.get("stage")
         if stage:

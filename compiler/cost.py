@@ -64,6 +64,12 @@ def _conv_macs(tg: TrainingGraph, x: str, w: str, y: str, group: int) -> int:
     return _numel(ys) * _numel(ws[1:])
 
 
+def _reuse_config(tg: TrainingGraph, node) -> dict:
+    import json
+    text = tg.tags.get(node.name, {}).get("accelc.reuse.config")
+    return json.loads(text) if text else {}
+
+
 def node_cost(tg: TrainingGraph, node) -> Cost:
     ins = [t.name for t in node.inputs]
     outs = [t.name for t in node.outputs]
@@ -75,7 +81,15 @@ def node_cost(tg: TrainingGraph, node) -> Cost:
         flops = 2.0 * _conv_macs(tg, ins[0], ins[1], outs[0], _attr(node, "group", 1))
         if len(ins) > 2 and ins[2]:
             flops += _numel(tg.shape(outs[0]))
-    elif op == "ConvGrad":
+    elif op.startswith("ReuseConv_"):
+        # Compile-time bound: the remain ratio is known only while training (the reuse controller
+        # reports the measured one), so the centroid GEMM is counted at remain ratio 1, plus hashing.
+        macs = _conv_macs(tg, ins[0], ins[1], outs[0], 1)
+        flops = 2.0 * macs + _numel(tg.shape(outs[0]))
+        cfg = _reuse_config(tg, node)
+        if cfg and tg.shape(ins[1]):
+            flops += 2.0 * macs / tg.shape(ins[1])[0] * cfg.get("H", 0)
+    elif op == "ConvGrad" or op.startswith("ReuseConvGrad_"):
         # inputs: dY, X, W; outputs: dX, dW, dB (any may be absent)
         macs = _numel(tg.shape(ins[0])) * _numel(tg.shape(ins[2])[1:])
         if len(outs) > 0 and outs[0]:

@@ -90,7 +90,23 @@ def parse_pass_list(text: str | None) -> list[str]:
         raise AccelcError(f"unknown pass(es) {', '.join(bad)}; available: {', '.join(reg) or 'none'} (or 'none')")
     if len(set(names)) != len(names):
         raise AccelcError(f"a pass is listed twice in --passes {text}")
+    check_order(names)
     return names
+
+
+# The order passes compose in: rescale makes the low-resolution stage that every later pass also
+# rewrites; reuse replaces Conv/ConvGrad; skip instruments (and prunes) whatever backward is left,
+# so a reused layer that is skipped loses its backward too.
+PASS_ORDER = ("opt", "rescale", "reuse", "skip")
+
+
+def check_order(names: list[str]) -> None:
+    ranked = [n for n in names if n in PASS_ORDER]
+    want = sorted(ranked, key=PASS_ORDER.index)
+    if ranked != want:
+        raise AccelcError(f"passes compose only in the order {', '.join(PASS_ORDER[1:])}: give --passes "
+                          f"{','.join(want)} (got {','.join(ranked)}); rescale's low-resolution stage is "
+                          f"rewritten by the passes after it, and skip prunes the backward reuse leaves")
 
 
 def random_feeds(session, art: Artifacts, rng, params: str = "random", batch: int = 2) -> dict:
@@ -206,6 +222,7 @@ class PassManager:
 
     def __init__(self, names: list[str], options: dict[str, dict] | None = None, validate_each: bool = True):
         reg = available()
+        check_order(list(names))
         self.passes = [reg[n]() for n in names]
         options = options or {}
         self.options = {p.name: p.resolve_options(options.get(p.name, {})) for p in self.passes}
@@ -213,12 +230,22 @@ class PassManager:
 
     def run(self, art: Artifacts) -> tuple[Artifacts, list[dict]]:
         records = []
+        done = []
         for p in self.passes:
             opts = self.options[p.name]
             t0 = time.perf_counter()
             before = art
+            old_stages = set(art.stages)
             result = p.run(art.copy(), opts)
             art = result.artifacts
+            # Stages (rescale's low-resolution model) get the same rewrites as the main artifacts:
+            # a new stage replays the passes that ran before it, an existing one gets this pass.
+            for name in list(art.stages):
+                todo = [q for q in done if q is not p] if name not in old_stages else [p]
+                for q in todo:
+                    st = art.stages[name]
+                    art.stages[name] = q.run(st.copy(), self.options[q.name]).artifacts
+                    art.stages[name].plan = []
             rec = {"name": p.name, "options": _jsonable(opts), "modified": result.modified,
                    "changes": result.changes, "seconds": round(time.perf_counter() - t0, 3)}
             if result.modified and self.validate_each:
@@ -227,6 +254,7 @@ class PassManager:
                 if check:
                     rec["validation"]["self_check"] = check
             records.append(rec)
+            done.append(p)
         return art, records
 
 

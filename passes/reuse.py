@@ -19,11 +19,13 @@ What the pass does to the training graph, for each chosen conv (group 1, 2-D):
   initializer ``accelc.reuse.<layer>.planes`` [G, L, H];
 * the eval model is not changed: evaluation uses the exact convolution.
 
-The unrewritten training graph is kept as ``training_model.noreuse.onnx`` so the runtime
-controller can build other settings (L, H) or switch reuse off; ``plan.json`` names the strategy.
+Each reuse node keeps the node it replaced (metadata ``accelc.reuse.original``), so the runtime
+controller can put the exact layer back or build other settings (L, H) without losing what later
+passes added; ``plan.json`` names the strategy.
 """
 from __future__ import annotations
 
+import base64
 import json
 import zlib
 
@@ -37,8 +39,8 @@ from ..compiler.pass_manager import Option, Pass, PassResult, register
 from ..runtime.reuse_kernels import ConvGeom, ReuseSpec, make_planes
 
 DOMAIN = "ai.accelc.reuse"
-NOREUSE_FILE = "training_model.noreuse.onnx"
 CONFIG_KEY = "accelc.reuse.config"
+ORIGINAL_KEY = "accelc.reuse.original"  # the replaced Conv/ConvGrad node, serialised (base64)
 STRATEGIES = ("fixed", "lh", "off")
 
 
@@ -192,9 +194,11 @@ def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx
         outs = [o if o else f"accelc.reuse.{safe}.unused_{i}" for i, o in enumerate(outs)]
         new_b = helper.make_node(f_bwd.name, [bwd.input[0], fwd.input[0], fwd.input[1]] + aux, outs,
                                  name=bwd.name, domain=DOMAIN, doc_string="Backward pass")
-        for nd, extra in ((new_f, note), (new_b, f"reuse backward: dW from centroids, dB exact, dX {spec.input_grad}")):
+        for nd, extra, orig in ((new_f, note, fwd),
+                                (new_b, f"reuse backward: dW from centroids, dB exact, dX {spec.input_grad}", bwd)):
             for k, v in (("accelc.pass", "reuse"), ("accelc.layer", name), ("accelc.note", extra),
-                         (CONFIG_KEY, json.dumps(config))):
+                         (CONFIG_KEY, json.dumps(config)),
+                         (ORIGINAL_KEY, base64.b64encode(orig.SerializeToString()).decode())):
                 nd.metadata_props.add(key=k, value=v)
         for old, new in ((fwd, new_f), (bwd, new_b)):
             old.CopyFrom(new)
@@ -219,18 +223,36 @@ def reused_layers(model: onnx.ModelProto) -> dict:
     return out
 
 
-def noreuse_training(art: Artifacts) -> onnx.ModelProto:
-    data = art.extra_files.get(NOREUSE_FILE)
-    if data is None:
-        raise AccelcError("these artifacts carry no training_model.noreuse.onnx (compile with --passes reuse)")
-    return onnx.load_from_string(data)
+def strip(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The training graph with every reuse node put back to the Conv/ConvGrad it replaced (other
+    passes' rewrites, e.g. skip's instrumentation, stay)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names = set()
+    for n in m.graph.node:
+        if n.domain == DOMAIN:
+            orig = {p.key: p.value for p in n.metadata_props}.get(ORIGINAL_KEY)
+            if not orig:
+                raise AccelcError(f"reuse node '{n.name}' carries no original node; recompile")
+            names.add(n.op_type)
+            n.CopyFrom(onnx.NodeProto.FromString(base64.b64decode(orig)))
+    keep_f = [f for f in m.functions if not (f.domain == DOMAIN and f.name in names)]
+    del m.functions[:]
+    m.functions.extend(keep_f)
+    keep_i = [t for t in m.graph.initializer if not t.name.startswith("accelc.reuse.")]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep_i)
+    keep_o = [o for o in m.opset_import if o.domain != DOMAIN]
+    del m.opset_import[:]
+    m.opset_import.extend(keep_o)
+    return m
 
 
 def reuse_variant(base: Artifacts, settings: dict) -> Artifacts:
     """``base`` (compiled with reuse) with other reuse settings; ``{}`` switches reuse off."""
     from ..compiler.compile import training_graph
     art = base.copy()
-    plain = noreuse_training(base)
+    plain = strip(base.training)
     shapes = training_graph(art).shapes
     art.training, _ = apply(plain, shapes, settings)
     return art
@@ -273,7 +295,6 @@ class ReusePass(Pass):
                                   options["seed"])
         if not settings:
             return PassResult(out, False, [{"action": "none", "why": "no reusable conv (group 1, >= 8 input channels)"}])
-        out.extra_files[NOREUSE_FILE] = out.training.SerializeToString()
         out.training, changes = apply(art.training, tg.shapes, settings)
         out.plan = [p for p in out.plan if p.get("type") != "reuse"] + [{
             "type": "reuse", "strategy": options["strategy"], "layers": list(settings),

@@ -27,6 +27,7 @@ class Controller:
     """Interface. Subclasses set ``name`` and implement :meth:`on_epoch_end`."""
 
     name = "controller"
+    composer = None  # a runtime.compose.Composer when several controllers share one schedule
 
     def __init__(self):
         self.log: list[dict] = []

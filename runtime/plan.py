@@ -25,4 +25,9 @@ def controllers_for(artifact_dir, session) -> list:
             out.append(RescaleController(session.artifacts, spec))
         else:
             raise AccelcError(f"plan.json names an unknown controller '{kind}'")
+    if len(out) > 1:
+        from .compose import Composer
+        comp = Composer(session.artifacts, out)
+        for c in out:
+            c.composer = comp
     return out

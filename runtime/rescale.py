@@ -32,7 +32,8 @@ class RescaleController(Controller):
         from .session import read_checkpoint_params
         values = read_checkpoint_params(self.stage.checkpoint)
         changed = list(self.spec["params"])
-        return Variant(name=f"rescale:low(s={self.spec['factor']})", artifacts=self.stage,
+        art = self.composer.artifacts() if self.composer is not None else self.stage
+        return Variant(name=f"rescale:low(s={self.spec['factor']})", artifacts=art,
                        params={p: values[p] for p in changed}, reset_optimizer_for=changed,
                        data_hw=tuple(self.spec["input_hw"]))
 
@@ -72,7 +73,8 @@ class RescaleController(Controller):
         self.switched, self.switch_epoch = True, epoch
         self.decide(epoch, "switch", f"{why}; up-rescaled {len(up)} parameter(s) ({method}), full resolution "
                     f"from epoch {epoch + 1}", reset_moments=reset)
-        return Variant(name="rescale:full", artifacts=self.base, params=up, reset_optimizer_for=reset)
+        art = self.composer.artifacts() if self.composer is not None else self.base
+        return Variant(name="rescale:full", artifacts=art, params=up, reset_optimizer_for=reset)
 
     def report(self) -> dict:
         low = [e["train_seconds"] for e in self.epochs if e["stage"] == "low"]

@@ -100,20 +100,33 @@ class ReuseController(Controller):
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ variants
-    def settings(self) -> dict:
+    def settings(self, base=None) -> dict:
+        """Per-layer settings now; for ``base`` (e.g. a rescale stage) with that stage's shapes."""
         if not self.on:
             return {}
-        L, H = self.schedule[self.index] if self.strategy == "lh" else (self.spec["L"], self.spec["H"])
+        L, H = self.current()
+        configs = self.configs
+        if base is not None and base is not self.base:
+            from ..passes.reuse import reused_layers
+            configs = reused_layers(base.training)
         out = {}
-        for layer, c in self.configs.items():
+        for layer, c in configs.items():
             K = c["geom"]["C"] * c["geom"]["kh"] * c["geom"]["kw"]
             out[layer] = {"L": int(min(L, K)), "H": int(H), "scope": c["scope"], "input_grad": c["input_grad"],
                           "seed": c["seed"]}
         return out
 
+    def current(self) -> tuple:
+        return tuple(self.schedule[self.index]) if self.strategy == "lh" else (self.spec["L"], self.spec["H"])
+
+    def describe(self) -> str:
+        return "reuse:off" if not self.on else "reuse:L{}H{}".format(*self.current())
+
     def variant(self) -> Variant:
         from ..passes.reuse import reuse_variant
         s = self.settings()
+        if self.composer is not None:
+            return Variant(name=self.composer.describe(), artifacts=self.composer.artifacts(), info={"reuse": s})
         key = repr(sorted((k, sorted(v.items())) for k, v in s.items()))
         if key not in self._cache:
             self._cache[key] = reuse_variant(self.base, s)

@@ -26,6 +26,23 @@ from .controllers import Controller, Variant
 from .data import Dataset, load_data
 
 
+def _merge_variants(vs: list) -> Variant:
+    """Several controllers asked for a swap after one epoch. The last variant was built after every
+    decision (with a shared Composer it carries all of them); parameter replacements and optimizer
+    resets of the earlier ones (a rescale switch) are kept."""
+    if len(vs) == 1:
+        return vs[0]
+    last = vs[-1]
+    params, reset = {}, []
+    for v in vs:
+        params.update(v.params or {})
+        reset += [p for p in (v.reset_optimizer_for or []) if p not in reset]
+    hw = next((v.data_hw for v in reversed(vs) if v.data_hw), None) if last.data_hw is None and \
+        getattr(last.artifacts, "info", None) is None else last.data_hw
+    return Variant(name=" + ".join(v.name for v in vs), artifacts=last.artifacts, params=params or None,
+                   reset_optimizer_for=reset or None, data_hw=hw, info={k: v for x in vs for k, v in x.info.items()})
+
+
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> int:
     return int((np.asarray(logits).argmax(axis=1) == y).sum())
 
@@ -84,7 +101,13 @@ class Trainer:
         if hasattr(self.engine, "swap"):
             self.engine.swap(v.artifacts, name=v.name, params=v.params, reset_optimizer_for=v.reset_optimizer_for)
         self.variant = v
-        hw = tuple(v.data_hw) if v.data_hw else tuple(self.data_full.shape[1:])
+        info = getattr(v.artifacts, "info", None)
+        if v.data_hw:
+            hw = tuple(v.data_hw)
+        elif info is not None and len(info.input_shape) >= 2:  # e.g. a skip variant of the low-res stage
+            hw = tuple(info.input_shape[-2:])
+        else:
+            hw = tuple(self.data_full.shape[1:])
         if hw != tuple(self.data.shape[1:]):
             if hw not in self._resized:
                 self._resized[hw] = (self.data_full if hw == tuple(self.data_full.shape[1:])
@@ -141,12 +164,15 @@ class Trainer:
                  "train_time": self.train_time, "wall_time": self.wall_time,
                  "input_hw": list(self.data.shape[1:])}
             decisions = []
-            for c in self.controllers:
+            pending = []
+            for c in self.controllers:  # every controller sees the epoch that ran, then the swap
                 n0 = len(c.log)
                 v = c.on_epoch_end(epoch + 1, m, self)
                 decisions += c.log[n0:]
                 if v is not None:
-                    self.apply_variant(v)
+                    pending.append(v)
+            if pending:
+                self.apply_variant(_merge_variants(pending))
             m["decisions"] = decisions
             self.history.append(m)
             if self.progress:

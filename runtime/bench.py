@@ -3,8 +3,15 @@ hyper-parameters, in one process, one after the other.
 
 Configurations: ``torch`` (torch eager, the baseline users would otherwise run), ``ort`` (the
 artifacts without passes) and ``ort+PASS[+PASS...]`` (artifacts compiled with those passes and
-their controllers). ``--repeats R`` runs the whole set R times, interleaved, and reports medians.
-Writes bench.json, bench.md and accuracy-vs-time PNG plots.
+their controllers; ``ort+all`` = ``ort+rescale+reuse+skip``). ``--repeats R`` runs the whole set R
+times, interleaved, and reports medians.
+
+Per configuration: time per epoch and step, time to the target accuracy, final and best accuracy,
+ratios against torch and ort, operation and bandwidth reduction (cost-model FLOPs and bytes of
+every step actually run — the variant of each epoch, reuse at its measured remain ratio — against
+the plain ``ort`` artifacts), and peak resident memory while the configuration trained.
+Writes bench.json, bench.md, accuracy_vs_time.png and controllers.png (skip timeline, remain
+ratio per reused layer, resolution stage).
 """
 from __future__ import annotations
 
@@ -49,7 +56,7 @@ def config_passes(c: str) -> tuple[list[str], dict]:
     m = re.fullmatch(r"ort\+([\w+]+)(?:\[([^\]]*)\])?", c)
     if not m:
         raise AccelcError(f"bad configuration '{c}'")
-    names = parse_pass_list(m.group(1).replace("+", ","))
+    names = parse_pass_list("rescale,reuse,skip" if m.group(1) == "all" else m.group(1).replace("+", ","))
     opts: dict = {}
     reg = available()
     for kv in filter(None, (m.group(2) or "").split(";")):
@@ -73,7 +80,8 @@ def _time_to(history: list[dict], target: float | None):
 
 def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, batch_size: int = 64,
               seed: int = 0, lr: float = 1e-3, repeats: int = 1, train_limit=None, test_limit=None,
-              target: str = "ort-best", progress: bool = True, threads: int | None = None) -> dict:
+              target: str = "ort-best", progress: bool = True, threads: int | None = None,
+              input_shape: tuple | None = None) -> dict:
     import torch
 
     from ..compiler.compile import compile_model
@@ -89,7 +97,7 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
     work.mkdir(exist_ok=True)
     if model in ZOO:
         model_path = work / f"{model}.onnx"
-        export_zoo(model, model_path, seed=seed)
+        export_zoo(model, model_path, input_shape=input_shape, seed=seed)
     else:
         model_path = Path(model)
         if "torch" in configs:
@@ -115,6 +123,7 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
              else {"kind": "adamw", "alpha": 0.9, "beta": 0.999, "epsilon": 1e-6, "weight_decay": 0.0,
                    "adam_mode": 1, "correct_bias": 1})
     results: dict[str, list[dict]] = {c: [] for c in configs}
+    base_cost = _plain_cost(model_path, work, info, lr, batch_size, art_dirs)
     for r in range(repeats):
         for c in configs:
             if c == "torch":
@@ -126,8 +135,12 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
                 ctrls = controllers_for(art_dirs[c], engine)
             tr = Trainer(engine, ds, None, epochs, batch_size, seed, ctrls, progress=progress, name=c,
                          checkpoints=False)
-            s = tr.run()
+            with PeakRSS() as mem:
+                s = tr.run()
+            s["peak_rss_mb"] = mem.peak_mb
+            s.update(_reductions(s["history"], base_cost))
             results[c].append(s)
+            del engine, tr
     report = summarise(results, target, ds, batch_size)
     report.update({"model": model if model in ZOO else Path(model).name, "data": data.split(":")[0],
                    "epochs": epochs, "batch_size": batch_size, "seed": seed, "lr": lr, "repeats": repeats,
@@ -136,7 +149,63 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
     atomic_write_text(out / "bench.json", json.dumps(report, indent=1))
     atomic_write_text(out / "bench.md", markdown(report))
     plot_bench(results, out / "accuracy_vs_time.png", report)
+    plot_controllers(results, out / "controllers.png", report)
     return report
+
+
+class PeakRSS:
+    """Peak resident set size of this process while the block runs (sampled every 20 ms from
+    /proc; the process-wide peak of getrusage never goes down between configurations)."""
+
+    def __enter__(self):
+        import threading
+        self.peak_mb = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.02):
+            self.peak_mb = max(self.peak_mb, self._rss())
+
+    @staticmethod
+    def _rss() -> float:
+        try:
+            with open("/proc/self/statm") as fh:
+                import os
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        except (OSError, ValueError):
+            return 0.0
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak_mb = max(self.peak_mb, self._rss())
+        return False
+
+
+def _plain_cost(model_path, work, info, lr, batch_size, art_dirs) -> dict:
+    """Cost-model FLOPs and bytes per step of the plain ``ort`` artifacts (the reduction baseline)."""
+    from ..compiler.compile import compile_model, load_artifacts, training_graph
+    from ..compiler.cost import graph_costs
+    d = art_dirs.get("ort")
+    if d is None:
+        d = work / "ort_reference"
+        compile_model(model_path, d, [], {}, lr=lr, batch_size=batch_size, force=True, info=info)
+    art = load_artifacts(d)[0]
+    c = graph_costs(training_graph(art), art.config.get("optimizer", "adamw"))["total"]
+    return {"flops": c["flops"], "bytes": c["bytes"]}
+
+
+def _reductions(history: list[dict], base: dict) -> dict:
+    """Operation and bandwidth reduction of a run against the plain artifacts, over the steps run."""
+    if not history or "flops_per_step" not in history[0]:
+        return {}
+    steps = sum(m["steps"] for m in history)
+    ops = sum(m["steps"] * (m["flops_per_step"] - m.get("reuse_flops_saved_per_step", 0.0)) for m in history)
+    by = sum(m["steps"] * m["bytes_per_step"] for m in history)
+    return {"op_reduction": 1 - ops / (steps * base["flops"]), "bandwidth_reduction": 1 - by / (steps * base["bytes"])}
 
 
 def summarise(results: dict, target_spec: str, ds, batch_size: int) -> dict:
@@ -151,15 +220,15 @@ def summarise(results: dict, target_spec: str, ds, batch_size: int) -> dict:
                    "best_test_acc": med([s["best_test_acc"] for s in runs]),
                    "train_time": med([s["train_time"] for s in runs]),
                    "decisions": runs[0]["decisions"], "histories": [s["history"] for s in runs],
-                   "controllers": runs[0].get("controllers", {})}
-        sk = rows[c]["controllers"].get("skip")
-        if sk:
-            rows[c]["op_reduction"] = med([s["controllers"]["skip"]["op_reduction"] for s in runs])
-            rows[c]["bandwidth_reduction"] = med([s["controllers"]["skip"]["bandwidth_reduction"] for s in runs])
+                   "controllers": runs[0].get("controllers", {}),
+                   "peak_rss_mb": med([s.get("peak_rss_mb", 0.0) for s in runs])}
+        if "op_reduction" in runs[0]:
+            rows[c]["op_reduction"] = med([s["op_reduction"] for s in runs])
+            rows[c]["bandwidth_reduction"] = med([s["bandwidth_reduction"] for s in runs])
     target = None
     if target_spec == "ort-best" and "ort" in rows:
         target = rows["ort"]["best_test_acc"]
-    elif target_spec == "torch-best-0.2" and "torch" in rows:
+    elif target_spec == "torch-best-0.2" and "torch" in rows:  # 0.2 points of accuracy
         target = rows["torch"]["best_test_acc"] - 0.002
     else:
         try:
@@ -194,14 +263,15 @@ def markdown(rep: dict) -> str:
              f"Target accuracy: {_f(rep['target_acc'], '{:.4f}')} ({rep['target_rule']}). Times are training "
              f"seconds (evaluation excluded).", "",
              "| config | s/epoch | ms/step | ×torch (epoch) | ×ort (epoch) | time to target (s) | ×torch (target) "
-             "| ×ort (target) | final acc | best acc | ops −% | bytes −% |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ×ort (target) | final acc | best acc | ops −% | bytes −% | peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, r in rep["configs"].items():
         lines.append(f"| {c} | {r['epoch_seconds']:.2f} | {r['ms_per_step']:.1f} | {_f(r.get('epoch_ratio_vs_torch'), '{:.2f}')} "
                      f"| {_f(r.get('epoch_ratio_vs_ort'), '{:.2f}')} | {_f(r['time_to_target'], '{:.1f}')} "
                      f"| {_f(r.get('time_to_target_ratio_vs_torch'), '{:.2f}')} | {_f(r.get('time_to_target_ratio_vs_ort'), '{:.2f}')} "
                      f"| {r['final_test_acc']:.4f} | {r['best_test_acc']:.4f} "
-                     f"| {_f(r.get('op_reduction'), '{:.1%}')} | {_f(r.get('bandwidth_reduction'), '{:.1%}')} |")
+                     f"| {_f(r.get('op_reduction'), '{:.1%}')} | {_f(r.get('bandwidth_reduction'), '{:.1%}')} "
+                     f"| {r.get('peak_rss_mb', 0):.0f} |")
     dec = [(c, d) for c, r in rep["configs"].items() for d in r.get("decisions", [])]
     if dec:
         lines += ["", "Controller decisions (first run):", ""]
@@ -230,20 +300,71 @@ def plot_bench(results: dict, path: Path, rep: dict) -> None:
     tmp.replace(path)
 
 
+def plot_controllers(results: dict, path: Path, rep: dict) -> None:
+    """Three panels over epochs: skipped layers (timeline), remain ratio per reused layer, and the
+    resolution stage (input height), for every configuration that has the controller."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    layers_seen: list = []
+    for c, runs in results.items():
+        h = runs[0]["history"]
+        ep = [m["epoch"] for m in h]
+        if any("skip" in m for m in h):
+            for m in h:
+                for layer in m.get("skip", {}).get("skipped", []):
+                    if layer not in layers_seen:
+                        layers_seen.append(layer)
+            pts = [(m["epoch"], layers_seen.index(layer)) for m in h for layer in m.get("skip", {}).get("skipped", [])]
+            ax[0].scatter([p[0] for p in pts], [p[1] for p in pts], marker="s", s=60, label=c)
+        if any("reuse" in m for m in h):
+            names = sorted({k for m in h for k in m.get("reuse", {})})
+            for k in names:
+                ax[1].plot(ep, [m.get("reuse", {}).get(k, {}).get("remain_ratio") for m in h], "o-", label=f"{c}: {k}")
+        ax[2].step(ep, [m["input_hw"][0] for m in h], where="mid", label=c)
+    ax[0].set_yticks(range(len(layers_seen)), layers_seen)
+    ax[0].set_title("skipped layers (from the epoch after the decision)")
+    ax[1].set_title("remain ratio (clusters / rows) per reused layer")
+    ax[1].set_ylim(0, 1.05)
+    ax[2].set_title("resolution stage (input height)")
+    for a in ax:
+        a.set_xlabel("epoch")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    fig.suptitle(f"{rep['model']} on {rep['data']}: what the controllers did")
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def add_bench_args(p) -> None:
     p.add_argument("--model", default="vgg", help="zoo model name or ONNX path (default vgg)")
     p.add_argument("--data", default="synthetic", help="synthetic[:N] | fashion-mnist[:DIR] | imagefolder:DIR")
     p.add_argument("--epochs", type=int, default=3, help="epochs per configuration (default 3)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of torch, ort, ort+PASS[+PASS] (default {DEFAULT_CONFIGS})")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of torch, ort, ort+PASS[+PASS][opt=v;...], ort+all (= ort+rescale+reuse+skip) "
+                   f"(default {DEFAULT_CONFIGS})")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
     p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4: stable for the BatchNorm zoo models)")
     p.add_argument("--repeats", type=int, default=1, help="run every configuration R times, report medians")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--target", default="ort-best", help="target accuracy: ort-best (default), torch-best-0.2 or a number")
+    p.add_argument("--target", default="ort-best", help="target accuracy: ort-best (default), torch-best-0.2 (torch eager's best minus 0.2 "
+                        "points) or a number")
     p.add_argument("--threads", type=int, default=None, help="threads for ORT and torch (default: all cores)")
+    p.add_argument("--input-shape", default=None, help="C,H,W of a zoo model's input (default: the model's own; "
+                                                       "rescale needs a final feature map divisible by its factor)")
     p.add_argument("-o", "--output", default="bench-out", help="output directory (default bench-out)")
+
+
+def _shape(text):
+    if not text:
+        return None
+    from ..compiler.cli import _parse_shape
+    return _parse_shape(text)
 
 
 def bench_cli(a) -> int:
@@ -251,8 +372,9 @@ def bench_cli(a) -> int:
         raise AccelcError("--epochs and --repeats must be positive")
     configs = parse_configs(a.configs)
     rep = run_bench(a.model, a.data, a.epochs, configs, a.output, a.batch_size, a.seed, a.lr, a.repeats,
-                    a.train_limit, a.test_limit, a.target, progress=not a.quiet, threads=a.threads)
+                    a.train_limit, a.test_limit, a.target, progress=not a.quiet, threads=a.threads,
+                    input_shape=_shape(a.input_shape))
     if not a.quiet:
         print(markdown(rep))
-        print(f"wrote {a.output}/bench.json, bench.md, accuracy_vs_time.png")
+        print(f"wrote {a.output}/bench.json, bench.md, accuracy_vs_time.png, controllers.png")
     return 0

@@ -163,6 +163,7 @@ class Trainer:
                  "images_per_second": seen / train_s if train_s > 0 else None, "steps": steps,
                  "train_time": self.train_time, "wall_time": self.wall_time,
                  "input_hw": list(self.data.shape[1:])}
+            m.update(self._step_cost())
             decisions = []
             pending = []
             for c in self.controllers:  # every controller sees the epoch that ran, then the swap
@@ -195,6 +196,24 @@ class Trainer:
                     "controllers": {c.name: c.state() for c in self.controllers},
                     "data_position": {"next_epoch": epoch + 1, "next_step": 0}}
             ckpt.save(self.run_dir, self.engine.state_arrays(), meta)
+
+    def _step_cost(self) -> dict:
+        """Cost-model FLOPs and bytes of one training step of the variant that ran this epoch
+        (reuse nodes at their remain-ratio-1 bound; the reuse controller reports its savings)."""
+        art = getattr(self.engine, "artifacts", None)
+        if art is None:
+            return {}
+        key = id(art)
+        cache = self.__dict__.setdefault("_cost_cache", {})
+        if key not in cache:
+            try:
+                from ..compiler.compile import training_graph
+                from ..compiler.cost import graph_costs
+                c = graph_costs(training_graph(art), art.config.get("optimizer", "adamw"))["total"]
+                cache[key] = {"flops_per_step": c["flops"], "bytes_per_step": c["bytes"]}
+            except Exception:  # accounting must never stop training
+                cache[key] = {}
+        return dict(cache[key])
 
     def summary(self) -> dict:
         h = self.history

@@ -4,7 +4,7 @@
  * k = c*kh*kw + i*kw + j, cut into G chunks of L; ids[n][g][p] is the cluster of row (n,p) in
  * chunk g, an index into tables with T rows. Scope "image": clusters never span images, so work
  * is split over images; scope "batch": split over chunks. No two threads write one table row.
- * Inputs of reuse_hash/sums/scatter_dx are zero-padded (geom Hin/Win = padded sizes).
+ * reuse_hash takes the zero-padded input (geom pads 0); the others the input itself.
  * Built at first use with  cc -O3 -march=native -fopenmp -shared -fPIC.
  */
 #include <stdint.h>
@@ -122,36 +122,87 @@ void reuse_hash(const float *xp, const float *planes, const float *mu, const geo
     free(off);
 }
 
-/* dir = +1: tab[id][l] += x(row, l) (centroid sums); dir = -1: x(row, l) += tab[id][l] (col2im). */
-static void move_ng(const geom_t *q, const int64_t *off, float *xp, const int32_t *ids, float *tab,
+/* Per unfolded column k: its offset inside an image (for patches fully inside the input) and its
+ * (c, i*dh, j*dw) for border patches, which check bounds element by element. */
+typedef struct {
+    int64_t *off;
+    int *c, *di, *dj;
+} cols_t;
+
+static cols_t make_cols(const geom_t *q) {
+    const int khw = q->kh * q->kw, K = q->C * khw;
+    cols_t t;
+    t.off = (int64_t *)malloc(sizeof(int64_t) * (K > 0 ? K : 1));
+    t.c = (int *)malloc(sizeof(int) * (K > 0 ? K : 1));
+    t.di = (int *)malloc(sizeof(int) * (K > 0 ? K : 1));
+    t.dj = (int *)malloc(sizeof(int) * (K > 0 ? K : 1));
+    for (int k = 0; k < K; k++) {
+        int c = k / khw, r = k % khw, i = r / q->kw, j = r % q->kw;
+        t.c[k] = c;
+        t.di[k] = i * q->dh;
+        t.dj[k] = j * q->dw;
+        t.off[k] = (int64_t)c * q->Hin * q->Win + (int64_t)t.di[k] * q->Win + t.dj[k];
+    }
+    return t;
+}
+
+static void free_cols(cols_t t) {
+    free(t.off);
+    free(t.c);
+    free(t.di);
+    free(t.dj);
+}
+
+/* dir = +1: tab[id][l] += x(row, l) (centroid sums); dir = -1: x(row, l) += tab[id][l] (col2im).
+ * x is the unpadded input (q->pt/pl are the real pads); padding positions read as 0 / are skipped. */
+static void move_ng(const geom_t *q, const cols_t *cols, float *x, const int32_t *ids, float *tab,
                     int n, int g, int dir) {
     const int P = q->Ho * q->Wo, K = q->C * q->kh * q->kw;
     const int L0 = g * q->L, Lg = K - L0 < q->L ? K - L0 : q->L;
-    const int64_t *o = off + L0;
+    const int64_t *o = cols->off + L0;
+    const int *cc = cols->c + L0, *di = cols->di + L0, *dj = cols->dj + L0;
+    const int spanh = (q->kh - 1) * q->dh, spanw = (q->kw - 1) * q->dw;
+    const int64_t plane = (int64_t)q->Hin * q->Win;
     const int32_t *id = ids + ((int64_t)n * q->G + g) * P;
-    float *xn = xp + (int64_t)n * q->C * q->Hin * q->Win;
-    for (int oh = 0; oh < q->Ho; oh++)
+    float *xn = x + (int64_t)n * q->C * plane;
+    for (int oh = 0; oh < q->Ho; oh++) {
+        const int ih0 = oh * q->sh - q->pt;
+        const int hin = ih0 >= 0 && ih0 + spanh < q->Hin;
         for (int ow = 0; ow < q->Wo; ow++) {
-            float *xb = xn + (int64_t)oh * q->sh * q->Win + (int64_t)ow * q->sw;
+            const int iw0 = ow * q->sw - q->pl;
             float *t = tab + (int64_t)id[oh * q->Wo + ow] * q->L;
-            if (dir > 0)
-                for (int l = 0; l < Lg; l++) t[l] += xb[o[l]];
-            else
-                for (int l = 0; l < Lg; l++) xb[o[l]] += t[l];
+            if (hin && iw0 >= 0 && iw0 + spanw < q->Win) {
+                float *xb = xn + (int64_t)ih0 * q->Win + iw0;
+                if (dir > 0)
+                    for (int l = 0; l < Lg; l++) t[l] += xb[o[l]];
+                else
+                    for (int l = 0; l < Lg; l++) xb[o[l]] += t[l];
+            } else {
+                for (int l = 0; l < Lg; l++) {
+                    int ih = ih0 + di[l], iw = iw0 + dj[l];
+                    if (ih < 0 || ih >= q->Hin || iw < 0 || iw >= q->Win) continue;
+                    float *v = xn + cc[l] * plane + (int64_t)ih * q->Win + iw;
+                    if (dir > 0)
+                        t[l] += *v;
+                    else
+                        *v += t[l];
+                }
+            }
         }
+    }
 }
 
-void reuse_sums(const float *xp, const int32_t *ids, const geom_t *q, int by_image,
+void reuse_sums(const float *x, const int32_t *ids, const geom_t *q, int by_image,
                 float *sums, float *counts, int nthreads) {
     const int P = q->Ho * q->Wo;
-    int64_t *off = col_offsets(q);
+    cols_t cols = make_cols(q);
     if (by_image) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
         for (int n = 0; n < q->N; n++)
             for (int g = 0; g < q->G; g++) {
                 const int32_t *id = ids + ((int64_t)n * q->G + g) * P;
                 for (int p = 0; p < P; p++) counts[id[p]] += 1.0f;
-                move_ng(q, off, (float *)xp, ids, sums, n, g, +1);
+                move_ng(q, &cols, (float *)x, ids, sums, n, g, +1);
             }
     } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
@@ -159,19 +210,19 @@ void reuse_sums(const float *xp, const int32_t *ids, const geom_t *q, int by_ima
             for (int n = 0; n < q->N; n++) {
                 const int32_t *id = ids + ((int64_t)n * q->G + g) * P;
                 for (int p = 0; p < P; p++) counts[id[p]] += 1.0f;
-                move_ng(q, off, (float *)xp, ids, sums, n, g, +1);
+                move_ng(q, &cols, (float *)x, ids, sums, n, g, +1);
             }
     }
-    free(off);
+    free_cols(cols);
 }
 
-/* dxp (padded, zeroed by the caller) += fold of d[id][l]; images are disjoint, whatever the scope. */
-void reuse_scatter_dx(const float *d, const int32_t *ids, const geom_t *q, float *dxp, int nthreads) {
-    int64_t *off = col_offsets(q);
+/* dx (zeroed by the caller) += fold of d[id][l]; images are disjoint, whatever the scope. */
+void reuse_scatter_dx(const float *d, const int32_t *ids, const geom_t *q, float *dx, int nthreads) {
+    cols_t cols = make_cols(q);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int n = 0; n < q->N; n++)
-        for (int g = 0; g < q->G; g++) move_ng(q, off, dxp, ids, (float *)d, n, g, -1);
-    free(off);
+        for (int g = 0; g < q->G; g++) move_ng(q, &cols, dx, ids, (float *)d, n, g, -1);
+    free_cols(cols);
 }
 
 #define PB 16

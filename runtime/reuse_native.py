@@ -95,10 +95,11 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _geom(geom: ConvGeom, spec: ReuseSpec, xp: torch.Tensor, out_hw) -> _Geom:
-    """Geometry for the kernels, which take the zero-padded input (so pads are 0 here)."""
-    n, c, h, w = xp.shape
-    return _Geom(n, c, h, w, geom.kh, geom.kw, geom.stride[0], geom.stride[1], 0, 0,
+def _geom(geom: ConvGeom, spec: ReuseSpec, x: torch.Tensor, out_hw, padded: bool = False) -> _Geom:
+    """Geometry for the kernels: of the input itself, or (``padded``) of its zero-padded copy."""
+    n, c, h, w = x.shape
+    pt, pl = (0, 0) if padded else geom.pads[:2]
+    return _Geom(n, c, h, w, geom.kh, geom.kw, geom.stride[0], geom.stride[1], pt, pl,
                  geom.dilation[0], geom.dilation[1], out_hw[0], out_hw[1], spec.L, spec.chunks(geom.K))
 
 
@@ -123,7 +124,8 @@ def hash_buckets(x: torch.Tensor, planes: torch.Tensor, geom: ConvGeom, spec: Re
     pl = torch.zeros(G, spec.L, hs)
     pl[:, :, : spec.H] = planes
     out = torch.empty(n, G, ho * wo, dtype=torch.int32)
-    lib().reuse_hash(_ptr(xp), _ptr(pl), _ptr(mu_k), ctypes.byref(_geom(geom, spec, xp, (ho, wo))), spec.H, hs,
+    q = _geom(geom, spec, xp, (ho, wo), padded=True)
+    lib().reuse_hash(_ptr(xp), _ptr(pl), _ptr(mu_k), ctypes.byref(q), spec.H, hs,
                      _ptr(out), _threads())
     return out
 
@@ -150,29 +152,27 @@ def compact(buckets: torch.Tensor, spec: ReuseSpec) -> tuple[torch.Tensor, list]
 
 def forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, buckets=None):
     """Hash, cluster and compute the reused conv. Returns (y, ReuseContext)."""
-    xp = _padded(x, geom)
     if buckets is None:
         if spec.L % (geom.kh * geom.kw) == 0:  # chunks are whole channels: one grouped conv (oneDNN)
             from .reuse_kernels import hash_buckets as conv_hash
             buckets = conv_hash(x, planes, geom, spec)
         else:
-            buckets = hash_buckets(x, planes, geom, spec, xp=xp)
+            buckets = hash_buckets(x, planes, geom, spec)
     ids, offsets = compact(buckets, spec)
-    return forward_with_ids(x, w, b, ids, offsets, geom, spec, xp=xp)
+    return forward_with_ids(x, w, b, ids, offsets, geom, spec)
 
 
-def forward_with_ids(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec, xp=None):
+def forward_with_ids(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec):
     x = x.contiguous()
     n, _, h, wd = x.shape
     ho, wo = geom.out_hw(h, wd)
     G = spec.chunks(geom.K)
     T = offsets[-1]
-    xp = _padded(x, geom) if xp is None else xp
-    q = _geom(geom, spec, xp, (ho, wo))
+    q = _geom(geom, spec, x, (ho, wo))
     sums = torch.zeros(T, spec.L)
     counts = torch.zeros(T)
     ids = ids.contiguous()
-    lib().reuse_sums(_ptr(xp), _ptr(ids), ctypes.byref(q), int(spec.scope == "image"), _ptr(sums), _ptr(counts),
+    lib().reuse_sums(_ptr(x), _ptr(ids), ctypes.byref(q), int(spec.scope == "image"), _ptr(sums), _ptr(counts),
                      _threads())
     centroids = sums.div_(counts.clamp_min(1).unsqueeze(1))
     wg = _weight_chunks(w, G, spec.L)
@@ -214,10 +214,7 @@ def backward(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec, need_
         dc = torch.empty(T, spec.L)
         for g in range(G):
             torch.mm(d[off[g]:off[g + 1]], wg[g].t(), out=dc[off[g]:off[g + 1]])
-        pt, pl, pb, pr = geom.pads
-        h, wd = ctx.hw
-        dxp = torch.zeros(n, x.shape[1], h + pt + pb, wd + pl + pr)
-        q = _geom(geom, spec, dxp, (ho, wo))
-        lib().reuse_scatter_dx(_ptr(dc), _ptr(ctx.ids), ctypes.byref(q), _ptr(dxp), _threads())
-        dx = dxp[:, :, pt:pt + h, pl:pl + wd].contiguous() if any(geom.pads) else dxp
+        dx = torch.zeros(n, x.shape[1], *ctx.hw)
+        q = _geom(geom, spec, dx, (ho, wo))
+        lib().reuse_scatter_dx(_ptr(dc), _ptr(ctx.ids), ctypes.byref(q), _ptr(dx), _threads())
     return dx, dw, db

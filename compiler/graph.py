@@ -166,7 +166,8 @@ class TrainingGraph:
     # ------------------------------------------------------------------ tagging
     def tag(self, node_name: str, pass_name: str, layer: str, note: str) -> None:
         """Mark a node added or changed by a pass; shown by Netron as node properties."""
-        self.tags[node_name] = {"accelc.pass": pass_name, "accelc.layer": layer, "accelc.note": note}
+        keep = {k: v for k, v in self.tags.get(node_name, {}).items() if k == "accelc.exec"}
+        self.tags[node_name] = {"accelc.pass": pass_name, "accelc.layer": layer, "accelc.note": note, **keep}
 
     # ------------------------------------------------------------------ export
     def to_onnx(self) -> onnx.ModelProto:

@@ -30,8 +30,21 @@ DOMAIN = "ai.accelc.reuse"
 CONFIG_KEY = "accelc.reuse.config"
 
 
+EXEC_KEY = "accelc.exec"
+
+
 def has_reuse(model: onnx.ModelProto) -> bool:
     return any(n.domain == DOMAIN for n in model.graph.node)
+
+
+def _onednn(node) -> bool:
+    return node.op_type in ("Conv", "ConvGrad") and any(
+        p.key == EXEC_KEY and p.value == "onednn" for p in node.metadata_props)
+
+
+def has_native(model: onnx.ModelProto, conv_engine: str = "onednn") -> bool:
+    """Whether the graph has nodes accelc runs itself (reuse nodes; oneDNN-marked convs)."""
+    return has_reuse(model) or (conv_engine == "onednn" and any(_onednn(n) for n in model.graph.node))
 
 
 def _config(node) -> dict:
@@ -56,10 +69,63 @@ class ReuseNode:
         self.outputs = list(node.output)
 
 
+class OneDNNConv:
+    """A Conv or ConvGrad node marked ``accelc.exec = onednn``: the same mathematics on oneDNN's
+    kernels (torch's convolution / convolution_backward)."""
+
+    def __init__(self, node: onnx.NodeProto):
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        self.node = node
+        self.layer = node.name
+        self.backward = node.op_type == "ConvGrad"
+        self.inputs = list(node.input)
+        self.outputs = list(node.output)
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        self.stride = list(a.get("strides", [1, 1]))
+        self.dilation = list(a.get("dilations", [1, 1]))
+        self.group = int(a.get("group", 1))
+        self.sym = pads[0] == pads[2] and pads[1] == pads[3]
+        self.pads = pads
+        self.padding = [pads[0], pads[1]] if self.sym else [0, 0]
+
+    def _in(self, x):
+        if self.sym:
+            return x
+        pt, pl, pb, pr = self.pads
+        return torch.nn.functional.pad(x, (pl, pr, pt, pb))
+
+    def run(self, env: dict, bound: dict) -> None:
+        if not self.backward:
+            x, w = env[self.inputs[0]], env[self.inputs[1]]
+            b = env[self.inputs[2]] if len(self.inputs) > 2 and self.inputs[2] else None
+            y = torch.nn.functional.conv2d(self._in(x), w, b, self.stride, self.padding, self.dilation, self.group)
+            _store(self.outputs[0], y, env, bound)
+            return
+        dy, x, w = env[self.inputs[0]], env[self.inputs[1]], env[self.inputs[2]]
+        mask = [bool(i < len(self.outputs) and self.outputs[i] and self.wanted[i]) for i in range(3)]
+        dx, dw, db = torch.ops.aten.convolution_backward(
+            dy, self._in(x), w, [w.shape[0]] if mask[2] else None, self.stride, self.padding, self.dilation,
+            False, [0, 0], self.group, mask)
+        if mask[0] and not self.sym:
+            pt, pl = self.pads[0], self.pads[1]
+            dx = dx[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]]
+        for i, t in enumerate((dx, dw, db)):
+            if mask[i]:
+                _store(self.outputs[i], t, env, bound)
+
+
+def _store(name, t, env, bound):
+    if name in bound:
+        bound[name].copy_(t)
+        t = bound[name]
+    env[name] = t.contiguous()
+
+
 class SegmentedRunner:
     """Executes a lowered training graph containing reuse nodes (see module doc)."""
 
-    def __init__(self, model: onnx.ModelProto, session_options, providers, impl: str = "native"):
+    def __init__(self, model: onnx.ModelProto, session_options, providers, impl: str = "native",
+                 conv_engine: str = "onednn"):
         import onnxruntime as ort
         # ORT's intra-op threads spin after each run by default; with native kernels running between
         # segments that spinning steals the cores they need.
@@ -71,31 +137,37 @@ class SegmentedRunner:
         producer, level = {}, {}
         native_after = defaultdict(list)  # segment index -> reuse nodes that run after it
         seg_nodes = defaultdict(list)
-        for n in g.node:  # the graph is topologically sorted
-            src = [level[id(producer[i])] + (1 if producer[i].domain == DOMAIN else 0)
+        # protobuf hands out a new wrapper per access: hold the nodes once, key them by position
+        nodes_all = list(g.node)
+        pos = {id(n): k for k, n in enumerate(nodes_all)}
+        native_ids = {pos[id(n)] for n in nodes_all
+                      if n.domain == DOMAIN or (conv_engine == "onednn" and _onednn(n))}
+        for n in nodes_all:  # the graph is topologically sorted
+            src = [level[pos[id(producer[i])]] + (1 if pos[id(producer[i])] in native_ids else 0)
                    for i in n.input if i in producer]
-            if n.domain == DOMAIN:
+            if pos[id(n)] in native_ids:
                 lv = max([s - 0 for s in src] or [0])
                 # a reuse node reading another reuse node's output directly runs after it, same slot
                 native_after[lv].append(n)
             else:
                 lv = max(src or [0])
                 seg_nodes[lv].append(n)
-            level[id(n)] = lv
+            level[pos[id(n)]] = lv
             for o in n.output:
                 if o:
                     producer[o] = n
-        self.native = {id(n): ReuseNode(n, planes, impl) for lv in native_after for n in native_after[lv]}
+        self.native = {pos[id(n)]: (ReuseNode(n, planes, impl) if n.domain == DOMAIN else OneDNNConv(n))
+                       for lv in native_after for n in native_after[lv]}
         n_levels = max(list(seg_nodes) + list(native_after) + [0]) + 1
         graph_outputs = [o.name for o in g.output]
         consumers_after = defaultdict(set)  # tensor -> levels (segments) that read it
         native_reads = set()
-        for n in g.node:
+        for n in nodes_all:
             for i in n.input:
-                if n.domain == DOMAIN:
+                if pos[id(n)] in native_ids:
                     native_reads.add(i)
                 else:
-                    consumers_after[i].add(level[id(n)])
+                    consumers_after[i].add(level[pos[id(n)]])
         typed = _value_types(model)
         self.segments = []
         self.order = []  # ("seg", k) / ("native", ReuseNode)
@@ -127,11 +199,13 @@ class SegmentedRunner:
                 self.segments.append({"session": sess, "inputs": needed, "outputs": sorted(outs)})
                 self.order.append(("seg", len(self.segments) - 1))
             for n in native_after.get(k, []):
-                self.order.append(("native", self.native[id(n)]))
+                self.order.append(("native", self.native[pos[id(n)]]))
         reads_anywhere = set(graph_outputs) | native_reads | set(consumers_after)
         for rn in self.native.values():
             rn.wanted = [bool(o) and o in reads_anywhere for o in rn.outputs]
         self.graph_outputs = graph_outputs
+        self.keep_env = False
+        self.last_env: dict = {}
         self.constants = {i: torch.from_numpy(numpy_helper.to_array(inits[i]).copy())
                           for i in native_reads if i in inits}
         self.stats = defaultdict(lambda: {"ms": 0.0, "calls": 0, "remain": 0.0})
@@ -161,8 +235,12 @@ class SegmentedRunner:
                 sess.run_with_iobinding(io)
                 for name, v in zip(seg["outputs"], io._iobinding.get_outputs()):
                     env[name] = bound[name] if name in bound else torch.utils.dlpack.from_dlpack(v.to_dlpack())
+            elif isinstance(item, OneDNNConv):
+                item.run(env, bound)
             else:
                 self._run_native(item, env, bound, ctxs)
+        if self.keep_env:  # debugging and tests: every tensor of the last step
+            self.last_env = env
         return {o: env[o] for o in self.graph_outputs}
 
     def _run_native(self, rn: ReuseNode, env: dict, bound: dict, ctxs: dict) -> None:

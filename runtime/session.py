@@ -114,7 +114,7 @@ class TrainingSession:
     """Owns one model's parameters, optimizer state and the ORT sessions of its current variant."""
 
     def __init__(self, artifacts: str | Path | Artifacts, device: str = "cpu", lr: float | None = None,
-                 threads: int | None = None, reuse_impl: str | None = None):
+                 threads: int | None = None, reuse_impl: str | None = None, conv_engine: str | None = None):
         if isinstance(artifacts, Artifacts):
             art, report = artifacts, {"options": artifacts.config}
         else:
@@ -127,6 +127,11 @@ class TrainingSession:
             "ort" if self.device == "cuda" else "native")
         if self.reuse_impl not in ("native", "torch", "ort"):
             raise AccelcError(f"reuse implementation must be native, torch or ort, got '{self.reuse_impl}'")
+        # Conv/ConvGrad marked by opt's conv_onednn rule: oneDNN (CPU) or ORT's own kernels
+        self.conv_engine = conv_engine or os.environ.get("ACCELC_CONV_ENGINE") or (
+            "ort" if self.device == "cuda" else "onednn")
+        if self.conv_engine not in ("onednn", "ort"):
+            raise AccelcError(f"conv engine must be onednn or ort, got '{self.conv_engine}'")
         self.info = art.info
         self.config = dict(report.get("options", {}))
         self.lr = float(lr if lr is not None else self.config.get("lr", 1e-3))
@@ -171,17 +176,19 @@ class TrainingSession:
                     raise AccelcError(f"variant expects '{i.name}' of shape {want}, session holds "
                                       f"{tuple(self.params[i.name].shape)}; use swap(..., params=...)")
         so = session_options(self.threads)
-        from .executor import SegmentedRunner, has_reuse
+        from .executor import SegmentedRunner, has_native, has_reuse
         self.runner = None
-        if has_reuse(lowered) and self.reuse_impl != "ort":
+        use_reuse = has_reuse(lowered) and self.reuse_impl != "ort"
+        if use_reuse or (self.device == "cpu" and has_native(lowered, self.conv_engine) and not has_reuse(lowered)):
             impl = self.reuse_impl
-            if impl == "native":
+            if impl == "native" and use_reuse:
                 from . import reuse_native
                 if not reuse_native.available():
                     import warnings
                     warnings.warn(f"native reuse kernels unavailable ({reuse_native._error}); using torch kernels")
                     impl = "torch"
-            self.runner = SegmentedRunner(lowered, so, self._providers(), impl=impl)
+            self.runner = SegmentedRunner(lowered, so, self._providers(), impl=impl,
+                                          conv_engine=self.conv_engine if self.device == "cpu" else "ort")
             self.train_sess = None
         else:
             self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())

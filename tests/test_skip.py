@@ -50,7 +50,10 @@ def test_pruned_gradients_match_torch_frozen(name, tmp_path):
         art, changes = skip_variant(base, skip)
         tg = training_graph(art)
         frozen = [p for s in skip for p in layer_groups(training_graph(base))[s]]
-        loss, grads, _ = TrainingSession(art).compute_gradients(x, y)
+        # ORT's conv kernels: with batch 4 a BatchNorm output within 1e-6 of a ReLU kink is likely, and
+        # oneDNN's last-bit differences then flip one mask element (the conv_onednn rule is checked
+        # node by node in test_opt)
+        loss, grads, _ = TrainingSession(art, conv_engine="ort").compute_gradients(x, y)
         tloss, tgrads = torch_frozen_grads(module, set(frozen), x, y)
         assert abs(loss - tloss) < 1e-4
         assert set(grads) == set(tgrads), (skip, set(grads) ^ set(tgrads))

@@ -158,9 +158,10 @@ def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx
         if layer is None:
             raise AccelcError(f"reuse: no layer '{name}' in the training graph")
         grads = [b for b in layer.backward if b.op == "ConvGrad"]
-        if layer.op != "Conv" or not grads:
-            raise AccelcError(f"reuse: layer '{name}' is not a conv with a ConvGrad")
-        fwd, bwd = nodes[layer.forward.name], nodes[grads[0].name]
+        if layer.op != "Conv":
+            raise AccelcError(f"reuse: layer '{name}' is not a conv")
+        # no ConvGrad: a layer skipped on an input-side prefix; only its forward is reused
+        fwd, bwd = nodes[layer.forward.name], (nodes[grads[0].name] if grads else None)
         geom = conv_geom(fwd, tuple(layer.weight_shape))
         in_hw = tuple(layer.input_shape[2:4])
         if len(in_hw) != 2:
@@ -190,22 +191,25 @@ def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx
                 f"(scope {spec.scope}); GEMM on centroids")
         new_f = helper.make_node(f_fwd.name, [fwd.input[0], fwd.input[1], bias, planes_name],
                                  [fwd.output[0]] + aux, name=fwd.name, domain=DOMAIN)
-        outs = list(bwd.output) + [""] * (3 - len(bwd.output))
-        outs = [o if o else f"accelc.reuse.{safe}.unused_{i}" for i, o in enumerate(outs)]
-        new_b = helper.make_node(f_bwd.name, [bwd.input[0], fwd.input[0], fwd.input[1]] + aux, outs,
-                                 name=bwd.name, domain=DOMAIN, doc_string="Backward pass")
-        for nd, extra, orig in ((new_f, note, fwd),
-                                (new_b, f"reuse backward: dW from centroids, dB exact, dX {spec.input_grad}", bwd)):
+        pairs = [(new_f, note, fwd)]
+        if bwd is not None:
+            outs = list(bwd.output) + [""] * (3 - len(bwd.output))
+            outs = [o if o else f"accelc.reuse.{safe}.unused_{i}" for i, o in enumerate(outs)]
+            new_b = helper.make_node(f_bwd.name, [bwd.input[0], fwd.input[0], fwd.input[1]] + aux, outs,
+                                     name=bwd.name, domain=DOMAIN, doc_string="Backward pass")
+            pairs.append((new_b, f"reuse backward: dW from centroids, dB exact, dX {spec.input_grad}", bwd))
+        for nd, extra, orig in pairs:
             for k, v in (("accelc.pass", "reuse"), ("accelc.layer", name), ("accelc.note", extra),
                          (CONFIG_KEY, json.dumps(config)),
                          (ORIGINAL_KEY, base64.b64encode(orig.SerializeToString()).decode())):
                 nd.metadata_props.add(key=k, value=v)
-        for old, new in ((fwd, new_f), (bwd, new_b)):
-            old.CopyFrom(new)
-        m.functions.extend([f_fwd, f_bwd])
+        for nd, _, orig in pairs:
+            orig.CopyFrom(nd)
+        funcs = [f_fwd] + ([f_bwd] if bwd is not None else [])
+        m.functions.extend(funcs)
         changes.append({"layer": name, "action": "reused", "L": spec.L, "H": spec.H, "chunks": G,
                         "scope": spec.scope, "input_grad": spec.input_grad,
-                        "nodes": [fwd.name, bwd.name], "functions": [f_fwd.name, f_bwd.name]})
+                        "nodes": [nd.name for nd, _, _ in pairs], "functions": [f.name for f in funcs]})
     if settings and not any(o.domain == DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return m, changes

@@ -21,6 +21,8 @@ int reuse_compact(const int32_t *bucket, int N, int G, int P, int H, int by_imag
                   int32_t *ids, int64_t *ncl, int nthreads) {
     const int64_t nb = (int64_t)1 << H;
     int failed = 0;
+    if (nthreads > G) nthreads = G;  /* one map per thread: no more threads than chunks */
+    if (nthreads < 1) nthreads = 1;
 #pragma omp parallel num_threads(nthreads)
     {
         int32_t *map = (int32_t *)malloc(sizeof(int32_t) * nb);

@@ -196,7 +196,8 @@ class SegmentedRunner:
                 if os.environ.get("ACCELC_DUMP_SEGMENTS"):
                     onnx.save(sm, os.path.join(os.environ["ACCELC_DUMP_SEGMENTS"], f"segment{k}.onnx"))
                 sess = ort.InferenceSession(sm.SerializeToString(), session_options, providers=providers)
-                self.segments.append({"session": sess, "inputs": needed, "outputs": sorted(outs)})
+                bools = {o for o in outs if o in typed and typed[o].tensor_type.elem_type == onnx.TensorProto.BOOL}
+                self.segments.append({"session": sess, "inputs": needed, "outputs": sorted(outs), "bool": bools})
                 self.order.append(("seg", len(self.segments) - 1))
             for n in native_after.get(k, []):
                 self.order.append(("native", self.native[pos[id(n)]]))
@@ -234,7 +235,13 @@ class SegmentedRunner:
                         io.bind_output(name, "cpu")
                 sess.run_with_iobinding(io)
                 for name, v in zip(seg["outputs"], io._iobinding.get_outputs()):
-                    env[name] = bound[name] if name in bound else torch.utils.dlpack.from_dlpack(v.to_dlpack())
+                    if name in bound:
+                        env[name] = bound[name]
+                        continue
+                    t = torch.utils.dlpack.from_dlpack(v.to_dlpack())
+                    if name in seg["bool"] and t.dtype == torch.uint8:  # ORT hands bool over as uint8
+                        t = t.view(torch.bool)
+                    env[name] = t
             elif isinstance(item, OneDNNConv):
                 item.run(env, bound)
             else:
@@ -249,7 +256,7 @@ class SegmentedRunner:
         if not rn.backward:
             x, w, b = env[rn.inputs[0]], env[rn.inputs[1]], env[rn.inputs[2]]
             y, ctx = reuse_forward(x, w, b, rn.planes, rn.geom, rn.spec, impl=rn.impl)
-            env[rn.outputs[0]] = y
+            _store(rn.outputs[0], y, env, bound)
             ctxs[rn.outputs[1]] = ctx
             st["remain"] += ctx.remain_ratio
         else:
@@ -300,5 +307,6 @@ def _vi(name: str, types: dict):
 
 
 def _np(dtype):
-    return {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32,
-            torch.bool: np.bool_}[dtype]
+    return {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_,
+            torch.float16: np.float16, torch.float64: np.float64, torch.int8: np.int8, torch.uint8: np.uint8,
+            torch.int16: np.int16}[dtype]

@@ -148,24 +148,29 @@ class ReuseController(Controller):
         steps = max(int(metrics.get("steps", 1)), 1)
         layers = {}
         settings = self.settings()
-        for layer, c in self.configs.items():
+        # the variant that ran (a rescale stage has other shapes): its own layer geometry
+        from ..passes.reuse import reused_layers
+        ran = reused_layers(engine.artifacts.training) if getattr(engine, "artifacts", None) is not None else {}
+        for layer, c0 in self.configs.items():
+            c = ran.get(layer, c0)
             f = stats.get(f"{layer}|forward", {})
             b = stats.get(f"{layer}|backward", {})
             remain = f["remain"] / f["calls"] if f.get("calls") else None
-            cfg = dict(c, **settings.get(layer, {}))
+            cfg = dict(c, **{k: v for k, v in settings.get(layer, {}).items() if k in ("L", "H", "input_grad")})
             exact = layer_macs(c, batch, None)["total"]
             used = layer_macs(cfg, batch, remain)["total"] if (remain is not None and layer in settings) else exact
-            if self.measure_original and layer not in self.original_ms:
+            shape_key = f"{layer}@{c['in_hw'][0]}x{c['in_hw'][1]}"  # a rescale stage is another shape
+            if self.measure_original and shape_key not in self.original_ms:
                 try:
-                    self.original_ms[layer] = time_ort_conv_layer(c, batch)
+                    self.original_ms[shape_key] = time_ort_conv_layer(c, batch)
                 except Exception:  # a side measurement must never stop training
-                    self.original_ms[layer] = None
+                    self.original_ms[shape_key] = None
             layers[layer] = {
                 "reused": layer in settings, "L": settings.get(layer, {}).get("L"), "H": settings.get(layer, {}).get("H"),
                 "remain_ratio": remain, "macs_exact": exact, "macs_reuse": used, "macs_saved": 1 - used / exact,
                 "reuse_ms_per_step": ((f.get("ms", 0) + b.get("ms", 0)) / max(f.get("calls", 0), 1))
                 if f.get("calls") else None,
-                "ort_conv_ms": self.original_ms.get(layer)}
+                "ort_conv_ms": self.original_ms.get(shape_key), "input_hw": list(c["in_hw"])}
         rec = {"epoch": epoch, "on": self.on, "setting": self.schedule[self.index] if self.strategy == "lh" else
                (self.spec["L"], self.spec["H"]), "train_loss": metrics.get("train_loss"), "layers": layers,
                "steps": steps}
@@ -175,7 +180,7 @@ class ReuseController(Controller):
         # the cost model counts a reuse node at remain ratio 1 plus hashing; what the measured remain
         # ratio saves on top of that, in FLOPs per step (2 per multiply-add)
         metrics["reuse_flops_saved_per_step"] = sum(
-            2.0 * (v["macs_exact"] + layer_macs(self.configs[k], batch, None)["hash"] - v["macs_reuse"])
+            2.0 * (v["macs_exact"] + layer_macs(ran.get(k, self.configs[k]), batch, None)["hash"] - v["macs_reuse"])
             for k, v in layers.items() if v["reused"] and v["remain_ratio"] is not None)
         loss = metrics.get("train_loss")
         prev, self.prev_loss = self.prev_loss, loss

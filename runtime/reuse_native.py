@@ -54,11 +54,14 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(_SRC)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        os.unlink(tmp)
-        raise RuntimeError(f"building the reuse kernels failed: {r.stderr.strip().splitlines()[-1:]}")
-    os.replace(tmp, out)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"building the reuse kernels failed: {r.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out
 
 
@@ -131,7 +134,8 @@ def hash_buckets(x: torch.Tensor, planes: torch.Tensor, geom: ConvGeom, spec: Re
 
 
 def _ptr(t: torch.Tensor) -> int:
-    assert t.is_contiguous() and t.device.type == "cpu"
+    if not (t.is_contiguous() and t.device.type == "cpu" and t.dtype in (torch.float32, torch.int32, torch.int64)):
+        raise TypeError(f"reuse kernels take contiguous CPU float32/int32 tensors, got {t.dtype} on {t.device}")
     return t.data_ptr()
 
 
@@ -164,6 +168,8 @@ def forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, buckets=None):
 
 def forward_with_ids(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec):
     x = x.contiguous()
+    if x.dtype != torch.float32 or ids.dtype != torch.int32:
+        raise TypeError("native reuse: x must be float32 and ids int32")
     n, _, h, wd = x.shape
     ho, wo = geom.out_hw(h, wd)
     G = spec.chunks(geom.K)

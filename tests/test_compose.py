@@ -78,3 +78,22 @@ def test_end_to_end_every_controller_acts(small32, tmp_path):
     reused = [any(v["remain_ratio"] is not None for v in m["reuse"].values()) for m in hist]
     assert reused[0] and not reused[-1]
     assert hist[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_reuse_variants_of_a_fixed_skip_set(small32, tmp_path):
+    """--skip-layers c1,c2 removes c2's whole reused backward; the reuse controller can still build
+    its other settings and switch reuse off (c2 keeps a reused, then exact, forward)."""
+    from accelc.compiler.compile import load_artifacts
+    from accelc.passes.reuse import reuse_variant, reused_layers
+    r = run_cli("compile", small32 / "m.onnx", "--passes", "reuse,skip", "--skip-layers", "c1,c2",
+                "-o", tmp_path / "art")
+    assert r.returncode == 0, r.stderr
+    art, _ = load_artifacts(tmp_path / "art")
+    ops = {n.op_type for n in art.training.graph.node}
+    assert "ReuseConv_c2" in ops and "ReuseConvGrad_c2" not in ops
+    cfg = reused_layers(art.training)
+    finer = {k: dict(L=72, H=10, scope=v["scope"], input_grad=v["input_grad"], seed=v["seed"]) for k, v in cfg.items()}
+    assert set(reused_layers(reuse_variant(art, finer).training)) == {"c2", "c3"}
+    off = reuse_variant(art, {}).training.graph.node
+    assert not any(n.domain == "ai.accelc.reuse" for n in off)
+    assert not any(n.op_type == "ConvGrad" and n.name.startswith("/c2/") for n in off)

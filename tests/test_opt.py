@@ -75,3 +75,22 @@ def test_conv_onednn_runs_the_same_mathematics(name, tmp_path):
         for o, r in zip(outs, ref):
             got = env[o].numpy()
             assert np.linalg.norm(got - r) <= 1e-5 * np.linalg.norm(r) + 1e-7, (nd.node.name, o)
+
+
+def test_bool_tensors_cross_segment_boundaries(tmp_path):
+    """Dropout between oneDNN convs: its bool mask leaves one ORT segment (DLPack gives uint8) and
+    is read by DropoutGrad in another."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    accelc.export(net, torch.zeros(2, 1, 8, 8), tmp_path / "d.onnx")
+    accelc.compile(tmp_path / "d.onnx", tmp_path / "art")
+    s = TrainingSession(tmp_path / "art")
+    assert s.runner is not None
+    rng = np.random.default_rng(0)
+    loss, grads, _ = s.compute_gradients(rng.standard_normal((4, 1, 8, 8)).astype(np.float32),
+                                         rng.integers(0, 10, 4).astype(np.int64))
+    assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())
+    assert any(seg["bool"] for seg in s.runner.segments)  # a mask did cross a boundary

@@ -26,6 +26,7 @@ import torch
 
 from accelc.runtime import reuse_native as rn
 from accelc.runtime.data import fashion_mnist, resize
+from accelc.runtime.reuse import conv_layer_model
 from accelc.runtime.reuse_kernels import ConvGeom, ReuseSpec, make_planes, reuse_backward, reuse_forward
 
 SETTINGS = [(144, 6), (144, 8), (144, 16)]  # (L, H) giving remain ratios near 0.05, 0.1, 0.3 here
@@ -53,23 +54,12 @@ def median_ms(fn, repeats):
 
 
 def ort_session(threads):
-    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto as T
-    from onnx import helper as h
-    attrs = dict(pads=[1, 1, 1, 1], kernel_shape=[3, 3], strides=[1, 1], dilations=[1, 1])
-    g = h.make_graph(
-        [h.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs),
-         h.make_node("ConvGrad", ["dY", "X", "W"], ["dX", "dW", "dB"], domain="com.microsoft", group=1, **attrs)],
-        "conv_layer", [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("X", "W", "B", "dY")],
-        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("Y", "dX", "dW", "dB")])
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
-    m.ir_version = 10
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
-    del onnx
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    model = conv_layer_model((1, 1, 1, 1), (3, 3), (1, 1), (1, 1))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def main(argv=None):

@@ -30,6 +30,33 @@ class Option:
     flag: str | None = None  # CLI flag, e.g. "--skip-layers"; default --<pass>-<option>
 
 
+# ---------------------------------------------------------------- option parsers shared by passes
+def choice(*values: str):
+    """Parser: one of ``values`` ('choose from a, b')."""
+    def parse(text):
+        if text not in values:
+            raise ValueError(f"choose from {', '.join(values)}")
+        return text
+    return parse
+
+
+def int_at_least(low: int):
+    """Parser: an integer >= ``low``."""
+    def parse(text):
+        v = int(text)
+        if v < low:
+            raise ValueError(f"must be an integer >= {low}")
+        return v
+    return parse
+
+
+def name_list(text):
+    """Parser: comma-separated names (a list passes through)."""
+    if isinstance(text, (list, tuple)):
+        return list(text)
+    return [s.strip() for s in str(text).split(",") if s.strip()]
+
+
 @dataclass
 class PassResult:
     artifacts: Artifacts

@@ -36,7 +36,7 @@ from ..compiler.artifacts import Artifacts, generate
 from ..compiler.errors import AccelcError
 from ..compiler.graph import infer_shapes
 from ..compiler.model import check_model
-from ..compiler.pass_manager import Option, Pass, PassResult, register
+from ..compiler.pass_manager import Option, Pass, PassResult, choice, int_at_least, register
 
 STAGE_DIR = "stage-low"
 
@@ -234,12 +234,6 @@ def low_resolution_model(model: onnx.ModelProto, input_name: str, s: int, min_ke
 
 
 # ----------------------------------------------------------------------------- options and pass
-def _factor(text):
-    v = int(text)
-    if v < 1:
-        raise ValueError("must be an integer >= 1")
-    return v
-
 
 def _switch(text):
     text = str(text)
@@ -256,16 +250,6 @@ def _switch(text):
     raise ValueError("use epoch:E, fraction:F (0<F<1) or plateau[:PATIENCE]")
 
 
-def _method(text):
-    if text not in ("bilinear", "bicubic"):
-        raise ValueError("choose bilinear or bicubic")
-    return text
-
-
-def _moments(text):
-    if text not in ("changed", "all"):
-        raise ValueError("choose changed or all")
-    return text
 
 
 @register
@@ -274,17 +258,17 @@ class RescalePass(Pass):
     summary = "kernel rescaling: a low-resolution stage with downscaled kernels first, then full resolution"
     paper = "Gusmão et al., Fast training of CNNs via kernel rescaling, 2016"
     options = {
-        "factor": Option(2, "resolution factor s of the low-resolution stage", _factor, flag="--rescale-factor"),
+        "factor": Option(2, "resolution factor s of the low-resolution stage", int_at_least(1), flag="--rescale-factor"),
         "min_kernel": Option(5, "kernels at least this large are resampled; smaller ones keep their size",
-                             _factor, flag="--rescale-min-kernel"),
+                             int_at_least(1), flag="--rescale-min-kernel"),
         "switch": Option("fraction:0.5", "when to go to full resolution: epoch:E, fraction:F of the epochs, or "
                                          "plateau[:PATIENCE] (low-res validation loss stops improving)",
                          _switch, flag="--rescale-switch"),
-        "method": Option("bilinear", "interpolation of the up-rescale: bilinear or bicubic", _method,
+        "method": Option("bilinear", "interpolation of the up-rescale: bilinear or bicubic", choice("bilinear", "bicubic"),
                          flag="--rescale-method"),
         "reset_moments": Option("changed", "optimizer moments reset at the switch: changed (resampled "
                                            "parameters only; moments never carry across a shape change) or all",
-                                _moments, flag="--rescale-reset-moments"),
+                                choice("changed", "all"), flag="--rescale-reset-moments"),
     }
 
     def run(self, art: Artifacts, options: dict) -> PassResult:

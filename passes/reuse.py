@@ -35,28 +35,13 @@ from onnx import helper, numpy_helper
 
 from ..compiler.artifacts import Artifacts
 from ..compiler.errors import AccelcError
-from ..compiler.pass_manager import Option, Pass, PassResult, register
+from ..compiler.pass_manager import Option, Pass, PassResult, choice, int_at_least, name_list, register
 from ..runtime.reuse_kernels import ConvGeom, ReuseSpec, make_planes
 
 DOMAIN = "ai.accelc.reuse"
 CONFIG_KEY = "accelc.reuse.config"
 ORIGINAL_KEY = "accelc.reuse.original"  # the replaced Conv/ConvGrad node, serialised (base64)
 STRATEGIES = ("fixed", "lh", "off")
-
-
-def _choice(values):
-    def parse(text):
-        if text not in values:
-            raise ValueError(f"choose from {', '.join(values)}")
-        return text
-    return parse
-
-
-def _pos_int(text):
-    v = int(text)
-    if v < 1:
-        raise ValueError("must be >= 1")
-    return v
 
 
 def _hbits(text):
@@ -67,9 +52,7 @@ def _hbits(text):
 
 
 def _layers(text):
-    if isinstance(text, (list, tuple)):
-        return list(text)
-    return None if text in (None, "", "auto") else [s.strip() for s in str(text).split(",") if s.strip()]
+    return None if text in (None, "", "auto") else name_list(text)
 
 
 def _schedule(text):
@@ -80,7 +63,7 @@ def _schedule(text):
         a, _, b = part.strip().partition(":")
         if not b:
             raise ValueError("write L:H pairs, e.g. 288:6,144:8,72:10")
-        out.append((_pos_int(a), _hbits(b)))
+        out.append((int_at_least(1)(a), _hbits(b)))
     return out
 
 
@@ -271,21 +254,21 @@ class ReusePass(Pass):
         "layers": Option(None, "convs to reuse (names as `accelc inspect` prints); default: every group-1 conv "
                                "with >= 8 input channels", _layers, flag="--reuse-layers"),
         "L": Option(144, "sub-vector length L (clipped to the layer's K = C·kh·kw; a multiple of kh·kw lets the "
-                         "hash run as one grouped conv)", _pos_int, flag="--reuse-L"),
+                         "hash run as one grouped conv)", int_at_least(1), flag="--reuse-L"),
         "H": Option(8, "hyperplanes per sub-vector (cluster IDs have H bits; 1..20)", _hbits, flag="--reuse-H"),
-        "scope": Option("image", "clustering scope: image (rows of one image) or batch", _choice(("image", "batch")),
+        "scope": Option("image", "clustering scope: image (rows of one image) or batch", choice("image", "batch"),
                         flag="--reuse-scope"),
         "input_grad": Option("exact", "input gradient: exact (the conv's own) or cluster ((Gs/count)·Wᵀ to the "
-                                      "members)", _choice(("exact", "cluster")), flag="--reuse-input-grad"),
+                                      "members)", choice("exact", "cluster"), flag="--reuse-input-grad"),
         "seed": Option(0, "seed of the hyperplanes", int, flag="--reuse-seed"),
         "strategy": Option("fixed", "runtime strategy: fixed (L, H throughout), lh (L, H stepped coarse to fine "
                                     "along --reuse-schedule at each loss plateau), off (reuse on, then off at a "
-                                    "plateau)", _choice(STRATEGIES), flag="--reuse-strategy"),
+                                    "plateau)", choice(*STRATEGIES), flag="--reuse-strategy"),
         "schedule": Option("288:6,144:8,72:10", "lh strategy: the L:H settings, coarse to fine", _schedule,
                            flag="--reuse-schedule"),
         "plateau": Option(0.05, "a plateau: the epoch's training loss fell by less than this fraction", _fraction,
                           flag="--reuse-plateau"),
-        "min_epochs": Option(1, "epochs at least between two switches", _pos_int, flag="--reuse-min-epochs"),
+        "min_epochs": Option(1, "epochs at least between two switches", int_at_least(1), flag="--reuse-min-epochs"),
     }
 
     def run(self, art: Artifacts, options: dict) -> PassResult:

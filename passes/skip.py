@@ -29,16 +29,11 @@ import onnx_graphsurgeon as gs
 from ..compiler.artifacts import Artifacts
 from ..compiler.errors import AccelcError
 from ..compiler.graph import ACC_OUT_SUFFIX, BUFFER_SUFFIX, GRAD_SUFFIX, TrainingGraph
-from ..compiler.pass_manager import Option, Pass, PassResult, register
+from ..compiler.pass_manager import Option, Pass, PassResult, choice, int_at_least, name_list, register
 
 LARS_PREFIX = "accelc.lars."
 POLICIES = ("prefix", "suffix", "any")
 
-
-def _layers_list(text):
-    if isinstance(text, (list, tuple)):
-        return list(text)
-    return [s.strip() for s in str(text).split(",") if s.strip()]
 
 
 def _positive(text):
@@ -48,29 +43,8 @@ def _positive(text):
     return v
 
 
-def _policy(text):
-    if text not in POLICIES:
-        raise ValueError(f"choose from {', '.join(POLICIES)}")
-    return text
 
 
-def _tau_mode(text):
-    if text not in ("absolute", "relative"):
-        raise ValueError("choose absolute or relative")
-    return text
-
-
-def _aggregate(text):
-    if text not in ("mean", "last"):
-        raise ValueError("choose mean or last")
-    return text
-
-
-def _nonneg_int(text):
-    v = int(text)
-    if v < 0:
-        raise ValueError("must be >= 0")
-    return v
 
 
 def layer_groups(tg: TrainingGraph) -> dict[str, list[str]]:
@@ -207,21 +181,21 @@ class SkipPass(Pass):
     paper = "Layer skip learning using LARS variables, IEEE ICECS 2018"
     options = {
         "layers": Option(None, "layers to skip (names as `accelc inspect` prints); without it the graph is "
-                               "instrumented and the runtime controller decides per epoch", _layers_list,
+                               "instrumented and the runtime controller decides per epoch", name_list,
                          flag="--skip-layers"),
         "eta": Option(0.001, "LARS η (trust coefficient)", _positive, flag="--skip-eta"),
         "beta": Option(1e-4, "LARS β (weight-decay term in the denominator)", _positive, flag="--skip-beta"),
         "tau_mode": Option("relative", "threshold rule: relative (λ > factor × the layer's first-epoch λ) or "
-                                       "absolute (λ > tau)", _tau_mode, flag="--skip-tau-mode"),
+                                       "absolute (λ > tau)", choice("relative", "absolute"), flag="--skip-tau-mode"),
         "tau": Option(2.0, "the threshold: the factor (relative) or the λ value (absolute)", _positive,
                       flag="--skip-tau"),
         "policy": Option("prefix", "prefix: skip the longest input-side prefix of done layers (lets the backward "
                                    "stop early); suffix: the longest output-side suffix; any: every done layer",
-                         _policy, flag="--skip-policy"),
-        "every": Option(1, "take λ every k steps", _nonneg_int, flag="--skip-every"),
-        "aggregate": Option("mean", "per-epoch λ: mean or last", _aggregate, flag="--skip-aggregate"),
-        "min_epochs": Option(1, "epochs before the first decision", _nonneg_int, flag="--skip-min-epochs"),
-        "keep_last": Option(1, "trainable layers always kept (output side)", _nonneg_int, flag="--skip-keep-last"),
+                         choice(*POLICIES), flag="--skip-policy"),
+        "every": Option(1, "take λ every k steps", int_at_least(0), flag="--skip-every"),
+        "aggregate": Option("mean", "per-epoch λ: mean or last", choice("mean", "last"), flag="--skip-aggregate"),
+        "min_epochs": Option(1, "epochs before the first decision", int_at_least(0), flag="--skip-min-epochs"),
+        "keep_last": Option(1, "trainable layers always kept (output side)", int_at_least(0), flag="--skip-keep-last"),
     }
 
     def run(self, art: Artifacts, options: dict) -> PassResult:

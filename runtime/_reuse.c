@@ -194,26 +194,25 @@ static void move_ng(const geom_t *q, const cols_t *cols, float *x, const int32_t
     }
 }
 
+static void sums_ng(const geom_t *q, const cols_t *cols, const float *x, const int32_t *ids, float *sums,
+                    float *counts, int n, int g) {
+    const int P = q->Ho * q->Wo;
+    const int32_t *id = ids + ((int64_t)n * q->G + g) * P;
+    for (int p = 0; p < P; p++) counts[id[p]] += 1.0f;
+    move_ng(q, cols, (float *)x, ids, sums, n, g, +1);
+}
+
 void reuse_sums(const float *x, const int32_t *ids, const geom_t *q, int by_image,
                 float *sums, float *counts, int nthreads) {
-    const int P = q->Ho * q->Wo;
     cols_t cols = make_cols(q);
     if (by_image) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
         for (int n = 0; n < q->N; n++)
-            for (int g = 0; g < q->G; g++) {
-                const int32_t *id = ids + ((int64_t)n * q->G + g) * P;
-                for (int p = 0; p < P; p++) counts[id[p]] += 1.0f;
-                move_ng(q, &cols, (float *)x, ids, sums, n, g, +1);
-            }
+            for (int g = 0; g < q->G; g++) sums_ng(q, &cols, x, ids, sums, counts, n, g);
     } else {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
         for (int g = 0; g < q->G; g++)
-            for (int n = 0; n < q->N; n++) {
-                const int32_t *id = ids + ((int64_t)n * q->G + g) * P;
-                for (int p = 0; p < P; p++) counts[id[p]] += 1.0f;
-                move_ng(q, &cols, (float *)x, ids, sums, n, g, +1);
-            }
+            for (int n = 0; n < q->N; n++) sums_ng(q, &cols, x, ids, sums, counts, n, g);
     }
     free_cols(cols);
 }
@@ -258,6 +257,22 @@ void reuse_gather_out(const float *pm, const int32_t *ids, const float *bias, in
     }
 }
 
+/* Rows p0..p0+np of image n, transposed into tile, added to their clusters in chunks g0..g1-1. */
+static void grad_rows(const float *dy, const int32_t *ids, int n, int G, int g0, int g1, int P, int Co, int p0,
+                      float *tile, float *gs) {
+    const int np = P - p0 < PB ? P - p0 : PB;
+    for (int co = 0; co < Co; co++) {
+        const float *d = dy + ((int64_t)n * Co + co) * P + p0;
+        for (int p = 0; p < np; p++) tile[p * Co + co] = d[p];
+    }
+    for (int g = g0; g < g1; g++)
+        for (int p = 0; p < np; p++) {
+            float *row = gs + (int64_t)ids[((int64_t)n * G + g) * P + p0 + p] * Co;
+            const float *t = tile + p * Co;
+            for (int co = 0; co < Co; co++) row[co] += t[co];
+        }
+}
+
 /* gs[ids[n][g][p]][co] += dy[n][co][p] (per-cluster sums of the output gradient rows) */
 void reuse_grad_sums(const float *dy, const int32_t *ids, int N, int G, int P, int Co, int by_image,
                      float *gs, int nthreads) {
@@ -268,35 +283,12 @@ void reuse_grad_sums(const float *dy, const int32_t *ids, int N, int G, int P, i
         if (by_image) {
 #pragma omp for schedule(dynamic, 1)
             for (int n = 0; n < N; n++)
-                for (int b = 0; b < nblk; b++) {
-                    int p0 = b * PB, np = P - p0 < PB ? P - p0 : PB;
-                    for (int co = 0; co < Co; co++) {
-                        const float *d = dy + ((int64_t)n * Co + co) * P + p0;
-                        for (int p = 0; p < np; p++) tile[p * Co + co] = d[p];
-                    }
-                    for (int g = 0; g < G; g++)
-                        for (int p = 0; p < np; p++) {
-                            float *row = gs + (int64_t)ids[((int64_t)n * G + g) * P + p0 + p] * Co;
-                            const float *t = tile + p * Co;
-                            for (int co = 0; co < Co; co++) row[co] += t[co];
-                        }
-                }
+                for (int b = 0; b < nblk; b++) grad_rows(dy, ids, n, G, 0, G, P, Co, b * PB, tile, gs);
         } else {
 #pragma omp for schedule(dynamic, 1)
             for (int g = 0; g < G; g++)
                 for (int n = 0; n < N; n++)
-                    for (int b = 0; b < nblk; b++) {
-                        int p0 = b * PB, np = P - p0 < PB ? P - p0 : PB;
-                        for (int co = 0; co < Co; co++) {
-                            const float *d = dy + ((int64_t)n * Co + co) * P + p0;
-                            for (int p = 0; p < np; p++) tile[p * Co + co] = d[p];
-                        }
-                        for (int p = 0; p < np; p++) {
-                            float *row = gs + (int64_t)ids[((int64_t)n * G + g) * P + p0 + p] * Co;
-                            const float *t = tile + p * Co;
-                            for (int co = 0; co < Co; co++) row[co] += t[co];
-                        }
-                    }
+                    for (int b = 0; b < nblk; b++) grad_rows(dy, ids, n, G, g, g + 1, P, Co, b * PB, tile, gs);
         }
         free(tile);
     }

@@ -44,21 +44,27 @@ def layer_macs(cfg: dict, batch: int, remain: float | None) -> dict:
     return {"forward": fwd, "weight_grad": dw, "input_grad": dx, "total": fwd + dw + dx, "hash": hashing}
 
 
-def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
-    """Median ms of ORT's Conv + ConvGrad for one layer shape (random data, side session)."""
-    import onnxruntime as ort
+def conv_layer_model(pads, kernel, strides, dilations):
+    """A model running one layer's Conv (X, W, B -> Y) and ORT Training's ConvGrad (dY, X, W -> dX,
+    dW, dB): the original layer, for side-by-side timings."""
     from onnx import TensorProto as T
     from onnx import helper as h
-    g = cfg["geom"]
-    attrs = dict(pads=list(g["pads"]), kernel_shape=[g["kh"], g["kw"]], strides=list(g["stride"]),
-                 dilations=list(g["dilation"]))
+    attrs = dict(pads=list(pads), kernel_shape=list(kernel), strides=list(strides), dilations=list(dilations))
     graph = h.make_graph(
         [h.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs),
          h.make_node("ConvGrad", ["dY", "X", "W"], ["dX", "dW", "dB"], domain="com.microsoft", group=1, **attrs)],
-        "layer", [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("X", "W", "B", "dY")],
+        "conv_layer", [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("X", "W", "B", "dY")],
         [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("Y", "dX", "dW", "dB")])
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
+    return m
+
+
+def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
+    """Median ms of ORT's Conv + ConvGrad for one layer shape (random data, side session)."""
+    import onnxruntime as ort
+    g = cfg["geom"]
+    m = conv_layer_model(g["pads"], (g["kh"], g["kw"]), g["stride"], g["dilation"])
     so = ort.SessionOptions()
     so.log_severity_level = 3
     s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])

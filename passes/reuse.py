@@ -99,8 +99,7 @@ def candidate_layers(tg) -> list:
     for layer in tg.layers:
         if layer.op != "Conv" or len(layer.weight_shape) != 4:
             continue
-        a = {x.name: x for x in layer.forward.attrs.items()} if False else layer.forward.attrs
-        if int(a.get("group", 1)) != 1 or layer.weight_shape[1] < 8:
+        if int(layer.forward.attrs.get("group", 1)) != 1 or layer.weight_shape[1] < 8:
             continue
         if not any(b.op == "ConvGrad" for b in layer.backward):
             continue

@@ -146,7 +146,7 @@ class SegmentedRunner:
             src = [level[pos[id(producer[i])]] + (1 if pos[id(producer[i])] in native_ids else 0)
                    for i in n.input if i in producer]
             if pos[id(n)] in native_ids:
-                lv = max([s - 0 for s in src] or [0])
+                lv = max(src or [0])
                 # a reuse node reading another reuse node's output directly runs after it, same slot
                 native_after[lv].append(n)
             else:
@@ -261,18 +261,11 @@ class SegmentedRunner:
             st["remain"] += ctx.remain_ratio
         else:
             dy, x, w = env[rn.inputs[0]], env[rn.inputs[1]], env[rn.inputs[2]]
-            ctx = ctxs[rn.inputs[3]]
-            spec = rn.spec
-            want_dx = rn.wanted[0]
-            dx, dw, db = reuse_backward(dy, x, w, ctx, rn.geom, spec, impl=rn.impl, need_dx=want_dx,
-                                        need_dw=rn.wanted[1])
+            dx, dw, db = reuse_backward(dy, x, w, ctxs[rn.inputs[3]], rn.geom, rn.spec, impl=rn.impl,
+                                        need_dx=rn.wanted[0], need_dw=rn.wanted[1])
             for name, t, want in zip(rn.outputs, (dx, dw, db), rn.wanted):
-                if not want:
-                    continue
-                if name in bound:
-                    bound[name].copy_(t)
-                    t = bound[name]
-                env[name] = t
+                if want:
+                    _store(name, t, env, bound)
         st["ms"] += (time.perf_counter() - t0) * 1e3
         st["calls"] += 1
 

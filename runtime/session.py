@@ -178,10 +178,12 @@ class TrainingSession:
         so = session_options(self.threads)
         from .executor import SegmentedRunner, has_native, has_reuse
         self.runner = None
-        use_reuse = has_reuse(lowered) and self.reuse_impl != "ort"
-        if use_reuse or (self.device == "cpu" and has_native(lowered, self.conv_engine) and not has_reuse(lowered)):
+        reuse = has_reuse(lowered)
+        # the portable reuse path ("ort") runs the whole graph inside ORT, marked convs included
+        native = self.reuse_impl != "ort" if reuse else (self.device == "cpu" and has_native(lowered, self.conv_engine))
+        if native:
             impl = self.reuse_impl
-            if impl == "native" and use_reuse:
+            if impl == "native" and reuse:
                 from . import reuse_native
                 if not reuse_native.available():
                     import warnings

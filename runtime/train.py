@@ -37,8 +37,10 @@ def _merge_variants(vs: list) -> Variant:
     for v in vs:
         params.update(v.params or {})
         reset += [p for p in (v.reset_optimizer_for or []) if p not in reset]
-    hw = next((v.data_hw for v in reversed(vs) if v.data_hw), None) if last.data_hw is None and \
-        getattr(last.artifacts, "info", None) is None else last.data_hw
+    # apply_variant reads the spatial size from the artifacts' info; data_hw matters only without it
+    hw = last.data_hw
+    if hw is None and getattr(last.artifacts, "info", None) is None:
+        hw = next((v.data_hw for v in reversed(vs) if v.data_hw), None)
     return Variant(name=" + ".join(v.name for v in vs), artifacts=last.artifacts, params=params or None,
                    reset_optimizer_for=reset or None, data_hw=hw, info={k: v for x in vs for k, v in x.info.items()})
 
@@ -65,6 +67,7 @@ class Trainer:
         self.engine, self.data_full, self.data = engine, data, data
         self.run_dir = Path(run_dir) if run_dir else None
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self._cost_of: tuple = (None, {})  # (artifacts, cost-model FLOPs/bytes per step of that variant)
         self.controllers = controllers or []
         self.progress, self.name = progress, name
         self.eval_batch_size = eval_batch_size
@@ -203,17 +206,17 @@ class Trainer:
         art = getattr(self.engine, "artifacts", None)
         if art is None:
             return {}
-        key = id(art)
-        cache = self.__dict__.setdefault("_cost_cache", {})
-        if key not in cache:
+        if self._cost_of[0] is not art:  # computed once per variant
+            cost = {}
             try:
                 from ..compiler.compile import training_graph
                 from ..compiler.cost import graph_costs
                 c = graph_costs(training_graph(art), art.config.get("optimizer", "adamw"))["total"]
-                cache[key] = {"flops_per_step": c["flops"], "bytes_per_step": c["bytes"]}
+                cost = {"flops_per_step": c["flops"], "bytes_per_step": c["bytes"]}
             except Exception:  # accounting must never stop training
-                cache[key] = {}
-        return dict(cache[key])
+                pass
+            self._cost_of = (art, cost)
+        return dict(self._cost_of[1])
 
     def summary(self) -> dict:
         h = self.history

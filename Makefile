@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m accelc.runtime.demo
+	$(BIN)/python -m accelc.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(JOBS) tests

@@ -1,12 +1,8 @@
-"""accelc.compiler: load and check models, build ORT training artifacts, the shared graph view,
-the pass manager, cost accounting and the ``accelc`` command line."""
-import os as _os
-import warnings as _warnings
+"""accelc.compiler: load and check models, build ORT training artifacts, the training-graph view,
+the pass contract and manager, validation and cost accounting. Knows no pass by name.
 
-# ORT prints INFO lines for every graph transformer unless told otherwise.
-_os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
-_warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
-
-from .errors import AccelcError  # noqa: E402
+Importing it changes no logging, warning or environment setting.
+"""
+from .errors import AccelcError
 
 __all__ = ["AccelcError"]

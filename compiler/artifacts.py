@@ -5,7 +5,8 @@ An artifact directory holds ORT's four standard files, loadable by any ORT Train
 
     training_model.onnx  eval_model.onnx  optimizer_model.onnx  checkpoint
 
-plus accelc's ``report.json`` (what was compiled, how, what each pass changed, costs before/after).
+plus accelc's ``report.json`` and ``plan.json`` (the directory format is
+:mod:`accelc.compiler.artifact_dir`).
 
 Two fix-ups are applied to ORT's output, both needed for ORT 1.19.2 to train correctly:
   * IR version: onnx >= 1.17 stamps IR 14 on generated models; ORT 1.19.2 loads at most IR 10.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import sys
@@ -58,37 +58,6 @@ class Artifacts:
         return Artifacts(cp(self.training), cp(self.eval), cp(self.optimizer), self.checkpoint, self.info,
                          dict(self.config), dict(self.extra_files), [dict(p) for p in self.plan],
                          dict(self.stages))
-
-    def write(self, directory: Path) -> None:
-        directory = Path(directory)
-        _save(self.training, directory / "training_model.onnx")
-        _save(self.eval, directory / "eval_model.onnx")
-        _save(self.optimizer, directory / "optimizer_model.onnx")
-        (directory / "checkpoint").write_bytes(self.checkpoint)
-        for name, data in self.extra_files.items():
-            (directory / name).write_bytes(data)
-        (directory / "plan.json").write_text(json.dumps({"controllers": self.plan}, indent=1))
-        for name, stage in self.stages.items():
-            (directory / name).mkdir()
-            stage.write(directory / name)
-            (directory / name / "report.json").write_text(json.dumps(
-                {"input": {"sha256": stage.info.sha256}, "model": model_summary(stage.info),
-                 "options": stage.config, "stage_of": "..", "passes": []}, indent=1))
-
-
-def model_summary(info: ModelInfo) -> dict:
-    return {"input_name": info.input_name, "input_shape": list(info.input_shape), "output_name": info.output_name,
-            "num_classes": info.num_classes, "params": info.params, "frozen": info.frozen,
-            "param_count": info.param_count}
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    if model.ByteSize() > 1_900_000_000:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-    else:
-        with open(path, "wb") as fh:
-            fh.write(model.SerializeToString())
 
 
 def fix_ir_version(model: onnx.ModelProto) -> bool:
@@ -152,17 +121,23 @@ def quiet_native_stderr():
 
 def ort_generate(info: ModelInfo, directory: Path, loss: str = "cross_entropy", optimizer: str = "adamw") -> None:
     """Plain ``generate_artifacts`` exactly as an ORT user would call it (no fix-ups)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded when artifacts are generated
     from onnxruntime.training import artifacts as ort_artifacts
     ort.set_default_logger_severity(3)
     os.makedirs(directory, exist_ok=True)
-    # generate_artifacts logs through the root logger and ORT's own logger; keep the terminal clean.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
-    with quiet_native_stderr(), contextlib.redirect_stdout(io.StringIO()):
-        ort_artifacts.generate_artifacts(
-            info.model, requires_grad=list(info.params), frozen_params=list(info.frozen),
-            loss=_ort_loss(loss), optimizer=_ort_optimizer(optimizer), artifact_directory=str(directory),
-            additional_output_names=[info.output_name])
+    # generate_artifacts logs INFO lines through the root logger; keep the terminal clean for the
+    # duration of the call only (importing accelc changes no logging).
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        with quiet_native_stderr(), contextlib.redirect_stdout(io.StringIO()):
+            ort_artifacts.generate_artifacts(
+                info.model, requires_grad=list(info.params), frozen_params=list(info.frozen),
+                loss=_ort_loss(loss), optimizer=_ort_optimizer(optimizer), artifact_directory=str(directory),
+                additional_output_names=[info.output_name])
+    finally:
+        root.setLevel(level)
 
 
 def generate(info: ModelInfo, loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3,

@@ -7,39 +7,31 @@ from pathlib import Path
 
 import onnx
 
-from .artifacts import Artifacts, generate, model_summary
-from .cost import _numel, graph_costs
-from .errors import AccelcError, atomic_dir
-from .graph import TrainingGraph, infer_shapes
+from . import provenance
+from .artifact_dir import load_artifacts, model_summary, write_artifacts
+from .artifacts import generate
+from .cost import graph_costs, numel
+from .errors import AccelcError
+from .fileio import atomic_dir
+from .graph import TrainingGraph, training_graph
 from .legalize import legalize
+from .manager import PassManager
 from .model import ModelInfo, check_model, load_model, read_model
-from .pass_manager import PassManager, validate
+from .pass_api import default_passes
+from .validation import validate
 
 VERSION = "0.1.0"
-
-
-_SHAPES: dict = {}
-
-
-def training_graph(art: Artifacts) -> TrainingGraph:
-    """The graph view of an artifact set's training model (forward shapes inferred once per model)."""
-    key = (id(art.info.model), art.config.get("batch_size", 64))
-    if key not in _SHAPES or _SHAPES[key][0] is not art.info.model:
-        if len(_SHAPES) > 16:
-            _SHAPES.clear()
-        _SHAPES[key] = (art.info.model, infer_shapes(art.info.model, key[1]))
-    return TrainingGraph(art.training, _SHAPES[key][1])
 
 
 def layer_table(tg: TrainingGraph, costs: dict) -> list[dict]:
     rows = []
     for layer in tg.layers:
         c = costs["layers"].get(layer.name, {})
-        passes = sorted({t["accelc.pass"] for n in [layer.forward] + layer.backward
-                         for t in [tg.tags.get(n.name)] if t})
+        passes = sorted({t[provenance.PASS] for n in [layer.forward] + layer.backward
+                         for t in [tg.tags.get(n.name)] if t and provenance.PASS in t})
         rows.append({
             "name": layer.name, "op": layer.op, "params": list(layer.params),
-            "param_count": int(sum(_numel(tg.shape(p)) for p in layer.params)),
+            "param_count": int(sum(numel(tg.shape(p)) for p in layer.params)),
             "weight_shape": list(layer.weight_shape), "input_shape": list(layer.input_shape),
             "output_shape": list(layer.output_shape),
             "flops_fwd": c.get("forward", {}).get("flops", 0.0), "flops_bwd": c.get("backward", {}).get("flops", 0.0),
@@ -53,15 +45,17 @@ def layer_table(tg: TrainingGraph, costs: dict) -> list[dict]:
 def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_options: dict | None = None,
                   loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3,
                   batch_size: int = 64, force: bool = False, validate_result: bool = True,
-                  info: ModelInfo | None = None, opt: bool = True) -> dict:
+                  info: ModelInfo | None = None, defaults: bool = True) -> dict:
     """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes``.
 
-    The ``opt`` pass (exact speed rewrites) runs first unless ``opt`` is False; with
-    ``passes=[]`` and ``opt=False`` the artifacts are ORT's plain generate_artifacts output.
+    The default passes (those declaring ``default = True``) run first unless ``defaults`` is
+    False; with ``passes=[]`` and ``defaults=False`` the artifacts are ORT's plain
+    generate_artifacts output.
     """
-    passes = [p for p in (passes or []) if p != "opt"]
-    if opt:
-        passes = ["opt"] + passes
+    dflt = default_passes()
+    passes = [p for p in (passes or []) if p not in dflt]
+    if defaults:
+        passes = dflt + passes
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if info is None:
@@ -96,7 +90,7 @@ def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_opt
             "layers": layer_table(after_tg, after),
             "compile_seconds": None,
         }
-        art.write(tmp)
+        write_artifacts(art, tmp)
         report["compile_seconds"] = round(time.perf_counter() - t0, 3)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -110,67 +104,6 @@ def legalized(info: ModelInfo) -> ModelInfo:
         return info
     return dataclasses.replace(info, model=model, warnings=list(info.warnings),
                                legalize_notes=list(info.legalize_notes) + notes)
-
-
-def load_artifacts(directory) -> tuple[Artifacts, dict]:
-    """Read a compiled artifact directory back (for inspect, the runtime and variant building)."""
-    d = Path(directory)
-    if not d.exists():
-        raise AccelcError(f"'{d}': no such file or directory")
-    if not d.is_dir():
-        raise AccelcError(f"'{d}' is not an artifact directory")
-    missing = [f for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "report.json")
-               if not (d / f).exists()]
-    if missing:
-        raise AccelcError(f"'{d}' is not an accelc artifact directory (missing {', '.join(missing)})")
-    try:
-        report = json.loads((d / "report.json").read_text())
-    except (ValueError, OSError) as e:
-        raise AccelcError(f"'{d}/report.json' is unreadable: {e}") from None
-    models = {}
-    for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
-        try:
-            models[f], _ = read_model(d / f)
-        except AccelcError as e:
-            raise AccelcError(f"artifact {f}: {e}") from None
-    ev = models["eval_model.onnx"]
-    info = _info_from_eval(ev, report)
-    plan = []
-    if (d / "plan.json").exists():
-        try:
-            plan = json.loads((d / "plan.json").read_text()).get("controllers", [])
-        except (ValueError, OSError, AttributeError) as e:
-            raise AccelcError(f"'{d}/plan.json' is unreadable: {e}") from None
-    art = Artifacts(models["training_model.onnx"], ev, models["optimizer_model.onnx"],
-                    (d / "checkpoint").read_bytes(), info, dict(report.get("options", {})), plan=plan)
-    for spec in plan:
-        stage = spec.get("stage")
-        if stage:
-            if "/" in stage or stage.startswith("."):
-                raise AccelcError(f"plan.json names a stage '{stage}' outside the artifact directory")
-            art.stages[stage] = load_artifacts(d / stage)[0]
-    return art, report
-
-
-def _info_from_eval(ev: onnx.ModelProto, report: dict) -> ModelInfo:
-    """Rebuild the forward model description from the eval model (forward graph + loss)."""
-    m = report["model"]
-    fwd = onnx.ModelProto()
-    fwd.CopyFrom(ev)
-    g = fwd.graph
-    keep = [n for n in g.node if not n.op_type.startswith("SoftmaxCrossEntropyLoss")]
-    del g.node[:]
-    g.node.extend(keep)
-    ins = [i for i in g.input if i.name != "labels"]
-    del g.input[:]
-    g.input.extend(ins)
-    outs = [o for o in g.output if o.name == m["output_name"]]
-    del g.output[:]
-    g.output.extend(outs)
-    # parameters are graph inputs in the eval model; shape inference needs their shapes, which inputs carry
-    return ModelInfo(model=fwd, path=None, sha256=report["input"].get("sha256", ""), input_name=m["input_name"],
-                     input_shape=tuple(m["input_shape"]), output_name=m["output_name"],
-                     num_classes=m["num_classes"], params=list(m["params"]), frozen=list(m["frozen"]))
 
 
 def inspect_path(path) -> dict:

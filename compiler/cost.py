@@ -4,11 +4,14 @@ The model is analytic (no timing): a multiply-add counts 2 FLOPs, elementwise op
 constant per element, and bytes are the float32 sizes of every tensor a node reads and writes.
 The optimizer phase is counted per trainable element (AdamW ≈ 12 FLOPs, reads p, g, m, v and
 writes p, m, v; SGD 2 FLOPs, reads p, g and writes p).
+
+Passes whose nodes are not standard ops declare their cost with :func:`register_cost`.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -48,7 +51,7 @@ class Cost:
         return d
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
     return int(np.prod(shape)) if shape else 0
 
 
@@ -56,64 +59,71 @@ def _attr(node, name, default):
     return node.attrs.get(name, default)
 
 
-def _conv_macs(tg: TrainingGraph, x: str, w: str, y: str, group: int) -> int:
+def conv_macs(tg: TrainingGraph, w: str, y: str) -> int:
+    """Multiply-adds of a convolution with weight ``w`` and output ``y``."""
     ws, ys = tg.shape(w), tg.shape(y)
     if not ws or not ys:
         return 0
     # Y = [N, Cout, *spatial]; W = [Cout, Cin/g, *k]
-    return _numel(ys) * _numel(ws[1:])
+    return numel(ys) * numel(ws[1:])
 
 
-def _reuse_config(tg: TrainingGraph, node) -> dict:
-    import json
-    text = tg.tags.get(node.name, {}).get("accelc.reuse.config")
-    return json.loads(text) if text else {}
+def conv_grad_flops(tg: TrainingGraph, node) -> float:
+    """FLOPs of a ConvGrad-like node: inputs dY, X, W; outputs dX, dW, dB (any may be absent)."""
+    ins = [t.name for t in node.inputs]
+    outs = [t.name for t in node.outputs]
+    macs = numel(tg.shape(ins[0])) * numel(tg.shape(ins[2])[1:])
+    flops = 0.0
+    if len(outs) > 0 and outs[0]:
+        flops += 2.0 * macs
+    if len(outs) > 1 and outs[1]:
+        flops += 2.0 * macs
+    if len(outs) > 2 and outs[2]:
+        flops += numel(tg.shape(ins[0]))
+    return flops
+
+
+# FLOPs of node kinds passes add: (claims(gs node) -> bool, flops(tg, gs node) -> float)
+_COSTS: list[tuple[Callable, Callable]] = []
+
+
+def register_cost(claims: Callable, flops: Callable) -> None:
+    """Declare the FLOPs of nodes a pass adds (bytes are counted from the tensors, as for any node)."""
+    _COSTS.append((claims, flops))
 
 
 def node_cost(tg: TrainingGraph, node) -> Cost:
     ins = [t.name for t in node.inputs]
     outs = [t.name for t in node.outputs]
-    rd = 4.0 * sum(_numel(tg.shape(t)) for t in ins if t)
-    wr = 4.0 * sum(_numel(tg.shape(t)) for t in outs if t)
+    rd = 4.0 * sum(numel(tg.shape(t)) for t in ins if t)
+    wr = 4.0 * sum(numel(tg.shape(t)) for t in outs if t)
     op = node.op
     flops = 0.0
-    if op == "Conv":
-        flops = 2.0 * _conv_macs(tg, ins[0], ins[1], outs[0], _attr(node, "group", 1))
+    hook = next((f for claims, f in _COSTS if claims(node)), None)
+    if hook is not None:
+        flops = float(hook(tg, node))
+    elif op == "Conv":
+        flops = 2.0 * conv_macs(tg, ins[1], outs[0])
         if len(ins) > 2 and ins[2]:
-            flops += _numel(tg.shape(outs[0]))
-    elif op.startswith("ReuseConv_"):
-        # Compile-time bound: the remain ratio is known only while training (the reuse controller
-        # reports the measured one), so the centroid GEMM is counted at remain ratio 1, plus hashing.
-        macs = _conv_macs(tg, ins[0], ins[1], outs[0], 1)
-        flops = 2.0 * macs + _numel(tg.shape(outs[0]))
-        cfg = _reuse_config(tg, node)
-        if cfg and tg.shape(ins[1]):
-            flops += 2.0 * macs / tg.shape(ins[1])[0] * cfg.get("H", 0)
-    elif op == "ConvGrad" or op.startswith("ReuseConvGrad_"):
-        # inputs: dY, X, W; outputs: dX, dW, dB (any may be absent)
-        macs = _numel(tg.shape(ins[0])) * _numel(tg.shape(ins[2])[1:])
-        if len(outs) > 0 and outs[0]:
-            flops += 2.0 * macs
-        if len(outs) > 1 and outs[1]:
-            flops += 2.0 * macs
-        if len(outs) > 2 and outs[2]:
-            flops += _numel(tg.shape(ins[0]))
+            flops += numel(tg.shape(outs[0]))
+    elif op == "ConvGrad":
+        flops = conv_grad_flops(tg, node)
     elif op in ("Gemm", "MatMul"):
         a, b = tg.shape(ins[0]), tg.shape(ins[1])
         y = tg.shape(outs[0])
         if a and b and y:
             ta = _attr(node, "transA", 0) if op == "Gemm" else 0
             k = a[-2] if ta else a[-1]
-            flops = 2.0 * _numel(y) * k
+            flops = 2.0 * numel(y) * k
             if op == "Gemm" and len(ins) > 2 and ins[2]:
-                flops += _numel(y)
+                flops += numel(y)
     elif op in ("MaxPool", "AveragePool"):
-        k = _numel(_attr(node, "kernel_shape", [1]))
-        flops = _numel(tg.shape(outs[0])) * k
+        k = numel(_attr(node, "kernel_shape", [1]))
+        flops = numel(tg.shape(outs[0])) * k
     elif op in ("MaxPoolGrad", "AveragePoolGrad", "GlobalAveragePool", "ReduceSum", "ReduceMean"):
-        flops = _numel(tg.shape(ins[0]))
+        flops = numel(tg.shape(ins[0]))
     else:
-        flops = _ELEMENTWISE.get(op, 1) * max((_numel(tg.shape(t)) for t in outs if t), default=0)
+        flops = _ELEMENTWISE.get(op, 1) * max((numel(tg.shape(t)) for t in outs if t), default=0)
     return Cost(flops, rd, wr)
 
 
@@ -136,7 +146,7 @@ def graph_costs(tg: TrainingGraph, optimizer: str = "adamw") -> dict:
         phases[ph] += c
         per_layer[owner.get(node.name, "(other)")][ph] += c
     f_el, b_el = OPTIMIZER_COST.get(optimizer, OPTIMIZER_COST["adamw"])
-    trained = sum(_numel(tg.shape(p)) for p in tg.params)
+    trained = sum(numel(tg.shape(p)) for p in tg.params)
     phases["optimizer"] = Cost(f_el * trained, b_el * trained * 4 / 7, b_el * trained * 3 / 7)
     total = Cost()
     for c in phases.values():

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import AccelcError, atomic_write_bytes
+from .errors import AccelcError
+from .fileio import atomic_write_bytes
 
 OPSET = 17
 

@@ -2,9 +2,10 @@
 
 A :class:`TrainingGraph` wraps an ORT training graph (forward + loss + backward + gradient
 accumulators) in onnx-graphsurgeon and indexes it by trainable layer: for every Conv, Gemm and
-MatMul with a weight parameter, its forward node, backward nodes, parameters, gradient
-accumulators, input/output tensors and shapes. Node tags (``metadata_props``) added by passes are
-kept beside the gs graph and written on export, because gs does not carry node metadata.
+MatMul with a weight parameter (and every node kind a pass registered as a layer with
+:func:`register_layer_op`), its forward node, backward nodes, parameters, gradient accumulators,
+input/output tensors and shapes. Node tags (``metadata_props``) added by passes are kept beside
+the gs graph and written on export, because gs does not carry node metadata.
 """
 from __future__ import annotations
 
@@ -15,12 +16,35 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import provenance
 from .model import LAYER_OPS
 
 ACCUMULATOR_OP = "InPlaceAccumulatorV2"
 GRAD_SUFFIX = "_grad"
 BUFFER_SUFFIX = "_grad.accumulation.buffer"
 ACC_OUT_SUFFIX = "_grad.accumulation.out"
+
+
+# Forward node kinds that are trainable layers beyond the standard ones: (domain, op-type prefix)
+# -> the layer kind shown in tables. A pass that replaces a layer's forward node with a node of
+# its own registers it, so the graph view still sees the layer.
+_LAYER_OPS: dict[tuple[str, str], str] = {}
+
+
+def register_layer_op(domain: str, op_prefix: str, kind: str) -> None:
+    """Nodes of ``domain`` whose op type starts with ``op_prefix`` are layers of kind ``kind``
+    (their weight and bias sit in input slots 1 and 2, like Conv's)."""
+    _LAYER_OPS[(domain, op_prefix)] = kind
+
+
+def layer_kind(node) -> str | None:
+    """The layer kind of a forward node (gs node), or None if it is not a layer op."""
+    if node.op in LAYER_OPS and node.domain in (None, "", "ai.onnx"):
+        return node.op
+    for (domain, prefix), kind in _LAYER_OPS.items():
+        if node.domain == domain and node.op.startswith(prefix):
+            return kind
+    return None
 
 
 @dataclass
@@ -42,32 +66,6 @@ class Layer:
     @property
     def weight(self) -> str:
         return self.params[0]
-
-
-def infer_shapes(base_model: onnx.ModelProto, batch: int) -> dict[str, tuple]:
-    """Static shapes of every forward tensor at a concrete batch size."""
-    m = onnx.ModelProto()
-    m.CopyFrom(base_model)
-    inits = {t.name for t in m.graph.initializer}
-    for vi in list(m.graph.input) + list(m.graph.output):
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = batch
-    try:
-        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
-    except Exception:
-        pass
-    shapes: dict[str, tuple] = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
-    for t in m.graph.initializer:
-        shapes[t.name] = tuple(t.dims)
-    return shapes
 
 
 def layer_name_for(param: str, node_name: str) -> str:
@@ -108,8 +106,8 @@ class TrainingGraph:
         used = set()
         param_set = set(self.all_params)
         for n in g.nodes:
-            reused = n.domain == "ai.accelc.reuse" and n.op.startswith("ReuseConv_")
-            if (n.op not in LAYER_OPS and not reused) or self.is_backward(n):
+            kind = layer_kind(n)
+            if kind is None or self.is_backward(n):
                 continue
             slots = (0, 1) if n.op == "MatMul" else (1, 2)
             params = [n.inputs[s].name for s in slots if s < len(n.inputs) and n.inputs[s].name in param_set]
@@ -126,7 +124,7 @@ class TrainingGraph:
             accs = [acc_by_grad[p + GRAD_SUFFIX] for p in params if p + GRAD_SUFFIX in acc_by_grad]
             data_in = n.inputs[1].name if n.op == "MatMul" and n.inputs[0].name in param_set else n.inputs[0].name
             self.layers.append(Layer(
-                name=name, op="ReuseConv" if reused else n.op, forward=n, backward=bwd, params=params, accumulators=accs,
+                name=name, op=kind, forward=n, backward=bwd, params=params, accumulators=accs,
                 input=data_in, output=n.outputs[0].name,
                 weight_shape=self.shape(params[0]), input_shape=self.shape(data_in),
                 output_shape=self.shape(n.outputs[0].name)))
@@ -164,10 +162,12 @@ class TrainingGraph:
         return ()
 
     # ------------------------------------------------------------------ tagging
-    def tag(self, node_name: str, pass_name: str, layer: str, note: str) -> None:
+    def tag(self, node_name: str, pass_name: str, layer: str, note: str, **extra: str) -> None:
         """Mark a node added or changed by a pass; shown by Netron as node properties."""
-        keep = {k: v for k, v in self.tags.get(node_name, {}).items() if k == "accelc.exec"}
-        self.tags[node_name] = {"accelc.pass": pass_name, "accelc.layer": layer, "accelc.note": note, **keep}
+        new = provenance.record(pass_name, layer, note, **extra)
+        keep = {k: v for k, v in self.tags.get(node_name, {}).items()
+                if k in provenance.KEEP_ON_RETAG and k not in new}
+        self.tags[node_name] = {**new, **keep}
 
     # ------------------------------------------------------------------ export
     def to_onnx(self) -> onnx.ModelProto:
@@ -187,3 +187,9 @@ class TrainingGraph:
             if "_Grad/" in n.name and not n.doc_string:
                 n.doc_string = "Backward pass"
         return model
+
+
+def training_graph(art) -> TrainingGraph:
+    """The graph view of an artifact set's training model, with the forward shapes at the
+    artifacts' batch size (inferred once per model, cached on its ModelInfo)."""
+    return TrainingGraph(art.training, art.info.shapes(int(art.config.get("batch_size", 64))))

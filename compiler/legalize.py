@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import AccelcError
-from .graph import infer_shapes
+from .model import infer_shapes
 
 
 def _attrs(node) -> dict:

@@ -56,11 +56,44 @@ class ModelInfo:
     frozen: list[str]  # float initialisers that are not trained (BN running stats, constants)
     warnings: list[str] = field(default_factory=list)
     legalize_notes: list[str] = field(default_factory=list)
+    _shapes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def shapes(self, batch: int) -> dict[str, tuple]:
+        """Static shapes of every forward tensor at batch size ``batch`` (inferred once per batch)."""
+        if batch not in self._shapes:
+            self._shapes[batch] = infer_shapes(self.model, batch)
+        return self._shapes[batch]
 
     @property
     def param_count(self) -> int:
         inits = {t.name: t for t in self.model.graph.initializer}
         return int(sum(np.prod(inits[p].dims) for p in self.params))
+
+
+def infer_shapes(base_model: onnx.ModelProto, batch: int) -> dict[str, tuple]:
+    """Static shapes of every forward tensor at a concrete batch size."""
+    m = onnx.ModelProto()
+    m.CopyFrom(base_model)
+    inits = {t.name for t in m.graph.initializer}
+    for vi in list(m.graph.input) + list(m.graph.output):
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    try:
+        m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception:
+        pass
+    shapes: dict[str, tuple] = {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+    for t in m.graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+    return shapes
 
 
 def _check_path(path: Path) -> None:

@@ -6,18 +6,13 @@ Python API (the CLI is a thin layer over these)::
     accelc.export(module, example_input, "model.onnx")       # training-mode export
     report = accelc.compile("model.onnx", "art", passes=["skip"])
     result = accelc.train("art", data="synthetic", epochs=3, batch_size=64, run_dir="run")
+
+Layers (checked by import-linter in CI): ``accelc.compiler`` <- ``accelc.runtime`` <-
+``accelc.passes`` (one package per method) <- this facade (``accelc.api``, ``accelc.cli``,
+``accelc.bench``). Importing ``accelc`` loads neither torch nor ONNX Runtime.
 """
-from accelc.compiler.compile import compile_model as compile  # noqa: A001
-from accelc.compiler.compile import inspect_path as inspect
-from accelc.compiler.errors import AccelcError
-from accelc.compiler.export import export
-
-__version__ = "0.1.0"
-
-
-def train(*args, **kwargs):
-    from accelc.runtime.train import train as _train
-    return _train(*args, **kwargs)
-
+from .api import compile, export, inspect, train  # noqa: A004
+from .compiler.compile import VERSION as __version__
+from .compiler.errors import AccelcError
 
 __all__ = ["compile", "inspect", "export", "train", "AccelcError", "__version__"]

@@ -1,5 +1,4 @@
-"""accelc.passes: one module per pass, each registered with the pass manager on import."""
-from . import opt  # noqa: F401,E402  (first: runs by default before the user's passes)
-from . import skip  # noqa: F401,E402
-from . import rescale  # noqa: F401,E402
-from . import reuse  # noqa: F401,E402
+"""accelc.passes: one package per method, each owning its graph rewrite, ONNX form, run-time
+algorithm, kernels and cost hook. Importing this package registers them all with the compiler's
+and the runtime's registries; a new method is one more folder here (and one import below)."""
+from . import opt, rescale, reuse, skip  # noqa: F401

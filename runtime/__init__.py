@@ -1,5 +1,4 @@
-"""accelc.runtime: run compiled artifacts on ORT Training — the training session, per-epoch
-controllers, data, checkpoints, metrics, benchmarks."""
-import os as _os
-
-_os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
+"""accelc.runtime: run any compiled artifact set on ORT Training — the engine, the segmented
+executor and its node-kernel registry, training-time algorithms and their schedule, the training
+loop, data, checkpoints. Knows no pass by name: passes register what they need.
+"""

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compiler.errors import AccelcError, atomic_write_bytes, atomic_write_text
+from ..compiler.errors import AccelcError
+from ..compiler.fileio import atomic_write_bytes, atomic_write_text
 
 META = "checkpoint.json"
 

@@ -25,74 +25,21 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
+from ..compiler.artifact_dir import load_artifacts
 from ..compiler.artifacts import Artifacts, optimizer_hyperparameters
-from ..compiler.compile import load_artifacts
 from ..compiler.errors import AccelcError
-from ..compiler.graph import ACCUMULATOR_OP, BUFFER_SUFFIX
+from ..compiler.lowering import lower_training_model
+from .config import ExecConfig
+from .engine import ParamUpdate, StepResult
+from .executor import SegmentedRunner, claimed
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
-
-BN_OPS = ("BatchNormInternal", "BatchNormalization")
-
-
-def lower_training_model(model: onnx.ModelProto, logits_name: str) -> tuple[onnx.ModelProto, dict]:
-    """Strip gradient accumulators and expose raw gradients and BN running-stat updates as outputs.
-
-    Returns the lowered model and a description: {"loss", "logits", "grads": {param: output},
-    "bn_stats": {output: param}, "bn": [per-BatchNorm running-variance correction data]}.
-
-    ORT's BatchNormInternal updates running_var with the biased batch variance; torch uses the
-    unbiased one. The saved inverse std is exposed too, so the runtime can apply torch's
-    n/(n-1) correction (see TrainingSession._update_bn_stats).
-    """
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    input_names = {i.name for i in g.input}
-    grads = {}
-    keep = []
-    for n in g.node:
-        if n.op_type == ACCUMULATOR_OP:
-            buf = n.input[0]
-            grads[buf[: -len(BUFFER_SUFFIX)]] = n.input[1]
-        else:
-            keep.append(n)
-    bn_stats = {}
-    bn = []
-    for n in keep:
-        if n.op_type in BN_OPS and len(n.output) >= 3 and len(n.input) >= 5:
-            for o, i in ((n.output[1], n.input[3]), (n.output[2], n.input[4])):
-                if o and i in input_names:
-                    bn_stats[o] = i
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            if n.op_type == "BatchNormInternal" and len(n.output) >= 5 and n.output[4] and n.output[2]:
-                bn.append({"x": n.input[0], "var_out": n.output[2], "inv_std": n.output[4],
-                           "momentum": float(attrs.get("momentum", 0.9)), "epsilon": float(attrs.get("epsilon", 1e-5))})
-    del g.node[:]
-    g.node.extend(keep)
-    ins = [i for i in g.input if not i.name.endswith(BUFFER_SUFFIX) and i.name != "lazy_reset_grad"]
-    del g.input[:]
-    g.input.extend(ins)
-    loss = g.output[0].name
-    extras = [o.name for o in g.output if o.name.startswith("accelc.")]
-    outs = [onnx.helper.make_empty_tensor_value_info(loss)]
-    names = [loss]
-    if logits_name:
-        names.append(logits_name)
-    names += list(grads.values()) + list(bn_stats) + [b["inv_std"] for b in bn] + extras
-    del g.output[:]
-    for nm in names:
-        g.output.append(onnx.helper.make_empty_tensor_value_info(nm))
-    del outs
-    return m, {"loss": loss, "logits": logits_name, "grads": grads, "bn_stats": bn_stats, "bn": bn,
-               "extras": extras}
 
 
 def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
     """All parameters (trainable and frozen) of an ORT checkpoint, as numpy arrays."""
-    from onnxruntime.training import api
+    from onnxruntime.training import api  # heavy: ORT Training
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "checkpoint")
         with open(p, "wb") as fh:
@@ -102,7 +49,7 @@ def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
 
 
 def session_options(threads: int | None = None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -113,25 +60,14 @@ def session_options(threads: int | None = None):
 class TrainingSession:
     """Owns one model's parameters, optimizer state and the ORT sessions of its current variant."""
 
-    def __init__(self, artifacts: str | Path | Artifacts, device: str = "cpu", lr: float | None = None,
-                 threads: int | None = None, reuse_impl: str | None = None, conv_engine: str | None = None):
+    def __init__(self, artifacts: str | Path | Artifacts, config: ExecConfig | None = None, lr: float | None = None):
         if isinstance(artifacts, Artifacts):
             art, report = artifacts, {"options": artifacts.config}
         else:
             art, report = load_artifacts(artifacts)
-        self.device = self._check_device(device)
-        self.threads = threads
-        # reuse nodes: "native" (accelc's kernels, CPU), "torch" (reference kernels) or "ort" (the
-        # portable standard-op functions inside ORT; the only path on CUDA)
-        self.reuse_impl = reuse_impl or os.environ.get("ACCELC_REUSE_IMPL") or (
-            "ort" if self.device == "cuda" else "native")
-        if self.reuse_impl not in ("native", "torch", "ort"):
-            raise AccelcError(f"reuse implementation must be native, torch or ort, got '{self.reuse_impl}'")
-        # Conv/ConvGrad marked by opt's conv_onednn rule: oneDNN (CPU) or ORT's own kernels
-        self.conv_engine = conv_engine or os.environ.get("ACCELC_CONV_ENGINE") or (
-            "ort" if self.device == "cuda" else "onednn")
-        if self.conv_engine not in ("onednn", "ort"):
-            raise AccelcError(f"conv engine must be onednn or ort, got '{self.conv_engine}'")
+        self.exec = config or ExecConfig()
+        self.exec.check()
+        self.device = self._check_device(self.exec.device)
         self.info = art.info
         self.config = dict(report.get("options", {}))
         self.lr = float(lr if lr is not None else self.config.get("lr", 1e-3))
@@ -143,15 +79,12 @@ class TrainingSession:
         self.optimizer = make_optimizer([self.params[p] for p in self.trainable_all], self.hyper, self.lr)
         self.variant_name = "base"
         self.steps = 0
-        self.extras: dict[str, float] = {}
         self._build(art)
 
     @staticmethod
     def _check_device(device: str) -> str:
-        if device not in ("cpu", "cuda"):
-            raise AccelcError(f"--device must be cpu or cuda, got '{device}'")
         if device == "cuda":
-            import onnxruntime as ort
+            import onnxruntime as ort  # heavy
             if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
                 raise AccelcError("--device cuda needs the gpu extra (onnxruntime-training==1.19.2) and a CUDA GPU")
         return device
@@ -163,36 +96,25 @@ class TrainingSession:
         return ["CPUExecutionProvider"]
 
     def _build(self, art: Artifacts) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy
         lowered, desc = lower_training_model(art.training, art.info.output_name)
         missing = [i.name for i in lowered.graph.input
                    if i.name not in self.params and i.name not in (art.info.input_name, "labels")]
         if missing:
             raise AccelcError(f"variant needs parameters this session does not hold: {missing[:5]}")
-        for i in lowered.graph.input:  # shape changes (rescale) replace the parameter tensor
+        for i in lowered.graph.input:  # shape changes replace the parameter tensor (swap's update)
             if i.name in self.params:
                 want = tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
                 if want and tuple(self.params[i.name].shape) != want:
                     raise AccelcError(f"variant expects '{i.name}' of shape {want}, session holds "
-                                      f"{tuple(self.params[i.name].shape)}; use swap(..., params=...)")
-        so = session_options(self.threads)
-        from .executor import SegmentedRunner, has_native, has_reuse
-        self.runner = None
-        reuse = has_reuse(lowered)
-        # the portable reuse path ("ort") runs the whole graph inside ORT, marked convs included
-        native = self.reuse_impl != "ort" if reuse else (self.device == "cpu" and has_native(lowered, self.conv_engine))
-        if native:
-            impl = self.reuse_impl
-            if impl == "native" and reuse:
-                from . import reuse_native
-                if not reuse_native.available():
-                    import warnings
-                    warnings.warn(f"native reuse kernels unavailable ({reuse_native._error}); using torch kernels")
-                    impl = "torch"
-            self.runner = SegmentedRunner(lowered, so, self._providers(), impl=impl,
-                                          conv_engine=self.conv_engine if self.device == "cpu" else "ort")
+                                      f"{tuple(self.params[i.name].shape)}; swap it with a ParamUpdate")
+        so = session_options(self.exec.threads)
+        # nodes a registered kernel claims run in accelc's kernels between ORT segments (CPU)
+        if self.device == "cpu" and claimed(lowered, self.exec):
+            self.runner = SegmentedRunner(lowered, so, self._providers(), self.exec)
             self.train_sess = None
         else:
+            self.runner = None
             self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())
         self.eval_sess = ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
         self.desc = desc
@@ -203,8 +125,7 @@ class TrainingSession:
         self.grads = {p: torch.empty_like(self.params[p]) for p in self.trained}
         self.bn_buf = {o: torch.empty_like(self.params[p]) for o, p in desc["bn_stats"].items()}
         self.bn_inv_std = {b["inv_std"]: torch.empty_like(self.bn_buf[b["var_out"]]) for b in desc["bn"]}
-        from ..compiler.graph import infer_shapes
-        shapes = infer_shapes(art.info.model, 1)
+        shapes = art.info.shapes(1)
         self.bn_spatial = {b["inv_std"]: int(np.prod(shapes[b["x"]][2:])) if b["x"] in shapes else None
                            for b in desc["bn"]}
         for p in self.trainable_all:
@@ -212,14 +133,16 @@ class TrainingSession:
         self.artifacts = art
 
     def swap(self, variant: str | Path | Artifacts, name: str | None = None,
-             params: dict[str, np.ndarray] | None = None, reset_optimizer_for: list[str] | None = None) -> None:
+             update: ParamUpdate | None = None) -> None:
         """Switch to another compiled variant of this model, keeping parameters and optimizer state.
 
-        ``params`` replaces parameter values (for variants with other shapes); the optimizer state of
-        ``reset_optimizer_for`` parameters is dropped (moments do not carry across a shape change).
+        ``update.params`` replaces parameter values (for variants with other shapes); the optimizer
+        state of ``update.reset_optimizer_for`` parameters is dropped (moments do not carry across a
+        shape change).
         """
         art = variant if isinstance(variant, Artifacts) else load_artifacts(variant)[0]
-        for k, v in (params or {}).items():
+        update = update or ParamUpdate()
+        for k, v in update.params.items():
             t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(self.device)
             if k in self.params and self.params[k].shape == t.shape:
                 self.params[k].copy_(t)
@@ -228,9 +151,9 @@ class TrainingSession:
                 self.params[k] = t
                 if old is not None:
                     self._replace_in_optimizer(old, t)
-        for k in reset_optimizer_for or []:
+        for k in update.reset_optimizer_for:
             self.optimizer.state.pop(self.params[k], None)
-        self.variant_name = name or getattr(variant, "name", None) or str(variant)
+        self.variant_name = name or str(variant)
         self._build(art)
 
     def _replace_in_optimizer(self, old: torch.Tensor, new: torch.Tensor) -> None:
@@ -255,7 +178,7 @@ class TrainingSession:
         io.bind_output(self.desc["loss"], dev, idx)
         if self.desc["logits"]:
             io.bind_output(self.desc["logits"], dev, idx)
-        for name in self.desc["extras"]:  # instrumentation scalars added by passes
+        for name in self.desc["probes"]:  # scalar outputs added by passes
             io.bind_output(name, "cpu", 0)
         for p, out in self.desc["grads"].items():
             if p in self.grads:
@@ -265,13 +188,13 @@ class TrainingSession:
             io.bind_output(o, dev, idx, np.float32, tuple(buf.shape), buf.data_ptr())
         return io
 
-    def _forward_backward(self, x, y) -> tuple[float, np.ndarray | None]:
+    def _forward_backward(self, x, y, env_out: dict | None = None) -> StepResult:
         """Run the training graph once: gradients land in self.grads, BN statistics in their
-        buffers, instrumentation scalars in self.extras. Returns (loss, logits)."""
+        buffers. ``env_out`` (segmented runs only) receives every tensor of the step."""
         xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
         yt = torch.as_tensor(y).to(self.device, torch.int64).contiguous()
         if self.runner is not None:
-            return self._forward_backward_segmented(xt, yt)
+            return self._forward_backward_segmented(xt, yt, env_out)
         # Inputs are re-bound each step (the data buffer changes); params and grads stay put.
         io = self._bind(xt, yt)
         if self.device == "cuda":
@@ -280,32 +203,31 @@ class TrainingSession:
         outs = [o.numpy() for o in io.get_outputs()] if self.device == "cpu" else io.copy_outputs_to_cpu()
         loss = float(np.asarray(outs[0]).reshape(-1)[0])
         logits = outs[1] if self.desc["logits"] else None
-        if self.desc["extras"]:
-            first = 2 if self.desc["logits"] else 1
-            self.extras = {n: float(outs[first + k]) for k, n in enumerate(self.desc["extras"])}
-        return loss, logits
+        first = 2 if self.desc["logits"] else 1
+        probes = {n: float(outs[first + k]) for k, n in enumerate(self.desc["probes"])}
+        return StepResult(loss, logits, probes)
 
-    def _forward_backward_segmented(self, xt, yt):
+    def _forward_backward_segmented(self, xt, yt, env_out):
         feeds = {self.info.input_name: xt, "labels": yt}
         feeds.update({n: self.params[n] for n in self.train_inputs if n in self.params})
         bound = {out: self.grads[p] for p, out in self.desc["grads"].items() if p in self.grads}
         bound.update(self.bn_buf)
         bound.update(self.bn_inv_std)
-        outs = self.runner.run(feeds, bound)
+        outs, stats = self.runner.run(feeds, bound, env_out)
         loss = float(outs[self.desc["loss"]].reshape(-1)[0])
         logits = outs[self.desc["logits"]].numpy() if self.desc["logits"] else None
-        self.extras = {n: float(outs[n].reshape(-1)[0]) for n in self.desc["extras"]}
-        return loss, logits
+        probes = {n: float(outs[n].reshape(-1)[0]) for n in self.desc["probes"]}
+        return StepResult(loss, logits, probes, stats)
 
-    def train_step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> tuple[float, np.ndarray]:
-        """One forward+backward on ORT and one optimizer step. Returns (loss, logits)."""
-        loss, logits = self._forward_backward(x, y)
+    def train_step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> StepResult:
+        """One forward+backward on ORT and one optimizer step."""
+        result = self._forward_backward(x, y)
         for p in self.trained:
             self.params[p].grad = self.grads[p]
         self.optimizer.step()
         self._update_bn_stats(len(y))
         self.steps += 1
-        return loss, logits
+        return result
 
     def _update_bn_stats(self, batch: int) -> None:
         """Write BatchNorm running statistics back, with torch's unbiased running variance:
@@ -334,10 +256,10 @@ class TrainingSession:
         """Gradients of the last step (before the optimizer update), as numpy."""
         return {p: g.detach().cpu().numpy().copy() for p, g in self.grads.items()}
 
-    def compute_gradients(self, x, y) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
-        """Forward+backward only (no update): loss, gradients, logits. For checks and tests."""
-        loss, logits = self._forward_backward(x, y)
-        return loss, self.gradients(), logits
+    def compute_gradients(self, x, y, env_out: dict | None = None) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
+        """Forward+backward only (no update): loss, gradients, logits. For numeric checks."""
+        r = self._forward_backward(x, y, env_out)
+        return r.loss, self.gradients(), r.logits
 
     # ------------------------------------------------------------------ state
     def state_arrays(self) -> dict[str, np.ndarray]:

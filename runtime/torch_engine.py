@@ -9,11 +9,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..compiler.errors import AccelcError
+from .engine import ParamUpdate, StepResult
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
 
 
 class TorchSession:
+    """The :class:`~accelc.runtime.engine.Engine` protocol on torch eager (it runs no artifacts)."""
+
     variant_name = "torch"
+    artifacts = None
 
     def __init__(self, module: torch.nn.Module, hyper: dict, lr: float, device: str = "cpu"):
         self.device = device
@@ -33,7 +38,7 @@ class TorchSession:
         loss.backward()
         self.optimizer.step()
         self.steps += 1
-        return float(loss.detach()), logits.detach().cpu().numpy()
+        return StepResult(float(loss.detach()), logits.detach().cpu().numpy())
 
     @torch.no_grad()
     def evaluate_batch(self, x, y):
@@ -50,6 +55,12 @@ class TorchSession:
         loss = F.cross_entropy(logits, torch.as_tensor(y).to(self.device))
         loss.backward()
         return float(loss), {k: p.grad.cpu().numpy().copy() for k, p in self.named.items()}, logits.detach().cpu().numpy()
+
+    def param_arrays(self):
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
+
+    def swap(self, artifacts, name: str, update: ParamUpdate | None = None) -> None:
+        raise AccelcError("torch eager runs no compiled variants")
 
     def state_arrays(self):
         out = {f"param/{k}": v.detach().cpu().numpy() for k, v in self.module.state_dict().items()}

@@ -20,29 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..compiler.errors import AccelcError, atomic_write_text
+from ..compiler.cost import graph_costs
+from ..compiler.graph import training_graph
+from ..compiler.errors import AccelcError
+from ..compiler.fileio import atomic_write_text
 from . import checkpoint as ckpt
-from .controllers import Controller, Variant
+from .algorithm import Algorithm, Schedule, TrainState, algorithms_for
 from .data import Dataset, load_data
-
-
-def _merge_variants(vs: list) -> Variant:
-    """Several controllers asked for a swap after one epoch. The last variant was built after every
-    decision (with a shared Composer it carries all of them); parameter replacements and optimizer
-    resets of the earlier ones (a rescale switch) are kept."""
-    if len(vs) == 1:
-        return vs[0]
-    last = vs[-1]
-    params, reset = {}, []
-    for v in vs:
-        params.update(v.params or {})
-        reset += [p for p in (v.reset_optimizer_for or []) if p not in reset]
-    # apply_variant reads the spatial size from the artifacts' info; data_hw matters only without it
-    hw = last.data_hw
-    if hw is None and getattr(last.artifacts, "info", None) is None:
-        hw = next((v.data_hw for v in reversed(vs) if v.data_hw), None)
-    return Variant(name=" + ".join(v.name for v in vs), artifacts=last.artifacts, params=params or None,
-                   reset_optimizer_for=reset or None, data_hw=hw, info={k: v for x in vs for k, v in x.info.items()})
+from .config import ExecConfig
+from .engine import ParamUpdate
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> int:
@@ -54,12 +40,12 @@ class NonFiniteLoss(AccelcError):
 
 
 class Trainer:
-    """Runs epochs of one engine (ORT TrainingSession or TorchSession) with controllers."""
+    """Runs epochs of one engine (ORT TrainingSession or TorchSession) with training-time
+    algorithms (see :mod:`accelc.runtime.algorithm`)."""
 
     def __init__(self, engine, data: Dataset, run_dir, epochs: int, batch_size: int, seed: int = 0,
-                 controllers: list[Controller] | None = None, resume: bool = False, progress: bool = True,
-                 name: str = "ort", eval_batch_size: int = 500, checkpoints: bool = True,
-                 variant_loader=None):
+                 algorithms: list[Algorithm] | None = None, resume: bool = False, progress: bool = True,
+                 name: str = "ort", eval_batch_size: int = 500, checkpoints: bool = True):
         if epochs <= 0:
             raise AccelcError(f"--epochs must be positive, got {epochs}")
         if batch_size <= 0 or batch_size > len(data.x_train):
@@ -68,7 +54,12 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else None
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self._cost_of: tuple = (None, {})  # (artifacts, cost-model FLOPs/bytes per step of that variant)
-        self.controllers = controllers or []
+        self.algorithms = list(algorithms or [])
+        self.state = TrainState(engine, epochs, batch_size)
+        for a in self.algorithms:
+            a.logger = self.state.logger
+        art = getattr(engine, "artifacts", None)
+        self.schedule = Schedule(art, self.algorithms) if self.algorithms and art is not None else None
         self.progress, self.name = progress, name
         self.eval_batch_size = eval_batch_size
         self.checkpoints = checkpoints and self.run_dir is not None
@@ -76,41 +67,45 @@ class Trainer:
         self.start_epoch = 0
         self.train_time = 0.0
         self.wall_time = 0.0
-        self.variant: Variant | None = None
         self._resized: dict = {}
-        self._pending_arrays = None
+        pending = None
         if resume and self.run_dir and ckpt.exists(self.run_dir):
-            self._resume()
-        for c in self.controllers:
-            v = c.on_train_start(self)
-            if v is not None and (self.variant is None or v.name != self.variant.name):
-                self.apply_variant(v, initial=True)
-        if resume and self.run_dir and self._pending_arrays is not None:
-            self.engine.load_state_arrays(self._pending_arrays)
-        self._pending_arrays = None
+            pending = self._resume()
+        self.state.epoch = self.start_epoch
+        for a in self.algorithms:
+            a.on_train_start(self.state)
+        self._switch(self.algorithms, initial=True)
+        if pending is not None:  # loaded after the algorithms restored the variant
+            self.engine.load_state_arrays(pending)
 
-    def _resume(self) -> None:
+    def _resume(self) -> dict:
         arrays, meta = ckpt.load(self.run_dir)
         self.history = meta["history"]
         self.start_epoch = meta["epoch"] + 1
         self.train_time = meta["train_time"]
         self.wall_time = meta["wall_time"]
-        for c in self.controllers:
-            c.load_state(meta["controllers"].get(c.name, {}))
-        self._pending_arrays = arrays  # loaded after controllers restore the variant
+        for a in self.algorithms:
+            a.load_state_dict(meta["controllers"].get(a.name, {}))
+        return arrays
 
     # ------------------------------------------------------------------ variants
-    def apply_variant(self, v: Variant, initial: bool = False) -> None:
-        if hasattr(self.engine, "swap"):
-            self.engine.swap(v.artifacts, name=v.name, params=v.params, reset_optimizer_for=v.reset_optimizer_for)
-        self.variant = v
-        info = getattr(v.artifacts, "info", None)
-        if v.data_hw:
-            hw = tuple(v.data_hw)
-        elif info is not None and len(info.input_shape) >= 2:  # e.g. a skip variant of the low-res stage
-            hw = tuple(info.input_shape[-2:])
-        else:
-            hw = tuple(self.data_full.shape[1:])
+    def _switch(self, changed: list[Algorithm], initial: bool) -> None:
+        """Swap to the schedule's variant, with the parameter changes of the algorithms whose
+        decision changed."""
+        if self.schedule is None:
+            return
+        update = ParamUpdate()
+        for a in changed:
+            update = update.merge(a.on_switch(self.state, initial))
+        art = self.schedule.artifacts()
+        if art is not self.engine.artifacts or update.params or update.reset_optimizer_for:
+            self.engine.swap(art, self.schedule.name(), update)
+        self._fit_data(art)
+
+    def _fit_data(self, art) -> None:
+        """The data at the spatial size the variant's input has (e.g. a low-resolution stage)."""
+        shape = tuple(art.info.input_shape)
+        hw = shape[-2:] if len(shape) >= 2 else tuple(self.data_full.shape[1:])
         if hw != tuple(self.data.shape[1:]):
             if hw not in self._resized:
                 self._resized[hw] = (self.data_full if hw == tuple(self.data_full.shape[1:])
@@ -136,7 +131,8 @@ class Trainer:
             loss_sum, correct, seen = 0.0, 0, 0
             t0 = time.perf_counter()
             for step, x, y in self.data.batches(epoch, self.batch_size, self.seed):
-                loss, logits = self.engine.train_step(x, y)
+                result = self.engine.train_step(x, y)
+                loss, logits = result.loss, result.logits
                 if not math.isfinite(loss):
                     bar.close()
                     last = self.history[-1]["epoch"] if self.history else None
@@ -148,8 +144,8 @@ class Trainer:
                 if logits is not None:
                     correct += _accuracy(logits, y)
                 seen += len(y)
-                for c in self.controllers:
-                    c.on_step(self, step, loss)
+                for a in self.algorithms:
+                    a.on_step(self.state, step, result)
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss:.3f}")
@@ -160,24 +156,23 @@ class Trainer:
             eval_s = time.perf_counter() - t1
             self.train_time += train_s
             self.wall_time += train_s + eval_s
-            m = {"epoch": epoch + 1, "config": self.name, "variant": getattr(self.variant, "name", "base"),
+            m = {"epoch": epoch + 1, "config": self.name, "variant": getattr(self.engine, "variant_name", "base"),
                  "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                  "test_loss": test_loss, "test_acc": test_acc, "train_seconds": train_s, "eval_seconds": eval_s,
                  "images_per_second": seen / train_s if train_s > 0 else None, "steps": steps,
                  "train_time": self.train_time, "wall_time": self.wall_time,
                  "input_hw": list(self.data.shape[1:])}
             m.update(self._step_cost())
-            decisions = []
-            pending = []
-            for c in self.controllers:  # every controller sees the epoch that ran, then the swap
-                n0 = len(c.log)
-                v = c.on_epoch_end(epoch + 1, m, self)
-                decisions += c.log[n0:]
-                if v is not None:
-                    pending.append(v)
-            if pending:
-                self.apply_variant(_merge_variants(pending))
+            before = [a.decision() for a in self.algorithms]
+            self.state.epoch = epoch + 1
+            for a in self.algorithms:  # every algorithm sees the epoch that ran, then the switch
+                a.on_epoch_end(self.state, epoch + 1, dict(m))
+            logged, decisions = self.state.logger.take()
+            m.update(logged)
             m["decisions"] = decisions
+            changed = [a for a, k in zip(self.algorithms, before) if a.decision() != k]
+            if changed:
+                self._switch(changed, initial=False)
             self.history.append(m)
             if self.progress:
                 print(f"{self.name} epoch {epoch + 1}: loss {m['train_loss']:.4f} train {m['train_acc']:.4f} "
@@ -195,8 +190,8 @@ class Trainer:
         if self.checkpoints:
             meta = {"epoch": epoch, "history": self.history, "train_time": self.train_time,
                     "wall_time": self.wall_time, "seed": self.seed, "batch_size": self.batch_size,
-                    "variant": getattr(self.variant, "name", "base"),
-                    "controllers": {c.name: c.state() for c in self.controllers},
+                    "variant": getattr(self.engine, "variant_name", "base"),
+                    "controllers": {a.name: a.state_dict() for a in self.algorithms},
                     "data_position": {"next_epoch": epoch + 1, "next_step": 0}}
             ckpt.save(self.run_dir, self.engine.state_arrays(), meta)
 
@@ -209,8 +204,6 @@ class Trainer:
         if self._cost_of[0] is not art:  # computed once per variant
             cost = {}
             try:
-                from ..compiler.compile import training_graph
-                from ..compiler.cost import graph_costs
                 c = graph_costs(training_graph(art), art.config.get("optimizer", "adamw"))["total"]
                 cost = {"flops_per_step": c["flops"], "bytes_per_step": c["bytes"]}
             except Exception:  # accounting must never stop training
@@ -228,7 +221,7 @@ class Trainer:
             "train_time": self.train_time, "wall_time": self.wall_time,
             "mean_images_per_second": float(np.mean([m["images_per_second"] for m in h])) if h else None,
             "decisions": [d for m in h for d in m.get("decisions", [])],
-            "controllers": {c.name: c.report() for c in self.controllers if hasattr(c, "report")},
+            "controllers": {a.name: a.report() for a in self.algorithms},
             "history": h,
         }
 
@@ -284,91 +277,30 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path:
 
 
 def train(artifact_dir, data: str = "synthetic", epochs: int = 3, batch_size: int = 64, run_dir="run",
-          device: str = "cpu", seed: int = 0, resume: bool = False, lr: float | None = None,
-          threads: int | None = None, train_limit: int | None = None, test_limit: int | None = None,
-          force: bool = False, progress: bool = True, controllers: list | None = None) -> dict:
-    """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json)."""
+          config: ExecConfig | None = None, seed: int = 0, resume: bool = False, lr: float | None = None,
+          train_limit: int | None = None, test_limit: int | None = None, force: bool = False,
+          progress: bool = True, algorithms: list | None = None) -> dict:
+    """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
+    ``algorithms`` default to those the artifacts' plan asks for."""
     from .session import TrainingSession
-    from .plan import controllers_for
-    session = TrainingSession(artifact_dir, device=device, lr=lr, threads=threads)
+    config = config or ExecConfig()
+    session = TrainingSession(artifact_dir, config, lr=lr)
     ds = load_data(data, session.info.input_shape, session.info.num_classes, train_limit, test_limit)
-    if controllers is None:
-        controllers = controllers_for(artifact_dir, session)
+    if algorithms is None:
+        algorithms = algorithms_for(session.artifacts)
     created = not Path(run_dir).exists()
     rd = prepare_run_dir(run_dir, resume, force)
     try:
-        trainer = Trainer(session, ds, rd, epochs, batch_size, seed, controllers, resume=resume, progress=progress,
+        trainer = Trainer(session, ds, rd, epochs, batch_size, seed, algorithms, resume=resume, progress=progress,
                           name="ort")
     except BaseException:
         if created and not any(rd.iterdir()):
             rd.rmdir()
         raise
     summary = trainer.run()
-    summary.update({"artifacts": Path(artifact_dir).name, "data": data.split(":")[0], "device": device,
+    summary.update({"artifacts": Path(artifact_dir).name, "data": data.split(":")[0], "device": config.device,
                     "machine": machine_info()})
     atomic_write_text(rd / "summary.json", json.dumps(summary, indent=1))
     if trainer.history:
         plot_run(trainer.history, rd / "curves.png", f"accelc train — {Path(artifact_dir).name}")
     return summary
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_train_args(p) -> None:
-    p.add_argument("artifacts", help="artifact directory made by accelc compile")
-    p.add_argument("--data", default="synthetic", help="synthetic[:N] | fashion-mnist[:DIR] | imagefolder:DIR (default synthetic)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs to train (default 3)")
-    p.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs the gpu extra)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the one compiled in)")
-    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's last checkpoint")
-    p.add_argument("--force", action="store_true", help="replace a non-empty RUN_DIR")
-    p.add_argument("-o", "--output", default="run", help="run directory (default ./run)")
-
-
-WORKER_ENV = "ACCELC_TRAIN_WORKER"
-
-
-def _supervise(argv: list[str], run_dir: Path) -> int:
-    """Run the training in a child process so a native crash (ORT can die with SIGFPE/SIGSEGV)
-    is reported with where it happened and what was saved, never as a silent death."""
-    import signal
-    import subprocess
-    env = dict(os.environ, **{WORKER_ENV: "1"})
-    p = subprocess.Popen([sys.executable, "-m", "accelc.compiler.cli"] + argv, env=env)
-    try:
-        rc = p.wait()
-    except KeyboardInterrupt:
-        p.send_signal(signal.SIGINT)
-        rc = p.wait()
-    if rc >= 0:
-        return rc
-    sig = signal.Signals(-rc).name
-    done = []
-    if (run_dir / "metrics.jsonl").exists():
-        done = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    where = f"during epoch {len(done) + 1}"
-    saved = (f"the last good checkpoint is epoch {done[-1]['epoch']} in '{run_dir}' (continue with --resume)"
-             if done and ckpt.exists(run_dir) else "no epoch had finished, so nothing was saved")
-    raise AccelcError(f"the training process was killed by {sig} {where}"
-                      + (" (a native crash inside ONNX Runtime)" if sig in ("SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL",
-                                                                          "SIGABRT") else "") + f"; {saved}")
-
-
-def train_cli(a) -> int:
-    if not os.environ.get(WORKER_ENV) and not getattr(a, "in_process", False):
-        # validate what can be validated cheaply here, then train in a supervised child
-        from ..compiler.compile import load_artifacts
-        load_artifacts(a.artifacts)
-        if Path(a.output).exists() and any(Path(a.output).iterdir()) and not (a.resume or a.force):
-            raise AccelcError(f"run directory '{a.output}' is not empty (use --resume to continue or --force to replace)")
-        return _supervise(a.argv, Path(a.output))
-    s = train(a.artifacts, a.data, a.epochs, a.batch_size, a.output, a.device, a.seed, a.resume, a.lr, a.threads,
-              a.train_limit, a.test_limit, a.force, progress=not a.quiet)
-    if not a.quiet:
-        print(f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f} at epoch "
-              f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {a.output}/")
-    return 0

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-ACCELC = [sys.executable, "-m", "accelc.compiler.cli"]
+ACCELC = [sys.executable, "-m", "accelc"]
 
 
 def run_cli(*args, timeout=300, cwd=None):

@@ -37,16 +37,16 @@ def test_all_passes_rewrite_both_stages(small32, tmp_path):
 def test_a_skipped_reused_layer_loses_its_backward(small32, tmp_path):
     """The composed variant: skip set {c1, c2} (an input-side prefix) with reuse on — c2's reuse
     forward stays, its ReuseConvGrad node is gone; c3 keeps its reused backward."""
-    from accelc.compiler.compile import load_artifacts
-    from accelc.runtime.compose import Composer
-    from accelc.runtime.reuse import ReuseController
-    from accelc.runtime.skip import LarsSkipController
+    from accelc.compiler.artifact_dir import load_artifacts
+    from accelc.passes.reuse.algorithm import Reuse
+    from accelc.passes.skip.algorithm import LarsSkip
+    from accelc.runtime.algorithm import Schedule
     r = run_cli("compile", small32 / "m.onnx", "--passes", "reuse,skip", "-o", tmp_path / "art")
     assert r.returncode == 0, r.stderr
     art, _ = load_artifacts(tmp_path / "art")
     plan = {p["type"]: p for p in art.plan}
-    ru, sk = ReuseController(art, plan["reuse"]), LarsSkipController(art, plan["skip"])
-    comp = Composer(art, [ru, sk])
+    ru, sk = Reuse(art, plan["reuse"]), LarsSkip(art, plan["skip"])
+    comp = Schedule(art, [ru, sk])
     sk.skipped = ["c1", "c2"]
     g = comp.artifacts().training.graph
     ops = {n.op_type for n in g.node}
@@ -83,8 +83,8 @@ def test_end_to_end_every_controller_acts(small32, tmp_path):
 def test_reuse_variants_of_a_fixed_skip_set(small32, tmp_path):
     """--skip-layers c1,c2 removes c2's whole reused backward; the reuse controller can still build
     its other settings and switch reuse off (c2 keeps a reused, then exact, forward)."""
-    from accelc.compiler.compile import load_artifacts
-    from accelc.passes.reuse import reuse_variant, reused_layers
+    from accelc.compiler.artifact_dir import load_artifacts
+    from accelc.passes.reuse.rewrite import reuse_variant, reused_layers
     r = run_cli("compile", small32 / "m.onnx", "--passes", "reuse,skip", "--skip-layers", "c1,c2",
                 "-o", tmp_path / "art")
     assert r.returncode == 0, r.stderr

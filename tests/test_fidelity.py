@@ -5,7 +5,8 @@ import pytest
 
 import accelc
 from accelc.compiler.export import export_zoo, zoo_module
-from accelc.runtime.controllers import SwapEveryEpoch, Variant
+from accelc.compiler.artifact_dir import load_artifacts
+from accelc.runtime.algorithm import Algorithm
 from accelc.runtime.data import synthetic
 from accelc.runtime.session import TrainingSession
 from accelc.runtime.torch_engine import TorchSession
@@ -63,15 +64,36 @@ def test_batchnorm_model_steps_match_torch(tmp_path, optimizer):
             assert np.allclose(ort_s.params[k].numpy(), b.numpy(), rtol=1e-4, atol=1e-5), k
 
 
+class SwapEveryEpoch(Algorithm):
+    """Swap to the same variant (compiled separately) after every epoch: exercises the swap path."""
+
+    name = "swap-every-epoch"
+
+    def __init__(self, root, other_dir):
+        super().__init__(root)
+        self.other = load_artifacts(other_dir)[0]
+        self.swaps = 0
+
+    def decision(self):
+        return self.swaps
+
+    def transform(self, art):
+        return self.other.copy() if self.swaps else art  # a new object: the engine swaps every epoch
+
+    def on_epoch_end(self, state, epoch, metrics):
+        self.swaps += 1
+        self.decide(epoch, "swap", "test: identical variant every epoch")
+
+
 def test_swap_to_identical_variant_is_exact(tmp_path):
     export_zoo("vgg", tmp_path / "m.onnx")
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art")
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art2")  # an identical variant, compiled separately
     ds = synthetic((1, 28, 28), 10, n_train=256, n_test=64)
     plain = Trainer(TrainingSession(tmp_path / "art"), ds, None, 3, 32, seed=1, progress=False).run()
-    ctrl = SwapEveryEpoch(Variant("identical", str(tmp_path / "art2")))
-    swapped = Trainer(TrainingSession(tmp_path / "art"), ds, None, 3, 32, seed=1, controllers=[ctrl],
-                      progress=False).run()
+    engine = TrainingSession(tmp_path / "art")
+    ctrl = SwapEveryEpoch(engine.artifacts, tmp_path / "art2")
+    swapped = Trainer(engine, ds, None, 3, 32, seed=1, algorithms=[ctrl], progress=False).run()
     assert len(ctrl.log) == 3
     for a, b in zip(plain["history"], swapped["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6

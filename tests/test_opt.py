@@ -4,6 +4,7 @@ import onnx
 import pytest
 
 import accelc
+from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
 
 from conftest import export_test_model
@@ -25,7 +26,7 @@ def test_relu_grad_rewrite_is_exact(name, tmp_path):
     x = rng.standard_normal((8, *shape)).astype(np.float32)
     y = rng.integers(0, 10, 8).astype(np.int64)
     la, ga, _ = TrainingSession(tmp_path / "plain").compute_gradients(x, y)
-    lb, gb, _ = TrainingSession(tmp_path / "opt", conv_engine="ort").compute_gradients(x, y)
+    lb, gb, _ = TrainingSession(tmp_path / "opt", ExecConfig(kernels={"conv": "ort"})).compute_gradients(x, y)
     assert abs(la - lb) <= 1e-5 * abs(la)
     for k in ga:
         assert np.linalg.norm(ga[k] - gb[k]) <= 1e-5 * np.linalg.norm(ga[k]) + 1e-8, k
@@ -49,13 +50,12 @@ def test_conv_onednn_runs_the_same_mathematics(name, tmp_path):
     x = rng.standard_normal((8, *shape)).astype(np.float32)
     y = rng.integers(0, 10, 8).astype(np.int64)
     fast = TrainingSession(tmp_path / "opt")
-    assert fast.runner is not None and fast.conv_engine == "onednn"
-    fast.runner.keep_env = True
-    la, _, _ = TrainingSession(tmp_path / "opt", conv_engine="ort").compute_gradients(x, y)
-    lb, _, _ = fast.compute_gradients(x, y)
+    assert fast.runner is not None and fast.exec.impl("conv") == "onednn"
+    env = {}
+    la, _, _ = TrainingSession(tmp_path / "opt", ExecConfig(kernels={"conv": "ort"})).compute_gradients(x, y)
+    lb, _, _ = fast.compute_gradients(x, y, env_out=env)
     assert abs(la - lb) <= 1e-5 * abs(la)
-    env = fast.runner.last_env
-    natives = [item for kind, item in fast.runner.order if kind == "native"]
+    natives = [item for kind, item in fast.runner.order if kind == "kernel"]
     assert len(natives) == len(marked)
     for nd in natives:
         node = onnx.NodeProto()

@@ -288,9 +288,9 @@ def test_average_pool_is_legalised_and_trains(tmp_path):
 
 
 def test_native_crash_caught_by_validation(tmp_path):
-    from accelc.compiler.compile import load_artifacts
+    from accelc.compiler.artifact_dir import load_artifacts
     from accelc.compiler.errors import AccelcError
-    from accelc.compiler.pass_manager import validate
+    from accelc.compiler.validation import validate
     art, _ = load_artifacts(_raw_avgpool_artifacts(tmp_path))
     with pytest.raises(AccelcError, match="crashed \\(SIGFPE\\)"):
         validate(art)
@@ -317,6 +317,7 @@ def test_nan_keeps_last_good_checkpoint(tmp_path):
     from accelc.compiler.errors import AccelcError
     from accelc.runtime import checkpoint
     from accelc.runtime.data import synthetic
+    from accelc.runtime.engine import StepResult
     from accelc.runtime.train import Trainer
 
     class Engine:  # finite losses in epoch 1, NaN at epoch 2, step 3
@@ -325,7 +326,7 @@ def test_nan_keeps_last_good_checkpoint(tmp_path):
 
         def train_step(self, x, y):
             self.calls += 1
-            return (float("nan") if self.calls == 8 + 3 else 1.0), np.zeros((len(y), 10), np.float32)
+            return StepResult(float("nan") if self.calls == 8 + 3 else 1.0, np.zeros((len(y), 10), np.float32))
 
         def evaluate_batch(self, x, y):
             return 1.0, np.zeros((len(y), 10), np.float32)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import accelc
 from accelc.compiler.export import export_zoo
-from accelc.passes.rescale import (down_param, kernel_down_matrix, kernel_up_matrix, map_down_matrix,
+from accelc.passes.rescale.rewrite import (down_param, kernel_down_matrix, kernel_up_matrix, map_down_matrix,
                                    map_up_matrix, resample_kernel, small_size, up_param)
 
 from conftest import run_cli
@@ -130,13 +130,13 @@ def test_model_that_cannot_be_rescaled_says_why(tmp_path):
 
 
 def test_switch_rules():
-    from accelc.runtime.rescale import RescaleController
+    from accelc.passes.rescale.algorithm import Rescale
 
     class Base:
         stages = {"stage-low": None}
 
     def ctrl(rule):
-        return RescaleController(Base(), {"stage": "stage-low", "switch": rule, "params": {}, "factor": 2})
+        return Rescale(Base(), {"stage": "stage-low", "switch": rule, "params": {}, "factor": 2})
 
     c = ctrl("epoch:2")
     assert c._due(1, {"test_loss": 1.0}, 6) is None and c._due(2, {"test_loss": 1.0}, 6)

@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from accelc.runtime import reuse_native
-from accelc.runtime.reuse_kernels import (ConvGeom, ReuseSpec, backward_torch, cluster_torch, forward_torch,
-                                          hash_buckets, make_planes, reuse_backward, reuse_forward)
+from accelc.passes.reuse import native as reuse_native
+from accelc.passes.reuse.kernels import backward_torch, cluster_torch, forward_torch, hash_buckets
+from accelc.passes.reuse.node import reuse_backward, reuse_forward
+from accelc.passes.reuse.spec import ConvGeom, ReuseSpec, make_planes
+from accelc.runtime.config import ExecConfig
 from conftest import export_test_model, rel_err, run_cli
 
 needs_native = pytest.mark.skipif(not reuse_native.available(), reason="no C compiler for the native kernels")
@@ -197,7 +199,9 @@ def test_native_torch_and_portable_paths_agree(reuse_artifacts):
     x = rng.standard_normal((16,) + shape).astype(np.float32)
     y = rng.integers(0, 10, 16)
     impls = ["torch", "ort"] + (["native"] if reuse_native.available() else [])
-    out = {i: TrainingSession(reuse_artifacts / "art", reuse_impl=i).compute_gradients(x, y) for i in impls}
+    # "ort": the whole graph inside ORT (the reuse nodes as their ONNX functions, ORT's own convs)
+    configs = {i: ExecConfig(kernels={"reuse": i, "conv": "ort"} if i == "ort" else {"reuse": i}) for i in impls}
+    out = {i: TrainingSession(reuse_artifacts / "art", configs[i]).compute_gradients(x, y) for i in impls}
     ref_loss, ref_g, _ = out["torch"]
     for i in impls[1:]:
         loss, g, _ = out[i]
@@ -207,8 +211,8 @@ def test_native_torch_and_portable_paths_agree(reuse_artifacts):
 
 
 def test_reuse_off_variant_is_the_plain_graph(reuse_artifacts):
-    from accelc.compiler.compile import load_artifacts
-    from accelc.passes.reuse import reuse_variant
+    from accelc.compiler.artifact_dir import load_artifacts
+    from accelc.passes.reuse.rewrite import reuse_variant
     from accelc.runtime.session import TrainingSession
     art, _ = load_artifacts(reuse_artifacts / "art")
     off = reuse_variant(art, {})

@@ -1,5 +1,5 @@
-"""The ONNX reference path of adaptive deep reuse (accelc.passes.reuse_onnx) against the torch
-reference (accelc.runtime.reuse_kernels) run on the same cluster assignments."""
+"""The ONNX reference path of adaptive deep reuse (accelc.passes.reuse.onnx_form) against the torch
+reference (accelc.passes.reuse.kernels) run on the same cluster assignments."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -7,10 +7,45 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from accelc.passes.reuse_onnx import (DOMAIN, backward_name, build_reuse_functions, forward_name,
-                                      reference_model)
-from accelc.runtime.reuse_kernels import (ConvGeom, ReuseSpec, backward_torch, cluster_torch,
-                                          forward_torch, hash_buckets, make_planes)
+from onnx import TensorProto, helper
+
+from accelc.passes.reuse.kernels import backward_torch, cluster_torch, forward_torch, hash_buckets
+from accelc.passes.reuse.onnx_form import IR_VERSION, OPSET, backward_name, build_reuse_functions, forward_name, safe_name
+from accelc.passes.reuse.spec import DOMAIN, ConvGeom, ReuseSpec, make_planes
+
+
+def reference_model(geom: ConvGeom, spec: ReuseSpec, in_hw: tuple, N: int | None = None, *,
+                    layer: str = "conv", domain: str = DOMAIN, product: str = "auto",
+                    scatter: str = "elements") -> onnx.ModelProto:
+    """A graph with one forward and one backward call: inputs X, W, B, planes, dY; outputs Y, dX,
+    dW, dB, ids (int64 [G, N·P], ``g·T + key`` with ``T = S·2^H``). ``N=None``: dynamic batch."""
+    fwd, bwd = build_reuse_functions(layer, geom, spec, in_hw, domain, product=product, scatter=scatter)
+    h, w = in_hw
+    ho, wo = geom.out_hw(h, w)
+    G = spec.chunks(geom.K)
+    n = N if N is not None else "N"
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("X", f32, [n, geom.C, h, w]),
+              helper.make_tensor_value_info("W", f32, [geom.Co, geom.C, geom.kh, geom.kw]),
+              helper.make_tensor_value_info("B", f32, [geom.Co]),
+              helper.make_tensor_value_info("planes", f32, [G, spec.L, spec.H]),
+              helper.make_tensor_value_info("dY", f32, [n, geom.Co, ho, wo])]
+    outputs = [helper.make_tensor_value_info("Y", f32, [n, geom.Co, ho, wo]),
+               helper.make_tensor_value_info("dX", f32, [n, geom.C, h, w]),
+               helper.make_tensor_value_info("dW", f32, [geom.Co, geom.C, geom.kh, geom.kw]),
+               helper.make_tensor_value_info("dB", f32, [geom.Co]),
+               helper.make_tensor_value_info("ids", TensorProto.INT64,
+                                             [G, N * ho * wo if N is not None else "NP"])]
+    nodes = [helper.make_node(fwd.name, ["X", "W", "B", "planes"], ["Y", "ids", "centroids", "counts"],
+                              name=layer, domain=domain),
+             helper.make_node(bwd.name, ["dY", "X", "W", "ids", "centroids", "counts"], ["dX", "dW", "dB"],
+                              name=f"{layer}.grad", domain=domain)]
+    graph = helper.make_graph(nodes, f"reuse_reference_{safe_name(layer)}", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(domain, 1)],
+                              functions=[fwd, bwd], producer_name="accelc-tests")
+    model.ir_version = IR_VERSION
+    return model
+
 
 
 def _session(model, threads=2):

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import accelc
-from accelc.compiler.compile import load_artifacts, training_graph
-from accelc.passes.skip import layer_groups, skip_variant
+from accelc.compiler.artifact_dir import load_artifacts
+from accelc.compiler.graph import training_graph
+from accelc.passes.skip.algorithm import LarsSkip, numpy_lars
+from accelc.passes.skip.rewrite import layer_groups, skip_variant
+from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
-from accelc.runtime.skip import LarsSkipController, numpy_lars
 
 from conftest import export_test_model
 
@@ -53,7 +55,7 @@ def test_pruned_gradients_match_torch_frozen(name, tmp_path):
         # ORT's conv kernels: with batch 4 a BatchNorm output within 1e-6 of a ReLU kink is likely, and
         # oneDNN's last-bit differences then flip one mask element (the conv_onednn rule is checked
         # node by node in test_opt)
-        loss, grads, _ = TrainingSession(art, conv_engine="ort").compute_gradients(x, y)
+        loss, grads, _ = TrainingSession(art, ExecConfig(kernels={"conv": "ort"})).compute_gradients(x, y)
         tloss, tgrads = torch_frozen_grads(module, set(frozen), x, y)
         assert abs(loss - tloss) < 1e-4
         assert set(grads) == set(tgrads), (skip, set(grads) ^ set(tgrads))
@@ -117,30 +119,25 @@ def test_compile_fixed_skip_set_cli_and_plain_ort(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-class _FakeTrainer:
-    def __init__(self, engine):
-        self.engine = engine
-
-
 def test_lars_values_match_numpy_and_controller_skips_crossers(tmp_path):
     _model("vgg", tmp_path)
     accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], force=True)
     sess = TrainingSession(tmp_path / "inst")
     opts = dict(sess.artifacts.plan[0])
+    ctrl = LarsSkip(sess.artifacts, opts)
     opts.pop("type")
-    ctrl = LarsSkipController(sess.artifacts, opts)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 8).astype(np.int64)
     before = {k: v.numpy().copy() for k, v in sess.params.items()}
-    sess.train_step(x, y)
+    step = sess.train_step(x, y)
     grads = sess.gradients()
     tg = training_graph(sess.artifacts)
     for layer in tg.layers:
         w = layer.weight
         expect = numpy_lars(before[w], grads[w], opts["eta"], opts["beta"])
         wk, gk = ctrl.keys[layer.name]
-        got = ctrl.lars(sess.extras[wk], sess.extras[gk], opts["eta"], opts["beta"])
+        got = ctrl.lars(step.probes[wk], step.probes[gk], opts["eta"], opts["beta"])
         assert abs(got - expect) <= 1e-5 * expect, (layer.name, got, expect)
     # decisions: relative τ=2; epoch 1 sets the reference, epoch 2 λ values cross for some layers
     ctrl.first = {l: 1.0 for l in ctrl.layers}
@@ -167,9 +164,9 @@ def test_controller_end_to_end_skips_and_accounts(tmp_path):
     sess = TrainingSession(tmp_path / "inst")
     opts = {k: v for k, v in sess.artifacts.plan[0].items() if k != "type"}
     opts.update(tau=1.05, policy="any")  # a low threshold so the tiny run decides
-    ctrl = LarsSkipController(sess.artifacts, opts)
+    ctrl = LarsSkip(sess.artifacts, opts)
     ds = synthetic((1, 28, 28), 10, 512, 64)
-    s = Trainer(sess, ds, None, 3, 64, seed=0, controllers=[ctrl], progress=False).run()
+    s = Trainer(sess, ds, None, 3, 64, seed=0, algorithms=[ctrl], progress=False).run()
     skips = [d for d in s["decisions"] if d["action"] == "skip"]
     assert skips, s["decisions"]
     d = skips[0]

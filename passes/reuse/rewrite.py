@@ -11,16 +11,16 @@ What the pass does to the training graph, for each chosen conv (group 1, 2-D):
   the layer's hyperplanes; outputs Y and the cluster assignment handed to the backward);
 * ORT's ``ConvGrad`` becomes ``ReuseConvGrad_<layer>`` (dY, X, W, assignment → dX, dW, dB):
   dW from centroids and per-cluster sums of dY, dB exact, dX exact (default) or per cluster;
-* both are ONNX local functions made of standard ops (:mod:`accelc.passes.reuse_onnx`): plain
-  ORT runs them (the portable reference path) and Netron shows one node per layer, with the pass's
-  metadata. accelc's runtime runs them with fused native kernels instead
-  (:mod:`accelc.runtime.executor`);
+* both are ONNX local functions made of standard ops (:mod:`accelc.passes.reuse.onnx_form`):
+  plain ORT runs them (the portable reference path) and Netron shows one node per layer, with the
+  pass's metadata. accelc's runtime runs them with fused native kernels instead (the ``reuse``
+  node kernel, :mod:`accelc.passes.reuse.node`);
 * the hyperplanes are fixed per layer (seeded from ``seed`` and the layer name) and saved as an
   initializer ``accelc.reuse.<layer>.planes`` [G, L, H];
 * the eval model is not changed: evaluation uses the exact convolution.
 
 Each reuse node keeps the node it replaced (metadata ``accelc.reuse.original``), so the runtime
-controller can put the exact layer back or build other settings (L, H) without losing what later
+algorithm can put the exact layer back or build other settings (L, H) without losing what later
 passes added; ``plan.json`` names the strategy.
 """
 from __future__ import annotations
@@ -33,45 +33,44 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..compiler.artifacts import Artifacts
-from ..compiler.errors import AccelcError
-from ..compiler.pass_manager import Option, Pass, PassResult, choice, int_at_least, name_list, register
-from ..runtime.reuse_kernels import ConvGeom, ReuseSpec, make_planes
+from ...compiler import provenance
+from ...compiler.artifacts import Artifacts
+from ...compiler.errors import AccelcError
+from ...compiler.graph import TrainingGraph, training_graph
+from ...compiler.pass_api import (Option, Pass, PassResult, choice, fraction, int_at_least, integer, name_list,
+                                  register)
+from .onnx_form import build_reuse_functions
+from .spec import CONFIG_KEY, DOMAIN, FORWARD_PREFIX, ORIGINAL_KEY, ConvGeom, ReuseSpec, make_planes
 
-DOMAIN = "ai.accelc.reuse"
-CONFIG_KEY = "accelc.reuse.config"
-ORIGINAL_KEY = "accelc.reuse.original"  # the replaced Conv/ConvGrad node, serialised (base64)
+PASS = "reuse"
 STRATEGIES = ("fixed", "lh", "off")
 
 
-def _hbits(text):
-    v = int(text)
+def _hbits(value):
+    v = integer(value)
     if not 1 <= v <= 20:
         raise ValueError("must be in 1..20")
     return v
 
 
-def _layers(text):
-    return None if text in (None, "", "auto") else name_list(text)
+def _layers(value):
+    return None if value in (None, "", "auto") else name_list(value)
 
 
-def _schedule(text):
-    if isinstance(text, (list, tuple)):
-        return [tuple(int(v) for v in s) for s in text]
+def _schedule(value):
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in value):
+            raise ValueError("write L:H pairs, e.g. [(288, 6), (144, 8)]")
+        return [(int_at_least(1)(a), _hbits(b)) for a, b in value]
+    if not isinstance(value, str):
+        raise TypeError(f"expected L:H pairs, got {value!r}")
     out = []
-    for part in str(text).split(","):
+    for part in value.split(","):
         a, _, b = part.strip().partition(":")
         if not b:
             raise ValueError("write L:H pairs, e.g. 288:6,144:8,72:10")
         out.append((int_at_least(1)(a), _hbits(b)))
     return out
-
-
-def _fraction(text):
-    v = float(text)
-    if not 0 <= v < 1:
-        raise ValueError("must be in [0, 1)")
-    return v
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -126,8 +125,6 @@ def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx
     """Rewrite ``training`` (a graph without reuse) so that the layers in ``settings`` are reused.
 
     ``settings``: layer -> {"L", "H", "scope", "input_grad", "seed"}; layers absent stay exact."""
-    from ..compiler.graph import TrainingGraph
-    from .reuse_onnx import build_reuse_functions
     tg = TrainingGraph(training, shapes)
     by_layer = {layer.name: layer for layer in tg.layers}
     m = onnx.ModelProto()
@@ -181,10 +178,8 @@ def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx
                                      name=bwd.name, domain=DOMAIN, doc_string="Backward pass")
             pairs.append((new_b, f"reuse backward: dW from centroids, dB exact, dX {spec.input_grad}", bwd))
         for nd, extra, orig in pairs:
-            for k, v in (("accelc.pass", "reuse"), ("accelc.layer", name), ("accelc.note", extra),
-                         (CONFIG_KEY, json.dumps(config)),
-                         (ORIGINAL_KEY, base64.b64encode(orig.SerializeToString()).decode())):
-                nd.metadata_props.add(key=k, value=v)
+            provenance.tag(nd, PASS, name, extra, **{CONFIG_KEY: json.dumps(config),
+                                                     ORIGINAL_KEY: base64.b64encode(orig.SerializeToString()).decode()})
         for nd, _, orig in pairs:
             orig.CopyFrom(nd)
         funcs = [f_fwd] + ([f_bwd] if bwd is not None else [])
@@ -201,8 +196,8 @@ def reused_layers(model: onnx.ModelProto) -> dict:
     """layer -> config of every reused layer in a training graph (from the nodes' metadata)."""
     out = {}
     for n in model.graph.node:
-        if n.domain == DOMAIN and n.op_type.startswith("ReuseConv_"):
-            cfg = {p.key: p.value for p in n.metadata_props}.get(CONFIG_KEY)
+        if n.domain == DOMAIN and n.op_type.startswith(FORWARD_PREFIX):
+            cfg = provenance.props(n).get(CONFIG_KEY)
             if cfg:
                 c = json.loads(cfg)
                 out[c["layer"]] = c
@@ -217,7 +212,7 @@ def strip(model: onnx.ModelProto) -> onnx.ModelProto:
     names = set()
     for n in m.graph.node:
         if n.domain == DOMAIN:
-            orig = {p.key: p.value for p in n.metadata_props}.get(ORIGINAL_KEY)
+            orig = provenance.props(n).get(ORIGINAL_KEY)
             if not orig:
                 raise AccelcError(f"reuse node '{n.name}' carries no original node; recompile")
             names.add(n.op_type)
@@ -236,7 +231,6 @@ def strip(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def reuse_variant(base: Artifacts, settings: dict) -> Artifacts:
     """``base`` (compiled with reuse) with other reuse settings; ``{}`` switches reuse off."""
-    from ..compiler.compile import training_graph
     art = base.copy()
     plain = strip(base.training)
     shapes = training_graph(art).shapes
@@ -246,7 +240,8 @@ def reuse_variant(base: Artifacts, settings: dict) -> Artifacts:
 
 @register
 class ReusePass(Pass):
-    name = "reuse"
+    name = PASS
+    rank = 20  # after rescale (whose stage it also rewrites), before skip (which prunes what it leaves)
     summary = "adaptive deep reuse: LSH-clustered rows, the conv GEMMs run on centroids (forward and backward)"
     paper = "Ning, Guan, Shen: Adaptive Deep Reuse, ICDE 2019"
     options = {
@@ -259,19 +254,18 @@ class ReusePass(Pass):
                         flag="--reuse-scope"),
         "input_grad": Option("exact", "input gradient: exact (the conv's own) or cluster ((Gs/count)·Wᵀ to the "
                                       "members)", choice("exact", "cluster"), flag="--reuse-input-grad"),
-        "seed": Option(0, "seed of the hyperplanes", int, flag="--reuse-seed"),
+        "seed": Option(0, "seed of the hyperplanes", integer, flag="--reuse-seed"),
         "strategy": Option("fixed", "runtime strategy: fixed (L, H throughout), lh (L, H stepped coarse to fine "
                                     "along --reuse-schedule at each loss plateau), off (reuse on, then off at a "
                                     "plateau)", choice(*STRATEGIES), flag="--reuse-strategy"),
         "schedule": Option("288:6,144:8,72:10", "lh strategy: the L:H settings, coarse to fine", _schedule,
                            flag="--reuse-schedule"),
-        "plateau": Option(0.05, "a plateau: the epoch's training loss fell by less than this fraction", _fraction,
+        "plateau": Option(0.05, "a plateau: the epoch's training loss fell by less than this fraction", fraction,
                           flag="--reuse-plateau"),
         "min_epochs": Option(1, "epochs at least between two switches", int_at_least(1), flag="--reuse-min-epochs"),
     }
 
     def run(self, art: Artifacts, options: dict) -> PassResult:
-        from ..compiler.compile import training_graph
         out = art.copy()
         tg = training_graph(out)
         L, H = options["L"], options["H"]

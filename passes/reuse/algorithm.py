@@ -1,4 +1,4 @@
-"""Runtime controller of adaptive deep reuse: the paper's three strategies, and the reuse report.
+"""The run-time algorithm of adaptive deep reuse: the paper's three strategies, and the reuse report.
 
 Strategies (``plan.json`` → ``"type": "reuse"``, ``"strategy"``):
 
@@ -23,25 +23,9 @@ import time
 
 import numpy as np
 
-from .controllers import Controller, Variant
-
-
-def layer_macs(cfg: dict, batch: int, remain: float | None) -> dict:
-    """Multiply-adds per step of one conv layer, exact (remain None) or reused at ``remain``."""
-    g = cfg["geom"]
-    h, w = cfg["in_hw"]
-    pt, pl, pb, pr = g["pads"]
-    ho = (h + pt + pb - g["dilation"][0] * (g["kh"] - 1) - 1) // g["stride"][0] + 1
-    wo = (w + pl + pr - g["dilation"][1] * (g["kw"] - 1) - 1) // g["stride"][1] + 1
-    M, K, Co = batch * ho * wo, g["C"] * g["kh"] * g["kw"], g["Co"]
-    full = M * K * Co
-    hashing = M * K * cfg["H"]
-    if remain is None:
-        return {"forward": full, "weight_grad": full, "input_grad": full, "total": 3 * full, "hash": hashing}
-    fwd = remain * full + hashing  # centroid GEMM + hashing
-    dw = remain * full
-    dx = full if cfg["input_grad"] == "exact" else remain * full
-    return {"forward": fwd, "weight_grad": dw, "input_grad": dx, "total": fwd + dw + dx, "hash": hashing}
+from ...runtime.algorithm import Algorithm, register_algorithm
+from .rewrite import PASS, ReusePass, reuse_variant, reused_layers
+from .spec import KERNEL_KEY, geom_from_config, layer_macs
 
 
 def conv_layer_model(pads, kernel, strides, dilations):
@@ -62,7 +46,7 @@ def conv_layer_model(pads, kernel, strides, dilations):
 
 def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
     """Median ms of ORT's Conv + ConvGrad for one layer shape (random data, side session)."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: loaded for the side measurement
     g = cfg["geom"]
     m = conv_layer_model(g["pads"], (g["kh"], g["kw"]), g["stride"], g["dilation"])
     so = ort.SessionOptions()
@@ -72,9 +56,7 @@ def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
     hh, ww = cfg["in_hw"]
     x = rng.standard_normal((batch, g["C"], hh, ww), dtype=np.float32)
     w = rng.standard_normal((g["Co"], g["C"], g["kh"], g["kw"]), dtype=np.float32)
-    pt, pl, pb, pr = g["pads"]
-    ho = (hh + pt + pb - g["dilation"][0] * (g["kh"] - 1) - 1) // g["stride"][0] + 1
-    wo = (ww + pl + pr - g["dilation"][1] * (g["kw"] - 1) - 1) // g["stride"][1] + 1
+    ho, wo = geom_from_config(cfg).out_hw(hh, ww)
     feeds = {"X": x, "W": w, "B": np.zeros(g["Co"], np.float32),
              "dY": rng.standard_normal((batch, g["Co"], ho, wo), dtype=np.float32)}
     s.run(None, feeds)
@@ -86,17 +68,16 @@ def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
     return float(np.median(ts) * 1e3)
 
 
-class ReuseController(Controller):
-    name = "reuse"
+@register_algorithm
+class Reuse(Algorithm):
+    name = PASS
+    rank = ReusePass.rank
 
-    def __init__(self, base, spec: dict, measure_original: bool = True):
-        super().__init__()
-        from ..passes.reuse import reused_layers
-        self.base = base
-        self.spec = dict(spec)
-        self.strategy = spec.get("strategy", "fixed")
-        self.schedule = [tuple(s) for s in spec.get("schedule", [])] or [(spec["L"], spec["H"])]
-        self.configs = reused_layers(base.training)  # layer -> config at compile time
+    def __init__(self, root, spec: dict, measure_original: bool = True):
+        super().__init__(root, spec)
+        self.strategy = self.spec.get("strategy", "fixed")
+        self.schedule = [tuple(s) for s in self.spec.get("schedule", [])] or [(self.spec["L"], self.spec["H"])]
+        self.configs = reused_layers(root.training)  # layer -> config at compile time
         self.index = 0  # position in the schedule (lh)
         self.on = True
         self.last_switch = 0
@@ -104,18 +85,15 @@ class ReuseController(Controller):
         self.measure_original = measure_original
         self.original_ms: dict = {}
         self.epochs: list[dict] = []
-        self._cache: dict = {}
+        self._stats: dict = {}
 
-    # ------------------------------------------------------------------ variants
-    def settings(self, base=None) -> dict:
-        """Per-layer settings now; for ``base`` (e.g. a rescale stage) with that stage's shapes."""
+    # ------------------------------------------------------------------ what it contributes
+    def settings(self, art=None) -> dict:
+        """Per-layer settings now, for ``art`` (e.g. a rescale stage: that stage's layer shapes)."""
         if not self.on:
             return {}
         L, H = self.current()
-        configs = self.configs
-        if base is not None and base is not self.base:
-            from ..passes.reuse import reused_layers
-            configs = reused_layers(base.training)
+        configs = self.configs if art is None or art is self.root else reused_layers(art.training)
         out = {}
         for layer, c in configs.items():
             K = c["geom"]["C"] * c["geom"]["kh"] * c["geom"]["kw"]
@@ -126,37 +104,36 @@ class ReuseController(Controller):
     def current(self) -> tuple:
         return tuple(self.schedule[self.index]) if self.strategy == "lh" else (self.spec["L"], self.spec["H"])
 
+    def decision(self):
+        return (self.on, self.current())
+
+    def transform(self, art):
+        want = self.settings(art)
+        have = {k: {f: c[f] for f in ("L", "H", "scope", "input_grad", "seed")}
+                for k, c in reused_layers(art.training).items()}
+        return art if want == have else reuse_variant(art, want)
+
     def describe(self) -> str:
         return "reuse:off" if not self.on else "reuse:L{}H{}".format(*self.current())
 
-    def variant(self) -> Variant:
-        from ..passes.reuse import reuse_variant
-        s = self.settings()
-        if self.composer is not None:
-            return Variant(name=self.composer.describe(), artifacts=self.composer.artifacts(), info={"reuse": s})
-        key = repr(sorted((k, sorted(v.items())) for k, v in s.items()))
-        if key not in self._cache:
-            self._cache[key] = reuse_variant(self.base, s)
-        name = "reuse:off" if not s else "reuse:" + ",".join(sorted({f"L{v['L']}H{v['H']}" for v in s.values()}))
-        return Variant(name=name, artifacts=self._cache[key], info={"reuse": s})
+    # ------------------------------------------------------------------ events
+    def on_step(self, state, step, result):
+        for key, st in result.kernels.items():  # the reuse node kernels' statistics (node.py)
+            if key.startswith(KERNEL_KEY):
+                acc = self._stats.setdefault(key[len(KERNEL_KEY):], {"ms": 0.0, "calls": 0, "remain": 0.0})
+                acc["ms"] += st.get("ms", 0.0)
+                acc["calls"] += 1
+                acc["remain"] += st.get("remain", 0.0)
 
-    def on_train_start(self, trainer):
-        if not self.on or (self.strategy == "lh" and self.index > 0):
-            return self.variant()
-        return None
-
-    # ------------------------------------------------------------------ per epoch
-    def on_epoch_end(self, epoch, metrics, trainer):
-        engine = trainer.engine
-        runner = getattr(engine, "runner", None)
-        stats = runner.take_stats() if runner is not None else {}
-        batch = int(getattr(trainer, "batch_size", 0) or engine.config.get("batch_size", 64))
+    def on_epoch_end(self, state, epoch, metrics):
+        stats, self._stats = self._stats, {}
+        batch = int(state.batch_size)
         steps = max(int(metrics.get("steps", 1)), 1)
         layers = {}
         settings = self.settings()
         # the variant that ran (a rescale stage has other shapes): its own layer geometry
-        from ..passes.reuse import reused_layers
-        ran = reused_layers(engine.artifacts.training) if getattr(engine, "artifacts", None) is not None else {}
+        art = state.engine.artifacts
+        ran = reused_layers(art.training) if art is not None else {}
         for layer, c0 in self.configs.items():
             c = ran.get(layer, c0)
             f = stats.get(f"{layer}|forward", {})
@@ -181,23 +158,23 @@ class ReuseController(Controller):
                (self.spec["L"], self.spec["H"]), "train_loss": metrics.get("train_loss"), "layers": layers,
                "steps": steps}
         self.epochs.append(rec)
-        metrics["reuse"] = {k: {"remain_ratio": v["remain_ratio"], "macs_saved": v["macs_saved"]}
-                            for k, v in layers.items()}
         # the cost model counts a reuse node at remain ratio 1 plus hashing; what the measured remain
         # ratio saves on top of that, in FLOPs per step (2 per multiply-add)
-        metrics["reuse_flops_saved_per_step"] = sum(
-            2.0 * (v["macs_exact"] + layer_macs(ran.get(k, self.configs[k]), batch, None)["hash"] - v["macs_reuse"])
-            for k, v in layers.items() if v["reused"] and v["remain_ratio"] is not None)
+        self.logger.log_metrics({
+            "reuse": {k: {"remain_ratio": v["remain_ratio"], "macs_saved": v["macs_saved"]} for k, v in layers.items()},
+            "reuse_flops_saved_per_step": sum(
+                2.0 * (v["macs_exact"] + layer_macs(ran.get(k, self.configs[k]), batch, None)["hash"] - v["macs_reuse"])
+                for k, v in layers.items() if v["reused"] and v["remain_ratio"] is not None)})
         loss = metrics.get("train_loss")
         prev, self.prev_loss = self.prev_loss, loss
         if prev is None or loss is None or self.strategy == "fixed" or not self.on:
-            return None
+            return
         drop = (prev - loss) / max(abs(prev), 1e-12)
         if drop >= float(self.spec.get("plateau", 0.05)) or epoch - self.last_switch < int(self.spec.get("min_epochs", 1)):
-            return None
+            return
         if self.strategy == "lh":
             if self.index + 1 >= len(self.schedule):
-                return None
+                return
             self.index += 1
             L, H = self.schedule[self.index]
             self.decide(epoch, "refine", f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
@@ -207,24 +184,23 @@ class ReuseController(Controller):
             self.decide(epoch, "off", f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
                         f"reuse off (exact conv) from epoch {epoch + 1}", drop=drop)
         self.last_switch = epoch
-        return self.variant()
 
     # ------------------------------------------------------------------ report and state
     def report(self) -> dict:
         if not self.epochs:
             return {}
-        tot_exact = sum(l["macs_exact"] * e["steps"] for e in self.epochs for l in e["layers"].values())
-        tot_used = sum(l["macs_reuse"] * e["steps"] for e in self.epochs for l in e["layers"].values())
+        tot_exact = sum(lay["macs_exact"] * e["steps"] for e in self.epochs for lay in e["layers"].values())
+        tot_used = sum(lay["macs_reuse"] * e["steps"] for e in self.epochs for lay in e["layers"].values())
         return {"strategy": self.strategy, "epochs": self.epochs,
                 "reused_layer_macs_saved": 1 - tot_used / tot_exact if tot_exact else 0.0,
                 "switches": [d for d in self.log if d["action"] in ("refine", "off")]}
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"log": self.log, "index": self.index, "on": self.on, "last_switch": self.last_switch,
                 "prev_loss": self.prev_loss, "epochs": self.epochs, "original_ms": self.original_ms}
 
-    def load_state(self, state: dict) -> None:
-        super().load_state(state)
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.index = int(state.get("index", 0))
         self.on = bool(state.get("on", True))
         self.last_switch = int(state.get("last_switch", 0))

@@ -19,7 +19,7 @@ What the pass builds (our choices where the paper's text was not available, all 
   nothing;
 * the up-rescale (runtime, at the switch): kernels are interpolated back to full size (bilinear
   or bicubic) ×1/s², the Gemm weight likewise; BatchNorm and biases carry over;
-* the plan asks the runtime's :class:`accelc.runtime.rescale.RescaleController` to train the
+* the plan asks the run-time algorithm :class:`accelc.passes.rescale.algorithm.Rescale` to train the
   low-resolution stage first and switch at a fixed epoch, a fraction of the run, or when the
   low-resolution validation loss stops improving (the paper's idea).
 """
@@ -32,12 +32,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..compiler.artifacts import Artifacts, generate
-from ..compiler.errors import AccelcError
-from ..compiler.graph import infer_shapes
-from ..compiler.model import check_model
-from ..compiler.pass_manager import Option, Pass, PassResult, choice, int_at_least, register
+from ...compiler import provenance
+from ...compiler.artifacts import Artifacts, generate
+from ...compiler.compile import legalized
+from ...compiler.errors import AccelcError
+from ...compiler.model import check_model, infer_shapes
+from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least, register
 
+PASS = "rescale"
 STAGE_DIR = "stage-low"
 
 
@@ -214,18 +216,15 @@ def low_resolution_model(model: onnx.ModelProto, input_name: str, s: int, min_ke
         if spec:
             small = down_param(numpy_helper.to_array(t), spec, s)
             nt = numpy_helper.from_array(small, t.name)
-            for k, v in (("accelc.pass", "rescale"), ("accelc.original_shape", "x".join(map(str, spec["full"]))),
-                         ("accelc.s", str(s)), ("accelc.method", "tent down-sampling ×s² (partition of unity)")):
-                nt.metadata_props.add(key=k, value=v)
+            provenance.tag(nt, PASS, note="tent down-sampling ×s² (partition of unity)",
+                           **{"accelc.original_shape": "x".join(map(str, spec["full"])), "accelc.s": str(s)})
             m.graph.initializer[i].CopyFrom(nt)
     for n in m.graph.node:
         ch = plan["convs"].get(n.name)
         if ch:
             _set_attr(n, "kernel_shape", ch["kernel_shape"])
             _set_attr(n, "pads", ch["pads"])
-            n.metadata_props.add(key="accelc.pass", value="rescale")
-            n.metadata_props.add(key="accelc.note", value=f"low-resolution stage: kernel resampled to "
-                                                            f"{ch['kernel_shape']} (s={s})")
+            provenance.tag(n, PASS, note=f"low-resolution stage: kernel resampled to {ch['kernel_shape']} (s={s})")
     for vi in list(m.graph.value_info):
         m.graph.value_info.remove(vi)
     if m.ir_version < 10:
@@ -235,8 +234,10 @@ def low_resolution_model(model: onnx.ModelProto, input_name: str, s: int, min_ke
 
 # ----------------------------------------------------------------------------- options and pass
 
-def _switch(text):
-    text = str(text)
+def _switch(value):
+    if not isinstance(value, str):
+        raise TypeError(f"expected epoch:E, fraction:F or plateau[:PATIENCE], got {value!r}")
+    text = value
     kind, _, val = text.partition(":")
     if kind == "epoch" and val.isdigit() and int(val) >= 1:
         return text
@@ -254,7 +255,8 @@ def _switch(text):
 
 @register
 class RescalePass(Pass):
-    name = "rescale"
+    name = PASS
+    rank = 10  # first: every later pass also rewrites the stage it makes
     summary = "kernel rescaling: a low-resolution stage with downscaled kernels first, then full resolution"
     paper = "Gusmão et al., Fast training of CNNs via kernel rescaling, 2016"
     options = {
@@ -281,7 +283,6 @@ class RescalePass(Pass):
             low_info = check_model(low_model, info.sha256)
         except AccelcError as e:
             raise AccelcError(f"cannot rescale: the low-resolution model is invalid: {e}") from None
-        from ..compiler.compile import legalized
         low_art, _ = generate(legalized(dataclasses.replace(low_info, warnings=[])), art.config["loss"],
                               art.config["optimizer"], art.config["lr"], art.config["batch_size"])
         low_art.info = low_info
@@ -296,12 +297,9 @@ class RescalePass(Pass):
                                    f"compiled to {STAGE_DIR}/"})
         return PassResult(art, True, changes)
 
-    def self_check(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
-        """The stage's ORT sessions load, and down-then-up rescaling returns every resampled
-        parameter's full shape."""
-        from ..compiler.pass_manager import validate
-        stage = after.stages[STAGE_DIR]
-        validate(stage)
+    def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
+        """Down-then-up rescaling returns every resampled parameter's full shape (the manager
+        validates the stage itself)."""
         spec = after.plan[-1]
         inits = {t.name: numpy_helper.to_array(t) for t in before.info.model.graph.initializer}
         s = options["factor"]
@@ -309,4 +307,4 @@ class RescalePass(Pass):
             back = up_param(down_param(inits[p], sp, s), sp, s, options["method"])
             if list(back.shape) != list(inits[p].shape):
                 raise AccelcError(f"rescale self-check failed: '{p}' comes back as {back.shape}")
-        return f"low-resolution stage validated; {len(spec['params'])} parameter(s) rescale both ways"
+        return f"{len(spec['params'])} parameter(s) rescale both ways"

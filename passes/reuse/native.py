@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .reuse_kernels import ConvGeom, ReuseContext, ReuseSpec, _weight_chunks, exact_input_grad
+from .kernels import ReuseContext, _weight_chunks, exact_input_grad
+from .kernels import hash_buckets as conv_hash
+from .spec import ConvGeom, ReuseSpec
 
 _SRC = Path(__file__).with_name("_reuse.c")
 _lib = None
@@ -84,6 +86,11 @@ def lib():
     if _lib is None:
         raise RuntimeError(_error)
     return _lib
+
+
+def error() -> str | None:
+    """Why the native kernels are unavailable (None if they built or were not tried yet)."""
+    return _error
 
 
 def available() -> bool:
@@ -158,7 +165,6 @@ def forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, buckets=None):
     """Hash, cluster and compute the reused conv. Returns (y, ReuseContext)."""
     if buckets is None:
         if spec.L % (geom.kh * geom.kw) == 0:  # chunks are whole channels: one grouped conv (oneDNN)
-            from .reuse_kernels import hash_buckets as conv_hash
             buckets = conv_hash(x, planes, geom, spec)
         else:
             buckets = hash_buckets(x, planes, geom, spec)

@@ -22,11 +22,20 @@ import sys
 import time
 from pathlib import Path
 
-from ..compiler.errors import AccelcError, atomic_write_text
-from .data import load_data
-from .train import Trainer, machine_info
+from . import api
+from .compiler.artifact_dir import load_artifacts
+from .compiler.artifacts import optimizer_hyperparameters
+from .compiler.cost import graph_costs
+from .compiler.errors import AccelcError
+from .compiler.fileio import atomic_write_text
+from .compiler.graph import training_graph
+from .compiler.model import load_model
+from .compiler.pass_api import registered
+from .runtime.algorithm import algorithms_for
+from .runtime.config import ExecConfig
+from .runtime.data import load_data
+from .runtime.train import Trainer, machine_info
 
-DEFAULT_CONFIGS = "torch,ort"
 
 
 def parse_configs(text: str) -> list[str]:
@@ -50,15 +59,16 @@ def parse_configs(text: str) -> list[str]:
 
 def config_passes(c: str) -> tuple[list[str], dict]:
     """('ort+skip[tau=1.5]') -> (['skip'], {'skip': {'tau': '1.5'}}): options go to every pass that has them."""
-    from ..compiler.pass_manager import available, parse_pass_list
+    from .compiler.pass_api import parse_pass_list
     if c in ("ort", "ort-noopt"):
         return [], {}
     m = re.fullmatch(r"ort\+([\w+]+)(?:\[([^\]]*)\])?", c)
     if not m:
         raise AccelcError(f"bad configuration '{c}'")
-    names = parse_pass_list("rescale,reuse,skip" if m.group(1) == "all" else m.group(1).replace("+", ","))
+    reg = registered()
+    every = [n for n, cls in reg.items() if not cls.default]
+    names = parse_pass_list(every if m.group(1) == "all" else m.group(1).replace("+", ","))
     opts: dict = {}
-    reg = available()
     for kv in filter(None, (m.group(2) or "").split(";")):
         k, _, v = kv.partition("=")
         owners = [n for n in names if k.strip() in reg[n].options]
@@ -82,14 +92,11 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
               seed: int = 0, lr: float = 1e-3, repeats: int = 1, train_limit=None, test_limit=None,
               target: str = "ort-best", progress: bool = True, threads: int | None = None,
               input_shape: tuple | None = None) -> dict:
-    import torch
+    import torch  # heavy: loaded when a benchmark runs
 
-    from ..compiler.compile import compile_model
-    from ..compiler.export import ZOO, export_zoo, zoo_module
-    from ..compiler.model import load_model
-    from .plan import controllers_for
-    from .session import TrainingSession
-    from .torch_engine import TorchSession
+    from .compiler.export import ZOO, export_zoo, zoo_module
+    from .runtime.session import TrainingSession
+    from .runtime.torch_engine import TorchSession
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,14 +118,12 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
             continue
         names, opts = config_passes(c)
         d = work / re.sub(r"[^\w.-]+", "_", c).strip("_")
-        compile_model(model_path, d, names, opts, lr=lr, batch_size=batch_size, force=True, info=info,
-                      opt=c != "ort-noopt")
+        api.compile(model_path, d, names, opts, lr=lr, batch_size=batch_size, force=True, info=info,
+                    opt=c != "ort-noopt")
         art_dirs[c] = d
     if threads:
         torch.set_num_threads(threads)
     # torch eager uses the optimizer the artifacts describe (ORT's AdamW defaults without artifacts)
-    from ..compiler.artifacts import optimizer_hyperparameters
-    from ..compiler.compile import load_artifacts
     hyper = (optimizer_hyperparameters(load_artifacts(next(iter(art_dirs.values())))[0].optimizer) if art_dirs
              else {"kind": "adamw", "alpha": 0.9, "beta": 0.999, "epsilon": 1e-6, "weight_decay": 0.0,
                    "adam_mode": 1, "correct_bias": 1})
@@ -129,11 +134,11 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
             if c == "torch":
                 module, _ = zoo_module(model, info.input_shape, info.num_classes, seed)
                 engine = TorchSession(module, hyper, lr)
-                ctrls = []
+                algs = []
             else:
-                engine = TrainingSession(art_dirs[c], lr=lr, threads=threads)
-                ctrls = controllers_for(art_dirs[c], engine)
-            tr = Trainer(engine, ds, None, epochs, batch_size, seed, ctrls, progress=progress, name=c,
+                engine = TrainingSession(art_dirs[c], ExecConfig(threads=threads), lr=lr)
+                algs = algorithms_for(engine.artifacts)
+            tr = Trainer(engine, ds, None, epochs, batch_size, seed, algs, progress=progress, name=c,
                          checkpoints=False)
             with PeakRSS() as mem:
                 s = tr.run()
@@ -187,12 +192,10 @@ class PeakRSS:
 
 def _plain_cost(model_path, work, info, lr, batch_size, art_dirs) -> dict:
     """Cost-model FLOPs and bytes per step of the plain ``ort`` artifacts (the reduction baseline)."""
-    from ..compiler.compile import compile_model, load_artifacts, training_graph
-    from ..compiler.cost import graph_costs
     d = art_dirs.get("ort")
     if d is None:
         d = work / "ort_reference"
-        compile_model(model_path, d, [], {}, lr=lr, batch_size=batch_size, force=True, info=info)
+        api.compile(model_path, d, [], {}, lr=lr, batch_size=batch_size, force=True, info=info)
     art = load_artifacts(d)[0]
     c = graph_costs(training_graph(art), art.config.get("optimizer", "adamw"))["total"]
     return {"flops": c["flops"], "bytes": c["bytes"]}
@@ -340,43 +343,3 @@ def plot_controllers(results: dict, path: Path, rep: dict) -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(path)
-
-
-def add_bench_args(p) -> None:
-    p.add_argument("--model", default="vgg", help="zoo model name or ONNX path (default vgg)")
-    p.add_argument("--data", default="synthetic", help="synthetic[:N] | fashion-mnist[:DIR] | imagefolder:DIR")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per configuration (default 3)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of torch, ort, ort+PASS[+PASS][opt=v;...], ort+all (= ort+rescale+reuse+skip) "
-                   f"(default {DEFAULT_CONFIGS})")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default 0)")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate (default 3e-4: stable for the BatchNorm zoo models)")
-    p.add_argument("--repeats", type=int, default=1, help="run every configuration R times, report medians")
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--target", default="ort-best", help="target accuracy: ort-best (default), torch-best-0.2 (torch eager's best minus 0.2 "
-                        "points) or a number")
-    p.add_argument("--threads", type=int, default=None, help="threads for ORT and torch (default: all cores)")
-    p.add_argument("--input-shape", default=None, help="C,H,W of a zoo model's input (default: the model's own; "
-                                                       "rescale needs a final feature map divisible by its factor)")
-    p.add_argument("-o", "--output", default="bench-out", help="output directory (default bench-out)")
-
-
-def _shape(text):
-    if not text:
-        return None
-    from ..compiler.cli import _parse_shape
-    return _parse_shape(text)
-
-
-def bench_cli(a) -> int:
-    if a.epochs <= 0 or a.repeats <= 0:
-        raise AccelcError("--epochs and --repeats must be positive")
-    configs = parse_configs(a.configs)
-    rep = run_bench(a.model, a.data, a.epochs, configs, a.output, a.batch_size, a.seed, a.lr, a.repeats,
-                    a.train_limit, a.test_limit, a.target, progress=not a.quiet, threads=a.threads,
-                    input_shape=_shape(a.input_shape))
-    if not a.quiet:
-        print(markdown(rep))
-        print(f"wrote {a.output}/bench.json, bench.md, accuracy_vs_time.png, controllers.png")
-    return 0

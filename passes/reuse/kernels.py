@@ -26,48 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class ConvGeom:
-    """Geometry of a 2-D convolution (group 1)."""
-
-    C: int
-    Co: int
-    kh: int
-    kw: int
-    stride: tuple = (1, 1)
-    pads: tuple = (0, 0, 0, 0)  # top, left, bottom, right (ONNX order: begin..., end...)
-    dilation: tuple = (1, 1)
-
-    @property
-    def K(self) -> int:
-        return self.C * self.kh * self.kw
-
-    def out_hw(self, h: int, w: int) -> tuple[int, int]:
-        pt, pl, pb, pr = self.pads
-        ho = (h + pt + pb - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + pl + pr - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
-        return ho, wo
-
-
-@dataclass(frozen=True)
-class ReuseSpec:
-    L: int
-    H: int
-    scope: str = "image"  # image | batch
-    input_grad: str = "exact"  # exact | cluster
-
-    def chunks(self, K: int) -> int:
-        return -(-K // self.L)
-
-
-def make_planes(G: int, L: int, H: int, seed: int) -> np.ndarray:
-    """The fixed random hyperplanes of one layer: float32 [G, L, H], N(0, 1), from ``seed``."""
-    return np.random.default_rng(seed).standard_normal((G, L, H)).astype(np.float32)
+from .spec import ConvGeom, ReuseSpec
 
 
 @dataclass
@@ -234,28 +196,3 @@ def exact_input_grad(dy, x, w, geom: ConvGeom) -> torch.Tensor:
         [True, False, False])
     pt, pl, _, _ = geom.pads
     return dxp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]].contiguous()
-
-
-# --------------------------------------------------------------------------- dispatch
-def reuse_forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, impl: str = "native",
-                  ids=None, offsets=None):
-    """Forward of a reused conv. ``ids/offsets`` given: use these assignments (tests, FD checks)."""
-    if ids is None:
-        if impl == "native":
-            from . import reuse_native
-            return reuse_native.forward(x, w, b, planes, geom, spec)
-        ids, offsets = cluster_torch(hash_buckets(x, planes, geom, spec), spec.H, spec.scope)
-    if impl == "native":
-        from . import reuse_native
-        return reuse_native.forward_with_ids(x, w, b, ids, offsets, geom, spec)
-    return forward_torch(x, w, b, ids, offsets, geom, spec)
-
-
-def reuse_backward(dy, x, w, ctx, geom: ConvGeom, spec: ReuseSpec, impl: str = "native", need_dx: bool = True,
-                   need_dw: bool = True):
-    """(dx, dw, db); dx is None when not needed, dw (and the cluster sums) when not needed and dx is exact."""
-    if impl == "native":
-        from . import reuse_native
-        return reuse_native.backward(dy, x, w, ctx, geom, spec, need_dx=need_dx, need_dw=need_dw)
-    dx, dw, db = backward_torch(dy, x, w, ctx, geom, spec)
-    return (dx if need_dx else None), dw, db

@@ -7,24 +7,26 @@ import os
 import sys
 from pathlib import Path
 
+from . import api
+from .bench import markdown, run_bench
+from .cli import layer_table_text
+from .compiler.errors import AccelcError
+from .compiler.pass_api import registered
+
 
 def main(out: str = "demo-out") -> int:
-    from ..compiler.cli import layer_table_text
-    from ..compiler.compile import compile_model, inspect_path
-    from ..compiler.export import export_zoo
-    from ..compiler.pass_manager import available
-    from .bench import markdown, run_bench
+    from .compiler.export import export_zoo  # heavy: torch
 
     out_dir = Path(out)
     out_dir.mkdir(exist_ok=True)
     model = "vgg"
     export_zoo(model, out_dir / f"{model}.onnx")
-    compile_model(out_dir / f"{model}.onnx", out_dir / "artifacts", force=True)
+    api.compile(out_dir / f"{model}.onnx", out_dir / "artifacts", force=True)
     print(f"== accelc inspect {out_dir}/artifacts ({model}: VGG-style CNN with BatchNorm)\n")
-    print(layer_table_text(inspect_path(out_dir / "artifacts")))
+    print(layer_table_text(api.inspect(out_dir / "artifacts")))
     # rescale needs large kernels and a head that follows a smaller map (the `largekernel` zoo
     # model); the demo's VGG has 3x3 kernels only, so it shows skip (and reuse once it exists).
-    passes = [p for p in ("skip", "reuse") if p in available()]
+    passes = [p for p in ("skip", "reuse") if p in registered()]
     configs = ["torch", "ort"] + [f"ort+{p}" for p in passes]
     print(f"\n== training on synthetic data: {', '.join(configs)}\n", flush=True)
     rep = run_bench(model, "synthetic:4000", epochs=int(os.environ.get("DEMO_EPOCHS", 3)), configs=configs,
@@ -35,7 +37,6 @@ def main(out: str = "demo-out") -> int:
 
 
 if __name__ == "__main__":
-    from ..compiler.errors import AccelcError
     try:
         sys.exit(main())
     except AccelcError as e:

@@ -1,6 +1,6 @@
 """Adaptive deep reuse as a portable ONNX reference path (standard ops, opset 17).
 
-The mathematics is that of :mod:`accelc.runtime.reuse_kernels` (read it for the contract); here
+The mathematics is that of :mod:`accelc.passes.reuse.kernels` (read it for the contract); here
 each reused convolution becomes two ONNX *local functions* (``onnx.FunctionProto``) built only
 from default-domain ops, so a plain ``onnxruntime.InferenceSession`` runs them (ORT inlines local
 functions) and Netron shows one node per layer:
@@ -44,9 +44,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..runtime.reuse_kernels import ConvGeom, ReuseSpec
+from .spec import BACKWARD_PREFIX, DOMAIN, FORWARD_PREFIX, ConvGeom, ReuseSpec
 
-DOMAIN = "ai.accelc.reuse"
 OPSET = 17
 IR_VERSION = 10
 PRODUCTS = ("auto", "table", "rows")
@@ -63,11 +62,11 @@ def safe_name(layer: str) -> str:
 
 
 def forward_name(layer: str) -> str:
-    return f"ReuseConv_{safe_name(layer)}"
+    return f"{FORWARD_PREFIX}{safe_name(layer)}"
 
 
 def backward_name(layer: str) -> str:
-    return f"ReuseConvGrad_{safe_name(layer)}"
+    return f"{BACKWARD_PREFIX}{safe_name(layer)}"
 
 
 def table_products(spec: ReuseSpec, P: int, product: str = "auto") -> bool:
@@ -364,36 +363,3 @@ def build_reuse_functions(layer: str, geom: ConvGeom, spec: ReuseSpec, in_hw: tu
     so use ``nd`` only with one intra-op thread or an EP whose kernel accumulates atomically."""
     ly = _Layer(layer, geom, spec, in_hw, product, scatter)
     return _forward(ly, domain), _backward(ly, domain)
-
-
-def reference_model(geom: ConvGeom, spec: ReuseSpec, in_hw: tuple, N: int | None = None, *,
-                    layer: str = "conv", domain: str = DOMAIN, product: str = "auto",
-                    scatter: str = "elements") -> onnx.ModelProto:
-    """A graph with one forward and one backward call: inputs X, W, B, planes, dY; outputs Y, dX,
-    dW, dB, ids (int64 [G, N·P], ``g·T + key`` with ``T = S·2^H``). ``N=None``: dynamic batch."""
-    fwd, bwd = build_reuse_functions(layer, geom, spec, in_hw, domain, product=product, scatter=scatter)
-    h, w = in_hw
-    ho, wo = geom.out_hw(h, w)
-    G = spec.chunks(geom.K)
-    n = N if N is not None else "N"
-    f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("X", f32, [n, geom.C, h, w]),
-              helper.make_tensor_value_info("W", f32, [geom.Co, geom.C, geom.kh, geom.kw]),
-              helper.make_tensor_value_info("B", f32, [geom.Co]),
-              helper.make_tensor_value_info("planes", f32, [G, spec.L, spec.H]),
-              helper.make_tensor_value_info("dY", f32, [n, geom.Co, ho, wo])]
-    outputs = [helper.make_tensor_value_info("Y", f32, [n, geom.Co, ho, wo]),
-               helper.make_tensor_value_info("dX", f32, [n, geom.C, h, w]),
-               helper.make_tensor_value_info("dW", f32, [geom.Co, geom.C, geom.kh, geom.kw]),
-               helper.make_tensor_value_info("dB", f32, [geom.Co]),
-               helper.make_tensor_value_info("ids", TensorProto.INT64,
-                                             [G, N * ho * wo if N is not None else "NP"])]
-    nodes = [helper.make_node(fwd.name, ["X", "W", "B", "planes"], ["Y", "ids", "centroids", "counts"],
-                              name=layer, domain=domain),
-             helper.make_node(bwd.name, ["dY", "X", "W", "ids", "centroids", "counts"], ["dX", "dW", "dB"],
-                              name=f"{layer}.grad", domain=domain)]
-    graph = helper.make_graph(nodes, f"reuse_reference_{safe_name(layer)}", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(domain, 1)],
-                              functions=[fwd, bwd], producer_name="accelc.reuse_onnx")
-    model.ir_version = IR_VERSION
-    return model

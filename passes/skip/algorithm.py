@@ -1,34 +1,46 @@
-"""The LARS skip controller (runtime half of the ``skip`` pass).
+"""The LARS skip algorithm (run-time half of the ``skip`` pass).
 
-Every ``every`` steps it reads the per-layer norms the instrumented graph outputs and forms the
-LARS variable λ = η‖w‖/(‖∇w‖ + β‖w‖); at each epoch end it aggregates λ (mean or last), judges a
-layer done when λ passes the threshold τ (absolute, or relative: τ × the layer's own first-epoch
-λ), picks the skip set by policy (default: the longest input-side prefix of done layers, which
-lets the backward stop early), never un-skips a layer, and swaps in the pruned variant, built by
-the skip pass and cached per skip set. It accounts the operations and bytes of every epoch from
-the cost model, for the run's op and bandwidth reduction.
+Every ``every`` steps it reads the per-layer norms the instrumented graph outputs (the step's
+probes) and forms the LARS variable λ = η‖w‖/(‖∇w‖ + β‖w‖); at each epoch end it aggregates λ
+(mean or last), judges a layer done when λ passes the threshold τ (absolute, or relative: τ × the
+layer's own first-epoch λ), picks the skip set by policy (default: the longest input-side prefix
+of done layers, which lets the backward stop early) and never un-skips a layer. Its transform
+prunes the skip set from the artifacts it is given (:func:`~accelc.passes.skip.rewrite.skip_variant`).
+It accounts the operations and bytes of every epoch from the cost model, for the run's op and
+bandwidth reduction.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..compiler.compile import training_graph
-from ..compiler.cost import graph_costs
-from .controllers import Controller, Variant
+from ...compiler.cost import graph_costs
+from ...compiler.graph import training_graph
+from ...runtime.algorithm import Algorithm, register_algorithm
+from .rewrite import SkipPass, lars_outputs, skip_variant
 
 
-class LarsSkipController(Controller):
-    name = "skip"
+def lars(w_norm: float, g_norm: float, eta: float, beta: float) -> float:
+    """The LARS local rate λ = η‖w‖/(‖∇w‖ + β‖w‖)."""
+    return eta * w_norm / (g_norm + beta * w_norm)
 
-    def __init__(self, base, options: dict):
-        super().__init__()
-        from ..passes.skip import _lars_outputs
-        self.base = base
-        self.opts = dict(options)
-        tg = training_graph(base)
-        self.layers = [l.name for l in tg.layers if l.weight in tg.params]
-        self.keys = {l: _lars_outputs(tg, l) for l in self.layers}
-        self.optimizer = base.config.get("optimizer", "adamw")
+
+def numpy_lars(w: np.ndarray, g: np.ndarray, eta: float, beta: float) -> float:
+    """λ from the arrays themselves (the reference the graph's norms are checked against)."""
+    return lars(float(np.linalg.norm(w)), float(np.linalg.norm(g)), eta, beta)
+
+
+@register_algorithm
+class LarsSkip(Algorithm):
+    name = SkipPass.name
+    rank = SkipPass.rank
+
+    def __init__(self, root, spec: dict):
+        super().__init__(root, spec)
+        self.opts = {k: v for k, v in self.spec.items() if k != "type"}
+        tg = training_graph(root)
+        self.layers = [layer.name for layer in tg.layers if layer.weight in tg.params]
+        self.keys = {name: lars_outputs(name) for name in self.layers}
+        self.optimizer = root.config.get("optimizer", "adamw")
         self.base_cost = self._cost_of(tg)
         self.skipped: list[str] = []
         self.first: dict[str, float] = {}
@@ -37,8 +49,7 @@ class LarsSkipController(Controller):
         self._sum: dict[str, float] = {}
         self._n: dict[str, int] = {}
         self._last: dict[str, float] = {}
-        self._cache: dict = {}
-        self._costs: dict = {(): self.base_cost}
+        self._costs: dict = {}
 
     def _cost_of(self, tg) -> dict:
         c = graph_costs(tg, self.optimizer)
@@ -47,21 +58,19 @@ class LarsSkipController(Controller):
                 **{f"{k}_bytes": v["bytes"] for k, v in c["phases"].items()}}
 
     # ------------------------------------------------------------------ λ
-    @staticmethod
-    def lars(w_norm: float, g_norm: float, eta: float, beta: float) -> float:
-        return eta * w_norm / (g_norm + beta * w_norm)
+    lars = staticmethod(lars)
 
-    def on_step(self, trainer, step, loss):
+    def on_step(self, state, step, result):
         every = max(1, int(self.opts.get("every", 1)))
         if step % every:
             return
-        extras = getattr(trainer.engine, "extras", {})
+        probes = result.probes
         for layer in self.layers:
             if layer in self.skipped:
                 continue
             wk, gk = self.keys[layer]
-            if wk in extras and gk in extras:
-                lam = self.lars(extras[wk], extras[gk], self.opts["eta"], self.opts["beta"])
+            if wk in probes and gk in probes:
+                lam = lars(probes[wk], probes[gk], self.opts["eta"], self.opts["beta"])
                 self._sum[layer] = self._sum.get(layer, 0.0) + lam
                 self._n[layer] = self._n.get(layer, 0) + 1
                 self._last[layer] = lam
@@ -70,8 +79,8 @@ class LarsSkipController(Controller):
     def done_layers(self, lam: dict) -> list[str]:
         tau = self.opts["tau"]
         if self.opts.get("tau_mode", "relative") == "absolute":
-            return [l for l, v in lam.items() if v > tau]
-        return [l for l, v in lam.items() if l in self.first and v > tau * self.first[l]]
+            return [name for name, v in lam.items() if v > tau]
+        return [name for name, v in lam.items() if name in self.first and v > tau * self.first[name]]
 
     def choose(self, done: list[str]) -> list[str]:
         """The new skip set (monotone) from the done layers, by policy."""
@@ -79,45 +88,37 @@ class LarsSkipController(Controller):
         keep = int(self.opts.get("keep_last", 1))
         order = self.layers
         ok = set(done) | set(self.skipped)
+        chosen: list[str] = []
         if policy == "prefix":
-            limit = len(order) - keep
-            chosen = []
-            for l in order[:max(limit, 0)]:
-                if l not in ok:
+            for name in order[:max(len(order) - keep, 0)]:
+                if name not in ok:
                     break
-                chosen.append(l)
+                chosen.append(name)
         elif policy == "suffix":
-            chosen = []
-            for l in reversed(order[1:]):
-                if l not in ok:
+            for name in reversed(order[1:]):
+                if name not in ok:
                     break
-                chosen.insert(0, l)
+                chosen.insert(0, name)
         else:
             protected = set(order[len(order) - keep:]) if keep else set()
-            chosen = [l for l in order if l in ok and l not in protected]
-        return [l for l in order if l in set(chosen) | set(self.skipped)]
+            chosen = [name for name in order if name in ok and name not in protected]
+        return [name for name in order if name in set(chosen) | set(self.skipped)]
 
-    def variant(self, skip: list[str]) -> Variant:
-        from ..passes.skip import skip_variant
-        key = tuple(skip)
-        if self.composer is not None:
-            art = self.composer.artifacts()
-            if key not in self._costs:
-                self._costs[key] = self._cost_of(training_graph(art))
-            return Variant(name=self.composer.describe(), artifacts=art, info={"skipped": list(skip)})
-        if key not in self._cache:
-            art, _ = skip_variant(self.base, skip)
-            self._cache[key] = art
-            self._costs[key] = self._cost_of(training_graph(art))
-        return Variant(name="skip:" + ",".join(skip), artifacts=self._cache[key], info={"skipped": list(skip)})
+    def decision(self):
+        return tuple(self.skipped)
 
-    def on_train_start(self, trainer):
-        return self.variant(self.skipped) if self.skipped else None
+    def transform(self, art):
+        if not self.skipped:
+            return art
+        return skip_variant(art, self.skipped)[0]
 
-    def on_epoch_end(self, epoch, metrics, trainer):
+    def describe(self) -> str:
+        return "skip:" + ",".join(self.skipped) if self.skipped else ""
+
+    def on_epoch_end(self, state, epoch, metrics):
         key = tuple(self.skipped)
-        if key not in self._costs:
-            self.variant(self.skipped)
+        if key not in self._costs:  # the cost of what ran (the engine's current artifacts)
+            self._costs[key] = self._cost_of(training_graph(state.engine.artifacts))
         cost = self._costs[key]
         steps = metrics["steps"]
         self.accounting.append({"epoch": epoch, "skipped": list(self.skipped), "steps": steps,
@@ -126,29 +127,28 @@ class LarsSkipController(Controller):
                                 "base_bytes_per_step": self.base_cost["bytes"],
                                 "ms_per_step": 1000 * metrics["train_seconds"] / max(steps, 1)})
         agg = self.opts.get("aggregate", "mean")
-        lam = {l: (self._sum[l] / self._n[l] if agg == "mean" else self._last[l]) for l in self._n}
+        lam = {name: (self._sum[name] / self._n[name] if agg == "mean" else self._last[name]) for name in self._n}
         self.lambdas.append({"epoch": epoch, **lam})
         if not self.first:
             self.first = dict(lam)
         self._sum, self._n, self._last = {}, {}, {}
-        metrics["skip"] = {"skipped": list(self.skipped), "lambda": lam}
+        self.logger.log_metrics({"skip": {"skipped": list(self.skipped), "lambda": lam}})
         if epoch < int(self.opts.get("min_epochs", 1)) or not lam:
-            return None
+            return
         done = self.done_layers(lam)
         new = self.choose(done)
         if new == self.skipped:
             if done:
                 self.decide(epoch, "keep", f"done layers {done} do not extend the {self.opts.get('policy')} "
                             f"skip set", lam=lam, done=done)
-            return None
-        added = [l for l in new if l not in self.skipped]
+            return
+        added = [name for name in new if name not in self.skipped]
         rule = (f"λ > {self.opts['tau']}" if self.opts.get("tau_mode") == "absolute"
                 else f"λ > {self.opts['tau']} × first-epoch λ")
         self.decide(epoch, "skip", f"{', '.join(added)} done ({rule}); skipping {', '.join(new)} from epoch "
-                    f"{epoch + 1}", lam={l: lam.get(l) for l in added},
-                    first={l: self.first.get(l) for l in added}, skipped=new)
+                    f"{epoch + 1}", lam={name: lam.get(name) for name in added},
+                    first={name: self.first.get(name) for name in added}, skipped=new)
         self.skipped = new
-        return self.variant(new)
 
     # ------------------------------------------------------------------ reporting and state
     def report(self) -> dict:
@@ -162,19 +162,13 @@ class LarsSkipController(Controller):
         return {"op_reduction": 1 - ops / ops0, "bandwidth_reduction": 1 - by / by0, "epochs": a,
                 "lambdas": self.lambdas, "final_skip_set": list(self.skipped)}
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"log": self.log, "skipped": self.skipped, "first": self.first, "lambdas": self.lambdas,
                 "accounting": self.accounting}
 
-    def load_state(self, state: dict) -> None:
-        super().load_state(state)
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.skipped = list(state.get("skipped", []))
         self.first = dict(state.get("first", {}))
         self.lambdas = list(state.get("lambdas", []))
         self.accounting = list(state.get("accounting", []))
-
-
-def numpy_lars(w: np.ndarray, g: np.ndarray, eta: float, beta: float) -> float:
-    """Reference λ from arrays (used by tests and as documentation of the formula)."""
-    wn, gn = float(np.linalg.norm(w)), float(np.linalg.norm(g))
-    return eta * wn / (gn + beta * wn)

@@ -18,32 +18,21 @@ What the pass does to the training graph:
 * without ``--skip-layers``: instruments the graph for the runtime controller. Per layer it adds
   ``ReduceL2`` of the weight and of its gradient as graph outputs (``accelc.lars.<layer>.w`` /
   ``.g``), so λ costs two tiny reductions inside ORT; the controller
-  (:class:`accelc.runtime.skip.LarsSkipController`) decides per epoch and asks this pass for the
-  pruned variant.
+  (:class:`accelc.passes.skip.algorithm.LarsSkip`) decides per epoch and transforms the artifacts
+  with :func:`skip_variant`.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..compiler.artifacts import Artifacts
-from ..compiler.errors import AccelcError
-from ..compiler.graph import ACC_OUT_SUFFIX, BUFFER_SUFFIX, GRAD_SUFFIX, TrainingGraph
-from ..compiler.pass_manager import Option, Pass, PassResult, choice, int_at_least, name_list, register
+from ...compiler.artifacts import Artifacts, quiet_native_stderr
+from ...compiler.errors import AccelcError
+from ...compiler.graph import ACC_OUT_SUFFIX, BUFFER_SUFFIX, GRAD_SUFFIX, TrainingGraph, training_graph
+from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least, name_list, positive_float, register
 
 LARS_PREFIX = "accelc.lars."
 POLICIES = ("prefix", "suffix", "any")
-
-
-
-def _positive(text):
-    v = float(text)
-    if not v > 0:
-        raise ValueError("must be > 0")
-    return v
-
-
-
 
 
 
@@ -65,7 +54,8 @@ def layer_groups(tg: TrainingGraph) -> dict[str, list[str]]:
     return groups
 
 
-def _lars_outputs(tg: TrainingGraph, layer_name: str) -> tuple[str, str]:
+def lars_outputs(layer_name: str) -> tuple[str, str]:
+    """The graph outputs that carry a layer's ‖w‖ and ‖∇w‖."""
     return f"{LARS_PREFIX}{layer_name}.w", f"{LARS_PREFIX}{layer_name}.g"
 
 
@@ -78,7 +68,7 @@ def instrument(tg: TrainingGraph) -> list[dict]:
         w = layer.weight
         if w not in tg.params or (w + GRAD_SUFFIX) not in tensors:
             continue
-        wn, gn = _lars_outputs(tg, layer.name)
+        wn, gn = lars_outputs(layer.name)
         if wn in have:
             continue
         for src, out, what in ((w, wn, "‖w‖"), (w + GRAD_SUFFIX, gn, "‖∇w‖")):
@@ -107,7 +97,7 @@ def prune(tg: TrainingGraph, skip: list[str]) -> tuple[list[dict], list[str]]:
     frozen_set = set(frozen)
     drop_outputs = {p + ACC_OUT_SUFFIX for p in frozen_set}
     for s in skip:
-        drop_outputs.update(_lars_outputs(tg, s))
+        drop_outputs.update(lars_outputs(s))
     before_bwd = {n.name for n in g.nodes if tg.is_backward(n)}
     g.outputs = [o for o in g.outputs if o.name not in drop_outputs]
     frozen_buffers = {p + BUFFER_SUFFIX for p in frozen_set}
@@ -144,9 +134,8 @@ def freeze_in_checkpoint(checkpoint: bytes, frozen: list[str]) -> bytes:
     import tempfile
 
     from onnx import numpy_helper
-    from onnxruntime.training import api, onnxblock
+    from onnxruntime.training import api, onnxblock  # heavy: ORT Training
 
-    from ..compiler.artifacts import quiet_native_stderr
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "in")
         with open(src, "wb") as fh:
@@ -164,8 +153,7 @@ def freeze_in_checkpoint(checkpoint: bytes, frozen: list[str]) -> bytes:
 
 
 def skip_variant(base: Artifacts, skip: list[str], batch_size: int | None = None) -> tuple[Artifacts, list[dict]]:
-    """The base artifacts with ``skip`` layers pruned (used by the pass and by the runtime controller)."""
-    from ..compiler.compile import training_graph
+    """The base artifacts with ``skip`` layers pruned (used by the pass and by the algorithm)."""
     art = base.copy()
     tg = training_graph(art)
     changes, frozen = prune(tg, list(skip))
@@ -177,17 +165,18 @@ def skip_variant(base: Artifacts, skip: list[str], batch_size: int | None = None
 @register
 class SkipPass(Pass):
     name = "skip"
+    rank = 30  # last: prunes whatever backward the passes before it left
     summary = "layer skip learning with LARS variables: prune the backward of skipped layers"
     paper = "Layer skip learning using LARS variables, IEEE ICECS 2018"
     options = {
         "layers": Option(None, "layers to skip (names as `accelc inspect` prints); without it the graph is "
                                "instrumented and the runtime controller decides per epoch", name_list,
                          flag="--skip-layers"),
-        "eta": Option(0.001, "LARS η (trust coefficient)", _positive, flag="--skip-eta"),
-        "beta": Option(1e-4, "LARS β (weight-decay term in the denominator)", _positive, flag="--skip-beta"),
+        "eta": Option(0.001, "LARS η (trust coefficient)", positive_float, flag="--skip-eta"),
+        "beta": Option(1e-4, "LARS β (weight-decay term in the denominator)", positive_float, flag="--skip-beta"),
         "tau_mode": Option("relative", "threshold rule: relative (λ > factor × the layer's first-epoch λ) or "
                                        "absolute (λ > tau)", choice("relative", "absolute"), flag="--skip-tau-mode"),
-        "tau": Option(2.0, "the threshold: the factor (relative) or the λ value (absolute)", _positive,
+        "tau": Option(2.0, "the threshold: the factor (relative) or the λ value (absolute)", positive_float,
                       flag="--skip-tau"),
         "policy": Option("prefix", "prefix: skip the longest input-side prefix of done layers (lets the backward "
                                    "stop early); suffix: the longest output-side suffix; any: every done layer",
@@ -199,7 +188,6 @@ class SkipPass(Pass):
     }
 
     def run(self, art: Artifacts, options: dict) -> PassResult:
-        from ..compiler.compile import training_graph
         layers = options.get("layers")
         if layers:
             new, changes = skip_variant(art, layers)
@@ -213,9 +201,9 @@ class SkipPass(Pass):
         art.plan.append({"type": "skip", **plan})
         return PassResult(art, bool(changes), changes)
 
-    def self_check(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
+    def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
         """The remaining gradients equal the unpruned graph's on one batch (same weights)."""
-        from ..runtime.session import TrainingSession
+        from ...runtime.session import TrainingSession  # heavy: torch and ORT, loaded when the check runs
         rng = np.random.default_rng(0)
         shape = before.info.input_shape
         x = rng.standard_normal((4, *shape)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The rescale controller (runtime half of the ``rescale`` pass).
+"""The rescale algorithm (run-time half of the ``rescale`` pass).
 
 Trains the low-resolution stage first (data downscaled by s, kernels downscaled), then switches
 to full resolution: kernels and the Gemm head are up-rescaled from the trained low-resolution
@@ -11,34 +11,47 @@ from __future__ import annotations
 import math
 import statistics
 
-from .controllers import Controller, Variant
+from ...runtime.algorithm import Algorithm, register_algorithm
+from ...runtime.engine import ParamUpdate
+from .rewrite import RescalePass, up_param
 
 
-class RescaleController(Controller):
-    name = "rescale"
+@register_algorithm
+class Rescale(Algorithm):
+    name = RescalePass.name
+    rank = RescalePass.rank
 
-    def __init__(self, base, spec: dict):
-        super().__init__()
-        self.base = base
-        self.spec = dict(spec)
-        self.stage = base.stages[spec["stage"]]
+    def __init__(self, root, spec: dict):
+        super().__init__(root, spec)
+        self.stage = root.stages[self.spec["stage"]]
         self.switched = False
         self.switch_epoch = None
         self.best = math.inf
         self.bad = 0
         self.epochs: list[dict] = []
 
-    def _low_variant(self) -> Variant:
-        from .session import read_checkpoint_params
-        values = read_checkpoint_params(self.stage.checkpoint)
-        changed = list(self.spec["params"])
-        art = self.composer.artifacts() if self.composer is not None else self.stage
-        return Variant(name=f"rescale:low(s={self.spec['factor']})", artifacts=art,
-                       params={p: values[p] for p in changed}, reset_optimizer_for=changed,
-                       data_hw=tuple(self.spec["input_hw"]))
+    def decision(self):
+        return "full" if self.switched else "low"
 
-    def on_train_start(self, trainer):
-        return None if self.switched else self._low_variant()
+    def transform(self, art):
+        return art if self.switched else art.stages[self.spec["stage"]]
+
+    def describe(self) -> str:
+        return "rescale:full" if self.switched else f"rescale:low(s={self.spec['factor']})"
+
+    def on_switch(self, state, initial):
+        changed = list(self.spec["params"])
+        if not self.switched:  # start of the low-resolution stage: its downscaled parameters
+            from ...runtime.session import read_checkpoint_params  # heavy: ORT Training
+            values = read_checkpoint_params(self.stage.checkpoint)
+            return ParamUpdate({p: values[p] for p in changed}, changed)
+        if initial:  # resumed after the switch: the checkpoint holds the full-resolution parameters
+            return None
+        s, method = self.spec["factor"], self.spec.get("method", "bilinear")
+        current = state.engine.param_arrays()
+        up = {p: up_param(current[p], sp, s, method) for p, sp in self.spec["params"].items()}
+        reset = list(up) if self.spec.get("reset_moments", "changed") == "changed" else list(self.root.info.params)
+        return ParamUpdate(up, reset)
 
     def _due(self, epoch: int, metrics: dict, total: int) -> str | None:
         kind, _, val = self.spec["switch"].partition(":")
@@ -57,24 +70,20 @@ class RescaleController(Controller):
             return f"low-resolution validation loss {loss:.4f} did not improve on {self.best:.4f} for {self.bad} epoch(s)"
         return None
 
-    def on_epoch_end(self, epoch, metrics, trainer):
+    def on_epoch_end(self, state, epoch, metrics):
         self.epochs.append({"epoch": epoch, "stage": "full" if self.switched else "low",
                             "train_seconds": metrics["train_seconds"], "test_acc": metrics["test_acc"]})
         if self.switched:
-            return None
-        why = self._due(epoch, metrics, trainer.epochs)
-        if not why or epoch >= trainer.epochs:
-            return None
-        from ..passes.rescale import up_param
-        sess = trainer.engine
-        s, method = self.spec["factor"], self.spec.get("method", "bilinear")
-        up = {p: up_param(sess.params[p].detach().cpu().numpy(), sp, s, method) for p, sp in self.spec["params"].items()}
-        reset = list(up) if self.spec.get("reset_moments", "changed") == "changed" else list(sess.trainable_all)
+            return
+        why = self._due(epoch, metrics, state.epochs)
+        if not why or epoch >= state.epochs:
+            return
+        method = self.spec.get("method", "bilinear")
+        reset = (list(self.spec["params"]) if self.spec.get("reset_moments", "changed") == "changed"
+                 else list(self.root.info.params))
         self.switched, self.switch_epoch = True, epoch
-        self.decide(epoch, "switch", f"{why}; up-rescaled {len(up)} parameter(s) ({method}), full resolution "
-                    f"from epoch {epoch + 1}", reset_moments=reset)
-        art = self.composer.artifacts() if self.composer is not None else self.base
-        return Variant(name="rescale:full", artifacts=art, params=up, reset_optimizer_for=reset)
+        self.decide(epoch, "switch", f"{why}; up-rescaled {len(self.spec['params'])} parameter(s) ({method}), full "
+                    f"resolution from epoch {epoch + 1}", reset_moments=reset)
 
     def report(self) -> dict:
         low = [e["train_seconds"] for e in self.epochs if e["stage"] == "low"]
@@ -85,12 +94,12 @@ class RescaleController(Controller):
             out["low_over_full_epoch_time"] = statistics.median(low) / statistics.median(full)
         return out
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"log": self.log, "switched": self.switched, "switch_epoch": self.switch_epoch, "best": self.best,
                 "bad": self.bad, "epochs": self.epochs}
 
-    def load_state(self, state: dict) -> None:
-        super().load_state(state)
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.switched = state.get("switched", False)
         self.switch_epoch = state.get("switch_epoch")
         self.best = state.get("best", math.inf)

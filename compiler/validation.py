@@ -1,0 +1,123 @@
+"""Validation of an artifact set: shape inference, ORT sessions for the training and eval models
+and one training step on a random batch, in a forked child process, so that a native crash (ORT
+1.19.2 can die with SIGFPE on some op combinations) becomes a clear compile-time error instead of
+killing accelc. Also the helpers numeric self-checks share (random feeds, running a training graph
+with its accumulators lowered away)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import onnx
+
+from .artifacts import Artifacts
+from .errors import AccelcError, ort_message
+from .lowering import lower_training_model
+
+
+def random_feeds(session, art: Artifacts, rng, params: str = "random", batch: int = 2) -> dict:
+    """Feeds for a raw training graph: random data and labels, lazy_reset_grad true, parameters
+    random (uniform ±0.1) or constant 0.01 (cheapest: enough to exercise every kernel)."""
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name == "labels":
+            feeds[i.name] = rng.integers(0, art.info.num_classes, batch).astype(np.int64)
+        elif i.type == "tensor(bool)":
+            feeds[i.name] = np.array([True])
+        elif i.name == art.info.input_name:
+            feeds[i.name] = rng.standard_normal([batch, *art.info.input_shape]).astype(np.float32)
+        else:
+            shape = [batch if not isinstance(d, int) else d for d in i.shape]
+            if params == "constant" or i.name.endswith("_grad.accumulation.buffer"):
+                feeds[i.name] = np.full(shape, 0.01 if params == "constant" else 0.0, np.float32)
+            else:
+                feeds[i.name] = (rng.random(shape, dtype=np.float32) - 0.5) * 0.2
+    return feeds
+
+
+def run_lowered(art: Artifacts, model, feeds) -> dict:
+    """Run a training graph once with its accumulators lowered away: {output: value} for the loss,
+    logits, gradients and statistics
+    (InPlaceAccumulatorV2 outputs only a flag, so the raw graph's outputs carry no gradients)."""
+    import onnxruntime as ort  # heavy: loaded when a check runs
+
+    model, _ = lower_training_model(model, art.info.output_name)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})
+    return dict(zip([o.name for o in sess.get_outputs()], outs))
+
+
+def _validate_in_process(art: Artifacts) -> dict:
+    import onnxruntime as ort  # heavy: loaded when a check runs
+
+    try:
+        onnx.shape_inference.infer_shapes(art.training, strict_mode=False)
+    except Exception as e:
+        raise AccelcError(f"shape inference failed on the rewritten training graph: {str(e).splitlines()[0]}") from None
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = {}
+    for name, m in (("training", art.training), ("eval", art.eval)):
+        try:
+            sessions[name] = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise AccelcError(f"ORT rejects the {name} model: {ort_message(e)}") from None
+    # One forward+backward on a random batch of 2: constructs that crash ORT's kernels show up
+    # here, in the child, rather than in the user's training run.
+    feeds = random_feeds(sessions["training"], art, np.random.default_rng(0), params="constant")
+    try:
+        loss = sessions["training"].run(None, feeds)[0]
+    except Exception as e:
+        raise AccelcError(f"ORT fails to run the training graph: {ort_message(e)}") from None
+    return {"ort_session": True, "shape_inference": True, "training_step": bool(np.all(np.isfinite(loss)))}
+
+
+def validate(art: Artifacts) -> dict:
+    """Shape inference, ORT sessions for the training and eval models and one training step on a
+    random batch, in a forked child process: a native crash (ORT 1.19.2 can die with SIGFPE on
+    some op combinations) becomes a clear compile-time error instead of killing accelc."""
+    t0 = time.perf_counter()
+    if not hasattr(os, "fork"):
+        out = _validate_in_process(art)
+    else:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(r)
+            import faulthandler
+            faulthandler.disable()  # the parent reports a crash in one line; no dump on the terminal
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            code = 0
+            try:
+                res = _validate_in_process(art)
+            except AccelcError as e:
+                res, code = {"error": str(e)}, 3
+            except BaseException as e:  # noqa: BLE001
+                res, code = {"error": f"{type(e).__name__}: {e}"}, 4
+            with os.fdopen(w, "w") as fh:
+                fh.write(json.dumps(res))
+            os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            payload = fh.read()
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            sig = signal.Signals(os.WTERMSIG(status)).name
+            raise AccelcError(f"ONNX Runtime crashed ({sig}) while validating the training graph: the model uses a "
+                              f"construct ORT Training 1.19.2 cannot run; run `accelc inspect` on it and report the "
+                              f"layer types (not written)")
+        out = json.loads(payload or "{}")
+        if "error" in out:
+            raise AccelcError(out["error"])
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+

@@ -1,0 +1,164 @@
+"""Training-time algorithms: how passes act while training, in the style of MosaicML Composer's
+algorithms on events.
+
+An :class:`Algorithm` is the run-time half of a pass. It sees events (``on_train_start``,
+``on_step`` with the step's :class:`~accelc.runtime.engine.StepResult`, ``on_epoch_end`` with the
+epoch's metrics), logs through the run's :class:`Logger` (never into other objects), keeps its
+state in ``state_dict``/``load_state_dict`` (JSON, never pickles), and contributes:
+
+* a *decision key*: a hashable value naming its current decision;
+* a *transform* of the artifacts: given the artifacts the earlier algorithms produced, the
+  artifacts with its decision applied (the same object when its decision changes nothing);
+* ``on_switch``: parameter changes that come with a new decision (e.g. kernels resampled to a
+  new shape), as a :class:`~accelc.runtime.engine.ParamUpdate`.
+
+The :class:`Schedule` folds the transforms of all algorithms in pass order (their ``rank``), with
+one cache keyed by the tuple of decision keys, so no algorithm undoes another's decision and no
+pass name appears here. Passes register their algorithm with :func:`register_algorithm` under the
+``type`` their pass writes into ``plan.json``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+from ..compiler.errors import AccelcError
+from .engine import ParamUpdate, StepResult
+
+
+class Logger:
+    """Collects what algorithms report during one epoch: metrics (merged into the epoch's record
+    in ``metrics.jsonl``) and decisions (with their reasons)."""
+
+    def __init__(self):
+        self.metrics: dict[str, Any] = {}
+        self.decisions: list[dict] = []
+
+    def log_metrics(self, metrics: dict) -> None:
+        self.metrics.update(metrics)
+
+    def log_decision(self, record: dict) -> None:
+        self.decisions.append(record)
+
+    def take(self) -> tuple[dict, list]:
+        out = self.metrics, self.decisions
+        self.metrics, self.decisions = {}, []
+        return out
+
+
+@dataclass
+class TrainState:
+    """What events see of the run: the engine (read-only for algorithms: its artifacts and
+    parameter values), the run's length and batch size, and the logger."""
+
+    engine: Any
+    epochs: int
+    batch_size: int
+    logger: Logger = field(default_factory=Logger)
+    epoch: int = 0  # epochs finished
+
+
+class Algorithm:
+    """Base class. Subclasses set ``name`` (the plan type) and ``rank`` (the pass's rank) and
+    override what they need; the defaults do nothing and change nothing."""
+
+    name = "algorithm"
+    rank = 100
+
+    def __init__(self, root, spec: dict | None = None):
+        self.root = root  # the compiled artifact set (with its stages)
+        self.spec = dict(spec or {})
+        self.log: list[dict] = []
+        self.logger: Logger | None = None
+
+    # ------------------------------------------------------------------ events
+    def on_train_start(self, state: TrainState) -> None:
+        """Once before the first epoch (also after a resume, with the state loaded)."""
+
+    def on_step(self, state: TrainState, step: int, result: StepResult) -> None:
+        """After each training step (keep it cheap)."""
+
+    def on_epoch_end(self, state: TrainState, epoch: int, metrics: dict) -> None:
+        """After each epoch's evaluation; may change the decision (the switch happens after every
+        algorithm has seen the epoch). ``metrics`` is read-only: report through the logger."""
+
+    # ------------------------------------------------------------------ what it contributes
+    def decision(self) -> Hashable:
+        """A hashable key of the current decision."""
+        return None
+
+    def transform(self, artifacts):
+        """The artifacts with this algorithm's decision applied (the same object if unchanged)."""
+        return artifacts
+
+    def on_switch(self, state: TrainState, initial: bool) -> ParamUpdate | None:
+        """Parameter changes that come with the current decision; called at train start
+        (``initial``) and after an epoch whose end changed this algorithm's decision."""
+        return None
+
+    def describe(self) -> str:
+        """A short name of the current decision for the variant's name ('' when neutral)."""
+        return ""
+
+    def report(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ logging and state
+    def decide(self, epoch: int, action: str, why: str, **details) -> None:
+        rec = {"epoch": epoch, "controller": self.name, "action": action, "why": why, **details}
+        self.log.append(rec)
+        if self.logger is not None:
+            self.logger.log_decision(rec)
+
+    def state_dict(self) -> dict:
+        return {"log": self.log}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.log = list(state.get("log", []))
+
+
+class Schedule:
+    """The variant that carries every algorithm's decision (see the module doc)."""
+
+    def __init__(self, root, algorithms: list[Algorithm]):
+        self.root = root
+        self.algorithms = sorted(algorithms, key=lambda a: a.rank)
+        self._cache: dict = {}
+
+    def key(self) -> tuple:
+        return tuple(a.decision() for a in self.algorithms)
+
+    def artifacts(self):
+        key = self.key()
+        if key not in self._cache:
+            art = self.root
+            for a in self.algorithms:
+                art = a.transform(art)
+            self._cache[key] = art
+        return self._cache[key]
+
+    def name(self) -> str:
+        return "+".join(d for d in (a.describe() for a in self.algorithms) if d) or "base"
+
+
+_ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: the algorithm that runs a plan entry of type ``cls.name``."""
+    _ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def algorithms_for(art) -> list[Algorithm]:
+    """The algorithms an artifact set's plan asks for (``plan.json``), in pass order."""
+    out = []
+    for spec in art.plan:
+        if not isinstance(spec, dict):
+            raise AccelcError("plan.json: every controller must be an object")
+        kind = spec.get("type")
+        cls = _ALGORITHMS.get(kind)
+        if cls is None:
+            raise AccelcError(f"plan.json names an unknown controller '{kind}'")
+        out.append(cls(art, spec))
+    return sorted(out, key=lambda a: a.rank)

@@ -1,0 +1,67 @@
+"""Execution choices, made explicit: one object passed from the CLI or the Python API to the
+engine (never read from environment variables)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ..compiler.errors import AccelcError
+from .kernels import ORT, providers
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ExecConfig:
+    """How an engine runs a training graph.
+
+    ``kernels`` maps a registered node-kernel provider (``accelc train --kernel NAME=IMPL``; see
+    :mod:`accelc.runtime.kernels`) to one of its implementations or ``"ort"``; providers not named
+    take their first implementation on CPU and ``"ort"`` on CUDA."""
+
+    device: str = "cpu"
+    threads: int | None = None  # ORT intra-op threads (None: ORT's default, all cores)
+    kernels: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise AccelcError(f"--device must be one of {', '.join(DEVICES)}, got '{self.device}'")
+        if self.threads is not None:
+            if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+                raise AccelcError(f"--threads must be an integer, got {self.threads!r}")
+            cores = os.cpu_count() or 1
+            if not 1 <= self.threads <= 4 * cores:
+                raise AccelcError(f"--threads must be in 1..{4 * cores} on this machine ({cores} cores), "
+                                  f"got {self.threads}")
+
+    def impl(self, provider_name: str) -> str:
+        """The implementation chosen for a kernel provider."""
+        prov = providers().get(provider_name)
+        if prov is None:
+            return ORT
+        choice = self.kernels.get(provider_name)
+        if choice is None:
+            return ORT if (self.device != "cpu" and prov.cpu_only) else prov.implementations[0]
+        return choice
+
+    def check(self) -> None:
+        """Every named kernel exists and offers the chosen implementation (called by the engine,
+        after the passes have registered their kernels)."""
+        reg = providers()
+        for name, choice in self.kernels.items():
+            if name not in reg:
+                raise AccelcError(f"--kernel {name}=...: no such kernel; kernels: {', '.join(reg) or 'none'}")
+            allowed = tuple(reg[name].implementations) + (ORT,)
+            if choice not in allowed:
+                raise AccelcError(f"--kernel {name}={choice}: choose from {', '.join(allowed)}")
+
+
+def parse_kernel_choices(items) -> dict:
+    """``["reuse=torch", "conv=ort"]`` -> ``{"reuse": "torch", "conv": "ort"}`` (CLI form)."""
+    out = {}
+    for item in items or []:
+        name, sep, impl = str(item).partition("=")
+        if not sep or not name.strip() or not impl.strip():
+            raise AccelcError(f"--kernel takes NAME=IMPL (e.g. conv=ort), got '{item}'")
+        out[name.strip()] = impl.strip()
+    return out

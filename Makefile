@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRA ?= cpu
 JOBS ?= 2
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast lint bench install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(JOBS) tests
 
+test-fast: $(STAMP)  # the in-process unit tests only (no end-to-end CLI runs)
+	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow" tests
+
+# ruff (lint + format check) and the layer contracts (import-linter). import-linter finds a
+# package's modules under one folder, while accelc's are mapped from four (pyproject's
+# package-dir), so the contracts are checked on a copy assembled the way the package installs.
+LINT_TREE := build/lint
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/accelc
+	cp -r facade/. $(LINT_TREE)/accelc/
+	for p in compiler runtime passes; do cp -r $$p $(LINT_TREE)/accelc/$$p; done
+	cd $(LINT_TREE) && PYTHONPATH=. ../../$(BIN)/lint-imports --config ../../pyproject.toml
+
 FASHION := /usr/share/datasets/fashion-mnist
 BENCH_CONFIGS ?= torch,ort,ort+skip,ort+reuse,ort+reuse[strategy=lh;plateau=0.3],ort+reuse[strategy=off;plateau=0.3],ort+rescale,ort+all[strategy=off;plateau=0.3]
 BENCH_EPOCHS ?= 5
@@ -40,4 +55,4 @@ bench: $(STAMP) $(FASHION)
 	$(BIN)/python benchmarks/reuse_layer.py --repeats 9 -o bench-out/reuse_layer.json
 
 clean:
-	rm -rf $(VENV) bench-out demo-out
+	rm -rf $(VENV) bench-out demo-out build

@@ -4,6 +4,7 @@ Compiles the VGG-style zoo model twice (plain, and instrumented by `--passes ski
 training steps of both interleaved (A B A B ...), with the controller's per-step λ update on the
 instrumented one, and prints medians. Usage: python benchmarks/lars_overhead.py [steps]
 """
+
 import statistics
 import sys
 import tempfile
@@ -14,13 +15,8 @@ import numpy as np
 
 import accelc
 from accelc.compiler.export import export_zoo
+from accelc.passes.skip.algorithm import LarsSkip
 from accelc.runtime.session import TrainingSession
-from accelc.runtime.skip import LarsSkipController
-
-
-class _T:
-    def __init__(self, e):
-        self.engine = e
 
 
 def main(steps=60, batch=64):
@@ -29,8 +25,7 @@ def main(steps=60, batch=64):
     accelc.compile(d / "m.onnx", d / "plain")
     accelc.compile(d / "m.onnx", d / "inst", passes=["skip"])
     a, b = TrainingSession(d / "plain"), TrainingSession(d / "inst")
-    opts = {k: v for k, v in b.artifacts.plan[0].items() if k != "type"}
-    ctrl, tr = LarsSkipController(b.artifacts, opts), _T(b)
+    ctrl = LarsSkip(b.artifacts, b.artifacts.plan[0])
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int64)
@@ -39,17 +34,18 @@ def main(steps=60, batch=64):
         t0 = time.perf_counter()
         a.train_step(x, y)
         t1 = time.perf_counter()
-        b.train_step(x, y)
-        ctrl.on_step(tr, i, 0.0)
+        ctrl.on_step(None, i, b.train_step(x, y))
         t2 = time.perf_counter()
         if i >= 5:
             ta.append(t1 - t0)
             tb.append(t2 - t1)
     ma, mb = statistics.median(ta), statistics.median(tb)
     ratios = sorted(b_ / a_ for a_, b_ in zip(ta, tb))
-    print(f"plain step median {ma * 1e3:.2f} ms, instrumented + λ median {mb * 1e3:.2f} ms, "
-          f"overhead {100 * (mb / ma - 1):+.2f}% (median of paired ratios {100 * (statistics.median(ratios) - 1):+.2f}%), "
-          f"{steps} steps, batch {batch}")
+    print(
+        f"plain step median {ma * 1e3:.2f} ms, instrumented + λ median {mb * 1e3:.2f} ms, "
+        f"overhead {100 * (mb / ma - 1):+.2f}% (median of paired ratios {100 * (statistics.median(ratios) - 1):+.2f}%), "
+        f"{steps} steps, batch {batch}"
+    )
 
 
 if __name__ == "__main__":

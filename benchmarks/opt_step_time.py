@@ -6,6 +6,7 @@ conv kernels; the opt graph as accelc runs it by default (ORT segments profiled 
 oneDNN-marked Conv/ConvGrad timed around each call). Then times full training steps (forward +
 backward + optimizer) of the three ORT variants and torch eager in alternating blocks, medians. Usage: python benchmarks/opt_step_time.py [rounds] [model]
 """
+
 import collections
 import json
 import statistics
@@ -19,9 +20,11 @@ import onnxruntime as ort
 import torch
 
 import accelc
-from accelc.compiler.compile import load_artifacts
+from accelc.compiler.artifact_dir import load_artifacts
 from accelc.compiler.export import export_zoo, zoo_module
-from accelc.runtime.session import TrainingSession, lower_training_model, read_checkpoint_params
+from accelc.compiler.lowering import lower_training_model
+from accelc.runtime.config import ExecConfig
+from accelc.runtime.session import TrainingSession, read_checkpoint_params
 from accelc.runtime.torch_engine import TorchSession
 
 
@@ -34,8 +37,10 @@ def profile(art_dir, x, y, runs=10):
     so.profile_file_prefix = tempfile.mkdtemp() + "/p"
     s = ort.InferenceSession(low.SerializeToString(), so)
     params = read_checkpoint_params(art.checkpoint)
-    feeds = {i.name: (x if i.name == art.info.input_name else y if i.name == "labels" else params[i.name])
-             for i in s.get_inputs()}
+    feeds = {
+        i.name: (x if i.name == art.info.input_name else y if i.name == "labels" else params[i.name])
+        for i in s.get_inputs()
+    }
     for _ in range(runs + 2):
         s.run(None, feeds)
     ev = json.load(open(s.end_profiling()))
@@ -48,7 +53,8 @@ def profile(art_dir, x, y, runs=10):
 
 def profile_runner(art_dir, x, y, runs=10):
     """Per-op ms per step of the default execution: ORT segments + oneDNN convs."""
-    from accelc.runtime import executor as ex
+    from accelc.passes.opt import onednn as ex
+
     sess = TrainingSession(art_dir)
     runner = sess.runner
     agg = collections.Counter()
@@ -58,6 +64,7 @@ def profile_runner(art_dir, x, y, runs=10):
         t0 = time.perf_counter()
         orig(self, env, bound)
         agg[("ConvGrad" if self.backward else "Conv") + " (oneDNN)"] += (time.perf_counter() - t0) * 1e3 / runs
+
     for seg in runner.segments:
         run = seg["session"].run_with_iobinding
 
@@ -65,6 +72,7 @@ def profile_runner(art_dir, x, y, runs=10):
             t0 = time.perf_counter()
             run(io, ro)
             agg["ORT segments (all ops)"] += (time.perf_counter() - t0) * 1e3 / runs
+
         seg["session"].run_with_iobinding = wrapped
     sess.compute_gradients(x, y)
     agg.clear()
@@ -95,8 +103,11 @@ def main(rounds=20, model="vgg", batch=64):
     print(f"default execution (opt graph, conv_onednn, {nseg} ORT segments), ms per step:")
     for op, v in pc.most_common():
         print(f"  {op:28s} {v:8.2f}")
-    a, c, b = (TrainingSession(d / "noopt"), TrainingSession(d / "opt", conv_engine="ort"),
-               TrainingSession(d / "opt"))
+    a, c, b = (
+        TrainingSession(d / "noopt"),
+        TrainingSession(d / "opt", ExecConfig(kernels={"conv": "ort"})),
+        TrainingSession(d / "opt"),
+    )
     t = TorchSession(module, a.hyper, 1e-3)
     # Blocks of steps per variant, the blocks alternated: step-by-step interleaving penalises the
     # ORT-only variants (torch's OpenMP workers, still spinning after a oneDNN variant's step,
@@ -114,9 +125,11 @@ def main(rounds=20, model="vgg", batch=64):
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:22s} {v:7.1f} ms/step   ×torch {v / med['torch']:.2f}")
-    print(f"opt saves {100 * (1 - med['ort (opt)'] / med['ort (no opt)']):.1f}% of the ORT step "
-          f"(batch {batch}, {torch.get_num_threads()} torch threads, 3 alternating blocks of {block} steps "
-          f"per variant)")
+    print(
+        f"opt saves {100 * (1 - med['ort (opt)'] / med['ort (no opt)']):.1f}% of the ORT step "
+        f"(batch {batch}, {torch.get_num_threads()} torch threads, 3 alternating blocks of {block} steps "
+        f"per variant)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ medians over interleaved rounds of (ORT time / reuse time) within the same round
 
     python benchmarks/reuse_layer.py [--batch 64] [--repeats 5] [-o docs/reuse_layer.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,11 @@ import time
 import numpy as np
 import torch
 
-from accelc.runtime import reuse_native as rn
+from accelc.passes.reuse import native as rn
+from accelc.passes.reuse.algorithm import conv_layer_model
+from accelc.passes.reuse.node import reuse_backward, reuse_forward
+from accelc.passes.reuse.spec import ConvGeom, ReuseSpec, make_planes
 from accelc.runtime.data import fashion_mnist, resize
-from accelc.runtime.reuse import conv_layer_model
-from accelc.runtime.reuse_kernels import ConvGeom, ReuseSpec, make_planes, reuse_backward, reuse_forward
 
 SETTINGS = [(144, 6), (144, 8), (144, 16)]  # (L, H) giving remain ratios near 0.05, 0.1, 0.3 here
 
@@ -55,6 +57,7 @@ def median_ms(fn, repeats):
 
 def ort_session(threads):
     import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
@@ -76,13 +79,19 @@ def main(argv=None):
     geom = ConvGeom(64, 128, 3, 3, (1, 1), (1, 1, 1, 1))
     y_ref = torch.nn.functional.conv2d(x, w, b, padding=1)
     dy = torch.randn(y_ref.shape, generator=g) / y_ref.numel() ** 0.5
-    _, dw_ref, _ = torch.ops.aten.convolution_backward(dy, x, w, [128], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                       [True, True, True])
+    _, dw_ref, _ = torch.ops.aten.convolution_backward(
+        dy, x, w, [128], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True]
+    )
     feeds = {"X": x.numpy(), "W": w.numpy(), "B": b.numpy(), "dY": dy.numpy()}
     sess = ort_session(threads)
-    res = {"machine": f"{platform.processor() or platform.machine()}, {threads} threads",
-           "batch": a.batch, "layer": "64->128 3x3 pad 1 on 64x32x32", "repeats": a.repeats,
-           "native_kernels": rn.available()}
+    res = {
+        "machine": f"{platform.processor() or platform.machine()}, {threads} threads",
+        "batch": a.batch,
+        "layer": "64->128 3x3 pad 1 on 64x32x32",
+        "repeats": a.repeats,
+        "native_kernels": rn.available(),
+    }
+
     # Everything is timed in interleaved rounds (ORT, torch, every reuse setting, then again), and
     # each reuse time is compared with the ORT time of its own round: this machine is shared, and
     # its speed drifts by tens of percent within a minute.
@@ -91,8 +100,9 @@ def main(argv=None):
 
     def torch_step():
         torch.nn.functional.conv2d(x, w, b, padding=1)
-        torch.ops.aten.convolution_backward(dy, x, w, [128], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                            [True, True, True])
+        torch.ops.aten.convolution_backward(
+            dy, x, w, [128], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, True]
+        )
 
     cases = []
     for L, H in SETTINGS:
@@ -105,10 +115,22 @@ def main(argv=None):
             def step(spec=spec, planes=planes):
                 _, cc = reuse_forward(x, w, b, planes, geom, spec)
                 reuse_backward(dy, x, w, cc, geom, spec)
-            cases.append((spec, planes, step, {
-                "L": L, "H": H, "input_grad": ig, "remain_ratio": ctx.remain_ratio,
-                "output_error": float((y - y_ref).norm() / y_ref.norm()),
-                "dW_error": float((dw - dw_ref).norm() / dw_ref.norm())}))
+
+            cases.append(
+                (
+                    spec,
+                    planes,
+                    step,
+                    {
+                        "L": L,
+                        "H": H,
+                        "input_grad": ig,
+                        "remain_ratio": ctx.remain_ratio,
+                        "output_error": float((y - y_ref).norm() / y_ref.norm()),
+                        "dW_error": float((dw - dw_ref).norm() / dw_ref.norm()),
+                    },
+                )
+            )
     fns = [ort_step, torch_step] + [c[2] for c in cases]
     for f in fns:  # warm-up
         f()
@@ -123,18 +145,26 @@ def main(argv=None):
     rows = []
     for k, (spec, planes, _, row) in enumerate(cases):
         t = times[2 + k]
-        row.update({"fwd_bwd_ms": float(np.median(t)),
-                    "speedup_vs_ort": float(np.median([o / r for o, r in zip(times[0], t)])),
-                    "speedup_vs_torch": float(np.median([o / r for o, r in zip(times[1], t)]))})
+        row.update(
+            {
+                "fwd_bwd_ms": float(np.median(t)),
+                "speedup_vs_ort": float(np.median([o / r for o, r in zip(times[0], t)])),
+                "speedup_vs_torch": float(np.median([o / r for o, r in zip(times[1], t)])),
+            }
+        )
         rows.append(row)
-        print(f"L={row['L']:4d} H={row['H']:2d} dX={row['input_grad']:7s} remain={row['remain_ratio']:.3f} "
-              f"out_err={row['output_error']:.3f} dW_err={row['dW_error']:.3f} fwd+bwd={row['fwd_bwd_ms']:6.1f} ms "
-              f"speed-up vs ORT {row['speedup_vs_ort']:.2f}x (median of paired rounds), vs torch "
-              f"{row['speedup_vs_torch']:.2f}x", flush=True)
+        print(
+            f"L={row['L']:4d} H={row['H']:2d} dX={row['input_grad']:7s} remain={row['remain_ratio']:.3f} "
+            f"out_err={row['output_error']:.3f} dW_err={row['dW_error']:.3f} fwd+bwd={row['fwd_bwd_ms']:6.1f} ms "
+            f"speed-up vs ORT {row['speedup_vs_ort']:.2f}x (median of paired rounds), vs torch "
+            f"{row['speedup_vs_torch']:.2f}x",
+            flush=True,
+        )
     res["reuse"] = rows
     print(f"ORT Conv+ConvGrad {res['ort_ms']:.1f} ms, torch conv fwd+bwd {res['torch_ms']:.1f} ms")
     if a.output:
-        from accelc.compiler.errors import atomic_write_text
+        from accelc.compiler.fileio import atomic_write_text
+
         atomic_write_text(a.output, json.dumps(res, indent=2))
     return res
 

@@ -5,6 +5,7 @@ layers, times training steps of every variant interleaved round-robin (same batc
 `rounds` rounds), and compares the measured saving 1 - t_k/t_0 with the cost model's saving
 1 - F_k/F_0 (FLOPs of forward+backward+optimizer). Usage: python benchmarks/skip_step_time.py [rounds]
 """
+
 import json
 import statistics
 import sys
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 import accelc
-from accelc.compiler.compile import load_artifacts, training_graph
+from accelc.compiler.artifact_dir import load_artifacts
 from accelc.compiler.cost import graph_costs
 from accelc.compiler.export import export_zoo
-from accelc.passes.skip import skip_variant
+from accelc.compiler.graph import training_graph
+from accelc.passes.skip.rewrite import skip_variant
 from accelc.runtime.session import TrainingSession
 
 
@@ -49,12 +51,21 @@ def main(rounds=30, batch=64, model="vgg"):
     for s, f, t in zip(sets, flops, times):
         tm = statistics.median(t)
         saving, bound = 1 - tm / t0, 1 - f / flops[0]
-        rows.append({"skipped": len(s), "last_skipped": s[-1] if s else None, "ms": tm * 1e3,
-                     "measured_saving": saving, "cost_model_saving": bound,
-                     "fraction_of_bound": saving / bound if bound else None})
-        print(f"skip {len(s)} layers ({s[-1] if s else '-':12s}): {tm * 1e3:7.1f} ms/step  "
-              f"saving {saving:6.1%}  cost-model bound {bound:6.1%}  "
-              + (f"fraction of bound {saving / bound:.2f}" if bound else ""))
+        rows.append(
+            {
+                "skipped": len(s),
+                "last_skipped": s[-1] if s else None,
+                "ms": tm * 1e3,
+                "measured_saving": saving,
+                "cost_model_saving": bound,
+                "fraction_of_bound": saving / bound if bound else None,
+            }
+        )
+        print(
+            f"skip {len(s)} layers ({s[-1] if s else '-':12s}): {tm * 1e3:7.1f} ms/step  "
+            f"saving {saving:6.1%}  cost-model bound {bound:6.1%}  "
+            + (f"fraction of bound {saving / bound:.2f}" if bound else "")
+        )
     return rows
 
 

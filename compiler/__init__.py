@@ -3,6 +3,7 @@ the pass contract and manager, validation and cost accounting. Knows no pass by 
 
 Importing it changes no logging, warning or environment setting.
 """
+
 from .errors import AccelcError
 
 __all__ = ["AccelcError"]

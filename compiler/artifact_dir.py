@@ -1,6 +1,7 @@
 """The artifact directory format: ORT's four standard files (loadable by plain
 ``onnxruntime.training.api``), accelc's ``report.json`` and ``plan.json``, and one subdirectory
 per stage (e.g. a low-resolution model), each an artifact directory of its own."""
+
 from __future__ import annotations
 
 import json
@@ -17,15 +18,22 @@ REQUIRED = MODELS + ("checkpoint", "report.json")
 
 
 def model_summary(info: ModelInfo) -> dict:
-    return {"input_name": info.input_name, "input_shape": list(info.input_shape), "output_name": info.output_name,
-            "num_classes": info.num_classes, "params": info.params, "frozen": info.frozen,
-            "param_count": info.param_count}
+    return {
+        "input_name": info.input_name,
+        "input_shape": list(info.input_shape),
+        "output_name": info.output_name,
+        "num_classes": info.num_classes,
+        "params": info.params,
+        "frozen": info.frozen,
+        "param_count": info.param_count,
+    }
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
     if model.ByteSize() > 1_900_000_000:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+        )
     else:
         with open(path, "wb") as fh:
             fh.write(model.SerializeToString())
@@ -44,9 +52,18 @@ def write_artifacts(art: Artifacts, directory: Path) -> None:
     for name, stage in art.stages.items():
         (directory / name).mkdir()
         write_artifacts(stage, directory / name)
-        (directory / name / "report.json").write_text(json.dumps(
-            {"input": {"sha256": stage.info.sha256}, "model": model_summary(stage.info),
-             "options": stage.config, "stage_of": "..", "passes": []}, indent=1))
+        (directory / name / "report.json").write_text(
+            json.dumps(
+                {
+                    "input": {"sha256": stage.info.sha256},
+                    "model": model_summary(stage.info),
+                    "options": stage.config,
+                    "stage_of": "..",
+                    "passes": [],
+                },
+                indent=1,
+            )
+        )
 
 
 def load_artifacts(directory) -> tuple[Artifacts, dict]:
@@ -77,8 +94,15 @@ def load_artifacts(directory) -> tuple[Artifacts, dict]:
             plan = json.loads((d / "plan.json").read_text()).get("controllers", [])
         except (ValueError, OSError, AttributeError) as e:
             raise AccelcError(f"'{d}/plan.json' is unreadable: {e}") from None
-    art = Artifacts(models["training_model.onnx"], ev, models["optimizer_model.onnx"],
-                    (d / "checkpoint").read_bytes(), info, dict(report.get("options", {})), plan=plan)
+    art = Artifacts(
+        models["training_model.onnx"],
+        ev,
+        models["optimizer_model.onnx"],
+        (d / "checkpoint").read_bytes(),
+        info,
+        dict(report.get("options", {})),
+        plan=plan,
+    )
     for spec in plan:
         stage = spec.get("stage")
         if stage:
@@ -104,8 +128,14 @@ def _info_from_eval(ev: onnx.ModelProto, report: dict) -> ModelInfo:
     del g.output[:]
     g.output.extend(outs)
     # parameters are graph inputs in the eval model; shape inference needs their shapes, which inputs carry
-    return ModelInfo(model=fwd, path=None, sha256=report["input"].get("sha256", ""), input_name=m["input_name"],
-                     input_shape=tuple(m["input_shape"]), output_name=m["output_name"],
-                     num_classes=m["num_classes"], params=list(m["params"]), frozen=list(m["frozen"]))
-
-
+    return ModelInfo(
+        model=fwd,
+        path=None,
+        sha256=report["input"].get("sha256", ""),
+        input_name=m["input_name"],
+        input_shape=tuple(m["input_shape"]),
+        output_name=m["output_name"],
+        num_classes=m["num_classes"],
+        params=list(m["params"]),
+        frozen=list(m["frozen"]),
+    )

@@ -14,6 +14,7 @@ Two fix-ups are applied to ORT's output, both needed for ORT 1.19.2 to train cor
     BatchNormalization nodes would normalise with batch statistics; they are switched to use the
     running statistics (training_mode=0, one output).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,9 +56,18 @@ class Artifacts:
             c = onnx.ModelProto()
             c.CopyFrom(m)
             return c
-        return Artifacts(cp(self.training), cp(self.eval), cp(self.optimizer), self.checkpoint, self.info,
-                         dict(self.config), dict(self.extra_files), [dict(p) for p in self.plan],
-                         dict(self.stages))
+
+        return Artifacts(
+            cp(self.training),
+            cp(self.eval),
+            cp(self.optimizer),
+            self.checkpoint,
+            self.info,
+            dict(self.config),
+            dict(self.extra_files),
+            [dict(p) for p in self.plan],
+            dict(self.stages),
+        )
 
 
 def fix_ir_version(model: onnx.ModelProto) -> bool:
@@ -88,6 +98,7 @@ def fix_eval_batchnorm(model: onnx.ModelProto) -> list[str]:
 
 def _ort_loss(loss: str):
     from onnxruntime.training import artifacts as ort_artifacts
+
     if loss == "cross_entropy":
         return ort_artifacts.LossType.CrossEntropyLoss
     raise AccelcError(f"unknown loss '{loss}'; choose from: {', '.join(LOSSES)}")
@@ -95,6 +106,7 @@ def _ort_loss(loss: str):
 
 def _ort_optimizer(name: str):
     from onnxruntime.training import artifacts as ort_artifacts
+
     table = {"adamw": ort_artifacts.OptimType.AdamW, "sgd": ort_artifacts.OptimType.SGD}
     if name not in table:
         raise AccelcError(f"unknown optimizer '{name}'; choose from: {', '.join(OPTIMIZERS)}")
@@ -123,6 +135,7 @@ def ort_generate(info: ModelInfo, directory: Path, loss: str = "cross_entropy", 
     """Plain ``generate_artifacts`` exactly as an ORT user would call it (no fix-ups)."""
     import onnxruntime as ort  # heavy: loaded when artifacts are generated
     from onnxruntime.training import artifacts as ort_artifacts
+
     ort.set_default_logger_severity(3)
     os.makedirs(directory, exist_ok=True)
     # generate_artifacts logs INFO lines through the root logger; keep the terminal clean for the
@@ -133,15 +146,21 @@ def ort_generate(info: ModelInfo, directory: Path, loss: str = "cross_entropy", 
     try:
         with quiet_native_stderr(), contextlib.redirect_stdout(io.StringIO()):
             ort_artifacts.generate_artifacts(
-                info.model, requires_grad=list(info.params), frozen_params=list(info.frozen),
-                loss=_ort_loss(loss), optimizer=_ort_optimizer(optimizer), artifact_directory=str(directory),
-                additional_output_names=[info.output_name])
+                info.model,
+                requires_grad=list(info.params),
+                frozen_params=list(info.frozen),
+                loss=_ort_loss(loss),
+                optimizer=_ort_optimizer(optimizer),
+                artifact_directory=str(directory),
+                additional_output_names=[info.output_name],
+            )
     finally:
         root.setLevel(level)
 
 
-def generate(info: ModelInfo, loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3,
-             batch_size: int = 64) -> tuple[Artifacts, list[str]]:
+def generate(
+    info: ModelInfo, loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3, batch_size: int = 64
+) -> tuple[Artifacts, list[str]]:
     """Generate ORT artifacts for a checked model and apply the fix-ups. Returns (artifacts, notes)."""
     if lr <= 0 or lr != lr:
         raise AccelcError(f"--lr must be a positive number, got {lr}")

@@ -1,11 +1,10 @@
 """``compile`` and ``inspect``: the compiler's two main entry points."""
+
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-
-import onnx
 
 from . import provenance
 from .artifact_dir import load_artifacts, model_summary, write_artifacts
@@ -27,25 +26,49 @@ def layer_table(tg: TrainingGraph, costs: dict) -> list[dict]:
     rows = []
     for layer in tg.layers:
         c = costs["layers"].get(layer.name, {})
-        passes = sorted({t[provenance.PASS] for n in [layer.forward] + layer.backward
-                         for t in [tg.tags.get(n.name)] if t and provenance.PASS in t})
-        rows.append({
-            "name": layer.name, "op": layer.op, "params": list(layer.params),
-            "param_count": int(sum(numel(tg.shape(p)) for p in layer.params)),
-            "weight_shape": list(layer.weight_shape), "input_shape": list(layer.input_shape),
-            "output_shape": list(layer.output_shape),
-            "flops_fwd": c.get("forward", {}).get("flops", 0.0), "flops_bwd": c.get("backward", {}).get("flops", 0.0),
-            "bytes_fwd": c.get("forward", {}).get("bytes", 0.0), "bytes_bwd": c.get("backward", {}).get("bytes", 0.0),
-            "backward_nodes": len(layer.backward), "trainable": all(p in tg.params for p in layer.params),
-            "passes": passes,
-        })
+        passes = sorted(
+            {
+                t[provenance.PASS]
+                for n in [layer.forward] + layer.backward
+                for t in [tg.tags.get(n.name)]
+                if t and provenance.PASS in t
+            }
+        )
+        rows.append(
+            {
+                "name": layer.name,
+                "op": layer.op,
+                "params": list(layer.params),
+                "param_count": int(sum(numel(tg.shape(p)) for p in layer.params)),
+                "weight_shape": list(layer.weight_shape),
+                "input_shape": list(layer.input_shape),
+                "output_shape": list(layer.output_shape),
+                "flops_fwd": c.get("forward", {}).get("flops", 0.0),
+                "flops_bwd": c.get("backward", {}).get("flops", 0.0),
+                "bytes_fwd": c.get("forward", {}).get("bytes", 0.0),
+                "bytes_bwd": c.get("backward", {}).get("bytes", 0.0),
+                "backward_nodes": len(layer.backward),
+                "trainable": all(p in tg.params for p in layer.params),
+                "passes": passes,
+            }
+        )
     return rows
 
 
-def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_options: dict | None = None,
-                  loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3,
-                  batch_size: int = 64, force: bool = False, validate_result: bool = True,
-                  info: ModelInfo | None = None, defaults: bool = True) -> dict:
+def compile_model(
+    model_path,
+    out_dir,
+    passes: list[str] | None = None,
+    pass_options: dict | None = None,
+    loss: str = "cross_entropy",
+    optimizer: str = "adamw",
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    force: bool = False,
+    validate_result: bool = True,
+    info: ModelInfo | None = None,
+    defaults: bool = True,
+) -> dict:
     """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes``.
 
     The default passes (those declaring ``default = True``) run first unless ``defaults`` is
@@ -99,11 +122,13 @@ def compile_model(model_path, out_dir, passes: list[str] | None = None, pass_opt
 def legalized(info: ModelInfo) -> ModelInfo:
     """The model with constructs ORT Training cannot train rewritten (see compiler.legalize)."""
     import dataclasses
+
     model, notes = legalize(info.model)
     if not notes:
         return info
-    return dataclasses.replace(info, model=model, warnings=list(info.warnings),
-                               legalize_notes=list(info.legalize_notes) + notes)
+    return dataclasses.replace(
+        info, model=model, warnings=list(info.warnings), legalize_notes=list(info.legalize_notes) + notes
+    )
 
 
 def inspect_path(path) -> dict:
@@ -113,8 +138,13 @@ def inspect_path(path) -> dict:
         art, report = load_artifacts(p)
         tg = training_graph(art)
         costs = graph_costs(tg, art.config.get("optimizer", "adamw"))
-        return {"source": "artifacts", "layers": layer_table(tg, costs), "costs": costs,
-                "passes": report.get("passes", []), "fixups": report.get("fixups", [])}
+        return {
+            "source": "artifacts",
+            "layers": layer_table(tg, costs),
+            "costs": costs,
+            "passes": report.get("passes", []),
+            "fixups": report.get("fixups", []),
+        }
     model, sha = read_model(p)
     if any(n.op_type == "InPlaceAccumulatorV2" for n in model.graph.node):
         tg = TrainingGraph(model, {})
@@ -124,5 +154,10 @@ def inspect_path(path) -> dict:
     art, notes = generate(legalized(info))
     tg = training_graph(art)
     costs = graph_costs(tg)
-    return {"source": "model", "layers": layer_table(tg, costs), "costs": costs, "passes": [],
-            "warnings": info.warnings}
+    return {
+        "source": "model",
+        "layers": layer_table(tg, costs),
+        "costs": costs,
+        "passes": [],
+        "warnings": info.warnings,
+    }

@@ -7,6 +7,7 @@ writes p, m, v; SGD 2 FLOPs, reads p, g and writes p).
 
 Passes whose nodes are not standard ops declare their cost with :func:`register_cost`.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -19,12 +20,36 @@ from .graph import ACCUMULATOR_OP, TrainingGraph
 
 # FLOPs per output element of elementwise-like ops.
 _ELEMENTWISE = {
-    "Relu": 1, "ReluGrad": 1, "Add": 1, "Sub": 1, "Mul": 1, "Div": 1, "Sum": 1, "Identity": 0,
-    "Reshape": 0, "Flatten": 0, "Shape": 0, "Expand": 0, "Scale": 1, "Sigmoid": 4, "Tanh": 4,
-    "BatchNormInternal": 6, "BatchNormalization": 4, "BatchNormalizationGrad": 8, "Dropout": 2,
-    ACCUMULATOR_OP: 1, "SoftmaxCrossEntropyLoss": 5, "SoftmaxCrossEntropyLossGrad": 3,
-    "SoftmaxCrossEntropyLossInternal": 5, "SoftmaxCrossEntropyLossInternalGrad": 3,
-    "Concat": 0, "Split": 0, "Slice": 0, "Transpose": 0, "Gather": 0, "Cast": 0,
+    "Relu": 1,
+    "ReluGrad": 1,
+    "Add": 1,
+    "Sub": 1,
+    "Mul": 1,
+    "Div": 1,
+    "Sum": 1,
+    "Identity": 0,
+    "Reshape": 0,
+    "Flatten": 0,
+    "Shape": 0,
+    "Expand": 0,
+    "Scale": 1,
+    "Sigmoid": 4,
+    "Tanh": 4,
+    "BatchNormInternal": 6,
+    "BatchNormalization": 4,
+    "BatchNormalizationGrad": 8,
+    "Dropout": 2,
+    ACCUMULATOR_OP: 1,
+    "SoftmaxCrossEntropyLoss": 5,
+    "SoftmaxCrossEntropyLossGrad": 3,
+    "SoftmaxCrossEntropyLossInternal": 5,
+    "SoftmaxCrossEntropyLossInternalGrad": 3,
+    "Concat": 0,
+    "Split": 0,
+    "Slice": 0,
+    "Transpose": 0,
+    "Gather": 0,
+    "Cast": 0,
 }
 OPTIMIZER_COST = {"adamw": (12, 28), "sgd": (2, 12)}  # (FLOPs, bytes) per trainable element
 

@@ -3,6 +3,7 @@
 Every error a user can cause is an :class:`AccelcError`: the CLI prints its message as one line
 on stderr and exits with code 2; the Python API raises the same error with the same message.
 """
+
 from __future__ import annotations
 
 import re

@@ -3,6 +3,7 @@
 Exporting in eval mode lets torch fold BatchNorm into Conv, which silently breaks training, so
 this helper always exports in training mode without constant folding.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,9 +32,16 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module, (example_input,), buf, input_names=["input"], output_names=["output"],
-                dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=OPSET,
-                training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False,
+                module,
+                (example_input,),
+                buf,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+                opset_version=OPSET,
+                training=torch.onnx.TrainingMode.TRAINING,
+                do_constant_folding=False,
+                dynamo=False,
             )
     finally:
         module.load_state_dict(saved)
@@ -42,6 +50,7 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
     # captured them as initialisers: put the module's true values back.
     import onnx
     from onnx import numpy_helper
+
     model = onnx.load_model_from_string(buf.getvalue())
     fixed = False
     for i, t in enumerate(model.graph.initializer):
@@ -84,9 +93,15 @@ class VGG(nn.Module):
         super().__init__()
         layers, c = [], in_ch
         for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                       nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(),
+                nn.Conv2d(w, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             c = w
         self.features = nn.Sequential(*layers)
         s = size
@@ -160,9 +175,12 @@ ZOO = {
     "cnn3-small": (lambda c, k, s: CNN3(c, k, s, widths=(16, 32, 64)), (1, 28, 28), "3-conv net (16-32-64) for tests"),
     "vgg": (lambda c, k, s: VGG(c, k, s), (1, 28, 28), "VGG-style net with BatchNorm (32-64-128), FC head"),
     "resnet": (lambda c, k, s: ResNet(c, k), (3, 32, 32), "small CIFAR ResNet (16-32-64, 1 block/stage)"),
-    "resnet18": (lambda c, k, s: ResNet(c, k, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512)), (3, 32, 32),
-                 "ResNet-18 (11.2M parameters)"),
-    "largekernel": (lambda c, k, s: LargeKernel(c, k, s), (1, 64, 64), "7×7/2 and 5×5/2 convs, for rescale"),
+    "resnet18": (
+        lambda c, k, s: ResNet(c, k, blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512)),
+        (3, 32, 32),
+        "ResNet-18 (11.2M parameters)",
+    ),
+    "largekernel": (lambda c, k, s: LargeKernel(c, k, s), (1, 64, 64), "7×7/2 and 5×5/2 convs (large kernels)"),
 }
 
 

@@ -4,6 +4,7 @@ Outputs are written to a temporary sibling and renamed into place, so an interru
 command never leaves a half-written file or directory; temporaries of killed writers are removed
 by the next run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,7 +84,7 @@ def _remove_stale(parent: Path, name: str) -> None:
     """Remove temporary siblings left by killed runs (their writer process no longer exists)."""
     prefix = f".{name}.tmp-"
     for p in parent.glob(glob.escape(prefix) + "*"):
-        pid = p.name[len(prefix):].split("-", 1)[0]
+        pid = p.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
 

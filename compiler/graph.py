@@ -7,6 +7,7 @@ MatMul with a weight parameter (and every node kind a pass registered as a layer
 input/output tensors and shapes. Node tags (``metadata_props``) added by passes are kept beside
 the gs graph and written on export, because gs does not carry node metadata.
 """
+
 from __future__ import annotations
 
 import re
@@ -123,16 +124,31 @@ class TrainingGraph:
             bwd = [b for b in g.nodes if b.name.startswith(prefix)]
             accs = [acc_by_grad[p + GRAD_SUFFIX] for p in params if p + GRAD_SUFFIX in acc_by_grad]
             data_in = n.inputs[1].name if n.op == "MatMul" and n.inputs[0].name in param_set else n.inputs[0].name
-            self.layers.append(Layer(
-                name=name, op=kind, forward=n, backward=bwd, params=params, accumulators=accs,
-                input=data_in, output=n.outputs[0].name,
-                weight_shape=self.shape(params[0]), input_shape=self.shape(data_in),
-                output_shape=self.shape(n.outputs[0].name)))
+            self.layers.append(
+                Layer(
+                    name=name,
+                    op=kind,
+                    forward=n,
+                    backward=bwd,
+                    params=params,
+                    accumulators=accs,
+                    input=data_in,
+                    output=n.outputs[0].name,
+                    weight_shape=self.shape(params[0]),
+                    input_shape=self.shape(data_in),
+                    output_shape=self.shape(n.outputs[0].name),
+                )
+            )
 
     def _is_frozen_param(self, t) -> bool:
-        return (t.name not in self.params and (t.name + BUFFER_SUFFIX) not in self.graph_inputs
-                and not t.name.endswith(BUFFER_SUFFIX) and t.name != "lazy_reset_grad"
-                and t.dtype == np.float32 and t.name not in (self.graph.inputs[0].name,))
+        return (
+            t.name not in self.params
+            and (t.name + BUFFER_SUFFIX) not in self.graph_inputs
+            and not t.name.endswith(BUFFER_SUFFIX)
+            and t.name != "lazy_reset_grad"
+            and t.dtype == np.float32
+            and t.name not in (self.graph.inputs[0].name,)
+        )
 
     @staticmethod
     def is_backward(node: gs.Node) -> bool:
@@ -165,8 +181,7 @@ class TrainingGraph:
     def tag(self, node_name: str, pass_name: str, layer: str, note: str, **extra: str) -> None:
         """Mark a node added or changed by a pass; shown by Netron as node properties."""
         new = provenance.record(pass_name, layer, note, **extra)
-        keep = {k: v for k, v in self.tags.get(node_name, {}).items()
-                if k in provenance.KEEP_ON_RETAG and k not in new}
+        keep = {k: v for k, v in self.tags.get(node_name, {}).items() if k in provenance.KEEP_ON_RETAG and k not in new}
         self.tags[node_name] = {**new, **keep}
 
     # ------------------------------------------------------------------ export

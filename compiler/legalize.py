@@ -7,6 +7,7 @@ into exact equivalents, before the gradient graph is built.
   Conv (a frozen constant weight) trains through ORT's ConvGrad. Pools that cannot be expressed
   so (``count_include_pad=0`` with padding, ``ceil_mode=1`` with partial windows) are refused.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,14 +45,20 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         xs = shapes.get(n.input[0])
         where = f"AveragePool '{n.name}'"
         if not xs or len(xs) != 4 or len(k) != 2:
-            raise AccelcError(f"{where}: needs a known 4-D input shape to be trained safely on ORT 1.19.2 "
-                              f"(its AveragePoolGrad crashes the process)")
+            raise AccelcError(
+                f"{where}: needs a known 4-D input shape to be trained safely on ORT 1.19.2 "
+                f"(its AveragePoolGrad crashes the process)"
+            )
         if auto_pad not in ("NOTSET", "VALID"):
-            raise AccelcError(f"{where}: auto_pad={auto_pad} is not supported (ORT 1.19.2's AveragePoolGrad "
-                              f"crashes; accelc rewrites pools with explicit pads only)")
+            raise AccelcError(
+                f"{where}: auto_pad={auto_pad} is not supported (ORT 1.19.2's AveragePoolGrad "
+                f"crashes; accelc rewrites pools with explicit pads only)"
+            )
         if any(pads) and not a.get("count_include_pad", 0):
-            raise AccelcError(f"{where}: padded average pooling with count_include_pad=0 cannot be trained on "
-                              f"ORT 1.19.2 (AveragePoolGrad crashes the process) and has no exact Conv form")
+            raise AccelcError(
+                f"{where}: padded average pooling with count_include_pad=0 cannot be trained on "
+                f"ORT 1.19.2 (AveragePoolGrad crashes the process) and has no exact Conv form"
+            )
         if a.get("ceil_mode", 0):
             for i in range(2):
                 size = xs[2 + i] + pads[i] + pads[i + 2] - k[i]
@@ -61,14 +68,26 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         wname = f"accelc.legalize.{n.name or n.output[0]}.avgpool_kernel".replace("/", "_")
         w = np.full((c, 1, k[0], k[1]), 1.0 / (k[0] * k[1]), dtype=np.float32)
         m.graph.initializer.append(numpy_helper.from_array(w, wname))
-        conv = helper.make_node("Conv", [n.input[0], wname], [n.output[0]], name=(n.name or "avgpool") + "_as_conv",
-                                group=c, kernel_shape=k, strides=strides, pads=pads)
+        conv = helper.make_node(
+            "Conv",
+            [n.input[0], wname],
+            [n.output[0]],
+            name=(n.name or "avgpool") + "_as_conv",
+            group=c,
+            kernel_shape=k,
+            strides=strides,
+            pads=pads,
+        )
         conv.metadata_props.add(key="accelc.pass", value="legalize")
-        conv.metadata_props.add(key="accelc.note", value=f"AveragePool {k[0]}x{k[1]}/{strides[0]} as depthwise Conv "
-                                                         f"(ORT 1.19.2 AveragePoolGrad crashes)")
+        conv.metadata_props.add(
+            key="accelc.note",
+            value=f"AveragePool {k[0]}x{k[1]}/{strides[0]} as depthwise Conv (ORT 1.19.2 AveragePoolGrad crashes)",
+        )
         new_nodes.append(conv)
-        notes.append(f"AveragePool '{n.name}' rewritten as a frozen depthwise Conv (ORT 1.19.2's AveragePoolGrad "
-                     f"crashes with SIGFPE)")
+        notes.append(
+            f"AveragePool '{n.name}' rewritten as a frozen depthwise Conv (ORT 1.19.2's AveragePoolGrad "
+            f"crashes with SIGFPE)"
+        )
     del m.graph.node[:]
     m.graph.node.extend(new_nodes)
     if m.ir_version < 10 and any(n.metadata_props for n in m.graph.node):

@@ -1,6 +1,7 @@
 """Lowering of a training graph for execution outside ORT's training Module: the gradient
 accumulators are stripped (with ``lazy_reset_grad`` true they are identities) and raw gradients,
 BatchNorm running-statistics updates and probe outputs become graph outputs."""
+
 from __future__ import annotations
 
 import onnx
@@ -42,8 +43,15 @@ def lower_training_model(model: onnx.ModelProto, logits_name: str) -> tuple[onnx
                     bn_stats[o] = i
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
             if n.op_type == "BatchNormInternal" and len(n.output) >= 5 and n.output[4] and n.output[2]:
-                bn.append({"x": n.input[0], "var_out": n.output[2], "inv_std": n.output[4],
-                           "momentum": float(attrs.get("momentum", 0.9)), "epsilon": float(attrs.get("epsilon", 1e-5))})
+                bn.append(
+                    {
+                        "x": n.input[0],
+                        "var_out": n.output[2],
+                        "inv_std": n.output[4],
+                        "momentum": float(attrs.get("momentum", 0.9)),
+                        "epsilon": float(attrs.get("epsilon", 1e-5)),
+                    }
+                )
     del g.node[:]
     g.node.extend(keep)
     ins = [i for i in g.input if not i.name.endswith(BUFFER_SUFFIX) and i.name != "lazy_reset_grad"]
@@ -58,5 +66,4 @@ def lower_training_model(model: onnx.ModelProto, logits_name: str) -> tuple[onnx
     del g.output[:]
     for nm in names:
         g.output.append(onnx.helper.make_empty_tensor_value_info(nm))
-    return m, {"loss": loss, "logits": logits_name, "grads": grads, "bn_stats": bn_stats, "bn": bn,
-               "probes": probes}
+    return m, {"loss": loss, "logits": logits_name, "grads": grads, "bn_stats": bn_stats, "bn": bn, "probes": probes}

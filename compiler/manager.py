@@ -1,6 +1,7 @@
 """The pass manager: runs passes in composition order over an artifact set and every stage of it,
 checks each pass's preconditions, validates every stage it changed and runs its numeric
 self-check. The pass contract is in :mod:`accelc.compiler.pass_api`."""
+
 from __future__ import annotations
 
 import time
@@ -48,8 +49,13 @@ class PassManager:
                     stage_modified |= r.modified
                 if stage_modified:
                     changed_stages.append(name)
-            rec = {"name": p.name, "options": _jsonable(opts), "modified": result.modified,
-                   "changes": result.changes, "seconds": round(time.perf_counter() - t0, 3)}
+            rec = {
+                "name": p.name,
+                "options": _jsonable(opts),
+                "modified": result.modified,
+                "changes": result.changes,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
             if self.validate_each and (result.modified or changed_stages):
                 rec["validation"] = validate(art)
                 for name in changed_stages:

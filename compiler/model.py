@@ -3,6 +3,7 @@
 Everything here turns malformed input into a one-line :class:`AccelcError`. External data is
 only read from inside the model's own folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,13 +32,61 @@ LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (TensorProto.FLOAT,)
 # Standard ONNX ops that the ORT 1.19 gradient builder handles (the CNN vocabulary we support).
 SUPPORTED_OPS = {
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu",
-    "Sigmoid", "Tanh", "Gelu", "Softmax", "LogSoftmax", "MaxPool", "AveragePool",
-    "GlobalAveragePool", "GlobalMaxPool", "BatchNormalization", "Flatten", "Reshape", "Transpose",
-    "Concat", "Split", "Slice", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape", "Gather",
-    "Constant", "Cast", "Pad", "ReduceMean", "ReduceSum", "Clip", "Sqrt", "Pow", "Neg", "Exp",
-    "HardSigmoid", "HardSwish", "Expand", "Where", "Equal", "Less", "Greater", "Range",
-    "ConstantOfShape", "InstanceNormalization", "LayerNormalization", "Resize", "Upsample",
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "Gelu",
+    "Softmax",
+    "LogSoftmax",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "BatchNormalization",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Concat",
+    "Split",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Dropout",
+    "Shape",
+    "Gather",
+    "Constant",
+    "Cast",
+    "Pad",
+    "ReduceMean",
+    "ReduceSum",
+    "Clip",
+    "Sqrt",
+    "Pow",
+    "Neg",
+    "Exp",
+    "HardSigmoid",
+    "HardSwish",
+    "Expand",
+    "Where",
+    "Equal",
+    "Less",
+    "Greater",
+    "Range",
+    "ConstantOfShape",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "Resize",
+    "Upsample",
 }
 
 
@@ -116,7 +165,9 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
             raise AccelcError(f"initialiser '{t.name}': external data location '{loc}' must be a relative path")
         target = (base / loc).resolve()
         if base != target and base not in target.parents:
-            raise AccelcError(f"initialiser '{t.name}': external data '{loc}' points outside the model's folder; refused")
+            raise AccelcError(
+                f"initialiser '{t.name}': external data '{loc}' points outside the model's folder; refused"
+            )
         if not target.is_file():
             raise AccelcError(f"initialiser '{t.name}': external data file '{loc}' is missing")
 
@@ -163,24 +214,37 @@ def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list:
-    return [d.dim_param if d.HasField("dim_param") or not d.HasField("dim_value") else d.dim_value
-            for d in vi.type.tensor_type.shape.dim]
+    return [
+        d.dim_param if d.HasField("dim_param") or not d.HasField("dim_value") else d.dim_value
+        for d in vi.type.tensor_type.shape.dim
+    ]
 
 
 def folded_batchnorm_hint(model: onnx.ModelProto) -> str | None:
     """Say so when a model looks exported in eval mode, where torch folds BatchNorm into Conv."""
-    bn_eval = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"
-               and not any(a.name == "training_mode" and a.i == 1 for a in n.attribute)
-               and len(n.output) == 1]
+    bn_eval = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "BatchNormalization"
+        and not any(a.name == "training_mode" and a.i == 1 for a in n.attribute)
+        and len(n.output) == 1
+    ]
     if bn_eval:
-        return (f"BatchNormalization node(s) {bn_eval[:3]} are in inference mode: the model was exported "
-                "in eval mode, so BatchNorm will not train; re-export with accelc.export()")
-    folded = [n.input[1] for n in model.graph.node
-              if n.op_type == "Conv" and len(n.input) > 1 and n.input[1].startswith("onnx::Conv_")]
+        return (
+            f"BatchNormalization node(s) {bn_eval[:3]} are in inference mode: the model was exported "
+            "in eval mode, so BatchNorm will not train; re-export with accelc.export()"
+        )
+    folded = [
+        n.input[1]
+        for n in model.graph.node
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1].startswith("onnx::Conv_")
+    ]
     if folded:
-        return (f"Conv weight(s) {folded[:3]} have generated names: BatchNorm looks folded into Conv "
-                "(eval-mode export), which is wrong for training; re-export with accelc.export() "
-                "or torch.onnx.export(..., training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)")
+        return (
+            f"Conv weight(s) {folded[:3]} have generated names: BatchNorm looks folded into Conv "
+            "(eval-mode export), which is wrong for training; re-export with accelc.export() "
+            "or torch.onnx.export(..., training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)"
+        )
     return None
 
 
@@ -193,15 +257,20 @@ def check_model(model: onnx.ModelProto, sha256: str = "", path: Path | None = No
             raise AccelcError(f"initialiser '{t.name}' has a non-positive dimension {list(t.dims)}")
     for n in g.node:
         if n.domain not in ("", "ai.onnx"):
-            raise AccelcError(f"node '{n.name or n.op_type}' uses op '{n.domain}::{n.op_type}' from an unknown "
-                              f"domain; accelc supports standard ONNX ops only")
+            raise AccelcError(
+                f"node '{n.name or n.op_type}' uses op '{n.domain}::{n.op_type}' from an unknown "
+                f"domain; accelc supports standard ONNX ops only"
+            )
         if n.op_type not in SUPPORTED_OPS:
-            raise AccelcError(f"unsupported op '{n.op_type}' (node '{n.name}'): ORT Training has no gradient for it "
-                              f"or accelc does not support it")
+            raise AccelcError(
+                f"unsupported op '{n.op_type}' (node '{n.name}'): ORT Training has no gradient for it "
+                f"or accelc does not support it"
+            )
     data_inputs = [i for i in g.input if i.name not in inits]
     if len(data_inputs) != 1:
-        raise AccelcError(f"model must have exactly one data input, found {len(data_inputs)}: "
-                          f"{[i.name for i in data_inputs]}")
+        raise AccelcError(
+            f"model must have exactly one data input, found {len(data_inputs)}: {[i.name for i in data_inputs]}"
+        )
     inp = data_inputs[0]
     if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise AccelcError(f"input '{inp.name}' must be float32")
@@ -233,13 +302,24 @@ def check_model(model: onnx.ModelProto, sha256: str = "", path: Path | None = No
         if n.op_type == "Conv" and n.input and n.input[0] == inp.name and len(n.input) > 1:
             w = next((t for t in g.initializer if t.name == n.input[1]), None)
             if w is not None and len(w.dims) != len(dims):
-                raise AccelcError(f"input '{inp.name}' has shape {dims} but Conv '{n.name}' needs a "
-                                  f"{len(w.dims)}-D input [batch, C, ...]: is the batch dimension missing?")
+                raise AccelcError(
+                    f"input '{inp.name}' has shape {dims} but Conv '{n.name}' needs a "
+                    f"{len(w.dims)}-D input [batch, C, ...]: is the batch dimension missing?"
+                )
     params, frozen = _trainable_params(model)
     if not params:
         raise AccelcError("model has no trainable parameters (no Conv/Gemm/MatMul weight initialisers)")
-    info = ModelInfo(model=model, path=path, sha256=sha256, input_name=inp.name, input_shape=tuple(dims[1:]),
-                     output_name=out.name, num_classes=int(odims[1]), params=params, frozen=frozen)
+    info = ModelInfo(
+        model=model,
+        path=path,
+        sha256=sha256,
+        input_name=inp.name,
+        input_shape=tuple(dims[1:]),
+        output_name=out.name,
+        num_classes=int(odims[1]),
+        params=params,
+        frozen=frozen,
+    )
     if info_note:
         info.legalize_notes.append(info_note)
     hint = folded_batchnorm_hint(model)

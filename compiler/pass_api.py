@@ -19,6 +19,7 @@ A pass (in the style of onnx-ir's passes) is a class that declares:
 Passes register with :func:`register`; the manager (:mod:`accelc.compiler.manager`) runs them
 over every stage of an artifact set and validates every stage after each pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,17 +38,19 @@ class Option:
     default: Any
     help: str
     parse: Callable[[Any], Any] = str
-    flag: str | None = None  # CLI flag, e.g. "--skip-layers"; default --<pass>-<option>
+    flag: str | None = None  # CLI flag, e.g. "--mypass-layers"; default --<pass>-<option>
     choices: tuple | None = None  # shown in --help
 
 
 # ---------------------------------------------------------------- option parsers shared by passes
 def choice(*values: str):
     """Parser: one of ``values`` ('choose from a, b')."""
+
     def parse(value):
         if not isinstance(value, str) or value not in values:
             raise ValueError(f"choose from {', '.join(values)}")
         return value
+
     parse.choices = values
     return parse
 
@@ -64,11 +67,13 @@ def _number(value, kind):
 
 def int_at_least(low: int):
     """Parser: an integer >= ``low``."""
+
     def parse(value):
         v = _number(value, int)
         if v < low:
             raise ValueError(f"must be an integer >= {low}")
         return v
+
     return parse
 
 
@@ -143,8 +148,10 @@ class Pass:
             raise AccelcError(f"options of pass '{cls.name}' must be a dict, got {type(given).__name__}")
         unknown = set(given) - set(cls.options)
         if unknown:
-            raise AccelcError(f"pass '{cls.name}' has no option(s) {sorted(map(str, unknown))}; "
-                              f"valid: {', '.join(cls.options) or 'none'}")
+            raise AccelcError(
+                f"pass '{cls.name}' has no option(s) {sorted(map(str, unknown))}; "
+                f"valid: {', '.join(cls.options) or 'none'}"
+            )
         out = {}
         for k, opt in cls.options.items():
             if k not in given or given[k] is None:
@@ -189,9 +196,11 @@ def check_order(names: list[str]) -> None:
     want = order_of(names)
     if list(names) != want:
         chosen = [n for n in want if not registered()[n].default]
-        raise AccelcError(f"passes compose only in the order {', '.join(n for n in registered() if not registered()[n].default)}: "
-                          f"give --passes {','.join(chosen)} (got {','.join(n for n in names if n in chosen)}); "
-                          f"a pass rewrites what the passes before it made")
+        raise AccelcError(
+            f"passes compose only in the order {', '.join(n for n in registered() if not registered()[n].default)}: "
+            f"give --passes {','.join(chosen)} (got {','.join(n for n in names if n in chosen)}); "
+            f"a pass rewrites what the passes before it made"
+        )
 
 
 def parse_pass_list(value) -> list[str]:

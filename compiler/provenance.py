@@ -4,6 +4,7 @@ Every node a pass adds or changes carries ``metadata_props`` under these keys, s
 what happened and the runtime can read per-node settings. This module is the only place that
 spells the keys; passes call :func:`tag` (ONNX protos) or ``TrainingGraph.tag`` (graph view).
 """
+
 from __future__ import annotations
 
 PASS = "accelc.pass"  # which pass made or changed it

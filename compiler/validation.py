@@ -3,6 +3,7 @@ and one training step on a random batch, in a forked child process, so that a na
 1.19.2 can die with SIGFPE on some op combinations) becomes a clear compile-time error instead of
 killing accelc. Also the helpers numeric self-checks share (random feeds, running a training graph
 with its accumulators lowered away)."""
+
 from __future__ import annotations
 
 import json
@@ -92,6 +93,7 @@ def validate(art: Artifacts) -> dict:
         if pid == 0:  # child
             os.close(r)
             import faulthandler
+
             faulthandler.disable()  # the parent reports a crash in one line; no dump on the terminal
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
@@ -111,13 +113,13 @@ def validate(art: Artifacts) -> dict:
         _, status = os.waitpid(pid, 0)
         if os.WIFSIGNALED(status):
             sig = signal.Signals(os.WTERMSIG(status)).name
-            raise AccelcError(f"ONNX Runtime crashed ({sig}) while validating the training graph: the model uses a "
-                              f"construct ORT Training 1.19.2 cannot run; run `accelc inspect` on it and report the "
-                              f"layer types (not written)")
+            raise AccelcError(
+                f"ONNX Runtime crashed ({sig}) while validating the training graph: the model uses a "
+                f"construct ORT Training 1.19.2 cannot run; run `accelc inspect` on it and report the "
+                f"layer types (not written)"
+            )
         out = json.loads(payload or "{}")
         if "error" in out:
             raise AccelcError(out["error"])
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out
-
-

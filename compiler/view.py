@@ -1,4 +1,5 @@
 """``accelc view``: serve a model in Netron, bound to 127.0.0.1 only."""
+
 from __future__ import annotations
 
 import time
@@ -20,6 +21,7 @@ def resolve_model(path) -> Path:
 
 def serve(path, port: int = 8080, block: bool = True, browse: bool = False):
     import netron
+
     if not (0 < port < 65536):
         raise AccelcError(f"--port must be in 1..65535, got {port}")
     p = resolve_model(path)

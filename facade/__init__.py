@@ -11,6 +11,7 @@ Layers (checked by import-linter in CI): ``accelc.compiler`` <- ``accelc.runtime
 ``accelc.passes`` (one package per method) <- this facade (``accelc.api``, ``accelc.cli``,
 ``accelc.bench``). Importing ``accelc`` loads neither torch nor ONNX Runtime.
 """
+
 from .api import compile, export, inspect, train  # noqa: A004
 from .compiler.compile import VERSION as __version__
 from .compiler.errors import AccelcError

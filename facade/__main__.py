@@ -1,4 +1,5 @@
 """``python -m accelc``: the command line."""
+
 import sys
 
 from .cli import main

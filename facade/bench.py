@@ -13,6 +13,7 @@ the plain ``ort`` artifacts), and peak resident memory while the configuration t
 Writes bench.json, bench.md, accuracy_vs_time.png and controllers.png (skip timeline, remain
 ratio per reused layer, resolution stage).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,6 @@ from .runtime.data import load_data
 from .runtime.train import Trainer, machine_info
 
 
-
 def parse_configs(text: str) -> list[str]:
     """Configurations: torch, ort, ort+PASS[+PASS...], each optionally with pass options in
     brackets, e.g. ``ort+skip[policy=suffix;tau=1.5]``."""
@@ -60,6 +60,7 @@ def parse_configs(text: str) -> list[str]:
 def config_passes(c: str) -> tuple[list[str], dict]:
     """('ort+skip[tau=1.5]') -> (['skip'], {'skip': {'tau': '1.5'}}): options go to every pass that has them."""
     from .compiler.pass_api import parse_pass_list
+
     if c in ("ort", "ort-noopt"):
         return [], {}
     m = re.fullmatch(r"ort\+([\w+]+)(?:\[([^\]]*)\])?", c)
@@ -88,10 +89,23 @@ def _time_to(history: list[dict], target: float | None):
     return None
 
 
-def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, batch_size: int = 64,
-              seed: int = 0, lr: float = 1e-3, repeats: int = 1, train_limit=None, test_limit=None,
-              target: str = "ort-best", progress: bool = True, threads: int | None = None,
-              input_shape: tuple | None = None) -> dict:
+def run_bench(
+    model: str,
+    data: str,
+    epochs: int,
+    configs: list[str],
+    out_dir,
+    batch_size: int = 64,
+    seed: int = 0,
+    lr: float = 1e-3,
+    repeats: int = 1,
+    train_limit=None,
+    test_limit=None,
+    target: str = "ort-best",
+    progress: bool = True,
+    threads: int | None = None,
+    input_shape: tuple | None = None,
+) -> dict:
     import torch  # heavy: loaded when a benchmark runs
 
     from .compiler.export import ZOO, export_zoo, zoo_module
@@ -118,15 +132,26 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
             continue
         names, opts = config_passes(c)
         d = work / re.sub(r"[^\w.-]+", "_", c).strip("_")
-        api.compile(model_path, d, names, opts, lr=lr, batch_size=batch_size, force=True, info=info,
-                    opt=c != "ort-noopt")
+        api.compile(
+            model_path, d, names, opts, lr=lr, batch_size=batch_size, force=True, info=info, opt=c != "ort-noopt"
+        )
         art_dirs[c] = d
     if threads:
         torch.set_num_threads(threads)
     # torch eager uses the optimizer the artifacts describe (ORT's AdamW defaults without artifacts)
-    hyper = (optimizer_hyperparameters(load_artifacts(next(iter(art_dirs.values())))[0].optimizer) if art_dirs
-             else {"kind": "adamw", "alpha": 0.9, "beta": 0.999, "epsilon": 1e-6, "weight_decay": 0.0,
-                   "adam_mode": 1, "correct_bias": 1})
+    hyper = (
+        optimizer_hyperparameters(load_artifacts(next(iter(art_dirs.values())))[0].optimizer)
+        if art_dirs
+        else {
+            "kind": "adamw",
+            "alpha": 0.9,
+            "beta": 0.999,
+            "epsilon": 1e-6,
+            "weight_decay": 0.0,
+            "adam_mode": 1,
+            "correct_bias": 1,
+        }
+    )
     results: dict[str, list[dict]] = {c: [] for c in configs}
     base_cost = _plain_cost(model_path, work, info, lr, batch_size, art_dirs)
     for r in range(repeats):
@@ -138,8 +163,7 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
             else:
                 engine = TrainingSession(art_dirs[c], ExecConfig(threads=threads), lr=lr)
                 algs = algorithms_for(engine.artifacts)
-            tr = Trainer(engine, ds, None, epochs, batch_size, seed, algs, progress=progress, name=c,
-                         checkpoints=False)
+            tr = Trainer(engine, ds, None, epochs, batch_size, seed, algs, progress=progress, name=c, checkpoints=False)
             with PeakRSS() as mem:
                 s = tr.run()
             s["peak_rss_mb"] = mem.peak_mb
@@ -147,10 +171,21 @@ def run_bench(model: str, data: str, epochs: int, configs: list[str], out_dir, b
             results[c].append(s)
             del engine, tr
     report = summarise(results, target, ds, batch_size)
-    report.update({"model": model if model in ZOO else Path(model).name, "data": data.split(":")[0],
-                   "epochs": epochs, "batch_size": batch_size, "seed": seed, "lr": lr, "repeats": repeats,
-                   "train_images": int(len(ds.x_train)), "test_images": int(len(ds.x_test)),
-                   "machine": machine_info(), "date": time.strftime("%Y-%m-%d")})
+    report.update(
+        {
+            "model": model if model in ZOO else Path(model).name,
+            "data": data.split(":")[0],
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "lr": lr,
+            "repeats": repeats,
+            "train_images": int(len(ds.x_train)),
+            "test_images": int(len(ds.x_test)),
+            "machine": machine_info(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+    )
     atomic_write_text(out / "bench.json", json.dumps(report, indent=1))
     atomic_write_text(out / "bench.md", markdown(report))
     plot_bench(results, out / "accuracy_vs_time.png", report)
@@ -164,6 +199,7 @@ class PeakRSS:
 
     def __enter__(self):
         import threading
+
         self.peak_mb = self._rss()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._poll, daemon=True)
@@ -179,7 +215,8 @@ class PeakRSS:
         try:
             with open("/proc/self/statm") as fh:
                 import os
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         except (OSError, ValueError):
             return 0.0
 
@@ -218,13 +255,17 @@ def summarise(results: dict, target_spec: str, ds, batch_size: int) -> dict:
         h0 = runs[0]["history"]
         per_epoch = [m["train_seconds"] for s in runs for m in s["history"]]
         steps = h0[0]["steps"] if h0 else 1
-        rows[c] = {"epoch_seconds": med(per_epoch), "ms_per_step": 1000 * med(per_epoch) / steps,
-                   "final_test_acc": med([s["final_test_acc"] for s in runs]),
-                   "best_test_acc": med([s["best_test_acc"] for s in runs]),
-                   "train_time": med([s["train_time"] for s in runs]),
-                   "decisions": runs[0]["decisions"], "histories": [s["history"] for s in runs],
-                   "controllers": runs[0].get("controllers", {}),
-                   "peak_rss_mb": med([s.get("peak_rss_mb", 0.0) for s in runs])}
+        rows[c] = {
+            "epoch_seconds": med(per_epoch),
+            "ms_per_step": 1000 * med(per_epoch) / steps,
+            "final_test_acc": med([s["final_test_acc"] for s in runs]),
+            "best_test_acc": med([s["best_test_acc"] for s in runs]),
+            "train_time": med([s["train_time"] for s in runs]),
+            "decisions": runs[0]["decisions"],
+            "histories": [s["history"] for s in runs],
+            "controllers": runs[0].get("controllers", {}),
+            "peak_rss_mb": med([s.get("peak_rss_mb", 0.0) for s in runs]),
+        }
         if "op_reduction" in runs[0]:
             rows[c]["op_reduction"] = med([s["op_reduction"] for s in runs])
             rows[c]["bandwidth_reduction"] = med([s["bandwidth_reduction"] for s in runs])
@@ -258,25 +299,32 @@ def _f(x, fmt="{:.3f}"):
 
 
 def markdown(rep: dict) -> str:
-    lines = [f"# accelc bench — {rep['model']} on {rep['data']}", "",
-             f"{rep['epochs']} epochs, batch {rep['batch_size']}, lr {rep['lr']}, seed {rep['seed']}, "
-             f"{rep['train_images']} training / {rep['test_images']} test images, repeats {rep['repeats']} "
-             f"(medians). Machine: {rep['machine']['platform']}, {rep['machine']['cpus']} CPUs, "
-             f"ORT {rep['machine']['onnxruntime']}, torch {rep['machine']['torch']}. Date {rep['date']}.", "",
-             f"Target accuracy: {_f(rep['target_acc'], '{:.4f}')} ({rep['target_rule']}). Times are training "
-             f"seconds (evaluation excluded).", "",
-             "| config | s/epoch (median) | ms/step | training time (s) | ×torch (epoch) | ×ort (epoch) "
-             "| time to target (s) | ×torch (target) | ×ort (target) | final acc | best acc | ops −% | bytes −% "
-             "| peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# accelc bench — {rep['model']} on {rep['data']}",
+        "",
+        f"{rep['epochs']} epochs, batch {rep['batch_size']}, lr {rep['lr']}, seed {rep['seed']}, "
+        f"{rep['train_images']} training / {rep['test_images']} test images, repeats {rep['repeats']} "
+        f"(medians). Machine: {rep['machine']['platform']}, {rep['machine']['cpus']} CPUs, "
+        f"ORT {rep['machine']['onnxruntime']}, torch {rep['machine']['torch']}. Date {rep['date']}.",
+        "",
+        f"Target accuracy: {_f(rep['target_acc'], '{:.4f}')} ({rep['target_rule']}). Times are training "
+        f"seconds (evaluation excluded).",
+        "",
+        "| config | s/epoch (median) | ms/step | training time (s) | ×torch (epoch) | ×ort (epoch) "
+        "| time to target (s) | ×torch (target) | ×ort (target) | final acc | best acc | ops −% | bytes −% "
+        "| peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c, r in rep["configs"].items():
-        lines.append(f"| {c} | {r['epoch_seconds']:.2f} | {r['ms_per_step']:.1f} | {r['train_time']:.1f} "
-                     f"| {_f(r.get('epoch_ratio_vs_torch'), '{:.2f}')} "
-                     f"| {_f(r.get('epoch_ratio_vs_ort'), '{:.2f}')} | {_f(r['time_to_target'], '{:.1f}')} "
-                     f"| {_f(r.get('time_to_target_ratio_vs_torch'), '{:.2f}')} | {_f(r.get('time_to_target_ratio_vs_ort'), '{:.2f}')} "
-                     f"| {r['final_test_acc']:.4f} | {r['best_test_acc']:.4f} "
-                     f"| {_f(r.get('op_reduction'), '{:.1%}')} | {_f(r.get('bandwidth_reduction'), '{:.1%}')} "
-                     f"| {r.get('peak_rss_mb', 0):.0f} |")
+        lines.append(
+            f"| {c} | {r['epoch_seconds']:.2f} | {r['ms_per_step']:.1f} | {r['train_time']:.1f} "
+            f"| {_f(r.get('epoch_ratio_vs_torch'), '{:.2f}')} "
+            f"| {_f(r.get('epoch_ratio_vs_ort'), '{:.2f}')} | {_f(r['time_to_target'], '{:.1f}')} "
+            f"| {_f(r.get('time_to_target_ratio_vs_torch'), '{:.2f}')} | {_f(r.get('time_to_target_ratio_vs_ort'), '{:.2f}')} "
+            f"| {r['final_test_acc']:.4f} | {r['best_test_acc']:.4f} "
+            f"| {_f(r.get('op_reduction'), '{:.1%}')} | {_f(r.get('bandwidth_reduction'), '{:.1%}')} "
+            f"| {r.get('peak_rss_mb', 0):.0f} |"
+        )
     dec = [(c, d) for c, r in rep["configs"].items() for d in r.get("decisions", [])]
     if dec:
         lines += ["", "Controller decisions (first run):", ""]
@@ -286,8 +334,10 @@ def markdown(rep: dict) -> str:
 
 def plot_bench(results: dict, path: Path, rep: dict) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c, runs in results.items():
         h = runs[0]["history"]
@@ -309,8 +359,10 @@ def plot_controllers(results: dict, path: Path, rep: dict) -> None:
     """Three panels over epochs: skipped layers (timeline), remain ratio per reused layer, and the
     resolution stage (input height), for every configuration that has the controller."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
     layers_seen: list = []
     for c, runs in results.items():

@@ -13,6 +13,7 @@ Built in the style of Polygraphy's tools: one class per subcommand, shared argum
 set of defaults, one error policy in :func:`main`. Nothing here imports torch or ONNX Runtime
 until a subcommand runs (``accelc --help`` stays fast).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,24 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def layer_table_text(view: dict) -> str:
     rows = []
     for r in view["layers"]:
-        rows.append([r["name"], r["op"], _fmt_num(r["param_count"]), "x".join(map(str, r["weight_shape"])),
-                     "x".join(map(str, r["output_shape"])), _fmt_num(r["flops_fwd"]), _fmt_num(r["flops_bwd"]),
-                     _fmt_num(r["bytes_fwd"]) + "B", _fmt_num(r["bytes_bwd"]) + "B",
-                     ",".join(r["passes"]) or ("frozen" if not r["trainable"] else "-")])
-    out = _table(rows, ["layer", "op", "params", "weight", "output", "fwd FLOPs", "bwd FLOPs", "fwd bytes",
-                        "bwd bytes", "passes"])
+        rows.append(
+            [
+                r["name"],
+                r["op"],
+                _fmt_num(r["param_count"]),
+                "x".join(map(str, r["weight_shape"])),
+                "x".join(map(str, r["output_shape"])),
+                _fmt_num(r["flops_fwd"]),
+                _fmt_num(r["flops_bwd"]),
+                _fmt_num(r["bytes_fwd"]) + "B",
+                _fmt_num(r["bytes_bwd"]) + "B",
+                ",".join(r["passes"]) or ("frozen" if not r["trainable"] else "-"),
+            ]
+        )
+    out = _table(
+        rows,
+        ["layer", "op", "params", "weight", "output", "fwd FLOPs", "bwd FLOPs", "fwd bytes", "bwd bytes", "passes"],
+    )
     ph = view["costs"]["phases"]
     out += "\n\n" + "  ".join(f"{k}: {_fmt_num(v['flops'])}FLOPs {_fmt_num(v['bytes'])}B" for k, v in ph.items())
     return out
@@ -101,8 +114,11 @@ class OutputArgs(ArgGroup):
 class DataArgs(ArgGroup):
     def add(self, parser, **_):
         g = parser.add_argument_group("data")
-        g.add_argument("--data", default="synthetic",
-                       help="synthetic[:N] | fashion-mnist[:DIR] | imagefolder:DIR (default synthetic)")
+        g.add_argument(
+            "--data",
+            default="synthetic",
+            help="synthetic[:N] | fashion-mnist[:DIR] | imagefolder:DIR (default synthetic)",
+        )
         g.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
         g.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
 
@@ -121,13 +137,22 @@ class ExecArgs(ArgGroup):
         g = parser.add_argument_group("execution")
         g.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs the gpu extra)")
         g.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
-        g.add_argument("--kernel", action="append", default=[], metavar="NAME=IMPL",
-                       help="implementation of a node kernel, repeatable: conv=onednn|ort, reuse=native|torch|ort "
-                            "(default: the first on CPU, ort on CUDA)")
+        from .runtime.kernels import ORT, providers
+
+        kinds = ", ".join(f"{n}={'|'.join(p.implementations + (ORT,))}" for n, p in providers().items())
+        g.add_argument(
+            "--kernel",
+            action="append",
+            default=[],
+            metavar="NAME=IMPL",
+            help=f"implementation of a node kernel, repeatable: {kinds or 'none registered'} "
+            f"(default: the first on CPU, {ORT} on CUDA)",
+        )
 
     @staticmethod
     def config(a):
         from .runtime.config import ExecConfig, parse_kernel_choices
+
         return ExecConfig(device=a.device, threads=a.threads, kernels=parse_kernel_choices(a.kernel))
 
 
@@ -136,24 +161,37 @@ class PassArgs(ArgGroup):
 
     def add(self, parser, **_):
         from .compiler.pass_api import registered
+
         reg = registered()
         g = parser.add_argument_group("passes")
-        g.add_argument("--passes", default="none",
-                       help=f"comma-separated passes in order, or 'none' (default); passes: "
-                            f"{', '.join(n for n, c in reg.items() if not c.default)}")
-        g.add_argument("--no-opt", action="store_true",
-                       help="do not run the default 'opt' pass (with --passes none: ORT's plain artifacts, unchanged)")
+        g.add_argument(
+            "--passes",
+            default="none",
+            help=f"comma-separated passes in order, or 'none' (default); passes: "
+            f"{', '.join(n for n, c in reg.items() if not c.default)}",
+        )
+        g.add_argument(
+            "--no-opt",
+            action="store_true",
+            help="do not run the default 'opt' pass (with --passes none: ORT's plain artifacts, unchanged)",
+        )
         for pname, cls in reg.items():
             pg = parser.add_argument_group(f"pass {pname}", cls.summary)
             for oname, opt in cls.options.items():
                 flag = cls.flag(oname)
                 choices = f" {{{','.join(opt.choices)}}}" if opt.choices else ""
-                pg.add_argument(flag, dest=_dest(flag), default=None, metavar=oname.upper() if not choices else None,
-                                help=f"{opt.help}{choices} (default: {opt.default})")
+                pg.add_argument(
+                    flag,
+                    dest=_dest(flag),
+                    default=None,
+                    metavar=oname.upper() if not choices else None,
+                    help=f"{opt.help}{choices} (default: {opt.default})",
+                )
 
     @staticmethod
     def options(a, names: list[str]) -> dict:
         from .compiler.pass_api import registered
+
         opts: dict = {}
         for pname, cls in registered().items():
             for oname in cls.options:
@@ -190,8 +228,11 @@ class Export(Tool):
     """Write a built-in zoo model (or list the zoo) as an ONNX file exported for training."""
 
     name = "export"
-    examples = ("accelc export --list", "accelc export vgg -o vgg.onnx",
-                "accelc export largekernel --input-shape 1,64,64 -o lk.onnx")
+    examples = (
+        "accelc export --list",
+        "accelc export vgg -o vgg.onnx",
+        "accelc export largekernel --input-shape 1,64,64 -o lk.onnx",
+    )
 
     def add_arguments(self, p):
         p.add_argument("name", nargs="?", help="zoo model name (omit or --list to list the zoo)")
@@ -203,6 +244,7 @@ class Export(Tool):
 
     def run(self, a):
         from .compiler.export import ZOO, export_zoo
+
         if a.list or not a.name:
             for k, (_, shape, desc) in ZOO.items():
                 print(f"{k:12s} input {'x'.join(map(str, shape)):9s} {desc}")
@@ -220,8 +262,11 @@ class Compile(Tool):
     """Build ORT training artifacts (training/eval/optimizer models, checkpoint) and run passes."""
 
     name = "compile"
-    examples = ("accelc compile vgg.onnx -o art", "accelc compile vgg.onnx -o art-skip --passes skip",
-                "accelc compile vgg.onnx -o art-fixed --passes skip --skip-layers features.0,features.3")
+    examples = (
+        "accelc compile vgg.onnx -o art",
+        "accelc compile vgg.onnx -o art-skip --passes skip",
+        "accelc compile vgg.onnx -o art-fixed --passes skip --skip-layers features.0,features.3",
+    )
 
     def add_arguments(self, p):
         p.add_argument("model", help="forward ONNX model exported for training (see accelc export / accelc.export)")
@@ -230,28 +275,44 @@ class Compile(Tool):
         g = p.add_argument_group("training graph")
         g.add_argument("--loss", default="cross_entropy", help="loss appended to the model: cross_entropy (default)")
         g.add_argument("--optimizer", default="adamw", help="adamw (default) or sgd")
-        g.add_argument("--lr", type=float, default=DEFAULT_LR,
-                       help=f"learning rate recorded for training (default {DEFAULT_LR})")
+        g.add_argument(
+            "--lr", type=float, default=DEFAULT_LR, help=f"learning rate recorded for training (default {DEFAULT_LR})"
+        )
         g.add_argument("--batch-size", type=int, default=64, help="batch size used for cost accounting (default 64)")
         g.add_argument("--no-validate", action="store_true", help="skip ORT-session and numeric validation")
 
     def run(self, a):
         from . import api
         from .compiler.pass_api import parse_pass_list
+
         names = parse_pass_list(a.passes)
-        report = api.compile(a.model, a.output, names, PassArgs.options(a, names + ([] if a.no_opt else ["opt"])),
-                             loss=a.loss, optimizer=a.optimizer, lr=a.lr, batch_size=a.batch_size, force=a.force,
-                             validate_result=not a.no_validate, opt=not a.no_opt)
+        report = api.compile(
+            a.model,
+            a.output,
+            names,
+            PassArgs.options(a, names + ([] if a.no_opt else ["opt"])),
+            loss=a.loss,
+            optimizer=a.optimizer,
+            lr=a.lr,
+            batch_size=a.batch_size,
+            force=a.force,
+            validate_result=not a.no_validate,
+            opt=not a.no_opt,
+        )
         for w in report["warnings"]:
             print(f"accelc: warning: {w}", file=sys.stderr)
         if not a.quiet:
             b, f = report["costs"]["before"]["total"], report["costs"]["after"]["total"]
             ran = [p["name"] for p in report["passes"]]
-            print(f"compiled {a.model} -> {a.output} in {report['compile_seconds']:.2f}s "
-                  f"(passes: {','.join(ran) or 'none'}; {report['model']['param_count']:,} params)")
+            print(
+                f"compiled {a.model} -> {a.output} in {report['compile_seconds']:.2f}s "
+                f"(passes: {','.join(ran) or 'none'}; {report['model']['param_count']:,} params)"
+            )
             if names:
-                print(f"training-step cost: {_fmt_num(b['flops'])}FLOPs -> {_fmt_num(f['flops'])}FLOPs, "
-                      f"{_fmt_num(b['bytes'])}B -> {_fmt_num(f['bytes'])}B")
+                print(
+                    f"training-step cost: {_fmt_num(b['flops'])}FLOPs -> {_fmt_num(f['flops'])}FLOPs, "
+                    f"{_fmt_num(b['bytes'])}B -> {_fmt_num(f['bytes'])}B"
+                )
         return 0
 
 
@@ -266,12 +327,26 @@ class Passes(Tool):
 
     def run(self, a):
         from .compiler.pass_api import registered
+
         reg = registered()
         if a.json:
-            print(json.dumps({n: {"summary": c.summary, "paper": c.paper,
-                                  "options": {k: {"default": o.default, "help": o.help, "flag": c.flag(k)}
-                                              for k, o in c.options.items()}} for n, c in reg.items()},
-                             indent=1, default=str))
+            print(
+                json.dumps(
+                    {
+                        n: {
+                            "summary": c.summary,
+                            "paper": c.paper,
+                            "options": {
+                                k: {"default": o.default, "help": o.help, "flag": c.flag(k)}
+                                for k, o in c.options.items()
+                            },
+                        }
+                        for n, c in reg.items()
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
             return 0
         if not reg:
             print("no passes registered")
@@ -294,15 +369,21 @@ class Inspect(Tool):
 
     def run(self, a):
         from . import api
+
         view = api.inspect(a.path)
         if a.json:
-            print(json.dumps({"layers": view["layers"], "costs": view["costs"], "passes": view.get("passes", [])},
-                             indent=1))
+            print(
+                json.dumps(
+                    {"layers": view["layers"], "costs": view["costs"], "passes": view.get("passes", [])}, indent=1
+                )
+            )
         else:
             print(layer_table_text(view))
             for p in view.get("passes", []):
-                print(f"pass {p['name']}: modified={p['modified']} " + "; ".join(
-                    c.get("summary", "") for c in p.get("changes", []) if isinstance(c, dict))[:400])
+                print(
+                    f"pass {p['name']}: modified={p['modified']} "
+                    + "; ".join(c.get("summary", "") for c in p.get("changes", []) if isinstance(c, dict))[:400]
+                )
         return 0
 
 
@@ -320,6 +401,7 @@ class View(Tool):
 
     def run(self, a):
         from .compiler.view import serve
+
         serve(a.path, a.port, block=not a.no_block, browse=a.browse)
         return 0
 
@@ -328,9 +410,11 @@ class Train(Tool):
     """Train compiled artifacts on ORT Training: metrics.jsonl, summary.json, plot, checkpoints."""
 
     name = "train"
-    examples = ("accelc train art --data fashion-mnist --epochs 3 -o run",
-                "accelc train art --data synthetic:2000 --epochs 5 -o run --resume",
-                "accelc train art --kernel conv=ort -o run-ort-convs")
+    examples = (
+        "accelc train art --data fashion-mnist --epochs 3 -o run",
+        "accelc train art --data synthetic:2000 --epochs 5 -o run --resume",
+        "accelc train art --kernel conv=ort -o run-ort-convs",
+    )
 
     def add_arguments(self, p):
         p.add_argument("artifacts", help="artifact directory made by accelc compile")
@@ -339,27 +423,49 @@ class Train(Tool):
         ExecArgs().add(p)
         OutputArgs().add(p, output="run", what="run directory", force_help="replace a non-empty run directory")
         p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
-        p.add_argument("--in-process", action="store_true",
-                       help="train in this process (default: in a supervised worker process, so a native crash "
-                            "inside ONNX Runtime is reported with what was saved)")
+        p.add_argument(
+            "--in-process",
+            action="store_true",
+            help="train in this process (default: in a supervised worker process, so a native crash "
+            "inside ONNX Runtime is reported with what was saved)",
+        )
 
     def run(self, a):
         from . import api
+
         if not a.in_process:
             # check what can be checked cheaply here, then train in a supervised worker
             from .compiler.artifact_dir import load_artifacts
+
             load_artifacts(a.artifacts)
             ExecArgs.config(a)
             if Path(a.output).exists() and any(Path(a.output).iterdir()) and not (a.resume or a.force):
-                raise AccelcError(f"run directory '{a.output}' is not empty (use --resume to continue or --force "
-                                  f"to replace)")
+                raise AccelcError(
+                    f"run directory '{a.output}' is not empty (use --resume to continue or --force to replace)"
+                )
             return _supervise(a.argv + ["--in-process"], Path(a.output))
-        s = api.train(a.artifacts, a.data, a.epochs, a.batch_size, a.output, a.device, a.seed, a.resume, a.lr,
-                      a.threads, a.train_limit, a.test_limit, a.force, progress=not a.quiet,
-                      kernels=ExecArgs.config(a).kernels)
+        s = api.train(
+            a.artifacts,
+            a.data,
+            a.epochs,
+            a.batch_size,
+            a.output,
+            a.device,
+            a.seed,
+            a.resume,
+            a.lr,
+            a.threads,
+            a.train_limit,
+            a.test_limit,
+            a.force,
+            progress=not a.quiet,
+            kernels=ExecArgs.config(a).kernels,
+        )
         if not a.quiet:
-            print(f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f} at epoch "
-                  f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {a.output}/")
+            print(
+                f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f} at epoch "
+                f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {a.output}/"
+            )
         return 0
 
 
@@ -367,6 +473,7 @@ def _supervise(argv: list[str], run_dir: Path) -> int:
     """Run the training in a child process so a native crash (ORT can die with SIGFPE/SIGSEGV)
     is reported with where it happened and what was saved, never as a silent death."""
     from .runtime import checkpoint as ckpt
+
     p = subprocess.Popen([sys.executable, "-m", "accelc"] + argv)
     try:
         rc = p.wait()
@@ -380,44 +487,77 @@ def _supervise(argv: list[str], run_dir: Path) -> int:
     if (run_dir / "metrics.jsonl").exists():
         done = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     where = f"during epoch {len(done) + 1}"
-    saved = (f"the last good checkpoint is epoch {done[-1]['epoch']} in '{run_dir}' (continue with --resume)"
-             if done and ckpt.exists(run_dir) else "no epoch had finished, so nothing was saved")
+    saved = (
+        f"the last good checkpoint is epoch {done[-1]['epoch']} in '{run_dir}' (continue with --resume)"
+        if done and ckpt.exists(run_dir)
+        else "no epoch had finished, so nothing was saved"
+    )
     native = sig in ("SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT")
-    raise AccelcError(f"the training process was killed by {sig} {where}"
-                      + (" (a native crash inside ONNX Runtime)" if native else "") + f"; {saved}")
+    raise AccelcError(
+        f"the training process was killed by {sig} {where}"
+        + (" (a native crash inside ONNX Runtime)" if native else "")
+        + f"; {saved}"
+    )
 
 
 class Bench(Tool):
     """Run configurations (torch eager, ORT, ORT + passes) side by side; write bench.json/.md and plots."""
 
     name = "bench"
-    examples = ("accelc bench --model vgg --data fashion-mnist --configs torch,ort,ort+skip -o bench-out",
-                "accelc bench --model cnn3-small --configs 'ort,ort+skip[policy=suffix;tau=1.5]' --epochs 2")
+    examples = (
+        "accelc bench --model vgg --data fashion-mnist --configs torch,ort,ort+skip -o bench-out",
+        "accelc bench --model cnn3-small --configs 'ort,ort+skip[policy=suffix;tau=1.5]' --epochs 2",
+    )
 
     def add_arguments(self, p):
         p.add_argument("--model", default="vgg", help="zoo model name or ONNX path (default vgg)")
         DataArgs().add(p)
         TrainingArgs().add(p, lr=3e-4, lr_help="learning rate (default 3e-4: stable for the BatchNorm zoo models)")
-        p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                       help=f"comma list of torch, ort, ort+PASS[+PASS][opt=v;...], ort+all (every pass) "
-                            f"(default {DEFAULT_CONFIGS})")
+        p.add_argument(
+            "--configs",
+            default=DEFAULT_CONFIGS,
+            help=f"comma list of torch, ort, ort+PASS[+PASS][opt=v;...], ort+all (every pass) "
+            f"(default {DEFAULT_CONFIGS})",
+        )
         p.add_argument("--repeats", type=int, default=1, help="run every configuration R times, report medians")
-        p.add_argument("--target", default="ort-best",
-                       help="target accuracy: ort-best (default), torch-best-0.2 (torch eager's best minus 0.2 "
-                            "points) or a number")
+        p.add_argument(
+            "--target",
+            default="ort-best",
+            help="target accuracy: ort-best (default), torch-best-0.2 (torch eager's best minus 0.2 "
+            "points) or a number",
+        )
         p.add_argument("--threads", type=int, default=None, help="threads for ORT and torch (default: all cores)")
-        p.add_argument("--input-shape", default=None, help="C,H,W of a zoo model's input (default: the model's own; "
-                                                           "rescale needs a final feature map divisible by its factor)")
+        p.add_argument(
+            "--input-shape",
+            default=None,
+            help="C,H,W of a zoo model's input (default: the model's own; "
+            "rescale needs a final feature map divisible by its factor)",
+        )
         p.add_argument("-o", "--output", default="bench-out", help="output directory (default bench-out)")
 
     def run(self, a):
         from .bench import markdown, parse_configs, run_bench
+
         if a.epochs <= 0 or a.repeats <= 0:
             raise AccelcError("--epochs and --repeats must be positive")
         configs = parse_configs(a.configs)
-        rep = run_bench(a.model, a.data, a.epochs, configs, a.output, a.batch_size, a.seed, a.lr, a.repeats,
-                        a.train_limit, a.test_limit, a.target, progress=not a.quiet, threads=a.threads,
-                        input_shape=parse_shape(a.input_shape) if a.input_shape else None)
+        rep = run_bench(
+            a.model,
+            a.data,
+            a.epochs,
+            configs,
+            a.output,
+            a.batch_size,
+            a.seed,
+            a.lr,
+            a.repeats,
+            a.train_limit,
+            a.test_limit,
+            a.target,
+            progress=not a.quiet,
+            threads=a.threads,
+            input_shape=parse_shape(a.input_shape) if a.input_shape else None,
+        )
         if not a.quiet:
             print(markdown(rep))
             print(f"wrote {a.output}/bench.json, bench.md, accuracy_vs_time.png, controllers.png")
@@ -429,15 +569,24 @@ TOOLS = (Export, Compile, Passes, Inspect, View, Train, Bench)
 
 def build_parser() -> argparse.ArgumentParser:
     from . import passes  # noqa: F401  (registers the passes: their options become flags)
-    top = argparse.ArgumentParser(prog="accelc", description=__doc__.split("\n\nBuilt in")[0],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    top = argparse.ArgumentParser(
+        prog="accelc",
+        description=__doc__.split("\n\nBuilt in")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     GlobalArgs().add(top, top=True)
     sub = top.add_subparsers(dest="cmd", metavar="SUBCOMMAND")
     for cls in TOOLS:
         tool = cls()
         summary = cls.__doc__.splitlines()[0]
-        p = sub.add_parser(tool.name, help=summary, description=cls.__doc__, epilog=tool.epilog(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            tool.name,
+            help=summary,
+            description=cls.__doc__,
+            epilog=tool.epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         GlobalArgs().add(p)
         tool.add_arguments(p)
         p.set_defaults(tool=tool)
@@ -474,8 +623,11 @@ def main(argv=None) -> int:
     except Exception as e:  # never a traceback for users; -v shows it
         if verbose:
             traceback.print_exc()
-        print(f"accelc: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              f"(run with -v for details)", file=sys.stderr)
+        print(
+            f"accelc: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"(run with -v for details)",
+            file=sys.stderr,
+        )
         return 1
 
 

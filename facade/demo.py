@@ -1,6 +1,7 @@
 """``make demo``: export a built-in model, compile it, show what the compiler sees, then train it
 on the built-in synthetic data — torch eager, plain ORT Training and ORT with accelc's passes side
 by side — and print the result table. About two to three minutes on 2 cores."""
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,17 @@ def main(out: str = "demo-out") -> int:
     passes = [p for p in ("skip", "reuse") if p in registered()]
     configs = ["torch", "ort"] + [f"ort+{p}" for p in passes]
     print(f"\n== training on synthetic data: {', '.join(configs)}\n", flush=True)
-    rep = run_bench(model, "synthetic:4000", epochs=int(os.environ.get("DEMO_EPOCHS", 3)), configs=configs,
-                    out_dir=out_dir / "bench", batch_size=64, seed=0, lr=3e-4, progress=sys.stderr.isatty())
+    rep = run_bench(
+        model,
+        "synthetic:4000",
+        epochs=int(os.environ.get("DEMO_EPOCHS", 3)),
+        configs=configs,
+        out_dir=out_dir / "bench",
+        batch_size=64,
+        seed=0,
+        lr=3e-4,
+        progress=sys.stderr.isatty(),
+    )
     print(markdown(rep))
     print(f"plots and JSON in {out_dir}/bench/; view the training graph with: accelc view {out_dir}/artifacts")
     return 0

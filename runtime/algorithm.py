@@ -17,6 +17,7 @@ one cache keyed by the tuple of decision keys, so no algorithm undoes another's 
 pass name appears here. Passes register their algorithm with :func:`register_algorithm` under the
 ``type`` their pass writes into ``plan.json``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -3,6 +3,7 @@
 Both are written to temporary files and renamed, arrays first; ``checkpoint.json`` names the
 array file it belongs to, so a crash between the two renames leaves the previous pair valid.
 """
+
 from __future__ import annotations
 
 import io

@@ -1,5 +1,6 @@
 """Execution choices, made explicit: one object passed from the CLI or the Python API to the
 engine (never read from environment variables)."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ class ExecConfig:
                 raise AccelcError(f"--threads must be an integer, got {self.threads!r}")
             cores = os.cpu_count() or 1
             if not 1 <= self.threads <= 4 * cores:
-                raise AccelcError(f"--threads must be in 1..{4 * cores} on this machine ({cores} cores), "
-                                  f"got {self.threads}")
+                raise AccelcError(
+                    f"--threads must be in 1..{4 * cores} on this machine ({cores} cores), got {self.threads}"
+                )
 
     def impl(self, provider_name: str) -> str:
         """The implementation chosen for a kernel provider."""
@@ -57,7 +59,7 @@ class ExecConfig:
 
 
 def parse_kernel_choices(items) -> dict:
-    """``["reuse=torch", "conv=ort"]`` -> ``{"reuse": "torch", "conv": "ort"}`` (CLI form)."""
+    """``["conv=ort"]`` -> ``{"conv": "ort"}`` (the CLI form)."""
     out = {}
     for item in items or []:
         name, sep, impl = str(item).partition("=")

@@ -10,6 +10,7 @@ Every dataset is adapted to the model input (channels replicated or averaged, bi
 normalised to zero mean / unit variance with training-set statistics. Shuffling is seeded per
 epoch, so two runs with one seed see the same batches.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -47,27 +48,34 @@ class Dataset:
         """Yield (step, x, y) for one epoch; the last partial batch is dropped (fixed shapes)."""
         perm = self.order(epoch, seed)
         for s in range(start, self.steps_per_epoch(batch_size)):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
+            idx = perm[s * batch_size : (s + 1) * batch_size]
             yield s, self.x_train[idx], self.y_train[idx]
 
     def test_batches(self, batch_size: int):
         for i in range(0, len(self.x_test), batch_size):
-            yield self.x_test[i:i + batch_size], self.y_test[i:i + batch_size]
+            yield self.x_test[i : i + batch_size], self.y_test[i : i + batch_size]
 
     def resized(self, hw: tuple) -> "Dataset":
         """The same data at another spatial size (for low-resolution training stages)."""
-        return Dataset(self.name + f"@{hw[0]}x{hw[1]}", resize(self.x_train, hw), self.y_train,
-                       resize(self.x_test, hw), self.y_test, self.num_classes)
+        return Dataset(
+            self.name + f"@{hw[0]}x{hw[1]}",
+            resize(self.x_train, hw),
+            self.y_train,
+            resize(self.x_test, hw),
+            self.y_test,
+            self.num_classes,
+        )
 
 
 def resize(x: np.ndarray, hw: tuple) -> np.ndarray:
     import torch
     import torch.nn.functional as F
+
     if tuple(x.shape[2:]) == tuple(hw):
         return x
     out = []
     for i in range(0, len(x), 4096):
-        t = torch.from_numpy(np.ascontiguousarray(x[i:i + 4096]))
+        t = torch.from_numpy(np.ascontiguousarray(x[i : i + 4096]))
         out.append(F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True).numpy())
     return np.concatenate(out).astype(np.float32)
 
@@ -143,8 +151,9 @@ def synthetic(shape: tuple, num_classes: int, n_train: int = 6000, n_test: int =
         for _ in range(3):
             fy, fx = rng.uniform(0.5, 2.5, (2, n)).astype(np.float32)
             p0 = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
-            bg += np.sin(2 * np.pi * (fy[:, None, None] * yy[None] / h + fx[:, None, None] * xx[None] / w)
-                         + p0[:, None, None])
+            bg += np.sin(
+                2 * np.pi * (fy[:, None, None] * yy[None] / h + fx[:, None, None] * xx[None] / w) + p0[:, None, None]
+            )
         img = img + 0.12 * bg + rng.normal(0, 0.12, img.shape).astype(np.float32)
         if c == 1:
             x = img[:, None]
@@ -176,7 +185,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(data) < 8 or data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise AccelcError(f"'{path}' is not an IDX file of unsigned bytes")
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
         raise AccelcError(f"'{path}' is truncated")
@@ -187,15 +196,19 @@ def _find(d: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (d / name).exists():
             return d / name
-    raise AccelcError(f"Fashion-MNIST file '{stem}[.gz]' not found in '{d}'. Install Debian's package "
-                      f"(apt-get install dataset-fashion-mnist) or pass --data fashion-mnist:DIR")
+    raise AccelcError(
+        f"Fashion-MNIST file '{stem}[.gz]' not found in '{d}'. Install Debian's package "
+        f"(apt-get install dataset-fashion-mnist) or pass --data fashion-mnist:DIR"
+    )
 
 
 def fashion_mnist(directory: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     d = Path(directory or FASHION_DIR)
     if not d.is_dir():
-        raise AccelcError(f"Fashion-MNIST folder '{d}' not found. Install Debian's package "
-                          f"(apt-get install dataset-fashion-mnist) or pass --data fashion-mnist:DIR")
+        raise AccelcError(
+            f"Fashion-MNIST folder '{d}' not found. Install Debian's package "
+            f"(apt-get install dataset-fashion-mnist) or pass --data fashion-mnist:DIR"
+        )
     xtr = _read_idx(_find(d, "train-images-idx3-ubyte"))
     ytr = _read_idx(_find(d, "train-labels-idx1-ubyte"))
     xte = _read_idx(_find(d, "t10k-images-idx3-ubyte"))
@@ -210,6 +223,7 @@ IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm"}
 
 def _read_folder(d: Path, shape: tuple, classes: list[str] | None = None):
     from PIL import Image
+
     c, h, w = shape
     classes = classes or sorted(p.name for p in d.iterdir() if p.is_dir())
     if not classes:
@@ -254,8 +268,9 @@ def image_folder(directory: str, shape: tuple):
 
 
 # ----------------------------------------------------------------------------- entry point
-def load_data(spec: str, shape: tuple, num_classes: int, train_limit: int | None = None,
-              test_limit: int | None = None) -> Dataset:
+def load_data(
+    spec: str, shape: tuple, num_classes: int, train_limit: int | None = None, test_limit: int | None = None
+) -> Dataset:
     """Build the dataset ``spec`` fitted to a model input ``shape`` (C, H, W) and class count."""
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":

@@ -1,5 +1,6 @@
 """The engine protocol: what the training loop and the algorithms may ask of an engine (accelc's
 ORT :class:`~accelc.runtime.session.TrainingSession`, or the torch eager baseline)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

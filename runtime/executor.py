@@ -6,9 +6,10 @@ reads (a claimed node runs right after the segment that produces its inputs). On
 segment 0, the kernels that follow it, segment 1, ... Tensors move between ORT and torch by
 pointer (IOBinding on torch tensors for inputs, DLPack on ORT's outputs): no copies. ``bound``
 buffers (the gradients) are written in place. Kernel outputs nobody reads are marked unwanted, so
-kernels can skip them. A kernel may hand any Python object to a later kernel through the step's
+kernels can leave them out. A kernel may hand any Python object to a later kernel through the step's
 environment (only tensors cross into ORT segments).
 """
+
 from __future__ import annotations
 
 import time
@@ -42,6 +43,7 @@ class SegmentedRunner:
 
     def __init__(self, model: onnx.ModelProto, session_options, ort_providers, config: ExecConfig):
         import onnxruntime as ort
+
         # ORT's intra-op threads spin after each run by default; with kernels running between
         # segments that spinning steals the cores they need.
         session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -65,7 +67,8 @@ class SegmentedRunner:
         kernel_reads = {i for k in owners for i in nodes_all[k].input if i}
         constants = {i: torch.from_numpy(numpy_helper.to_array(inits[i]).copy()) for i in kernel_reads if i in inits}
         self.kernels: dict[int, NodeKernel] = {
-            k: p.build(nodes_all[k], BuildContext(constants, config.impl(p.name))) for k, p in owners.items()}
+            k: p.build(nodes_all[k], BuildContext(constants, config.impl(p.name))) for k, p in owners.items()
+        }
         n_levels = max(list(seg_nodes) + list(kernel_after) + [0]) + 1
         graph_outputs = [o.name for o in g.output]
         consumers_after = defaultdict(set)  # tensor -> levels (segments) that read it
@@ -86,18 +89,26 @@ class SegmentedRunner:
                     for i in n.input:
                         if i and i not in produced and i not in needed and i not in inits:
                             needed.append(i)
-                outs = sorted(o for o in produced if o in graph_outputs or o in kernel_reads
-                              or any(x > lv for x in consumers_after.get(o, ())))
+                outs = sorted(
+                    o
+                    for o in produced
+                    if o in graph_outputs or o in kernel_reads or any(x > lv for x in consumers_after.get(o, ()))
+                )
                 used_inits = list({i: inits[i] for n in nodes for i in n.input if i in inits}.values())
-                sub = helper.make_graph(nodes, f"segment{lv}", [_vi(i, typed) for i in needed],
-                                        [_vi(o, typed) for o in outs], used_inits)
+                sub = helper.make_graph(
+                    nodes, f"segment{lv}", [_vi(i, typed) for i in needed], [_vi(o, typed) for o in outs], used_inits
+                )
                 # ORT's MaxPoolGrad takes its output shape from value_info: carry it for inner tensors
-                sub.value_info.extend(_vi(o, typed) for n in nodes for o in n.output
-                                      if o and o not in outs and o in typed)
+                sub.value_info.extend(
+                    _vi(o, typed) for n in nodes for o in n.output if o and o not in outs and o in typed
+                )
                 used_f = [functions[(n.domain, n.op_type)] for n in nodes if (n.domain, n.op_type) in functions]
                 domains = {n.domain for n in nodes} | {"", "ai.onnx"}
-                sm = helper.make_model(sub, opset_imports=[o for o in model.opset_import if o.domain in domains],
-                                       functions=list({id(f): f for f in used_f}.values()))
+                sm = helper.make_model(
+                    sub,
+                    opset_imports=[o for o in model.opset_import if o.domain in domains],
+                    functions=list({id(f): f for f in used_f}.values()),
+                )
                 sm.ir_version = model.ir_version
                 sess = ort.InferenceSession(sm.SerializeToString(), session_options, providers=ort_providers)
                 bools = {o for o in outs if o in typed and typed[o].tensor_type.elem_type == onnx.TensorProto.BOOL}
@@ -184,6 +195,14 @@ def _vi(name: str, types: dict):
 
 
 def _np(dtype):
-    return {torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_,
-            torch.float16: np.float16, torch.float64: np.float64, torch.int8: np.int8, torch.uint8: np.uint8,
-            torch.int16: np.int16}[dtype]
+    return {
+        torch.float32: np.float32,
+        torch.int64: np.int64,
+        torch.int32: np.int32,
+        torch.bool: np.bool_,
+        torch.float16: np.float16,
+        torch.float64: np.float64,
+        torch.int8: np.int8,
+        torch.uint8: np.uint8,
+        torch.int16: np.int16,
+    }[dtype]

@@ -9,6 +9,7 @@ claimed nodes, the :class:`~accelc.runtime.executor.SegmentedRunner` cuts it int
 around them and runs the kernels in between. ``"ort"`` is always an implementation too: the node
 stays inside ORT (custom nodes then need a form ORT can run, e.g. an ONNX local function).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ SGDOptimizerV2) step for step, reading alpha/beta/epsilon/weight_decay/adam_mode
 from the artifact's optimizer model, so training under accelc's runtime matches ORT's own
 Optimizer. It runs in place on the parameter tensors that ORT reads through IOBinding.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,10 +15,21 @@ import torch
 
 
 class OrtAdamW(torch.optim.Optimizer):
-    def __init__(self, params, lr=1e-3, alpha=0.9, beta=0.999, epsilon=1e-6, weight_decay=0.0, adam_mode=1,
-                 correct_bias=1):
-        super().__init__(params, dict(lr=lr, alpha=alpha, beta=beta, epsilon=epsilon, weight_decay=weight_decay,
-                                      adam_mode=adam_mode, correct_bias=correct_bias))
+    def __init__(
+        self, params, lr=1e-3, alpha=0.9, beta=0.999, epsilon=1e-6, weight_decay=0.0, adam_mode=1, correct_bias=1
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                alpha=alpha,
+                beta=beta,
+                epsilon=epsilon,
+                weight_decay=weight_decay,
+                adam_mode=adam_mode,
+                correct_bias=correct_bias,
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -38,8 +50,8 @@ class OrtAdamW(torch.optim.Optimizer):
                 lr_c = lr
                 if group["correct_bias"]:
                     # float32 like the kernel: pow in double, cast to float, then float arithmetic
-                    ac = float(np.float32(1.0) - np.float32(a ** t))
-                    bc = float(np.float32(1.0) - np.float32(b ** t))
+                    ac = float(np.float32(1.0) - np.float32(a**t))
+                    bc = float(np.float32(1.0) - np.float32(b**t))
                     lr_c = float(np.float32(lr) * np.float32(math.sqrt(bc)) / np.float32(ac))
                 if group["adam_mode"] == 0:
                     if wd:
@@ -75,9 +87,16 @@ def make_optimizer(params, hyper: dict, lr: float) -> torch.optim.Optimizer:
     """Build the optimizer an artifact's optimizer_model.onnx describes."""
     if hyper["kind"] == "sgd":
         return OrtSGD(params, lr=lr)
-    return OrtAdamW(params, lr=lr, alpha=hyper.get("alpha", 0.9), beta=hyper.get("beta", 0.999),
-                    epsilon=hyper.get("epsilon", 1e-6), weight_decay=hyper.get("weight_decay", 0.0),
-                    adam_mode=hyper.get("adam_mode", 1), correct_bias=hyper.get("correct_bias", 1))
+    return OrtAdamW(
+        params,
+        lr=lr,
+        alpha=hyper.get("alpha", 0.9),
+        beta=hyper.get("beta", 0.999),
+        epsilon=hyper.get("epsilon", 1e-6),
+        weight_decay=hyper.get("weight_decay", 0.0),
+        adam_mode=hyper.get("adam_mode", 1),
+        correct_bias=hyper.get("correct_bias", 1),
+    )
 
 
 def optimizer_state_arrays(opt: torch.optim.Optimizer, names: dict) -> dict:

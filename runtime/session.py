@@ -1,8 +1,8 @@
 """The training session: one model's parameters and optimizer state, run on ORT.
 
 Design (and why not ``onnxruntime.training.api.Module``/``Optimizer``): the passes need to swap
-between compiled *variants* of one model between epochs — a skip variant trains fewer parameters,
-a rescale variant has other shapes — while carrying every parameter value and the optimizer state
+between compiled *variants* of one model between epochs — a variant may train fewer parameters or
+have other shapes — while carrying every parameter value and the optimizer state
 exactly. ORT's Module binds a fixed trainable set and hides the optimizer moments inside its
 CheckpointState, so a swap would mean a lossy round trip. Here:
 
@@ -18,6 +18,7 @@ CheckpointState, so a swap would mean a lossy round trip. Here:
 
 A variant swap replaces only the ORT session; parameters and optimizer state stay where they are.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_
 def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
     """All parameters (trainable and frozen) of an ORT checkpoint, as numpy arrays."""
     from onnxruntime.training import api  # heavy: ORT Training
+
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "checkpoint")
         with open(p, "wb") as fh:
@@ -50,6 +52,7 @@ def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
 
 def session_options(threads: int | None = None):
     import onnxruntime as ort  # heavy
+
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -73,7 +76,8 @@ class TrainingSession:
         self.lr = float(lr if lr is not None else self.config.get("lr", 1e-3))
         values = read_checkpoint_params(art.checkpoint)
         self.params: dict[str, torch.Tensor] = {
-            k: torch.from_numpy(v).to(self.device).contiguous() for k, v in values.items()}
+            k: torch.from_numpy(v).to(self.device).contiguous() for k, v in values.items()
+        }
         self.trainable_all = [p for p in art.info.params if p in self.params]
         self.hyper = optimizer_hyperparameters(art.optimizer)
         self.optimizer = make_optimizer([self.params[p] for p in self.trainable_all], self.hyper, self.lr)
@@ -85,6 +89,7 @@ class TrainingSession:
     def _check_device(device: str) -> str:
         if device == "cuda":
             import onnxruntime as ort  # heavy
+
             if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
                 raise AccelcError("--device cuda needs the gpu extra (onnxruntime-training==1.19.2) and a CUDA GPU")
         return device
@@ -97,17 +102,23 @@ class TrainingSession:
 
     def _build(self, art: Artifacts) -> None:
         import onnxruntime as ort  # heavy
+
         lowered, desc = lower_training_model(art.training, art.info.output_name)
-        missing = [i.name for i in lowered.graph.input
-                   if i.name not in self.params and i.name not in (art.info.input_name, "labels")]
+        missing = [
+            i.name
+            for i in lowered.graph.input
+            if i.name not in self.params and i.name not in (art.info.input_name, "labels")
+        ]
         if missing:
             raise AccelcError(f"variant needs parameters this session does not hold: {missing[:5]}")
         for i in lowered.graph.input:  # shape changes replace the parameter tensor (swap's update)
             if i.name in self.params:
                 want = tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
                 if want and tuple(self.params[i.name].shape) != want:
-                    raise AccelcError(f"variant expects '{i.name}' of shape {want}, session holds "
-                                      f"{tuple(self.params[i.name].shape)}; swap it with a ParamUpdate")
+                    raise AccelcError(
+                        f"variant expects '{i.name}' of shape {want}, session holds "
+                        f"{tuple(self.params[i.name].shape)}; swap it with a ParamUpdate"
+                    )
         so = session_options(self.exec.threads)
         # nodes a registered kernel claims run in accelc's kernels between ORT segments (CPU)
         if self.device == "cpu" and claimed(lowered, self.exec):
@@ -126,14 +137,14 @@ class TrainingSession:
         self.bn_buf = {o: torch.empty_like(self.params[p]) for o, p in desc["bn_stats"].items()}
         self.bn_inv_std = {b["inv_std"]: torch.empty_like(self.bn_buf[b["var_out"]]) for b in desc["bn"]}
         shapes = art.info.shapes(1)
-        self.bn_spatial = {b["inv_std"]: int(np.prod(shapes[b["x"]][2:])) if b["x"] in shapes else None
-                           for b in desc["bn"]}
+        self.bn_spatial = {
+            b["inv_std"]: int(np.prod(shapes[b["x"]][2:])) if b["x"] in shapes else None for b in desc["bn"]
+        }
         for p in self.trainable_all:
             self.params[p].grad = None
         self.artifacts = art
 
-    def swap(self, variant: str | Path | Artifacts, name: str | None = None,
-             update: ParamUpdate | None = None) -> None:
+    def swap(self, variant: str | Path | Artifacts, name: str | None = None, update: ParamUpdate | None = None) -> None:
         """Switch to another compiled variant of this model, keeping parameters and optimizer state.
 
         ``update.params`` replaces parameter values (for variants with other shapes); the optimizer
@@ -242,14 +253,18 @@ class TrainingSession:
             self.params[self.desc["bn_stats"][o]].copy_(buf)
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        feeds = {self.info.input_name: np.ascontiguousarray(x, dtype=np.float32),
-                 "labels": np.ascontiguousarray(y, dtype=np.int64)}
+        feeds = {
+            self.info.input_name: np.ascontiguousarray(x, dtype=np.float32),
+            "labels": np.ascontiguousarray(y, dtype=np.int64),
+        }
         for n in self.eval_inputs:
             if n in self.params:
                 feeds[n] = self.params[n].detach().cpu().numpy()
         out = self.eval_sess.run(None, feeds)
         loss = float(np.asarray(out[0]).reshape(-1)[0])
-        logits = out[self.eval_outputs.index(self.info.output_name)] if self.info.output_name in self.eval_outputs else None
+        logits = (
+            out[self.eval_outputs.index(self.info.output_name)] if self.info.output_name in self.eval_outputs else None
+        )
         return loss, logits
 
     def gradients(self) -> dict[str, np.ndarray]:
@@ -272,7 +287,7 @@ class TrainingSession:
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         for k, v in arrays.items():
             if k.startswith("param/"):
-                n = k[len("param/"):]
+                n = k[len("param/") :]
                 t = torch.from_numpy(np.array(v, dtype=np.float32)).to(self.device)
                 if n in self.params and self.params[n].shape == t.shape:
                     self.params[n].copy_(t)
@@ -282,8 +297,9 @@ class TrainingSession:
                     if old is not None:
                         self._replace_in_optimizer(old, t)
         self.optimizer.state.clear()
-        load_optimizer_state_arrays(self.optimizer, self.params,
-                                    {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")})
+        load_optimizer_state_arrays(
+            self.optimizer, self.params, {k[len("optim/") :]: v for k, v in arrays.items() if k.startswith("optim/")}
+        )
         self._build(self.artifacts)
 
     def param_arrays(self) -> dict[str, np.ndarray]:

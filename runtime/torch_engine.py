@@ -3,6 +3,7 @@
 It uses the same optimizer arithmetic as the artifact (runtime.optim), so a comparison with the
 ORT runtime differs only in how forward and backward are executed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -54,7 +55,11 @@ class TorchSession:
         logits = self.module(torch.as_tensor(x).to(self.device))
         loss = F.cross_entropy(logits, torch.as_tensor(y).to(self.device))
         loss.backward()
-        return float(loss), {k: p.grad.cpu().numpy().copy() for k, p in self.named.items()}, logits.detach().cpu().numpy()
+        return (
+            float(loss),
+            {k: p.grad.cpu().numpy().copy() for k, p in self.named.items()},
+            logits.detach().cpu().numpy(),
+        )
 
     def param_arrays(self):
         return {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
@@ -69,8 +74,9 @@ class TorchSession:
         return out
 
     def load_state_arrays(self, arrays):
-        sd = {k[len("param/"):]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("param/")}
+        sd = {k[len("param/") :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("param/")}
         self.module.load_state_dict(sd)
         self.optimizer.state.clear()
-        load_optimizer_state_arrays(self.optimizer, self.named,
-                                    {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")})
+        load_optimizer_state_arrays(
+            self.optimizer, self.named, {k[len("optim/") :]: v for k, v in arrays.items() if k.startswith("optim/")}
+        )

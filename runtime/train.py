@@ -7,6 +7,7 @@ written atomically after every epoch (parameters, optimizer state, controller st
 position; data order is a pure function of (seed, epoch), so it needs no RNG snapshot).
 ``--resume`` continues from it and reaches the same final metrics as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from ..compiler.cost import graph_costs
-from ..compiler.graph import training_graph
 from ..compiler.errors import AccelcError
 from ..compiler.fileio import atomic_write_text
+from ..compiler.graph import training_graph
 from . import checkpoint as ckpt
 from .algorithm import Algorithm, Schedule, TrainState, algorithms_for
-from .data import Dataset, load_data
 from .config import ExecConfig
+from .data import Dataset, load_data
 from .engine import ParamUpdate
 
 
@@ -43,9 +44,21 @@ class Trainer:
     """Runs epochs of one engine (ORT TrainingSession or TorchSession) with training-time
     algorithms (see :mod:`accelc.runtime.algorithm`)."""
 
-    def __init__(self, engine, data: Dataset, run_dir, epochs: int, batch_size: int, seed: int = 0,
-                 algorithms: list[Algorithm] | None = None, resume: bool = False, progress: bool = True,
-                 name: str = "ort", eval_batch_size: int = 500, checkpoints: bool = True):
+    def __init__(
+        self,
+        engine,
+        data: Dataset,
+        run_dir,
+        epochs: int,
+        batch_size: int,
+        seed: int = 0,
+        algorithms: list[Algorithm] | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        name: str = "ort",
+        eval_batch_size: int = 500,
+        checkpoints: bool = True,
+    ):
         if epochs <= 0:
             raise AccelcError(f"--epochs must be positive, got {epochs}")
         if batch_size <= 0 or batch_size > len(data.x_train):
@@ -108,8 +121,9 @@ class Trainer:
         hw = shape[-2:] if len(shape) >= 2 else tuple(self.data_full.shape[1:])
         if hw != tuple(self.data.shape[1:]):
             if hw not in self._resized:
-                self._resized[hw] = (self.data_full if hw == tuple(self.data_full.shape[1:])
-                                     else self.data_full.resized(hw))
+                self._resized[hw] = (
+                    self.data_full if hw == tuple(self.data_full.shape[1:]) else self.data_full.resized(hw)
+                )
             self.data = self._resized[hw]
 
     # ------------------------------------------------------------------ loop
@@ -124,10 +138,18 @@ class Trainer:
 
     def run(self) -> dict:
         from tqdm import tqdm
+
         for epoch in range(self.start_epoch, self.epochs):
             steps = self.data.steps_per_epoch(self.batch_size)
-            bar = tqdm(total=steps, desc=f"{self.name} epoch {epoch + 1}/{self.epochs}", unit="step",
-                       disable=not self.progress, leave=False, file=sys.stderr, dynamic_ncols=True)
+            bar = tqdm(
+                total=steps,
+                desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
+                unit="step",
+                disable=not self.progress,
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
             loss_sum, correct, seen = 0.0, 0, 0
             t0 = time.perf_counter()
             for step, x, y in self.data.batches(epoch, self.batch_size, self.seed):
@@ -138,8 +160,13 @@ class Trainer:
                     last = self.history[-1]["epoch"] if self.history else None
                     raise NonFiniteLoss(
                         f"loss became {loss} at epoch {epoch + 1}, step {step + 1}; training stopped. "
-                        + (f"Last good checkpoint: epoch {last} in '{self.run_dir}'" if last and self.checkpoints
-                           else "No checkpoint was written yet") + " (lower --lr?)")
+                        + (
+                            f"Last good checkpoint: epoch {last} in '{self.run_dir}'"
+                            if last and self.checkpoints
+                            else "No checkpoint was written yet"
+                        )
+                        + " (lower --lr?)"
+                    )
                 loss_sum += loss * len(y)
                 if logits is not None:
                     correct += _accuracy(logits, y)
@@ -156,12 +183,22 @@ class Trainer:
             eval_s = time.perf_counter() - t1
             self.train_time += train_s
             self.wall_time += train_s + eval_s
-            m = {"epoch": epoch + 1, "config": self.name, "variant": getattr(self.engine, "variant_name", "base"),
-                 "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                 "test_loss": test_loss, "test_acc": test_acc, "train_seconds": train_s, "eval_seconds": eval_s,
-                 "images_per_second": seen / train_s if train_s > 0 else None, "steps": steps,
-                 "train_time": self.train_time, "wall_time": self.wall_time,
-                 "input_hw": list(self.data.shape[1:])}
+            m = {
+                "epoch": epoch + 1,
+                "config": self.name,
+                "variant": getattr(self.engine, "variant_name", "base"),
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "train_seconds": train_s,
+                "eval_seconds": eval_s,
+                "images_per_second": seen / train_s if train_s > 0 else None,
+                "steps": steps,
+                "train_time": self.train_time,
+                "wall_time": self.wall_time,
+                "input_hw": list(self.data.shape[1:]),
+            }
             m.update(self._step_cost())
             before = [a.decision() for a in self.algorithms]
             self.state.epoch = epoch + 1
@@ -175,9 +212,12 @@ class Trainer:
                 self._switch(changed, initial=False)
             self.history.append(m)
             if self.progress:
-                print(f"{self.name} epoch {epoch + 1}: loss {m['train_loss']:.4f} train {m['train_acc']:.4f} "
-                      f"test {test_acc:.4f} ({train_s:.1f}s train, {eval_s:.1f}s eval, "
-                      f"{m['images_per_second']:.0f} img/s)", file=sys.stderr)
+                print(
+                    f"{self.name} epoch {epoch + 1}: loss {m['train_loss']:.4f} train {m['train_acc']:.4f} "
+                    f"test {test_acc:.4f} ({train_s:.1f}s train, {eval_s:.1f}s eval, "
+                    f"{m['images_per_second']:.0f} img/s)",
+                    file=sys.stderr,
+                )
                 for d in decisions:
                     print(f"  [{d['controller']}] {d['action']}: {d['why']}", file=sys.stderr)
             if self.run_dir:
@@ -188,16 +228,22 @@ class Trainer:
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
         atomic_write_text(self.run_dir / "metrics.jsonl", lines)
         if self.checkpoints:
-            meta = {"epoch": epoch, "history": self.history, "train_time": self.train_time,
-                    "wall_time": self.wall_time, "seed": self.seed, "batch_size": self.batch_size,
-                    "variant": getattr(self.engine, "variant_name", "base"),
-                    "controllers": {a.name: a.state_dict() for a in self.algorithms},
-                    "data_position": {"next_epoch": epoch + 1, "next_step": 0}}
+            meta = {
+                "epoch": epoch,
+                "history": self.history,
+                "train_time": self.train_time,
+                "wall_time": self.wall_time,
+                "seed": self.seed,
+                "batch_size": self.batch_size,
+                "variant": getattr(self.engine, "variant_name", "base"),
+                "controllers": {a.name: a.state_dict() for a in self.algorithms},
+                "data_position": {"next_epoch": epoch + 1, "next_step": 0},
+            }
             ckpt.save(self.run_dir, self.engine.state_arrays(), meta)
 
     def _step_cost(self) -> dict:
         """Cost-model FLOPs and bytes of one training step of the variant that ran this epoch
-        (reuse nodes at their remain-ratio-1 bound; the reuse controller reports its savings)."""
+        (custom nodes at their passes' compile-time cost bound)."""
         art = getattr(self.engine, "artifacts", None)
         if art is None:
             return {}
@@ -215,10 +261,15 @@ class Trainer:
         h = self.history
         best = max(h, key=lambda m: m["test_acc"]) if h else None
         return {
-            "config": self.name, "epochs": len(h), "batch_size": self.batch_size, "seed": self.seed,
+            "config": self.name,
+            "epochs": len(h),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
             "final_test_acc": h[-1]["test_acc"] if h else None,
-            "best_test_acc": best["test_acc"] if best else None, "best_epoch": best["epoch"] if best else None,
-            "train_time": self.train_time, "wall_time": self.wall_time,
+            "best_test_acc": best["test_acc"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "train_time": self.train_time,
+            "wall_time": self.wall_time,
             "mean_images_per_second": float(np.mean([m["images_per_second"] for m in h])) if h else None,
             "decisions": [d for m in h for d in m.get("decisions", [])],
             "controllers": {a.name: a.report() for a in self.algorithms},
@@ -229,14 +280,22 @@ class Trainer:
 def machine_info() -> dict:
     import onnxruntime
     import torch
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def plot_run(history: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     t = [m["train_time"] for m in history]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     ax[0].plot(t, [m["train_loss"] for m in history], "o-", label="train loss")
@@ -263,7 +322,9 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path:
         raise AccelcError(f"run directory '{run_dir}' is a file")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not force:
-            raise AccelcError(f"run directory '{run_dir}' is not empty (use --resume to continue or --force to replace)")
+            raise AccelcError(
+                f"run directory '{run_dir}' is not empty (use --resume to continue or --force to replace)"
+            )
         shutil.rmtree(run_dir)
     if not run_dir.parent.exists():
         raise AccelcError(f"folder '{run_dir.parent}' does not exist")
@@ -276,13 +337,26 @@ def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path:
     return run_dir
 
 
-def train(artifact_dir, data: str = "synthetic", epochs: int = 3, batch_size: int = 64, run_dir="run",
-          config: ExecConfig | None = None, seed: int = 0, resume: bool = False, lr: float | None = None,
-          train_limit: int | None = None, test_limit: int | None = None, force: bool = False,
-          progress: bool = True, algorithms: list | None = None) -> dict:
+def train(
+    artifact_dir,
+    data: str = "synthetic",
+    epochs: int = 3,
+    batch_size: int = 64,
+    run_dir="run",
+    config: ExecConfig | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    lr: float | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+    algorithms: list | None = None,
+) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
     ``algorithms`` default to those the artifacts' plan asks for."""
     from .session import TrainingSession
+
     config = config or ExecConfig()
     session = TrainingSession(artifact_dir, config, lr=lr)
     ds = load_data(data, session.info.input_shape, session.info.num_classes, train_limit, test_limit)
@@ -291,15 +365,22 @@ def train(artifact_dir, data: str = "synthetic", epochs: int = 3, batch_size: in
     created = not Path(run_dir).exists()
     rd = prepare_run_dir(run_dir, resume, force)
     try:
-        trainer = Trainer(session, ds, rd, epochs, batch_size, seed, algorithms, resume=resume, progress=progress,
-                          name="ort")
+        trainer = Trainer(
+            session, ds, rd, epochs, batch_size, seed, algorithms, resume=resume, progress=progress, name="ort"
+        )
     except BaseException:
         if created and not any(rd.iterdir()):
             rd.rmdir()
         raise
     summary = trainer.run()
-    summary.update({"artifacts": Path(artifact_dir).name, "data": data.split(":")[0], "device": config.device,
-                    "machine": machine_info()})
+    summary.update(
+        {
+            "artifacts": Path(artifact_dir).name,
+            "data": data.split(":")[0],
+            "device": config.device,
+            "machine": machine_info(),
+        }
+    )
     atomic_write_text(rd / "summary.json", json.dumps(summary, indent=1))
     if trainer.history:
         plot_run(trainer.history, rd / "curves.png", f"accelc train — {Path(artifact_dir).name}")

@@ -51,6 +51,7 @@ def rel_err(a, b):
 @pytest.fixture
 def mixed_model(tmp_path):
     import accelc
+
     torch.manual_seed(0)
     m = MixedNet()
     path = tmp_path / "mixed.onnx"
@@ -62,6 +63,7 @@ def export_test_model(name, path):
     """Export zoo model ``name`` or, for "mixed", MixedNet (seeded) to ``path``; returns (module, shape)."""
     import accelc
     from accelc.compiler.export import zoo_module
+
     if name == "mixed":
         torch.manual_seed(0)
         m, shape = MixedNet(), (3, 16, 16)

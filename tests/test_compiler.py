@@ -1,4 +1,5 @@
 """Compiler foundation: --passes none equals plain generate_artifacts, cost model, inspect, errors."""
+
 import json
 import os
 import subprocess
@@ -18,10 +19,24 @@ def _structure(m: onnx.ModelProto):
     g = m.graph
     # ORT's gradient builder writes node attributes in no fixed order (two plain runs differ), so
     # attributes are compared as a name-sorted list; everything else is compared as serialised.
-    return ([(n.op_type, n.domain, n.name, list(n.input), list(n.output), n.doc_string,
-              sorted((a.name, a.SerializeToString()) for a in n.attribute)) for n in g.node],
-            [i.SerializeToString() for i in g.input], [o.SerializeToString() for o in g.output],
-            [t.SerializeToString() for t in g.initializer], [(o.domain, o.version) for o in m.opset_import])
+    return (
+        [
+            (
+                n.op_type,
+                n.domain,
+                n.name,
+                list(n.input),
+                list(n.output),
+                n.doc_string,
+                sorted((a.name, a.SerializeToString()) for a in n.attribute),
+            )
+            for n in g.node
+        ],
+        [i.SerializeToString() for i in g.input],
+        [o.SerializeToString() for o in g.output],
+        [t.SerializeToString() for t in g.initializer],
+        [(o.domain, o.version) for o in m.opset_import],
+    )
 
 
 @pytest.mark.parametrize("model", ["cnn3-small", "vgg"])
@@ -29,15 +44,20 @@ def test_passes_none_is_plain_generate_artifacts(tmp_path, model):
     # Each in a fresh process: ORT numbers generated names (onnx::loss::N) with a process-wide counter.
     export_zoo(model, tmp_path / "m.onnx")
     assert run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "art", "--no-opt").returncode == 0
-    code = ("import sys; from accelc.compiler.artifacts import ort_generate; "
-            "from accelc.compiler.model import load_model; ort_generate(load_model(sys.argv[1]), sys.argv[2])")
+    code = (
+        "import sys; from accelc.compiler.artifacts import ort_generate; "
+        "from accelc.compiler.model import load_model; ort_generate(load_model(sys.argv[1]), sys.argv[2])"
+    )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx"), str(tmp_path / "plain")], check=True)
     for f in ("training_model.onnx", "optimizer_model.onnx"):
         ours, plain = onnx.load(str(tmp_path / "art" / f)), onnx.load(str(tmp_path / "plain" / f))
         assert _structure(ours) == _structure(plain), f
         assert ours.ir_version <= 10
     assert (tmp_path / "art" / "checkpoint").read_bytes() == (tmp_path / "plain" / "checkpoint").read_bytes()
-    ours, plain = onnx.load(str(tmp_path / "art" / "eval_model.onnx")), onnx.load(str(tmp_path / "plain" / "eval_model.onnx"))
+    ours, plain = (
+        onnx.load(str(tmp_path / "art" / "eval_model.onnx")),
+        onnx.load(str(tmp_path / "plain" / "eval_model.onnx")),
+    )
     if model == "cnn3-small":  # no BatchNorm: the eval model is untouched too
         assert _structure(ours) == _structure(plain)
     else:  # the only difference: BatchNorm nodes use running statistics
@@ -49,6 +69,7 @@ def test_passes_none_is_plain_generate_artifacts(tmp_path, model):
 
 def test_artifacts_load_in_plain_ort_training_api(tmp_path):
     from onnxruntime.training import api
+
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art")
     d = tmp_path / "art"
@@ -92,18 +113,30 @@ def test_report_json(tmp_path):
     on_disk = json.loads((tmp_path / "art" / "report.json").read_text())
     assert on_disk["input"]["sha256"] == rep["input"]["sha256"] and len(rep["input"]["sha256"]) == 64
     assert on_disk["options"] == {"loss": "cross_entropy", "optimizer": "adamw", "lr": 0.001, "batch_size": 64}
-    assert on_disk["costs"]["before"]["phases"]["backward"]["flops"] > on_disk["costs"]["before"]["phases"]["forward"]["flops"]
+    assert (
+        on_disk["costs"]["before"]["phases"]["backward"]["flops"]
+        > on_disk["costs"]["before"]["phases"]["forward"]["flops"]
+    )
     assert str(tmp_path) not in (tmp_path / "art" / "report.json").read_text()  # no absolute paths
     assert any("IR version" in f for f in on_disk["fixups"])
 
 
 def test_folded_batchnorm_is_reported(tmp_path):
     import torch
+
     from accelc.compiler.export import zoo_module
+
     m, shape = zoo_module("vgg")
     m.eval()
-    torch.onnx.export(m, torch.zeros(1, *shape), str(tmp_path / "folded.onnx"), input_names=["input"],
-                      output_names=["output"], dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, dynamo=False)
+    torch.onnx.export(
+        m,
+        torch.zeros(1, *shape),
+        str(tmp_path / "folded.onnx"),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "N"}, "output": {0: "N"}},
+        dynamo=False,
+    )
     r = run_cli("compile", tmp_path / "folded.onnx", "-o", tmp_path / "art")
     assert "folded" in r.stderr or "eval mode" in r.stderr, r.stderr
 

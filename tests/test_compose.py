@@ -1,10 +1,11 @@
 """All passes composed: order, one schedule for every controller, the standard bench report."""
+
 import json
 
 import onnx
 import pytest
 
-from conftest import export_test_model, run_cli
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def test_a_skipped_reused_layer_loses_its_backward(small32, tmp_path):
     from accelc.passes.reuse.algorithm import Reuse
     from accelc.passes.skip.algorithm import LarsSkip
     from accelc.runtime.algorithm import Schedule
+
     r = run_cli("compile", small32 / "m.onnx", "--passes", "reuse,skip", "-o", tmp_path / "art")
     assert r.returncode == 0, r.stderr
     art, _ = load_artifacts(tmp_path / "art")
@@ -62,12 +64,40 @@ def test_end_to_end_every_controller_acts(small32, tmp_path):
     """Tiny model, synthetic data, all passes, 4 epochs: the low-resolution stage first, then a
     rescale switch; reuse active, then switched off by its strategy; at least one skip decision;
     training still learns."""
-    r = run_cli("compile", small32 / "m.onnx", "--passes", "rescale,reuse,skip", "--reuse-strategy", "off",
-                "--reuse-plateau", "0.5", "--skip-tau-mode", "absolute", "--skip-tau", "0.015",
-                "--skip-policy", "prefix", "-o", tmp_path / "art")
+    r = run_cli(
+        "compile",
+        small32 / "m.onnx",
+        "--passes",
+        "rescale,reuse,skip",
+        "--reuse-strategy",
+        "off",
+        "--reuse-plateau",
+        "0.5",
+        "--skip-tau-mode",
+        "absolute",
+        "--skip-tau",
+        "0.015",
+        "--skip-policy",
+        "prefix",
+        "-o",
+        tmp_path / "art",
+    )
     assert r.returncode == 0, r.stderr
-    r = run_cli("train", tmp_path / "art", "--data", "synthetic:1000", "--epochs", "4", "--batch-size", "50",
-                "--lr", "0.003", "-o", tmp_path / "run", "-q")
+    r = run_cli(
+        "train",
+        tmp_path / "art",
+        "--data",
+        "synthetic:1000",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "50",
+        "--lr",
+        "0.003",
+        "-o",
+        tmp_path / "run",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     hist = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     acts = {(d["controller"], d["action"]) for m in hist for d in m["decisions"]}
@@ -85,8 +115,10 @@ def test_reuse_variants_of_a_fixed_skip_set(small32, tmp_path):
     its other settings and switch reuse off (c2 keeps a reused, then exact, forward)."""
     from accelc.compiler.artifact_dir import load_artifacts
     from accelc.passes.reuse.rewrite import reuse_variant, reused_layers
-    r = run_cli("compile", small32 / "m.onnx", "--passes", "reuse,skip", "--skip-layers", "c1,c2",
-                "-o", tmp_path / "art")
+
+    r = run_cli(
+        "compile", small32 / "m.onnx", "--passes", "reuse,skip", "--skip-layers", "c1,c2", "-o", tmp_path / "art"
+    )
     assert r.returncode == 0, r.stderr
     art, _ = load_artifacts(tmp_path / "art")
     ops = {n.op_type for n in art.training.graph.node}

@@ -1,11 +1,12 @@
 """Baseline fidelity: 20 ORT training steps equal torch eager's losses (SGD and AdamW), and the
 variant swap carries parameters and optimizer state exactly."""
+
 import numpy as np
 import pytest
 
 import accelc
-from accelc.compiler.export import export_zoo, zoo_module
 from accelc.compiler.artifact_dir import load_artifacts
+from accelc.compiler.export import export_zoo, zoo_module
 from accelc.runtime.algorithm import Algorithm
 from accelc.runtime.data import synthetic
 from accelc.runtime.session import TrainingSession
@@ -43,6 +44,7 @@ def test_batchnorm_model_steps_match_torch(tmp_path, optimizer):
     Here torch's weights are set to ORT's before every step; loss, update and the BatchNorm running
     statistics (carried by each side on its own) must agree for 20 steps."""
     import torch
+
     export_zoo("vgg", tmp_path / "m.onnx")
     lr = 0.02 if optimizer == "sgd" else 1e-3
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art", optimizer=optimizer, lr=lr)

@@ -1,4 +1,5 @@
 """Compiled artifacts give torch autograd's loss and gradients on the same weights and batch."""
+
 import copy
 
 import numpy as np
@@ -34,8 +35,9 @@ def check_against_torch(module, onnx_path, art_dir, shape, batch=4, tol=1e-4):
     errs = {k: rel_err(grads[k], tgrads[k]) for k in tgrads}
     # relative 1e-4; gradients that are zero in exact arithmetic (a conv bias right before
     # BatchNorm) are compared absolutely: |a-b| <= 1e-4 |b| + 1e-6
-    bad = {k: e for k, e in errs.items()
-           if np.linalg.norm(grads[k] - tgrads[k]) > tol * np.linalg.norm(tgrads[k]) + 1e-6}
+    bad = {
+        k: e for k, e in errs.items() if np.linalg.norm(grads[k] - tgrads[k]) > tol * np.linalg.norm(tgrads[k]) + 1e-6
+    }
     assert not bad, bad
     return errs
 
@@ -67,6 +69,7 @@ def test_export_keeps_batchnorm_and_running_stats(tmp_path):
     before = {k: v.clone() for k, v in module.state_dict().items()}
     path = accelc.export(module, torch.zeros(2, *shape), tmp_path / "v.onnx")
     import onnx
+
     m = onnx.load(str(path))
     assert sum(n.op_type == "BatchNormalization" for n in m.graph.node) == 6
     for k, v in module.state_dict().items():

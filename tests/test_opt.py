@@ -1,4 +1,5 @@
 """opt pass: ReluGrad rewrite is exact (loss and gradients equal the unrewritten graph to 1e-5)."""
+
 import numpy as np
 import onnx
 import pytest
@@ -18,8 +19,12 @@ def test_relu_grad_rewrite_is_exact(name, tmp_path):
     assert [p["name"] for p in rep["passes"]] == ["opt"] and not plain["passes"]
     g = onnx.load(str(tmp_path / "opt" / "training_model.onnx")).graph
     assert not any(n.op_type == "ReluGrad" for n in g.node)
-    tagged = [n for n in g.node if any(p.key == "accelc.pass" and p.value == "opt" for p in n.metadata_props)
-              and n.op_type in ("Greater", "Cast", "Mul")]
+    tagged = [
+        n
+        for n in g.node
+        if any(p.key == "accelc.pass" and p.value == "opt" for p in n.metadata_props)
+        and n.op_type in ("Greater", "Cast", "Mul")
+    ]
     relu_changes = [c for c in rep["passes"][0]["changes"] if "ReluGrad" in c["summary"]]
     assert len(tagged) == 3 * len(relu_changes) > 0
     rng = np.random.default_rng(0)
@@ -41,6 +46,7 @@ def test_conv_onednn_runs_the_same_mathematics(name, tmp_path):
     flip its mask under last-bit differences, which is not an error of either kernel.)"""
     import onnxruntime as ort
     from onnx import helper
+
     m, shape = export_test_model(name, tmp_path / "m.onnx")
     accelc.compile(tmp_path / "m.onnx", tmp_path / "opt")
     g = onnx.load(str(tmp_path / "opt" / "training_model.onnx")).graph
@@ -63,15 +69,21 @@ def test_conv_onednn_runs_the_same_mathematics(name, tmp_path):
         del node.metadata_props[:]
         outs = [o for o in node.output if o and o in env]
         ins = [i for i in node.input if i]
-        graph = helper.make_graph([node], "one", [helper.make_tensor_value_info(i, 1, None) for i in ins],
-                                  [helper.make_tensor_value_info(o, 1, None) for o in outs])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                        helper.make_opsetid("com.microsoft", 1)])
+        graph = helper.make_graph(
+            [node],
+            "one",
+            [helper.make_tensor_value_info(i, 1, None) for i in ins],
+            [helper.make_tensor_value_info(o, 1, None) for o in outs],
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        )
         model.ir_version = 10
         so = ort.SessionOptions()
         so.log_severity_level = 3
         ref = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
-            outs, {i: env[i].numpy() for i in ins})
+            outs, {i: env[i].numpy() for i in ins}
+        )
         for o, r in zip(outs, ref):
             got = env[o].numpy()
             assert np.linalg.norm(got - r) <= 1e-5 * np.linalg.norm(r) + 1e-7, (nd.node.name, o)
@@ -82,15 +94,24 @@ def test_bool_tensors_cross_segment_boundaries(tmp_path):
     is read by DropoutGrad in another."""
     import torch
     from torch import nn
+
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.3), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 10),
+    )
     accelc.export(net, torch.zeros(2, 1, 8, 8), tmp_path / "d.onnx")
     accelc.compile(tmp_path / "d.onnx", tmp_path / "art")
     s = TrainingSession(tmp_path / "art")
     assert s.runner is not None
     rng = np.random.default_rng(0)
-    loss, grads, _ = s.compute_gradients(rng.standard_normal((4, 1, 8, 8)).astype(np.float32),
-                                         rng.integers(0, 10, 4).astype(np.int64))
+    loss, grads, _ = s.compute_gradients(
+        rng.standard_normal((4, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 4).astype(np.int64)
+    )
     assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in grads.values())
     assert any(seg["bool"] for seg in s.runner.segments)  # a mask did cross a boundary

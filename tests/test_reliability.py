@@ -1,5 +1,6 @@
 """Reliability: every bad input gets one line and exit 2 with nothing left behind; a seeded fuzz
 of mutated models; kill -9 during compile leaves a complete output or none."""
+
 import json
 import os
 import random
@@ -19,25 +20,43 @@ from conftest import ACCELC, run_cli
 
 def _tiny(tmp_path, name="m.onnx", **kw):
     """A small valid model built by hand: Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm."""
-    x = helper.make_tensor_value_info(kw.get("input_name", "input"), TensorProto.FLOAT, kw.get("in_shape", ["N", 1, 8, 8]))
+    x = helper.make_tensor_value_info(
+        kw.get("input_name", "input"), TensorProto.FLOAT, kw.get("in_shape", ["N", 1, 8, 8])
+    )
     y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal(kw.get("w_shape", (4, 1, 3, 3))).astype(np.float32), kw.get("w_name", "conv.weight"))
+    w = numpy_helper.from_array(
+        rng.standard_normal(kw.get("w_shape", (4, 1, 3, 3))).astype(np.float32), kw.get("w_name", "conv.weight")
+    )
     fw = numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "fc.weight")
-    nodes = [helper.make_node(kw.get("conv_op", "Conv"), [x.name, w.name], ["c"], name="conv", pads=[1, 1, 1, 1],
-                              domain=kw.get("domain", "")),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
-             helper.make_node("Flatten", ["p"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "fc.weight"], ["output"], name="fc", transB=1)]
+    nodes = [
+        helper.make_node(
+            kw.get("conv_op", "Conv"),
+            [x.name, w.name],
+            ["c"],
+            name="conv",
+            pads=[1, 1, 1, 1],
+            domain=kw.get("domain", ""),
+        ),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc.weight"], ["output"], name="fc", transB=1),
+    ]
     inits = [w, fw]
     if kw.get("no_params"):
-        nodes = [helper.make_node("Relu", [x.name], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-                 helper.make_node("Flatten", ["p"], ["output"])]
+        nodes = [
+            helper.make_node("Relu", [x.name], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["output"]),
+        ]
         inits = []
     g = helper.make_graph(nodes, "tiny", [x], [y], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)] +
-                          ([helper.make_opsetid(kw["domain"], 1)] if kw.get("domain") else []))
+    m = helper.make_model(
+        g,
+        opset_imports=[helper.make_opsetid("", 17)]
+        + ([helper.make_opsetid(kw["domain"], 1)] if kw.get("domain") else []),
+    )
     p = tmp_path / name
     p.write_bytes(m.SerializeToString())
     return p
@@ -56,14 +75,17 @@ def test_tiny_model_compiles(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("case,kw,needle", [
-    ("no_params", {"no_params": True}, "trainable"),
-    ("no_batch_dim", {"in_shape": [1, 8, 8]}, "shape"),
-    ("neg_dim", {"in_shape": ["N", 1, -8, 8]}, "positive"),
-    ("zero_dim", {"in_shape": ["N", 0, 8, 8]}, "positive"),
-    ("unknown_domain", {"domain": "com.example", "conv_op": "FancyConv"}, "com.example"),
-    ("unsupported_op", {"conv_op": "NonMaxSuppression"}, "NonMaxSuppression"),
-])
+@pytest.mark.parametrize(
+    "case,kw,needle",
+    [
+        ("no_params", {"no_params": True}, "trainable"),
+        ("no_batch_dim", {"in_shape": [1, 8, 8]}, "shape"),
+        ("neg_dim", {"in_shape": ["N", 1, -8, 8]}, "positive"),
+        ("zero_dim", {"in_shape": ["N", 0, 8, 8]}, "positive"),
+        ("unknown_domain", {"domain": "com.example", "conv_op": "FancyConv"}, "com.example"),
+        ("unsupported_op", {"conv_op": "NonMaxSuppression"}, "NonMaxSuppression"),
+    ],
+)
 def test_bad_models(tmp_path, case, kw, needle):
     out = tmp_path / "o"
     r = run_cli("compile", _tiny(tmp_path, **kw), "-o", out)
@@ -102,8 +124,14 @@ def test_external_data_outside_folder_is_refused(tmp_path):
 def test_external_data_inside_folder_works(tmp_path):
     p = _tiny(tmp_path)
     m = onnx.load(str(p))
-    onnx.save_model(m, str(tmp_path / "ext.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="ext.data", size_threshold=0)
+    onnx.save_model(
+        m,
+        str(tmp_path / "ext.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.data",
+        size_threshold=0,
+    )
     r = run_cli("compile", tmp_path / "ext.onnx", "-o", tmp_path / "o")
     assert r.returncode == 0, r.stderr
 
@@ -203,7 +231,10 @@ def test_seeded_fuzz_compile_and_inspect(tmp_path):
                 stats["accepted"] += 1
         if out.exists():
             files = set(os.listdir(out))
-            if not {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "report.json"} <= files:
+            if (
+                not {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "report.json"}
+                <= files
+            ):
                 stats["partial_outputs"] += 1
         stats["partial_outputs"] += len([f for f in os.listdir(tmp_path) if f.startswith(f".o{i}.")])
     print("fuzz", stats)
@@ -216,14 +247,22 @@ def test_kill_during_compile_leaves_complete_or_nothing(tmp_path):
     outcomes = {"complete": 0, "absent": 0}
     for i in range(20):
         out = tmp_path / f"o{i}"
-        p = subprocess.Popen(ACCELC + ["compile", str(tmp_path / "m.onnx"), "-o", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            ACCELC + ["compile", str(tmp_path / "m.onnx"), "-o", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.5, 4.0))
         p.send_signal(signal.SIGKILL)
         p.wait()
         if out.exists():
-            assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint",
-                    "report.json"} <= set(os.listdir(out))
+            assert {
+                "training_model.onnx",
+                "eval_model.onnx",
+                "optimizer_model.onnx",
+                "checkpoint",
+                "report.json",
+            } <= set(os.listdir(out))
             json.loads((out / "report.json").read_text())
             assert run_cli("inspect", out).returncode == 0
             outcomes["complete"] += 1
@@ -232,7 +271,9 @@ def test_kill_during_compile_leaves_complete_or_nothing(tmp_path):
     export_zoo("cnn3-small", tmp_path / "s.onnx")
     leftovers = sorted({f[1:].split(".tmp-")[0] for f in os.listdir(tmp_path) if ".tmp-" in f})
     for name in leftovers:  # a later compile to the same path clears what killed runs left
-        assert run_cli("compile", tmp_path / "s.onnx", "-o", tmp_path / name, "--force", "--no-validate").returncode == 0
+        assert (
+            run_cli("compile", tmp_path / "s.onnx", "-o", tmp_path / name, "--force", "--no-validate").returncode == 0
+        )
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f], os.listdir(tmp_path)
     print("kill outcomes", outcomes)
     assert outcomes["complete"] + outcomes["absent"] == 20
@@ -253,6 +294,7 @@ def _avgpool_model(tmp_path):
             return self.fc(nn.functional.avg_pool2d(torch.relu(self.c(x)), 4).flatten(1))
 
     import accelc
+
     torch.manual_seed(0)
     accelc.export(AvgNet(), torch.zeros(2, 1, 16, 16), tmp_path / "avg.onnx")
     return tmp_path / "avg.onnx"
@@ -264,10 +306,13 @@ def _raw_avgpool_artifacts(tmp_path):
     import sys
 
     import accelc
+
     p = _avgpool_model(tmp_path)
     accelc.compile(p, tmp_path / "art")
-    code = ("import sys; from accelc.compiler.artifacts import ort_generate; "
-            "from accelc.compiler.model import load_model; ort_generate(load_model(sys.argv[1]), sys.argv[2])")
+    code = (
+        "import sys; from accelc.compiler.artifacts import ort_generate; "
+        "from accelc.compiler.model import load_model; ort_generate(load_model(sys.argv[1]), sys.argv[2])"
+    )
     subprocess.run([sys.executable, "-c", code, str(p), str(tmp_path / "raw")], check=True)
     m = onnx.load(str(tmp_path / "raw" / "training_model.onnx"))
     assert any(n.op_type == "AveragePoolGrad" for n in m.graph.node)
@@ -291,6 +336,7 @@ def test_native_crash_caught_by_validation(tmp_path):
     from accelc.compiler.artifact_dir import load_artifacts
     from accelc.compiler.errors import AccelcError
     from accelc.compiler.validation import validate
+
     art, _ = load_artifacts(_raw_avgpool_artifacts(tmp_path))
     with pytest.raises(AccelcError, match="crashed \\(SIGFPE\\)"):
         validate(art)
@@ -307,8 +353,20 @@ def test_native_crash_in_training_is_reported_not_silent(tmp_path):
 def test_nan_loss_stops_with_epoch_and_step(tmp_path):
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     assert run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "art").returncode == 0
-    r = run_cli("train", tmp_path / "art", "--data", "synthetic:512", "--epochs", "2", "--batch-size", "32",
-                "--lr", "1e12", "-o", tmp_path / "run")
+    r = run_cli(
+        "train",
+        tmp_path / "art",
+        "--data",
+        "synthetic:512",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e12",
+        "-o",
+        tmp_path / "run",
+    )
     assert r.returncode == 2, r.stderr
     assert "loss became" in r.stderr and "epoch 1, step" in r.stderr and "Traceback" not in r.stderr
 
@@ -367,6 +425,7 @@ def test_checkpoints_are_never_unpickled(tmp_path):
     """A checkpoint holding a pickled object array is refused, not executed."""
     from accelc.compiler.errors import AccelcError
     from accelc.runtime import checkpoint
+
     np.savez(tmp_path / "checkpoint-0000.npz", evil=np.array([{"a": 1}], dtype=object))
     (tmp_path / "checkpoint.json").write_text(json.dumps({"epoch": 0, "arrays": "checkpoint-0000.npz"}))
     with pytest.raises(AccelcError, match="unreadable"):

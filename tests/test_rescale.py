@@ -1,5 +1,6 @@
 """rescale pass: identity at s=1, the spatial scaling property, down/up round trip, response kept,
 and a flatten->Gemm model trains through the switch."""
+
 import json
 
 import numpy as np
@@ -9,8 +10,16 @@ import torch.nn.functional as F
 
 import accelc
 from accelc.compiler.export import export_zoo
-from accelc.passes.rescale.rewrite import (down_param, kernel_down_matrix, kernel_up_matrix, map_down_matrix,
-                                   map_up_matrix, resample_kernel, small_size, up_param)
+from accelc.passes.rescale.rewrite import (
+    down_param,
+    kernel_down_matrix,
+    kernel_up_matrix,
+    map_down_matrix,
+    map_up_matrix,
+    resample_kernel,
+    small_size,
+    up_param,
+)
 
 from conftest import run_cli
 
@@ -18,8 +27,11 @@ from conftest import run_cli
 def smooth_image(n=64, seed=0, fmax=2.5):
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:n, 0:n] / n
-    img = sum(rng.uniform(0.5, 1) * np.sin(2 * np.pi * (rng.uniform(0.5, fmax) * x + rng.uniform(0.5, fmax) * y)
-                                            + rng.uniform(0, 6)) for _ in range(4))
+    img = sum(
+        rng.uniform(0.5, 1)
+        * np.sin(2 * np.pi * (rng.uniform(0.5, fmax) * x + rng.uniform(0.5, fmax) * y) + rng.uniform(0, 6))
+        for _ in range(4)
+    )
     return torch.tensor(img, dtype=torch.float32)[None, None]
 
 
@@ -40,7 +52,9 @@ def test_factor_one_is_identity(tmp_path):
         assert np.allclose(kernel_down_matrix(k, 1), np.eye(k)) and np.allclose(kernel_up_matrix(k, 1), np.eye(k))
     assert np.allclose(map_down_matrix(8, 1), np.eye(8)) and np.allclose(map_up_matrix(8, 1), np.eye(8))
     export_zoo("largekernel", tmp_path / "m.onnx")
-    rep = accelc.compile(tmp_path / "m.onnx", tmp_path / "a", passes=["rescale"], pass_options={"rescale": {"factor": "1"}})
+    rep = accelc.compile(
+        tmp_path / "m.onnx", tmp_path / "a", passes=["rescale"], pass_options={"rescale": {"factor": "1"}}
+    )
     rec = [p for p in rep["passes"] if p["name"] == "rescale"][0]
     assert rec["modified"] is False and not (tmp_path / "a" / "stage-low").exists()
 
@@ -103,17 +117,29 @@ def test_down_then_up_returns_close_to_original(method):
 
 def test_low_resolution_stage_and_switch_through_gemm_head(tmp_path):
     export_zoo("largekernel", tmp_path / "m.onnx")
-    r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "a", "--passes", "rescale",
-                "--rescale-switch", "epoch:1")
+    r = run_cli(
+        "compile", tmp_path / "m.onnx", "-o", tmp_path / "a", "--passes", "rescale", "--rescale-switch", "epoch:1"
+    )
     assert r.returncode == 0, r.stderr
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())["controllers"][0]
     assert plan["input_hw"] == [32, 32] and plan["params"]["c1.weight"]["small"] == [32, 1, 5, 5]
     assert plan["params"]["fc.weight"]["kind"] == "gemm"
     import onnx
+
     ev = onnx.load(str(tmp_path / "a" / "stage-low" / "eval_model.onnx"))
     assert [d.dim_value for d in ev.graph.input[0].type.tensor_type.shape.dim][2:] == [32, 32]
-    r = run_cli("train", tmp_path / "a", "--data", "synthetic:256", "--epochs", "2", "--batch-size", "32",
-                "-o", tmp_path / "run")
+    r = run_cli(
+        "train",
+        tmp_path / "a",
+        "--data",
+        "synthetic:256",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "-o",
+        tmp_path / "run",
+    )
     assert r.returncode == 0, r.stderr
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["input_hw"] for m in lines] == [[32, 32], [64, 64]]

@@ -1,4 +1,5 @@
 """Adaptive deep reuse: kernels, exactness, the pass, the executor and the controller."""
+
 import json
 
 import numpy as np
@@ -12,11 +13,15 @@ from accelc.passes.reuse.kernels import backward_torch, cluster_torch, forward_t
 from accelc.passes.reuse.node import reuse_backward, reuse_forward
 from accelc.passes.reuse.spec import ConvGeom, ReuseSpec, make_planes
 from accelc.runtime.config import ExecConfig
+
 from conftest import export_test_model, rel_err, run_cli
 
 needs_native = pytest.mark.skipif(not reuse_native.available(), reason="no C compiler for the native kernels")
-GEOMS = [ConvGeom(5, 7, 3, 3, (1, 1), (1, 1, 1, 1)), ConvGeom(6, 4, 3, 3, (2, 2), (0, 1, 1, 0)),
-         ConvGeom(4, 5, 3, 2, (1, 2), (2, 1, 2, 1), (2, 1))]
+GEOMS = [
+    ConvGeom(5, 7, 3, 3, (1, 1), (1, 1, 1, 1)),
+    ConvGeom(6, 4, 3, 3, (2, 2), (0, 1, 1, 0)),
+    ConvGeom(4, 5, 3, 2, (1, 2), (2, 1, 2, 1), (2, 1)),
+]
 
 
 def _conv(x, w, b, geom):
@@ -194,6 +199,7 @@ def test_native_torch_and_portable_paths_agree(reuse_artifacts):
     """The same training step through accelc's native kernels, the torch kernels and the portable
     standard-op functions inside plain ORT: one loss, one set of gradients."""
     from accelc.runtime.session import TrainingSession
+
     rng = np.random.default_rng(0)
     shape = tuple(TrainingSession(reuse_artifacts / "art").info.input_shape[-3:])
     x = rng.standard_normal((16,) + shape).astype(np.float32)
@@ -214,6 +220,7 @@ def test_reuse_off_variant_is_the_plain_graph(reuse_artifacts):
     from accelc.compiler.artifact_dir import load_artifacts
     from accelc.passes.reuse.rewrite import reuse_variant
     from accelc.runtime.session import TrainingSession
+
     art, _ = load_artifacts(reuse_artifacts / "art")
     off = reuse_variant(art, {})
     assert not any(n.domain == "ai.accelc.reuse" for n in off.training.graph.node)
@@ -230,11 +237,32 @@ def test_reuse_off_variant_is_the_plain_graph(reuse_artifacts):
 
 
 def test_off_strategy_switches_and_reports(reuse_artifacts, tmp_path):
-    r = run_cli("compile", reuse_artifacts / "m.onnx", "--passes", "reuse", "--reuse-strategy", "off",
-                "--reuse-plateau", "0.9", "-o", tmp_path / "art")
+    r = run_cli(
+        "compile",
+        reuse_artifacts / "m.onnx",
+        "--passes",
+        "reuse",
+        "--reuse-strategy",
+        "off",
+        "--reuse-plateau",
+        "0.9",
+        "-o",
+        tmp_path / "art",
+    )
     assert r.returncode == 0, r.stderr
-    r = run_cli("train", tmp_path / "art", "--data", "synthetic:600", "--epochs", "3", "--batch-size", "50",
-                "-o", tmp_path / "run", "-q")
+    r = run_cli(
+        "train",
+        tmp_path / "art",
+        "--data",
+        "synthetic:600",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "50",
+        "-o",
+        tmp_path / "run",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     rep = s["controllers"]["reuse"]
@@ -246,8 +274,11 @@ def test_off_strategy_switches_and_reports(reuse_artifacts, tmp_path):
 
 
 def test_bad_reuse_options_are_one_line_errors(reuse_artifacts, tmp_path):
-    for args, msg in ((["--reuse-H", "40"], "1..20"), (["--reuse-layers", "nope"], "not a reusable layer"),
-                      (["--reuse-schedule", "12"], "L:H")):
+    for args, msg in (
+        (["--reuse-H", "40"], "1..20"),
+        (["--reuse-layers", "nope"], "not a reusable layer"),
+        (["--reuse-schedule", "12"], "L:H"),
+    ):
         r = run_cli("compile", reuse_artifacts / "m.onnx", "--passes", "reuse", *args, "-o", tmp_path / "x")
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / "x").exists()

@@ -1,22 +1,37 @@
 """The ONNX reference path of adaptive deep reuse (accelc.passes.reuse.onnx_form) against the torch
 reference (accelc.passes.reuse.kernels) run on the same cluster assignments."""
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-
 from onnx import TensorProto, helper
 
 from accelc.passes.reuse.kernels import backward_torch, cluster_torch, forward_torch, hash_buckets
-from accelc.passes.reuse.onnx_form import IR_VERSION, OPSET, backward_name, build_reuse_functions, forward_name, safe_name
+from accelc.passes.reuse.onnx_form import (
+    IR_VERSION,
+    OPSET,
+    backward_name,
+    build_reuse_functions,
+    forward_name,
+    safe_name,
+)
 from accelc.passes.reuse.spec import DOMAIN, ConvGeom, ReuseSpec, make_planes
 
 
-def reference_model(geom: ConvGeom, spec: ReuseSpec, in_hw: tuple, N: int | None = None, *,
-                    layer: str = "conv", domain: str = DOMAIN, product: str = "auto",
-                    scatter: str = "elements") -> onnx.ModelProto:
+def reference_model(
+    geom: ConvGeom,
+    spec: ReuseSpec,
+    in_hw: tuple,
+    N: int | None = None,
+    *,
+    layer: str = "conv",
+    domain: str = DOMAIN,
+    product: str = "auto",
+    scatter: str = "elements",
+) -> onnx.ModelProto:
     """A graph with one forward and one backward call: inputs X, W, B, planes, dY; outputs Y, dX,
     dW, dB, ids (int64 [G, N·P], ``g·T + key`` with ``T = S·2^H``). ``N=None``: dynamic batch."""
     fwd, bwd = build_reuse_functions(layer, geom, spec, in_hw, domain, product=product, scatter=scatter)
@@ -25,27 +40,41 @@ def reference_model(geom: ConvGeom, spec: ReuseSpec, in_hw: tuple, N: int | None
     G = spec.chunks(geom.K)
     n = N if N is not None else "N"
     f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("X", f32, [n, geom.C, h, w]),
-              helper.make_tensor_value_info("W", f32, [geom.Co, geom.C, geom.kh, geom.kw]),
-              helper.make_tensor_value_info("B", f32, [geom.Co]),
-              helper.make_tensor_value_info("planes", f32, [G, spec.L, spec.H]),
-              helper.make_tensor_value_info("dY", f32, [n, geom.Co, ho, wo])]
-    outputs = [helper.make_tensor_value_info("Y", f32, [n, geom.Co, ho, wo]),
-               helper.make_tensor_value_info("dX", f32, [n, geom.C, h, w]),
-               helper.make_tensor_value_info("dW", f32, [geom.Co, geom.C, geom.kh, geom.kw]),
-               helper.make_tensor_value_info("dB", f32, [geom.Co]),
-               helper.make_tensor_value_info("ids", TensorProto.INT64,
-                                             [G, N * ho * wo if N is not None else "NP"])]
-    nodes = [helper.make_node(fwd.name, ["X", "W", "B", "planes"], ["Y", "ids", "centroids", "counts"],
-                              name=layer, domain=domain),
-             helper.make_node(bwd.name, ["dY", "X", "W", "ids", "centroids", "counts"], ["dX", "dW", "dB"],
-                              name=f"{layer}.grad", domain=domain)]
+    inputs = [
+        helper.make_tensor_value_info("X", f32, [n, geom.C, h, w]),
+        helper.make_tensor_value_info("W", f32, [geom.Co, geom.C, geom.kh, geom.kw]),
+        helper.make_tensor_value_info("B", f32, [geom.Co]),
+        helper.make_tensor_value_info("planes", f32, [G, spec.L, spec.H]),
+        helper.make_tensor_value_info("dY", f32, [n, geom.Co, ho, wo]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("Y", f32, [n, geom.Co, ho, wo]),
+        helper.make_tensor_value_info("dX", f32, [n, geom.C, h, w]),
+        helper.make_tensor_value_info("dW", f32, [geom.Co, geom.C, geom.kh, geom.kw]),
+        helper.make_tensor_value_info("dB", f32, [geom.Co]),
+        helper.make_tensor_value_info("ids", TensorProto.INT64, [G, N * ho * wo if N is not None else "NP"]),
+    ]
+    nodes = [
+        helper.make_node(
+            fwd.name, ["X", "W", "B", "planes"], ["Y", "ids", "centroids", "counts"], name=layer, domain=domain
+        ),
+        helper.make_node(
+            bwd.name,
+            ["dY", "X", "W", "ids", "centroids", "counts"],
+            ["dX", "dW", "dB"],
+            name=f"{layer}.grad",
+            domain=domain,
+        ),
+    ]
     graph = helper.make_graph(nodes, f"reuse_reference_{safe_name(layer)}", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(domain, 1)],
-                              functions=[fwd, bwd], producer_name="accelc-tests")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(domain, 1)],
+        functions=[fwd, bwd],
+        producer_name="accelc-tests",
+    )
     model.ir_version = IR_VERSION
     return model
-
 
 
 def _session(model, threads=2):
@@ -57,11 +86,13 @@ def _session(model, threads=2):
 def _inputs(geom, spec, in_hw, N, seed):
     rng = np.random.default_rng(seed)
     ho, wo = geom.out_hw(*in_hw)
-    return dict(X=(rng.standard_normal((N, geom.C, *in_hw)) + 0.5).astype(np.float32),
-                W=rng.standard_normal((geom.Co, geom.C, geom.kh, geom.kw)).astype(np.float32),
-                B=rng.standard_normal(geom.Co).astype(np.float32),
-                planes=make_planes(spec.chunks(geom.K), spec.L, spec.H, seed + 1),
-                dY=rng.standard_normal((N, geom.Co, ho, wo)).astype(np.float32))
+    return dict(
+        X=(rng.standard_normal((N, geom.C, *in_hw)) + 0.5).astype(np.float32),
+        W=rng.standard_normal((geom.Co, geom.C, geom.kh, geom.kw)).astype(np.float32),
+        B=rng.standard_normal(geom.Co).astype(np.float32),
+        planes=make_planes(spec.chunks(geom.K), spec.L, spec.H, seed + 1),
+        dY=rng.standard_normal((N, geom.Co, ho, wo)).astype(np.float32),
+    )
 
 
 def _run(geom, spec, in_hw, N=2, seed=0, threads=2, **kw):
@@ -113,14 +144,22 @@ C, CO, HW = 5, 7, (9, 8)
 CASES = {
     # name: geometry, spec
     "s1_pad1_L9_image_exact": (ConvGeom(C, CO, 3, 3, pads=(1, 1, 1, 1)), ReuseSpec(L=9, H=4)),
-    "s2_asym_L7_batch_cluster": (ConvGeom(C, CO, 3, 3, stride=(2, 2), pads=(1, 0, 2, 1)),
-                                 ReuseSpec(L=7, H=3, scope="batch", input_grad="cluster")),
-    "s2_asym_L4_image_cluster": (ConvGeom(C, CO, 3, 3, stride=(2, 2), pads=(0, 1, 1, 2)),
-                                 ReuseSpec(L=4, H=3, scope="image", input_grad="cluster")),
-    "s2_asym_L10_batch_exact": (ConvGeom(C, CO, 3, 3, stride=(2, 2), pads=(1, 0, 2, 1)),
-                                ReuseSpec(L=10, H=5, scope="batch", input_grad="exact")),
-    "dil_s21_L6_image_cluster": (ConvGeom(C, CO, 3, 3, stride=(2, 1), pads=(0, 2, 1, 0), dilation=(2, 1)),
-                                 ReuseSpec(L=6, H=4, scope="image", input_grad="cluster")),
+    "s2_asym_L7_batch_cluster": (
+        ConvGeom(C, CO, 3, 3, stride=(2, 2), pads=(1, 0, 2, 1)),
+        ReuseSpec(L=7, H=3, scope="batch", input_grad="cluster"),
+    ),
+    "s2_asym_L4_image_cluster": (
+        ConvGeom(C, CO, 3, 3, stride=(2, 2), pads=(0, 1, 1, 2)),
+        ReuseSpec(L=4, H=3, scope="image", input_grad="cluster"),
+    ),
+    "s2_asym_L10_batch_exact": (
+        ConvGeom(C, CO, 3, 3, stride=(2, 2), pads=(1, 0, 2, 1)),
+        ReuseSpec(L=10, H=5, scope="batch", input_grad="exact"),
+    ),
+    "dil_s21_L6_image_cluster": (
+        ConvGeom(C, CO, 3, 3, stride=(2, 1), pads=(0, 2, 1, 0), dilation=(2, 1)),
+        ReuseSpec(L=6, H=4, scope="image", input_grad="cluster"),
+    ),
     "nopad_L45_batch_exact": (ConvGeom(C, CO, 3, 3), ReuseSpec(L=45, H=6, scope="batch")),
 }
 

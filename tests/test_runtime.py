@@ -1,4 +1,5 @@
 """Runtime: accelc train end to end, kill -9 and --resume, data sources."""
+
 import gzip
 import json
 import os
@@ -25,8 +26,9 @@ def small_art(tmp_path_factory):
 
 
 def test_train_cli_writes_metrics_summary_plot_checkpoint(small_art, tmp_path):
-    r = run_cli("train", small_art, "--data", "synthetic:1024", "--epochs", "2", "--batch-size", "32",
-                "-o", tmp_path / "run")
+    r = run_cli(
+        "train", small_art, "--data", "synthetic:1024", "--epochs", "2", "--batch-size", "32", "-o", tmp_path / "run"
+    )
     assert r.returncode == 0, r.stderr
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2]
@@ -43,8 +45,20 @@ def test_train_cli_writes_metrics_summary_plot_checkpoint(small_art, tmp_path):
 
 
 def test_kill_and_resume_matches_uninterrupted(small_art, tmp_path):
-    args = ["train", str(small_art), "--data", "synthetic:2048", "--epochs", "3", "--batch-size", "32",
-            "--seed", "7", "--threads", "1"]
+    args = [
+        "train",
+        str(small_art),
+        "--data",
+        "synthetic:2048",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--seed",
+        "7",
+        "--threads",
+        "1",
+    ]
     ref = run_cli(*args, "-o", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "run"
@@ -97,12 +111,14 @@ def test_fashion_mnist_reader_and_resize(tmp_path):
     ds = load_data(f"fashion-mnist:{tmp_path}", (3, 32, 32), 10)
     assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (5, 3, 32, 32)
     from accelc.compiler.errors import AccelcError
+
     with pytest.raises(AccelcError, match="dataset-fashion-mnist"):
         load_data(f"fashion-mnist:{tmp_path / 'nope'}", (1, 28, 28), 10)
 
 
 def test_imagefolder(tmp_path):
     from PIL import Image
+
     for k, cls in enumerate(["cat", "dog"]):
         (tmp_path / cls).mkdir()
         for i in range(5):
@@ -113,8 +129,22 @@ def test_imagefolder(tmp_path):
 
 
 def test_bench_side_by_side(tmp_path):
-    r = run_cli("bench", "--model", "cnn3-small", "--data", "synthetic:256", "--epochs", "2", "--batch-size", "32",
-                "--configs", "torch,ort-noopt,ort,ort+skip[tau=1.5;policy=any]", "-o", tmp_path / "b", "-q")
+    r = run_cli(
+        "bench",
+        "--model",
+        "cnn3-small",
+        "--data",
+        "synthetic:256",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--configs",
+        "torch,ort-noopt,ort,ort+skip[tau=1.5;policy=any]",
+        "-o",
+        tmp_path / "b",
+        "-q",
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert list(rep["configs"]) == ["torch", "ort-noopt", "ort", "ort+skip[tau=1.5;policy=any]"]

@@ -1,6 +1,7 @@
 """skip pass: pruned gradients equal torch autograd with the same parameters frozen; skipped
 layers have no gradient nodes; an input-side prefix leaves no backward below it; the controller
 skips exactly the layers whose λ crossed τ."""
+
 import copy
 
 import numpy as np
@@ -70,8 +71,9 @@ def test_pruned_gradients_match_torch_frozen(name, tmp_path):
                 if n.op == "ConvGrad":
                     assert all(not o.name for o in n.outputs[1:])
                 else:  # Gemm gradient: only the input-gradient Gemm may remain
-                    assert all(not o.name.endswith("_grad") or o.name.split("_grad")[0] not in layer.params
-                               for o in n.outputs)
+                    assert all(
+                        not o.name.endswith("_grad") or o.name.split("_grad")[0] not in layer.params for o in n.outputs
+                    )
         # the plain ORT API loads the pruned artifacts (checkpoint marks them frozen)
         assert all(p not in tg.params for p in frozen)
 
@@ -92,6 +94,7 @@ def test_input_prefix_leaves_no_backward_below(tmp_path):
             assert not any(n.name.startswith(b + "/") or n.name.startswith(b + "_") for b in below), n.name
     # fewer backward FLOPs than the full graph, equal forward
     from accelc.compiler.cost import graph_costs
+
     full, pruned = graph_costs(training_graph(base)), graph_costs(tg)
     assert pruned["phases"]["forward"]["flops"] == full["phases"]["forward"]["flops"]
     assert pruned["phases"]["backward"]["flops"] < 0.8 * full["phases"]["backward"]["flops"]
@@ -99,10 +102,20 @@ def test_input_prefix_leaves_no_backward_below(tmp_path):
 
 def test_compile_fixed_skip_set_cli_and_plain_ort(tmp_path):
     from onnxruntime.training import api
+
     from conftest import run_cli
+
     _model("vgg", tmp_path)
-    r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "s", "--passes", "skip",
-                "--skip-layers", "features.0,features.3")
+    r = run_cli(
+        "compile",
+        tmp_path / "m.onnx",
+        "-o",
+        tmp_path / "s",
+        "--passes",
+        "skip",
+        "--skip-layers",
+        "features.0,features.3",
+    )
     assert r.returncode == 0, r.stderr
     d = tmp_path / "s"
     m = onnx.load(str(d / "training_model.onnx"))
@@ -159,6 +172,7 @@ def test_lars_values_match_numpy_and_controller_skips_crossers(tmp_path):
 def test_controller_end_to_end_skips_and_accounts(tmp_path):
     from accelc.runtime.data import synthetic
     from accelc.runtime.train import Trainer
+
     _model("vgg", tmp_path)
     accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], force=True)
     sess = TrainingSession(tmp_path / "inst")

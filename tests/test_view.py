@@ -1,4 +1,5 @@
 """accelc view serves the training graph through Netron on 127.0.0.1, and it renders in a browser."""
+
 import shutil
 import socket
 import subprocess
@@ -33,11 +34,16 @@ def _wait_port(port, timeout=30):
 @pytest.fixture
 def served(tmp_path):
     import accelc
+
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art")
     port = _free_port()
-    proc = subprocess.Popen(ACCELC + ["view", str(tmp_path / "art"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ACCELC + ["view", str(tmp_path / "art"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert _wait_port(port), proc.stderr.read() if proc.poll() is not None else "no server"
         yield port
@@ -60,10 +66,19 @@ def test_netron_renders_training_graph(served):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+
     opts = webdriver.ChromeOptions()
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--window-size=1200,900"):
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1200,900",
+    ):
         opts.add_argument(a)
     opts.binary_location = CHROMIUM
     d = webdriver.Chrome(service=Service(DRIVER), options=opts)
@@ -76,7 +91,8 @@ def test_netron_renders_training_graph(served):
                 if b.is_displayed() and b.text.strip() == "Accept":
                     b.click()
             texts = d.execute_script(
-                "return Array.from(document.querySelectorAll('g.node text')).map(t => t.textContent)")
+                "return Array.from(document.querySelectorAll('g.node text')).map(t => t.textContent)"
+            )
             if texts:
                 break
             time.sleep(0.3)

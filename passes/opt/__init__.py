@@ -18,6 +18,7 @@ com.microsoft::ReluGrad took 15.4% of the step, 27 ms of 177 ms, against 1.2 ms 
 Each rule is one small class (:mod:`accelc.passes.opt.rules`) in the style of onnxscript's
 rewriter: a pattern (the nodes it matches), a check, a rewrite.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -71,6 +72,7 @@ class OptPass(Pass):
         """Loss and every gradient of the rewritten graph equal the unrewritten one's (1e-5) on a
         random batch with random parameters."""
         import onnxruntime as ort  # heavy: loaded when the check runs
+
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(before.training.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -91,8 +93,16 @@ class OptPass(Pass):
 
 def _build_conv(node, ctx: BuildContext):
     from .onednn import OneDNNConv  # heavy: torch, loaded when a graph is run
+
     return OneDNNConv(node)
 
 
-register_kernel(KernelProvider(name="conv", implementations=(ENGINE,), claims=marked_for_onednn, build=_build_conv,
-                               summary="Conv/ConvGrad marked by opt's conv_onednn rule, on oneDNN (torch)"))
+register_kernel(
+    KernelProvider(
+        name="conv",
+        implementations=(ENGINE,),
+        claims=marked_for_onednn,
+        build=_build_conv,
+        summary="Conv/ConvGrad marked by opt's conv_onednn rule, on oneDNN (torch)",
+    )
+)

@@ -1,6 +1,7 @@
 """The ``conv`` node kernel: Conv and ConvGrad nodes marked by the ``conv_onednn`` rule run on
 oneDNN's convolution kernels (torch's ``conv2d`` / ``convolution_backward``), zero-copy, between
 ORT segments. The same mathematics as ORT's kernels; ``--kernel conv=ort`` keeps ORT's."""
+
 from __future__ import annotations
 
 import onnx
@@ -8,6 +9,7 @@ import torch
 from onnx import helper
 
 from ...runtime.kernels import NodeKernel, store
+
 
 class OneDNNConv(NodeKernel):
     """A Conv (X, W[, B] -> Y) or ConvGrad (dY, X, W -> dX, dW, dB) node on oneDNN."""
@@ -40,11 +42,21 @@ class OneDNNConv(NodeKernel):
         dy, x, w = env[self.inputs[0]], env[self.inputs[1]], env[self.inputs[2]]
         mask = [bool(i < len(self.outputs) and self.outputs[i] and self.wanted[i]) for i in range(3)]
         dx, dw, db = torch.ops.aten.convolution_backward(
-            dy, self._in(x), w, [w.shape[0]] if mask[2] else None, self.stride, self.padding, self.dilation,
-            False, [0, 0], self.group, mask)
+            dy,
+            self._in(x),
+            w,
+            [w.shape[0]] if mask[2] else None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0, 0],
+            self.group,
+            mask,
+        )
         if mask[0] and not self.sym:
             pt, pl = self.pads[0], self.pads[1]
-            dx = dx[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]]
+            dx = dx[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]]
         for i, t in enumerate((dx, dw, db)):
             if mask[i]:
                 store(self.outputs[i], t, env, bound)

@@ -4,6 +4,7 @@ A rule's :meth:`Rule.matches` yields the nodes (or layers) its pattern matches, 
 says whether one of them can be rewritten, :meth:`Rule.rewrite` rewrites it in the graph view and
 returns the change record; :meth:`Rule.apply` runs the three over a graph.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,8 @@ ENGINE = "onednn"  # the value of provenance.EXEC that the runtime's ``conv`` ke
 def marked_for_onednn(node) -> bool:
     """Whether an ONNX node was marked by :class:`ConvOneDNN` (the ``conv`` kernel's claim)."""
     return node.op_type in ("Conv", "ConvGrad") and any(
-        p.key == provenance.EXEC and p.value == ENGINE for p in node.metadata_props)
+        p.key == provenance.EXEC and p.value == ENGINE for p in node.metadata_props
+    )
 
 
 class Rule:
@@ -64,9 +66,11 @@ class ReluGradAsMul(Rule):
         base = n.name or out.name
         mask = gs.Variable(f"{base}/opt_mask", dtype=np.bool_)
         maskf = gs.Variable(f"{base}/opt_maskf", dtype=np.float32)
-        new = [gs.Node("Greater", name=f"{base}/opt_greater", inputs=[x, zero], outputs=[mask]),
-               gs.Node("Cast", name=f"{base}/opt_cast", inputs=[mask], outputs=[maskf], attrs={"to": 1}),
-               gs.Node("Mul", name=f"{base}/opt_mul", inputs=[dy, maskf], outputs=[out])]
+        new = [
+            gs.Node("Greater", name=f"{base}/opt_greater", inputs=[x, zero], outputs=[mask]),
+            gs.Node("Cast", name=f"{base}/opt_cast", inputs=[mask], outputs=[maskf], attrs={"to": 1}),
+            gs.Node("Mul", name=f"{base}/opt_mul", inputs=[dy, maskf], outputs=[out]),
+        ]
         n.outputs.clear()
         n.inputs.clear()
         g.nodes.extend(new)
@@ -96,9 +100,14 @@ class ConvOneDNN(Rule):
         grads = [b for b in layer.backward if b.op == "ConvGrad"]
         for m in [layer.forward] + grads:
             old = tg.tags.get(m.name, {})
-            tg.tag(m.name, old.get(provenance.PASS, PASS), old.get(provenance.LAYER, layer.name),
-                   "runs on oneDNN's convolution kernels under accelc's runtime (same mathematics; plain ORT "
-                   "runs it unchanged)", **{provenance.EXEC: ENGINE})
+            tg.tag(
+                m.name,
+                old.get(provenance.PASS, PASS),
+                old.get(provenance.LAYER, layer.name),
+                "runs on oneDNN's convolution kernels under accelc's runtime (same mathematics; plain ORT "
+                "runs it unchanged)",
+                **{provenance.EXEC: ENGINE},
+            )
         return {"node": layer.forward.name, "summary": f"{layer.name}: Conv/ConvGrad marked for oneDNN"}
 
 

@@ -6,6 +6,7 @@ weights, BatchNorm and other parameters carry over, and the optimizer moments of
 parameter are dropped (``reset_moments=all`` drops all of them). The switch comes at a fixed epoch,
 at a fraction of the run, or when the low-resolution validation loss stops improving.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ class Rescale(Algorithm):
         changed = list(self.spec["params"])
         if not self.switched:  # start of the low-resolution stage: its downscaled parameters
             from ...runtime.session import read_checkpoint_params  # heavy: ORT Training
+
             values = read_checkpoint_params(self.stage.checkpoint)
             return ParamUpdate({p: values[p] for p in changed}, changed)
         if initial:  # resumed after the switch: the checkpoint holds the full-resolution parameters
@@ -67,36 +69,63 @@ class Rescale(Algorithm):
             return None
         self.bad += 1
         if self.bad >= patience:
-            return f"low-resolution validation loss {loss:.4f} did not improve on {self.best:.4f} for {self.bad} epoch(s)"
+            return (
+                f"low-resolution validation loss {loss:.4f} did not improve on {self.best:.4f} for {self.bad} epoch(s)"
+            )
         return None
 
     def on_epoch_end(self, state, epoch, metrics):
-        self.epochs.append({"epoch": epoch, "stage": "full" if self.switched else "low",
-                            "train_seconds": metrics["train_seconds"], "test_acc": metrics["test_acc"]})
+        self.epochs.append(
+            {
+                "epoch": epoch,
+                "stage": "full" if self.switched else "low",
+                "train_seconds": metrics["train_seconds"],
+                "test_acc": metrics["test_acc"],
+            }
+        )
         if self.switched:
             return
         why = self._due(epoch, metrics, state.epochs)
         if not why or epoch >= state.epochs:
             return
         method = self.spec.get("method", "bilinear")
-        reset = (list(self.spec["params"]) if self.spec.get("reset_moments", "changed") == "changed"
-                 else list(self.root.info.params))
+        reset = (
+            list(self.spec["params"])
+            if self.spec.get("reset_moments", "changed") == "changed"
+            else list(self.root.info.params)
+        )
         self.switched, self.switch_epoch = True, epoch
-        self.decide(epoch, "switch", f"{why}; up-rescaled {len(self.spec['params'])} parameter(s) ({method}), full "
-                    f"resolution from epoch {epoch + 1}", reset_moments=reset)
+        self.decide(
+            epoch,
+            "switch",
+            f"{why}; up-rescaled {len(self.spec['params'])} parameter(s) ({method}), full "
+            f"resolution from epoch {epoch + 1}",
+            reset_moments=reset,
+        )
 
     def report(self) -> dict:
         low = [e["train_seconds"] for e in self.epochs if e["stage"] == "low"]
         full = [e["train_seconds"] for e in self.epochs if e["stage"] == "full"]
-        out = {"switch_epoch": self.switch_epoch, "low_epochs": len(low), "full_epochs": len(full), "epochs": self.epochs}
+        out = {
+            "switch_epoch": self.switch_epoch,
+            "low_epochs": len(low),
+            "full_epochs": len(full),
+            "epochs": self.epochs,
+        }
         if low and full:
             # the first epoch of a stage carries session start-up; use the medians
             out["low_over_full_epoch_time"] = statistics.median(low) / statistics.median(full)
         return out
 
     def state_dict(self) -> dict:
-        return {"log": self.log, "switched": self.switched, "switch_epoch": self.switch_epoch, "best": self.best,
-                "bad": self.bad, "epochs": self.epochs}
+        return {
+            "log": self.log,
+            "switched": self.switched,
+            "switch_epoch": self.switch_epoch,
+            "best": self.best,
+            "bad": self.bad,
+            "epochs": self.epochs,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

@@ -23,6 +23,7 @@ What the pass builds (our choices where the paper's text was not available, all 
   low-resolution stage first and switch at a fixed epoch, a fraction of the run, or when the
   low-resolution validation loss stops improving (the paper's idea).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,9 @@ def _tent(d: np.ndarray, s: float) -> np.ndarray:
 
 def _cubic(d: np.ndarray, a: float = -0.5) -> np.ndarray:
     d = np.abs(d)
-    return np.where(d <= 1, (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1,
-                    np.where(d < 2, a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a, 0.0))
+    return np.where(
+        d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1, np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0)
+    )
 
 
 def small_size(k: int, s: int) -> int:
@@ -85,7 +87,7 @@ def map_down_matrix(n: int, s: int) -> np.ndarray:
     """Feature-map positions n -> n/s by block sums (a low-res position stands for s of them)."""
     m = np.zeros((n // s, n))
     for j in range(n // s):
-        m[j, j * s:(j + 1) * s] = 1.0
+        m[j, j * s : (j + 1) * s] = 1.0
     return m
 
 
@@ -134,8 +136,10 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
         if n.op_type in ("Reshape",) and len(n.input) > 1 and n.input[1] in inits:
             shape = numpy_helper.to_array(inits[n.input[1]])
             if len(shape) > 2 or (len(shape) == 2 and shape[-1] not in (-1, 0)):
-                raise AccelcError(f"cannot rescale: Reshape '{n.name}' has a fixed shape {list(shape)} that would "
-                                  f"not follow the smaller feature map (use Flatten or a global pool)")
+                raise AccelcError(
+                    f"cannot rescale: Reshape '{n.name}' has a fixed shape {list(shape)} that would "
+                    f"not follow the smaller feature map (use Flatten or a global pool)"
+                )
         if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
             w = inits[n.input[1]]
             k = list(w.dims[2:])
@@ -149,8 +153,9 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
             if min(k) >= min_kernel:
                 ks = [small_size(x, s) for x in k]
                 pads = list(a.get("pads", [0, 0, 0, 0]))
-                new_pads = [((ks[i % 2] - 1) // 2) if pads[i] == (k[i % 2] - 1) // 2 else round(pads[i] / s)
-                            for i in range(4)]
+                new_pads = [
+                    ((ks[i % 2] - 1) // 2) if pads[i] == (k[i % 2] - 1) // 2 else round(pads[i] / s) for i in range(4)
+                ]
                 plan["params"][n.input[1]] = {"kind": "conv", "full": list(w.dims), "small": list(w.dims[:2]) + ks}
                 plan["convs"][n.name] = {"kernel_shape": ks, "pads": new_pads}
         if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
@@ -161,11 +166,17 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
                     raise AccelcError(f"cannot rescale: the shape before Flatten '{src.name}' is unknown")
                 _, c, h, w_ = fshape
                 if h % s or w_ % s:
-                    raise AccelcError(f"cannot rescale: the final feature map {h}x{w_} is not divisible by s={s}; "
-                                      f"use a global-pooling head or another factor")
+                    raise AccelcError(
+                        f"cannot rescale: the final feature map {h}x{w_} is not divisible by s={s}; "
+                        f"use a global-pooling head or another factor"
+                    )
                 tb = n.op_type == "Gemm" and _attrs(n).get("transB", 0) == 1
-                plan["params"][n.input[1]] = {"kind": "gemm", "chw": [c, h, w_], "transB": tb,
-                                              "full": list(inits[n.input[1]].dims)}
+                plan["params"][n.input[1]] = {
+                    "kind": "gemm",
+                    "chw": [c, h, w_],
+                    "transB": tb,
+                    "full": list(inits[n.input[1]].dims),
+                }
     return plan
 
 
@@ -195,11 +206,14 @@ def up_param(w_small: np.ndarray, spec: dict, s: int, method: str = "bilinear") 
         return resample_kernel(w_small, kernel_up_matrix(k[0], s, method), kernel_up_matrix(k[1], s, method))
     c, h, ww = spec["chw"]
     x = gemm_to_spatial(w_small, [c, h // s, ww // s], spec["transB"])
-    return spatial_to_gemm(resample_kernel(x, map_up_matrix(h, s, method), map_up_matrix(ww, s, method)),
-                           spec["transB"])
+    return spatial_to_gemm(
+        resample_kernel(x, map_up_matrix(h, s, method), map_up_matrix(ww, s, method)), spec["transB"]
+    )
 
 
-def low_resolution_model(model: onnx.ModelProto, input_name: str, s: int, min_kernel: int) -> tuple[onnx.ModelProto, dict]:
+def low_resolution_model(
+    model: onnx.ModelProto, input_name: str, s: int, min_kernel: int
+) -> tuple[onnx.ModelProto, dict]:
     """The forward model at 1/s resolution with resampled kernels and Gemm weights."""
     plan = plan_rescale(model, input_name, s, min_kernel)
     m = onnx.ModelProto()
@@ -216,8 +230,12 @@ def low_resolution_model(model: onnx.ModelProto, input_name: str, s: int, min_ke
         if spec:
             small = down_param(numpy_helper.to_array(t), spec, s)
             nt = numpy_helper.from_array(small, t.name)
-            provenance.tag(nt, PASS, note="tent down-sampling ×s² (partition of unity)",
-                           **{"accelc.original_shape": "x".join(map(str, spec["full"])), "accelc.s": str(s)})
+            provenance.tag(
+                nt,
+                PASS,
+                note="tent down-sampling ×s² (partition of unity)",
+                **{"accelc.original_shape": "x".join(map(str, spec["full"])), "accelc.s": str(s)},
+            )
             m.graph.initializer[i].CopyFrom(nt)
     for n in m.graph.node:
         ch = plan["convs"].get(n.name)
@@ -233,6 +251,7 @@ def low_resolution_model(model: onnx.ModelProto, input_name: str, s: int, min_ke
 
 
 # ----------------------------------------------------------------------------- options and pass
+
 
 def _switch(value):
     if not isinstance(value, str):
@@ -251,8 +270,6 @@ def _switch(value):
     raise ValueError("use epoch:E, fraction:F (0<F<1) or plateau[:PATIENCE]")
 
 
-
-
 @register
 class RescalePass(Pass):
     name = PASS
@@ -260,17 +277,35 @@ class RescalePass(Pass):
     summary = "kernel rescaling: a low-resolution stage with downscaled kernels first, then full resolution"
     paper = "Gusmão et al., Fast training of CNNs via kernel rescaling, 2016"
     options = {
-        "factor": Option(2, "resolution factor s of the low-resolution stage", int_at_least(1), flag="--rescale-factor"),
-        "min_kernel": Option(5, "kernels at least this large are resampled; smaller ones keep their size",
-                             int_at_least(1), flag="--rescale-min-kernel"),
-        "switch": Option("fraction:0.5", "when to go to full resolution: epoch:E, fraction:F of the epochs, or "
-                                         "plateau[:PATIENCE] (low-res validation loss stops improving)",
-                         _switch, flag="--rescale-switch"),
-        "method": Option("bilinear", "interpolation of the up-rescale: bilinear or bicubic", choice("bilinear", "bicubic"),
-                         flag="--rescale-method"),
-        "reset_moments": Option("changed", "optimizer moments reset at the switch: changed (resampled "
-                                           "parameters only; moments never carry across a shape change) or all",
-                                choice("changed", "all"), flag="--rescale-reset-moments"),
+        "factor": Option(
+            2, "resolution factor s of the low-resolution stage", int_at_least(1), flag="--rescale-factor"
+        ),
+        "min_kernel": Option(
+            5,
+            "kernels at least this large are resampled; smaller ones keep their size",
+            int_at_least(1),
+            flag="--rescale-min-kernel",
+        ),
+        "switch": Option(
+            "fraction:0.5",
+            "when to go to full resolution: epoch:E, fraction:F of the epochs, or "
+            "plateau[:PATIENCE] (low-res validation loss stops improving)",
+            _switch,
+            flag="--rescale-switch",
+        ),
+        "method": Option(
+            "bilinear",
+            "interpolation of the up-rescale: bilinear or bicubic",
+            choice("bilinear", "bicubic"),
+            flag="--rescale-method",
+        ),
+        "reset_moments": Option(
+            "changed",
+            "optimizer moments reset at the switch: changed (resampled "
+            "parameters only; moments never carry across a shape change) or all",
+            choice("changed", "all"),
+            flag="--rescale-reset-moments",
+        ),
     }
 
     def run(self, art: Artifacts, options: dict) -> PassResult:
@@ -283,18 +318,43 @@ class RescalePass(Pass):
             low_info = check_model(low_model, info.sha256)
         except AccelcError as e:
             raise AccelcError(f"cannot rescale: the low-resolution model is invalid: {e}") from None
-        low_art, _ = generate(legalized(dataclasses.replace(low_info, warnings=[])), art.config["loss"],
-                              art.config["optimizer"], art.config["lr"], art.config["batch_size"])
+        low_art, _ = generate(
+            legalized(dataclasses.replace(low_info, warnings=[])),
+            art.config["loss"],
+            art.config["optimizer"],
+            art.config["lr"],
+            art.config["batch_size"],
+        )
         low_art.info = low_info
         art.stages[STAGE_DIR] = low_art
         spec = {k: v for k, v in plan["params"].items()}
-        art.plan.append({"type": "rescale", "stage": STAGE_DIR, "params": spec,
-                         "input_hw": [d // s for d in info.input_shape[1:]], **options})
-        changes = [{"param": p, "summary": f"{p}: {'x'.join(map(str, v['full']))} -> "
-                    + ("x".join(map(str, v['small'])) if v["kind"] == "conv" else f"{v['chw'][1] // s}x{v['chw'][2] // s} map")}
-                   for p, v in plan["params"].items()]
-        changes.append({"summary": f"low-resolution stage at {'x'.join(str(d // s) for d in info.input_shape[1:])} "
-                                   f"compiled to {STAGE_DIR}/"})
+        art.plan.append(
+            {
+                "type": "rescale",
+                "stage": STAGE_DIR,
+                "params": spec,
+                "input_hw": [d // s for d in info.input_shape[1:]],
+                **options,
+            }
+        )
+        changes = [
+            {
+                "param": p,
+                "summary": f"{p}: {'x'.join(map(str, v['full']))} -> "
+                + (
+                    "x".join(map(str, v["small"]))
+                    if v["kind"] == "conv"
+                    else f"{v['chw'][1] // s}x{v['chw'][2] // s} map"
+                ),
+            }
+            for p, v in plan["params"].items()
+        ]
+        changes.append(
+            {
+                "summary": f"low-resolution stage at {'x'.join(str(d // s) for d in info.input_shape[1:])} "
+                f"compiled to {STAGE_DIR}/"
+            }
+        )
         return PassResult(art, True, changes)
 
     def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:

@@ -11,6 +11,7 @@
 Importing this package registers the pass, the algorithm, the node kernel, the cost hook and
 the layer kind; torch is loaded only when a graph with reuse nodes runs.
 """
+
 from ...compiler.cost import register_cost
 from ...compiler.graph import register_layer_op
 from ...runtime.kernels import BuildContext, KernelProvider, register_kernel
@@ -28,8 +29,16 @@ def _claims(node) -> bool:
 
 def _build(node, ctx: BuildContext):
     from .node import ReuseNodeKernel  # heavy: torch and the native kernels, loaded when a graph runs
+
     return ReuseNodeKernel(node, ctx)
 
 
-register_kernel(KernelProvider(name="reuse", implementations=("native", "torch"), claims=_claims, build=_build,
-                               summary="ReuseConv/ReuseConvGrad nodes: native (C + OpenMP) or torch reference"))
+register_kernel(
+    KernelProvider(
+        name="reuse",
+        implementations=("native", "torch"),
+        claims=_claims,
+        build=_build,
+        summary="ReuseConv/ReuseConvGrad nodes: native (C + OpenMP) or torch reference",
+    )
+)

@@ -17,6 +17,7 @@ measured milliseconds per step of the reused layer (the native nodes, forward an
 the measured milliseconds of ORT's own Conv + ConvGrad for the same layer shape (timed once, on
 the first epoch's end, in a side session).
 """
+
 from __future__ import annotations
 
 import time
@@ -33,12 +34,17 @@ def conv_layer_model(pads, kernel, strides, dilations):
     dW, dB): the original layer, for side-by-side timings."""
     from onnx import TensorProto as T
     from onnx import helper as h
+
     attrs = dict(pads=list(pads), kernel_shape=list(kernel), strides=list(strides), dilations=list(dilations))
     graph = h.make_graph(
-        [h.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs),
-         h.make_node("ConvGrad", ["dY", "X", "W"], ["dX", "dW", "dB"], domain="com.microsoft", group=1, **attrs)],
-        "conv_layer", [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("X", "W", "B", "dY")],
-        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("Y", "dX", "dW", "dB")])
+        [
+            h.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs),
+            h.make_node("ConvGrad", ["dY", "X", "W"], ["dX", "dW", "dB"], domain="com.microsoft", group=1, **attrs),
+        ],
+        "conv_layer",
+        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("X", "W", "B", "dY")],
+        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("Y", "dX", "dW", "dB")],
+    )
     m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
     return m
@@ -47,6 +53,7 @@ def conv_layer_model(pads, kernel, strides, dilations):
 def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
     """Median ms of ORT's Conv + ConvGrad for one layer shape (random data, side session)."""
     import onnxruntime as ort  # heavy: loaded for the side measurement
+
     g = cfg["geom"]
     m = conv_layer_model(g["pads"], (g["kh"], g["kw"]), g["stride"], g["dilation"])
     so = ort.SessionOptions()
@@ -57,8 +64,12 @@ def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
     x = rng.standard_normal((batch, g["C"], hh, ww), dtype=np.float32)
     w = rng.standard_normal((g["Co"], g["C"], g["kh"], g["kw"]), dtype=np.float32)
     ho, wo = geom_from_config(cfg).out_hw(hh, ww)
-    feeds = {"X": x, "W": w, "B": np.zeros(g["Co"], np.float32),
-             "dY": rng.standard_normal((batch, g["Co"], ho, wo), dtype=np.float32)}
+    feeds = {
+        "X": x,
+        "W": w,
+        "B": np.zeros(g["Co"], np.float32),
+        "dY": rng.standard_normal((batch, g["Co"], ho, wo), dtype=np.float32),
+    }
     s.run(None, feeds)
     ts = []
     for _ in range(repeats):
@@ -97,8 +108,13 @@ class Reuse(Algorithm):
         out = {}
         for layer, c in configs.items():
             K = c["geom"]["C"] * c["geom"]["kh"] * c["geom"]["kw"]
-            out[layer] = {"L": int(min(L, K)), "H": int(H), "scope": c["scope"], "input_grad": c["input_grad"],
-                          "seed": c["seed"]}
+            out[layer] = {
+                "L": int(min(L, K)),
+                "H": int(H),
+                "scope": c["scope"],
+                "input_grad": c["input_grad"],
+                "seed": c["seed"],
+            }
         return out
 
     def current(self) -> tuple:
@@ -109,8 +125,10 @@ class Reuse(Algorithm):
 
     def transform(self, art):
         want = self.settings(art)
-        have = {k: {f: c[f] for f in ("L", "H", "scope", "input_grad", "seed")}
-                for k, c in reused_layers(art.training).items()}
+        have = {
+            k: {f: c[f] for f in ("L", "H", "scope", "input_grad", "seed")}
+            for k, c in reused_layers(art.training).items()
+        }
         return art if want == have else reuse_variant(art, want)
 
     def describe(self) -> str:
@@ -120,7 +138,7 @@ class Reuse(Algorithm):
     def on_step(self, state, step, result):
         for key, st in result.kernels.items():  # the reuse node kernels' statistics (node.py)
             if key.startswith(KERNEL_KEY):
-                acc = self._stats.setdefault(key[len(KERNEL_KEY):], {"ms": 0.0, "calls": 0, "remain": 0.0})
+                acc = self._stats.setdefault(key[len(KERNEL_KEY) :], {"ms": 0.0, "calls": 0, "remain": 0.0})
                 acc["ms"] += st.get("ms", 0.0)
                 acc["calls"] += 1
                 acc["remain"] += st.get("remain", 0.0)
@@ -149,40 +167,75 @@ class Reuse(Algorithm):
                 except Exception:  # a side measurement must never stop training
                     self.original_ms[shape_key] = None
             layers[layer] = {
-                "reused": layer in settings, "L": settings.get(layer, {}).get("L"), "H": settings.get(layer, {}).get("H"),
-                "remain_ratio": remain, "macs_exact": exact, "macs_reuse": used, "macs_saved": 1 - used / exact,
+                "reused": layer in settings,
+                "L": settings.get(layer, {}).get("L"),
+                "H": settings.get(layer, {}).get("H"),
+                "remain_ratio": remain,
+                "macs_exact": exact,
+                "macs_reuse": used,
+                "macs_saved": 1 - used / exact,
                 "reuse_ms_per_step": ((f.get("ms", 0) + b.get("ms", 0)) / max(f.get("calls", 0), 1))
-                if f.get("calls") else None,
-                "ort_conv_ms": self.original_ms.get(shape_key), "input_hw": list(c["in_hw"])}
-        rec = {"epoch": epoch, "on": self.on, "setting": self.schedule[self.index] if self.strategy == "lh" else
-               (self.spec["L"], self.spec["H"]), "train_loss": metrics.get("train_loss"), "layers": layers,
-               "steps": steps}
+                if f.get("calls")
+                else None,
+                "ort_conv_ms": self.original_ms.get(shape_key),
+                "input_hw": list(c["in_hw"]),
+            }
+        rec = {
+            "epoch": epoch,
+            "on": self.on,
+            "setting": self.schedule[self.index] if self.strategy == "lh" else (self.spec["L"], self.spec["H"]),
+            "train_loss": metrics.get("train_loss"),
+            "layers": layers,
+            "steps": steps,
+        }
         self.epochs.append(rec)
         # the cost model counts a reuse node at remain ratio 1 plus hashing; what the measured remain
         # ratio saves on top of that, in FLOPs per step (2 per multiply-add)
-        self.logger.log_metrics({
-            "reuse": {k: {"remain_ratio": v["remain_ratio"], "macs_saved": v["macs_saved"]} for k, v in layers.items()},
-            "reuse_flops_saved_per_step": sum(
-                2.0 * (v["macs_exact"] + layer_macs(ran.get(k, self.configs[k]), batch, None)["hash"] - v["macs_reuse"])
-                for k, v in layers.items() if v["reused"] and v["remain_ratio"] is not None)})
+        self.logger.log_metrics(
+            {
+                "reuse": {
+                    k: {"remain_ratio": v["remain_ratio"], "macs_saved": v["macs_saved"]} for k, v in layers.items()
+                },
+                "reuse_flops_saved_per_step": sum(
+                    2.0
+                    * (v["macs_exact"] + layer_macs(ran.get(k, self.configs[k]), batch, None)["hash"] - v["macs_reuse"])
+                    for k, v in layers.items()
+                    if v["reused"] and v["remain_ratio"] is not None
+                ),
+            }
+        )
         loss = metrics.get("train_loss")
         prev, self.prev_loss = self.prev_loss, loss
         if prev is None or loss is None or self.strategy == "fixed" or not self.on:
             return
         drop = (prev - loss) / max(abs(prev), 1e-12)
-        if drop >= float(self.spec.get("plateau", 0.05)) or epoch - self.last_switch < int(self.spec.get("min_epochs", 1)):
+        if drop >= float(self.spec.get("plateau", 0.05)) or epoch - self.last_switch < int(
+            self.spec.get("min_epochs", 1)
+        ):
             return
         if self.strategy == "lh":
             if self.index + 1 >= len(self.schedule):
                 return
             self.index += 1
             L, H = self.schedule[self.index]
-            self.decide(epoch, "refine", f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
-                        f"reuse L={L}, H={H} from epoch {epoch + 1}", L=L, H=H, drop=drop)
+            self.decide(
+                epoch,
+                "refine",
+                f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
+                f"reuse L={L}, H={H} from epoch {epoch + 1}",
+                L=L,
+                H=H,
+                drop=drop,
+            )
         else:
             self.on = False
-            self.decide(epoch, "off", f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
-                        f"reuse off (exact conv) from epoch {epoch + 1}", drop=drop)
+            self.decide(
+                epoch,
+                "off",
+                f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
+                f"reuse off (exact conv) from epoch {epoch + 1}",
+                drop=drop,
+            )
         self.last_switch = epoch
 
     # ------------------------------------------------------------------ report and state
@@ -191,13 +244,23 @@ class Reuse(Algorithm):
             return {}
         tot_exact = sum(lay["macs_exact"] * e["steps"] for e in self.epochs for lay in e["layers"].values())
         tot_used = sum(lay["macs_reuse"] * e["steps"] for e in self.epochs for lay in e["layers"].values())
-        return {"strategy": self.strategy, "epochs": self.epochs,
-                "reused_layer_macs_saved": 1 - tot_used / tot_exact if tot_exact else 0.0,
-                "switches": [d for d in self.log if d["action"] in ("refine", "off")]}
+        return {
+            "strategy": self.strategy,
+            "epochs": self.epochs,
+            "reused_layer_macs_saved": 1 - tot_used / tot_exact if tot_exact else 0.0,
+            "switches": [d for d in self.log if d["action"] in ("refine", "off")],
+        }
 
     def state_dict(self) -> dict:
-        return {"log": self.log, "index": self.index, "on": self.on, "last_switch": self.last_switch,
-                "prev_loss": self.prev_loss, "epochs": self.epochs, "original_ms": self.original_ms}
+        return {
+            "log": self.log,
+            "index": self.index,
+            "on": self.on,
+            "last_switch": self.last_switch,
+            "prev_loss": self.prev_loss,
+            "epochs": self.epochs,
+            "original_ms": self.original_ms,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

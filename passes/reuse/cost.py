@@ -3,6 +3,7 @@
 Compile-time bound: the remain ratio is known only while training (the reuse algorithm reports
 the measured one), so the forward's centroid GEMM is counted at remain ratio 1, plus hashing; the
 backward is counted like the ConvGrad it replaces."""
+
 from __future__ import annotations
 
 import json

@@ -22,6 +22,7 @@ for the small GEMMs and the exact input gradient). Clusters are numbered per chu
 table: ``ids[n, g, p]`` indexes rows of ``centroids[T, L]`` (chunk g owns ``offsets[g] ..
 offsets[g+1]``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,8 +65,13 @@ def _sym_pads(geom: ConvGeom) -> tuple:
 
 def unfold_rows(x: torch.Tensor, geom: ConvGeom) -> torch.Tensor:
     """[N, C, H, W] -> [N, P, K] unfolded rows."""
-    u = F.unfold(_pad_conv_input(x, geom), (geom.kh, geom.kw), dilation=geom.dilation,
-                 padding=_sym_pads(geom), stride=geom.stride)
+    u = F.unfold(
+        _pad_conv_input(x, geom),
+        (geom.kh, geom.kw),
+        dilation=geom.dilation,
+        padding=_sym_pads(geom),
+        stride=geom.stride,
+    )
     return u.transpose(1, 2)
 
 
@@ -73,8 +79,9 @@ def channel_mean(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(0, 2, 3))
 
 
-def hash_buckets(x: torch.Tensor, planes: torch.Tensor, geom: ConvGeom, spec: ReuseSpec,
-                 mu: torch.Tensor | None = None) -> torch.Tensor:
+def hash_buckets(
+    x: torch.Tensor, planes: torch.Tensor, geom: ConvGeom, spec: ReuseSpec, mu: torch.Tensor | None = None
+) -> torch.Tensor:
     """Bucket of every row-chunk: int32 [N, G, P], values in [0, 2^H).
 
     When L is a multiple of kh·kw a chunk is a group of whole input channels, and the projections
@@ -93,8 +100,15 @@ def hash_buckets(x: torch.Tensor, planes: torch.Tensor, geom: ConvGeom, spec: Re
         cg = spec.L // khw
         xp = x if G * cg == geom.C else F.pad(x, (0, 0, 0, 0, 0, G * cg - geom.C))
         filt = planes.permute(0, 2, 1).reshape(G * H, cg, geom.kh, geom.kw)
-        proj = F.conv2d(_pad_conv_input(xp, geom), filt, -shift, stride=geom.stride,
-                        padding=_sym_pads(geom), dilation=geom.dilation, groups=G)
+        proj = F.conv2d(
+            _pad_conv_input(xp, geom),
+            filt,
+            -shift,
+            stride=geom.stride,
+            padding=_sym_pads(geom),
+            dilation=geom.dilation,
+            groups=G,
+        )
         n = x.shape[0]
         proj = proj.reshape(n, G, H, -1)
     else:
@@ -143,7 +157,7 @@ def forward_torch(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec):
     counts = torch.zeros(T, dtype=x.dtype).index_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=x.dtype))
     centroids = sums / counts.clamp_min(1).unsqueeze(1)
     wg = _weight_chunks(w, G, spec.L)
-    pm = torch.cat([centroids[offsets[g]:offsets[g + 1]] @ wg[g] for g in range(G)])  # [T, Co]
+    pm = torch.cat([centroids[offsets[g] : offsets[g + 1]] @ wg[g] for g in range(G)])  # [T, Co]
     y = pm[flat_ids].reshape(n, ho * wo, G, -1).sum(2)  # [N, P, Co]
     if b is not None:
         y = y + b
@@ -158,9 +172,14 @@ def backward_torch(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec)
     dyr = dy.reshape(n, co, ho * wo).transpose(1, 2)  # [N, P, Co]
     flat_ids = ctx.ids.permute(0, 2, 1).reshape(-1).long()
     gs = torch.zeros(T, co, dtype=dy.dtype).index_add_(
-        0, flat_ids, dyr.unsqueeze(2).expand(n, ho * wo, G, co).reshape(-1, co))
-    dwg = torch.stack([ctx.centroids[ctx.offsets[g]:ctx.offsets[g + 1]].t() @ gs[ctx.offsets[g]:ctx.offsets[g + 1]]
-                       for g in range(G)])  # [G, L, Co]
+        0, flat_ids, dyr.unsqueeze(2).expand(n, ho * wo, G, co).reshape(-1, co)
+    )
+    dwg = torch.stack(
+        [
+            ctx.centroids[ctx.offsets[g] : ctx.offsets[g + 1]].t() @ gs[ctx.offsets[g] : ctx.offsets[g + 1]]
+            for g in range(G)
+        ]
+    )  # [G, L, Co]
     dw = dwg.reshape(G * spec.L, co)[: geom.K].t().reshape(w.shape).contiguous()
     db = dy.sum(dim=(0, 2, 3))
     if spec.input_grad == "exact":
@@ -168,7 +187,7 @@ def backward_torch(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec)
     else:
         wg = _weight_chunks(w, G, spec.L)
         d = gs / ctx.counts.clamp_min(1).unsqueeze(1)
-        dc = torch.cat([d[ctx.offsets[g]:ctx.offsets[g + 1]] @ wg[g].t() for g in range(G)])  # [T, L]
+        dc = torch.cat([d[ctx.offsets[g] : ctx.offsets[g + 1]] @ wg[g].t() for g in range(G)])  # [T, L]
         rows = dc[flat_ids].reshape(n, ho * wo, G * spec.L)[:, :, : geom.K]
         dx = fold_rows(rows, x.shape, geom)
     return dx, dw, db
@@ -178,21 +197,32 @@ def fold_rows(rows: torch.Tensor, xshape, geom: ConvGeom) -> torch.Tensor:
     """Adjoint of unfold_rows: [N, P, K] -> [N, C, H, W] (col2im)."""
     n, c, h, w = xshape
     pt, pl, pb, pr = geom.pads
-    full = F.fold(rows.transpose(1, 2), (h + pt + pb, w + pl + pr), (geom.kh, geom.kw),
-                  dilation=geom.dilation, stride=geom.stride)
-    return full[:, :, pt:pt + h, pl:pl + w].contiguous()
+    full = F.fold(
+        rows.transpose(1, 2), (h + pt + pb, w + pl + pr), (geom.kh, geom.kw), dilation=geom.dilation, stride=geom.stride
+    )
+    return full[:, :, pt : pt + h, pl : pl + w].contiguous()
 
 
 def exact_input_grad(dy, x, w, geom: ConvGeom) -> torch.Tensor:
     """The convolution's own input gradient (oneDNN through torch)."""
     if _sym_pads(geom) != (0, 0) or geom.pads == (0, 0, 0, 0):
         dx, _, _ = torch.ops.aten.convolution_backward(
-            dy, x, w, None, list(geom.stride), list(_sym_pads(geom)), list(geom.dilation),
-            False, [0, 0], 1, [True, False, False])
+            dy,
+            x,
+            w,
+            None,
+            list(geom.stride),
+            list(_sym_pads(geom)),
+            list(geom.dilation),
+            False,
+            [0, 0],
+            1,
+            [True, False, False],
+        )
         return dx
     xp = _pad_conv_input(x, geom)
     dxp, _, _ = torch.ops.aten.convolution_backward(
-        dy, xp, w, None, list(geom.stride), [0, 0], list(geom.dilation), False, [0, 0], 1,
-        [True, False, False])
+        dy, xp, w, None, list(geom.stride), [0, 0], list(geom.dilation), False, [0, 0], 1, [True, False, False]
+    )
     pt, pl, _, _ = geom.pads
-    return dxp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]].contiguous()
+    return dxp[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]].contiguous()

@@ -6,6 +6,7 @@ the machine, written to a temporary name and renamed (several processes may race
 passed by pointer (zero copy). :func:`available` says whether the build worked; callers fall
 back to the torch reference otherwise.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -29,8 +30,10 @@ _error: str | None = None
 
 
 class _Geom(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int) for n in
-                ("N", "C", "Hin", "Win", "kh", "kw", "sh", "sw", "pt", "pl", "dh", "dw", "Ho", "Wo", "L", "G")]
+    _fields_ = [
+        (n, ctypes.c_int)
+        for n in ("N", "C", "Hin", "Win", "kh", "kw", "sh", "sw", "pt", "pl", "dh", "dw", "Ho", "Wo", "L", "G")
+    ]
 
 
 def _cache_dir() -> Path:
@@ -109,8 +112,24 @@ def _geom(geom: ConvGeom, spec: ReuseSpec, x: torch.Tensor, out_hw, padded: bool
     """Geometry for the kernels: of the input itself, or (``padded``) of its zero-padded copy."""
     n, c, h, w = x.shape
     pt, pl = (0, 0) if padded else geom.pads[:2]
-    return _Geom(n, c, h, w, geom.kh, geom.kw, geom.stride[0], geom.stride[1], pt, pl,
-                 geom.dilation[0], geom.dilation[1], out_hw[0], out_hw[1], spec.L, spec.chunks(geom.K))
+    return _Geom(
+        n,
+        c,
+        h,
+        w,
+        geom.kh,
+        geom.kw,
+        geom.stride[0],
+        geom.stride[1],
+        pt,
+        pl,
+        geom.dilation[0],
+        geom.dilation[1],
+        out_hw[0],
+        out_hw[1],
+        spec.L,
+        spec.chunks(geom.K),
+    )
 
 
 def _padded(x: torch.Tensor, geom: ConvGeom) -> torch.Tensor:
@@ -120,8 +139,14 @@ def _padded(x: torch.Tensor, geom: ConvGeom) -> torch.Tensor:
     return torch.nn.functional.pad(x, (pl, pr, pt, pb)).contiguous()
 
 
-def hash_buckets(x: torch.Tensor, planes: torch.Tensor, geom: ConvGeom, spec: ReuseSpec,
-                 mu: torch.Tensor | None = None, xp: torch.Tensor | None = None) -> torch.Tensor:
+def hash_buckets(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    geom: ConvGeom,
+    spec: ReuseSpec,
+    mu: torch.Tensor | None = None,
+    xp: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Same contract as reuse_kernels.hash_buckets, computed by one fused C pass over the input."""
     n, _, h, w = x.shape
     ho, wo = geom.out_hw(h, w)
@@ -135,8 +160,7 @@ def hash_buckets(x: torch.Tensor, planes: torch.Tensor, geom: ConvGeom, spec: Re
     pl[:, :, : spec.H] = planes
     out = torch.empty(n, G, ho * wo, dtype=torch.int32)
     q = _geom(geom, spec, xp, (ho, wo), padded=True)
-    lib().reuse_hash(_ptr(xp), _ptr(pl), _ptr(mu_k), ctypes.byref(q), spec.H, hs,
-                     _ptr(out), _threads())
+    lib().reuse_hash(_ptr(xp), _ptr(pl), _ptr(mu_k), ctypes.byref(q), spec.H, hs, _ptr(out), _threads())
     return out
 
 
@@ -151,8 +175,12 @@ def compact(buckets: torch.Tensor, spec: ReuseSpec) -> tuple[torch.Tensor, list]
     buckets = buckets.contiguous()
     ids = torch.empty_like(buckets)
     ncl = torch.empty(G, dtype=torch.int64)
-    if lib().reuse_compact(_ptr(buckets), n, G, p, spec.H, int(spec.scope == "image"), _ptr(ids), _ptr(ncl),
-                           _threads()) != 0:
+    if (
+        lib().reuse_compact(
+            _ptr(buckets), n, G, p, spec.H, int(spec.scope == "image"), _ptr(ids), _ptr(ncl), _threads()
+        )
+        != 0
+    ):
         raise MemoryError("reuse_compact: out of memory")
     offsets = [0]
     for c in ncl.tolist():
@@ -184,23 +212,24 @@ def forward_with_ids(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec):
     sums = torch.zeros(T, spec.L)
     counts = torch.zeros(T)
     ids = ids.contiguous()
-    lib().reuse_sums(_ptr(x), _ptr(ids), ctypes.byref(q), int(spec.scope == "image"), _ptr(sums), _ptr(counts),
-                     _threads())
+    lib().reuse_sums(
+        _ptr(x), _ptr(ids), ctypes.byref(q), int(spec.scope == "image"), _ptr(sums), _ptr(counts), _threads()
+    )
     centroids = sums.div_(counts.clamp_min(1).unsqueeze(1))
     wg = _weight_chunks(w, G, spec.L)
     co = w.shape[0]
     pm = torch.empty(T, co)
     for g in range(G):
-        torch.mm(centroids[offsets[g]:offsets[g + 1]], wg[g], out=pm[offsets[g]:offsets[g + 1]])
+        torch.mm(centroids[offsets[g] : offsets[g + 1]], wg[g], out=pm[offsets[g] : offsets[g + 1]])
     y = torch.empty(n, co, ho, wo)
     bias = b.contiguous() if b is not None else None
-    lib().reuse_gather_out(_ptr(pm), _ptr(ids), _ptr(bias) if bias is not None else None, n, G, ho * wo, co,
-                           _ptr(y), _threads())
+    lib().reuse_gather_out(
+        _ptr(pm), _ptr(ids), _ptr(bias) if bias is not None else None, n, G, ho * wo, co, _ptr(y), _threads()
+    )
     return y, ReuseContext(ids, list(offsets), centroids, counts, (h, wd), (ho, wo))
 
 
-def backward(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec, need_dx: bool = True,
-             need_dw: bool = True):
+def backward(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec, need_dx: bool = True, need_dw: bool = True):
     dy = dy.contiguous()
     n, co, ho, wo = dy.shape
     G = spec.chunks(geom.K)
@@ -210,11 +239,10 @@ def backward(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec, need_
     if not need_dw and (spec.input_grad == "exact" or not need_dx):
         return (exact_input_grad(dy, x, w, geom) if need_dx else None), None, db
     gs = torch.zeros(T, co)
-    lib().reuse_grad_sums(_ptr(dy), _ptr(ctx.ids), n, G, ho * wo, co, int(spec.scope == "image"), _ptr(gs),
-                          _threads())
+    lib().reuse_grad_sums(_ptr(dy), _ptr(ctx.ids), n, G, ho * wo, co, int(spec.scope == "image"), _ptr(gs), _threads())
     dwg = torch.empty(G, spec.L, co)
     for g in range(G):
-        torch.mm(ctx.centroids[off[g]:off[g + 1]].t(), gs[off[g]:off[g + 1]], out=dwg[g])
+        torch.mm(ctx.centroids[off[g] : off[g + 1]].t(), gs[off[g] : off[g + 1]], out=dwg[g])
     dw = dwg.reshape(G * spec.L, co)[: geom.K].t().reshape(w.shape).contiguous()
     if not need_dx:
         dx = None
@@ -225,7 +253,7 @@ def backward(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec, need_
         d = gs.div_(ctx.counts.clamp_min(1).unsqueeze(1))
         dc = torch.empty(T, spec.L)
         for g in range(G):
-            torch.mm(d[off[g]:off[g + 1]], wg[g].t(), out=dc[off[g]:off[g + 1]])
+            torch.mm(d[off[g] : off[g + 1]], wg[g].t(), out=dc[off[g] : off[g + 1]])
         dx = torch.zeros(n, x.shape[1], *ctx.hw)
         q = _geom(geom, spec, dx, (ho, wo))
         lib().reuse_scatter_dx(_ptr(dc), _ptr(ctx.ids), ctypes.byref(q), _ptr(dx), _threads())

@@ -5,6 +5,7 @@ GEMMs; ``torch``: the reference; or ``ort``: the portable ONNX functions inside 
 The forward hands its cluster assignment (a :class:`~accelc.passes.reuse.kernels.ReuseContext`)
 to the backward through the step's environment, under the forward's ``ids`` output name.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ from .spec import BACKWARD_PREFIX, CONFIG_KEY, KERNEL_KEY, ConvGeom, ReuseSpec, 
 IMPLEMENTATIONS = ("native", "torch")
 
 
-def reuse_forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, impl: str = "native",
-                  ids=None, offsets=None):
+def reuse_forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, impl: str = "native", ids=None, offsets=None):
     """Forward of a reused conv. ``ids/offsets`` given: use these assignments (tests, FD checks)."""
     if ids is None:
         if impl == "native":
@@ -33,8 +33,9 @@ def reuse_forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, impl: str = 
     return forward_torch(x, w, b, ids, offsets, geom, spec)
 
 
-def reuse_backward(dy, x, w, ctx, geom: ConvGeom, spec: ReuseSpec, impl: str = "native", need_dx: bool = True,
-                   need_dw: bool = True):
+def reuse_backward(
+    dy, x, w, ctx, geom: ConvGeom, spec: ReuseSpec, impl: str = "native", need_dx: bool = True, need_dw: bool = True
+):
     """(dx, dw, db); dx is None when not needed, dw (and the cluster sums) when not needed and dx is exact."""
     if impl == "native":
         return native.backward(dy, x, w, ctx, geom, spec, need_dx=need_dx, need_dw=need_dw)
@@ -68,8 +69,17 @@ class ReuseNodeKernel(NodeKernel):
             env[self.outputs[1]] = ctx  # for the backward node (never read by ORT)
             return {"remain": ctx.remain_ratio}
         dy, x, w = env[self.inputs[0]], env[self.inputs[1]], env[self.inputs[2]]
-        dx, dw, db = reuse_backward(dy, x, w, env[self.inputs[3]], self.geom, self.spec, impl=self.impl,
-                                    need_dx=self.wanted[0], need_dw=self.wanted[1])
+        dx, dw, db = reuse_backward(
+            dy,
+            x,
+            w,
+            env[self.inputs[3]],
+            self.geom,
+            self.spec,
+            impl=self.impl,
+            need_dx=self.wanted[0],
+            need_dw=self.wanted[1],
+        )
         for name, t, want in zip(self.outputs, (dx, dw, db), self.wanted):
             if want:
                 store(name, t, env, bound)

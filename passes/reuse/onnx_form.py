@@ -36,6 +36,7 @@ cluster input gradient). With dense tables the per-table products cost ``T·L·C
 ones ``M·L·Co``; ``product="auto"`` takes the table products when ``2^H ≤ P`` (then ``T ≤ M``
 whatever N) and the per-row products otherwise. Both are the same mathematics.
 """
+
 from __future__ import annotations
 
 import re
@@ -93,8 +94,10 @@ def _output_padding(geom: ConvGeom, in_hw) -> list:
     """ConvTranspose output_padding so that the result has exactly the conv input's size."""
     pt, pl, pb, pr = geom.pads
     out = []
-    for size, p0, p1, k, s, d in ((in_hw[0], pt, pb, geom.kh, geom.stride[0], geom.dilation[0]),
-                                  (in_hw[1], pl, pr, geom.kw, geom.stride[1], geom.dilation[1])):
+    for size, p0, p1, k, s, d in (
+        (in_hw[0], pt, pb, geom.kh, geom.stride[0], geom.dilation[0]),
+        (in_hw[1], pl, pr, geom.kw, geom.stride[1], geom.dilation[1]),
+    ):
         span = size + p0 + p1 - d * (k - 1) - 1
         if span < 0:
             raise ValueError(f"input {tuple(in_hw)} smaller than the kernel extent")
@@ -127,8 +130,11 @@ class _Body:
     def const(self, name, value, dtype=None):
         arr = np.asarray(value, dtype=dtype)
         name = self._uniq(name)
-        self.nodes.append(helper.make_node("Constant", [], [name], name=f"{self.prefix}/{name}",
-                                           value=numpy_helper.from_array(arr, name)))
+        self.nodes.append(
+            helper.make_node(
+                "Constant", [], [name], name=f"{self.prefix}/{name}", value=numpy_helper.from_array(arr, name)
+            )
+        )
         return name
 
     def ints(self, name, values):
@@ -165,16 +171,21 @@ class _Layer:
         if scatter not in SCATTERS:
             raise ValueError(f"scatter must be one of {SCATTERS}, not {scatter!r}")
         self.scatter = scatter
-        self.conv_attrs = dict(strides=list(geom.stride), pads=list(geom.pads),
-                               dilations=list(geom.dilation), kernel_shape=[geom.kh, geom.kw])
+        self.conv_attrs = dict(
+            strides=list(geom.stride),
+            pads=list(geom.pads),
+            dilations=list(geom.dilation),
+            kernel_shape=[geom.kh, geom.kw],
+        )
 
 
 def _unfold(b: _Body, ly: _Layer, x: str, e: str, tag: str) -> str:
     """[N, C, H, W] -> rows [G, M, L] (K padded to G·L with zeros)."""
     u = b.op("Conv", [x, e], f"unfold_{tag}", group=ly.geom.C, **ly.conv_attrs)  # [N, K, Ho, Wo]
     if ly.GL != ly.K:
-        u = b.op("Pad", [u, b.ints(f"padK_{tag}_pads", [0, 0, 0, 0, 0, ly.GL - ly.K, 0, 0])],
-                 f"padK_{tag}", mode="constant")
+        u = b.op(
+            "Pad", [u, b.ints(f"padK_{tag}_pads", [0, 0, 0, 0, 0, ly.GL - ly.K, 0, 0])], f"padK_{tag}", mode="constant"
+        )
     u = b.op("Reshape", [u, b.ints(f"rows_{tag}_shape4", [0, ly.G, ly.L, ly.P])], f"rows_{tag}_split")
     u = b.op("Transpose", [u], f"rows_{tag}_gnpl", perm=[1, 0, 3, 2])  # [G, N, P, L]
     return b.op("Reshape", [u, b.ints(f"rows_{tag}_shape3", [ly.G, -1, ly.L])], f"rows_{tag}")
@@ -245,8 +256,9 @@ def _forward(ly: _Layer, domain: str) -> onnx.FunctionProto:
         m0 = b.op("Squeeze", [m, b.ints("axis0_sq", [0])], "rows_m_scalar")
         r = b.op("Range", [b.const("zero_i", np.int64(0)), m0, b.const("one_i", np.int64(1))], "row_index")
         img = b.op("Div", [r, b.const("P_scalar", np.int64(P))], "row_image")
-        key = b.op("Add", [bucket, b.op("Mul", [img, b.const("nb_scalar", np.int64(ly.nb))], "image_key")],
-                   "cluster_key")
+        key = b.op(
+            "Add", [bucket, b.op("Mul", [img, b.const("nb_scalar", np.int64(ly.nb))], "image_key")], "cluster_key"
+        )
         t = b.op("Mul", [n, b.ints("nb", [ly.nb])], "table_size")  # [1] = N·2^H
         off = b.op("Mul", [b.ints("chunk_index", np.arange(G).reshape(G, 1)), t], "chunk_offset")
     else:
@@ -257,11 +269,14 @@ def _forward(ly: _Layer, domain: str) -> onnx.FunctionProto:
     gt = b.op("Mul", [t, b.ints("G", [G])], "tables_size")  # [1] = G·T
 
     # dense per-chunk tables: sums of uncentred row-chunks and member counts
-    ones = b.op("ConstantOfShape", [b.op("Shape", [ids], "ids_shape")], "ones",
-                value=numpy_helper.from_array(np.ones(1, np.float32)))
+    ones = b.op(
+        "ConstantOfShape",
+        [b.op("Shape", [ids], "ids_shape")],
+        "ones",
+        value=numpy_helper.from_array(np.ones(1, np.float32)),
+    )
     counts = _scatter_add(b, ly, "cluster_counts", _zeros(b, "counts_zero", [gt]), ids, ones, None)  # [G·T]
-    sums = _scatter_add(b, ly, "cluster_sums", _zeros(b, "sums_zero", [gt, b.ints("L", [L])]), ids, rows,
-                        L)  # [G·T, L]
+    sums = _scatter_add(b, ly, "cluster_sums", _zeros(b, "sums_zero", [gt, b.ints("L", [L])]), ids, rows, L)  # [G·T, L]
     cnt1 = b.op("Max", [counts, b.const("one_f", np.float32(1))], "counts_clamped")
     cen = b.op("Div", [sums, b.op("Unsqueeze", [cnt1, b.ints("axis1", [1])], "counts_col")], "centroid_flat")
 
@@ -282,10 +297,16 @@ def _forward(ly: _Layer, domain: str) -> onnx.FunctionProto:
     b.out(ids, "ids")
     b.op("Reshape", [cen, b.ints("centroids_shape", [G, -1, L])], "centroids")
     b.op("Reshape", [counts, b.ints("counts_shape", [G, -1])], "counts")
-    return helper.make_function(domain, forward_name(ly.layer), list(FORWARD_INPUTS), list(FORWARD_OUTPUTS),
-                                b.nodes, [helper.make_opsetid("", OPSET)],
-                                doc_string=f"adaptive deep reuse forward of {ly.layer}: L={L} H={H} "
-                                           f"scope={ly.spec.scope} G={G} table={ly.table}")
+    return helper.make_function(
+        domain,
+        forward_name(ly.layer),
+        list(FORWARD_INPUTS),
+        list(FORWARD_OUTPUTS),
+        b.nodes,
+        [helper.make_opsetid("", OPSET)],
+        doc_string=f"adaptive deep reuse forward of {ly.layer}: L={L} H={H} "
+        f"scope={ly.spec.scope} G={G} table={ly.table}",
+    )
 
 
 def _backward(ly: _Layer, domain: str) -> onnx.FunctionProto:
@@ -298,8 +319,9 @@ def _backward(ly: _Layer, domain: str) -> onnx.FunctionProto:
     cnt_flat = b.op("Reshape", [counts, b.ints("flat", [-1])], "counts_flat")  # [G·T]
     gt = b.op("Shape", [cnt_flat], "tables_size")  # [1] = G·T
     dy_g = b.op("Expand", [dyr, b.ints("expand_g", [G, 1, 1])], "dy_rows_per_chunk")  # [G, M, Co]
-    gs = _scatter_add(b, ly, "cluster_dy_sums", _zeros(b, "gs_zero", [gt, b.ints("Co", [Co])]), ids, dy_g,
-                      Co)  # [G·T, Co]
+    gs = _scatter_add(
+        b, ly, "cluster_dy_sums", _zeros(b, "gs_zero", [gt, b.ints("Co", [Co])]), ids, dy_g, Co
+    )  # [G·T, Co]
     wg = _weight_chunks(b, ly, w) if ly.spec.input_grad == "cluster" else None
 
     # dW_g = C_gᵀ · Gs_g
@@ -314,8 +336,11 @@ def _backward(ly: _Layer, domain: str) -> onnx.FunctionProto:
         dwg = b.op("MatMul", [crt, dyr], "dw_chunks")  # [G, L, Co]
     dwk = b.op("Reshape", [dwg, b.ints("dw_gl_shape", [ly.GL, Co])], "dw_gl")
     if ly.GL != ly.K:
-        dwk = b.op("Slice", [dwk, b.ints("trimK_start", [0]), b.ints("trimK_end", [ly.K]),
-                             b.ints("trimK_axis", [0])], "dw_trimK")
+        dwk = b.op(
+            "Slice",
+            [dwk, b.ints("trimK_start", [0]), b.ints("trimK_end", [ly.K]), b.ints("trimK_axis", [0])],
+            "dw_trimK",
+        )
     dwk = b.op("Transpose", [dwk], "dw_t", perm=[1, 0])  # [Co, K]
     b.op("Reshape", [dwk, b.ints("w_shape", [Co, geom.C, geom.kh, geom.kw])], "dW")
 
@@ -340,19 +365,34 @@ def _backward(ly: _Layer, domain: str) -> onnx.FunctionProto:
         dr = b.op("Transpose", [dr], "row_grads_nglp", perm=[1, 0, 3, 2])  # [N, G, L, P]
         dr = b.op("Reshape", [dr, b.ints("row_grads_nchw_shape", [0, ly.GL, ly.Ho, ly.Wo])], "row_grads_nchw")
         if ly.GL != ly.K:
-            dr = b.op("Slice", [dr, b.ints("trimKr_start", [0]), b.ints("trimKr_end", [ly.K]),
-                                b.ints("trimKr_axis", [1])], "row_grads_trimK")
+            dr = b.op(
+                "Slice",
+                [dr, b.ints("trimKr_start", [0]), b.ints("trimKr_end", [ly.K]), b.ints("trimKr_axis", [1])],
+                "row_grads_trimK",
+            )
         e = b.const("onehot_filters", onehot_filters(geom))
         b.op("ConvTranspose", [dr, e], "dX", group=geom.C, output_padding=op, **ly.conv_attrs)
-    return helper.make_function(domain, backward_name(ly.layer), list(BACKWARD_INPUTS), list(BACKWARD_OUTPUTS),
-                                b.nodes, [helper.make_opsetid("", OPSET)],
-                                doc_string=f"adaptive deep reuse backward of {ly.layer}: "
-                                           f"input_grad={ly.spec.input_grad} table={ly.table}")
+    return helper.make_function(
+        domain,
+        backward_name(ly.layer),
+        list(BACKWARD_INPUTS),
+        list(BACKWARD_OUTPUTS),
+        b.nodes,
+        [helper.make_opsetid("", OPSET)],
+        doc_string=f"adaptive deep reuse backward of {ly.layer}: input_grad={ly.spec.input_grad} table={ly.table}",
+    )
 
 
-def build_reuse_functions(layer: str, geom: ConvGeom, spec: ReuseSpec, in_hw: tuple, domain: str = DOMAIN,
-                          *, product: str = "auto", scatter: str = "elements"
-                          ) -> tuple[onnx.FunctionProto, onnx.FunctionProto]:
+def build_reuse_functions(
+    layer: str,
+    geom: ConvGeom,
+    spec: ReuseSpec,
+    in_hw: tuple,
+    domain: str = DOMAIN,
+    *,
+    product: str = "auto",
+    scatter: str = "elements",
+) -> tuple[onnx.FunctionProto, onnx.FunctionProto]:
     """The forward and backward local functions of one reused convolution (constants baked in).
 
     ``in_hw`` is the fixed input size (H, W); the batch size stays dynamic. ``product`` picks where

@@ -23,6 +23,7 @@ Each reuse node keeps the node it replaced (metadata ``accelc.reuse.original``),
 algorithm can put the exact layer back or build other settings (L, H) without losing what later
 passes added; ``plan.json`` names the strategy.
 """
+
 from __future__ import annotations
 
 import base64
@@ -37,8 +38,7 @@ from ...compiler import provenance
 from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError
 from ...compiler.graph import TrainingGraph, training_graph
-from ...compiler.pass_api import (Option, Pass, PassResult, choice, fraction, int_at_least, integer, name_list,
-                                  register)
+from ...compiler.pass_api import Option, Pass, PassResult, choice, fraction, int_at_least, integer, name_list, register
 from .onnx_form import build_reuse_functions
 from .spec import CONFIG_KEY, DOMAIN, FORWARD_PREFIX, ORIGINAL_KEY, ConvGeom, ReuseSpec, make_planes
 
@@ -74,7 +74,7 @@ def _schedule(value):
 
 
 def layer_seed(seed: int, layer: str) -> int:
-    return (int(seed) * 1000003 + zlib.crc32(layer.encode())) % (2 ** 31)
+    return (int(seed) * 1000003 + zlib.crc32(layer.encode())) % (2**31)
 
 
 def conv_geom(node: onnx.NodeProto, wshape: tuple) -> ConvGeom:
@@ -87,8 +87,15 @@ def conv_geom(node: onnx.NodeProto, wshape: tuple) -> ConvGeom:
     if len(wshape) != 4:
         raise AccelcError(f"reuse: conv '{node.name}' is not 2-D")
     pads = tuple(a.get("pads", [0, 0, 0, 0]))
-    return ConvGeom(C=wshape[1], Co=wshape[0], kh=wshape[2], kw=wshape[3], stride=tuple(a.get("strides", [1, 1])),
-                    pads=(pads[0], pads[1], pads[2], pads[3]), dilation=tuple(a.get("dilations", [1, 1])))
+    return ConvGeom(
+        C=wshape[1],
+        Co=wshape[0],
+        kh=wshape[2],
+        kw=wshape[3],
+        stride=tuple(a.get("strides", [1, 1])),
+        pads=(pads[0], pads[1], pads[2], pads[3]),
+        dilation=tuple(a.get("dilations", [1, 1])),
+    )
 
 
 def candidate_layers(tg) -> list:
@@ -116,8 +123,13 @@ def layer_settings(tg, layers, L: int, H: int, scope: str, input_grad: str, seed
             raise AccelcError(f"reuse: '{name}' is not a reusable layer; candidates: {', '.join(cands) or 'none'}")
         layer = cands[name]
         K = int(np.prod(layer.weight_shape[1:]))
-        out[name] = {"L": int(min(L, K)), "H": int(H), "scope": scope, "input_grad": input_grad,
-                     "seed": layer_seed(seed, name)}
+        out[name] = {
+            "L": int(min(L, K)),
+            "H": int(H),
+            "scope": scope,
+            "input_grad": input_grad,
+            "seed": layer_seed(seed, name),
+        }
     return out
 
 
@@ -161,32 +173,74 @@ def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx
                 m.graph.initializer.append(numpy_helper.from_array(np.zeros(geom.Co, np.float32), bias))
                 inits.add(bias)
         aux = [f"accelc.reuse.{safe}.{k}" for k in ("ids", "centroids", "counts")]
-        config = {"layer": name, "L": spec.L, "H": spec.H, "scope": spec.scope, "input_grad": spec.input_grad,
-                  "seed": int(s["seed"]), "G": G, "geom": {"C": geom.C, "Co": geom.Co, "kh": geom.kh, "kw": geom.kw,
-                                                           "stride": list(geom.stride), "pads": list(geom.pads),
-                                                           "dilation": list(geom.dilation)},
-                  "in_hw": list(in_hw)}
-        note = (f"adaptive deep reuse: rows cut into {G} chunks of L={spec.L}, hashed by H={spec.H} hyperplanes "
-                f"(scope {spec.scope}); GEMM on centroids")
-        new_f = helper.make_node(f_fwd.name, [fwd.input[0], fwd.input[1], bias, planes_name],
-                                 [fwd.output[0]] + aux, name=fwd.name, domain=DOMAIN)
+        config = {
+            "layer": name,
+            "L": spec.L,
+            "H": spec.H,
+            "scope": spec.scope,
+            "input_grad": spec.input_grad,
+            "seed": int(s["seed"]),
+            "G": G,
+            "geom": {
+                "C": geom.C,
+                "Co": geom.Co,
+                "kh": geom.kh,
+                "kw": geom.kw,
+                "stride": list(geom.stride),
+                "pads": list(geom.pads),
+                "dilation": list(geom.dilation),
+            },
+            "in_hw": list(in_hw),
+        }
+        note = (
+            f"adaptive deep reuse: rows cut into {G} chunks of L={spec.L}, hashed by H={spec.H} hyperplanes "
+            f"(scope {spec.scope}); GEMM on centroids"
+        )
+        new_f = helper.make_node(
+            f_fwd.name,
+            [fwd.input[0], fwd.input[1], bias, planes_name],
+            [fwd.output[0]] + aux,
+            name=fwd.name,
+            domain=DOMAIN,
+        )
         pairs = [(new_f, note, fwd)]
         if bwd is not None:
             outs = list(bwd.output) + [""] * (3 - len(bwd.output))
             outs = [o if o else f"accelc.reuse.{safe}.unused_{i}" for i, o in enumerate(outs)]
-            new_b = helper.make_node(f_bwd.name, [bwd.input[0], fwd.input[0], fwd.input[1]] + aux, outs,
-                                     name=bwd.name, domain=DOMAIN, doc_string="Backward pass")
+            new_b = helper.make_node(
+                f_bwd.name,
+                [bwd.input[0], fwd.input[0], fwd.input[1]] + aux,
+                outs,
+                name=bwd.name,
+                domain=DOMAIN,
+                doc_string="Backward pass",
+            )
             pairs.append((new_b, f"reuse backward: dW from centroids, dB exact, dX {spec.input_grad}", bwd))
         for nd, extra, orig in pairs:
-            provenance.tag(nd, PASS, name, extra, **{CONFIG_KEY: json.dumps(config),
-                                                     ORIGINAL_KEY: base64.b64encode(orig.SerializeToString()).decode()})
+            provenance.tag(
+                nd,
+                PASS,
+                name,
+                extra,
+                **{CONFIG_KEY: json.dumps(config), ORIGINAL_KEY: base64.b64encode(orig.SerializeToString()).decode()},
+            )
         for nd, _, orig in pairs:
             orig.CopyFrom(nd)
         funcs = [f_fwd] + ([f_bwd] if bwd is not None else [])
         m.functions.extend(funcs)
-        changes.append({"layer": name, "action": "reused", "L": spec.L, "H": spec.H, "chunks": G,
-                        "scope": spec.scope, "input_grad": spec.input_grad,
-                        "nodes": [nd.name for nd, _, _ in pairs], "functions": [f.name for f in funcs]})
+        changes.append(
+            {
+                "layer": name,
+                "action": "reused",
+                "L": spec.L,
+                "H": spec.H,
+                "chunks": G,
+                "scope": spec.scope,
+                "input_grad": spec.input_grad,
+                "nodes": [nd.name for nd, _, _ in pairs],
+                "functions": [f.name for f in funcs],
+            }
+        )
     if settings and not any(o.domain == DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return m, changes
@@ -245,23 +299,50 @@ class ReusePass(Pass):
     summary = "adaptive deep reuse: LSH-clustered rows, the conv GEMMs run on centroids (forward and backward)"
     paper = "Ning, Guan, Shen: Adaptive Deep Reuse, ICDE 2019"
     options = {
-        "layers": Option(None, "convs to reuse (names as `accelc inspect` prints); default: every group-1 conv "
-                               "with >= 8 input channels", _layers, flag="--reuse-layers"),
-        "L": Option(144, "sub-vector length L (clipped to the layer's K = C·kh·kw; a multiple of kh·kw lets the "
-                         "hash run as one grouped conv)", int_at_least(1), flag="--reuse-L"),
+        "layers": Option(
+            None,
+            "convs to reuse (names as `accelc inspect` prints); default: every group-1 conv with >= 8 input channels",
+            _layers,
+            flag="--reuse-layers",
+        ),
+        "L": Option(
+            144,
+            "sub-vector length L (clipped to the layer's K = C·kh·kw; a multiple of kh·kw lets the "
+            "hash run as one grouped conv)",
+            int_at_least(1),
+            flag="--reuse-L",
+        ),
         "H": Option(8, "hyperplanes per sub-vector (cluster IDs have H bits; 1..20)", _hbits, flag="--reuse-H"),
-        "scope": Option("image", "clustering scope: image (rows of one image) or batch", choice("image", "batch"),
-                        flag="--reuse-scope"),
-        "input_grad": Option("exact", "input gradient: exact (the conv's own) or cluster ((Gs/count)·Wᵀ to the "
-                                      "members)", choice("exact", "cluster"), flag="--reuse-input-grad"),
+        "scope": Option(
+            "image",
+            "clustering scope: image (rows of one image) or batch",
+            choice("image", "batch"),
+            flag="--reuse-scope",
+        ),
+        "input_grad": Option(
+            "exact",
+            "input gradient: exact (the conv's own) or cluster ((Gs/count)·Wᵀ to the members)",
+            choice("exact", "cluster"),
+            flag="--reuse-input-grad",
+        ),
         "seed": Option(0, "seed of the hyperplanes", integer, flag="--reuse-seed"),
-        "strategy": Option("fixed", "runtime strategy: fixed (L, H throughout), lh (L, H stepped coarse to fine "
-                                    "along --reuse-schedule at each loss plateau), off (reuse on, then off at a "
-                                    "plateau)", choice(*STRATEGIES), flag="--reuse-strategy"),
-        "schedule": Option("288:6,144:8,72:10", "lh strategy: the L:H settings, coarse to fine", _schedule,
-                           flag="--reuse-schedule"),
-        "plateau": Option(0.05, "a plateau: the epoch's training loss fell by less than this fraction", fraction,
-                          flag="--reuse-plateau"),
+        "strategy": Option(
+            "fixed",
+            "runtime strategy: fixed (L, H throughout), lh (L, H stepped coarse to fine "
+            "along --reuse-schedule at each loss plateau), off (reuse on, then off at a "
+            "plateau)",
+            choice(*STRATEGIES),
+            flag="--reuse-strategy",
+        ),
+        "schedule": Option(
+            "288:6,144:8,72:10", "lh strategy: the L:H settings, coarse to fine", _schedule, flag="--reuse-schedule"
+        ),
+        "plateau": Option(
+            0.05,
+            "a plateau: the epoch's training loss fell by less than this fraction",
+            fraction,
+            flag="--reuse-plateau",
+        ),
         "min_epochs": Option(1, "epochs at least between two switches", int_at_least(1), flag="--reuse-min-epochs"),
     }
 
@@ -271,14 +352,25 @@ class ReusePass(Pass):
         L, H = options["L"], options["H"]
         if options["strategy"] == "lh":
             L, H = options["schedule"][0]
-        settings = layer_settings(tg, options["layers"], L, H, options["scope"], options["input_grad"],
-                                  options["seed"])
+        settings = layer_settings(tg, options["layers"], L, H, options["scope"], options["input_grad"], options["seed"])
         if not settings:
-            return PassResult(out, False, [{"action": "none", "why": "no reusable conv (group 1, >= 8 input channels)"}])
+            return PassResult(
+                out, False, [{"action": "none", "why": "no reusable conv (group 1, >= 8 input channels)"}]
+            )
         out.training, changes = apply(art.training, tg.shapes, settings)
-        out.plan = [p for p in out.plan if p.get("type") != "reuse"] + [{
-            "type": "reuse", "strategy": options["strategy"], "layers": list(settings),
-            "L": L, "H": H, "scope": options["scope"], "input_grad": options["input_grad"], "seed": options["seed"],
-            "schedule": [list(s) for s in options["schedule"]], "plateau": options["plateau"],
-            "min_epochs": options["min_epochs"]}]
+        out.plan = [p for p in out.plan if p.get("type") != "reuse"] + [
+            {
+                "type": "reuse",
+                "strategy": options["strategy"],
+                "layers": list(settings),
+                "L": L,
+                "H": H,
+                "scope": options["scope"],
+                "input_grad": options["input_grad"],
+                "seed": options["seed"],
+                "schedule": [list(s) for s in options["schedule"]],
+                "plateau": options["plateau"],
+                "min_epochs": options["min_epochs"],
+            }
+        ]
         return PassResult(out, True, changes)

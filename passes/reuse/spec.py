@@ -2,6 +2,7 @@
 under which the graph form carries them. Light (numpy only): the pass, the cost hook, the
 algorithm and the kernels all build on it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,7 +54,6 @@ class ReuseSpec:
 def make_planes(G: int, L: int, H: int, seed: int) -> np.ndarray:
     """The fixed random hyperplanes of one layer: float32 [G, L, H], N(0, 1), from ``seed``."""
     return np.random.default_rng(seed).standard_normal((G, L, H)).astype(np.float32)
-
 
 
 def geom_from_config(c: dict) -> ConvGeom:

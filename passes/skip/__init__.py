@@ -4,4 +4,5 @@
   every skip variant is built with;
 * :mod:`.algorithm`: the run-time algorithm that decides the skip set per epoch.
 """
+
 from . import algorithm, rewrite  # noqa: F401  (register the pass and its algorithm)

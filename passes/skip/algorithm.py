@@ -9,6 +9,7 @@ prunes the skip set from the artifacts it is given (:func:`~accelc.passes.skip.r
 It accounts the operations and bytes of every epoch from the cost model, for the run's op and
 bandwidth reduction.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,9 +54,12 @@ class LarsSkip(Algorithm):
 
     def _cost_of(self, tg) -> dict:
         c = graph_costs(tg, self.optimizer)
-        return {"flops": c["total"]["flops"], "bytes": c["total"]["bytes"],
-                **{f"{k}_flops": v["flops"] for k, v in c["phases"].items()},
-                **{f"{k}_bytes": v["bytes"] for k, v in c["phases"].items()}}
+        return {
+            "flops": c["total"]["flops"],
+            "bytes": c["total"]["bytes"],
+            **{f"{k}_flops": v["flops"] for k, v in c["phases"].items()},
+            **{f"{k}_bytes": v["bytes"] for k, v in c["phases"].items()},
+        }
 
     # ------------------------------------------------------------------ λ
     lars = staticmethod(lars)
@@ -90,7 +94,7 @@ class LarsSkip(Algorithm):
         ok = set(done) | set(self.skipped)
         chosen: list[str] = []
         if policy == "prefix":
-            for name in order[:max(len(order) - keep, 0)]:
+            for name in order[: max(len(order) - keep, 0)]:
                 if name not in ok:
                     break
                 chosen.append(name)
@@ -100,7 +104,7 @@ class LarsSkip(Algorithm):
                     break
                 chosen.insert(0, name)
         else:
-            protected = set(order[len(order) - keep:]) if keep else set()
+            protected = set(order[len(order) - keep :]) if keep else set()
             chosen = [name for name in order if name in ok and name not in protected]
         return [name for name in order if name in set(chosen) | set(self.skipped)]
 
@@ -121,11 +125,18 @@ class LarsSkip(Algorithm):
             self._costs[key] = self._cost_of(training_graph(state.engine.artifacts))
         cost = self._costs[key]
         steps = metrics["steps"]
-        self.accounting.append({"epoch": epoch, "skipped": list(self.skipped), "steps": steps,
-                                "flops_per_step": cost["flops"], "bytes_per_step": cost["bytes"],
-                                "base_flops_per_step": self.base_cost["flops"],
-                                "base_bytes_per_step": self.base_cost["bytes"],
-                                "ms_per_step": 1000 * metrics["train_seconds"] / max(steps, 1)})
+        self.accounting.append(
+            {
+                "epoch": epoch,
+                "skipped": list(self.skipped),
+                "steps": steps,
+                "flops_per_step": cost["flops"],
+                "bytes_per_step": cost["bytes"],
+                "base_flops_per_step": self.base_cost["flops"],
+                "base_bytes_per_step": self.base_cost["bytes"],
+                "ms_per_step": 1000 * metrics["train_seconds"] / max(steps, 1),
+            }
+        )
         agg = self.opts.get("aggregate", "mean")
         lam = {name: (self._sum[name] / self._n[name] if agg == "mean" else self._last[name]) for name in self._n}
         self.lambdas.append({"epoch": epoch, **lam})
@@ -139,15 +150,28 @@ class LarsSkip(Algorithm):
         new = self.choose(done)
         if new == self.skipped:
             if done:
-                self.decide(epoch, "keep", f"done layers {done} do not extend the {self.opts.get('policy')} "
-                            f"skip set", lam=lam, done=done)
+                self.decide(
+                    epoch,
+                    "keep",
+                    f"done layers {done} do not extend the {self.opts.get('policy')} skip set",
+                    lam=lam,
+                    done=done,
+                )
             return
         added = [name for name in new if name not in self.skipped]
-        rule = (f"λ > {self.opts['tau']}" if self.opts.get("tau_mode") == "absolute"
-                else f"λ > {self.opts['tau']} × first-epoch λ")
-        self.decide(epoch, "skip", f"{', '.join(added)} done ({rule}); skipping {', '.join(new)} from epoch "
-                    f"{epoch + 1}", lam={name: lam.get(name) for name in added},
-                    first={name: self.first.get(name) for name in added}, skipped=new)
+        rule = (
+            f"λ > {self.opts['tau']}"
+            if self.opts.get("tau_mode") == "absolute"
+            else f"λ > {self.opts['tau']} × first-epoch λ"
+        )
+        self.decide(
+            epoch,
+            "skip",
+            f"{', '.join(added)} done ({rule}); skipping {', '.join(new)} from epoch {epoch + 1}",
+            lam={name: lam.get(name) for name in added},
+            first={name: self.first.get(name) for name in added},
+            skipped=new,
+        )
         self.skipped = new
 
     # ------------------------------------------------------------------ reporting and state
@@ -159,12 +183,22 @@ class LarsSkip(Algorithm):
         ops0 = sum(e["steps"] * e["base_flops_per_step"] for e in a)
         by = sum(e["steps"] * e["bytes_per_step"] for e in a)
         by0 = sum(e["steps"] * e["base_bytes_per_step"] for e in a)
-        return {"op_reduction": 1 - ops / ops0, "bandwidth_reduction": 1 - by / by0, "epochs": a,
-                "lambdas": self.lambdas, "final_skip_set": list(self.skipped)}
+        return {
+            "op_reduction": 1 - ops / ops0,
+            "bandwidth_reduction": 1 - by / by0,
+            "epochs": a,
+            "lambdas": self.lambdas,
+            "final_skip_set": list(self.skipped),
+        }
 
     def state_dict(self) -> dict:
-        return {"log": self.log, "skipped": self.skipped, "first": self.first, "lambdas": self.lambdas,
-                "accounting": self.accounting}
+        return {
+            "log": self.log,
+            "skipped": self.skipped,
+            "first": self.first,
+            "lambdas": self.lambdas,
+            "accounting": self.accounting,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

@@ -21,6 +21,7 @@ What the pass does to the training graph:
   (:class:`accelc.passes.skip.algorithm.LarsSkip`) decides per epoch and transforms the artifacts
   with :func:`skip_variant`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,7 +34,6 @@ from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least,
 
 LARS_PREFIX = "accelc.lars."
 POLICIES = ("prefix", "suffix", "any")
-
 
 
 def layer_groups(tg: TrainingGraph) -> dict[str, list[str]]:
@@ -73,8 +73,13 @@ def instrument(tg: TrainingGraph) -> list[dict]:
             continue
         for src, out, what in ((w, wn, "‖w‖"), (w + GRAD_SUFFIX, gn, "‖∇w‖")):
             y = gs.Variable(out, dtype=np.float32, shape=[])
-            node = gs.Node("ReduceL2", name=f"accelc/lars/{layer.name}/{'w' if out == wn else 'g'}_norm",
-                           inputs=[tensors[src]], outputs=[y], attrs={"keepdims": 0})
+            node = gs.Node(
+                "ReduceL2",
+                name=f"accelc/lars/{layer.name}/{'w' if out == wn else 'g'}_norm",
+                inputs=[tensors[src]],
+                outputs=[y],
+                attrs={"keepdims": 0},
+            )
             tg.graph.nodes.append(node)
             tg.graph.outputs.append(y)
             tg.tag(node.name, "skip", layer.name, f"LARS variable input {what} for the skip controller")
@@ -90,8 +95,7 @@ def prune(tg: TrainingGraph, skip: list[str]) -> tuple[list[dict], list[str]]:
     groups = layer_groups(tg)
     unknown = [s for s in skip if s not in groups]
     if unknown:
-        raise AccelcError(f"unknown layer(s) {', '.join(unknown)} for --skip-layers; layers are: "
-                          f"{', '.join(groups)}")
+        raise AccelcError(f"unknown layer(s) {', '.join(unknown)} for --skip-layers; layers are: {', '.join(groups)}")
     g = tg.graph
     frozen = [p for s in skip for p in groups[s] if p in tg.params]
     frozen_set = set(frozen)
@@ -169,18 +173,31 @@ class SkipPass(Pass):
     summary = "layer skip learning with LARS variables: prune the backward of skipped layers"
     paper = "Layer skip learning using LARS variables, IEEE ICECS 2018"
     options = {
-        "layers": Option(None, "layers to skip (names as `accelc inspect` prints); without it the graph is "
-                               "instrumented and the runtime controller decides per epoch", name_list,
-                         flag="--skip-layers"),
+        "layers": Option(
+            None,
+            "layers to skip (names as `accelc inspect` prints); without it the graph is "
+            "instrumented and the runtime controller decides per epoch",
+            name_list,
+            flag="--skip-layers",
+        ),
         "eta": Option(0.001, "LARS η (trust coefficient)", positive_float, flag="--skip-eta"),
         "beta": Option(1e-4, "LARS β (weight-decay term in the denominator)", positive_float, flag="--skip-beta"),
-        "tau_mode": Option("relative", "threshold rule: relative (λ > factor × the layer's first-epoch λ) or "
-                                       "absolute (λ > tau)", choice("relative", "absolute"), flag="--skip-tau-mode"),
-        "tau": Option(2.0, "the threshold: the factor (relative) or the λ value (absolute)", positive_float,
-                      flag="--skip-tau"),
-        "policy": Option("prefix", "prefix: skip the longest input-side prefix of done layers (lets the backward "
-                                   "stop early); suffix: the longest output-side suffix; any: every done layer",
-                         choice(*POLICIES), flag="--skip-policy"),
+        "tau_mode": Option(
+            "relative",
+            "threshold rule: relative (λ > factor × the layer's first-epoch λ) or absolute (λ > tau)",
+            choice("relative", "absolute"),
+            flag="--skip-tau-mode",
+        ),
+        "tau": Option(
+            2.0, "the threshold: the factor (relative) or the λ value (absolute)", positive_float, flag="--skip-tau"
+        ),
+        "policy": Option(
+            "prefix",
+            "prefix: skip the longest input-side prefix of done layers (lets the backward "
+            "stop early); suffix: the longest output-side suffix; any: every done layer",
+            choice(*POLICIES),
+            flag="--skip-policy",
+        ),
         "every": Option(1, "take λ every k steps", int_at_least(0), flag="--skip-every"),
         "aggregate": Option("mean", "per-epoch λ: mean or last", choice("mean", "last"), flag="--skip-aggregate"),
         "min_epochs": Option(1, "epochs before the first decision", int_at_least(0), flag="--skip-min-epochs"),
@@ -204,6 +221,7 @@ class SkipPass(Pass):
     def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
         """The remaining gradients equal the unpruned graph's on one batch (same weights)."""
         from ...runtime.session import TrainingSession  # heavy: torch and ORT, loaded when the check runs
+
         rng = np.random.default_rng(0)
         shape = before.info.input_shape
         x = rng.standard_normal((4, *shape)).astype(np.float32)

@@ -39,6 +39,7 @@ def _structure(m: onnx.ModelProto):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["cnn3-small", "vgg"])
 def test_passes_none_is_plain_generate_artifacts(tmp_path, model):
     # Each in a fresh process: ORT numbers generated names (onnx::loss::N) with a process-wide counter.
@@ -85,6 +86,7 @@ def test_artifacts_load_in_plain_ort_training_api(tmp_path):
     assert np.isfinite(l0)
 
 
+@pytest.mark.slow
 def test_conv_flops_match_hand_computation(tmp_path):
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     r = run_cli("inspect", tmp_path / "m.onnx", "--json")
@@ -121,6 +123,7 @@ def test_report_json(tmp_path):
     assert any("IR version" in f for f in on_disk["fixups"])
 
 
+@pytest.mark.slow
 def test_folded_batchnorm_is_reported(tmp_path):
     import torch
 
@@ -150,6 +153,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_model_input_one_line_exit_2(tmp_path, case):
     p = tmp_path / f"{case}.onnx"
@@ -168,6 +172,7 @@ def test_bad_model_input_one_line_exit_2(tmp_path, case):
         assert not [f for f in os.listdir(tmp_path) if f.startswith(".out")]
 
 
+@pytest.mark.slow
 def test_truncated_model_and_bad_flags(tmp_path):
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     data = (tmp_path / "m.onnx").read_bytes()
@@ -195,6 +200,7 @@ def test_truncated_model_and_bad_flags(tmp_path):
     assert r.returncode == 2 and "Traceback" in r.stderr  # -v shows one
 
 
+@pytest.mark.slow
 def test_help_explains_every_flag():
     r = run_cli("compile", "--help")
     assert r.returncode == 0

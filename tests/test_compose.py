@@ -16,12 +16,14 @@ def small32(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_pass_order_is_enforced(small32, tmp_path):
     r = run_cli("compile", small32 / "m.onnx", "--passes", "skip,rescale", "-o", tmp_path / "x")
     assert r.returncode == 2 and "rescale,skip" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_all_passes_rewrite_both_stages(small32, tmp_path):
     r = run_cli("compile", small32 / "m.onnx", "--passes", "rescale,reuse,skip", "-o", tmp_path / "art")
     assert r.returncode == 0, r.stderr
@@ -35,6 +37,7 @@ def test_all_passes_rewrite_both_stages(small32, tmp_path):
     assert plan == ["rescale", "reuse", "skip"]
 
 
+@pytest.mark.slow
 def test_a_skipped_reused_layer_loses_its_backward(small32, tmp_path):
     """The composed variant: skip set {c1, c2} (an input-side prefix) with reuse on — c2's reuse
     forward stays, its ReuseConvGrad node is gone; c3 keeps its reused backward."""
@@ -60,6 +63,7 @@ def test_a_skipped_reused_layer_loses_its_backward(small32, tmp_path):
     assert not any(n.op_type == "ConvGrad" and n.name.startswith("/c2/") for n in g.node)
 
 
+@pytest.mark.slow
 def test_end_to_end_every_controller_acts(small32, tmp_path):
     """Tiny model, synthetic data, all passes, 4 epochs: the low-resolution stage first, then a
     rescale switch; reuse active, then switched off by its strategy; at least one skip decision;
@@ -110,6 +114,7 @@ def test_end_to_end_every_controller_acts(small32, tmp_path):
     assert hist[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1
 
 
+@pytest.mark.slow
 def test_reuse_variants_of_a_fixed_skip_set(small32, tmp_path):
     """--skip-layers c1,c2 removes c2's whole reused backward; the reuse controller can still build
     its other settings and switch reuse off (c2 keeps a reused, then exact, forward)."""

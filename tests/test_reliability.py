@@ -70,11 +70,13 @@ def _assert_clean_error(r, out, needle=""):
     assert not [f for f in os.listdir(out.parent) if f.startswith("." + out.name)]
 
 
+@pytest.mark.slow
 def test_tiny_model_compiles(tmp_path):
     r = run_cli("compile", _tiny(tmp_path), "-o", tmp_path / "o")
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case,kw,needle",
     [
@@ -92,6 +94,7 @@ def test_bad_models(tmp_path, case, kw, needle):
     _assert_clean_error(r, out, needle)
 
 
+@pytest.mark.slow
 def test_odd_names_work(tmp_path):
     p = _tiny(tmp_path, name="we ird#name.onnx", w_name="conv/wéight:0 ✓", input_name="in put")
     out = tmp_path / "out dir"
@@ -101,6 +104,7 @@ def test_odd_names_work(tmp_path):
     assert layers[0]["params"] == ["conv/wéight:0 ✓"]
 
 
+@pytest.mark.slow
 def test_external_data_outside_folder_is_refused(tmp_path):
     p = _tiny(tmp_path)
     m = onnx.load(str(p))
@@ -121,6 +125,7 @@ def test_external_data_outside_folder_is_refused(tmp_path):
     _assert_clean_error(run_cli("compile", sub / "m.onnx", "-o", out), out, "relative")
 
 
+@pytest.mark.slow
 def test_external_data_inside_folder_works(tmp_path):
     p = _tiny(tmp_path)
     m = onnx.load(str(p))
@@ -136,6 +141,7 @@ def test_external_data_inside_folder_works(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_bad_option_values_and_layers(tmp_path):
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     out = tmp_path / "o"
@@ -150,6 +156,7 @@ def test_bad_option_values_and_layers(tmp_path):
         _assert_clean_error(run_cli("compile", tmp_path / "m.onnx", "-o", out, *args), out, needle)
 
 
+@pytest.mark.slow
 def test_train_bad_inputs(tmp_path):
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     assert run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "art").returncode == 0
@@ -207,6 +214,7 @@ def _mutations(model: onnx.ModelProto, rng: random.Random):
         yield kind, m.SerializeToString()
 
 
+@pytest.mark.slow
 def test_seeded_fuzz_compile_and_inspect(tmp_path):
     """Mutated models through compile and inspect: zero crashes, tracebacks and partial outputs.
     ACCELC_FUZZ_CASES sets the count (default 12, kept small for CI)."""
@@ -241,6 +249,7 @@ def test_seeded_fuzz_compile_and_inspect(tmp_path):
     assert stats["crashes"] == 0 and stats["tracebacks"] == 0 and stats["partial_outputs"] == 0, stats
 
 
+@pytest.mark.slow
 def test_kill_during_compile_leaves_complete_or_nothing(tmp_path):
     export_zoo("vgg", tmp_path / "m.onnx")
     rng = random.Random(7)
@@ -320,6 +329,7 @@ def _raw_avgpool_artifacts(tmp_path):
     return tmp_path / "art"
 
 
+@pytest.mark.slow
 def test_average_pool_is_legalised_and_trains(tmp_path):
     out = tmp_path / "o"
     r = run_cli("compile", _avgpool_model(tmp_path), "-o", out)
@@ -342,6 +352,7 @@ def test_native_crash_caught_by_validation(tmp_path):
         validate(art)
 
 
+@pytest.mark.slow
 def test_native_crash_in_training_is_reported_not_silent(tmp_path):
     art = _raw_avgpool_artifacts(tmp_path)
     r = run_cli("train", art, "--data", "synthetic:128", "--epochs", "1", "--batch-size", "32", "-o", tmp_path / "run")
@@ -350,6 +361,7 @@ def test_native_crash_in_training_is_reported_not_silent(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_epoch_and_step(tmp_path):
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     assert run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "art").returncode == 0
@@ -407,6 +419,7 @@ def _mount_tmpfs(path, opts):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opts,needle", [("size=64k", "space"), ("ro,size=1m", "read-only")])
 def test_full_or_read_only_output(tmp_path, opts, needle):
     export_zoo("vgg", tmp_path / "m.onnx")

@@ -115,6 +115,7 @@ def test_down_then_up_returns_close_to_original(method):
     assert np.linalg.norm(back - wg) / np.linalg.norm(wg) < 0.25
 
 
+@pytest.mark.slow
 def test_low_resolution_stage_and_switch_through_gemm_head(tmp_path):
     export_zoo("largekernel", tmp_path / "m.onnx")
     r = run_cli(
@@ -149,6 +150,7 @@ def test_low_resolution_stage_and_switch_through_gemm_head(tmp_path):
     assert s["controllers"]["rescale"]["switch_epoch"] == 1
 
 
+@pytest.mark.slow
 def test_model_that_cannot_be_rescaled_says_why(tmp_path):
     export_zoo("largekernel", tmp_path / "m.onnx", input_shape=(1, 56, 56))  # final map 7x7
     r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "a", "--passes", "rescale")

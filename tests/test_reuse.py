@@ -216,6 +216,7 @@ def test_native_torch_and_portable_paths_agree(reuse_artifacts):
             assert rel_err(g[k], ref_g[k]) < 1e-3, (i, k)
 
 
+@pytest.mark.slow
 def test_reuse_off_variant_is_the_plain_graph(reuse_artifacts):
     from accelc.compiler.artifact_dir import load_artifacts
     from accelc.passes.reuse.rewrite import reuse_variant
@@ -236,6 +237,7 @@ def test_reuse_off_variant_is_the_plain_graph(reuse_artifacts):
         assert rel_err(a[1][k], b[1][k]) < 1e-6
 
 
+@pytest.mark.slow
 def test_off_strategy_switches_and_reports(reuse_artifacts, tmp_path):
     r = run_cli(
         "compile",
@@ -273,6 +275,7 @@ def test_off_strategy_switches_and_reports(reuse_artifacts, tmp_path):
     assert s["final_test_acc"] > 0.15
 
 
+@pytest.mark.slow
 def test_bad_reuse_options_are_one_line_errors(reuse_artifacts, tmp_path):
     for args, msg in (
         (["--reuse-H", "40"], "1..20"),

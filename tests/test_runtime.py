@@ -25,6 +25,7 @@ def small_art(tmp_path_factory):
     return d / "art"
 
 
+@pytest.mark.slow
 def test_train_cli_writes_metrics_summary_plot_checkpoint(small_art, tmp_path):
     r = run_cli(
         "train", small_art, "--data", "synthetic:1024", "--epochs", "2", "--batch-size", "32", "-o", tmp_path / "run"
@@ -44,6 +45,7 @@ def test_train_cli_writes_metrics_summary_plot_checkpoint(small_art, tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(small_art, tmp_path):
     args = [
         "train",
@@ -128,6 +130,7 @@ def test_imagefolder(tmp_path):
     assert len(ds.x_train) + len(ds.x_test) == 10
 
 
+@pytest.mark.slow
 def test_bench_side_by_side(tmp_path):
     r = run_cli(
         "bench",

@@ -52,6 +52,7 @@ def served(tmp_path):
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_view_binds_loopback_only(served):
     # reachable on 127.0.0.1, and the listening socket is bound to loopback only
     with open("/proc/net/tcp") as fh:
@@ -60,6 +61,7 @@ def test_view_binds_loopback_only(served):
     assert listening and all(addr.split(":")[0] == "0100007F" for addr in listening), listening
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian chromium and chromium-driver")
 def test_netron_renders_training_graph(served):
     pytest.importorskip("selenium")

@@ -12,8 +12,6 @@ bandwidth reduction.
 
 from __future__ import annotations
 
-import numpy as np
-
 from ...compiler.cost import graph_costs
 from ...compiler.graph import training_graph
 from ...runtime.algorithm import Algorithm, register_algorithm
@@ -23,11 +21,6 @@ from .rewrite import SkipPass, lars_outputs, skip_variant
 def lars(w_norm: float, g_norm: float, eta: float, beta: float) -> float:
     """The LARS local rate λ = η‖w‖/(‖∇w‖ + β‖w‖)."""
     return eta * w_norm / (g_norm + beta * w_norm)
-
-
-def numpy_lars(w: np.ndarray, g: np.ndarray, eta: float, beta: float) -> float:
-    """λ from the arrays themselves (the reference the graph's norms are checked against)."""
-    return lars(float(np.linalg.norm(w)), float(np.linalg.norm(g)), eta, beta)
 
 
 @register_algorithm

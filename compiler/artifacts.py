@@ -97,7 +97,7 @@ def fix_eval_batchnorm(model: onnx.ModelProto) -> list[str]:
 
 
 def _ort_loss(loss: str):
-    from onnxruntime.training import artifacts as ort_artifacts
+    from onnxruntime.training import artifacts as ort_artifacts  # heavy: ORT Training imports torch
 
     if loss == "cross_entropy":
         return ort_artifacts.LossType.CrossEntropyLoss
@@ -105,7 +105,7 @@ def _ort_loss(loss: str):
 
 
 def _ort_optimizer(name: str):
-    from onnxruntime.training import artifacts as ort_artifacts
+    from onnxruntime.training import artifacts as ort_artifacts  # heavy: ORT Training imports torch
 
     table = {"adamw": ort_artifacts.OptimType.AdamW, "sgd": ort_artifacts.OptimType.SGD}
     if name not in table:
@@ -134,7 +134,7 @@ def quiet_native_stderr():
 def ort_generate(info: ModelInfo, directory: Path, loss: str = "cross_entropy", optimizer: str = "adamw") -> None:
     """Plain ``generate_artifacts`` exactly as an ORT user would call it (no fix-ups)."""
     import onnxruntime as ort  # heavy: loaded when artifacts are generated
-    from onnxruntime.training import artifacts as ort_artifacts
+    from onnxruntime.training import artifacts as ort_artifacts  # heavy: ORT Training imports torch
 
     ort.set_default_logger_severity(3)
     os.makedirs(directory, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -121,7 +122,6 @@ def compile_model(
 
 def legalized(info: ModelInfo) -> ModelInfo:
     """The model with constructs ORT Training cannot train rewritten (see compiler.legalize)."""
-    import dataclasses
 
     model, notes = legalize(info.model)
     if not notes:

@@ -11,9 +11,11 @@ import os
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from onnx import numpy_helper
 
 from .errors import AccelcError
 from .fileio import atomic_write_bytes
@@ -48,8 +50,6 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
         module.train(was_training)
     # Tracing ran one training-mode forward, which moved BatchNorm running statistics before torch
     # captured them as initialisers: put the module's true values back.
-    import onnx
-    from onnx import numpy_helper
 
     model = onnx.load_model_from_string(buf.getvalue())
     fixed = False

@@ -6,6 +6,7 @@ with its accumulators lowered away)."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -92,7 +93,6 @@ def validate(art: Artifacts) -> dict:
         pid = os.fork()
         if pid == 0:  # child
             os.close(r)
-            import faulthandler
 
             faulthandler.disable()  # the parent reports a crash in one line; no dump on the terminal
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -20,7 +20,7 @@ def resolve_model(path) -> Path:
 
 
 def serve(path, port: int = 8080, block: bool = True, browse: bool = False):
-    import netron
+    import netron  # heavy: loaded when a model is served
 
     if not (0 < port < 65536):
         raise AccelcError(f"--port must be in 1..65535, got {port}")

@@ -8,6 +8,8 @@ from . import passes as _passes  # noqa: F401  (registers every pass, algorithm,
 from .compiler.compile import compile_model, inspect_path
 from .compiler.errors import AccelcError
 from .compiler.pass_api import default_passes, parse_pass_list
+from .runtime.config import ExecConfig
+from .runtime.train import train as _train
 
 
 def compile(
@@ -79,8 +81,6 @@ def train(
 ) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
     ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``)."""
-    from .runtime.config import ExecConfig
-    from .runtime.train import train as _train
 
     config = ExecConfig(device=device, threads=threads, kernels=dict(kernels or {}))
     return _train(

@@ -17,9 +17,11 @@ ratio per reused layer, resolution stage).
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from .compiler.errors import AccelcError
 from .compiler.fileio import atomic_write_text
 from .compiler.graph import training_graph
 from .compiler.model import load_model
-from .compiler.pass_api import registered
+from .compiler.pass_api import parse_pass_list, registered
 from .runtime.algorithm import algorithms_for
 from .runtime.config import ExecConfig
 from .runtime.data import load_data
@@ -59,7 +61,6 @@ def parse_configs(text: str) -> list[str]:
 
 def config_passes(c: str) -> tuple[list[str], dict]:
     """('ort+skip[tau=1.5]') -> (['skip'], {'skip': {'tau': '1.5'}}): options go to every pass that has them."""
-    from .compiler.pass_api import parse_pass_list
 
     if c in ("ort", "ort-noopt"):
         return [], {}
@@ -108,9 +109,9 @@ def run_bench(
 ) -> dict:
     import torch  # heavy: loaded when a benchmark runs
 
-    from .compiler.export import ZOO, export_zoo, zoo_module
-    from .runtime.session import TrainingSession
-    from .runtime.torch_engine import TorchSession
+    from .compiler.export import ZOO, export_zoo, zoo_module  # heavy: torch, loaded when a benchmark runs
+    from .runtime.session import TrainingSession  # heavy
+    from .runtime.torch_engine import TorchSession  # heavy
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,6 @@ class PeakRSS:
     /proc; the process-wide peak of getrusage never goes down between configurations)."""
 
     def __enter__(self):
-        import threading
 
         self.peak_mb = self._rss()
         self._stop = threading.Event()
@@ -214,8 +214,6 @@ class PeakRSS:
     def _rss() -> float:
         try:
             with open("/proc/self/statm") as fh:
-                import os
-
                 return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
         except (OSError, ValueError):
             return 0.0
@@ -333,7 +331,7 @@ def markdown(rep: dict) -> str:
 
 
 def plot_bench(results: dict, path: Path, rep: dict) -> None:
-    import matplotlib
+    import matplotlib  # heavy: loaded when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -358,7 +356,7 @@ def plot_bench(results: dict, path: Path, rep: dict) -> None:
 def plot_controllers(results: dict, path: Path, rep: dict) -> None:
     """Three panels over epochs: skipped layers (timeline), remain ratio per reused layer, and the
     resolution stage (input height), for every configuration that has the controller."""
-    import matplotlib
+    import matplotlib  # heavy: loaded when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -25,7 +25,15 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import api
+from . import passes as _passes  # noqa: F401  (registers the passes: their options become flags)
+from .bench import markdown, parse_configs, run_bench
+from .compiler.artifact_dir import load_artifacts
 from .compiler.errors import AccelcError
+from .compiler.pass_api import parse_pass_list, registered
+from .runtime import checkpoint as ckpt
+from .runtime.config import ExecConfig, parse_kernel_choices
+from .runtime.kernels import ORT, providers
 
 DEFAULT_LR = 1e-3
 DEFAULT_CONFIGS = "torch,ort"
@@ -137,7 +145,6 @@ class ExecArgs(ArgGroup):
         g = parser.add_argument_group("execution")
         g.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs the gpu extra)")
         g.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
-        from .runtime.kernels import ORT, providers
 
         kinds = ", ".join(f"{n}={'|'.join(p.implementations + (ORT,))}" for n, p in providers().items())
         g.add_argument(
@@ -151,7 +158,6 @@ class ExecArgs(ArgGroup):
 
     @staticmethod
     def config(a):
-        from .runtime.config import ExecConfig, parse_kernel_choices
 
         return ExecConfig(device=a.device, threads=a.threads, kernels=parse_kernel_choices(a.kernel))
 
@@ -160,7 +166,6 @@ class PassArgs(ArgGroup):
     """--passes, --no-opt and every registered pass's option flags."""
 
     def add(self, parser, **_):
-        from .compiler.pass_api import registered
 
         reg = registered()
         g = parser.add_argument_group("passes")
@@ -190,7 +195,6 @@ class PassArgs(ArgGroup):
 
     @staticmethod
     def options(a, names: list[str]) -> dict:
-        from .compiler.pass_api import registered
 
         opts: dict = {}
         for pname, cls in registered().items():
@@ -243,7 +247,7 @@ class Export(Tool):
         p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
 
     def run(self, a):
-        from .compiler.export import ZOO, export_zoo
+        from .compiler.export import ZOO, export_zoo  # heavy: torch
 
         if a.list or not a.name:
             for k, (_, shape, desc) in ZOO.items():
@@ -282,8 +286,6 @@ class Compile(Tool):
         g.add_argument("--no-validate", action="store_true", help="skip ORT-session and numeric validation")
 
     def run(self, a):
-        from . import api
-        from .compiler.pass_api import parse_pass_list
 
         names = parse_pass_list(a.passes)
         report = api.compile(
@@ -326,7 +328,6 @@ class Passes(Tool):
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     def run(self, a):
-        from .compiler.pass_api import registered
 
         reg = registered()
         if a.json:
@@ -368,7 +369,6 @@ class Inspect(Tool):
         p.add_argument("--json", action="store_true", help="print {'layers': [...]} as JSON, in topological order")
 
     def run(self, a):
-        from . import api
 
         view = api.inspect(a.path)
         if a.json:
@@ -400,7 +400,7 @@ class View(Tool):
         p.add_argument("--browse", action="store_true", help="open a web browser")
 
     def run(self, a):
-        from .compiler.view import serve
+        from .compiler.view import serve  # heavy: netron
 
         serve(a.path, a.port, block=not a.no_block, browse=a.browse)
         return 0
@@ -431,11 +431,9 @@ class Train(Tool):
         )
 
     def run(self, a):
-        from . import api
 
         if not a.in_process:
             # check what can be checked cheaply here, then train in a supervised worker
-            from .compiler.artifact_dir import load_artifacts
 
             load_artifacts(a.artifacts)
             ExecArgs.config(a)
@@ -472,7 +470,6 @@ class Train(Tool):
 def _supervise(argv: list[str], run_dir: Path) -> int:
     """Run the training in a child process so a native crash (ORT can die with SIGFPE/SIGSEGV)
     is reported with where it happened and what was saved, never as a silent death."""
-    from .runtime import checkpoint as ckpt
 
     p = subprocess.Popen([sys.executable, "-m", "accelc"] + argv)
     try:
@@ -536,7 +533,6 @@ class Bench(Tool):
         p.add_argument("-o", "--output", default="bench-out", help="output directory (default bench-out)")
 
     def run(self, a):
-        from .bench import markdown, parse_configs, run_bench
 
         if a.epochs <= 0 or a.repeats <= 0:
             raise AccelcError("--epochs and --repeats must be positive")
@@ -568,7 +564,6 @@ TOOLS = (Export, Compile, Passes, Inspect, View, Train, Bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import passes  # noqa: F401  (registers the passes: their options become flags)
 
     top = argparse.ArgumentParser(
         prog="accelc",

@@ -68,7 +68,7 @@ class Dataset:
 
 
 def resize(x: np.ndarray, hw: tuple) -> np.ndarray:
-    import torch
+    import torch  # heavy: loaded when data is resized
     import torch.nn.functional as F
 
     if tuple(x.shape[2:]) == tuple(hw):
@@ -222,7 +222,7 @@ IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm"}
 
 
 def _read_folder(d: Path, shape: tuple, classes: list[str] | None = None):
-    from PIL import Image
+    from PIL import Image  # heavy, optional: only image folders need it
 
     c, h, w = shape
     classes = classes or sorted(p.name for p in d.iterdir() if p.is_dir())

@@ -42,7 +42,7 @@ class SegmentedRunner:
     """Executes a lowered training graph with claimed nodes (see the module doc)."""
 
     def __init__(self, model: onnx.ModelProto, session_options, ort_providers, config: ExecConfig):
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy
 
         # ORT's intra-op threads spin after each run by default; with kernels running between
         # segments that spinning steals the cores they need.

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..compiler.cost import graph_costs
 from ..compiler.errors import AccelcError
@@ -137,7 +138,6 @@ class Trainer:
         return loss_sum / total, correct / total
 
     def run(self) -> dict:
-        from tqdm import tqdm
 
         for epoch in range(self.start_epoch, self.epochs):
             steps = self.data.steps_per_epoch(self.batch_size)
@@ -278,8 +278,8 @@ class Trainer:
 
 
 def machine_info() -> dict:
-    import onnxruntime
-    import torch
+    import onnxruntime  # heavy
+    import torch  # heavy
 
     return {
         "platform": platform.platform(),
@@ -291,7 +291,7 @@ def machine_info() -> dict:
 
 
 def plot_run(history: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
+    import matplotlib  # heavy: loaded when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -355,7 +355,7 @@ def train(
 ) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
     ``algorithms`` default to those the artifacts' plan asks for."""
-    from .session import TrainingSession
+    from .session import TrainingSession  # heavy: torch and ORT
 
     config = config or ExecConfig()
     session = TrainingSession(artifact_dir, config, lr=lr)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from onnx import TensorProto as T
+from onnx import helper as h
 
 from ...runtime.algorithm import Algorithm, register_algorithm
 from .rewrite import PASS, ReusePass, reuse_variant, reused_layers
@@ -32,8 +34,6 @@ from .spec import KERNEL_KEY, geom_from_config, layer_macs
 def conv_layer_model(pads, kernel, strides, dilations):
     """A model running one layer's Conv (X, W, B -> Y) and ORT Training's ConvGrad (dY, X, W -> dX,
     dW, dB): the original layer, for side-by-side timings."""
-    from onnx import TensorProto as T
-    from onnx import helper as h
 
     attrs = dict(pads=list(pads), kernel_shape=list(kernel), strides=list(strides), dilations=list(dilations))
     graph = h.make_graph(

@@ -24,8 +24,12 @@ What the pass does to the training graph:
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from ...compiler.artifacts import Artifacts, quiet_native_stderr
 from ...compiler.errors import AccelcError
@@ -134,10 +138,6 @@ def prune(tg: TrainingGraph, skip: list[str]) -> tuple[list[dict], list[str]]:
 
 def freeze_in_checkpoint(checkpoint: bytes, frozen: list[str]) -> bytes:
     """Rewrite an ORT checkpoint so ``frozen`` parameters have requires_grad = False."""
-    import os
-    import tempfile
-
-    from onnx import numpy_helper
     from onnxruntime.training import api, onnxblock  # heavy: ORT Training
 
     with tempfile.TemporaryDirectory() as d:

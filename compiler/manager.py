@@ -40,12 +40,12 @@ class PassManager:
             # stage replays the passes that ran before it, an existing one gets this pass.
             changed_stages = []
             for name in list(art.stages):
-                todo = [q for q in done if q is not p] if name not in old_stages else [p]
-                stage_modified = name not in old_stages
-                for q in todo:
+                new = name not in old_stages
+                stage_modified = new
+                for q in done if new else [p]:
                     r = self._apply(q, art.stages[name])
                     art.stages[name] = r.artifacts
-                    art.stages[name].plan = []
+                    art.stages[name].plan = []  # the root's plan drives training; a stage's is unused
                     stage_modified |= r.modified
                 if stage_modified:
                     changed_stages.append(name)

@@ -286,7 +286,6 @@ class Compile(Tool):
         g.add_argument("--no-validate", action="store_true", help="skip ORT-session and numeric validation")
 
     def run(self, a):
-
         names = parse_pass_list(a.passes)
         report = api.compile(
             a.model,
@@ -328,7 +327,6 @@ class Passes(Tool):
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     def run(self, a):
-
         reg = registered()
         if a.json:
             print(
@@ -369,7 +367,6 @@ class Inspect(Tool):
         p.add_argument("--json", action="store_true", help="print {'layers': [...]} as JSON, in topological order")
 
     def run(self, a):
-
         view = api.inspect(a.path)
         if a.json:
             print(
@@ -431,7 +428,6 @@ class Train(Tool):
         )
 
     def run(self, a):
-
         if not a.in_process:
             # check what can be checked cheaply here, then train in a supervised worker
 
@@ -533,7 +529,6 @@ class Bench(Tool):
         p.add_argument("-o", "--output", default="bench-out", help="output directory (default bench-out)")
 
     def run(self, a):
-
         if a.epochs <= 0 or a.repeats <= 0:
             raise AccelcError("--epochs and --repeats must be positive")
         configs = parse_configs(a.configs)

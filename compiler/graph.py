@@ -196,9 +196,7 @@ class TrainingGraph:
         for n in model.graph.node:
             tags = self.tags.get(n.name)
             if tags:
-                del n.metadata_props[:]
-                for k, v in tags.items():
-                    n.metadata_props.add(key=k, value=v)
+                provenance.write(n, tags)
             if "_Grad/" in n.name and not n.doc_string:
                 n.doc_string = "Backward pass"
         return model

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import provenance
 from .errors import AccelcError
 from .model import infer_shapes
 
@@ -78,10 +79,10 @@ def legalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
             strides=strides,
             pads=pads,
         )
-        conv.metadata_props.add(key="accelc.pass", value="legalize")
-        conv.metadata_props.add(
-            key="accelc.note",
-            value=f"AveragePool {k[0]}x{k[1]}/{strides[0]} as depthwise Conv (ORT 1.19.2 AveragePoolGrad crashes)",
+        provenance.tag(
+            conv,
+            "legalize",
+            note=f"AveragePool {k[0]}x{k[1]}/{strides[0]} as depthwise Conv (ORT 1.19.2 AveragePoolGrad crashes)",
         )
         new_nodes.append(conv)
         notes.append(

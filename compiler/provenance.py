@@ -36,9 +36,13 @@ def tag(obj, pass_name: str, layer: str | None = None, note: str | None = None, 
     ``extra`` keys are full metadata keys (e.g. ``{"accelc.<pass>.config": ...}``); pass them as
     ``**{"key": value}``. Keys in :data:`KEEP_ON_RETAG` already present are kept."""
     new = record(pass_name, layer, note, **extra)
-    old = props(obj)
-    merged = {k: v for k, v in old.items() if k in KEEP_ON_RETAG and k not in new}
+    merged = {k: v for k, v in props(obj).items() if k in KEEP_ON_RETAG and k not in new}
     merged.update(new)
+    write(obj, merged)
+
+
+def write(obj, tags: dict[str, str]) -> None:
+    """Replace the metadata of an ONNX node or tensor with ``tags`` (a record made here)."""
     del obj.metadata_props[:]
-    for k, v in merged.items():
+    for k, v in tags.items():
         obj.metadata_props.add(key=k, value=v)

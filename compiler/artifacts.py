@@ -21,6 +21,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -158,6 +159,18 @@ def ort_generate(info: ModelInfo, directory: Path, loss: str = "cross_entropy", 
         root.setLevel(level)
 
 
+def generation_error(e: BaseException) -> str:
+    """One line on why ORT could not build the training graph, naming the op when it can."""
+    text = " ".join(str(e).split())
+    m = re.search(r"gradient builder has not been registered: (\S+) for node (\S+)", text)
+    if m:
+        return (
+            f"ORT Training 1.19.2 cannot differentiate op '{m.group(1)}' (node '{m.group(2)}') and accelc "
+            f"has no exact rewrite for it; replace it in the model"
+        )
+    return f"ORT could not build the training graph: {ort_message(e)}"
+
+
 def generate(
     info: ModelInfo, loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3, batch_size: int = 64
 ) -> tuple[Artifacts, list[str]]:
@@ -174,7 +187,7 @@ def generate(
         except AccelcError:
             raise
         except Exception as e:
-            raise AccelcError(f"ORT could not build the training graph: {ort_message(e)}") from None
+            raise AccelcError(generation_error(e)) from None
         d = Path(d)
         training = onnx.load_model(str(d / "training_model.onnx"))
         eval_m = onnx.load_model(str(d / "eval_model.onnx"))

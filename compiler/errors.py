@@ -21,5 +21,7 @@ def ort_message(e: BaseException, limit: int = 300) -> str:
         if marker in text:
             text = text.rsplit(marker, 1)[-1]
     if ") " in text and "::" in text:
-        text = text.rsplit(") ", 1)[-1]
+        tail = text.rsplit(") ", 1)[-1].strip()
+        # a bare assertion tail ("was false.") says nothing: keep the condition that failed
+        text = tail if len(tail) > 20 else text.rsplit("::", 1)[-1]
     return text.strip()[:limit]

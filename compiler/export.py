@@ -6,7 +6,10 @@ this helper always exports in training mode without constant folding.
 
 from __future__ import annotations
 
+import collections
+import copy
 import io
+import json
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +22,7 @@ from onnx import numpy_helper
 
 from .errors import AccelcError
 from .fileio import atomic_write_bytes
+from .model import TRAINABLE_KEY
 
 OPSET = 17
 
@@ -28,7 +32,12 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
     was_training = module.training
     module.train()
     # BatchNorm running statistics must not move during export.
-    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    # (a copy of the state dict keeps its _metadata: modules such as torchvision's MNASNet read
+    # their version from it when the state is loaded back)
+    state = module.state_dict()
+    saved = collections.OrderedDict((k, v.clone()) for k, v in state.items())
+    if hasattr(state, "_metadata"):
+        saved._metadata = copy.deepcopy(state._metadata)
     buf = io.BytesIO()
     try:
         with warnings.catch_warnings():
@@ -52,12 +61,14 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
     # captured them as initialisers: put the module's true values back.
 
     model = onnx.load_model_from_string(buf.getvalue())
-    fixed = False
     for i, t in enumerate(model.graph.initializer):
         if t.name in saved and ("running_" in t.name or "num_batches" in t.name):
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(saved[t.name].cpu().numpy(), t.name))
-            fixed = True
-    return model.SerializeToString() if fixed else buf.getvalue()
+    # torch's own list of what trains, so the compiler trains exactly that (a layer scale used by
+    # Mul included) and says so when a parameter did not survive export as an initialiser
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    model.metadata_props.add(key=TRAINABLE_KEY, value=json.dumps(trainable))
+    return model.SerializeToString()
 
 
 def export(module: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> Path:

@@ -7,6 +7,7 @@ only read from inside the model's own folder.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,77 +18,19 @@ from onnx import TensorProto
 
 from .errors import AccelcError
 
-# Ops whose float initialiser inputs are trainable parameters, and which input slots hold them.
-PARAM_SLOTS = {
-    "Conv": (1, 2),
-    "ConvTranspose": (1, 2),
-    "Gemm": (1, 2),
-    "MatMul": (0, 1),
-    "Add": (0, 1),  # only a bias add that directly follows a MatMul, see _trainable_params
-    "BatchNormalization": (1, 2),
-    "InstanceNormalization": (1, 2),
-    "LayerNormalization": (1, 2),
-}
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (TensorProto.FLOAT,)
-# Standard ONNX ops that the ORT 1.19 gradient builder handles (the CNN vocabulary we support).
-SUPPORTED_OPS = {
-    "Conv",
-    "ConvTranspose",
-    "Gemm",
-    "MatMul",
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Relu",
-    "LeakyRelu",
-    "Sigmoid",
-    "Tanh",
-    "Gelu",
-    "Softmax",
-    "LogSoftmax",
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "BatchNormalization",
-    "Flatten",
-    "Reshape",
-    "Transpose",
-    "Concat",
-    "Split",
-    "Slice",
-    "Squeeze",
-    "Unsqueeze",
-    "Identity",
-    "Dropout",
-    "Shape",
-    "Gather",
-    "Constant",
-    "Cast",
-    "Pad",
-    "ReduceMean",
-    "ReduceSum",
-    "Clip",
-    "Sqrt",
-    "Pow",
-    "Neg",
-    "Exp",
-    "HardSigmoid",
-    "HardSwish",
-    "Expand",
-    "Where",
-    "Equal",
-    "Less",
-    "Greater",
-    "Range",
-    "ConstantOfShape",
-    "InstanceNormalization",
-    "LayerNormalization",
-    "Resize",
-    "Upsample",
-}
+# The exported module's trainable parameters, written by accelc.export (a JSON list of names).
+TRAINABLE_KEY = "accelc.trainable"
+# Input slots that carry no gradient (shapes, limits, exponents, statistics): an initialiser used
+# only there is a constant, not a parameter.
+NON_DIFFERENTIABLE = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Pad": (1, 2, 3),
+    "Resize": (1, 2, 3), "Upsample": (1,), "Clip": (1, 2), "Pow": (1,), "Squeeze": (1,),
+    "Unsqueeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,),
+    "Split": (1,), "Range": (0, 1, 2), "ConstantOfShape": (0,), "BatchNormalization": (3, 4),
+    "Dropout": (1, 2), "Gather": (1,), "Where": (0,), "OneHot": (1, 2),
+}  # fmt: skip
 
 
 @dataclass
@@ -194,23 +137,65 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, str]:
     return model, h.hexdigest()
 
 
-def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+def declared_trainable(model: onnx.ModelProto) -> list[str] | None:
+    """The trainable parameters the exporter wrote into the model (accelc.export does), or None."""
+    text = {p.key: p.value for p in model.metadata_props}.get(TRAINABLE_KEY)
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except ValueError:
+        raise AccelcError(f"model metadata '{TRAINABLE_KEY}' is not valid JSON") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise AccelcError(f"model metadata '{TRAINABLE_KEY}' must be a list of parameter names")
+    return names
+
+
+def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str], str | None]:
+    """(trainable, frozen, warning). Trainable: the parameters the exporter declared (accelc.export
+    writes them), or else every float initialiser that feeds a node where a gradient flows (not
+    only Conv/Gemm/BatchNorm weights: a layer scale used by Mul trains too). Constants (used only
+    as shapes, limits, exponents, BatchNorm statistics) and generated 'onnx::' names stay frozen."""
     inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
+    floats = {n for n, t in inits.items() if t.data_type in FLOAT_TYPES}
+    declared = declared_trainable(model)
     trainable: list[str] = []
-    for node in model.graph.node:
-        slots = PARAM_SLOTS.get(node.op_type, ())
-        if node.op_type == "Add":
-            # a MatMul bias: Add(MatMul(x, W), b)
-            if not any(i in producers and producers[i].op_type == "MatMul" for i in node.input):
+    for node in model.graph.node:  # graph order: the optimizer state follows it
+        skip = NON_DIFFERENTIABLE.get(node.op_type, ())
+        for slot, name in enumerate(node.input):
+            if name not in floats or name in trainable:
                 continue
-        for s in slots:
-            if s < len(node.input) and node.input[s] in inits:
-                name = node.input[s]
-                if inits[name].data_type in FLOAT_TYPES and name not in trainable:
+            if declared is not None:
+                if name in declared:
                     trainable.append(name)
-    frozen = [n for n, t in inits.items() if t.data_type in FLOAT_TYPES and n not in trainable]
-    return trainable, frozen
+            elif slot not in skip and not name.startswith("onnx::"):
+                trainable.append(name)
+    frozen = [n for n in inits if n in floats and n not in trainable]
+    warning = None
+    if declared is not None:
+        lost = [n for n in declared if n not in trainable]
+        if lost:
+            warning = (
+                f"{len(lost)} parameter(s) torch trains are not initialisers the model uses "
+                f"({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}): the exported graph does not use "
+                f"them (unused, inlined or renamed), so they will not train"
+            )
+    else:
+        stats = {
+            node.input[s]
+            for node in model.graph.node
+            if node.op_type == "BatchNormalization"
+            for s in (3, 4)
+            if s < len(node.input)
+        }
+        unsure = [n for n in frozen if n not in stats]
+        if unsure:
+            warning = (
+                f"{len(unsure)} float initialiser(s) are not trained ({', '.join(unsure[:5])}"
+                f"{', ...' if len(unsure) > 5 else ''}): the model does not say which are parameters "
+                f"(export it with accelc.export to carry torch's own list)"
+            )
+    return trainable, frozen, warning
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list:
@@ -261,11 +246,6 @@ def check_model(model: onnx.ModelProto, sha256: str = "", path: Path | None = No
                 f"node '{n.name or n.op_type}' uses op '{n.domain}::{n.op_type}' from an unknown "
                 f"domain; accelc supports standard ONNX ops only"
             )
-        if n.op_type not in SUPPORTED_OPS:
-            raise AccelcError(
-                f"unsupported op '{n.op_type}' (node '{n.name}'): ORT Training has no gradient for it "
-                f"or accelc does not support it"
-            )
     data_inputs = [i for i in g.input if i.name not in inits]
     if len(data_inputs) != 1:
         raise AccelcError(
@@ -306,7 +286,7 @@ def check_model(model: onnx.ModelProto, sha256: str = "", path: Path | None = No
                     f"input '{inp.name}' has shape {dims} but Conv '{n.name}' needs a "
                     f"{len(w.dims)}-D input [batch, C, ...]: is the batch dimension missing?"
                 )
-    params, frozen = _trainable_params(model)
+    params, frozen, frozen_warning = _trainable_params(model)
     if not params:
         raise AccelcError("model has no trainable parameters (no Conv/Gemm/MatMul weight initialisers)")
     info = ModelInfo(
@@ -322,6 +302,8 @@ def check_model(model: onnx.ModelProto, sha256: str = "", path: Path | None = No
     )
     if info_note:
         info.legalize_notes.append(info_note)
+    if frozen_warning:
+        info.warnings.append(frozen_warning)
     hint = folded_batchnorm_hint(model)
     if hint:
         info.warnings.append(hint)

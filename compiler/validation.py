@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+import zlib
 
 import numpy as np
 import onnx
@@ -40,13 +41,44 @@ def random_feeds(session, art: Artifacts, rng, params: str = "random", batch: in
     return feeds
 
 
+# Random ops and the type of their ``seed`` attribute (ONNX: int for Dropout, float otherwise).
+RANDOM_OPS = {
+    "Dropout": int,
+    "RandomUniformLike": float,
+    "RandomNormalLike": float,
+    "RandomUniform": float,
+    "RandomNormal": float,
+    "Bernoulli": float,
+    "Multinomial": float,
+}
+
+
+def seed_random_ops(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose random ops (active dropout, stochastic depth) draw from a seed of
+    their own, taken from the node's name: two graphs that differ only by a rewrite then draw the
+    same masks, whatever order their nodes run in, so a numeric check compares like with like."""
+    if not any(n.op_type in RANDOM_OPS for n in model.graph.node):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        kind = RANDOM_OPS.get(n.op_type)
+        if kind is not None:
+            keep = [a for a in n.attribute if a.name != "seed"]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+            n.attribute.append(onnx.helper.make_attribute("seed", kind(zlib.crc32(n.name.encode()) % 65536)))
+    return m
+
+
 def run_lowered(art: Artifacts, model, feeds) -> dict:
     """Run a training graph once with its accumulators lowered away: {output: value} for the loss,
     logits, gradients and statistics
-    (InPlaceAccumulatorV2 outputs only a flag, so the raw graph's outputs carry no gradients)."""
+    (InPlaceAccumulatorV2 outputs only a flag, so the raw graph's outputs carry no gradients).
+    Random ops are seeded (:func:`seed_random_ops`): the result is a function of the feeds."""
     import onnxruntime as ort  # heavy: loaded when a check runs
 
-    model, _ = lower_training_model(model, art.info.output_name)
+    model, _ = lower_training_model(seed_random_ops(model), art.info.output_name)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = 1

@@ -76,10 +76,8 @@ class SegmentedRunner:
             if k not in owners:
                 for i in n.input:
                     consumers_after[i].add(level[k])
-        typed = _value_types(model)
         functions = {(f.domain, f.name): f for f in model.functions}
-        self.segments = []
-        self.order = []  # ("seg", k) / ("kernel", NodeKernel)
+        plans = []  # (level, nodes, inputs, outputs) of every ORT segment
         for lv in range(n_levels):
             nodes = [nodes_all[k] for k in seg_nodes.get(lv, [])]
             if nodes:
@@ -94,6 +92,14 @@ class SegmentedRunner:
                     for o in produced
                     if o in graph_outputs or o in kernel_reads or any(x > lv for x in consumers_after.get(o, ()))
                 )
+                plans.append((lv, nodes, needed, outs))
+        typed = _value_types(model, {t for _, _, ins, outs in plans for t in ins + outs})
+        self.segments = []
+        self.order = []  # ("seg", k) / ("kernel", NodeKernel)
+        by_level = {lv: (nodes, needed, outs) for lv, nodes, needed, outs in plans}
+        for lv in range(n_levels):
+            if lv in by_level:
+                nodes, needed, outs = by_level[lv]
                 used_inits = list({i: inits[i] for n in nodes for i in n.input if i in inits}.values())
                 sub = helper.make_graph(
                     nodes, f"segment{lv}", [_vi(i, typed) for i in needed], [_vi(o, typed) for o in outs], used_inits
@@ -170,7 +176,11 @@ class SegmentedRunner:
             env[name] = t
 
 
-def _value_types(model: onnx.ModelProto) -> dict:
+def _value_types(model: onnx.ModelProto, boundary: set) -> dict:
+    """Types (and shapes, where known) of the graph's tensors. ONNX shape inference does not know
+    ORT's contrib ops (e.g. ConcatTraining's int64 ``per_input_length`` output), so every segment
+    boundary tensor it leaves untyped is typed by ORT itself: a session of the whole graph with
+    those tensors as outputs (created, never run)."""
     types = {vi.name: vi.type for vi in model.graph.value_info if vi.type.tensor_type.elem_type}
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
@@ -179,7 +189,38 @@ def _value_types(model: onnx.ModelProto) -> dict:
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         if vi.type.tensor_type.elem_type and vi.name not in types:
             types[vi.name] = vi.type
+    missing = sorted(t for t in boundary if t not in types)
+    if missing:
+        for name, elem in _ort_types(model, missing).items():
+            types[name] = helper.make_tensor_type_proto(elem, None)
     return types
+
+
+_ORT_TYPES = {
+    "tensor(float)": onnx.TensorProto.FLOAT,
+    "tensor(double)": onnx.TensorProto.DOUBLE,
+    "tensor(float16)": onnx.TensorProto.FLOAT16,
+    "tensor(int64)": onnx.TensorProto.INT64,
+    "tensor(int32)": onnx.TensorProto.INT32,
+    "tensor(int8)": onnx.TensorProto.INT8,
+    "tensor(uint8)": onnx.TensorProto.UINT8,
+    "tensor(bool)": onnx.TensorProto.BOOL,
+}
+
+
+def _ort_types(model: onnx.ModelProto, names: list) -> dict:
+    import onnxruntime as ort  # heavy
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names if n not in have)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    wanted = set(names)
+    return {o.name: _ORT_TYPES[o.type] for o in sess.get_outputs() if o.name in wanted and o.type in _ORT_TYPES}
 
 
 def _vi(name: str, types: dict):

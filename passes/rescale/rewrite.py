@@ -41,6 +41,8 @@ from ...compiler.model import check_model, infer_shapes
 from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least, register
 
 PASS = "rescale"
+PASS_THROUGH = ("Dropout", "Identity")  # ops between Flatten and the head that keep its features
+GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool")
 STAGE_DIR = "stage-low"
 
 
@@ -160,11 +162,16 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
                 plan["convs"][n.name] = {"kernel_shape": ks, "pads": new_pads}
         if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
             src = producers.get(n.input[0])
+            while src is not None and src.op_type in PASS_THROUGH:  # Flatten -> Dropout -> Gemm
+                src = producers.get(src.input[0])
             if src is not None and src.op_type == "Flatten":
                 fshape = shapes.get(src.input[0])
                 if not fshape or len(fshape) != 4:
                     raise AccelcError(f"cannot rescale: the shape before Flatten '{src.name}' is unknown")
                 _, c, h, w_ = fshape
+                pool = producers.get(src.input[0])
+                if pool is not None and pool.op_type in GLOBAL_POOLS:
+                    continue  # a global-pooling head: the Gemm sees C values at any resolution
                 if h % s or w_ % s:
                     raise AccelcError(
                         f"cannot rescale: the final feature map {h}x{w_} is not divisible by s={s}; "
@@ -318,13 +325,16 @@ class RescalePass(Pass):
             low_info = check_model(low_model, info.sha256)
         except AccelcError as e:
             raise AccelcError(f"cannot rescale: the low-resolution model is invalid: {e}") from None
-        low_art, _ = generate(
-            legalized(dataclasses.replace(low_info, warnings=[])),
-            art.config["loss"],
-            art.config["optimizer"],
-            art.config["lr"],
-            art.config["batch_size"],
-        )
+        try:
+            low_art, _ = generate(
+                legalized(dataclasses.replace(low_info, warnings=[])),
+                art.config["loss"],
+                art.config["optimizer"],
+                art.config["lr"],
+                art.config["batch_size"],
+            )
+        except AccelcError as e:
+            raise AccelcError(f"cannot rescale: the low-resolution model cannot be trained: {e}") from None
         low_art.info = low_info
         art.stages[STAGE_DIR] = low_art
         spec = {k: v for k, v in plan["params"].items()}

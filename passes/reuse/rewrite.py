@@ -113,15 +113,25 @@ def candidate_layers(tg) -> list:
     return out
 
 
+def unknown_input(layer) -> bool:
+    """The layer's input size is known only at run time (e.g. after a channel shuffle)."""
+    return len(layer.input_shape) != 4
+
+
 def layer_settings(tg, layers, L: int, H: int, scope: str, input_grad: str, seed: int) -> dict:
-    """Per-layer reuse settings (L clipped to the layer's K)."""
+    """Per-layer reuse settings (L clipped to the layer's K). Without ``layers``: every candidate
+    whose input size is known when compiling (the others stay exact; see :func:`unknown_input`)."""
     cands = {layer.name: layer for layer in candidate_layers(tg)}
-    names = list(cands) if layers is None else layers
+    names = [n for n, layer in cands.items() if not unknown_input(layer)] if layers is None else layers
     out = {}
     for name in names:
         if name not in cands:
             raise AccelcError(f"reuse: '{name}' is not a reusable layer; candidates: {', '.join(cands) or 'none'}")
         layer = cands[name]
+        if unknown_input(layer):
+            raise AccelcError(
+                f"reuse: the input size of '{name}' is known only at run time; leave it out of --reuse-layers"
+            )
         K = int(np.prod(layer.weight_shape[1:]))
         out[name] = {
             "L": int(min(L, K)),
@@ -358,6 +368,12 @@ class ReusePass(Pass):
                 out, False, [{"action": "none", "why": "no reusable conv (group 1, >= 8 input channels)"}]
             )
         out.training, changes = apply(art.training, tg.shapes, settings)
+        if options["layers"] is None:
+            changes += [
+                {"layer": layer.name, "action": "exact", "why": "input size known only at run time"}
+                for layer in candidate_layers(tg)
+                if unknown_input(layer)
+            ]
         out.plan = [p for p in out.plan if p.get("type") != "reuse"] + [
             {
                 "type": "reuse",

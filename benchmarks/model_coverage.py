@@ -1,0 +1,334 @@
+"""Model coverage: torchvision's and timm's classification CNNs through accelc, as a user would.
+
+For every model (random weights, 10 classes, a small input): export in training mode, compile
+with the default passes and with each of skip, reuse and rescale, compare loss and gradients with
+torch autograd on one batch (float32, and float64 to judge where float32 itself is
+ill-conditioned), train a few steps in accelc's runtime in lockstep with torch eager (same
+weights, data and AdamW), and check that every parameter torch trains is trained. Dropout is set
+to 0 before export (its masks cannot match torch's); tests/test_models.py covers active dropout.
+
+Each model runs in a subprocess of its own (a native crash is one row, not the end of the run;
+peak memory is the model's own). Writes a JSON file and a markdown table.
+
+    python benchmarks/model_coverage.py                       # every model -> docs/model-coverage.md
+    python benchmarks/model_coverage.py --models tv:squeezenet1_0,timm:resnet10t -o /tmp/cov
+
+torchvision's wheel for torch 2.13 is a CUDA build whose compiled ops cannot load beside the CPU
+torch; classification models need none of them. :func:`torchvision_without_ops` defines the two
+op schemas its Python side registers fake kernels for, so ``import torchvision`` works (the
+models then build from torchvision's own code; its detection ops stay unavailable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+# (library, name, input size): every model fits 2 cores at these sizes; AlexNet and VGG need
+# 224x224 for their adaptive pooling to export
+MODELS = [
+    ("tv", "resnet18", 64),
+    ("tv", "mobilenet_v2", 64),
+    ("tv", "mobilenet_v3_small", 64),
+    ("tv", "squeezenet1_0", 64),
+    ("tv", "shufflenet_v2_x0_5", 64),
+    ("tv", "densenet121", 64),
+    ("tv", "googlenet", 64),
+    ("tv", "mnasnet0_5", 64),
+    ("tv", "regnet_y_400mf", 64),
+    ("tv", "efficientnet_b0", 64),
+    ("tv", "convnext_tiny", 64),
+    ("tv", "alexnet", 224),
+    ("tv", "vgg11_bn", 224),
+    ("timm", "resnet10t", 64),
+    ("timm", "mobilenetv3_small_050", 64),
+    ("timm", "ghostnet_100", 64),
+    ("timm", "rexnet_100", 64),
+    ("timm", "convnext_atto", 64),
+    ("timm", "efficientnet_b0", 64),
+    ("timm", "regnetx_002", 64),
+]
+SMALL = ["tv:squeezenet1_0", "tv:mobilenet_v3_small", "timm:resnet10t"]  # what CI runs
+PASSES = ("none", "skip", "reuse", "rescale")
+BATCH = 4
+STEPS = 3
+
+
+def torchvision_without_ops() -> None:
+    """Make ``import torchvision`` work beside the CPU torch (see the module doc)."""
+    import torch
+
+    if hasattr(torch.ops, "torchvision") and hasattr(torch.ops.torchvision, "nms"):
+        return
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    torchvision_without_ops.lib = lib  # the definitions live as long as the library object
+
+
+def build(lib: str, name: str):
+    import torch
+
+    torchvision_without_ops()
+    torch.manual_seed(0)
+    if lib == "tv":
+        import torchvision
+
+        kw = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        module = getattr(torchvision.models, name)(weights=None, num_classes=10, **kw)
+    else:
+        import timm
+
+        module = timm.create_model(name, pretrained=False, num_classes=10)
+    for m in module.modules():  # dropout masks cannot match torch's: compare without them
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "drop_rate"):
+            m.drop_rate = 0.0
+    return module.train()
+
+
+def off_gradients(ours: dict, t32: dict, t64: dict, tol: float = 1e-4) -> dict:
+    """As tests/conftest.py: float32 judges at ``tol``; float64 where float32 is ill-conditioned."""
+    bad = {}
+    for k, g64 in t64.items():
+        g, g32 = np.asarray(ours[k], np.float64), np.asarray(t32[k], np.float64)
+        if np.linalg.norm(g - g32) <= tol * np.linalg.norm(g32) + 1e-6:
+            continue
+        e_ours, e_t32 = np.linalg.norm(g - g64), np.linalg.norm(g32 - g64)
+        if e_ours > tol * np.linalg.norm(g64) + 2 * e_t32 + 1e-6:
+            bad[k] = float(e_ours / max(np.linalg.norm(g64), 1e-30))
+    return bad
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _torch_grads(module, x, y, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    m = copy.deepcopy(module).to(dtype)
+    loss = F.cross_entropy(m(torch.from_numpy(x).to(dtype)), torch.from_numpy(y))
+    loss.backward()
+    return float(loss), {k: p.grad.numpy() for k, p in m.named_parameters() if p.grad is not None}
+
+
+def _outcome(fn):
+    """(status, detail, seconds): ok / refused (accelc's one-line reason) / internal error."""
+    from accelc.compiler.errors import AccelcError
+
+    t0 = time.perf_counter()
+    try:
+        detail = fn()
+        return "ok", detail, time.perf_counter() - t0
+    except AccelcError as e:
+        return "refused", str(e), time.perf_counter() - t0
+    except Exception as e:  # an internal error: what this suite exists to find
+        return "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", time.perf_counter() - t0
+
+
+def run_model(lib: str, name: str, size: int, work: Path) -> dict:
+    import torch
+
+    import accelc
+    from accelc.compiler.artifact_dir import load_artifacts
+    from accelc.runtime.session import TrainingSession
+    from accelc.runtime.torch_engine import TorchSession
+
+    torch.set_num_threads(1)
+    row = {"model": f"{lib}:{name}", "input": f"3x{size}x{size}"}
+    module = build(lib, name)
+    torch_params = [k for k, p in module.named_parameters() if p.requires_grad]
+    row["params"] = int(sum(p.numel() for p in module.parameters()))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH, 3, size, size)).astype(np.float32)
+    y = rng.integers(0, 10, BATCH).astype(np.int64)
+    onnx_path = work / "m.onnx"
+    row["export"] = _outcome(lambda: accelc.export(copy.deepcopy(module), torch.zeros(2, 3, size, size), onnx_path))
+    if row["export"][0] != "ok":
+        return row
+    for passes in PASSES:
+        art = work / f"art-{passes}"
+        names = [] if passes == "none" else [passes]
+        status = _outcome(lambda: accelc.compile(onnx_path, art, passes=names, force=True))
+        row[f"compile:{passes}"] = status[:1] + (status[1] if status[0] != "ok" else "",) + status[2:]
+        if status[0] != "ok":
+            continue
+        report = status[1]
+        if passes == "none":
+            frozen = sorted(set(torch_params) - set(report["model"]["params"]))
+            row["frozen_silently"] = [f for f in frozen if not any(f in w for w in report["warnings"])]
+            row["frozen_reported"] = [f for f in frozen if f not in row["frozen_silently"]]
+
+            def gradients():
+                loss, grads, _ = TrainingSession(art).compute_gradients(x, y)
+                tl32, t32 = _torch_grads(module, x, y, torch.float32)
+                _, t64 = _torch_grads(module, x, y, torch.float64)
+                common = [k for k in t32 if k in grads]
+                return {
+                    "loss_diff": abs(loss - tl32),
+                    "max_rel_err_vs_torch32": max(_rel(grads[k], t32[k]) for k in common),
+                    "max_rel_err_vs_float64": max(_rel(grads[k], t64[k]) for k in common),
+                    "torch32_vs_float64": max(_rel(t32[k], t64[k]) for k in common),
+                    "off": sorted(off_gradients({k: grads[k] for k in common}, t32, {k: t64[k] for k in common})),
+                }
+
+            row["gradients"] = _outcome(gradients)
+
+            def lockstep():
+                sess = TrainingSession(art)
+                ref = TorchSession(copy.deepcopy(module), sess.hyper, sess.lr)
+                diffs = []
+                for s in range(STEPS):
+                    xs = rng.standard_normal((BATCH, 3, size, size)).astype(np.float32)
+                    ys = rng.integers(0, 10, BATCH).astype(np.int64)
+                    diffs.append(abs(sess.train_step(xs, ys).loss - ref.train_step(xs, ys).loss))
+                return {"max_loss_diff": max(diffs), "steps": STEPS}
+
+            row["lockstep"] = _outcome(lockstep)
+        else:
+
+            def train_steps():
+                a, _ = load_artifacts(art)
+                out = {}
+                for label, variant in [("full", a)] + [(k, v) for k, v in a.stages.items()]:
+                    sess = TrainingSession(variant)
+                    shape = variant.info.input_shape
+                    xs = rng.standard_normal((BATCH, *shape)).astype(np.float32)
+                    losses = [sess.train_step(xs, y).loss for _ in range(2)]
+                    if not all(np.isfinite(losses)):
+                        raise RuntimeError(f"non-finite loss {losses} ({label})")
+                    out[label] = losses[-1]
+                return out
+
+            row[f"train:{passes}"] = _outcome(train_steps)
+    return row
+
+
+def child(spec: str, out: str) -> None:
+    lib, name, size = spec.split(":")
+    with tempfile.TemporaryDirectory(prefix="accelc-cov-") as d:
+        try:
+            row = run_model(lib, name, int(size), Path(d))
+        except Exception as e:
+            row = {"model": f"{lib}:{name}", "fatal": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(out).write_text(json.dumps(row, default=str))
+
+
+def markdown(rows: list[dict], seconds: float) -> str:
+    def cell(v):
+        if v is None:
+            return "—"
+        status, detail, secs = v[0], v[1], v[2]
+        if status == "ok":
+            return f"ok ({secs:.0f} s)"
+        return f"{status}: {str(detail).replace('|', '/')[:140]}"
+
+    lines = [
+        "# Model coverage: torchvision and timm CNNs through accelc",
+        "",
+        f"`python benchmarks/model_coverage.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+        f"{seconds / 60:.1f} min. Random weights, 10 classes, batch {BATCH}, dropout 0. Gradients: accelc's "
+        f"default compile against torch autograd on the same weights and batch (max relative error over "
+        f"parameters, against float32 and float64; 'judged ok': every gradient within 1e-4 of torch float32, "
+        f"or no further from float64 than twice torch float32's own error). Lockstep: {STEPS} AdamW steps "
+        f"in accelc's runtime and torch eager, largest loss difference. Passes: compile, then two "
+        f"training steps of every variant (and stage) in accelc's runtime.",
+        "",
+        "| model | input | params | export | compile | gradients (vs f32 / vs f64 / torch f32 vs f64) | judged | "
+        "lockstep max Δloss | frozen silently | skip | reuse | rescale | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "fatal" in r:
+            lines.append(f"| {r['model']} | fatal: {r['fatal'][:200]} |" + " |" * 11)
+            continue
+        g = r.get("gradients")
+        if g and g[0] == "ok":
+            gd = g[1]
+            gtxt = (
+                f"{gd['max_rel_err_vs_torch32']:.1e} / {gd['max_rel_err_vs_float64']:.1e} / "
+                f"{gd['torch32_vs_float64']:.1e}"
+            )
+            judged = "ok" if not gd["off"] else f"off: {', '.join(gd['off'][:3])}"
+        else:
+            gtxt, judged = cell(g), "—"
+        ls = r.get("lockstep")
+        lstxt = f"{ls[1]['max_loss_diff']:.1e}" if ls and ls[0] == "ok" else cell(ls)
+
+        def passcell(p):
+            c = r.get(f"compile:{p}")
+            if c is None or c[0] != "ok":
+                return cell(c)
+            return cell(r.get(f"train:{p}")) if p != "none" else "ok"
+
+        lines.append(
+            f"| {r['model']} | {r.get('input', '')} | {r.get('params', 0) / 1e6:.1f}M | {cell(r.get('export'))} "
+            f"| {cell(r.get('compile:none'))} | {gtxt} | {judged} | {lstxt} "
+            f"| {', '.join(r.get('frozen_silently', [])) or 'none'} | {passcell('skip')} | {passcell('reuse')} "
+            f"| {passcell('rescale')} | {r.get('peak_rss_mb', 0):.0f} |"
+        )
+    counts = {k: 0 for k in ("ok", "refused", "error")}
+    for r in rows:
+        for k, v in r.items():
+            if (k.startswith(("compile:", "train:")) or k in ("export", "gradients", "lockstep")) and v:
+                counts[v[0]] += 1
+    lines += [
+        "",
+        f"Outcomes over all stages: {counts['ok']} ok, {counts['refused']} refused with a reason, "
+        f"{counts['error']} internal errors; {sum('fatal' in r for r in rows)} fatal (a crashed model process).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="all", help="comma list of lib:name (tv:..., timm:...), 'small' or 'all'")
+    ap.add_argument("-o", "--output", default="docs/model-coverage", help="output stem (.json and .md are added)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        child(a.child, a.child_out)
+        return 0
+    sizes = {f"{lib}:{name}": size for lib, name, size in MODELS}
+    wanted = list(sizes) if a.models == "all" else SMALL if a.models == "small" else a.models.split(",")
+    rows, t0 = [], time.perf_counter()
+    for spec in wanted:
+        lib, name = spec.split(":")
+        size = sizes.get(spec, 64)
+        with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+            p = subprocess.run(
+                [sys.executable, __file__, "--child", f"{lib}:{name}:{size}", "--child-out", fh.name],
+                capture_output=True,
+                text=True,
+            )
+            text = Path(fh.name).read_text()
+            row = json.loads(text) if text else {"model": spec, "fatal": f"exit {p.returncode}: {p.stderr[-300:]}"}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "trace"}, default=str)[:400], flush=True)
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+    out.with_suffix(".md").write_text(markdown(rows, time.perf_counter() - t0))
+    print(f"wrote {out.with_suffix('.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

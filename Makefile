@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRA ?= cpu
 JOBS ?= 2
 
-.PHONY: demo test test-fast lint bench install clean
+.PHONY: demo test test-fast lint bench coverage install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench: $(STAMP) $(FASHION)
 	$(BIN)/python benchmarks/skip_step_time.py 25
 	$(BIN)/python benchmarks/lars_overhead.py 80
 	$(BIN)/python benchmarks/reuse_layer.py --repeats 9 -o bench-out/reuse_layer.json
+
+coverage: $(STAMP)  # torchvision's and timm's CNNs through every pass: docs/model-coverage.md
+	$(BIN)/python benchmarks/model_coverage.py -o docs/model-coverage
 
 clean:
 	rm -rf $(VENV) bench-out demo-out build

@@ -127,6 +127,23 @@ class SegmentedRunner:
             kern.wanted = [bool(o) and o in reads_anywhere for o in kern.outputs]
         self.graph_outputs = graph_outputs
         self.constants = constants
+        self.free_after = self._liveness()
+
+    def _liveness(self) -> dict:
+        """Step position -> the tensors nothing reads after it. Dropped from the step's environment
+        there, so a tensor lives as long as inside one ORT session, not for the whole step."""
+        last = {}
+        for idx, (kind, item) in enumerate(self.order):
+            seg = self.segments[item] if kind == "seg" else None
+            for name in seg["inputs"] if seg else [i for i in item.inputs if i]:
+                last[name] = idx
+            for name in seg["outputs"] if seg else [o for o in item.outputs if o]:
+                last.setdefault(name, idx)  # produced and never read: dropped at once
+        free = defaultdict(list)
+        for name, idx in last.items():
+            if name not in self.graph_outputs:
+                free[idx].append(name)
+        return dict(free)
 
     def run(self, feeds: dict, bound: dict | None = None, env_out: dict | None = None) -> tuple[dict, dict]:
         """feeds: name -> torch tensor (CPU). bound: output name -> preallocated tensor.
@@ -137,7 +154,7 @@ class SegmentedRunner:
         env.update(feeds)
         bound = bound or {}
         stats = {}
-        for kind, item in self.order:
+        for idx, (kind, item) in enumerate(self.order):
             if kind == "seg":
                 self._run_segment(self.segments[item], env, bound)
             else:
@@ -146,8 +163,11 @@ class SegmentedRunner:
                 if st is not None:
                     st.setdefault("ms", (time.perf_counter() - t0) * 1e3)
                     stats[item.key] = st
-        if env_out is not None:
-            env_out.update(env)
+            if env_out is not None:  # keep everything for the caller
+                env_out.update(env)
+            else:
+                for name in self.free_after.get(idx, ()):
+                    env.pop(name, None)
         return {o: env[o] for o in self.graph_outputs}, stats
 
     @staticmethod

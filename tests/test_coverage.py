@@ -1,0 +1,27 @@
+"""The model-coverage suite at the size CI can afford: a few small torchvision and timm CNNs go
+through export, compile (default and every pass), gradients against torch, lockstep training
+(benchmarks/model_coverage.py; the full table is docs/model-coverage.md)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+pytest.importorskip("timm")
+import model_coverage  # noqa: E402
+
+
+@pytest.mark.slow
+def test_small_models_compile_train_and_match_torch(tmp_path):
+    assert model_coverage.main(["--models", "small", "-o", str(tmp_path / "cov")]) == 0
+    rows = json.loads((tmp_path / "cov.json").read_text())
+    assert [r["model"] for r in rows] == model_coverage.SMALL
+    for r in rows:
+        assert "fatal" not in r, r
+        stages = {k: v for k, v in r.items() if k.startswith(("compile:", "train:")) or k in ("export", "gradients")}
+        assert all(v[0] == "ok" for v in stages.values()), (r["model"], stages)
+        assert not r["frozen_silently"], r["model"]
+        assert not r["gradients"][1]["off"], (r["model"], r["gradients"])
+        assert r["lockstep"][0] == "ok" and r["lockstep"][1]["max_loss_diff"] < 1e-4, r["lockstep"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import onnx
@@ -43,6 +44,7 @@ from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least,
 PASS = "rescale"
 PASS_THROUGH = ("Dropout", "Identity")  # ops between Flatten and the head that keep its features
 GLOBAL_POOLS = ("GlobalAveragePool", "GlobalMaxPool")
+SPATIAL_GROWTH = ("Resize", "Upsample", "ConvTranspose", "Pad", "Expand", "Tile", "Concat", "Reshape")
 STAGE_DIR = "stage-low"
 
 
@@ -165,13 +167,12 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
             while src is not None and src.op_type in PASS_THROUGH:  # Flatten -> Dropout -> Gemm
                 src = producers.get(src.input[0])
             if src is not None and src.op_type == "Flatten":
+                if after_global_pool(src.input[0], producers, inits):
+                    continue  # a global-pooling head: the Gemm sees C values at any resolution
                 fshape = shapes.get(src.input[0])
                 if not fshape or len(fshape) != 4:
                     raise AccelcError(f"cannot rescale: the shape before Flatten '{src.name}' is unknown")
                 _, c, h, w_ = fshape
-                pool = producers.get(src.input[0])
-                if pool is not None and pool.op_type in GLOBAL_POOLS:
-                    continue  # a global-pooling head: the Gemm sees C values at any resolution
                 if h % s or w_ % s:
                     raise AccelcError(
                         f"cannot rescale: the final feature map {h}x{w_} is not divisible by s={s}; "
@@ -185,6 +186,32 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
                     "full": list(inits[n.input[1]].dims),
                 }
     return plan
+
+
+def _is_global_pool(node, inits) -> bool:
+    if node.op_type in GLOBAL_POOLS:
+        return True
+    if node.op_type in ("ReduceMean", "ReduceMax"):  # over the spatial axes, as timm's heads export it
+        axes = _attrs(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in inits:
+            axes = numpy_helper.to_array(inits[node.input[1]]).tolist()
+        return axes is not None and {a % 4 for a in axes} >= {2, 3}
+    return False
+
+
+def after_global_pool(tensor: str, producers: dict, inits: dict) -> bool:
+    """Whether ``tensor`` comes from a global pool through ops that cannot make a 1x1 map larger
+    again (activations, norms, 1x1 convs, transposes: the heads of ConvNeXt, MobileNetV3,
+    GhostNet, RexNet). Such a head sees the same features at any input resolution."""
+    node = producers.get(tensor)
+    for _ in range(32):
+        if node is None or node.op_type in SPATIAL_GROWTH:
+            return False
+        if _is_global_pool(node, inits):
+            return True
+        data = [i for i in node.input if i and i not in inits]
+        node = producers.get(data[0]) if data else None
+    return False
 
 
 def gemm_to_spatial(w: np.ndarray, chw, transB: bool) -> np.ndarray:
@@ -325,6 +352,15 @@ class RescalePass(Pass):
             low_info = check_model(low_model, info.sha256)
         except AccelcError as e:
             raise AccelcError(f"cannot rescale: the low-resolution model is invalid: {e}") from None
+        try:
+            onnx.shape_inference.infer_shapes(low_model, strict_mode=True)
+        except Exception as e:
+            where = re.search(r"node name: ([^)]+)\): .*?(Dimension mismatch[^.\n]*|[A-Z][^.\n]*)", str(e))
+            detail = f"{where.group(1)}: {where.group(2)}" if where else str(e).splitlines()[0][:160]
+            raise AccelcError(
+                f"cannot rescale: at 1/{s} resolution the shapes do not fit ({detail}); a layer sized for the full "
+                f"resolution (an exported adaptive pool, a fixed reshape) cannot follow the smaller feature map"
+            ) from None
         try:
             low_art, _ = generate(
                 legalized(dataclasses.replace(low_info, warnings=[])),

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-pytest.importorskip("timm")
 import model_coverage  # noqa: E402
+
+model_coverage.torchvision_without_ops()  # before anything imports torchvision (timm does)
+pytest.importorskip("timm")
 
 
 @pytest.mark.slow

@@ -100,7 +100,11 @@ def build(lib: str, name: str):
 
 
 def off_gradients(ours: dict, t32: dict, t64: dict, tol: float = 1e-4) -> dict:
-    """As tests/conftest.py: float32 judges at ``tol``; float64 where float32 is ill-conditioned."""
+    """Gradients of ours that are off: each is compared with torch float32 (relative ``tol``, 1e-6
+    absolute, for gradients zero in exact arithmetic). Where float32 itself is ill-conditioned (a
+    BatchNorm over few values, a ReLU input within rounding of 0: torch float32 is then far from
+    torch float64 too), the judge is float64: ours may be off float64 by no more than ``tol`` plus
+    twice torch float32's own error. Returns {name: error vs the judge}. (The tests use it too.)"""
     bad = {}
     for k, g64 in t64.items():
         g, g32 = np.asarray(ours[k], np.float64), np.asarray(t32[k], np.float64)

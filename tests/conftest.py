@@ -13,6 +13,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from model_coverage import off_gradients  # noqa: E402,F401  (the float64-judged comparison, shared)
+
 ACCELC = [sys.executable, "-m", "accelc"]
 
 
@@ -41,23 +44,6 @@ class MixedNet(nn.Module):
         h = F.relu(self.pw(self.dw(h)))
         h = F.avg_pool2d(h, 2)
         return self.fc(h.flatten(1))
-
-
-def off_gradients(ours: dict, t32: dict, t64: dict, tol: float = 1e-4) -> dict:
-    """Gradients of ours that are off: each is compared with torch float32 (relative ``tol``, 1e-6
-    absolute, for gradients zero in exact arithmetic). Where float32 itself is ill-conditioned
-    (a BatchNorm over few values, a ReLU input within rounding of 0: torch float32 is then far
-    from torch float64 too), the judge is float64: ours may be off float64 by no more than
-    ``tol`` plus twice torch float32's own error. Returns {name: error vs the judge}."""
-    bad = {}
-    for k, g64 in t64.items():
-        g, g32 = np.asarray(ours[k], np.float64), np.asarray(t32[k], np.float64)
-        if np.linalg.norm(g - g32) <= tol * np.linalg.norm(g32) + 1e-6:
-            continue
-        e_ours, e_t32 = np.linalg.norm(g - g64), np.linalg.norm(g32 - g64)
-        if e_ours > tol * np.linalg.norm(g64) + 2 * e_t32 + 1e-6:
-            bad[k] = float(e_ours / max(np.linalg.norm(g64), 1e-30))
-    return bad
 
 
 def rel_err(a, b):

@@ -3,13 +3,9 @@ through export, compile (default and every pass), gradients against torch, locks
 (benchmarks/model_coverage.py; the full table is docs/model-coverage.md)."""
 
 import json
-import sys
-from pathlib import Path
 
+import model_coverage  # benchmarks/ is on the path (conftest)
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import model_coverage  # noqa: E402
 
 model_coverage.torchvision_without_ops()  # before anything imports torchvision (timm does)
 pytest.importorskip("timm")

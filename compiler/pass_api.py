@@ -193,12 +193,13 @@ def order_of(names: list[str]) -> list[str]:
 
 
 def check_order(names: list[str]) -> None:
+    """Refuse passes given out of composition order, naming the order to use."""
     want = order_of(names)
     if list(names) != want:
-        chosen = [n for n in want if not registered()[n].default]
+        optional = [n for n, c in registered().items() if not c.default]
         raise AccelcError(
-            f"passes compose only in the order {', '.join(n for n in registered() if not registered()[n].default)}: "
-            f"give --passes {','.join(chosen)} (got {','.join(n for n in names if n in chosen)}); "
+            f"passes compose only in the order {', '.join(optional)}: give --passes "
+            f"{','.join(n for n in want if n in optional)} (got {','.join(n for n in names if n in optional)}); "
             f"a pass rewrites what the passes before it made"
         )
 

@@ -289,6 +289,13 @@ class TrainingSession:
         """Gradients of the last step (before the optimizer update), as numpy."""
         return {p: g.detach().cpu().numpy().copy() for p, g in self.grads.items()}
 
+    def batchnorm_step(self, x, y) -> float:
+        """Forward+backward without an optimizer step: only BatchNorm running statistics move
+        (recalibrating them for another variant of the layers before them). Returns the loss."""
+        r = self._forward_backward(x, y)
+        self._update_bn_stats(len(y))
+        return r.loss
+
     def compute_gradients(self, x, y, env_out: dict | None = None) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
         """Forward+backward only (no update): loss, gradients, logits. For numeric checks."""
         r = self._forward_backward(x, y, env_out)

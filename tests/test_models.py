@@ -191,3 +191,18 @@ def test_reuse_leaves_a_layer_of_unknown_input_size_exact(tmp_path):
     assert layer_settings(unknown, None, 144, 8, "image", "exact", 0) == {}
     with pytest.raises(AccelcError, match="known only at run time"):
         layer_settings(unknown, ["c"], 144, 8, "image", "exact", 0)
+
+
+def test_batchnorm_step_moves_only_running_statistics(tmp_path):
+    """The remedy for BatchNorm statistics gathered under another variant (e.g. reused convs):
+    forward+backward passes that move the running statistics and nothing else."""
+    from accelc.compiler.export import export_zoo
+
+    export_zoo("vgg", tmp_path / "m.onnx")
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "art")
+    sess = TrainingSession(tmp_path / "art")
+    before = sess.param_arrays()
+    sess.batchnorm_step(*_batch((1, 28, 28), 8))
+    after = sess.param_arrays()
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all("running_" in k for k in changed), changed

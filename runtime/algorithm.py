@@ -56,7 +56,6 @@ class TrainState:
     epochs: int
     batch_size: int
     logger: Logger = field(default_factory=Logger)
-    epoch: int = 0  # epochs finished
 
 
 class Algorithm:

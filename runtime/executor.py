@@ -41,7 +41,8 @@ def claimed(model: onnx.ModelProto, config: ExecConfig) -> dict[int, object]:
 class SegmentedRunner:
     """Executes a lowered training graph with claimed nodes (see the module doc)."""
 
-    def __init__(self, model: onnx.ModelProto, session_options, ort_providers, config: ExecConfig):
+    def __init__(self, model: onnx.ModelProto, session_options, ort_providers, config: ExecConfig, owners=None):
+        """``owners``: :func:`claimed` for this model and config, when the caller has it already."""
         import onnxruntime as ort  # heavy
 
         # ORT's intra-op threads spin after each run by default; with kernels running between
@@ -51,7 +52,7 @@ class SegmentedRunner:
         inits = {t.name: t for t in g.initializer}
         # protobuf hands out a new wrapper per access: hold the nodes once, key them by position
         nodes_all = list(g.node)
-        owners = claimed(model, config)
+        owners = claimed(model, config) if owners is None else owners
         producer, level = {}, {}
         kernel_after = defaultdict(list)  # segment index -> claimed nodes that run after it
         seg_nodes = defaultdict(list)

@@ -139,8 +139,9 @@ class TrainingSession:
                     )
         so = session_options(self.exec.threads)
         # nodes a registered kernel claims run in accelc's kernels between ORT segments (CPU)
-        if self.device == "cpu" and claimed(lowered, self.exec):
-            self.runner = SegmentedRunner(lowered, so, self._providers(), self.exec)
+        owners = claimed(lowered, self.exec) if self.device == "cpu" else {}
+        if owners:
+            self.runner = SegmentedRunner(lowered, so, self._providers(), self.exec, owners)
             self.train_sess = None
         else:
             self.runner = None

@@ -85,7 +85,6 @@ class Trainer:
         pending = None
         if resume and self.run_dir and ckpt.exists(self.run_dir):
             pending = self._resume()
-        self.state.epoch = self.start_epoch
         for a in self.algorithms:
             a.on_train_start(self.state)
         self._switch(self.algorithms, initial=True)
@@ -201,7 +200,6 @@ class Trainer:
             }
             m.update(self._step_cost())
             before = [a.decision() for a in self.algorithms]
-            self.state.epoch = epoch + 1
             for a in self.algorithms:  # every algorithm sees the epoch that ran, then the switch
                 a.on_epoch_end(self.state, epoch + 1, dict(m))
             logged, decisions = self.state.logger.take()

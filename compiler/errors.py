@@ -2,6 +2,11 @@
 
 Every error a user can cause is an :class:`AccelcError`: the CLI prints its message as one line
 on stderr and exits with code 2; the Python API raises the same error with the same message.
+Where Python has a natural kind for the mistake, the error is also that kind
+(:class:`InvalidValue` is a ``ValueError``, :class:`InvalidType` a ``TypeError``).
+
+Names, paths and values that came from a user's file or flag are shown through :func:`show`, so a
+newline or an ANSI escape in a layer name can never split a message or reach the terminal.
 """
 
 from __future__ import annotations
@@ -11,6 +16,25 @@ import re
 
 class AccelcError(Exception):
     """An error caused by the user's input; shown as one line, exit code 2."""
+
+
+class InvalidValue(AccelcError, ValueError):
+    """A value out of range or malformed (a flag, an API argument, a field of a file)."""
+
+
+class InvalidType(AccelcError, TypeError):
+    """An API argument of the wrong type."""
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def show(value, limit: int = 200) -> str:
+    """``value`` as text safe for one terminal line: control characters (newlines, ANSI escapes,
+    bidi overrides) escaped as ``\\xNN``/``\\uNNNN``, long text cut with an ellipsis."""
+    text = str(value)
+    text = _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def ort_message(e: BaseException, limit: int = 300) -> str:
@@ -24,4 +48,4 @@ def ort_message(e: BaseException, limit: int = 300) -> str:
         tail = text.rsplit(") ", 1)[-1].strip()
         # a bare assertion tail ("was false.") says nothing: keep the condition that failed
         text = tail if len(tail) > 20 else text.rsplit("::", 1)[-1]
-    return text.strip()[:limit]
+    return show(text.strip(), limit)

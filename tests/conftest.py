@@ -74,3 +74,45 @@ def export_test_model(name, path):
         m, shape = zoo_module(name)
     accelc.export(m, torch.zeros(2, *shape), path)
     return m, shape
+
+
+# ----------------------------------------------------------------------------- hostile inputs
+SENTINEL_TEXT = "ACCELC-SENTINEL-7f3a9c"  # content of a file outside every input: must never be echoed
+
+
+@pytest.fixture
+def sentinel(tmp_path):
+    """A file outside the case's folder holding SENTINEL_TEXT; a case that reads it has failed."""
+    p = tmp_path / "outside" / "secret.txt"
+    p.parent.mkdir()
+    p.write_text(SENTINEL_TEXT + "\n")
+    return p
+
+
+def assert_refused(r, needle: str = "", out=None, code: int = 2):
+    """A refused hostile input (CLI result ``r``): exit ``code``, exactly one line on stderr starting
+    ``accelc: error:``, no traceback, ``needle`` in it, nothing echoed from a sentinel file, and -- when
+    ``out`` is given -- no output and no temporary siblings of it left behind."""
+    err = r.stderr
+    assert r.returncode == code, (r.returncode, err[-2000:])
+    assert err.startswith("accelc: error:") and err.count("\n") == 1, err[-2000:]
+    assert "Traceback" not in err and needle in err, err
+    assert SENTINEL_TEXT not in err and SENTINEL_TEXT not in (r.stdout or ""), err
+    if out is not None:
+        out = Path(out)
+        assert not out.exists(), f"{out} was left behind"
+        assert not [f for f in os.listdir(out.parent) if f.startswith("." + out.name)], os.listdir(out.parent)
+
+
+def assert_api_refused(fn, needle: str = "", kind=None):
+    """The Python API refuses with an AccelcError (and ``kind``, e.g. ValueError, when given)
+    whose message contains ``needle``; returns the message (the CLI prints the same one)."""
+    from accelc import AccelcError
+
+    with pytest.raises(AccelcError) as ei:
+        fn()
+    if kind is not None:
+        assert isinstance(ei.value, kind), type(ei.value).__mro__
+    msg = str(ei.value)
+    assert needle in msg and "\n" not in msg, msg
+    return msg

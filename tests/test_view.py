@@ -102,3 +102,27 @@ def test_netron_renders_training_graph(served):
         assert "c1.weight_grad.accumulation.buffer" in texts  # it is the training graph
     finally:
         d.quit()
+
+
+@pytest.mark.slow
+def test_view_serves_only_the_training_model(served, tmp_path):
+    # issue 15 cause 8, end to end through the CLI: the training model and nothing else beside it,
+    # and only to a Host of 127.0.0.1:PORT or localhost:PORT
+    import http.client
+
+    def get(path, host):
+        c = http.client.HTTPConnection("127.0.0.1", served, timeout=10)
+        c.putrequest("GET", path, skip_host=True)
+        c.putheader("Host", host)
+        c.endheaders()
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return r.status, body
+
+    good = f"127.0.0.1:{served}"
+    assert get("/data/training_model.onnx", good) == (200, (tmp_path / "art" / "training_model.onnx").read_bytes())
+    assert get("/data/training_model.onnx", f"localhost:{served}")[0] == 200
+    assert get("/data/training_model.onnx", f"evil.example:{served}")[0] == 403
+    for other in ("report.json", "checkpoint", "eval_model.onnx", "../m.onnx", "%2e%2e/m.onnx"):
+        assert get("/data/" + other, good)[0] == 404, other

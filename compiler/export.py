@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from .errors import AccelcError
+from . import checks
+from .errors import InvalidType, InvalidValue, show
 from .fileio import atomic_write_bytes
 from .model import TRAINABLE_KEY
 
@@ -54,6 +55,12 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
                 do_constant_folding=False,
                 dynamo=False,
             )
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        # the module cannot run (or be traced) on this input: a wrong example shape, most often
+        raise InvalidValue(
+            f"cannot export {type(module).__name__} with an example input of shape "
+            f"{','.join(map(str, example_input.shape))}: {_first_line(e)}"
+        ) from None
     finally:
         module.load_state_dict(saved)
         module.train(was_training)
@@ -71,9 +78,27 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
     return model.SerializeToString()
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return show(lines[0] if lines else type(e).__name__, 240)
+
+
+def check_export_args(module, example_input, path) -> Path:
+    """``export``'s arguments checked (InvalidType/InvalidValue); returns the path."""
+    if not isinstance(module, nn.Module):
+        raise InvalidType(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise InvalidType(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    if example_input.dim() < 1 or example_input.shape[0] < 1:
+        raise InvalidValue(
+            f"example_input must have a batch dimension first (N >= 1), got shape {tuple(example_input.shape)}"
+        )
+    return checks.path_like("path", path)
+
+
 def export(module: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> Path:
     """Export any torch module for training with accelc; written atomically to ``path``."""
-    path = Path(path)
+    path = check_export_args(module, example_input, path)
     atomic_write_bytes(path, export_bytes(module, example_input))
     return path
 
@@ -195,18 +220,137 @@ ZOO = {
 }
 
 
-def zoo_module(name: str, input_shape=None, num_classes: int = 10, seed: int = 0) -> tuple[nn.Module, tuple]:
-    """Build zoo model ``name`` with deterministic initial weights; returns (module, (C, H, W))."""
+EXPORT_BATCH = 2  # the batch of the example input a zoo model is traced with
+CPU_DRY_RUN_BYTES = 1 << 30  # below this bound (and half the memory limit) the dry run computes on the CPU
+
+
+def _built_on_meta(build, shape: tuple, num_classes: int) -> nn.Module:
+    """The model built on torch's meta device: its parameters have shapes but no storage."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.device("meta"):
+            return build(shape[0], num_classes, shape[1])
+
+
+def _activation_bound(meta_module: nn.Module, shape: tuple) -> int:
+    """A generous bound on the bytes of one traced forward at EXPORT_BATCH: every leaf layer's
+    output as wide as the widest layer at full resolution."""
+    widths = [shape[0]] + [
+        getattr(m, "out_channels", 0) or getattr(m, "out_features", 0) for m in meta_module.modules()
+    ]
+    leaves = sum(1 for m in meta_module.modules() if not list(m.children()))
+    return 4 * EXPORT_BATCH * shape[1] * shape[2] * max(widths) * max(leaves, 1)
+
+
+def _dry_run(build, shape: tuple, num_classes: int, device: str):
+    """Build the model on ``device`` and run it once on a zero batch, without gradients.
+    ``"meta"`` computes shapes only (no memory, no arithmetic; its first use imports a few
+    seconds of torch), the CPU computes for real (milliseconds for a small input). Returns
+    (activation elements, None) or (None, (where, reason))."""
+    stack: list[str] = []
+    done: list[str] = []
+    acts = [0]
+    with warnings.catch_warnings(), torch.no_grad(), torch.device(device):
+        warnings.simplefilter("ignore")
+        module = build(shape[0], num_classes, shape[1])
+        module.train()
+        names = {m: n for n, m in module.named_modules()}
+
+        def pre(m, args):
+            stack.append(names[m] or "")
+
+        def post(m, args, out):
+            stack.pop()
+            if not list(m.children()):
+                done.append(names[m])
+            if isinstance(out, torch.Tensor):
+                acts[0] += out.numel()
+
+        hooks = [m.register_forward_pre_hook(pre) for m in module.modules()]
+        hooks += [m.register_forward_hook(post) for m in module.modules()]
+        try:
+            module(torch.zeros(EXPORT_BATCH, *shape))
+        except (RuntimeError, ValueError, IndexError) as e:
+            inner = stack[-1] if stack else ""
+            if not inner:
+                where = f"the step after layer '{show(done[-1], 60)}'" if done else "the first step"
+            else:
+                where = f"layer '{show(inner, 60)}'"
+            return None, (where, _first_line(e))
+        finally:
+            for h in hooks:
+                h.remove()
+    return acts[0], None
+
+
+def _device_for(meta_module: nn.Module, shape: tuple, memory_limit_gb) -> str:
+    from .resources import memory_limit
+
+    cheap = min(CPU_DRY_RUN_BYTES, memory_limit(memory_limit_gb) // 2)
+    return "cpu" if _activation_bound(meta_module, shape) <= cheap else "meta"
+
+
+def _smallest_size(build, shape: tuple, num_classes: int, memory_limit_gb, limit: int = 1024) -> int | None:
+    """The smallest square H=W the model runs at, or None."""
+    for s in range(1, limit + 1):
+        size = (shape[0], s, s)
+        device = _device_for(_built_on_meta(build, size, num_classes), size, memory_limit_gb)
+        if _dry_run(build, size, num_classes, device)[1] is None:
+            return s
+    return None
+
+
+def zoo_module(
+    name: str, input_shape=None, num_classes: int = 10, seed: int = 0, memory_limit_gb: float | None = None
+) -> tuple[nn.Module, tuple]:
+    """Build zoo model ``name`` with deterministic initial weights; returns (module, (C, H, W)).
+
+    Every argument is checked first (``--input-shape``, ``--num-classes``, ``--seed``). Then the
+    model is built on torch's meta device (no storage) to count its parameters, and -- at an input
+    shape other than the zoo's own -- run once on a zero batch (on the CPU when that is cheap,
+    else on the meta device: shapes only), so an input the model cannot run at is one line naming
+    the failing layer and the smallest size that works, and a model too big for memory is refused
+    with its estimate before it is allocated."""
+    if not isinstance(name, str):
+        raise InvalidType(f"the zoo model name must be a string, got {type(name).__name__}")
     if name not in ZOO:
-        raise AccelcError(f"unknown model '{name}'; the zoo has: {', '.join(ZOO)}")
+        raise InvalidValue(f"unknown model '{show(name, 60)}'; the zoo has: {', '.join(ZOO)}")
     build, default_shape, _ = ZOO[name]
-    shape = tuple(input_shape) if input_shape else default_shape
-    if len(shape) != 3 or min(shape) <= 0:
-        raise AccelcError(f"input shape must be C,H,W with positive values, got {shape}")
+    shape = checks.input_shape("--input-shape", input_shape) if input_shape is not None else default_shape
+    num_classes = checks.positive_int("--num-classes", num_classes)
+    seed = checks.seed("--seed", seed)
+    checks.memory_limit_gb(memory_limit_gb)
+    from .resources import check_memory
+
+    text = ",".join(map(str, shape))
+    what = f"exporting model '{name}' at input {text} with {num_classes} classes"
+    meta = _built_on_meta(build, shape, num_classes)
+    params = sum(p.numel() for p in meta.parameters())
+    # float32 weights held by the module, its saved copy, the ONNX proto and its bytes
+    check_memory(f"{what} ({params:,} parameters)", 4 * 4 * params, memory_limit_gb)
+    if tuple(shape) == tuple(default_shape):  # the zoo's own input: known to fit, and small
+        torch.manual_seed(seed)
+        return build(shape[0], num_classes, shape[1]), shape
+    acts, failure = _dry_run(build, shape, num_classes, _device_for(meta, shape, memory_limit_gb))
+    if failure is not None:
+        where, reason = failure
+        smallest = _smallest_size(build, shape, num_classes, memory_limit_gb)
+        if smallest is not None and min(shape[1:]) < smallest:
+            problem, hint = "is too small for", f"the smallest input it runs at is {shape[0]},{smallest},{smallest}"
+        else:
+            problem, hint = "does not fit", f"its default input is {','.join(map(str, default_shape))}"
+        raise InvalidValue(f"--input-shape {text} {problem} model '{name}': {where} fails ({reason}); {hint}")
+    # ... and the activations of the traced batch, with their gradients' worth of headroom
+    check_memory(f"{what} ({params:,} parameters)", 4 * (4 * params + 2 * acts), memory_limit_gb)
     torch.manual_seed(seed)
     return build(shape[0], num_classes, shape[1]), shape
 
 
-def export_zoo(name: str, path, input_shape=None, num_classes: int = 10, seed: int = 0) -> Path:
-    module, shape = zoo_module(name, input_shape, num_classes, seed)
-    return export(module, torch.zeros(2, *shape), path)
+def export_zoo(
+    name: str, path, input_shape=None, num_classes: int = 10, seed: int = 0, memory_limit_gb: float | None = None
+) -> Path:
+    """Write zoo model ``name`` to ``path`` (``accelc export``); ``input_shape`` is C,H,W (a
+    sequence or the CLI's "C,H,W" text). Every argument is checked before anything is written."""
+    checks.path_like("-o", path)
+    module, shape = zoo_module(name, input_shape, num_classes, seed, memory_limit_gb)
+    return export(module, torch.zeros(EXPORT_BATCH, *shape), path)

@@ -23,11 +23,13 @@ over every stage of an artifact set and validates every stage after each pass.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .artifacts import Artifacts
-from .errors import AccelcError
+from .checks import got
+from .errors import InvalidType, InvalidValue, show
 
 
 @dataclass
@@ -47,7 +49,9 @@ def choice(*values: str):
     """Parser: one of ``values`` ('choose from a, b')."""
 
     def parse(value):
-        if not isinstance(value, str) or value not in values:
+        if not isinstance(value, str):
+            raise TypeError(f"choose from {', '.join(values)}")
+        if value not in values:
             raise ValueError(f"choose from {', '.join(values)}")
         return value
 
@@ -56,12 +60,19 @@ def choice(*values: str):
 
 
 def _number(value, kind):
-    if isinstance(value, bool):
-        raise TypeError(f"expected a number, got {value!r}")
+    """``value`` (a CLI string or a Python number) as ``kind`` (int or float); TypeError for a
+    value of another type, ValueError for text that is not such a number."""
+    what = "an integer" if kind is int else "a number"
     if isinstance(value, str):
-        return kind(value.strip())
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"expected an integer, got {value}")
+        try:
+            return kind(value.strip())
+        except ValueError:
+            raise ValueError(f"expected {what}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"expected {what}")
+    if kind is int and not isinstance(value, numbers.Integral):
+        if not (math.isfinite(value) and float(value).is_integer()):
+            raise ValueError(f"expected {what}")
     return kind(value)
 
 
@@ -105,7 +116,7 @@ def name_list(value):
             raise TypeError("expected a list of names")
         return [v.strip() for v in value if v.strip()]
     if not isinstance(value, str):
-        raise TypeError(f"expected comma-separated names, got {value!r}")
+        raise TypeError("expected comma-separated names")
     return [s.strip() for s in value.split(",") if s.strip()]
 
 
@@ -142,26 +153,47 @@ class Pass:
 
     @classmethod
     def resolve_options(cls, given: dict | None) -> dict:
-        """Every option's value, parsed and validated (CLI strings and Python values alike)."""
-        given = given or {}
+        """Every option's value, parsed and validated (CLI strings and Python values alike): the
+        option's own parser sees both, so ``tau=-3`` from Python and ``--skip-tau -3`` from the CLI
+        are refused with the same message. None stands for "not given" only where the option's
+        default is None; elsewhere it is a value of the wrong type, like any other."""
+        if given is None:
+            given = {}
         if not isinstance(given, dict):
-            raise AccelcError(f"options of pass '{cls.name}' must be a dict, got {type(given).__name__}")
-        unknown = set(given) - set(cls.options)
+            raise InvalidType(f"options of pass '{cls.name}' must be a dict, got {type(given).__name__}")
+        unknown = [k for k in given if k not in cls.options]
         if unknown:
-            raise AccelcError(
-                f"pass '{cls.name}' has no option(s) {sorted(map(str, unknown))}; "
+            raise InvalidValue(
+                f"pass '{cls.name}' has no option(s) {', '.join(show(k, 60) for k in unknown)}; "
                 f"valid: {', '.join(cls.options) or 'none'}"
             )
         out = {}
         for k, opt in cls.options.items():
-            if k not in given or given[k] is None:
-                out[k] = opt.default
+            if k not in given or (given[k] is None and opt.default is None):
+                # a default written as CLI text (e.g. reuse's "288:6,144:8,72:10") is parsed like one
+                out[k] = cls.parse_option(k, opt.default) if isinstance(opt.default, str) else opt.default
                 continue
-            try:
-                out[k] = opt.parse(given[k])
-            except (ValueError, TypeError) as e:
-                raise AccelcError(f"bad value {given[k]!r} for {cls.flag(k)}: {e}") from None
+            out[k] = cls.parse_option(k, given[k])
         return out
+
+    @classmethod
+    def parse_option(cls, option: str, value):
+        """One option's value through its parser; InvalidType/InvalidValue naming the flag."""
+        try:
+            return cls.options[option].parse(value)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+            kind = InvalidType if isinstance(e, (TypeError, AttributeError)) else InvalidValue
+            raise kind(option_message(cls.flag(option), e, value)) from None
+
+
+def option_message(flag: str, error: BaseException, value) -> str:
+    """``--skip-tau must be a finite number > 0, got -3`` from a parser's reason."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    reason = show(reason, 160)
+    text = f"{flag} {reason}" if reason.startswith(("must ", "needs ")) else f"{flag}: {reason}"
+    if "got " not in reason:
+        text += f", got {got(value) if not isinstance(value, (list, tuple, dict)) else show(repr(value), 80)}"
+    return text
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -197,7 +229,7 @@ def check_order(names: list[str]) -> None:
     want = order_of(names)
     if list(names) != want:
         optional = [n for n, c in registered().items() if not c.default]
-        raise AccelcError(
+        raise InvalidValue(
             f"passes compose only in the order {', '.join(optional)}: give --passes "
             f"{','.join(n for n in want if n in optional)} (got {','.join(n for n in names if n in optional)}); "
             f"a pass rewrites what the passes before it made"
@@ -205,27 +237,70 @@ def check_order(names: list[str]) -> None:
 
 
 def parse_pass_list(value) -> list[str]:
-    """``"a,b"``, ``["a"]``, ``"none"`` or None -> checked pass names (raises AccelcError)."""
+    """``"a,b"``, ``["a"]``, ``"none"`` or None -> checked pass names. A string is split at
+    commas (never iterated per character); anything but a string or a list/tuple of strings is
+    InvalidType; an unknown or repeated pass, or passes out of composition order, InvalidValue."""
     if value is None:
         return []
     if isinstance(value, str):
         names = [] if value.strip() in ("", "none") else [p.strip() for p in value.split(",") if p.strip()]
-    elif isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value):
-        names = [p.strip() for p in value if p.strip()]
+    elif isinstance(value, (list, tuple)):
+        if not all(isinstance(p, str) for p in value):
+            bad = next(p for p in value if not isinstance(p, str))
+            raise InvalidType(
+                f"--passes must be a comma-separated string or a list of pass names, got a list holding "
+                f"{type(bad).__name__}"
+            )
+        names = [p.strip() for p in value if p.strip() and p.strip() != "none"]
     else:
-        raise AccelcError(f"passes must be a comma-separated string or a list of names, got {value!r}")
+        raise InvalidType(
+            f"--passes must be a comma-separated string or a list of pass names, got {type(value).__name__}"
+        )
     reg = registered()
     bad = [n for n in names if n not in reg]
     if bad:
-        raise AccelcError(f"unknown pass(es) {', '.join(bad)}; available: {', '.join(reg) or 'none'} (or 'none')")
-    if len(set(names)) != len(names):
-        raise AccelcError(f"a pass is listed twice in --passes {','.join(names)}")
+        raise InvalidValue(
+            f"unknown pass(es) {', '.join(show(n, 60) for n in bad)}; available: {', '.join(reg) or 'none'} (or 'none')"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidValue(f"pass {', '.join(twice)} is listed twice in --passes {','.join(names)}")
     check_order([n for n in names if not reg[n].default])
     return names
+
+
+def check_pass_options(names: list[str], pass_options, defaults: bool = True) -> dict:
+    """``pass_options`` ({pass: {option: value}}) checked against the passes that run (``names``,
+    plus the default passes when ``defaults``): every option parsed as the CLI parses its flag.
+    Returns the dict unchanged (the manager resolves it again). The messages are those of the CLI:
+    options of a pass that is not run are refused as ``--skip-tau given but pass 'skip' is not in
+    --passes``."""
+    if pass_options is None:
+        return {}
+    if not isinstance(pass_options, dict):
+        raise InvalidType(
+            f"pass_options must be a dict of {{pass: {{option: value}}}}, got {type(pass_options).__name__}"
+        )
+    reg = registered()
+    run = set(names) | ({n for n, c in reg.items() if c.default} if defaults else set())
+    for pname, given in pass_options.items():
+        if not isinstance(pname, str) or pname not in reg:
+            raise InvalidValue(
+                f"pass_options names unknown pass {show(pname, 60)}; available: {', '.join(reg) or 'none'}"
+            )
+        cls = reg[pname]
+        if given is not None and not isinstance(given, dict):
+            raise InvalidType(f"options of pass '{pname}' must be a dict, got {type(given).__name__}")
+        if pname not in run:
+            some = [k for k in (given or {}) if k in cls.options]
+            what = f"{cls.flag(some[0])} given" if some else f"options given for pass '{pname}'"
+            raise InvalidValue(f"{what} but pass '{pname}' is not in --passes")
+        cls.resolve_options(given)
+    return pass_options
 
 
 def get(name: str) -> type[Pass]:
     reg = registered()
     if name not in reg:
-        raise AccelcError(f"unknown pass '{name}'; available: {', '.join(reg) or 'none'}")
+        raise InvalidValue(f"unknown pass '{show(name, 60)}'; available: {', '.join(reg) or 'none'}")
     return reg[name]

@@ -1,0 +1,201 @@
+"""Argument validators shared by the CLI and the Python API.
+
+One validation layer serves both: every function here takes the *flag* a value belongs to (as the
+CLI spells it, e.g. ``"--lr"``) and the value, returns the value normalised, and raises
+:class:`~accelc.compiler.errors.InvalidType` (a ``TypeError``) for a value of the wrong type or
+:class:`~accelc.compiler.errors.InvalidValue` (a ``ValueError``) for one out of range, with a
+message that names the flag::
+
+    --lr must be a positive finite number, got -1.0
+
+The CLI prints that message as ``accelc: error: MSG``; the Python API raises it, so a mistake
+reads the same from both. Arguments that only exist in Python (``pass_options``, ``progress``)
+are named by their keyword.
+
+Seeds are integers in 0..2**32-1 (:data:`SEED_MAX`): numpy's ``default_rng`` would take any
+non-negative integer, but torch's ``manual_seed`` and ORT's ``set_seed`` take 64-bit integers, and
+a seed that one of them wraps or refuses would make the same run differ between engines.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from pathlib import Path
+
+from .errors import InvalidType, InvalidValue, show
+
+SEED_MAX = 2**32 - 1
+
+
+def got(value) -> str:
+    """``value`` as shown after "got" in a message (escaped, one line; '' for an empty string)."""
+    if isinstance(value, str) and not value.strip():
+        return repr(value)
+    return show(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# ----------------------------------------------------------------------------- numbers
+def positive_float(flag: str, value) -> float:
+    """A finite number > 0 (a learning rate)."""
+    what = f"{flag} must be a positive finite number"
+    if not _is_real(value):
+        raise InvalidType(f"{what}, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise InvalidValue(f"{what}, got {got(value)}")
+    return v
+
+
+def optional_positive_float(flag: str, value) -> float | None:
+    """None, or a finite number > 0."""
+    return None if value is None else positive_float(flag, value)
+
+
+def int_in(flag: str, value, low: int, high: int | None = None, what: str = "") -> int:
+    """An integer in ``low``..``high`` (no upper bound when ``high`` is None)."""
+    what = what or (f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}")
+    if not _is_int(value):
+        raise InvalidType(f"{flag} must be {what}, got {type(value).__name__}")
+    v = int(value)
+    if v < low or (high is not None and v > high):
+        raise InvalidValue(f"{flag} must be {what}, got {got(value)}")
+    return v
+
+
+def positive_int(flag: str, value, maximum: int | None = None) -> int:
+    """An integer >= 1 (and <= ``maximum`` when given)."""
+    return int_in(flag, value, 1, maximum, "" if maximum is not None else "a positive integer")
+
+
+def optional_positive_int(flag: str, value, maximum: int | None = None) -> int | None:
+    """None, or an integer >= 1."""
+    return None if value is None else positive_int(flag, value, maximum)
+
+
+def seed(flag: str, value) -> int:
+    """A seed: an integer in 0..2**32-1 (see the module docstring)."""
+    return int_in(flag, value, 0, SEED_MAX)
+
+
+def boolean(name: str, value) -> bool:
+    """True or False (numpy booleans too); 0/1 and strings are refused so a typo is not a flag."""
+    if value is True or value is False or type(value).__name__ == "bool_":
+        return bool(value)
+    raise InvalidType(f"{name} must be True or False, got {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------- text and paths
+def choice(flag: str, value, choices) -> str:
+    """One of ``choices`` (strings)."""
+    choices = tuple(choices)
+    what = f"{flag} must be one of {', '.join(choices)}"
+    if not isinstance(value, str):
+        raise InvalidType(f"{what}, got {type(value).__name__}")
+    if value not in choices:
+        shown = got(value) if not value.strip() else f"'{show(value)}'"
+        raise InvalidValue(f"{what}, got {shown}")
+    return value
+
+
+def path_like(name: str, value) -> Path:
+    """A filesystem path: a non-empty ``str`` or ``os.PathLike`` of text, without NUL bytes."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidType(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    text = os.fspath(value)
+    if not isinstance(text, str):
+        raise InvalidType(f"{name} must be a path of text, not {type(text).__name__}")
+    if not text.strip():
+        raise InvalidValue(f"{name} must be a non-empty path, got {got(text)}")
+    if "\x00" in text:
+        raise InvalidValue(f"{name} must not contain a NUL byte, got {got(text)}")
+    return Path(text)
+
+
+def mapping(name: str, value, optional: bool = True) -> dict:
+    """A dict (None -> {} when ``optional``)."""
+    if value is None and optional:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidType(f"{name} must be a dict, got {type(value).__name__}")
+    return value
+
+
+def input_shape(flag: str, value) -> tuple[int, int, int]:
+    """A model input shape C,H,W: the CLI string ``"1,28,28"`` or a sequence of three positive
+    integers."""
+    what = f"{flag} must be three positive integers C,H,W"
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        try:
+            items = [int(p) for p in parts]
+        except ValueError:
+            raise InvalidValue(f"{what}, got {got(value)}") from None
+    elif isinstance(value, (list, tuple)):
+        if not all(_is_int(v) for v in value):
+            raise InvalidType(f"{what}, got {got(tuple(value))}")
+        items = [int(v) for v in value]
+    else:
+        raise InvalidType(f"{what}, got {type(value).__name__}")
+    if len(items) != 3 or min(items) <= 0:
+        raise InvalidValue(f"{what}, got {got(','.join(map(str, items)) if items else value)}")
+    return tuple(items)
+
+
+def memory_limit_gb(value) -> float | None:
+    """None (the default limit) or a positive finite number of GB (``--memory-limit``)."""
+    if value is None:
+        return None
+    from .resources import memory_limit
+
+    if not _is_real(value):
+        raise InvalidType(f"--memory-limit must be a number of GB, got {type(value).__name__}")
+    memory_limit(
+        value if isinstance(value, (int, float)) else float(value)
+    )  # the range check and its message live with the limit
+    return float(value)
+
+
+def threads(value) -> int | None:
+    """None (all cores) or an integer in 1..4 x cores (``--threads``)."""
+    from .resources import check_threads
+
+    if value is not None and not _is_int(value):
+        raise InvalidType(f"--threads must be an integer, got {type(value).__name__}")
+    return check_threads(None if value is None else int(value))
+
+
+DATA_KINDS = ("synthetic", "fashion-mnist", "imagefolder")
+
+
+def data_spec(flag: str, value) -> str:
+    """``synthetic[:N]``, ``fashion-mnist[:DIR]`` or ``imagefolder:DIR`` (the form only; what the
+    spec names is checked when the data is loaded)."""
+    if not isinstance(value, str):
+        raise InvalidType(
+            f"{flag} must be synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR, got {type(value).__name__}"
+        )
+    if "\x00" in value:
+        raise InvalidValue(f"{flag} must not contain a NUL byte, got {got(value)}")
+    kind, sep, arg = value.partition(":")
+    if kind not in DATA_KINDS:
+        raise InvalidValue(f"unknown {flag} {got(value)}; use synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR")
+    if kind == "synthetic" and sep:
+        try:
+            n = int(arg)
+        except ValueError:
+            raise InvalidValue(f"{flag} synthetic:N needs an integer N, got {got(arg)}") from None
+        if n <= 0:
+            raise InvalidValue(f"{flag} synthetic:N needs N > 0, got {n}")
+    if kind == "imagefolder" and not arg.strip():
+        raise InvalidValue(f"{flag} imagefolder:DIR needs a folder")
+    return value

@@ -14,12 +14,19 @@ from .validation import validate
 class PassManager:
     """Run passes in the given order, validating after each."""
 
-    def __init__(self, names: list[str], options: dict[str, dict] | None = None, validate_each: bool = True):
+    def __init__(
+        self,
+        names: list[str],
+        options: dict[str, dict] | None = None,
+        validate_each: bool = True,
+        memory_limit_gb: float | None = None,
+    ):
         self.passes: list[Pass] = [get(n)() for n in names]
         check_order([p.name for p in self.passes if not p.default])
         options = options or {}
         self.options = {p.name: p.resolve_options(options.get(p.name)) for p in self.passes}
         self.validate_each = validate_each
+        self.memory_limit_gb = memory_limit_gb
 
     def _apply(self, p: Pass, art: Artifacts):
         opts = self.options[p.name]
@@ -57,9 +64,9 @@ class PassManager:
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             if self.validate_each and (result.modified or changed_stages):
-                rec["validation"] = validate(art)
+                rec["validation"] = validate(art, self.memory_limit_gb)
                 for name in changed_stages:
-                    rec["validation"].setdefault("stages", {})[name] = validate(art.stages[name])
+                    rec["validation"].setdefault("stages", {})[name] = validate(art.stages[name], self.memory_limit_gb)
                 check = p.ensures(before, art, opts) if result.modified else None
                 if check:
                     rec["validation"]["self_check"] = check

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import AccelcError
+from .errors import AccelcError, show
+from .resources import check_memory
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FLOAT_TYPES = (TensorProto.FLOAT,)
@@ -31,6 +32,14 @@ NON_DIFFERENTIABLE = {
     "Split": (1,), "Range": (0, 1, 2), "ConstantOfShape": (0,), "BatchNormalization": (3, 4),
     "Dropout": (1, 2), "Gather": (1,), "Where": (0,), "OneHot": (1, 2),
 }  # fmt: skip
+# Input slots torch differentiates but ORT Training 1.19.2 does not: a parameter there cannot train
+# (ORT's gradient builder fails), so it is refused with a rewrite that trains the same way.
+NO_ORT_GRADIENT = {
+    "Clip": {1: ("min bound", "torch.maximum(x, p) in place of torch.clamp(x, min=p)"),
+             2: ("max bound", "torch.minimum(x, p) in place of torch.clamp(x, max=p)")},
+    "Pow": {1: ("exponent", "torch.exp(p * torch.log(x)) for a positive base")},
+}  # fmt: skip
+FLOAT_BYTES = 4  # accelc trains float32 models
 
 
 @dataclass
@@ -41,7 +50,7 @@ class ModelInfo:
     path: Path | None
     sha256: str
     input_name: str
-    input_shape: tuple  # (C, H, W) or (F,), batch excluded
+    input_shape: tuple  # (C, H, W), batch excluded
     output_name: str
     num_classes: int
     params: list[str]  # trainable, in graph order
@@ -151,6 +160,34 @@ def declared_trainable(model: onnx.ModelProto) -> list[str] | None:
     return names
 
 
+def _ungradable_params(model: onnx.ModelProto, trainable: list[str]):
+    """(node, role, rewrite, [parameters]) for each input slot of NO_ORT_GRADIENT that one of the
+    ``trainable`` parameters reaches through ops a gradient flows through (a Cast included): ORT
+    builds no gradient there, so such a parameter would fail to train or miss part of its
+    gradient."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    wanted = set(trainable)
+    for node in model.graph.node:
+        for slot, (role, rewrite) in NO_ORT_GRADIENT.get(node.op_type, {}).items():
+            if slot >= len(node.input) or not node.input[slot]:
+                continue
+            found, seen, stack = [], set(), [node.input[slot]]
+            while stack:
+                name = stack.pop()
+                if name in seen:
+                    continue
+                seen.add(name)
+                if name in wanted:
+                    found.append(name)
+                    continue
+                src = producers.get(name)
+                if src is not None:
+                    skip = NON_DIFFERENTIABLE.get(src.op_type, ())
+                    stack.extend(i for k, i in enumerate(src.input) if i and k not in skip)
+            if found:
+                yield node, role, rewrite, sorted(found, key=trainable.index)
+
+
 def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str], str | None]:
     """(trainable, frozen, warning). Trainable: the parameters the exporter declared (accelc.export
     writes them), or else every float initialiser that feeds a node where a gradient flows (not
@@ -170,6 +207,15 @@ def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str], str
                     trainable.append(name)
             elif slot not in skip and not name.startswith("onnx::"):
                 trainable.append(name)
+    for node, role, rewrite, names in _ungradable_params(model, trainable):
+        if declared is None:  # only guessed to be parameters: ORT cannot train them, keep them constant
+            trainable = [n for n in trainable if n not in names]
+            continue
+        raise AccelcError(
+            f"the {role} of {node.op_type} '{show(node.name or node.output[0])}' is computed from parameter "
+            f"'{show(names[0])}': ORT Training 1.19.2 cannot differentiate a {node.op_type} {role} (torch "
+            f"does); write {rewrite}, or make it a buffer if it should not train"
+        )
     frozen = [n for n in inits if n in floats and n not in trainable]
     warning = None
     if declared is not None:
@@ -177,7 +223,7 @@ def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str], str
         if lost:
             warning = (
                 f"{len(lost)} parameter(s) torch trains are not initialisers the model uses "
-                f"({', '.join(lost[:5])}{', ...' if len(lost) > 5 else ''}): the exported graph does not use "
+                f"({', '.join(show(n) for n in lost[:5])}{', ...' if len(lost) > 5 else ''}): the exported graph does not use "
                 f"them (unused, inlined or renamed), so they will not train"
             )
     else:
@@ -188,10 +234,18 @@ def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str], str
             for s in (3, 4)
             if s < len(node.input)
         }
-        unsure = [n for n in frozen if n not in stats]
+        # an initialiser used only where no gradient flows (a Clip bound, a Pow exponent, a shape)
+        # is a constant by construction: no need to warn about it
+        grad_slots = {
+            name
+            for node in model.graph.node
+            for slot, name in enumerate(node.input)
+            if slot not in NON_DIFFERENTIABLE.get(node.op_type, ())
+        }
+        unsure = [n for n in frozen if n not in stats and n in grad_slots]
         if unsure:
             warning = (
-                f"{len(unsure)} float initialiser(s) are not trained ({', '.join(unsure[:5])}"
+                f"{len(unsure)} float initialiser(s) are not trained ({', '.join(show(n) for n in unsure[:5])}"
                 f"{', ...' if len(unsure) > 5 else ''}): the model does not say which are parameters "
                 f"(export it with accelc.export to carry torch's own list)"
             )
@@ -203,6 +257,32 @@ def _dims(vi: onnx.ValueInfoProto) -> list:
         d.dim_param if d.HasField("dim_param") or not d.HasField("dim_value") else d.dim_value
         for d in vi.type.tensor_type.shape.dim
     ]
+
+
+def _fmt_dims(dims) -> str:
+    return "[" + ", ".join(show(d, 40) for d in dims) + "]"
+
+
+def step_memory_bytes(info: ModelInfo, batch: int) -> int:
+    """Estimated memory of one training step at ``batch``, from the static shapes alone (nothing is
+    allocated): every forward activation is kept for the backward pass and gets a gradient of its
+    own size (2x the activations, the input batch included), and each parameter has its value, its
+    gradient and two AdamW moments (4x the parameters). Tensors whose shape is unknown count 0."""
+    inits = {t.name: t for t in info.model.graph.initializer}
+    acts = sum(int(np.prod(shape, dtype=object)) for name, shape in info.shapes(batch).items() if name not in inits)
+    params = sum(int(np.prod(list(t.dims), dtype=object)) for t in inits.values())
+    return FLOAT_BYTES * (2 * acts + 4 * params)
+
+
+def check_step_memory(info: ModelInfo, batch: int, limit_gb: float | None = None, what: str = "training") -> int:
+    """Refuse (one line, with the estimate) a training step at ``batch`` whose estimated memory
+    (:func:`step_memory_bytes`) exceeds the limit (``limit_gb``, else the default of
+    :func:`accelc.compiler.resources.memory_limit`); returns the estimate in bytes.
+    ``what`` names the step: "validating the model", "training"."""
+    nbytes = step_memory_bytes(info, batch)
+    shape = _fmt_dims([batch, *info.input_shape])
+    check_memory(f"{what} at batch {batch} (input {shape})", nbytes, limit_gb)
+    return nbytes
 
 
 def folded_batchnorm_hint(model: onnx.ModelProto) -> str | None:
@@ -286,6 +366,13 @@ def check_model(model: onnx.ModelProto, sha256: str = "", path: Path | None = No
                     f"input '{inp.name}' has shape {dims} but Conv '{n.name}' needs a "
                     f"{len(w.dims)}-D input [batch, C, ...]: is the batch dimension missing?"
                 )
+    if len(dims) != 4:
+        # the data loaders, the synthetic data and the passes all work on images; a model of any
+        # other input rank would compile and then fail in train
+        raise AccelcError(
+            f"accelc trains image models with an input [N, C, H, W]; this model's input "
+            f"'{show(inp.name)}' is {_fmt_dims(dims)}"
+        )
     params, frozen, frozen_warning = _trainable_params(model)
     if not params:
         raise AccelcError("model has no trainable parameters (no Conv/Gemm/MatMul weight initialisers)")

@@ -19,9 +19,13 @@ import onnx
 from .artifacts import Artifacts
 from .errors import AccelcError, ort_message
 from .lowering import lower_training_model
+from .model import check_step_memory
+from .resources import fmt_bytes, max_threads, memory_limit
+
+VALIDATION_BATCH = 2  # the batch of the validation step and of the passes' numeric self-checks
 
 
-def random_feeds(session, art: Artifacts, rng, params: str = "random", batch: int = 2) -> dict:
+def random_feeds(session, art: Artifacts, rng, params: str = "random", batch: int = VALIDATION_BATCH) -> dict:
     """Feeds for a raw training graph: random data and labels, lazy_reset_grad true, parameters
     random (uniform ±0.1) or constant 0.01 (cheapest: enough to exercise every kernel)."""
     feeds = {}
@@ -37,7 +41,8 @@ def random_feeds(session, art: Artifacts, rng, params: str = "random", batch: in
             if params == "constant" or i.name.endswith("_grad.accumulation.buffer"):
                 feeds[i.name] = np.full(shape, 0.01 if params == "constant" else 0.0, np.float32)
             else:
-                feeds[i.name] = (rng.random(shape, dtype=np.float32) - 0.5) * 0.2
+                # a 0-d parameter (a learnt scale) must be fed as a 0-d array, not a numpy scalar
+                feeds[i.name] = np.asarray((rng.random(shape, dtype=np.float32) - 0.5) * 0.2, np.float32)
     return feeds
 
 
@@ -113,14 +118,39 @@ def _validate_in_process(art: Artifacts) -> dict:
     return {"ort_session": True, "shape_inference": True, "training_step": bool(np.all(np.isfinite(loss)))}
 
 
-def validate(art: Artifacts) -> dict:
+def _limit_child_memory(limit: int) -> None:
+    """Backstop for the shape-based estimate (shapes shape inference cannot tell count 0): cap the
+    child's address space at what it maps now plus the memory limit, so an allocation past it
+    fails inside ORT (a clear error) instead of swapping the machine."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as fh:
+            mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        # room for thread stacks and malloc arenas (address space, mostly never touched)
+        cap = mapped + limit + (1 << 30) + (128 << 20) * max_threads()
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        if soft == resource.RLIM_INFINITY or soft > cap:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    except (ImportError, OSError, ValueError):
+        pass
+
+
+def validate(art: Artifacts, memory_limit_gb: float | None = None) -> dict:
     """Shape inference, ORT sessions for the training and eval models and one training step on a
     random batch, in a forked child process: a native crash (ORT 1.19.2 can die with SIGFPE on
-    some op combinations) becomes a clear compile-time error instead of killing accelc."""
+    some op combinations) becomes a clear compile-time error instead of killing accelc.
+
+    The step's memory is estimated from the shapes first and refused over ``memory_limit_gb``
+    (default: :func:`accelc.compiler.resources.memory_limit`), before anything is allocated."""
     t0 = time.perf_counter()
+    check_step_memory(art.info, VALIDATION_BATCH, memory_limit_gb, "validating the model")
     if not hasattr(os, "fork"):
         out = _validate_in_process(art)
     else:
+        limit = memory_limit(memory_limit_gb)
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
@@ -129,11 +159,20 @@ def validate(art: Artifacts) -> dict:
             faulthandler.disable()  # the parent reports a crash in one line; no dump on the terminal
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
+            _limit_child_memory(limit)
             code = 0
             try:
                 res = _validate_in_process(art)
             except AccelcError as e:
                 res, code = {"error": str(e)}, 3
+            except MemoryError:
+                res, code = (
+                    {
+                        "error": f"validating the model ran out of memory (limit {fmt_bytes(limit)}; "
+                        "raise it with --memory-limit GB if this machine has the memory)"
+                    },
+                    3,
+                )
             except BaseException as e:  # noqa: BLE001
                 res, code = {"error": f"{type(e).__name__}: {e}"}, 4
             with os.fdopen(w, "w") as fh:

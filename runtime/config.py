@@ -3,10 +3,10 @@ engine (never read from environment variables)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from ..compiler.errors import AccelcError
+from ..compiler.errors import InvalidValue, show
+from ..compiler.resources import check_threads
 from .kernels import ORT, providers
 
 DEVICES = ("cpu", "cuda")
@@ -26,15 +26,10 @@ class ExecConfig:
 
     def __post_init__(self):
         if self.device not in DEVICES:
-            raise AccelcError(f"--device must be one of {', '.join(DEVICES)}, got '{self.device}'")
-        if self.threads is not None:
-            if isinstance(self.threads, bool) or not isinstance(self.threads, int):
-                raise AccelcError(f"--threads must be an integer, got {self.threads!r}")
-            cores = os.cpu_count() or 1
-            if not 1 <= self.threads <= 4 * cores:
-                raise AccelcError(
-                    f"--threads must be in 1..{4 * cores} on this machine ({cores} cores), got {self.threads}"
-                )
+            raise InvalidValue(f"--device must be one of {', '.join(DEVICES)}, got '{show(self.device)}'")
+        # bounded by the machine (1..4 x the cores this process may use): --threads 100000 would
+        # have ORT start 100000 threads
+        check_threads(self.threads)
 
     def impl(self, provider_name: str) -> str:
         """The implementation chosen for a kernel provider."""
@@ -52,10 +47,10 @@ class ExecConfig:
         reg = providers()
         for name, choice in self.kernels.items():
             if name not in reg:
-                raise AccelcError(f"--kernel {name}=...: no such kernel; kernels: {', '.join(reg) or 'none'}")
+                raise InvalidValue(f"--kernel {show(name)}=...: no such kernel; kernels: {', '.join(reg) or 'none'}")
             allowed = tuple(reg[name].implementations) + (ORT,)
             if choice not in allowed:
-                raise AccelcError(f"--kernel {name}={choice}: choose from {', '.join(allowed)}")
+                raise InvalidValue(f"--kernel {show(name)}={show(choice)}: choose from {', '.join(allowed)}")
 
 
 def parse_kernel_choices(items) -> dict:
@@ -64,6 +59,6 @@ def parse_kernel_choices(items) -> dict:
     for item in items or []:
         name, sep, impl = str(item).partition("=")
         if not sep or not name.strip() or not impl.strip():
-            raise AccelcError(f"--kernel takes NAME=IMPL (e.g. conv=ort), got '{item}'")
+            raise InvalidValue(f"--kernel takes NAME=IMPL (e.g. conv=ort), got '{show(item)}'")
         out[name.strip()] = impl.strip()
     return out

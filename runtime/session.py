@@ -30,7 +30,7 @@ import torch
 
 from ..compiler.artifact_dir import load_artifacts
 from ..compiler.artifacts import Artifacts, optimizer_hyperparameters
-from ..compiler.errors import AccelcError
+from ..compiler.errors import AccelcError, ort_message, show
 from ..compiler.lowering import lower_training_model
 from .config import ExecConfig
 from .engine import ParamUpdate, StepResult
@@ -46,8 +46,11 @@ def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
         p = os.path.join(d, "checkpoint")
         with open(p, "wb") as fh:
             fh.write(checkpoint)
-        state = api.CheckpointState.load_checkpoint(p)
-        return {name: np.array(param.data, dtype=np.float32, copy=True) for name, param in state.parameters}
+        try:
+            state = api.CheckpointState.load_checkpoint(p)
+            return {name: np.array(param.data, dtype=np.float32, copy=True) for name, param in state.parameters}
+        except Exception as e:  # a damaged file: ORT's error, as one line
+            raise AccelcError(f"the artifacts' checkpoint cannot be read: {ort_message(e)}") from None
 
 
 _SHARED_ARENA = []
@@ -128,25 +131,34 @@ class TrainingSession:
             if i.name not in self.params and i.name not in (art.info.input_name, "labels")
         ]
         if missing:
-            raise AccelcError(f"variant needs parameters this session does not hold: {missing[:5]}")
+            raise AccelcError(
+                f"variant needs parameters this session does not hold: {', '.join(show(n) for n in missing[:5])}"
+            )
         for i in lowered.graph.input:  # shape changes replace the parameter tensor (swap's update)
-            if i.name in self.params:
-                want = tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
-                if want and tuple(self.params[i.name].shape) != want:
+            tt = i.type.tensor_type
+            # a 0-d parameter (a learnt scale) has a shape with no dimensions: compared too
+            if i.name in self.params and tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                want = tuple(d.dim_value for d in tt.shape.dim)
+                if tuple(self.params[i.name].shape) != want:
                     raise AccelcError(
-                        f"variant expects '{i.name}' of shape {want}, session holds "
+                        f"variant expects '{show(i.name)}' of shape {want}, session holds "
                         f"{tuple(self.params[i.name].shape)}; swap it with a ParamUpdate"
                     )
         so = session_options(self.exec.threads)
         # nodes a registered kernel claims run in accelc's kernels between ORT segments (CPU)
         owners = claimed(lowered, self.exec) if self.device == "cpu" else {}
-        if owners:
-            self.runner = SegmentedRunner(lowered, so, self._providers(), self.exec, owners)
-            self.train_sess = None
-        else:
-            self.runner = None
-            self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())
-        self.eval_sess = ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
+        try:
+            if owners:
+                self.runner = SegmentedRunner(lowered, so, self._providers(), self.exec, owners)
+                self.train_sess = None
+            else:
+                self.runner = None
+                self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())
+            self.eval_sess = ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
+        except AccelcError:
+            raise
+        except Exception as e:  # ORT refusing a damaged or edited graph: its reason, in one line
+            raise AccelcError(f"ONNX Runtime cannot load the artifacts' graphs: {ort_message(e)}") from None
         self.desc = desc
         self.train_inputs = [i.name for i in lowered.graph.input]
         self.eval_inputs = [i.name for i in self.eval_sess.get_inputs()]

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from . import provenance
-from .artifact_dir import load_artifacts, model_summary, write_artifacts
+from .artifact_dir import load_artifacts, model_summary, verified, write_artifacts, write_report
 from .artifacts import generate
 from .cost import graph_costs, numel
-from .errors import AccelcError
+from .errors import AccelcError, show
 from .fileio import atomic_dir
 from .graph import TrainingGraph, training_graph
 from .legalize import legalize
 from .manager import PassManager
-from .model import ModelInfo, check_model, load_model, read_model
+from .model import ModelInfo, check_model, check_step_memory, load_model, read_model
 from .pass_api import default_passes
-from .validation import validate
+from .validation import VALIDATION_BATCH, validate
 
 VERSION = "0.1.0"
 
@@ -69,6 +68,7 @@ def compile_model(
     validate_result: bool = True,
     info: ModelInfo | None = None,
     defaults: bool = True,
+    memory_limit_gb: float | None = None,
 ) -> dict:
     """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes``.
 
@@ -86,8 +86,12 @@ def compile_model(
         if Path(model_path).resolve() == out_dir.resolve():
             raise AccelcError("output path is the input model; choose another -o")
         info = load_model(model_path)
-    manager = PassManager(passes or [], pass_options or {}, validate_each=validate_result)
-    with atomic_dir(out_dir, force=force) as tmp:
+    if validate_result:  # refused from the shapes, before ORT or torch is loaded
+        check_step_memory(info, VALIDATION_BATCH, memory_limit_gb, "validating the model")
+    manager = PassManager(
+        passes or [], pass_options or {}, validate_each=validate_result, memory_limit_gb=memory_limit_gb
+    )
+    with atomic_dir(out_dir, force=force, kind="artifacts", protect=[model_path] if model_path else []) as tmp:
         legal = legalized(info)
         art, notes = generate(legal, loss, optimizer, lr, batch_size)
         notes = legal.legalize_notes + notes
@@ -99,7 +103,7 @@ def compile_model(
             after = graph_costs(after_tg, optimizer)
         else:
             after_tg, after = before_tg, before
-        final_validation = validate(art) if (validate_result and not records) else None
+        final_validation = validate(art, memory_limit_gb) if (validate_result and not records) else None
         report = {
             "accelc_version": VERSION,
             "input": {"file": Path(model_path).name if model_path else None, "sha256": info.sha256},
@@ -116,7 +120,7 @@ def compile_model(
         }
         write_artifacts(art, tmp)
         report["compile_seconds"] = round(time.perf_counter() - t0, 3)
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        write_report(tmp, report)  # with the content hashes of the files load_artifacts verifies
     return report
 
 
@@ -131,25 +135,34 @@ def legalized(info: ModelInfo) -> ModelInfo:
     )
 
 
+UNVERIFIED = (
+    "artifacts written before accelc recorded file hashes in report.json: could not verify that the files "
+    "are unchanged since compile (recompile to get the check)"
+)
+
+
 def inspect_path(path) -> dict:
-    """Per-layer view of an artifact directory or an ONNX model (forward models are compiled in memory)."""
+    """Per-layer view of an artifact directory or an ONNX model (forward models are compiled in memory).
+
+    An artifact directory is loaded through :func:`load_artifacts` (every file checked); the view's
+    ``warnings`` say when its files could not be verified against the hashes of report.json."""
     p = Path(path)
     if p.is_dir():
         art, report = load_artifacts(p)
-        tg = training_graph(art)
-        costs = graph_costs(tg, art.config.get("optimizer", "adamw"))
+        tg, costs, layers = _analyse(p, lambda: training_graph(art), art.config["optimizer"], verified(report))
         return {
             "source": "artifacts",
-            "layers": layer_table(tg, costs),
+            "layers": layers,
             "costs": costs,
             "passes": report.get("passes", []),
             "fixups": report.get("fixups", []),
+            "verified": verified(report),
+            "warnings": [] if verified(report) else [UNVERIFIED],
         }
     model, sha = read_model(p)
     if any(n.op_type == "InPlaceAccumulatorV2" for n in model.graph.node):
-        tg = TrainingGraph(model, {})
-        costs = graph_costs(tg)
-        return {"source": "training_model", "layers": layer_table(tg, costs), "costs": costs, "passes": []}
+        _, costs, layers = _analyse(p, lambda: TrainingGraph(model, {}), "adamw", False)
+        return {"source": "training_model", "layers": layers, "costs": costs, "passes": []}
     info = check_model(model, sha, p)
     art, notes = generate(legalized(info))
     tg = training_graph(art)
@@ -161,3 +174,21 @@ def inspect_path(path) -> dict:
         "passes": [],
         "warnings": info.warnings,
     }
+
+
+def _analyse(path: Path, build, optimizer: str, checked: bool):
+    """(training graph, costs, layer table) of a training model read from a file. Such a file may
+    have been edited by hand (with its hash in report.json, or where none was recorded): a graph
+    the analysis cannot follow is one line naming the file, not an internal error (-v shows why)."""
+    try:
+        tg = build()
+        costs = graph_costs(tg, optimizer)
+        return tg, costs, layer_table(tg, costs)
+    except AccelcError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        raise AccelcError(
+            f"'{show(path)}': the training graph cannot be analysed ({type(e).__name__}: "
+            f"{show(str(e).splitlines()[0] if str(e) else '', 120)})"
+            + ("" if checked else "; was it edited? recompile")
+        ) from e

@@ -49,7 +49,7 @@ $(FASHION):
 	 else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 2; fi
 
 bench: $(STAMP) $(FASHION)
-	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs $(BENCH_EPOCHS) --configs "$(BENCH_CONFIGS)" $(BENCH_ARGS) -o bench-out
+	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs $(BENCH_EPOCHS) --configs "$(BENCH_CONFIGS)" $(BENCH_ARGS) -o bench-out --force
 	$(BIN)/python benchmarks/skip_step_time.py 25
 	$(BIN)/python benchmarks/lars_overhead.py 80
 	$(BIN)/python benchmarks/reuse_layer.py --repeats 9 -o bench-out/reuse_layer.json

@@ -26,7 +26,7 @@ class InvalidType(AccelcError, TypeError):
     """An API argument of the wrong type."""
 
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def show(value, limit: int = 200) -> str:

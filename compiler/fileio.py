@@ -1,20 +1,32 @@
 """Atomic file output: every file and directory accelc writes appears whole or not at all.
 
 Outputs are written to a temporary sibling and renamed into place, so an interrupted or failed
-command never leaves a half-written file or directory; temporaries of killed writers are removed
+command never leaves a half-written file or directory. Replacing an existing output (``--force``)
+swaps the two directories in one atomic ``renameat2(RENAME_EXCHANGE)``, so a kill at any moment
+leaves the old or the new output under the name, never neither; where the file system cannot
+exchange, two renames are used and the next run puts a hidden old output back. ``--force`` only
+ever replaces a directory accelc wrote (it carries a marker file naming its kind), never the
+input, the current directory or a folder above either. Leftovers of killed writers are removed
 by the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import glob
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import AccelcError
+from .errors import AccelcError, show
+
+MARKER = ".accelc-output"
+# outputs written before the marker existed are recognised by the files they must hold
+_LEGACY = {"artifacts": ("report.json", "training_model.onnx"), "bench": ("bench.json",)}
 
 
 def _umask() -> int:
@@ -32,38 +44,111 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike, force: bool = False):
-    """Yield a fresh temporary directory next to ``dest``; on success rename it to ``dest``.
+def output_kind(path: Path) -> str | None:
+    """The kind of accelc output ``path`` is ("artifacts", "bench", ...), or None."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return None
+    m = path / MARKER
+    if m.is_file() and not m.is_symlink():
+        try:
+            kind = json.loads(m.read_bytes()[:4096]).get("kind")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return kind if isinstance(kind, str) else None
+    for kind, files in _LEGACY.items():
+        if all((path / f).is_file() for f in files):
+            return kind
+    return None
 
-    ``dest`` must not exist unless ``force``. On any exception the temporary directory is removed
-    and ``dest`` is left untouched.
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _check_replace(dest: Path, kind: str, protect) -> None:
+    """Refuse to replace ``dest`` unless it is an accelc output of ``kind`` holding nothing protected."""
+    here = Path.cwd().resolve()
+    if _is_within(here, dest):
+        raise AccelcError(f"output '{show(dest)}' is the current folder or a folder above it; choose another -o")
+    for p in protect:
+        p = Path(p).resolve()
+        if _is_within(p, dest):
+            raise AccelcError(f"output '{show(dest)}' holds the input '{show(p)}'; --force would delete it")
+    if dest.is_symlink() or not dest.is_dir():
+        raise AccelcError(f"output '{show(dest)}' exists and is not a folder accelc wrote; remove it yourself")
+    found = output_kind(dest)
+    if found != kind:
+        what = f"an accelc {found} folder" if found else "not a folder accelc wrote (no marker file)"
+        raise AccelcError(f"output '{show(dest)}' is {what}; --force replaces only a previous {kind} output")
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, force: bool = False, kind: str = "artifacts", protect=()):
+    """Yield a fresh temporary directory next to ``dest``; on success it becomes ``dest``.
+
+    ``dest`` must not exist unless ``force``, and then it must be an accelc output of ``kind``
+    that holds none of ``protect`` (the command's inputs). On any exception the temporary
+    directory is removed and ``dest`` is left untouched.
     """
-    dest = Path(dest)
-    if dest.exists() and not force:
-        raise AccelcError(f"output '{dest}' already exists (use --force to replace it)")
-    parent = dest.parent if str(dest.parent) else Path(".")
-    if not parent.exists():
-        raise AccelcError(f"output folder '{parent}' does not exist")
-    _remove_stale(parent, dest.name)
+    dest = Path(os.path.abspath(dest))
+    if not dest.name:
+        raise AccelcError(f"output '{show(dest)}' is not a folder name")
+    parent = dest.parent
+    if not parent.is_dir():
+        raise AccelcError(f"output folder '{show(parent)}' does not exist")
+    dest = parent.resolve() / dest.name
+    recover(parent, dest.name)
+    if os.path.lexists(dest):
+        if not force:
+            raise AccelcError(f"output '{show(dest)}' already exists (use --force to replace it)")
+        _check_replace(dest, kind, protect)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
+        (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
     except OSError as e:
-        raise AccelcError(f"cannot write to '{parent}': {e.strerror}") from None
+        raise AccelcError(f"cannot write to '{show(parent)}': {e.strerror}") from None
     try:
         yield tmp
         for f in tmp.rglob("*"):
-            if f.is_file():
+            if f.is_file() and not f.is_symlink():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
-            os.replace(dest, old / "x")
+        _fsync_dir(tmp)
+        if not os.path.lexists(dest):
             os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+        elif _exchange(tmp, dest):
+            # tmp now holds the old output; a kill from here on leaves the new output in place
+            # and the old one as a stale temporary the next run removes
+            _fsync_dir(parent)
+            shutil.rmtree(tmp, ignore_errors=True)
         else:
-            os.replace(tmp, dest)
+            old = parent / f".{dest.name}.old-{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
+            os.rename(dest, old)  # a kill here leaves the old output hidden: recover() restores it
+            os.rename(tmp, dest)
+            _fsync_dir(parent)
+            shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,19 +165,40 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(parent: Path, name: str) -> None:
-    """Remove temporary siblings left by killed runs (their writer process no longer exists)."""
-    prefix = f".{name}.tmp-"
-    for p in parent.glob(glob.escape(prefix) + "*"):
-        pid = p.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+def _writer_dead(p: Path, prefix: str) -> bool:
+    pid = p.name[len(prefix) :].split("-", 1)[0]
+    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
+def recover(parent: Path, name: str) -> None:
+    """Clean up after writers of ``parent/name`` that were killed: an old output hidden by an
+    interrupted two-rename replacement goes back under the name (if nothing took its place) or is
+    removed; temporary folders and files are removed."""
+    parent = Path(parent)
+    old_prefix = f".{name}.old-"
+    for p in sorted(parent.glob(glob.escape(old_prefix) + "*")):
+        if _writer_dead(p, old_prefix):
+            if not os.path.lexists(parent / name):
+                with contextlib.suppress(OSError):
+                    os.rename(p, parent / name)
+                    continue
             shutil.rmtree(p, ignore_errors=True)
+    tmp_prefix = f".{name}.tmp-"
+    for p in parent.glob(glob.escape(tmp_prefix) + "*"):
+        if _writer_dead(p, tmp_prefix):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (temporaries left by
+    killed writers of the same file are removed first)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    recover(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result is an ordinary file
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -1,15 +1,59 @@
 """The Python API (the CLI is a thin layer over it). Every function loads the passes first, so
-their registrations are in place, and raises :class:`accelc.AccelcError` with the message the
-CLI prints."""
+their registrations are in place, validates every argument up front (before any file is read or
+written) with the validators the CLI uses (:mod:`accelc.compiler.checks`), and raises
+:class:`accelc.AccelcError` -- an ``InvalidValue`` (also a ``ValueError``) or ``InvalidType``
+(also a ``TypeError``) for a bad argument -- with the message the CLI prints for the same value,
+naming the CLI flag (``--lr must be a positive finite number, got -1.0``)."""
 
 from __future__ import annotations
 
 from . import passes as _passes  # noqa: F401  (registers every pass, algorithm, node kernel and cost hook)
+from .compiler import checks
+from .compiler.artifacts import LOSSES, OPTIMIZERS
 from .compiler.compile import compile_model, inspect_path
-from .compiler.errors import AccelcError
-from .compiler.pass_api import default_passes, parse_pass_list
-from .runtime.config import ExecConfig
+from .compiler.errors import AccelcError, InvalidType, show
+from .compiler.model import ModelInfo
+from .compiler.pass_api import check_pass_options, parse_pass_list
+from .runtime.config import DEVICES, ExecConfig
 from .runtime.train import train as _train
+
+__all__ = ["compile", "inspect", "train", "export", "check_train_args", "check_compile_args", "AccelcError"]
+
+
+def check_compile_args(
+    *,
+    model,
+    out_dir,
+    passes,
+    pass_options,
+    loss,
+    optimizer,
+    lr,
+    batch_size,
+    force,
+    validate_result,
+    opt,
+    memory_limit_gb=None,
+    info=None,
+) -> tuple[list[str], dict]:
+    """Validate :func:`compile`'s arguments; returns (pass names, pass options). Raises
+    InvalidType/InvalidValue with the CLI's message. Touches no file."""
+    if info is not None and not isinstance(info, ModelInfo):
+        raise InvalidType(f"info must be a ModelInfo, got {type(info).__name__}")
+    if info is None or model is not None:
+        checks.path_like("model", model)
+    checks.path_like("-o", out_dir)
+    names = parse_pass_list(passes)
+    opt = checks.boolean("opt", opt)
+    pass_options = check_pass_options(names, pass_options, defaults=opt)
+    checks.choice("--loss", loss, LOSSES)
+    checks.choice("--optimizer", optimizer, OPTIMIZERS)
+    checks.positive_float("--lr", lr)
+    checks.positive_int("--batch-size", batch_size)
+    checks.boolean("force", force)
+    checks.boolean("validate_result", validate_result)
+    checks.memory_limit_gb(memory_limit_gb)
+    return names, pass_options
 
 
 def compile(
@@ -25,21 +69,28 @@ def compile(
     validate_result: bool = True,
     opt: bool = True,
     info=None,
+    memory_limit_gb: float | None = None,
 ) -> dict:
-    """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes`` (names, or
-    a comma-separated string); ``pass_options``: {pass: {option: value}}. The default ``opt``
-    pass runs first unless ``opt=False``. Returns the report (also written to report.json)."""
-    names = parse_pass_list(passes)
-    pass_options = pass_options or {}
-    if not isinstance(pass_options, dict):
-        raise AccelcError(f"pass_options must be a dict of dicts, got {type(pass_options).__name__}")
-    allowed = set(names) | (set(default_passes()) if opt else set())
-    stray = [p for p in pass_options if p not in allowed]
-    if stray:
-        raise AccelcError(
-            f"options given for pass(es) {', '.join(map(str, stray))} that are not run "
-            f"(passes: {', '.join(sorted(allowed)) or 'none'})"
-        )
+    """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes`` (a
+    comma-separated string or a list/tuple of names); ``pass_options``: {pass: {option: value}},
+    each value parsed as its CLI flag is. The default ``opt`` pass runs first unless
+    ``opt=False``. ``memory_limit_gb``: the memory limit (``--memory-limit``; default 80% of the
+    memory available). Returns the report (also written to report.json)."""
+    names, pass_options = check_compile_args(
+        model=model,
+        out_dir=out_dir,
+        passes=passes,
+        pass_options=pass_options,
+        loss=loss,
+        optimizer=optimizer,
+        lr=lr,
+        batch_size=batch_size,
+        force=force,
+        validate_result=validate_result,
+        opt=opt,
+        memory_limit_gb=memory_limit_gb,
+        info=info,
+    )
     return compile_model(
         model,
         out_dir,
@@ -47,18 +98,58 @@ def compile(
         pass_options,
         loss=loss,
         optimizer=optimizer,
-        lr=lr,
-        batch_size=batch_size,
-        force=force,
-        validate_result=validate_result,
+        lr=float(lr),
+        batch_size=int(batch_size),
+        force=bool(force),
+        validate_result=bool(validate_result),
         info=info,
-        defaults=opt,
+        defaults=bool(opt),
+        memory_limit_gb=memory_limit_gb,
     )
 
 
 def inspect(path) -> dict:
     """Per-layer view of an artifact directory or an ONNX model."""
+    checks.path_like("path", path)
     return inspect_path(path)
+
+
+def check_train_args(
+    *,
+    epochs,
+    batch_size,
+    seed,
+    lr,
+    threads,
+    train_limit,
+    test_limit,
+    device,
+    data,
+    memory_limit_gb=None,
+) -> None:
+    """Validate the arguments of ``accelc train`` / :func:`train` that need no file: raises
+    InvalidType/InvalidValue with the message the CLI prints, returns nothing. The CLI calls it
+    before it spawns its training worker; :func:`train` calls it first."""
+    checks.data_spec("--data", data)
+    checks.positive_int("--epochs", epochs)
+    checks.positive_int("--batch-size", batch_size)
+    checks.seed("--seed", seed)
+    checks.optional_positive_float("--lr", lr)
+    checks.choice("--device", device, DEVICES)
+    checks.threads(threads)
+    checks.optional_positive_int("--train-limit", train_limit)
+    checks.optional_positive_int("--test-limit", test_limit)
+    checks.memory_limit_gb(memory_limit_gb)
+
+
+def _check_kernels(kernels) -> dict:
+    kernels = checks.mapping("kernels", kernels)
+    for k, v in kernels.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidType(
+                f"kernels must map kernel names to implementation names (str), got {show(k, 40)}: {type(v).__name__}"
+            )
+    return dict(kernels)
 
 
 def train(
@@ -78,31 +169,70 @@ def train(
     progress: bool = True,
     kernels: dict | None = None,
     algorithms=None,
+    memory_limit_gb: float | None = None,
+    allow_change=(),
+    _lock_fd: int | None = None,
 ) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
-    ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``)."""
+    ``allow_change``: with ``resume``, settings that may differ from the checkpoint's
+    (``"batch_size"``, ``"epochs"``; ``--allow-change``).
+    ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``);
+    ``memory_limit_gb``: the memory limit (``--memory-limit``). Every argument is validated
+    before any file is read or written."""
+    check_train_args(
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        lr=lr,
+        threads=threads,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        device=device,
+        data=data,
+        memory_limit_gb=memory_limit_gb,
+    )
+    checks.path_like("artifacts", artifact_dir)
+    checks.path_like("-o", run_dir)
+    checks.boolean("resume", resume)
+    checks.boolean("force", force)
+    checks.boolean("progress", progress)
+    kernels = _check_kernels(kernels)
+    if algorithms is not None and not isinstance(algorithms, (list, tuple)):
+        raise InvalidType(
+            f"algorithms must be a list of accelc.runtime.algorithm.Algorithm, got {type(algorithms).__name__}"
+        )
 
-    config = ExecConfig(device=device, threads=threads, kernels=dict(kernels or {}))
+    config = ExecConfig(device=device, threads=None if threads is None else int(threads), kernels=kernels)
+    if isinstance(allow_change, str):
+        allow_change = [x for x in allow_change.split(",") if x]
+    if not isinstance(allow_change, (list, tuple, set, frozenset)):
+        raise InvalidType(f"allow_change must be a list of setting names, got {type(allow_change).__name__}")
+    allow_change = {str(x).strip().replace("-", "_") for x in allow_change}
     return _train(
         artifact_dir,
         data,
-        epochs,
-        batch_size,
+        int(epochs),
+        int(batch_size),
         run_dir,
         config,
-        seed=seed,
-        resume=resume,
-        lr=lr,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        force=force,
-        progress=progress,
-        algorithms=algorithms,
+        seed=int(seed),
+        resume=bool(resume),
+        lr=None if lr is None else float(lr),
+        train_limit=None if train_limit is None else int(train_limit),
+        test_limit=None if test_limit is None else int(test_limit),
+        force=bool(force),
+        progress=bool(progress),
+        algorithms=None if algorithms is None else list(algorithms),
+        allow_change=allow_change,
+        memory_limit_gb=memory_limit_gb,
+        lock_fd=_lock_fd,
     )
 
 
 def export(module, example_input, path):
-    """Export any torch module for training with accelc (BatchNorm kept, never folded)."""
+    """Export any torch module for training with accelc (BatchNorm kept, never folded). A module
+    that cannot run on ``example_input`` is one AccelcError line naming the reason."""
+    checks.path_like("path", path)
     from .compiler.export import export as _export  # heavy: torch
 
     return _export(module, example_input, path)

@@ -29,11 +29,12 @@ from . import api
 from .compiler.artifact_dir import load_artifacts
 from .compiler.artifacts import optimizer_hyperparameters
 from .compiler.cost import graph_costs
-from .compiler.errors import AccelcError
-from .compiler.fileio import atomic_write_text
+from .compiler.errors import AccelcError, InvalidValue, show
+from .compiler.fileio import atomic_dir, atomic_write_text
 from .compiler.graph import training_graph
 from .compiler.model import load_model
 from .compiler.pass_api import parse_pass_list, registered
+from .compiler.resources import check_threads
 from .runtime.algorithm import algorithms_for
 from .runtime.config import ExecConfig
 from .runtime.data import load_data
@@ -106,7 +107,50 @@ def run_bench(
     progress: bool = True,
     threads: int | None = None,
     input_shape: tuple | None = None,
+    force: bool = False,
 ) -> dict:
+    """Run ``configs`` side by side; everything is written to ``out_dir`` atomically (a failed or
+    interrupted benchmark leaves no folder; an existing one is replaced only with ``force``)."""
+    parse_target(target, configs)
+    check_threads(threads)
+    protect = [] if model in _zoo_names() else [model]
+    with atomic_dir(out_dir, force=force, kind="bench", protect=protect) as out:
+        return _run_bench(
+            model, data, epochs, configs, out, batch_size, seed, lr, repeats, train_limit, test_limit, target,
+            progress, threads, input_shape,
+        )  # fmt: skip
+
+
+def _zoo_names():
+    from .compiler.export import ZOO  # heavy: torch
+
+    return ZOO
+
+
+def parse_target(spec, configs) -> float | None:
+    """Validate ``--target``: ort-best (needs the ort configuration), torch-best-0.2 (needs torch)
+    or an accuracy in (0, 1]; returns the number or None for the relative rules."""
+    if spec == "ort-best":
+        if "ort" not in configs:
+            raise InvalidValue("--target ort-best needs the 'ort' configuration in --configs")
+        return None
+    if spec == "torch-best-0.2":
+        if "torch" not in configs:
+            raise InvalidValue("--target torch-best-0.2 needs the 'torch' configuration in --configs")
+        return None
+    try:
+        v = float(spec)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (0.0 < v <= 1.0):
+        raise InvalidValue(f"--target must be ort-best, torch-best-0.2 or an accuracy in (0, 1], got '{show(spec)}'")
+    return v
+
+
+def _run_bench(
+    model, data, epochs, configs, out_dir, batch_size, seed, lr, repeats, train_limit, test_limit, target, progress,
+    threads, input_shape,
+) -> dict:  # fmt: skip
     import torch  # heavy: loaded when a benchmark runs
 
     from .compiler.export import ZOO, export_zoo, zoo_module  # heavy: torch, loaded when a benchmark runs
@@ -114,7 +158,6 @@ def run_bench(
     from .runtime.torch_engine import TorchSession  # heavy
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     work = out / "artifacts"
     work.mkdir(exist_ok=True)
     if model in ZOO:

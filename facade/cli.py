@@ -17,6 +17,7 @@ until a subcommand runs (``accelc --help`` stays fast).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -28,12 +29,16 @@ from pathlib import Path
 from . import api
 from . import passes as _passes  # noqa: F401  (registers the passes: their options become flags)
 from .bench import markdown, parse_configs, run_bench
+from .compiler import checks
 from .compiler.artifact_dir import load_artifacts
-from .compiler.errors import AccelcError
+from .compiler.errors import AccelcError, show
+from .compiler.model import check_step_memory
 from .compiler.pass_api import parse_pass_list, registered
 from .runtime import checkpoint as ckpt
 from .runtime.config import ExecConfig, parse_kernel_choices
 from .runtime.kernels import ORT, providers
+from .runtime.runlock import die_with_parent
+from .runtime.train import open_run_dir, release_run_dir
 
 DEFAULT_LR = 1e-3
 DEFAULT_CONFIGS = "torch,ort"
@@ -60,8 +65,8 @@ def layer_table_text(view: dict) -> str:
     for r in view["layers"]:
         rows.append(
             [
-                r["name"],
-                r["op"],
+                show(r["name"], 60),
+                show(r["op"], 30),
                 _fmt_num(r["param_count"]),
                 "x".join(map(str, r["weight_shape"])),
                 "x".join(map(str, r["output_shape"])),
@@ -69,7 +74,7 @@ def layer_table_text(view: dict) -> str:
                 _fmt_num(r["flops_bwd"]),
                 _fmt_num(r["bytes_fwd"]) + "B",
                 _fmt_num(r["bytes_bwd"]) + "B",
-                ",".join(r["passes"]) or ("frozen" if not r["trainable"] else "-"),
+                show(",".join(r["passes"]), 60) or ("frozen" if not r["trainable"] else "-"),
             ]
         )
     out = _table(
@@ -79,16 +84,6 @@ def layer_table_text(view: dict) -> str:
     ph = view["costs"]["phases"]
     out += "\n\n" + "  ".join(f"{k}: {_fmt_num(v['flops'])}FLOPs {_fmt_num(v['bytes'])}B" for k, v in ph.items())
     return out
-
-
-def parse_shape(text: str):
-    try:
-        shape = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise AccelcError(f"--input-shape must be C,H,W integers, got '{text}'") from None
-    if len(shape) != 3 or min(shape) <= 0:
-        raise AccelcError(f"--input-shape must be three positive integers C,H,W, got '{text}'")
-    return shape
 
 
 # ----------------------------------------------------------------------------- argument groups
@@ -160,6 +155,18 @@ class ExecArgs(ArgGroup):
     def config(a):
 
         return ExecConfig(device=a.device, threads=a.threads, kernels=parse_kernel_choices(a.kernel))
+
+
+class MemoryArgs(ArgGroup):
+    def add(self, parser, **_):
+        parser.add_argument(
+            "--memory-limit",
+            type=float,
+            default=None,
+            metavar="GB",
+            help="refuse work whose memory estimate (from the shapes, before allocating) exceeds GB "
+            "(default: 80%% of the memory available when the command starts), e.g. --memory-limit 40",
+        )
 
 
 class PassArgs(ArgGroup):
@@ -245,6 +252,7 @@ class Export(Tool):
         p.add_argument("--input-shape", help="C,H,W of the input (default: the model's own)")
         p.add_argument("--num-classes", type=int, default=10, help="classes of the head (default 10)")
         p.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
+        MemoryArgs().add(p)
 
     def run(self, a):
         from .compiler.export import ZOO, export_zoo  # heavy: torch
@@ -255,10 +263,9 @@ class Export(Tool):
             return 0
         if not a.output:
             raise AccelcError("export needs -o OUTPUT.onnx")
-        shape = parse_shape(a.input_shape) if a.input_shape else None
-        export_zoo(a.name, a.output, shape, a.num_classes, a.seed)
+        export_zoo(a.name, a.output, a.input_shape, a.num_classes, a.seed, memory_limit_gb=a.memory_limit)
         if not a.quiet:
-            print(f"wrote {a.output}")
+            print(f"wrote {show(a.output)}")
         return 0
 
 
@@ -284,6 +291,7 @@ class Compile(Tool):
         )
         g.add_argument("--batch-size", type=int, default=64, help="batch size used for cost accounting (default 64)")
         g.add_argument("--no-validate", action="store_true", help="skip ORT-session and numeric validation")
+        MemoryArgs().add(p)
 
     def run(self, a):
         names = parse_pass_list(a.passes)
@@ -299,14 +307,15 @@ class Compile(Tool):
             force=a.force,
             validate_result=not a.no_validate,
             opt=not a.no_opt,
+            memory_limit_gb=a.memory_limit,
         )
         for w in report["warnings"]:
-            print(f"accelc: warning: {w}", file=sys.stderr)
+            print(f"accelc: warning: {show(w, 2000)}", file=sys.stderr)
         if not a.quiet:
             b, f = report["costs"]["before"]["total"], report["costs"]["after"]["total"]
             ran = [p["name"] for p in report["passes"]]
             print(
-                f"compiled {a.model} -> {a.output} in {report['compile_seconds']:.2f}s "
+                f"compiled {show(a.model)} -> {show(a.output)} in {report['compile_seconds']:.2f}s "
                 f"(passes: {','.join(ran) or 'none'}; {report['model']['param_count']:,} params)"
             )
             if names:
@@ -371,35 +380,44 @@ class Inspect(Tool):
         if a.json:
             print(
                 json.dumps(
-                    {"layers": view["layers"], "costs": view["costs"], "passes": view.get("passes", [])}, indent=1
+                    {
+                        "layers": view["layers"],
+                        "costs": view["costs"],
+                        "passes": view.get("passes", []),
+                        "verified": view.get("verified"),
+                        "warnings": view.get("warnings", []),
+                    },
+                    indent=1,
                 )
             )
         else:
             print(layer_table_text(view))
+            for w in view.get("warnings", []):
+                print(f"note: {show(w, 400)}")
             for p in view.get("passes", []):
-                print(
-                    f"pass {p['name']}: modified={p['modified']} "
-                    + "; ".join(c.get("summary", "") for c in p.get("changes", []) if isinstance(c, dict))[:400]
-                )
+                summary = "; ".join(str(c.get("summary", "")) for c in p.get("changes", []) if isinstance(c, dict))
+                print(f"pass {show(p['name'], 40)}: modified={p['modified']} {show(summary, 400)}")
         return 0
 
 
 class View(Tool):
-    """Serve a model in Netron on 127.0.0.1 (blocks until Ctrl-C unless --no-block)."""
+    """Serve one model in Netron on 127.0.0.1 until Ctrl-C (only that model and its external data)."""
 
     name = "view"
     examples = ("accelc view art", "accelc view art/stage-low/training_model.onnx --port 8081")
 
     def add_arguments(self, p):
         p.add_argument("path", help="ONNX file or artifact directory (shows its training model)")
-        p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080)")
-        p.add_argument("--no-block", action="store_true", help="start the server and return (for scripts)")
+        p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0 picks a free one)")
         p.add_argument("--browse", action="store_true", help="open a web browser")
+        MemoryArgs().add(p)
+        # no --no-block: a command that returns cannot keep serving without daemonising; from Python,
+        # accelc.compiler.view.start() returns a server that runs while the caller's process lives
 
     def run(self, a):
         from .compiler.view import serve  # heavy: netron
 
-        serve(a.path, a.port, block=not a.no_block, browse=a.browse)
+        serve(a.path, a.port, block=True, browse=a.browse, memory_limit=getattr(a, "memory_limit", None))
         return 0
 
 
@@ -418,8 +436,22 @@ class Train(Tool):
         DataArgs().add(p)
         TrainingArgs().add(p, lr=None, lr_help="learning rate (default: the one compiled in)")
         ExecArgs().add(p)
+        MemoryArgs().add(p)
         OutputArgs().add(p, output="run", what="run directory", force_help="replace a non-empty run directory")
-        p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the run directory's last checkpoint (verified: same artifacts, data and settings)",
+        )
+        p.add_argument(
+            "--allow-change",
+            metavar="SETTINGS",
+            default=None,
+            help="with --resume: settings that may differ from the checkpoint's, comma-separated: "
+            "batch-size, epochs (e.g. --resume --epochs 10 --allow-change epochs)",
+        )
+        p.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)  # worker: the parent's lock
+        p.add_argument("--supervised-by", type=int, default=None, help=argparse.SUPPRESS)  # worker: parent PID
         p.add_argument(
             "--in-process",
             action="store_true",
@@ -429,15 +461,34 @@ class Train(Tool):
 
     def run(self, a):
         if not a.in_process:
-            # check what can be checked cheaply here, then train in a supervised worker
-
-            load_artifacts(a.artifacts)
+            # check what can be checked cheaply here, lock the run directory, then train in a
+            # supervised worker that holds the same lock and dies with this process
+            api.check_train_args(
+                epochs=a.epochs,
+                batch_size=a.batch_size,
+                seed=a.seed,
+                lr=a.lr,
+                threads=a.threads,
+                train_limit=a.train_limit,
+                test_limit=a.test_limit,
+                device=a.device,
+                data=a.data,
+                memory_limit_gb=a.memory_limit,
+            )
+            art, _ = load_artifacts(a.artifacts)
+            check_step_memory(art.info, a.batch_size, a.memory_limit, f"training at --batch-size {a.batch_size}")
             ExecArgs.config(a)
-            if Path(a.output).exists() and any(Path(a.output).iterdir()) and not (a.resume or a.force):
-                raise AccelcError(
-                    f"run directory '{a.output}' is not empty (use --resume to continue or --force to replace)"
+            rd, lock = open_run_dir(a.output, a.resume, a.force, protect=[a.artifacts])
+            try:
+                return _supervise(
+                    a.argv + ["--in-process", "--lock-fd", str(lock.fd), "--supervised-by", str(os.getpid())], rd, lock
                 )
-            return _supervise(a.argv + ["--in-process"], Path(a.output))
+            finally:
+                release_run_dir(rd, lock, lock.created)
+        if a.supervised_by is not None:
+            die_with_parent(a.supervised_by)
+            global _SUPERVISED
+            _SUPERVISED = True
         s = api.train(
             a.artifacts,
             a.data,
@@ -454,37 +505,73 @@ class Train(Tool):
             a.force,
             progress=not a.quiet,
             kernels=ExecArgs.config(a).kernels,
+            allow_change=_allow_change(a.allow_change),
+            memory_limit_gb=a.memory_limit,
+            _lock_fd=a.lock_fd,
         )
         if not a.quiet:
             print(
                 f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f} at epoch "
-                f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {a.output}/"
+                f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {show(a.output)}/"
             )
         return 0
 
 
-def _supervise(argv: list[str], run_dir: Path) -> int:
-    """Run the training in a child process so a native crash (ORT can die with SIGFPE/SIGSEGV)
-    is reported with where it happened and what was saved, never as a silent death."""
+def _allow_change(text: str | None) -> set:
+    return {x.strip().replace("-", "_") for x in (text or "").split(",") if x.strip()}
 
-    p = subprocess.Popen([sys.executable, "-m", "accelc"] + argv)
+
+_SUPERVISED = False  # a training worker: its supervisor reports interruptions, in one line
+
+
+class Stopped(AccelcError):
+    """Training stopped by a signal: one line, exit code 128 + the signal's number."""
+
+    def __init__(self, msg: str, code: int):
+        super().__init__(msg)
+        self.exit_code = code
+
+
+def _saved_checkpoint(run_dir: Path) -> tuple[int | None, str]:
+    """What is on disk to resume from (read from the verified checkpoint.json, not the metrics)."""
+    try:
+        meta = ckpt.read_meta(run_dir) if ckpt.exists(run_dir) else None
+    except AccelcError:
+        meta = None
+    if meta is None:
+        return None, "no epoch had finished, so nothing was saved"
+    done = meta["epoch"] + 1
+    return done, f"the last checkpoint on disk is epoch {done} in '{show(run_dir)}' (continue with --resume)"
+
+
+def _supervise(argv: list[str], run_dir: Path, lock) -> int:
+    """Run the training in a child process so a native crash (ORT can die with SIGFPE/SIGSEGV)
+    is reported with where it happened and what was saved, never as a silent death. The child
+    shares the run-directory lock, runs in its own process group, is killed by the kernel if this
+    process dies (PR_SET_PDEATHSIG) and gets every SIGTERM/SIGHUP/SIGINT this process gets."""
+
+    p = subprocess.Popen([sys.executable, "-m", "accelc"] + argv, pass_fds=(lock.fd,), process_group=0)
+    got: list[int] = []
+
+    def forward(signum, _frame):
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         rc = p.wait()
-    except KeyboardInterrupt:
-        p.send_signal(signal.SIGINT)
-        rc = p.wait()
-    if rc >= 0:
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if rc == 0 or (rc > 0 and not got):
         return rc
+    done, saved = _saved_checkpoint(run_dir)
+    where = f"during epoch {done + 1}" if done else "during epoch 1"
+    if got:
+        sig = signal.Signals(got[0])
+        raise Stopped(f"training stopped by {sig.name} {where}; {saved}", 128 + sig.value)
     sig = signal.Signals(-rc).name
-    done = []
-    if (run_dir / "metrics.jsonl").exists():
-        done = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    where = f"during epoch {len(done) + 1}"
-    saved = (
-        f"the last good checkpoint is epoch {done[-1]['epoch']} in '{run_dir}' (continue with --resume)"
-        if done and ckpt.exists(run_dir)
-        else "no epoch had finished, so nothing was saved"
-    )
     native = sig in ("SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT")
     raise AccelcError(
         f"the training process was killed by {sig} {where}"
@@ -526,7 +613,7 @@ class Bench(Tool):
             help="C,H,W of a zoo model's input (default: the model's own; "
             "rescale needs a final feature map divisible by its factor)",
         )
-        p.add_argument("-o", "--output", default="bench-out", help="output directory (default bench-out)")
+        OutputArgs().add(p, output="bench-out", what="output directory")
 
     def run(self, a):
         if a.epochs <= 0 or a.repeats <= 0:
@@ -547,26 +634,34 @@ class Bench(Tool):
             a.target,
             progress=not a.quiet,
             threads=a.threads,
-            input_shape=parse_shape(a.input_shape) if a.input_shape else None,
+            input_shape=checks.input_shape("--input-shape", a.input_shape) if a.input_shape else None,
+            force=a.force,
         )
         if not a.quiet:
             print(markdown(rep))
-            print(f"wrote {a.output}/bench.json, bench.md, accuracy_vs_time.png, controllers.png")
+            print(f"wrote {show(a.output)}/bench.json, bench.md, accuracy_vs_time.png, controllers.png")
         return 0
 
 
 TOOLS = (Export, Compile, Passes, Inspect, View, Train, Bench)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with accelc's error policy: a usage error is one line and a --help hint, exit 2."""
+
+    def error(self, message):
+        raise AccelcError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
 
-    top = argparse.ArgumentParser(
+    top = Parser(
         prog="accelc",
         description=__doc__.split("\n\nBuilt in")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     GlobalArgs().add(top, top=True)
-    sub = top.add_subparsers(dest="cmd", metavar="SUBCOMMAND")
+    sub = top.add_subparsers(dest="cmd", metavar="SUBCOMMAND", parser_class=Parser)
     for cls in TOOLS:
         tool = cls()
         summary = cls.__doc__.splitlines()[0]
@@ -597,10 +692,11 @@ def main(argv=None) -> int:
     except AccelcError as e:
         if verbose:
             traceback.print_exc()
-        print(f"accelc: error: {e}", file=sys.stderr)
-        return 2
+        print(f"accelc: error: {show(e, 2000)}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
-        print("accelc: interrupted", file=sys.stderr)
+        if not _SUPERVISED:  # a worker's supervisor says it, once
+            print("accelc: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -608,13 +704,14 @@ def main(argv=None) -> int:
     except OSError as e:
         if verbose:
             traceback.print_exc()
-        print(f"accelc: error: {e.strerror or e}{': ' + str(e.filename) if e.filename else ''}", file=sys.stderr)
+        where = f": {show(e.filename)}" if e.filename else ""
+        print(f"accelc: error: {show(e.strerror or e)}{where}", file=sys.stderr)
         return 2
     except Exception as e:  # never a traceback for users; -v shows it
         if verbose:
             traceback.print_exc()
         print(
-            f"accelc: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"accelc: internal error: {type(e).__name__}: {show(str(e).splitlines()[0] if str(e) else '', 300)} "
             f"(run with -v for details)",
             file=sys.stderr,
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import api
 from .bench import markdown, run_bench
 from .cli import layer_table_text
-from .compiler.errors import AccelcError
+from .compiler.errors import AccelcError, show
 from .compiler.pass_api import registered
 
 
@@ -40,6 +40,7 @@ def main(out: str = "demo-out") -> int:
         seed=0,
         lr=3e-4,
         progress=sys.stderr.isatty(),
+        force=True,
     )
     print(markdown(rep))
     print(f"plots and JSON in {out_dir}/bench/; view the training graph with: accelc view {out_dir}/artifacts")
@@ -50,5 +51,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except AccelcError as e:
-        print(f"accelc: error: {e}", file=sys.stderr)
+        print(f"accelc: error: {show(e, 2000)}", file=sys.stderr)
         sys.exit(2)

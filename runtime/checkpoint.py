@@ -1,32 +1,99 @@
-"""Run checkpoints: numpy ``.npz`` arrays (loaded with allow_pickle=False) plus a JSON file.
+"""Run checkpoints: numpy ``.npz`` arrays (loaded with allow_pickle=False) plus ``checkpoint.json``.
 
 Both are written to temporary files and renamed, arrays first; ``checkpoint.json`` names the
 array file it belongs to, so a crash between the two renames leaves the previous pair valid.
+
+A checkpoint is self-describing and verified on resume, all or nothing: ``checkpoint.json``
+holds the run's configuration fingerprint, the artifact set's hash and a manifest of every array
+(name, shape, dtype, SHA-256); the ``.npz`` must hold exactly the manifest's arrays with those
+checksums, its name must be a plain ``checkpoint-NNNN.npz`` inside the run directory, and the
+JSON is checked against a schema. Anything else is one line saying what is wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
+import stat
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from ..compiler.errors import AccelcError
+from ..compiler.errors import AccelcError, show
 from ..compiler.fileio import atomic_write_bytes, atomic_write_text
 
 META = "checkpoint.json"
+FORMAT = 2
+MAX_JSON_BYTES = 64 << 20
+_ARRAYS = re.compile(r"checkpoint-\d{4,9}\.npz")
+
+SCHEMA = {
+    "type": "object",
+    "required": ["format", "epoch", "arrays", "manifest", "fingerprint", "artifacts_sha256", "history"],
+    "properties": {
+        "format": {"const": FORMAT},
+        "epoch": {"type": "integer", "minimum": 0},
+        "arrays": {"type": "string", "pattern": r"^checkpoint-\d{4,9}\.npz$"},
+        "arrays_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "manifest": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["shape", "dtype", "sha256"],
+                "properties": {
+                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 8},
+                    "dtype": {"enum": ["float32", "float64", "int64", "int32", "float16", "bool"]},
+                    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                },
+            },
+        },
+        "fingerprint": {"type": "object"},
+        "artifacts_sha256": {"type": ["string", "null"]},
+        "history": {"type": "array", "items": {"type": "object"}},
+        "train_time": {"type": "number", "minimum": 0},
+        "wall_time": {"type": "number", "minimum": 0},
+        "controllers": {"type": "object", "additionalProperties": {"type": "object"}},
+        "variant": {"type": "string"},
+    },
+}
+
+
+class CheckpointError(AccelcError):
+    """A checkpoint that cannot be resumed exactly."""
+
+
+def _array_sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def manifest_of(arrays: dict[str, np.ndarray]) -> dict:
+    return {
+        k: {"shape": list(v.shape), "dtype": str(v.dtype), "sha256": _array_sha(v)}
+        for k, v in ((k, np.asarray(v)) for k, v in arrays.items())
+    }
 
 
 def save(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     run_dir = Path(run_dir)
     epoch = meta["epoch"]
     name = f"checkpoint-{epoch:04d}.npz"
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(run_dir / name, buf.getvalue())
-    meta = dict(meta, arrays=name)
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    atomic_write_bytes(run_dir / name, data)
+    meta = dict(
+        meta,
+        format=FORMAT,
+        arrays=name,
+        arrays_sha256=hashlib.sha256(data).hexdigest(),
+        manifest=manifest_of(arrays),
+    )
     atomic_write_text(run_dir / META, json.dumps(meta, indent=1))
     for old in run_dir.glob("checkpoint-*.npz"):  # keep the current file only
         if old.name != name:
@@ -36,18 +103,157 @@ def save(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
                 pass
 
 
-def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
-    run_dir = Path(run_dir)
-    if not (run_dir / META).exists():
-        return None
+def _read_confined(run_dir: Path, name: str, limit: int) -> bytes:
+    """Bytes of RUN_DIR/name: a regular file directly inside the run directory (no symlink out)."""
+    path = run_dir / name
     try:
-        meta = json.loads((run_dir / META).read_text())
-        with np.load(run_dir / meta["arrays"], allow_pickle=False) as z:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        why = "is a symbolic link" if e.errno == 40 else (e.strerror or str(e))
+        raise CheckpointError(f"checkpoint file '{show(path)}' {why}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"checkpoint file '{show(path)}' is not a regular file")
+        if st.st_size > limit:
+            raise CheckpointError(f"checkpoint file '{show(path)}' is {st.st_size} bytes, over the {limit}-byte limit")
+        return fh.read()
+
+
+def read_meta(run_dir: Path) -> dict:
+    """checkpoint.json, parsed and checked against the schema."""
+    import jsonschema  # loaded when a checkpoint is read
+
+    run_dir = Path(run_dir)
+    raw = _read_confined(run_dir, META, MAX_JSON_BYTES)
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"'{show(run_dir / META)}' is not valid JSON ({show(e, 120)})") from None
+    except RecursionError:
+        raise CheckpointError(f"'{show(run_dir / META)}' is nested too deeply to be a checkpoint") from None
+    if isinstance(meta, dict) and meta.get("format") != FORMAT and "manifest" not in meta:
+        raise CheckpointError(
+            f"checkpoint in '{show(run_dir)}' was written by an older accelc without verification data; "
+            "it cannot be resumed exactly (start a new run)"
+        )
+    try:
+        err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(SCHEMA).iter_errors(meta))
+    except RecursionError:
+        raise CheckpointError(f"'{show(run_dir / META)}' is nested too deeply to be a checkpoint") from None
+    if err is not None:
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise CheckpointError(f"'{show(run_dir / META)}' is malformed at {show(where)}: {show(err.message, 160)}")
+    if not _ARRAYS.fullmatch(meta["arrays"]):
+        raise CheckpointError(f"'{show(run_dir / META)}' names an array file outside the run directory")
+    return meta
+
+
+def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+    """The verified arrays and metadata of the run's checkpoint (None when there is none)."""
+    run_dir = Path(run_dir)
+    if not os.path.lexists(run_dir / META):
+        return None
+    meta = read_meta(run_dir)
+    data = _read_confined(run_dir, meta["arrays"], 1 << 40)
+    name = show(run_dir / meta["arrays"])
+    if "arrays_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["arrays_sha256"]:
+        raise CheckpointError(f"checkpoint arrays '{name}' are damaged (checksum differs from {META})")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, KeyError) as e:
-        raise AccelcError(f"checkpoint in '{run_dir}' is unreadable: {e}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise CheckpointError(f"checkpoint arrays '{name}' are unreadable: {show(e, 160)}") from None
+    man = meta["manifest"]
+    missing = sorted(set(man) - set(arrays))
+    extra = sorted(set(arrays) - set(man))
+    if missing or extra:
+        what = f"missing {show(missing[0])}" if missing else f"an unexpected array {show(extra[0])}"
+        n = len(missing) + len(extra)
+        raise CheckpointError(
+            f"checkpoint arrays '{name}' do not match {META}: {what}" + (f" (+{n - 1} more)" * (n > 1))
+        )
+    for k, v in arrays.items():
+        m = man[k]
+        if list(v.shape) != m["shape"] or str(v.dtype) != m["dtype"] or _array_sha(v) != m["sha256"]:
+            raise CheckpointError(f"checkpoint array {show(k)} in '{name}' does not match {META} (damaged or edited)")
     return arrays, meta
 
 
 def exists(run_dir) -> bool:
-    return os.path.exists(os.path.join(run_dir, META))
+    return os.path.lexists(os.path.join(run_dir, META))
+
+
+def check_against(
+    arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray], run_dir, stateful: bool = True
+) -> None:
+    """Every parameter of the model being resumed must be in the checkpoint with its shape, and
+    the checkpoint must hold no parameter the model lacks (all or nothing, never a silent reset)."""
+    want = {k: np.asarray(v) for k, v in expected.items() if k.startswith("param/")}
+    have = {k: v for k, v in arrays.items() if k.startswith("param/")}
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing:
+        raise CheckpointError(
+            f"checkpoint in '{show(run_dir)}' lacks parameter {show(missing[0][6:])} of the model being resumed "
+            f"({len(missing)} missing); it belongs to other artifacts"
+        )
+    if extra:
+        raise CheckpointError(
+            f"checkpoint in '{show(run_dir)}' holds parameter {show(extra[0][6:])} the model does not have; "
+            "it belongs to other artifacts"
+        )
+    for k, v in want.items():
+        if tuple(have[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"checkpoint parameter {show(k[6:])} has shape {tuple(have[k].shape)}, the model's is {tuple(v.shape)}"
+            )
+    # optimizer state: "optim/<param>/<key>", for parameters the model has, the same keys for each
+    per: dict[str, set] = {}
+    for k in arrays:
+        if k.startswith("optim/"):
+            n, _, key = k[len("optim/") :].rpartition("/")
+            if "param/" + n not in want:
+                raise CheckpointError(
+                    f"checkpoint in '{show(run_dir)}' holds optimizer state for {show(n)}, which the model does not have"
+                )
+            per.setdefault(n, set()).add(key)
+    if stateful and want and not per:
+        raise CheckpointError(f"checkpoint in '{show(run_dir)}' has no optimizer state (it would be reset silently)")
+    kinds = {frozenset(v) for v in per.values()}
+    if len(kinds) > 1:
+        n = min(per, key=lambda x: len(per[x]))
+        raise CheckpointError(f"checkpoint in '{show(run_dir)}' has incomplete optimizer state for {show(n)}")
+
+
+def artifacts_sha256(art_dir) -> str | None:
+    """One hash over the files of an artifact directory (names and contents), or None."""
+    d = Path(art_dir)
+    if not d.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h.update(str(f.relative_to(d)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def compare_fingerprint(saved: dict, now: dict, allow: set, run_dir) -> None:
+    """Refuse a resume whose configuration differs from the checkpoint's, naming what differs;
+    ``allow`` lists the settings (e.g. {"batch_size", "epochs"}) the user chose to change."""
+    for k in sorted(set(saved) | set(now)):
+        if k in allow:
+            continue
+        a, b = saved.get(k), now.get(k)
+        if a != b:
+            flag = "--" + k.replace("_", "-")
+            hint = f" (pass --allow-change {k.replace('_', '-')} to change it deliberately)" if k in CHANGEABLE else ""
+            raise CheckpointError(
+                f"the checkpoint in '{show(run_dir)}' was written with {flag} {show(a)}; this run has {show(b)}{hint}"
+            )
+
+
+CHANGEABLE = ("batch_size", "epochs")

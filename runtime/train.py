@@ -22,15 +22,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..compiler.artifact_dir import load_artifacts
+from ..compiler.artifacts import Artifacts
 from ..compiler.cost import graph_costs
-from ..compiler.errors import AccelcError
-from ..compiler.fileio import atomic_write_text
+from ..compiler.errors import AccelcError, show
+from ..compiler.fileio import atomic_write_text, recover
 from ..compiler.graph import training_graph
+from ..compiler.model import check_step_memory
 from . import checkpoint as ckpt
 from .algorithm import Algorithm, Schedule, TrainState, algorithms_for
 from .config import ExecConfig
 from .data import Dataset, load_data
 from .engine import ParamUpdate
+from .runlock import LOCK, RunLock
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> int:
@@ -59,6 +63,9 @@ class Trainer:
         name: str = "ort",
         eval_batch_size: int = 500,
         checkpoints: bool = True,
+        fingerprint: dict | None = None,
+        allow_change: set | frozenset = frozenset(),
+        artifacts_sha: str | None = None,
     ):
         if epochs <= 0:
             raise AccelcError(f"--epochs must be positive, got {epochs}")
@@ -78,6 +85,10 @@ class Trainer:
         self.eval_batch_size = eval_batch_size
         self.checkpoints = checkpoints and self.run_dir is not None
         self.history: list[dict] = []
+        # what a resume must agree with: the run's settings and the artifact set's content
+        self.fingerprint = dict(fingerprint or {}, epochs=epochs, batch_size=batch_size, seed=seed)
+        self.allow_change = set(allow_change)
+        self.artifacts_sha = artifacts_sha
         self.start_epoch = 0
         self.train_time = 0.0
         self.wall_time = 0.0
@@ -89,16 +100,39 @@ class Trainer:
             a.on_train_start(self.state)
         self._switch(self.algorithms, initial=True)
         if pending is not None:  # loaded after the algorithms restored the variant
+            stateful = (getattr(self.engine, "hyper", None) or {}).get("kind", "adamw") != "sgd"
+            ckpt.check_against(pending, self.engine.state_arrays(), self.run_dir, stateful)
             self.engine.load_state_arrays(pending)
 
     def _resume(self) -> dict:
+        """The verified checkpoint: refused whole (one line) when it is damaged, belongs to other
+        artifacts or was written with other settings."""
         arrays, meta = ckpt.load(self.run_dir)
+        if meta["artifacts_sha256"] and self.artifacts_sha and meta["artifacts_sha256"] != self.artifacts_sha:
+            raise ckpt.CheckpointError(
+                f"the checkpoint in '{show(self.run_dir)}' was trained from other artifacts "
+                "(their files differ from the ones given); resume with the same artifact directory"
+            )
+        ckpt.compare_fingerprint(meta["fingerprint"], self.fingerprint, self.allow_change, self.run_dir)
+        if meta["epoch"] + 1 > self.epochs:
+            raise ckpt.CheckpointError(
+                f"the checkpoint in '{show(self.run_dir)}' is at epoch {meta['epoch'] + 1}, past --epochs {self.epochs}"
+            )
+        if len(meta["history"]) != meta["epoch"] + 1:
+            raise ckpt.CheckpointError(f"'{show(self.run_dir / ckpt.META)}' is inconsistent (history vs epoch)")
         self.history = meta["history"]
         self.start_epoch = meta["epoch"] + 1
-        self.train_time = meta["train_time"]
-        self.wall_time = meta["wall_time"]
+        self.train_time = float(meta.get("train_time", 0.0))
+        self.wall_time = float(meta.get("wall_time", 0.0))
+        controllers = meta.get("controllers", {})
         for a in self.algorithms:
-            a.load_state_dict(meta["controllers"].get(a.name, {}))
+            try:
+                a.load_state_dict(controllers.get(a.name, {}))
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                raise ckpt.CheckpointError(
+                    f"controller state of {show(a.name)} in '{show(self.run_dir / ckpt.META)}' is malformed "
+                    f"({type(e).__name__})"
+                ) from None
         return arrays
 
     # ------------------------------------------------------------------ variants
@@ -223,21 +257,22 @@ class Trainer:
         return self.summary()
 
     def _write_epoch(self, epoch: int) -> None:
-        lines = "".join(json.dumps(h) + "\n" for h in self.history)
-        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        # checkpoint first: metrics.jsonl never names an epoch whose checkpoint is not on disk
         if self.checkpoints:
             meta = {
                 "epoch": epoch,
                 "history": self.history,
                 "train_time": self.train_time,
                 "wall_time": self.wall_time,
-                "seed": self.seed,
-                "batch_size": self.batch_size,
+                "fingerprint": self.fingerprint,
+                "artifacts_sha256": self.artifacts_sha,
                 "variant": getattr(self.engine, "variant_name", "base"),
                 "controllers": {a.name: a.state_dict() for a in self.algorithms},
                 "data_position": {"next_epoch": epoch + 1, "next_step": 0},
             }
             ckpt.save(self.run_dir, self.engine.state_arrays(), meta)
+        lines = "".join(json.dumps(h) + "\n" for h in self.history)
+        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
 
     def _step_cost(self) -> dict:
         """Cost-model FLOPs and bytes of one training step of the variant that ran this epoch
@@ -314,25 +349,92 @@ def plot_run(history: list[dict], path: Path, title: str = "") -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(run_dir, resume: bool, force: bool) -> Path:
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise AccelcError(f"run directory '{run_dir}' is a file")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not force:
-            raise AccelcError(
-                f"run directory '{run_dir}' is not empty (use --resume to continue or --force to replace)"
-            )
-        shutil.rmtree(run_dir)
-    if not run_dir.parent.exists():
-        raise AccelcError(f"folder '{run_dir.parent}' does not exist")
+RUN_FILES = ("metrics.jsonl", ckpt.META, "summary.json", "curves.png")
+
+
+def _is_run_dir(d: Path) -> bool:
+    """A folder ``accelc train`` wrote (its lock file or one of its outputs is there)."""
+    return (d / LOCK).is_file() or any((d / f).is_file() for f in RUN_FILES)
+
+
+def open_run_dir(run_dir, resume: bool, force: bool, lock_fd: int | None = None, protect=()) -> tuple[Path, RunLock]:
+    """Create or reuse the run directory and lock it (one writer per run directory).
+
+    Not empty: needs ``resume`` (continue) or ``force`` (start again: the folder's contents are
+    removed, which is only done to a folder accelc train wrote that holds none of ``protect``,
+    the run's inputs). ``lock_fd``: the lock a supervising parent already holds.
+    """
+    run_dir = Path(os.path.abspath(run_dir))
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise AccelcError(f"run directory '{show(run_dir)}' is not a folder")
+    if not run_dir.parent.is_dir():
+        raise AccelcError(f"folder '{show(run_dir.parent)}' does not exist")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(exist_ok=True)
     except OSError as e:
-        raise AccelcError(f"cannot create run directory '{run_dir}': {e.strerror}") from None
+        raise AccelcError(f"cannot create run directory '{show(run_dir)}': {e.strerror}") from None
     if not os.access(run_dir, os.W_OK):
-        raise AccelcError(f"run directory '{run_dir}' is not writable")
-    return run_dir
+        raise AccelcError(f"run directory '{show(run_dir)}' is not writable")
+    try:
+        lock = RunLock.inherited(lock_fd, run_dir) if lock_fd is not None else RunLock.acquire(run_dir)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    try:
+        recover_run_dir(run_dir)
+        content = [f for f in run_dir.iterdir() if f.name != LOCK]
+        if content and not resume:
+            if not force:
+                raise AccelcError(
+                    f"run directory '{show(run_dir)}' is not empty (use --resume to continue or --force to replace)"
+                )
+            _check_clear(run_dir, protect)
+            for f in content:
+                if f.is_dir() and not f.is_symlink():
+                    shutil.rmtree(f)
+                else:
+                    f.unlink()
+    except BaseException:
+        release_run_dir(run_dir, lock, created)
+        raise
+    lock.created = created
+    return run_dir, lock
+
+
+def _check_clear(run_dir: Path, protect) -> None:
+    here = Path.cwd().resolve()
+    real = run_dir.resolve()
+    if here == real or real in here.parents:
+        raise AccelcError(f"run directory '{show(run_dir)}' is the current folder or above it; --force would clear it")
+    for p in protect:
+        p = Path(p).resolve()
+        if p == real or real in p.parents:
+            raise AccelcError(f"run directory '{show(run_dir)}' holds the input '{show(p)}'; --force would delete it")
+    if not _is_run_dir(run_dir):
+        raise AccelcError(
+            f"run directory '{show(run_dir)}' is not a folder accelc train wrote; --force clears only a previous run"
+        )
+
+
+def recover_run_dir(run_dir: Path) -> None:
+    """Remove temporaries left in the run directory by a killed writer."""
+    for name in RUN_FILES + tuple(p.name for p in run_dir.glob("checkpoint-*.npz")):
+        recover(run_dir, name)
+    for p in run_dir.glob(".*.tmp-*"):  # any other writer's temporary whose process is gone
+        name = p.name[1:].split(".tmp-", 1)[0]
+        recover(run_dir, name)
+
+
+def release_run_dir(run_dir: Path, lock: RunLock, created: bool) -> None:
+    """Unlock; a run directory this command created and left with nothing in it is removed."""
+    try:
+        if created and not [f for f in run_dir.iterdir() if f.name != LOCK]:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    except OSError:
+        pass
+    lock.release()
 
 
 def train(
@@ -350,36 +452,78 @@ def train(
     force: bool = False,
     progress: bool = True,
     algorithms: list | None = None,
+    allow_change=(),
+    memory_limit_gb: float | None = None,
+    lock_fd: int | None = None,
 ) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
-    ``algorithms`` default to those the artifacts' plan asks for."""
+    ``algorithms`` default to those the artifacts' plan asks for; ``allow_change``: settings a
+    resume may change (``batch_size``, ``epochs``)."""
     from .session import TrainingSession  # heavy: torch and ORT
 
     config = config or ExecConfig()
-    session = TrainingSession(artifact_dir, config, lr=lr)
-    ds = load_data(data, session.info.input_shape, session.info.num_classes, train_limit, test_limit)
-    if algorithms is None:
-        algorithms = algorithms_for(session.artifacts)
-    created = not Path(run_dir).exists()
-    rd = prepare_run_dir(run_dir, resume, force)
-    try:
-        trainer = Trainer(
-            session, ds, rd, epochs, batch_size, seed, algorithms, resume=resume, progress=progress, name="ort"
+    bad = sorted(set(allow_change) - set(ckpt.CHANGEABLE))
+    if bad:
+        raise AccelcError(
+            f"--allow-change takes {', '.join(c.replace('_', '-') for c in ckpt.CHANGEABLE)}, got {show(bad[0])}"
         )
-    except BaseException:
-        if created and not any(rd.iterdir()):
-            rd.rmdir()
-        raise
-    summary = trainer.run()
-    summary.update(
-        {
-            "artifacts": Path(artifact_dir).name,
-            "data": data.split(":")[0],
-            "device": config.device,
-            "machine": machine_info(),
-        }
+    data_dir = data.partition(":")[2] if ":" in data and not data.startswith("synthetic") else None
+    rd, lock = open_run_dir(
+        run_dir,
+        resume,
+        force,
+        lock_fd,
+        protect=[p for p in (artifact_dir, data_dir) if isinstance(p, (str, os.PathLike))],
     )
-    atomic_write_text(rd / "summary.json", json.dumps(summary, indent=1))
-    if trainer.history:
-        plot_run(trainer.history, rd / "curves.png", f"accelc train — {Path(artifact_dir).name}")
-    return summary
+    try:
+        info = artifact_dir.info if isinstance(artifact_dir, Artifacts) else load_artifacts(artifact_dir)[0].info
+        check_step_memory(info, batch_size, memory_limit_gb, f"training at --batch-size {batch_size}")
+        session = TrainingSession(artifact_dir, config, lr=lr)
+        ds = load_data(
+            data,
+            session.info.input_shape,
+            session.info.num_classes,
+            train_limit,
+            test_limit,
+            memory_limit_gb=memory_limit_gb,
+        )
+        if algorithms is None:
+            algorithms = algorithms_for(session.artifacts)
+        fingerprint = {
+            "data": data,
+            "train_limit": train_limit,
+            "test_limit": test_limit,
+            "train_images": int(len(ds.x_train)),
+            "test_images": int(len(ds.x_test)),
+            "lr": session.lr,
+        }
+        trainer = Trainer(
+            session,
+            ds,
+            rd,
+            epochs,
+            batch_size,
+            seed,
+            algorithms,
+            resume=resume,
+            progress=progress,
+            name="ort",
+            fingerprint=fingerprint,
+            allow_change=set(allow_change),
+            artifacts_sha=ckpt.artifacts_sha256(artifact_dir) if not isinstance(artifact_dir, Artifacts) else None,
+        )
+        summary = trainer.run()
+        summary.update(
+            {
+                "artifacts": Path(str(artifact_dir)).name,
+                "data": data.split(":")[0],
+                "device": config.device,
+                "machine": machine_info(),
+            }
+        )
+        atomic_write_text(rd / "summary.json", json.dumps(summary, indent=1))
+        if trainer.history:
+            plot_run(trainer.history, rd / "curves.png", f"accelc train — {Path(str(artifact_dir)).name}")
+        return summary
+    finally:
+        release_run_dir(rd, lock, lock.created)

@@ -1,0 +1,384 @@
+"""Reliability round 2, causes 1-3, 9 and 10: outputs are never lost, a run directory has one
+writer, a resume is verified all or nothing, names are escaped, bench output is atomic.
+
+Most cases run in-process through the Python API (which raises the CLI's errors); a few go
+through the CLI to check exit code 2 and the single stderr line."""
+
+import io
+import json
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+import accelc
+from accelc import AccelcError
+from accelc.compiler.export import export_zoo
+from accelc.compiler.fileio import MARKER, atomic_dir, recover
+from accelc.runtime import checkpoint as ckpt
+from accelc.runtime.runlock import RunLock
+
+from conftest import SENTINEL_TEXT, assert_api_refused, assert_refused, run_cli
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    export_zoo("cnn3-small", d / "m.onnx")
+    return d / "m.onnx"
+
+
+@pytest.fixture(scope="module")
+def art(model):
+    out = model.parent / "art"
+    accelc.compile(model, out, validate_result=False)
+    return out
+
+
+TRAIN = dict(data="synthetic:128", epochs=2, batch_size=32, seed=3, progress=False, threads=1)
+
+
+@pytest.fixture(scope="module")
+def trained(art, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    accelc.train(art, run_dir=run, **TRAIN)
+    return run
+
+
+def _tree(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- cause 1: data loss
+@pytest.mark.parametrize("where", ["model_folder", "ancestor", "not_ours", "file", "symlink_to_output"])
+def test_cause1_force_never_deletes_what_is_not_an_output(tmp_path, model, art, where):
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    m = home / "models" / "m.onnx"
+    shutil.copy(model, m)
+    (home / "models" / "notes.txt").write_text("mine")
+    dest = {
+        "model_folder": home / "models",
+        "ancestor": home,
+        "not_ours": home / "stuff",
+        "file": home / "models" / "notes.txt",
+        "symlink_to_output": home / "link",
+    }[where]
+    if where == "not_ours":
+        dest.mkdir()
+        (dest / "report.json").write_text("{}")  # looks a little like an output, is not one
+    if where == "symlink_to_output":
+        shutil.copytree(art, home / "real-art")
+        dest.symlink_to(home / "real-art")
+    before = _tree(home)
+    assert_api_refused(lambda: accelc.compile(m, dest, force=True, validate_result=False))
+    assert _tree(home) == before
+    assert not [f for f in os.listdir(dest.parent) if ".old-" in f or ".tmp-" in f]
+
+
+@pytest.mark.slow
+def test_cause1_cli_output_dot_in_model_folder(tmp_path, model):
+    shutil.copy(model, tmp_path / "m.onnx")
+    for args in (["-o", "."], ["-o", ".", "--force"], ["-o", "..", "--force"]):
+        r = run_cli("compile", "m.onnx", *args, "--no-validate", cwd=tmp_path)
+        assert_refused(r)
+        assert (tmp_path / "m.onnx").read_bytes() == model.read_bytes()
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".")], os.listdir(tmp_path)
+
+
+def test_cause1_force_replaces_a_previous_output(tmp_path, art, model):
+    out = tmp_path / "o"
+    shutil.copytree(art, out)
+    (out / "stale").write_text("old")
+    accelc.compile(model, out, force=True, validate_result=False)
+    assert not (out / "stale").exists() and (out / MARKER).is_file()
+    assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+def test_cause1_recover_puts_a_hidden_old_output_back(tmp_path):
+    """A writer killed between the two renames of the fallback path: the next run restores the
+    old output under the name and removes the dead writer's temporary folder."""
+    dead = 2**22 + 12345  # beyond pid_max on this kernel's default: never a live process
+    old = tmp_path / f".o.old-{dead}-x"
+    old.mkdir()
+    (old / "report.json").write_text("{}")
+    tmp = tmp_path / f".o.tmp-{dead}-y"
+    tmp.mkdir()
+    (tmp / "half").write_text("x")
+    recover(tmp_path, "o")
+    assert (tmp_path / "o" / "report.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+def test_cause1_failure_inside_leaves_old_output(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps({"kind": "artifacts"}))
+    (out / "keep").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out, force=True) as t:
+            (t / "new").write_text("new")
+            raise RuntimeError("boom")
+    assert (out / "keep").read_text() == "old" and not (out / "new").exists()
+    assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+# ----------------------------------------------------------------------------- cause 2: one writer
+def test_cause2_locked_run_dir_is_refused_with_holder_pid(tmp_path, art):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = RunLock.acquire(run)
+    try:
+        msg = assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, **TRAIN), "in use")
+        assert str(os.getpid()) in msg
+    finally:
+        lock.release()
+    assert sorted(os.listdir(run)) == [".accelc-lock"]
+
+
+def test_cause2_lock_released_by_the_kernel(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    RunLock.acquire(run).release()
+    RunLock.acquire(run).release()  # free again
+
+
+# ----------------------------------------------------------------------------- cause 3: resume
+def _rewrite_npz(run, fn):
+    meta = json.loads((run / "checkpoint.json").read_text())
+    with np.load(run / meta["arrays"]) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays = fn(arrays)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (run / meta["arrays"]).write_bytes(buf.getvalue())
+    return meta, arrays
+
+
+def _consistent(run, fn):
+    """Edit the arrays AND checkpoint.json consistently (a deliberate, well-formed forgery)."""
+    meta, arrays = _rewrite_npz(run, fn)
+    data = (run / meta["arrays"]).read_bytes()
+    import hashlib
+
+    meta["arrays_sha256"] = hashlib.sha256(data).hexdigest()
+    meta["manifest"] = ckpt.manifest_of(arrays)
+    (run / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def _meta_edit(fn):
+    def edit(run):
+        meta = json.loads((run / "checkpoint.json").read_text())
+        fn(meta)
+        (run / "checkpoint.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _first_param(a):
+    return next(k for k in a if k.startswith("param/"))
+
+
+def _first_optim(a):
+    return next(k for k in a if k.startswith("optim/"))
+
+
+CORRUPT = {
+    "npz_missing_param": (
+        lambda r: _rewrite_npz(r, lambda a: {k: v for k, v in a.items() if k != _first_param(a)}),
+        "damaged",
+    ),
+    "npz_missing_param_forged": (
+        lambda r: _consistent(r, lambda a: {k: v for k, v in a.items() if k != _first_param(a)}),
+        "lacks parameter",
+    ),
+    "npz_missing_optim_forged": (
+        lambda r: _consistent(r, lambda a: {k: v for k, v in a.items() if not k.startswith("optim/")}),
+        "optimizer",
+    ),
+    "npz_extra_param_forged": (
+        lambda r: _consistent(r, lambda a: dict(a, **{"param/ghost": np.zeros(3, np.float32)})),
+        "ghost",
+    ),
+    "npz_reshaped_forged": (
+        lambda r: _consistent(r, lambda a: dict(a, **{_first_param(a): np.zeros(7, np.float32)})),
+        "shape",
+    ),
+    "npz_truncated": (lambda r: _trunc(r), "damaged"),
+    "npz_bitflip": (lambda r: _flip(r), "damaged"),
+    "npz_value_edit_forged_manifest_only": (
+        lambda r: _rewrite_npz(r, lambda a: dict(a, **{_first_optim(a): a[_first_optim(a)] + 1})),
+        "damaged",
+    ),
+    "arrays_path_parent": (_meta_edit(lambda m: m.update(arrays="../elsewhere/foreign.npz")), "malformed"),
+    "arrays_path_absolute": (_meta_edit(lambda m: m.update(arrays="/etc/passwd")), "malformed"),
+    "json_not_json": (lambda r: (r / "checkpoint.json").write_text("{not json"), "not valid JSON"),
+    "json_deep_nesting": (lambda r: (r / "checkpoint.json").write_text("[" * 100000 + "]" * 100000), "checkpoint"),
+    "json_wrong_types": (_meta_edit(lambda m: m.update(epoch="one")), "epoch"),
+    "json_missing_key": (_meta_edit(lambda m: m.pop("manifest")), "manifest"),
+    "json_old_format": (_meta_edit(lambda m: [m.pop("manifest"), m.pop("format")]), "older accelc"),
+    "npz_partial_optim_forged": (
+        lambda r: _consistent(r, lambda a: {k: v for k, v in a.items() if k != _first_optim(a)}),
+        "incomplete optimizer",
+    ),
+    "npz_foreign_optim_forged": (
+        lambda r: _consistent(r, lambda a: dict(a, **{"optim/ghost/exp_avg": np.zeros(2, np.float32)})),
+        "ghost",
+    ),
+    "json_not_utf8": (lambda r: (r / "checkpoint.json").write_bytes(b"\xff\xfe{}"), "not valid JSON"),
+    "json_symlink_outside": (lambda r: _symlink_out(r), "symbolic link"),
+    "json_history_mismatch": (_meta_edit(lambda m: m.update(history=[])), "inconsistent"),
+    "json_controller_garbage": (_meta_edit(lambda m: m.update(controllers=[1, 2])), "controllers"),
+    "artifacts_changed": (_meta_edit(lambda m: m.update(artifacts_sha256="0" * 64)), "other artifacts"),
+}
+
+
+def _trunc(run):
+    meta = json.loads((run / "checkpoint.json").read_text())
+    p = run / meta["arrays"]
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip(run):
+    meta = json.loads((run / "checkpoint.json").read_text())
+    p = run / meta["arrays"]
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0x40
+    p.write_bytes(bytes(b))
+
+
+def _symlink_out(run):
+    outside = run.parent / "outside.json"
+    outside.write_text(SENTINEL_TEXT)
+    (run / "checkpoint.json").unlink()
+    (run / "checkpoint.json").symlink_to(outside)
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_cause3_damaged_or_forged_checkpoint_is_refused_whole(tmp_path, art, trained, case):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    edit, needle = CORRUPT[case]
+    edit(run)
+    before = _tree(run) if case != "json_symlink_outside" else None
+    msg = assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, **TRAIN), needle)
+    assert SENTINEL_TEXT not in msg
+    if before is not None:
+        assert _tree(run) == before  # nothing written, nothing reset
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (dict(batch_size=16), "--batch-size"),
+        (dict(seed=4), "--seed"),
+        (dict(data="synthetic:160"), "--data"),
+        (dict(epochs=3), "--epochs"),
+        (dict(lr=0.5), "--lr"),
+    ],
+)
+def test_cause3_changed_settings_are_refused(tmp_path, art, trained, change, needle):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, **dict(TRAIN, **change)), needle)
+
+
+def test_cause3_allowed_change_resumes(tmp_path, art, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    s = accelc.train(art, run_dir=run, resume=True, allow_change=["epochs"], **dict(TRAIN, epochs=3))
+    assert s["epochs"] == 3
+
+
+def test_cause3_other_artifacts_refused(tmp_path, art, trained, model):
+    other = tmp_path / "other"
+    accelc.compile(model, other, lr=0.01, validate_result=False)
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert_api_refused(lambda: accelc.train(other, run_dir=run, resume=True, **TRAIN), "other artifacts")
+
+
+def test_cause3_npz_is_never_unpickled_or_followed(tmp_path, art, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    meta = json.loads((run / "checkpoint.json").read_text())
+    with zipfile.ZipFile(run / meta["arrays"], "a") as z:
+        z.writestr("evil.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (1,), }")
+    assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, **TRAIN), "damaged")
+
+
+# ----------------------------------------------------------------------------- cause 9: output
+def test_cause9_names_are_escaped_in_errors(tmp_path, art):
+    evil = tmp_path / "bad\nname\x1b[31m"
+    msg = assert_api_refused(lambda: accelc.train(evil, run_dir=tmp_path / "r", **TRAIN))
+    assert "\x1b" not in msg and "\n" not in msg and "\\x1b" in msg
+
+
+@pytest.mark.slow
+def test_cause9_cli_usage_errors_are_one_line(tmp_path):
+    for args in (["compile"], ["train", "x", "--epochs", "abc"], ["nonsense"], ["compile", "m.onnx", "--bogus"]):
+        r = run_cli(*args)
+        assert_refused(r, "--help")
+
+
+@pytest.mark.slow
+def test_cause9_sigint_names_the_checkpoint_on_disk(tmp_path, art):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import ACCELC
+
+    run = tmp_path / "run"
+    p = subprocess.Popen(
+        ACCELC + ["train", str(art), "--data", "synthetic:2048", "--epochs", "5", "--batch-size", "32", "-o", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.json").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    lines = [x for x in err.splitlines() if x.startswith("accelc:")]
+    assert p.returncode == 130 and len(lines) == 1, err
+    epoch = json.loads((run / "checkpoint.json").read_text())["epoch"] + 1
+    assert f"last checkpoint on disk is epoch {epoch}" in lines[0], lines
+    assert not list(run.glob(".*.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- cause 10: bench
+@pytest.mark.parametrize("target", ["nonsense", "nan", "5", "-1", "0", "torch-best-0.2"])
+def test_cause10_bench_target_is_validated(tmp_path, target):
+    from accelc.bench import run_bench
+
+    out = tmp_path / "b"
+    with pytest.raises(AccelcError, match="--target"):
+        run_bench("cnn3-small", "synthetic:64", 1, ["ort"], out, target=target, progress=False)
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_cause10_bench_existing_output_needs_force(tmp_path):
+    from accelc.bench import run_bench
+
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(AccelcError, match="already exists"):
+        run_bench("cnn3-small", "synthetic:64", 1, ["ort"], out, progress=False)
+    with pytest.raises(AccelcError, match="not a folder accelc wrote"):
+        run_bench("cnn3-small", "synthetic:64", 1, ["ort"], out, progress=False, force=True)
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_cause10_bench_error_after_start_leaves_nothing(tmp_path):
+    out = tmp_path / "b"
+    r = run_cli(
+        "bench", "--model", "cnn3-small", "--data", f"fashion-mnist:{tmp_path / 'nope'}", "--configs", "ort", "-o", out
+    )
+    assert_refused(r, "nope", out=out)

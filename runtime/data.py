@@ -9,20 +9,32 @@ Specs (``--data``):
 Every dataset is adapted to the model input (channels replicated or averaged, bilinear resize) and
 normalised to zero mean / unit variance with training-set statistics. Shuffling is seeded per
 epoch, so two runs with one seed see the same batches.
+
+Data files are untrusted: every label is checked against the model's class count, image and label
+counts must agree, and a damaged file is one clear error naming it. The memory a dataset needs is
+estimated from its headers (IDX dimensions, file counts, N for synthetic) and checked against the
+limit *before* anything large is read or generated, so a gzip bomb or ``synthetic:100000000`` is
+refused in a second instead of exhausting the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import math
 import os
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..compiler.errors import AccelcError
+from ..compiler.errors import AccelcError, InvalidType, InvalidValue, show
+from ..compiler.resources import check_memory, fmt_bytes
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = 10
 
 
 @dataclass
@@ -67,40 +79,96 @@ class Dataset:
         )
 
 
+RESIZE_CHUNK = 4096  # images per interpolation call
+
+
 def resize(x: np.ndarray, hw: tuple) -> np.ndarray:
     import torch  # heavy: loaded when data is resized
     import torch.nn.functional as F
 
     if tuple(x.shape[2:]) == tuple(hw):
         return x
-    out = []
-    for i in range(0, len(x), 4096):
-        t = torch.from_numpy(np.ascontiguousarray(x[i : i + 4096]))
-        out.append(F.interpolate(t, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True).numpy())
-    return np.concatenate(out).astype(np.float32)
+    out = np.empty((len(x), x.shape[1], *hw), dtype=np.float32)  # filled chunk by chunk: no second copy
+    for i in range(0, len(x), RESIZE_CHUNK):
+        t = torch.from_numpy(np.ascontiguousarray(x[i : i + RESIZE_CHUNK], dtype=np.float32))
+        out[i : i + RESIZE_CHUNK] = F.interpolate(
+            t, size=tuple(hw), mode="bilinear", align_corners=False, antialias=True
+        ).numpy()
+    return out
 
 
 def adapt(x: np.ndarray, shape: tuple) -> np.ndarray:
     """Fit N,C,H,W images to the model's (C, H, W)."""
     c, h, w = shape
-    if x.shape[1] != c:
-        if x.shape[1] == 1:
-            x = np.repeat(x, c, axis=1)
-        elif c == 1:
-            x = x.mean(axis=1, keepdims=True)
-        else:
-            raise AccelcError(f"cannot map {x.shape[1]}-channel images to a {c}-channel model input")
-    return resize(x.astype(np.float32), (h, w))
+    x = x.astype(np.float32, copy=False)
+    if x.shape[1] == c:
+        return resize(x, (h, w))
+    if x.shape[1] == 1:
+        # the resize works per channel: resizing the one channel, then replicating it, gives the same
+        # values as replicating first, with a C times smaller intermediate
+        return np.repeat(resize(x, (h, w)), c, axis=1)
+    if c == 1:
+        return resize(x.mean(axis=1, keepdims=True), (h, w))
+    raise AccelcError(f"cannot map {x.shape[1]}-channel images to a {c}-channel model input")
 
 
 def _normalise(ds: Dataset) -> Dataset:
-    mean, std = float(ds.x_train.mean()), float(ds.x_train.std()) or 1.0
-    ds.x_train = ((ds.x_train - mean) / std).astype(np.float32)
-    ds.x_test = ((ds.x_test - mean) / std).astype(np.float32)
+    """Zero mean, unit variance with training-set statistics, in place (no full-size temporaries)."""
+    x = ds.x_train
+    mean = float(x.mean())
+    sq = 0.0
+    for i in range(0, len(x), RESIZE_CHUNK):
+        d = x[i : i + RESIZE_CHUNK].astype(np.float64) - mean
+        d = d.ravel()
+        sq += float(np.dot(d, d))
+    std = math.sqrt(sq / max(x.size, 1)) or 1.0
+    for a in (ds.x_train, ds.x_test):
+        a -= np.float32(mean)
+        a /= np.float32(std)
     return ds
 
 
+def _float_bytes(n: int, shape: tuple) -> int:
+    """Bytes of ``n`` float32 images of ``shape`` (C, H, W)."""
+    return 4 * n * math.prod(shape)
+
+
+def _check_labels(y: np.ndarray, num_classes: int, where: str) -> None:
+    """Every label in 0..num_classes-1 (ORT's SoftmaxCrossEntropyLoss does not check: a label out
+    of range reads out of bounds)."""
+    if y.size == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        i = int(np.flatnonzero(y == bad)[0])
+        raise AccelcError(
+            f"{where} has label {bad} (at index {i}); the model has {num_classes} classes, "
+            f"so labels must be 0..{num_classes - 1}"
+        )
+
+
 # ----------------------------------------------------------------------------- synthetic
+SYNTH_CHUNK = 2000  # images generated per step
+# float32 arrays of one chunk's n x H x W alive at once while generating (coordinates, masks,
+# stripes, clutter, noise): measured (tracemalloc) about 9 + 3.6 C; counted with margin
+SYNTH_TEMPS = 14
+
+
+def _synthetic_bytes(shape: tuple, n_train: int, n_test: int) -> int:
+    """Peak memory of ``synthetic``: both splits (float32, filled in place) plus one chunk's
+    temporaries."""
+    c, h, w = shape
+    chunk = min(SYNTH_CHUNK, max(n_train, n_test))
+    temps = 4 * chunk * h * w * (SYNTH_TEMPS + 3 * c)
+    return _float_bytes(n_train + n_test, shape) + 8 * (n_train + n_test) + temps
+
+
+def _check_synthetic_memory(shape: tuple, n_train: int, n_test: int, memory_limit_gb: float | None) -> None:
+    what = f"generating synthetic data ({n_train} + {n_test} images of {'x'.join(map(str, shape))})"
+    check_memory(what, _synthetic_bytes(shape, n_train, n_test), memory_limit_gb)
+
+
 def _shape_masks(kind: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """u, v: per-image coordinates relative to the shape centre, in units of its radius."""
     r = np.sqrt(u * u + v * v)
@@ -114,13 +182,21 @@ def _shape_masks(kind: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return m
 
 
-def synthetic(shape: tuple, num_classes: int, n_train: int = 6000, n_test: int = 1000, seed: int = 1234) -> Dataset:
+def synthetic(
+    shape: tuple,
+    num_classes: int,
+    n_train: int = 6000,
+    n_test: int = 1000,
+    seed: int = 1234,
+    memory_limit_gb: float | None = None,
+) -> Dataset:
     """Shapes × textures at random positions, scales and contrasts over smooth background clutter.
 
     Class k is (shape k mod 5, texture k div 5 mod 4); textures are solid, horizontal stripes,
     vertical stripes, checker, with random phase and frequency. Learnable, not trivial.
     """
     c, h, w = shape
+    _check_synthetic_memory(shape, n_train, n_test, memory_limit_gb)
 
     def make(n, rng):
         y = rng.integers(0, num_classes, n)
@@ -163,33 +239,178 @@ def synthetic(shape: tuple, num_classes: int, n_train: int = 6000, n_test: int =
         return x.astype(np.float32), y.astype(np.int64)
 
     rng = np.random.default_rng(seed)
-    xtr, ytr = _chunked(make, n_train, rng)
-    xte, yte = _chunked(make, n_test, rng)
+    xtr, ytr = _chunked(make, n_train, shape, rng)
+    xte, yte = _chunked(make, n_test, shape, rng)
     return _normalise(Dataset("synthetic", xtr, ytr, xte, yte, num_classes))
 
 
-def _chunked(make, n, rng, chunk=2000):
-    xs, ys = [], []
+def _chunked(make, n, shape, rng, chunk=SYNTH_CHUNK):
+    x = np.empty((n, *shape), dtype=np.float32)  # filled in place: no list of chunks plus a concatenation
+    y = np.empty(n, dtype=np.int64)
     for i in range(0, n, chunk):
-        x, y = make(min(chunk, n - i), rng)
-        xs.append(x)
-        ys.append(y)
-    return np.concatenate(xs), np.concatenate(ys)
+        x[i : i + chunk], y[i : i + chunk] = make(min(chunk, n - i), rng)
+    return x, y
 
 
-# ----------------------------------------------------------------------------- Fashion-MNIST
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
-    if len(data) < 8 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise AccelcError(f"'{path}' is not an IDX file of unsigned bytes")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise AccelcError(f"'{path}' is truncated")
-    return arr.reshape(dims)
+# ----------------------------------------------------------------------------- IDX files (Fashion-MNIST)
+GZIP_MAGIC = b"\x1f\x8b"
+IDX_TYPES = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+READ_CHUNK = 1 << 20  # bytes per read: a stream is never inflated further than this ahead of its check
+# deflate cannot expand more than 1032:1; a header declaring more than this per compressed byte is a lie
+MAX_DEFLATE_RATIO = 1100
+# real image data compresses a few times (Fashion-MNIST 1.8x, MNIST 4.7x); a large images file that
+# claims to inflate more than this is refused as a gzip bomb (a plain IDX file is tied to its size on
+# disk, so one that is genuine can be gunzipped and read)
+MAX_GZIP_EXPANSION = 100
+GZIP_EXPANSION_FLOOR = 64 << 20  # below this many declared bytes, no expansion check
+
+
+def _decode_error(path: Path, e: BaseException) -> AccelcError:
+    """One line for an error raised while reading ``path`` (never the file's content)."""
+    if isinstance(e, EOFError):
+        why = "truncated (the compressed stream ends early)"
+    elif isinstance(e, gzip.BadGzipFile):
+        why = f"not a valid gzip stream ({str(e).split(' (b')[0].strip() or 'bad header'})"
+    elif isinstance(e, zlib.error):
+        why = f"a damaged gzip stream ({e})"
+    elif isinstance(e, MemoryError):
+        why = "too large for the memory available"
+    elif isinstance(e, OSError):
+        why = f"unreadable ({e.strerror or e})"
+    else:
+        why = f"malformed ({type(e).__name__}: {e})"
+    return AccelcError(f"'{show(path)}' is {show(why)}")
+
+
+class _IdxFile:
+    """An IDX file of unsigned bytes (plain or gzip), opened with its header read and checked and
+    its data not yet read: the caller sizes the load from ``dims`` before any data is inflated."""
+
+    def __init__(self, path: Path, role: str, ndim: int):
+        self.path, self.role = path, role
+        self._raw = self._fh = None
+        try:
+            self._open(ndim)
+        except BaseException as e:
+            self.close()
+            if isinstance(e, AccelcError):
+                raise
+            if isinstance(e, (OSError, EOFError, zlib.error, ValueError, MemoryError)):
+                raise _decode_error(path, e) from None
+            raise
+
+    def _bad(self, why: str) -> AccelcError:
+        return AccelcError(f"'{show(self.path)}' {why}")
+
+    def _open(self, ndim: int) -> None:
+        self._raw = open(self.path, "rb")
+        file_size = os.fstat(self._raw.fileno()).st_size
+        self.compressed = self._raw.read(2) == GZIP_MAGIC
+        self._raw.seek(0)
+        if self.compressed:
+            self._fh = gzip.GzipFile(fileobj=self._raw, mode="rb")
+        elif self.path.suffix == ".gz":
+            raise self._bad("is named .gz but is not a gzip file")
+        else:
+            self._fh = self._raw
+        head = self._fh.read(4)  # a gzip stream is inflated only this far
+        if len(head) < 4 or head[:2] != b"\x00\x00":
+            raise self._bad("is not an IDX file (bad magic number)")
+        if head[2] != 0x08:
+            kind = IDX_TYPES.get(head[2])
+            if kind is None:
+                raise self._bad(f"is not an IDX file (unknown type code 0x{head[2]:02X})")
+            raise self._bad(
+                f"holds {kind} values (IDX type 0x{head[2]:02X}); {self.role} must be unsigned bytes (0x08)"
+            )
+        if head[3] != ndim:
+            layout = "1-D (N)" if ndim == 1 else "3-D (N, H, W)"
+            dims = f"{head[3]} dimension" + ("" if head[3] == 1 else "s")
+            raise self._bad(f"has {dims}; an IDX {self.role} file must be {layout}")
+        raw_dims = self._fh.read(4 * ndim)
+        if len(raw_dims) < 4 * ndim:
+            raise self._bad("is truncated (its header ends early)")
+        self.dims = tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+        if self.dims[0] == 0:
+            raise self._bad(f"holds no {self.role}")
+        if 0 in self.dims[1:]:
+            raise self._bad(f"holds images of size {self.dims[1]}x{self.dims[2]}")
+        self.size = math.prod(self.dims)  # bytes of data the header declares
+        header = 4 + 4 * ndim
+        if not self.compressed and file_size != header + self.size:
+            state = "is truncated" if file_size < header + self.size else "has trailing data"
+            raise self._bad(
+                f"{state}: its header declares {self.size} bytes of data, the file holds {file_size - header}"
+            )
+        if self.compressed and self.size > MAX_DEFLATE_RATIO * file_size + (1 << 20):
+            raise self._bad(
+                f"is truncated or corrupt: its header declares {self.size} bytes of data, more than a "
+                f"{file_size}-byte gzip file can hold"
+            )
+        if (
+            self.compressed
+            and self.role == "images"
+            and self.size > GZIP_EXPANSION_FLOOR
+            and self.size > MAX_GZIP_EXPANSION * file_size
+        ):
+            raise self._bad(
+                f"would inflate from {fmt_bytes(file_size)} to {fmt_bytes(self.size)} ({self.size // file_size}x), "
+                f"far more than image data compresses: a gzip bomb? If the file is genuine, gunzip it and "
+                f"pass the plain IDX file"
+            )
+
+    @property
+    def count(self) -> int:
+        return self.dims[0]
+
+    def read(self, keep: int | None = None) -> np.ndarray:
+        """The first ``keep`` records (all when None), read in bounded chunks; the rest of the file is
+        streamed through and verified (exact length, gzip CRC) without being kept."""
+        keep = self.count if keep is None else min(keep, self.count)
+        record = self.size // self.count
+        try:
+            out = np.empty(keep * record, dtype=np.uint8)
+            got = self._fill(memoryview(out))
+            rest = (self.count - keep) * record
+            while rest and got == len(out):  # verified, not kept
+                n = len(self._fh.read(min(READ_CHUNK, rest)))
+                if not n:
+                    break
+                rest -= n
+            if got < len(out) or rest:
+                raise self._bad(f"is truncated: its header declares {self.size} bytes of data, it holds fewer")
+            try:
+                extra = self._fh.read(1)  # also ends the gzip member: its CRC and length are checked
+            except gzip.BadGzipFile as e:
+                if str(e).startswith("Not a gzipped file"):  # bytes after the member that start no other
+                    raise self._bad("has trailing data after its gzip stream") from None
+                raise
+            if extra:
+                raise self._bad(f"has trailing data after the {self.size} bytes its header declares")
+        except AccelcError:
+            raise
+        except (OSError, EOFError, zlib.error, ValueError, MemoryError) as e:
+            raise _decode_error(self.path, e) from None
+        finally:
+            self.close()
+        return out.reshape((keep, *self.dims[1:]))
+
+    def _fill(self, buf: memoryview) -> int:
+        got = 0
+        while got < len(buf):
+            n = self._fh.readinto(buf[got : got + READ_CHUNK])
+            if not n:
+                break
+            got += n
+        return got
+
+    def close(self) -> None:
+        for f in (self._fh, self._raw):
+            if f is not None:
+                try:
+                    f.close()
+                except (OSError, EOFError, zlib.error):
+                    pass
 
 
 def _find(d: Path, stem: str) -> Path:
@@ -197,109 +418,325 @@ def _find(d: Path, stem: str) -> Path:
         if (d / name).exists():
             return d / name
     raise AccelcError(
-        f"Fashion-MNIST file '{stem}[.gz]' not found in '{d}'. Install Debian's package "
+        f"Fashion-MNIST file '{stem}[.gz]' not found in '{show(d)}'. Install Debian's package "
         f"(apt-get install dataset-fashion-mnist) or pass --data fashion-mnist:DIR"
     )
 
 
-def fashion_mnist(directory: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def fashion_mnist(
+    directory: str | None = None,
+    *,
+    shape: tuple | None = None,
+    num_classes: int | None = None,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    memory_limit_gb: float | None = None,
+    read_images: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fashion-MNIST (or any IDX image/label set) as float32 N,1,H,W in [0, 1] and int64 labels.
+
+    All four headers are read and checked (dimensions, image/label counts) and the memory the load
+    needs -- adapted to a model input ``shape`` when given -- is checked before any data is read;
+    labels are checked against ``num_classes`` when given. ``read_images=False`` stops after the
+    labels (the image arrays come back as None): every check but the images' bodies, in a second."""
     d = Path(directory or FASHION_DIR)
     if not d.is_dir():
         raise AccelcError(
-            f"Fashion-MNIST folder '{d}' not found. Install Debian's package "
+            f"Fashion-MNIST folder '{show(d)}' not found. Install Debian's package "
             f"(apt-get install dataset-fashion-mnist) or pass --data fashion-mnist:DIR"
         )
-    xtr = _read_idx(_find(d, "train-images-idx3-ubyte"))
-    ytr = _read_idx(_find(d, "train-labels-idx1-ubyte"))
-    xte = _read_idx(_find(d, "t10k-images-idx3-ubyte"))
-    yte = _read_idx(_find(d, "t10k-labels-idx1-ubyte"))
-    f = lambda a: (a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
-    return f(xtr), ytr.astype(np.int64), f(xte), yte.astype(np.int64)
+    files = []
+    try:
+        for split, limit in (("train", train_limit), ("t10k", test_limit)):
+            images = _IdxFile(_find(d, f"{split}-images-idx3-ubyte"), "images", 3)
+            files.append(images)
+            labels = _IdxFile(_find(d, f"{split}-labels-idx1-ubyte"), "labels", 1)
+            files.append(labels)
+            if images.count != labels.count:
+                raise AccelcError(
+                    f"'{show(images.path)}' holds {images.count} images but '{show(labels.path)}' "
+                    f"holds {labels.count} labels"
+                )
+        need = 0
+        for images, limit in ((files[0], train_limit), (files[2], test_limit)):
+            n = images.count if limit is None else min(limit, images.count)
+            pixels = n * math.prod(images.dims[1:])
+            need += pixels + 4 * pixels + 8 * n  # bytes as read, as float32, labels as int64
+            if shape is not None:  # adapted to the model input: resized, then the channel replicated
+                c, h, w = shape
+                need += (_float_bytes(n, (1, h, w)) if (h, w) != images.dims[1:] else 0) + (
+                    _float_bytes(n, shape) if c > 1 else 0
+                )
+        need += 8 * READ_CHUNK + (_float_bytes(4 * RESIZE_CHUNK, shape) if shape is not None else 0)
+        check_memory(f"loading the IDX data in '{show(d)}'", need, memory_limit_gb)
+        out = []
+        for images, labels, limit in ((files[0], files[1], train_limit), (files[2], files[3], test_limit)):
+            y = labels.read(limit).astype(np.int64)
+            if num_classes is not None:
+                _check_labels(y, num_classes, f"'{show(labels.path)}'")
+            if not read_images:
+                out += [None, y]
+                continue
+            raw = images.read(limit)
+            x = raw.astype(np.float32)
+            del raw
+            x /= np.float32(255.0)
+            out += [x[:, None], y]
+    finally:
+        for f in files:
+            f.close()
+    return out[0], out[1], out[2], out[3]
 
 
 # ----------------------------------------------------------------------------- image folder
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm"}
+MAX_IMAGE_PIXELS = 50_000_000  # per image: a larger one is refused before it is decoded (decompression bombs)
 
 
-def _read_folder(d: Path, shape: tuple, classes: list[str] | None = None):
-    from PIL import Image  # heavy, optional: only image folders need it
-
-    c, h, w = shape
-    classes = classes or sorted(p.name for p in d.iterdir() if p.is_dir())
-    if not classes:
-        raise AccelcError(f"image folder '{d}' has no class subfolders")
-    xs, ys = [], []
+def _image_files(d: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    files = []
     for k, name in enumerate(classes):
         sub = d / name
         if not sub.is_dir():
             continue
         for f in sorted(sub.iterdir()):
-            if f.suffix.lower() not in IMAGE_EXT:
-                continue
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-                    a = np.asarray(im, dtype=np.float32) / 255.0
-            except OSError as e:
-                raise AccelcError(f"cannot read image '{f}': {e}") from None
-            xs.append(a[None] if c == 1 else a.transpose(2, 0, 1))
-            ys.append(k)
-    if not xs:
-        raise AccelcError(f"image folder '{d}' has no images")
-    x = np.stack(xs).astype(np.float32)
-    if x.shape[1] != c:
+            if f.suffix.lower() in IMAGE_EXT and f.is_file():
+                files.append((f, k))
+    return files
+
+
+@contextlib.contextmanager
+def _decoding_image(f: Path):
+    """Any failure while opening or decoding image ``f`` (an untrusted file) as one line."""
+    from PIL import Image  # heavy, optional: only image folders need it
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's own limit: an error, too
+            yield Image
+    except AccelcError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise AccelcError(f"image '{show(f)}' is too large to decode safely ({show(e, 120)})") from None
+    except OSError as e:
+        raise AccelcError(f"cannot read image '{show(f)}': {show(e, 160)}") from None
+    except Exception as e:  # any decoder failure is a bad image, never a traceback
+        raise AccelcError(f"cannot read image '{show(f)}': {type(e).__name__}: {show(e, 160)}") from None
+
+
+def _image_pixels(f: Path) -> int:
+    """Pixels of image ``f`` from its header (nothing decoded); refuses one over MAX_IMAGE_PIXELS."""
+    with _decoding_image(f) as Image, Image.open(f) as im:
+        iw, ih = im.size
+    if iw * ih > MAX_IMAGE_PIXELS:
+        raise AccelcError(
+            f"image '{show(f)}' is {iw}x{ih} pixels, over the limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb?)"
+        )
+    return iw * ih
+
+
+def _read_image(f: Path, c: int, h: int, w: int) -> np.ndarray:
+    with _decoding_image(f) as Image, Image.open(f) as im:
+        if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:  # changed since its header was checked
+            raise AccelcError(f"image '{show(f)}' is over the limit of {MAX_IMAGE_PIXELS:,} pixels")
+        im = im.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.float32) / 255.0
+    return a[None] if c == 1 else a.transpose(2, 0, 1)
+
+
+def _read_folder(
+    d: Path,
+    shape: tuple,
+    classes: list[str] | None = None,
+    memory_limit_gb: float | None = None,
+    decode: bool = True,
+    num_classes: int | None = None,
+):
+    c, h, w = shape
+    try:
+        classes = classes or sorted(p.name for p in d.iterdir() if p.is_dir())
+        files = _image_files(d, classes)
+    except OSError as e:
+        raise AccelcError(f"cannot read image folder '{show(d)}': {e.strerror or e}") from None
+    if not classes:
+        raise AccelcError(f"image folder '{show(d)}' has no class subfolders")
+    if num_classes is not None and len(classes) > num_classes:
+        raise AccelcError(f"image folder '{show(d)}' has {len(classes)} classes; the model outputs {num_classes}")
+    if not files:
+        raise AccelcError(f"image folder '{show(d)}' has no images")
+    largest = max(_image_pixels(f) for f, _ in files)  # every header checked before anything is decoded
+    ic = 1 if c == 1 else 3
+    # the stack, the train/test split's copy, the adapted copy, and the largest image decoded (RGBA,
+    # plus its converted copy)
+    need = 3 * _float_bytes(len(files), (max(c, ic), h, w)) + 8 * largest
+    check_memory(f"loading {len(files)} images from '{show(d)}'", need, memory_limit_gb)
+    y = np.array([k for _, k in files], dtype=np.int64)
+    if not decode:
+        return None, y, classes
+    x = np.empty((len(files), ic, h, w), dtype=np.float32)
+    for i, (f, _) in enumerate(files):
+        x[i] = _read_image(f, c, h, w)
+    if ic != c:
         x = adapt(x, shape)
-    return x, np.array(ys, dtype=np.int64), classes
+    return x, y, classes
 
 
-def image_folder(directory: str, shape: tuple):
+def image_folder(
+    directory: str,
+    shape: tuple,
+    memory_limit_gb: float | None = None,
+    decode: bool = True,
+    num_classes: int | None = None,
+):
+    """(x_train, y_train, x_test, y_test, classes); ``decode=False``: every image's header checked,
+    nothing decoded (the x come back as None)."""
     d = Path(directory)
     if not d.is_dir():
-        raise AccelcError(f"image folder '{d}' not found")
+        raise AccelcError(f"image folder '{show(d)}' not found")
     if (d / "train").is_dir() and (d / "test").is_dir():
-        xtr, ytr, classes = _read_folder(d / "train", shape)
-        xte, yte, _ = _read_folder(d / "test", shape, classes)
+        xtr, ytr, classes = _read_folder(d / "train", shape, None, memory_limit_gb, decode, num_classes)
+        xte, yte, _ = _read_folder(d / "test", shape, classes, memory_limit_gb, decode)
         return xtr, ytr, xte, yte, len(classes)
-    x, y, classes = _read_folder(d, shape)
-    perm = np.random.default_rng(0).permutation(len(x))
-    n_test = max(1, len(x) // 5)
+    x, y, classes = _read_folder(d, shape, None, memory_limit_gb, decode, num_classes)
+    if len(y) < 2:
+        raise AccelcError(f"image folder '{show(d)}' has {len(y)} image; a training and a test split need at least 2")
+    perm = np.random.default_rng(0).permutation(len(y))
+    n_test = max(1, len(y) // 5)
     te, tr = perm[:n_test], perm[n_test:]
+    if x is None:
+        return None, y[tr], None, y[te], len(classes)
     return x[tr], y[tr], x[te], y[te], len(classes)
 
 
 # ----------------------------------------------------------------------------- entry point
+def _positive_int(value, flag: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidType(f"{flag} must be an integer, got {type(value).__name__}")
+    if value <= 0:
+        raise InvalidValue(f"{flag} must be a positive number of images, got {int(value)}")
+    return int(value)
+
+
+def check_data(
+    spec: str,
+    shape: tuple,
+    num_classes: int,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    *,
+    memory_limit_gb: float | None = None,
+) -> None:
+    """Every check ``load_data`` makes that needs no image decoded, in about a second and a few MB:
+    arguments, file headers (IDX dimensions and types, image/label counts, every image's size),
+    labels against ``num_classes`` and the memory the load will need. Call it before starting
+    anything expensive; ``load_data`` makes the same checks again."""
+    _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode=False)
+
+
 def load_data(
-    spec: str, shape: tuple, num_classes: int, train_limit: int | None = None, test_limit: int | None = None
+    spec: str,
+    shape: tuple,
+    num_classes: int,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    *,
+    memory_limit_gb: float | None = None,
 ) -> Dataset:
-    """Build the dataset ``spec`` fitted to a model input ``shape`` (C, H, W) and class count."""
+    """Build the dataset ``spec`` fitted to a model input ``shape`` (C, H, W) and class count.
+
+    Labels are checked against ``num_classes``; the memory the dataset needs is checked against
+    ``memory_limit_gb`` (default: a fraction of the memory available) before it is loaded."""
+    return _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode=True)
+
+
+def _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode: bool) -> Dataset | None:
+    try:
+        return _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode)
+    except OSError as e:  # a folder that cannot be listed, a file that vanished: which one, never a traceback
+        where = f" '{show(e.filename)}'" if e.filename else ""
+        raise AccelcError(f"cannot read the data{where}: {show(e.strerror or e)}") from None
+    except MemoryError:  # the estimate passed but the memory went elsewhere meanwhile
+        raise AccelcError(
+            f"ran out of memory loading --data '{show(spec)}' (free memory, or use --train-limit/--test-limit)"
+        ) from None
+
+
+def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode):
+    if not isinstance(spec, str):
+        raise InvalidType(f"--data must be a string, got {type(spec).__name__}")
+    train_limit = _positive_int(train_limit, "--train-limit")
+    test_limit = _positive_int(test_limit, "--test-limit")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise InvalidValue(f"the model's class count must be a positive integer, got {show(num_classes)}")
+    num_classes = int(num_classes)
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 3
+        or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise AccelcError(
+            f"training data is built for image models with a (C, H, W) input; this model's input is {show(shape)}"
+        )
+    shape = tuple(int(s) for s in shape)
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         try:
             n = int(arg) if arg else (train_limit or 6000)
         except ValueError:
-            raise AccelcError(f"--data synthetic:N needs an integer N, got '{arg}'") from None
+            raise InvalidValue(f"--data synthetic:N needs an integer N, got '{show(arg)}'") from None
         if n <= 0:
-            raise AccelcError("--data synthetic:N needs N > 0")
-        ds = synthetic(shape, num_classes, n, test_limit or max(500, n // 6))
+            raise InvalidValue(f"--data synthetic:N needs N > 0, got {n}")
+        n_test = test_limit or max(500, n // 6)
+        if not decode:
+            _check_synthetic_memory(shape, n, n_test, memory_limit_gb)
+            return None
+        ds = synthetic(shape, num_classes, n, n_test, memory_limit_gb=memory_limit_gb)
     elif kind == "fashion-mnist":
-        xtr, ytr, xte, yte = fashion_mnist(arg or None)
-        if num_classes < 10:
-            raise AccelcError(f"Fashion-MNIST has 10 classes; the model outputs {num_classes}")
-        ds = Dataset("fashion-mnist", xtr, ytr, xte, yte, 10)
+        if num_classes < FASHION_CLASSES:
+            raise AccelcError(f"Fashion-MNIST has {FASHION_CLASSES} classes; the model outputs {num_classes}")
+        xtr, ytr, xte, yte = fashion_mnist(
+            arg or None,
+            shape=shape,
+            num_classes=num_classes,
+            train_limit=train_limit,
+            test_limit=test_limit,
+            memory_limit_gb=memory_limit_gb,
+            read_images=decode,
+        )
+        if not decode:
+            return None
+        k = max(FASHION_CLASSES, int(max(ytr.max(), yte.max())) + 1)
+        ds = Dataset("fashion-mnist", xtr, ytr, xte, yte, k)
+        del xtr, xte
     elif kind == "imagefolder":
         if not arg:
-            raise AccelcError("--data imagefolder:DIR needs a folder")
-        xtr, ytr, xte, yte, k = image_folder(arg, shape)
-        if k > num_classes:
-            raise AccelcError(f"image folder has {k} classes; the model outputs {num_classes}")
-        ds = Dataset(f"imagefolder:{os.path.basename(arg.rstrip('/'))}", xtr, ytr, xte, yte, k)
+            raise InvalidValue("--data imagefolder:DIR needs a folder")
+        xtr, ytr, xte, yte, k = image_folder(arg, shape, memory_limit_gb, decode, num_classes)
+        if not decode:
+            return None
+        ds = Dataset(f"imagefolder:{show(os.path.basename(arg.rstrip('/')))}", xtr, ytr, xte, yte, k)
+        del xtr, xte
     else:
-        raise AccelcError(f"unknown --data '{spec}'; use synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR")
-    if train_limit and kind != "synthetic":
-        ds.x_train, ds.y_train = ds.x_train[:train_limit], ds.y_train[:train_limit]
-    if test_limit and kind != "synthetic":
-        ds.x_test, ds.y_test = ds.x_test[:test_limit], ds.y_test[:test_limit]
+        raise InvalidValue(f"unknown --data '{show(spec)}'; use synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR")
     if kind != "synthetic":
-        ds.x_train, ds.x_test = adapt(ds.x_train, shape), adapt(ds.x_test, shape)
+        if train_limit:
+            ds.x_train, ds.y_train = ds.x_train[:train_limit], ds.y_train[:train_limit]
+        if test_limit:
+            ds.x_test, ds.y_test = ds.x_test[:test_limit], ds.y_test[:test_limit]
+        ds.x_train = adapt(ds.x_train, shape)
+        ds.x_test = adapt(ds.x_test, shape)
+        # normalised in place below: each split must be its own writeable memory
+        if not ds.x_train.flags.writeable:
+            ds.x_train = ds.x_train.copy()
+        if not ds.x_test.flags.writeable or np.may_share_memory(ds.x_train, ds.x_test):
+            ds.x_test = ds.x_test.copy()
         ds = _normalise(ds)
+    for x, y, split in ((ds.x_train, ds.y_train, "training"), (ds.x_test, ds.y_test, "test")):
+        if len(x) != len(y):
+            raise AccelcError(f"the {split} data has {len(x)} images but {len(y)} labels")
+        if len(x) == 0:
+            raise AccelcError(f"the {split} data of '{show(spec)}' is empty")
+        _check_labels(y, num_classes, f"the {split} data of '{show(spec)}'")
     return ds

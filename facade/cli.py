@@ -36,6 +36,7 @@ from .compiler.model import check_step_memory
 from .compiler.pass_api import parse_pass_list, registered
 from .runtime import checkpoint as ckpt
 from .runtime.config import ExecConfig, parse_kernel_choices
+from .runtime.data import check_data
 from .runtime.kernels import ORT, providers
 from .runtime.runlock import die_with_parent
 from .runtime.train import open_run_dir, release_run_dir
@@ -477,6 +478,14 @@ class Train(Tool):
             )
             art, _ = load_artifacts(a.artifacts)
             check_step_memory(art.info, a.batch_size, a.memory_limit, f"training at --batch-size {a.batch_size}")
+            check_data(
+                a.data,
+                art.info.input_shape,
+                art.info.num_classes,
+                a.train_limit,
+                a.test_limit,
+                memory_limit_gb=a.memory_limit,
+            )
             ExecArgs.config(a)
             rd, lock = open_run_dir(a.output, a.resume, a.force, protect=[a.artifacts])
             try:

@@ -478,15 +478,11 @@ def train(
     try:
         info = artifact_dir.info if isinstance(artifact_dir, Artifacts) else load_artifacts(artifact_dir)[0].info
         check_step_memory(info, batch_size, memory_limit_gb, f"training at --batch-size {batch_size}")
-        session = TrainingSession(artifact_dir, config, lr=lr)
+        # the data first: a bad file is refused before ONNX Runtime is loaded
         ds = load_data(
-            data,
-            session.info.input_shape,
-            session.info.num_classes,
-            train_limit,
-            test_limit,
-            memory_limit_gb=memory_limit_gb,
+            data, info.input_shape, info.num_classes, train_limit, test_limit, memory_limit_gb=memory_limit_gb
         )
+        session = TrainingSession(artifact_dir, config, lr=lr)
         if algorithms is None:
             algorithms = algorithms_for(session.artifacts)
         fingerprint = {

@@ -439,10 +439,22 @@ def test_full_or_read_only_output(tmp_path, opts, needle):
 
 def test_checkpoints_are_never_unpickled(tmp_path):
     """A checkpoint holding a pickled object array is refused, not executed."""
+    import hashlib
+
     from accelc.compiler.errors import AccelcError
     from accelc.runtime import checkpoint
 
     np.savez(tmp_path / "checkpoint-0000.npz", evil=np.array([{"a": 1}], dtype=object))
-    (tmp_path / "checkpoint.json").write_text(json.dumps({"epoch": 0, "arrays": "checkpoint-0000.npz"}))
+    meta = {  # a well-formed checkpoint.json whose checksum matches: the refusal is np.load's
+        "format": checkpoint.FORMAT,
+        "epoch": 0,
+        "arrays": "checkpoint-0000.npz",
+        "arrays_sha256": hashlib.sha256((tmp_path / "checkpoint-0000.npz").read_bytes()).hexdigest(),
+        "manifest": {"evil": {"shape": [1], "dtype": "float32", "sha256": "0" * 64}},
+        "fingerprint": {},
+        "artifacts_sha256": None,
+        "history": [{}],
+    }
+    (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(AccelcError, match="unreadable"):
         checkpoint.load(tmp_path)

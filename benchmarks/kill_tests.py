@@ -161,10 +161,13 @@ def _metrics(run: Path) -> list[dict]:
 def kill_group_resume(art: Path, work: Path, kills: int = 20, seed: int = 13) -> dict:
     """kill -9 the whole process group of ``accelc train`` mid-run, then --resume: exact."""
     rng = random.Random(seed)
+    t0 = time.perf_counter()
     ref = _run("train", art, *TRAIN, "-o", work / "ref-run")
+    duration = time.perf_counter() - t0
     assert ref.returncode == 0, ref.stderr
     want = _metrics(work / "ref-run")
-    stats = {"kills": 0, "resumed_exact": 0, "max_abs_diff": 0.0, "killed_after_epochs": {}}
+    stats = {"kills": 0, "duration_s": round(duration, 2), "resumed_exact": 0, "max_abs_diff": 0.0}
+    stats["killed_after_epochs"] = {}
     for i in range(kills):
         run = work / f"g{i}"
         p = subprocess.Popen(
@@ -173,7 +176,8 @@ def kill_group_resume(art: Path, work: Path, kills: int = 20, seed: int = 13) ->
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        time.sleep(rng.uniform(1.0, 12.0))
+        # moments stratified over [0.05, 0.95] x the measured run: start-up, every epoch, checkpoints
+        time.sleep((0.05 + 0.9 * (i + rng.random()) / kills) * duration)
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()

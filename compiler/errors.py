@@ -15,7 +15,15 @@ import re
 
 
 class AccelcError(Exception):
-    """An error caused by the user's input; shown as one line, exit code 2."""
+    """An error caused by the user's input; shown as one line, exit code 2. The message is made
+    safe for one terminal line here (see :func:`show`), so a name from a user's file that reached a
+    message unescaped still cannot split it or send escapes to the terminal -- from the CLI or the
+    Python API."""
+
+    def __init__(self, *args):
+        if args and isinstance(args[0], str):
+            args = (show(args[0], 4000),) + args[1:]
+        super().__init__(*args)
 
 
 class InvalidValue(AccelcError, ValueError):

@@ -429,6 +429,7 @@ class Train(Tool):
     examples = (
         "accelc train art --data fashion-mnist --epochs 3 -o run",
         "accelc train art --data synthetic:2000 --epochs 5 -o run --resume",
+        "accelc train art --data synthetic:2000 --epochs 8 -o run --resume --allow-change epochs",
         "accelc train art --kernel conv=ort -o run-ort-convs",
     )
 

@@ -382,3 +382,60 @@ def test_cause10_bench_error_after_start_leaves_nothing(tmp_path):
         "bench", "--model", "cnn3-small", "--data", f"fashion-mnist:{tmp_path / 'nope'}", "--configs", "ort", "-o", out
     )
     assert_refused(r, "nope", out=out)
+
+
+def _evil_names_model(path):
+    """Conv -> Relu -> GAP -> Flatten -> Gemm whose node and parameter names hold a newline and an
+    ANSI escape."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    evil = "conv\nX\x1b[31mred\u202e"
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])
+    w = numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), evil + ".weight")
+    fw = numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "fc\x1b[2J.weight")
+    nodes = [
+        helper.make_node("Conv", ["input", w.name], ["c"], name=evil, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", fw.name], ["output"], name="fc\x1b[2J", transB=1),
+    ]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, fw]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(path))
+    return evil
+
+
+def test_cause9_layer_names_escaped_in_inspect_table(tmp_path):
+    from accelc.cli import layer_table_text
+
+    _evil_names_model(tmp_path / "m.onnx")
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "art", validate_result=False)
+    text = layer_table_text(accelc.inspect(tmp_path / "art"))
+    assert "\x1b" not in text and "\u202e" not in text and "\\x1b[31m" in text
+    rows = text.split("\n\n")[0].splitlines()
+    assert len(rows) == 2 + len(accelc.inspect(tmp_path / "art")["layers"])  # header, rule, one line a layer
+
+
+def test_cause9_layer_names_escaped_in_errors(tmp_path):
+    evil = _evil_names_model(tmp_path / "m.onnx")
+    msg = assert_api_refused(
+        lambda: accelc.compile(
+            tmp_path / "m.onnx", tmp_path / "o", "skip", {"skip": {"layers": evil + "x"}}, validate_result=False
+        )
+    )
+    assert "\x1b" not in msg and "\\x1b" in msg
+
+
+@pytest.mark.slow
+def test_cause9_cli_inspect_and_errors_never_emit_control_characters(tmp_path):
+    _evil_names_model(tmp_path / "m.onnx")
+    r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "art", "--no-validate")
+    assert r.returncode == 0 and "\x1b" not in r.stdout + r.stderr, r.stderr
+    r = run_cli("inspect", tmp_path / "art")
+    assert r.returncode == 0 and "\x1b" not in r.stdout and "\u202e" not in r.stdout
+    json.loads(run_cli("inspect", tmp_path / "art", "--json").stdout)  # JSON escapes them itself
+    r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "o", "--passes", "skip", "--skip-layers", "a\x1b[31m")
+    assert_refused(r, "\\x1b[31m", out=tmp_path / "o")

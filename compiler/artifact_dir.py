@@ -18,7 +18,7 @@ import onnx
 
 from . import schemas
 from .artifacts import Artifacts
-from .errors import AccelcError, ort_message, show
+from .errors import AccelcError, show
 from .model import ModelInfo, read_model
 
 MODELS = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")
@@ -106,9 +106,9 @@ def write_artifacts(art: Artifacts, directory: Path) -> None:
 # Every file read here is untrusted: it may have been edited, damaged, truncated, replaced by a
 # directory, a FIFO or a symbolic link since accelc wrote it. Each is resolved and must lie inside
 # the artifact directory, be a regular file, and (JSON) fit the schema of compiler.schemas; the
-# files report.json vouches for must still have the content hash it recorded. Artifacts written
-# before report.json recorded hashes ("files") load without that check (verified() is False) and
-# their checkpoint is opened with ORT instead.
+# files report.json vouches for must still have the content hash it recorded. Artifacts without
+# that record (an older accelc's, or a report edited to drop it) are refused: nothing would
+# notice a graph changed after compile.
 
 
 def verified(report: dict) -> bool:
@@ -143,15 +143,22 @@ def _load(d: Path, real: Path, depth: int) -> tuple[Artifacts, dict]:
         raise AccelcError(f"'{show(d)}' is not an accelc artifact directory (missing {', '.join(missing)})")
     report = _read_json(d, real, "report.json", schemas.REPORT)
     hashes = report.get("files")
-    if hashes is not None:
-        for name, want in hashes.items():
-            if not os.path.lexists(d / name):
-                raise AccelcError(f"'{show(d / name)}' is missing (report.json lists it); recompile")
-            path = _inside(d, real, name)
-            if _hash_file(path, d / name) != want:
-                raise AccelcError(
-                    f"'{show(d / name)}' was changed after compile (hash differs from report.json); recompile"
-                )
+    if hashes is None:  # written before accelc recorded hashes, or the record was removed
+        raise AccelcError(
+            f"'{show(d / 'report.json')}' records no file hashes (artifacts of an older accelc, or an edited "
+            "report): they cannot be verified; recompile"
+        )
+    unlisted = [f for f in (*MODELS, "checkpoint", "plan.json") if f not in hashes and os.path.lexists(d / f)]
+    if unlisted:
+        raise AccelcError(f"'{show(d / 'report.json')}' records no hash of {unlisted[0]}; recompile")
+    for name, want in hashes.items():
+        if not os.path.lexists(d / name):
+            raise AccelcError(f"'{show(d / name)}' is missing (report.json lists it); recompile")
+        path = _inside(d, real, name)
+        if _hash_file(path, d / name) != want:
+            raise AccelcError(
+                f"'{show(d / name)}' was changed after compile (hash differs from report.json); recompile"
+            )
     models = {}
     for f in MODELS:
         _inside(d, real, f)
@@ -160,6 +167,8 @@ def _load(d: Path, real: Path, depth: int) -> tuple[Artifacts, dict]:
         except AccelcError as e:
             msg = str(e)
             raise AccelcError(msg if str(d / f) in msg else f"'{show(d / f)}': {msg}") from None
+    for f in MODELS:
+        _check_wiring(models[f], d / f)
     ckpt_path = _inside(d, real, "checkpoint")
     checkpoint = _read_bytes(ckpt_path, d / "checkpoint")
     plan = []
@@ -167,8 +176,6 @@ def _load(d: Path, real: Path, depth: int) -> tuple[Artifacts, dict]:
         plan = _read_json(d, real, "plan.json", schemas.plan_schema())["controllers"]
     ev = models["eval_model.onnx"]
     info = _info_from_eval(ev, report, models["training_model.onnx"], d)
-    if hashes is None:
-        _check_checkpoint(ckpt_path, d / "checkpoint", info.params)
     art = Artifacts(
         models["training_model.onnx"],
         ev,
@@ -183,6 +190,25 @@ def _load(d: Path, real: Path, depth: int) -> tuple[Artifacts, dict]:
         if stage and stage not in art.stages:
             art.stages[stage] = _load_stage(d, real, stage, depth)
     return art, report
+
+
+def _check_wiring(model, shown: Path) -> None:
+    """Every node reads only graph inputs, initializers or outputs of nodes before it, and every
+    graph output is produced: a graph with a node removed or rewired is refused here, not deep
+    inside a training step."""
+    g = model.graph
+    known = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    for n in g.node:
+        for i in n.input:
+            if i not in known:
+                raise AccelcError(
+                    f"'{show(shown)}': node '{show(n.name or n.op_type)}' reads '{show(i)}', which nothing before it "
+                    "produces (edited after compile?); recompile"
+                )
+        known.update(n.output)
+    for o in g.output:
+        if o.name not in known:
+            raise AccelcError(f"'{show(shown)}': graph output '{show(o.name)}' is produced by no node; recompile")
 
 
 def _load_stage(d: Path, real: Path, stage: str, depth: int) -> Artifacts:
@@ -266,23 +292,6 @@ def _read_json(d: Path, real: Path, name: str, schema: dict):
     doc = schemas.parse_json(data, what)
     schemas.check(doc, schema, what)
     return doc
-
-
-def _check_checkpoint(path: Path, shown: Path, params: list[str]) -> None:
-    """Open an unverified ORT checkpoint with ORT itself: it must load and hold every parameter."""
-    from onnxruntime.training import api  # heavy: only for artifacts without recorded hashes
-
-    try:
-        state = api.CheckpointState.load_checkpoint(str(path))
-        names = {name for name, _ in state.parameters}
-    except Exception as e:
-        raise AccelcError(f"'{show(shown)}' is not a readable ORT checkpoint: {ort_message(e)}") from None
-    lacking = [p for p in params if p not in names]
-    if lacking:
-        raise AccelcError(
-            f"'{show(shown)}' lacks parameter(s) {', '.join(show(p, 60) for p in lacking[:5])} "
-            f"that report.json lists; recompile"
-        )
 
 
 def _dims(vi) -> list:

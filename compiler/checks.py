@@ -45,20 +45,27 @@ def _is_real(value) -> bool:
 
 
 # ----------------------------------------------------------------------------- numbers
-def positive_float(flag: str, value) -> float:
-    """A finite number > 0 (a learning rate)."""
-    what = f"{flag} must be a positive finite number"
+def positive_float(flag: str, value, maximum: float | None = None) -> float:
+    """A finite number > 0 (and <= ``maximum`` when given)."""
+    what = f"{flag} must be a positive finite number" + (f" up to {maximum:g}" if maximum is not None else "")
     if not _is_real(value):
         raise InvalidType(f"{what}, got {type(value).__name__}")
     v = float(value)
-    if not (math.isfinite(v) and v > 0):
+    if not (math.isfinite(v) and v > 0) or (maximum is not None and v > maximum):
         raise InvalidValue(f"{what}, got {got(value)}")
     return v
 
 
-def optional_positive_float(flag: str, value) -> float | None:
-    """None, or a finite number > 0."""
-    return None if value is None else positive_float(flag, value)
+# sanity bounds: far beyond any useful setting, well inside what numpy, torch and ORT represent
+MAX_LR = 1e12  # far above any useful rate (1e30 crashed ORT natively in bench); 1e12 still diverges cleanly
+MAX_EPOCHS = 1_000_000
+MAX_BATCH = 1 << 20
+MAX_CLASSES = 1 << 20
+
+
+def optional_positive_float(flag: str, value, maximum: float | None = None) -> float | None:
+    """None, or a finite number > 0 (and <= ``maximum``)."""
+    return None if value is None else positive_float(flag, value, maximum)
 
 
 def int_in(flag: str, value, low: int, high: int | None = None, what: str = "") -> int:
@@ -74,7 +81,7 @@ def int_in(flag: str, value, low: int, high: int | None = None, what: str = "") 
 
 def positive_int(flag: str, value, maximum: int | None = None) -> int:
     """An integer >= 1 (and <= ``maximum`` when given)."""
-    return int_in(flag, value, 1, maximum, "" if maximum is not None else "a positive integer")
+    return int_in(flag, value, 1, maximum, f"a positive integer up to {maximum}" if maximum else "a positive integer")
 
 
 def optional_positive_int(flag: str, value, maximum: int | None = None) -> int | None:

@@ -317,7 +317,7 @@ def zoo_module(
         raise InvalidValue(f"unknown model '{show(name, 60)}'; the zoo has: {', '.join(ZOO)}")
     build, default_shape, _ = ZOO[name]
     shape = checks.input_shape("--input-shape", input_shape) if input_shape is not None else default_shape
-    num_classes = checks.positive_int("--num-classes", num_classes)
+    num_classes = checks.positive_int("--num-classes", num_classes, checks.MAX_CLASSES)
     seed = checks.seed("--seed", seed)
     checks.memory_limit_gb(memory_limit_gb)
     from .resources import check_memory

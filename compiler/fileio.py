@@ -25,8 +25,6 @@ from pathlib import Path
 from .errors import AccelcError, show
 
 MARKER = ".accelc-output"
-# outputs written before the marker existed are recognised by the files they must hold
-_LEGACY = {"artifacts": ("report.json", "training_model.onnx"), "bench": ("bench.json",)}
 
 
 def _umask() -> int:
@@ -44,22 +42,30 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def output_kind(path: Path) -> str | None:
-    """The kind of accelc output ``path`` is ("artifacts", "bench", ...), or None."""
+def read_marker(path: Path) -> dict | None:
+    """The marker of an accelc output folder ({"kind": ..., "entries": [...]}) or None."""
     path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return None
     m = path / MARKER
-    if m.is_file() and not m.is_symlink():
-        try:
-            kind = json.loads(m.read_bytes()[:4096]).get("kind")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return kind if isinstance(kind, str) else None
-    for kind, files in _LEGACY.items():
-        if all((path / f).is_file() for f in files):
-            return kind
-    return None
+    if not m.is_file() or m.is_symlink():
+        return None
+    try:
+        doc = json.loads(m.read_bytes()[: 1 << 16])
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
+        return None
+    entries = doc.get("entries")
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        return None
+    return doc
+
+
+def output_kind(path: Path) -> str | None:
+    """The kind of accelc output ``path`` is ("artifacts", "bench", ...), or None."""
+    doc = read_marker(path)
+    return doc["kind"] if doc else None
 
 
 def _is_within(child: Path, parent: Path) -> bool:
@@ -77,10 +83,18 @@ def _check_replace(dest: Path, kind: str, protect) -> None:
             raise AccelcError(f"output '{show(dest)}' holds the input '{show(p)}'; --force would delete it")
     if dest.is_symlink() or not dest.is_dir():
         raise AccelcError(f"output '{show(dest)}' exists and is not a folder accelc wrote; remove it yourself")
-    found = output_kind(dest)
+    doc = read_marker(dest)
+    found = doc["kind"] if doc else None
     if found != kind:
         what = f"an accelc {found} folder" if found else "not a folder accelc wrote (no marker file)"
         raise AccelcError(f"output '{show(dest)}' is {what}; --force replaces only a previous {kind} output")
+    foreign = sorted(set(os.listdir(dest)) - set(doc["entries"]) - {MARKER})
+    if foreign:
+        raise AccelcError(
+            f"output '{show(dest)}' holds '{show(foreign[0])}', which accelc did not write"
+            + (f" (+{len(foreign) - 1} more)" if len(foreign) > 1 else "")
+            + "; --force would delete it (move it away first)"
+        )
 
 
 _RENAME_EXCHANGE = 2
@@ -126,11 +140,14 @@ def atomic_dir(dest: str | os.PathLike, force: bool = False, kind: str = "artifa
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
-        (tmp / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
     except OSError as e:
         raise AccelcError(f"cannot write to '{show(parent)}': {e.strerror}") from None
     try:
         yield tmp
+        # the marker lists what this output holds: --force later replaces exactly that, nothing a
+        # user put beside it
+        entries = sorted(e for e in os.listdir(tmp) if e != MARKER)
+        (tmp / MARKER).write_text(json.dumps({"kind": kind, "entries": entries}) + "\n")
         for f in tmp.rglob("*"):
             if f.is_file() and not f.is_symlink():
                 with open(f, "rb") as fh:

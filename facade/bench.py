@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from . import api
+from .compiler import checks
 from .compiler.artifact_dir import load_artifacts
 from .compiler.artifacts import optimizer_hyperparameters
 from .compiler.cost import graph_costs
@@ -111,6 +112,18 @@ def run_bench(
 ) -> dict:
     """Run ``configs`` side by side; everything is written to ``out_dir`` atomically (a failed or
     interrupted benchmark leaves no folder; an existing one is replaced only with ``force``)."""
+    api.check_train_args(
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        lr=lr,
+        threads=threads,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        device="cpu",
+        data=data,
+    )
+    checks.positive_int("--repeats", repeats, 1000)
     parse_target(target, configs)
     check_threads(threads)
     protect = [] if model in _zoo_names() else [model]

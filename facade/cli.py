@@ -491,7 +491,10 @@ class Train(Tool):
             rd, lock = open_run_dir(a.output, a.resume, a.force, protect=[a.artifacts])
             try:
                 return _supervise(
-                    a.argv + ["--in-process", "--lock-fd", str(lock.fd), "--supervised-by", str(os.getpid())], rd, lock
+                    a.argv + ["--in-process", "--lock-fd", str(lock.fd), "--supervised-by", str(os.getpid())],
+                    rd,
+                    lock,
+                    a.epochs,
                 )
             finally:
                 release_run_dir(rd, lock, lock.created)
@@ -554,7 +557,7 @@ def _saved_checkpoint(run_dir: Path) -> tuple[int | None, str]:
     return done, f"the last checkpoint on disk is epoch {done} in '{show(run_dir)}' (continue with --resume)"
 
 
-def _supervise(argv: list[str], run_dir: Path, lock) -> int:
+def _supervise(argv: list[str], run_dir: Path, lock, epochs: int) -> int:
     """Run the training in a child process so a native crash (ORT can die with SIGFPE/SIGSEGV)
     is reported with where it happened and what was saved, never as a silent death. The child
     shares the run-directory lock, runs in its own process group, is killed by the kernel if this
@@ -578,6 +581,9 @@ def _supervise(argv: list[str], run_dir: Path, lock) -> int:
         return rc
     done, saved = _saved_checkpoint(run_dir)
     where = f"during epoch {done + 1}" if done else "during epoch 1"
+    if done and done >= epochs:  # every epoch was trained and saved: it stopped while finishing up
+        where = f"after its last epoch ({done})"
+        saved = f"the checkpoint of epoch {done} is on disk in '{show(run_dir)}' (--resume writes the summary)"
     if got:
         sig = signal.Signals(got[0])
         raise Stopped(f"training stopped by {sig.name} {where}; {saved}", 128 + sig.value)
@@ -696,8 +702,7 @@ def main(argv=None) -> int:
         a = parser.parse_args(argv)
         a.argv = list(argv)
         if not getattr(a, "tool", None):
-            parser.print_help()
-            return 2
+            raise AccelcError("a subcommand is required (see 'accelc --help')")
         return a.tool.run(a) or 0
     except AccelcError as e:
         if verbose:
@@ -726,6 +731,9 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if _SUPERVISED:  # a signal the supervisor forwards late must not interrupt interpreter shutdown
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

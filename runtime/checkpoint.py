@@ -34,7 +34,20 @@ _ARRAYS = re.compile(r"checkpoint-\d{4,9}\.npz")
 
 SCHEMA = {
     "type": "object",
-    "required": ["format", "epoch", "arrays", "manifest", "fingerprint", "artifacts_sha256", "history"],
+    "required": [
+        "format",
+        "epoch",
+        "arrays",
+        "arrays_sha256",
+        "manifest",
+        "fingerprint",
+        "artifacts_sha256",
+        "history",
+        "train_time",
+        "wall_time",
+        "controllers",
+        "variant",
+    ],
     "properties": {
         "format": {"const": FORMAT},
         "epoch": {"type": "integer", "minimum": 0},
@@ -53,12 +66,33 @@ SCHEMA = {
             },
         },
         "fingerprint": {"type": "object"},
-        "artifacts_sha256": {"type": ["string", "null"]},
-        "history": {"type": "array", "items": {"type": "object"}},
+        "artifacts_sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
+        "history": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "train_time", "wall_time"],
+                "properties": {
+                    "epoch": {"type": "integer", "minimum": 1},
+                    "train_loss": {"type": "number"},
+                    "test_loss": {"type": "number"},
+                    "train_acc": {"type": "number", "minimum": 0, "maximum": 1},
+                    "test_acc": {"type": "number", "minimum": 0, "maximum": 1},
+                    "train_time": {"type": "number", "minimum": 0},
+                    "wall_time": {"type": "number", "minimum": 0},
+                },
+            },
+        },
+        "data_position": {
+            "type": "object",
+            "required": ["next_epoch", "next_step"],
+            "properties": {"next_epoch": {"type": "integer", "minimum": 1}, "next_step": {"const": 0}},
+            "additionalProperties": False,
+        },
         "train_time": {"type": "number", "minimum": 0},
         "wall_time": {"type": "number", "minimum": 0},
         "controllers": {"type": "object", "additionalProperties": {"type": "object"}},
-        "variant": {"type": "string"},
+        "variant": {"type": "string", "maxLength": 200},
     },
 }
 
@@ -107,17 +141,22 @@ def _read_confined(run_dir: Path, name: str, limit: int) -> bytes:
     """Bytes of RUN_DIR/name: a regular file directly inside the run directory (no symlink out)."""
     path = run_dir / name
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
     except OSError as e:
         why = "is a symbolic link" if e.errno == 40 else (e.strerror or str(e))
         raise CheckpointError(f"checkpoint file '{show(path)}' {why}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"checkpoint file '{show(path)}' is not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"checkpoint file '{show(path)}' is not a regular file")
         if st.st_size > limit:
             raise CheckpointError(f"checkpoint file '{show(path)}' is {st.st_size} bytes, over the {limit}-byte limit")
         return fh.read()
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def read_meta(run_dir: Path) -> dict:
@@ -127,7 +166,7 @@ def read_meta(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     raw = _read_confined(run_dir, META, MAX_JSON_BYTES)
     try:
-        meta = json.loads(raw.decode("utf-8"))
+        meta = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"'{show(run_dir / META)}' is not valid JSON ({show(e, 120)})") from None
     except RecursionError:
@@ -146,6 +185,8 @@ def read_meta(run_dir: Path) -> dict:
         raise CheckpointError(f"'{show(run_dir / META)}' is malformed at {show(where)}: {show(err.message, 160)}")
     if not _ARRAYS.fullmatch(meta["arrays"]):
         raise CheckpointError(f"'{show(run_dir / META)}' names an array file outside the run directory")
+    if [h["epoch"] for h in meta["history"]] != list(range(1, meta["epoch"] + 2)):
+        raise CheckpointError(f"'{show(run_dir / META)}' is inconsistent: its history does not end at its epoch")
     return meta
 
 
@@ -157,8 +198,9 @@ def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
     meta = read_meta(run_dir)
     data = _read_confined(run_dir, meta["arrays"], 1 << 40)
     name = show(run_dir / meta["arrays"])
-    if "arrays_sha256" in meta and hashlib.sha256(data).hexdigest() != meta["arrays_sha256"]:
+    if hashlib.sha256(data).hexdigest() != meta["arrays_sha256"]:
         raise CheckpointError(f"checkpoint arrays '{name}' are damaged (checksum differs from {META})")
+    _check_members(data, meta["manifest"], name)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -178,6 +220,26 @@ def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
         if list(v.shape) != m["shape"] or str(v.dtype) != m["dtype"] or _array_sha(v) != m["sha256"]:
             raise CheckpointError(f"checkpoint array {show(k)} in '{name}' does not match {META} (damaged or edited)")
     return arrays, meta
+
+
+def _check_members(data: bytes, manifest: dict, name: str) -> None:
+    """The zip holds exactly the manifest's arrays, stored uncompressed (as accelc writes them) at
+    the size their shapes give: nothing is inflated before it is known to be what it claims."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"checkpoint arrays '{name}' are unreadable: {show(e, 160)}") from None
+    members = {i.filename: i for i in infos}
+    if len(members) != len(infos) or set(members) != {k + ".npy" for k in manifest}:
+        raise CheckpointError(f"checkpoint arrays '{name}' do not match {META} (their members differ)")
+    for k, m in manifest.items():
+        info = members[k + ".npy"]
+        nbytes = int(np.prod(m["shape"], dtype=np.int64)) * np.dtype(m["dtype"]).itemsize
+        if info.compress_type != zipfile.ZIP_STORED or not nbytes <= info.file_size <= nbytes + 4096:
+            raise CheckpointError(
+                f"checkpoint array {show(k)} in '{name}' is not stored as accelc writes it (compressed or wrongly sized)"
+            )
 
 
 def exists(run_dir) -> bool:
@@ -208,6 +270,13 @@ def check_against(
             raise CheckpointError(
                 f"checkpoint parameter {show(k[6:])} has shape {tuple(have[k].shape)}, the model's is {tuple(v.shape)}"
             )
+        if have[k].dtype != v.dtype:
+            raise CheckpointError(f"checkpoint parameter {show(k[6:])} is {have[k].dtype}, the model's is {v.dtype}")
+        if not np.isfinite(have[k]).all():
+            raise CheckpointError(f"checkpoint parameter {show(k[6:])} holds NaN or Inf")
+    other = sorted(k for k in arrays if not k.startswith(("param/", "optim/")))
+    if other:
+        raise CheckpointError(f"checkpoint in '{show(run_dir)}' holds an array {show(other[0])} accelc does not write")
     # optimizer state: "optim/<param>/<key>", for parameters the model has, the same keys for each
     per: dict[str, set] = {}
     for k in arrays:
@@ -218,6 +287,17 @@ def check_against(
                     f"checkpoint in '{show(run_dir)}' holds optimizer state for {show(n)}, which the model does not have"
                 )
             per.setdefault(n, set()).add(key)
+            a = arrays[k]
+            if key == "step":
+                if a.size != 1 or not np.issubdtype(a.dtype, np.number) or not (a >= 0).all() or a.ndim > 1:
+                    raise CheckpointError(f"checkpoint optimizer step of {show(n)} is not a count")
+            elif tuple(a.shape) != tuple(want["param/" + n].shape) or a.dtype != want["param/" + n].dtype:
+                raise CheckpointError(
+                    f"checkpoint optimizer state {show(key)} of {show(n)} has shape {tuple(a.shape)} ({a.dtype}); "
+                    f"the parameter's is {tuple(want['param/' + n].shape)}"
+                )
+            elif not np.isfinite(a).all() or (key == "exp_avg_sq" and (a < 0).any()):
+                raise CheckpointError(f"checkpoint optimizer state {show(key)} of {show(n)} holds impossible values")
     if stateful and want and not per:
         raise CheckpointError(f"checkpoint in '{show(run_dir)}' has no optimizer state (it would be reset silently)")
     kinds = {frozenset(v) for v in per.values()}

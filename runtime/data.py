@@ -23,6 +23,7 @@ import contextlib
 import gzip
 import math
 import os
+import stat
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -303,7 +304,12 @@ class _IdxFile:
         return AccelcError(f"'{show(self.path)}' {why}")
 
     def _open(self, ndim: int) -> None:
-        self._raw = open(self.path, "rb")
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO or device must not block
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._bad("is not a regular file")
+        os.set_blocking(fd, True)
+        self._raw = os.fdopen(fd, "rb")
         file_size = os.fstat(self._raw.fileno()).st_size
         self.compressed = self._raw.read(2) == GZIP_MAGIC
         self._raw.seek(0)
@@ -494,13 +500,25 @@ MAX_IMAGE_PIXELS = 50_000_000  # per image: a larger one is refused before it is
 
 
 def _image_files(d: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """The images of each class folder; every one (and every class folder) must lie inside the data
+    folder once symbolic links are resolved: nothing is read from outside it."""
+    root = (d.parent if d.name in ("train", "test") else d).resolve()
+
+    def inside(p: Path) -> Path:
+        r = p.resolve()
+        if r != root and root not in r.parents:
+            raise AccelcError(f"'{show(p)}' is a symbolic link out of the image folder '{show(root)}'; refused")
+        return r
+
     files = []
     for k, name in enumerate(classes):
         sub = d / name
         if not sub.is_dir():
             continue
+        inside(sub)
         for f in sorted(sub.iterdir()):
             if f.suffix.lower() in IMAGE_EXT and f.is_file():
+                inside(f)
                 files.append((f, k))
     return files
 

@@ -23,6 +23,7 @@ class RunLock:
     def __init__(self, fd: int, path: Path):
         self.fd, self.path = fd, path
         self.created = False  # whether the command that took it created the run directory
+        self.created_file = False  # whether it created the lock file
 
     @classmethod
     def acquire(cls, run_dir) -> RunLock:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -100,6 +101,12 @@ class Trainer:
             a.on_train_start(self.state)
         self._switch(self.algorithms, initial=True)
         if pending is not None:  # loaded after the algorithms restored the variant
+            variant = getattr(self.engine, "variant_name", "base")
+            if self._resume_meta["variant"] != variant:
+                raise ckpt.CheckpointError(
+                    f"the checkpoint in '{show(self.run_dir)}' is of variant {show(self._resume_meta['variant'])}, "
+                    f"its controllers' state gives {show(variant)}"
+                )
             stateful = (getattr(self.engine, "hyper", None) or {}).get("kind", "adamw") != "sgd"
             ckpt.check_against(pending, self.engine.state_arrays(), self.run_dir, stateful)
             self.engine.load_state_arrays(pending)
@@ -108,7 +115,8 @@ class Trainer:
         """The verified checkpoint: refused whole (one line) when it is damaged, belongs to other
         artifacts or was written with other settings."""
         arrays, meta = ckpt.load(self.run_dir)
-        if meta["artifacts_sha256"] and self.artifacts_sha and meta["artifacts_sha256"] != self.artifacts_sha:
+        self._resume_meta = meta
+        if self.artifacts_sha and meta["artifacts_sha256"] != self.artifacts_sha:
             raise ckpt.CheckpointError(
                 f"the checkpoint in '{show(self.run_dir)}' was trained from other artifacts "
                 "(their files differ from the ones given); resume with the same artifact directory"
@@ -124,7 +132,13 @@ class Trainer:
         self.start_epoch = meta["epoch"] + 1
         self.train_time = float(meta.get("train_time", 0.0))
         self.wall_time = float(meta.get("wall_time", 0.0))
-        controllers = meta.get("controllers", {})
+        controllers = meta["controllers"]
+        names = sorted(a.name for a in self.algorithms)
+        if sorted(controllers) != names:
+            raise ckpt.CheckpointError(
+                f"the checkpoint in '{show(self.run_dir)}' holds state of controllers "
+                f"{show(', '.join(sorted(controllers)) or 'none')}; this run has {show(', '.join(names) or 'none')}"
+            )
         for a in self.algorithms:
             try:
                 a.load_state_dict(controllers.get(a.name, {}))
@@ -178,7 +192,7 @@ class Trainer:
                 total=steps,
                 desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
                 unit="step",
-                disable=not self.progress,
+                disable=not (self.progress and sys.stderr.isatty()),  # no \r fragments in logs
                 leave=False,
                 file=sys.stderr,
                 dynamic_ncols=True,
@@ -352,24 +366,31 @@ def plot_run(history: list[dict], path: Path, title: str = "") -> None:
 RUN_FILES = ("metrics.jsonl", ckpt.META, "summary.json", "curves.png")
 
 
-def _is_run_dir(d: Path) -> bool:
-    """A folder ``accelc train`` wrote (its lock file or one of its outputs is there)."""
-    return (d / LOCK).is_file() or any((d / f).is_file() for f in RUN_FILES)
+def _is_run_file(name: str) -> bool:
+    """A name ``accelc train`` writes in a run directory (outputs, checkpoints, their temporaries)."""
+    if name in RUN_FILES or name == LOCK or re.fullmatch(r"checkpoint-\d{4,9}\.npz", name):
+        return True
+    m = re.fullmatch(r"\.(.+)\.tmp-\d+-.*", name)
+    return bool(m) and _is_run_file(m.group(1))
 
 
 def open_run_dir(run_dir, resume: bool, force: bool, lock_fd: int | None = None, protect=()) -> tuple[Path, RunLock]:
     """Create or reuse the run directory and lock it (one writer per run directory).
 
-    Not empty: needs ``resume`` (continue) or ``force`` (start again: the folder's contents are
-    removed, which is only done to a folder accelc train wrote that holds none of ``protect``,
-    the run's inputs). ``lock_fd``: the lock a supervising parent already holds.
+    Not empty: needs ``resume`` (continue from its checkpoint) or ``force`` (start again: its
+    contents are removed, which is only done when everything in it is something accelc train
+    writes, and it holds none of ``protect``, the run's inputs). ``lock_fd``: the lock a
+    supervising parent already holds. A refusal leaves the folder as it was.
     """
+    if resume and force:
+        raise AccelcError("--resume continues a run and --force starts it again: give one of them")
     run_dir = Path(os.path.abspath(run_dir))
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise AccelcError(f"run directory '{show(run_dir)}' is not a folder")
     if not run_dir.parent.is_dir():
         raise AccelcError(f"folder '{show(run_dir.parent)}' does not exist")
     created = not run_dir.exists()
+    had_lock = os.path.lexists(run_dir / LOCK)
     try:
         run_dir.mkdir(exist_ok=True)
     except OSError as e:
@@ -377,33 +398,41 @@ def open_run_dir(run_dir, resume: bool, force: bool, lock_fd: int | None = None,
     if not os.access(run_dir, os.W_OK):
         raise AccelcError(f"run directory '{show(run_dir)}' is not writable")
     try:
-        lock = RunLock.inherited(lock_fd, run_dir) if lock_fd is not None else RunLock.acquire(run_dir)
+        lock = RunLock.acquire(run_dir) if lock_fd is None else RunLock.inherited(lock_fd, run_dir)
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    lock.created, lock.created_file = created, not had_lock
     try:
         recover_run_dir(run_dir)
-        content = [f for f in run_dir.iterdir() if f.name != LOCK]
+        content = sorted(f.name for f in run_dir.iterdir() if f.name != LOCK)
         if content and not resume:
             if not force:
                 raise AccelcError(
                     f"run directory '{show(run_dir)}' is not empty (use --resume to continue or --force to replace)"
                 )
-            _check_clear(run_dir, protect)
-            for f in content:
+            _check_clear(run_dir, content, protect)
+            for name in content:
+                f = run_dir / name
                 if f.is_dir() and not f.is_symlink():
                     shutil.rmtree(f)
                 else:
                     f.unlink()
+        if resume and not ckpt.exists(run_dir):
+            outputs = [n for n in content if _is_run_file(n)]
+            if outputs:
+                raise AccelcError(
+                    f"run directory '{show(run_dir)}' has no {ckpt.META} to resume from (it holds "
+                    f"{show(outputs[0])}); use --force to start the run again"
+                )
     except BaseException:
         release_run_dir(run_dir, lock, created)
         raise
-    lock.created = created
     return run_dir, lock
 
 
-def _check_clear(run_dir: Path, protect) -> None:
+def _check_clear(run_dir: Path, content: list[str], protect) -> None:
     here = Path.cwd().resolve()
     real = run_dir.resolve()
     if here == real or real in here.parents:
@@ -412,9 +441,12 @@ def _check_clear(run_dir: Path, protect) -> None:
         p = Path(p).resolve()
         if p == real or real in p.parents:
             raise AccelcError(f"run directory '{show(run_dir)}' holds the input '{show(p)}'; --force would delete it")
-    if not _is_run_dir(run_dir):
+    foreign = [n for n in content if not _is_run_file(n)]
+    if foreign:
         raise AccelcError(
-            f"run directory '{show(run_dir)}' is not a folder accelc train wrote; --force clears only a previous run"
+            f"run directory '{show(run_dir)}' holds '{show(foreign[0])}', which accelc train did not write"
+            + (f" (+{len(foreign) - 1} more)" if len(foreign) > 1 else "")
+            + "; --force would delete it (move it away or choose another -o)"
         )
 
 
@@ -428,10 +460,14 @@ def recover_run_dir(run_dir: Path) -> None:
 
 
 def release_run_dir(run_dir: Path, lock: RunLock, created: bool) -> None:
-    """Unlock; a run directory this command created and left with nothing in it is removed."""
+    """Unlock. What this command added and left unused goes: a run directory it created that holds
+    nothing, or the lock file it put into a folder that holds nothing else of a run."""
     try:
-        if created and not [f for f in run_dir.iterdir() if f.name != LOCK]:
+        rest = [f.name for f in run_dir.iterdir() if f.name != LOCK]
+        if created and not rest:
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif getattr(lock, "created_file", False) and not any(_is_run_file(n) for n in rest):
+            (run_dir / LOCK).unlink()
     except OSError:
         pass
     lock.release()

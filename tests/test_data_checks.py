@@ -4,6 +4,7 @@ dataset too large for memory (a gzip bomb, ``synthetic:100000000``) is refused f
 before anything large is read or generated."""
 
 import gzip
+import os
 import struct
 import time
 import tracemalloc
@@ -182,7 +183,7 @@ HOSTILE_IMAGES = {
     "short_data_plain": (lambda d: _good_images()[:-100], False, "is truncated"),
     "trailing_data_gz": (lambda d: gzip.compress(_good_images() + b"xx"), True, "has trailing data"),
     "trailing_data_plain": (lambda d: _good_images() + b"xx", False, "has trailing data"),
-    "directory": (None, False, "unreadable"),
+    "directory": (None, False, "not a regular file"),
 }
 
 
@@ -220,7 +221,7 @@ def test_cause4_data_file_linked_outside_is_not_echoed(tmp_path, sentinel):
     refused(f"fashion-mnist:{d2}", "not a gzip file")
     imgs = _folder(tmp_path / "imgs")
     (imgs / "a" / "link.png").symlink_to(sentinel)
-    refused(f"imagefolder:{imgs}", "cannot read image")
+    refused(f"imagefolder:{imgs}", "symbolic link out of the image folder")
 
 
 def test_cause4_path_with_control_characters_is_escaped(tmp_path):
@@ -459,3 +460,43 @@ def test_cause7_cli_gzip_bomb(tmp_path, artifacts):
     r = run_cli("train", artifacts, "--data", f"fashion-mnist:{d}", "--epochs", "1", "-o", tmp_path / "run")
     assert_refused(r, "gzip bomb?", out=tmp_path / "run")
     assert time.time() - t < 60
+
+
+def test_cause4_data_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    from accelc.runtime.data import load_data
+
+    d = tmp_path / "fm"
+    d.mkdir()
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        os.mkfifo(d / name)
+    with pytest.raises(AccelcError, match="not a regular file"):
+        load_data(f"fashion-mnist:{d}", (1, 28, 28), 10)
+
+
+@pytest.mark.parametrize("what", ["image", "class_folder"])
+def test_cause4_imagefolder_symlink_out_is_refused(tmp_path, sentinel, what):
+    from PIL import Image
+
+    from accelc.runtime.data import load_data
+
+    outside = tmp_path / "elsewhere"
+    (outside / "cls").mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(outside / "cls" / f"{i}.png")
+    d = tmp_path / "data"
+    for c in ("a", "b"):
+        (d / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 30 * i).save(d / c / f"{i}.png")
+    if what == "image":
+        (d / "a" / "x.png").symlink_to(outside / "cls" / "0.png")
+    else:
+        (d / "c").symlink_to(outside / "cls")
+    with pytest.raises(AccelcError, match="symbolic link out of the image folder") as e:
+        load_data(f"imagefolder:{d}", (1, 8, 8), 10)
+    assert "\n" not in str(e.value)

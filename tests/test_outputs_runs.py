@@ -91,10 +91,30 @@ def test_cause1_cli_output_dot_in_model_folder(tmp_path, model):
 def test_cause1_force_replaces_a_previous_output(tmp_path, art, model):
     out = tmp_path / "o"
     shutil.copytree(art, out)
-    (out / "stale").write_text("old")
     accelc.compile(model, out, force=True, validate_result=False)
-    assert not (out / "stale").exists() and (out / MARKER).is_file()
+    assert (out / MARKER).is_file() and (out / "report.json").is_file()
     assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+@pytest.mark.parametrize("extra", ["thesis.tex", "notes/data.csv"])
+def test_cause1_force_keeps_what_a_user_put_in_an_output(tmp_path, art, model, extra):
+    out = tmp_path / "o"
+    shutil.copytree(art, out)
+    (out / extra).parent.mkdir(exist_ok=True)
+    (out / extra).write_text("mine")
+    assert_api_refused(lambda: accelc.compile(model, out, force=True, validate_result=False), extra.split("/")[0])
+    assert (out / extra).read_text() == "mine"
+
+
+def test_cause1_force_refuses_an_unmarked_output(tmp_path, art, model):
+    """An output without accelc's marker (written before it existed, or a look-alike with the same
+    file names) is never replaced: accelc cannot know what else is in it."""
+    out = tmp_path / "o"
+    shutil.copytree(art, out)
+    (out / MARKER).unlink()
+    before = _tree(out)
+    assert_api_refused(lambda: accelc.compile(model, out, force=True, validate_result=False), "marker")
+    assert _tree(out) == before
 
 
 def test_cause1_recover_puts_a_hidden_old_output_back(tmp_path):
@@ -115,7 +135,7 @@ def test_cause1_recover_puts_a_hidden_old_output_back(tmp_path):
 def test_cause1_failure_inside_leaves_old_output(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    (out / MARKER).write_text(json.dumps({"kind": "artifacts"}))
+    (out / MARKER).write_text(json.dumps({"kind": "artifacts", "entries": ["keep"]}))
     (out / "keep").write_text("old")
     with pytest.raises(RuntimeError):
         with atomic_dir(out, force=True) as t:
@@ -123,6 +143,40 @@ def test_cause1_failure_inside_leaves_old_output(tmp_path):
             raise RuntimeError("boom")
     assert (out / "keep").read_text() == "old" and not (out / "new").exists()
     assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_cause1_train_never_clears_a_folder_it_did_not_write(tmp_path, art, force):
+    run = tmp_path / "precious"
+    (run / "deep").mkdir(parents=True)
+    (run / "thesis.tex").write_text("mine")
+    (run / "deep" / "data.csv").write_text("1,2")
+    before = _tree(run)
+    for _ in range(2):  # a refused attempt must not make the next one look like a run folder
+        assert_api_refused(lambda: accelc.train(art, run_dir=run, force=force, **TRAIN))
+    assert _tree(run) == before and sorted(os.listdir(run)) == ["deep", "thesis.tex"]
+
+
+def test_cause1_train_force_clears_a_previous_run(tmp_path, art, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    accelc.train(art, run_dir=run, force=True, **dict(TRAIN, epochs=1))
+    assert json.loads((run / "checkpoint.json").read_text())["epoch"] == 0
+
+
+def test_cause3_resume_and_force_together_are_refused(tmp_path, art, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, force=True, **TRAIN), "--resume")
+
+
+def test_cause3_resume_without_checkpoint_json_is_refused(tmp_path, art, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "checkpoint.json").unlink()
+    before = _tree(run)
+    assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, **TRAIN), "checkpoint.json")
+    assert _tree(run) == before
 
 
 # ----------------------------------------------------------------------------- cause 2: one writer
@@ -232,7 +286,80 @@ CORRUPT = {
     "json_history_mismatch": (_meta_edit(lambda m: m.update(history=[])), "inconsistent"),
     "json_controller_garbage": (_meta_edit(lambda m: m.update(controllers=[1, 2])), "controllers"),
     "artifacts_changed": (_meta_edit(lambda m: m.update(artifacts_sha256="0" * 64)), "other artifacts"),
+    "artifacts_hash_dropped": (_meta_edit(lambda m: m.update(artifacts_sha256=None)), "other artifacts"),
+    "npz_extra_array_forged": (lambda r: _consistent(r, lambda a: dict(a, other=np.zeros(2, np.float32))), "other"),
+    "npz_param_float64_forged": (
+        lambda r: _consistent(r, lambda a: dict(a, **{_first_param(a): a[_first_param(a)].astype(np.float64)})),
+        "float64",
+    ),
+    "npz_param_int64_forged": (
+        lambda r: _consistent(r, lambda a: dict(a, **{_first_param(a): a[_first_param(a)].astype(np.int64)})),
+        "int64",
+    ),
+    "npz_param_nan_forged": (
+        lambda r: _consistent(r, lambda a: dict(a, **{_first_param(a): a[_first_param(a)] * np.nan})),
+        "NaN",
+    ),
+    "npz_step_negative_forged": (lambda r: _consistent(r, lambda a: _set_optim(a, "step", np.array(-5))), "count"),
+    "npz_step_matrix_forged": (lambda r: _consistent(r, lambda a: _set_optim(a, "step", np.ones((3, 3)))), "count"),
+    "npz_moment_reshaped_forged": (
+        lambda r: _consistent(r, lambda a: _set_optim(a, "exp_avg", np.zeros(5, np.float32))),
+        "exp_avg",
+    ),
+    "npz_moment_negative_v_forged": (
+        lambda r: _consistent(r, lambda a: _set_optim(a, "exp_avg_sq", lambda v: -np.ones_like(v))),
+        "impossible",
+    ),
+    "npz_compressed_bomb_forged": (lambda r: _compressed(r), "compressed"),
+    "json_history_empty_objects": (_meta_edit(lambda m: m.update(history=[{}] * len(m["history"]))), "epoch"),
+    "json_history_strings": (
+        _meta_edit(lambda m: [h.update(test_acc="high") for h in m["history"]]),
+        "test_acc",
+    ),
+    "json_infinity": (lambda r: _replace_text(r, '"train_time": ', '"train_time": Infinity, "x": '), "Infinity"),
+    "json_variant_changed": (_meta_edit(lambda m: m.update(variant="../../etc")), "variant"),
+    "json_foreign_controller": (_meta_edit(lambda m: m["controllers"].update(evil={})), "controllers"),
+    "json_data_position_junk": (_meta_edit(lambda m: m.update(data_position={"next_epoch": "x"})), "data_position"),
+    "json_is_a_fifo": (lambda r: _fifo(r, "checkpoint.json"), "not a regular file"),
+    "npz_is_a_fifo": (lambda r: _fifo(r, json.loads((r / "checkpoint.json").read_text())["arrays"]), "regular file"),
+    "json_is_a_directory": (lambda r: _dir(r, "checkpoint.json"), "not a regular file"),
 }
+
+
+def _set_optim(a, key, value):
+    k = next(k for k in a if k.startswith("optim/") and k.endswith("/" + key))
+    return dict(a, **{k: value(a[k]) if callable(value) else value})
+
+
+def _compressed(run):
+    """The arrays zipped with deflate (a 'bomb' shape: accelc never writes compressed members),
+    checksum and manifest forged to match."""
+    import hashlib
+
+    meta = json.loads((run / "checkpoint.json").read_text())
+    p = run / meta["arrays"]
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    p.write_bytes(buf.getvalue())
+    meta["arrays_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    (run / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def _replace_text(run, old, new):
+    p = run / "checkpoint.json"
+    p.write_text(p.read_text().replace(old, new, 1))
+
+
+def _fifo(run, name):
+    (run / name).unlink()
+    os.mkfifo(run / name)
+
+
+def _dir(run, name):
+    (run / name).unlink()
+    (run / name).mkdir()
 
 
 def _trunc(run):
@@ -262,7 +389,7 @@ def test_cause3_damaged_or_forged_checkpoint_is_refused_whole(tmp_path, art, tra
     shutil.copytree(trained, run, symlinks=True)
     edit, needle = CORRUPT[case]
     edit(run)
-    before = _tree(run) if case != "json_symlink_outside" else None
+    before = _tree(run) if not case.endswith(("symlink_outside", "fifo", "directory")) else None
     msg = assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, **TRAIN), needle)
     assert SENTINEL_TEXT not in msg
     if before is not None:
@@ -318,7 +445,7 @@ def test_cause9_names_are_escaped_in_errors(tmp_path, art):
 
 @pytest.mark.slow
 def test_cause9_cli_usage_errors_are_one_line(tmp_path):
-    for args in (["compile"], ["train", "x", "--epochs", "abc"], ["nonsense"], ["compile", "m.onnx", "--bogus"]):
+    for args in ([], ["compile"], ["train", "x", "--epochs", "abc"], ["nonsense"], ["compile", "m.onnx", "--bogus"]):
         r = run_cli(*args)
         assert_refused(r, "--help")
 

@@ -453,7 +453,14 @@ def test_checkpoints_are_never_unpickled(tmp_path):
         "manifest": {"evil": {"shape": [1], "dtype": "float32", "sha256": "0" * 64}},
         "fingerprint": {},
         "artifacts_sha256": None,
-        "history": [{}],
+        "history": [
+            {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "test_loss": 1.0, "test_acc": 0.5}
+            | {"train_time": 1.0, "wall_time": 1.0}
+        ],
+        "train_time": 1.0,
+        "wall_time": 1.0,
+        "controllers": {},
+        "variant": "base",
     }
     (tmp_path / "checkpoint.json").write_text(json.dumps(meta))
     with pytest.raises(AccelcError, match="unreadable"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -50,7 +51,7 @@ SCHEMA = {
     ],
     "properties": {
         "format": {"const": FORMAT},
-        "epoch": {"type": "integer", "minimum": 0},
+        "epoch": {"type": "integer", "minimum": 0, "maximum": 1_000_000},
         "arrays": {"type": "string", "pattern": r"^checkpoint-\d{4,9}\.npz$"},
         "arrays_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "manifest": {
@@ -59,7 +60,11 @@ SCHEMA = {
                 "type": "object",
                 "required": ["shape", "dtype", "sha256"],
                 "properties": {
-                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 8},
+                    "shape": {
+                        "type": "array",
+                        "items": {"type": "integer", "minimum": 0, "maximum": 2**31},
+                        "maxItems": 8,
+                    },
                     "dtype": {"enum": ["float32", "float64", "int64", "int32", "float16", "bool"]},
                     "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                 },
@@ -185,7 +190,8 @@ def read_meta(run_dir: Path) -> dict:
         raise CheckpointError(f"'{show(run_dir / META)}' is malformed at {show(where)}: {show(err.message, 160)}")
     if not _ARRAYS.fullmatch(meta["arrays"]):
         raise CheckpointError(f"'{show(run_dir / META)}' names an array file outside the run directory")
-    if [h["epoch"] for h in meta["history"]] != list(range(1, meta["epoch"] + 2)):
+    history = meta["history"]
+    if len(history) != meta["epoch"] + 1 or [h["epoch"] for h in history] != list(range(1, len(history) + 1)):
         raise CheckpointError(f"'{show(run_dir / META)}' is inconsistent: its history does not end at its epoch")
     return meta
 
@@ -235,7 +241,7 @@ def _check_members(data: bytes, manifest: dict, name: str) -> None:
         raise CheckpointError(f"checkpoint arrays '{name}' do not match {META} (their members differ)")
     for k, m in manifest.items():
         info = members[k + ".npy"]
-        nbytes = int(np.prod(m["shape"], dtype=np.int64)) * np.dtype(m["dtype"]).itemsize
+        nbytes = math.prod(m["shape"]) * np.dtype(m["dtype"]).itemsize  # Python ints: no overflow
         if info.compress_type != zipfile.ZIP_STORED or not nbytes <= info.file_size <= nbytes + 4096:
             raise CheckpointError(
                 f"checkpoint array {show(k)} in '{name}' is not stored as accelc writes it (compressed or wrongly sized)"

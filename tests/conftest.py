@@ -46,6 +46,18 @@ class MixedNet(nn.Module):
         return self.fc(h.flatten(1))
 
 
+@pytest.fixture(scope="module")
+def small_art(tmp_path_factory):
+    """cnn3-small compiled with the defaults, once per test module (read-only for the tests)."""
+    import accelc
+    from accelc.compiler.export import export_zoo
+
+    d = tmp_path_factory.mktemp("art")
+    export_zoo("cnn3-small", d / "m.onnx")
+    accelc.compile(d / "m.onnx", d / "art")
+    return d / "art"
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))

@@ -4,16 +4,7 @@ kills (the benchmark runs 20 of each; see its docstring)."""
 import pytest
 from kill_tests import kill_compile, kill_group_resume, kill_train_parent
 
-import accelc
 from accelc.compiler.export import export_zoo
-
-
-@pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kart")
-    export_zoo("cnn3-small", d / "m.onnx")
-    accelc.compile(d / "m.onnx", d / "art")
-    return d / "art"
 
 
 @pytest.mark.slow
@@ -29,14 +20,14 @@ def test_kill_during_compile_leaves_old_new_or_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_train_parent_alone_takes_the_worker_with_it(art, tmp_path):
-    s = kill_train_parent(art, tmp_path, kills=3)
+def test_kill_train_parent_alone_takes_the_worker_with_it(small_art, tmp_path):
+    s = kill_train_parent(small_art, tmp_path, kills=3)
     print("kill parent", s)
     assert s["kills"] >= 2 and s["worker_gone_2s"] == s["kills"], s
 
 
 @pytest.mark.slow
-def test_kill_whole_group_then_resume_is_exact(art, tmp_path):
-    s = kill_group_resume(art, tmp_path, kills=2)
+def test_kill_whole_group_then_resume_is_exact(small_art, tmp_path):
+    s = kill_group_resume(small_art, tmp_path, kills=2)
     print("kill group", s)
     assert s["resumed_exact"] == s["kills"] == 2 and s["leftovers"] == 0, s

@@ -323,6 +323,16 @@ CORRUPT = {
     "json_is_a_fifo": (lambda r: _fifo(r, "checkpoint.json"), "not a regular file"),
     "npz_is_a_fifo": (lambda r: _fifo(r, json.loads((r / "checkpoint.json").read_text())["arrays"]), "regular file"),
     "json_is_a_directory": (lambda r: _dir(r, "checkpoint.json"), "not a regular file"),
+    "json_epoch_huge": (_meta_edit(lambda m: m.update(epoch=10**9)), "epoch"),
+    "json_epoch_1e30": (_meta_edit(lambda m: m.update(epoch=10**30)), "epoch"),
+    "json_manifest_huge_shape": (
+        _meta_edit(lambda m: next(iter(m["manifest"].values())).update(shape=[2**40] * 8)),
+        "manifest",
+    ),
+    "json_manifest_overflowing_shape": (
+        _meta_edit(lambda m: next(iter(m["manifest"].values())).update(shape=[2**30] * 8)),
+        "not stored as accelc writes it",
+    ),
 }
 
 

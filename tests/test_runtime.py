@@ -10,19 +10,9 @@ import time
 import numpy as np
 import pytest
 
-import accelc
-from accelc.compiler.export import export_zoo
 from accelc.runtime.data import load_data, synthetic
 
 from conftest import ACCELC, run_cli
-
-
-@pytest.fixture(scope="module")
-def small_art(tmp_path_factory):
-    d = tmp_path_factory.mktemp("art")
-    export_zoo("cnn3-small", d / "m.onnx")
-    accelc.compile(d / "m.onnx", d / "art")
-    return d / "art"
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..compiler import checks
 from ..compiler.errors import AccelcError, InvalidType, InvalidValue, show
 from ..compiler.resources import check_memory, fmt_bytes
 
@@ -627,16 +628,6 @@ def image_folder(
 
 
 # ----------------------------------------------------------------------------- entry point
-def _positive_int(value, flag: str):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidType(f"{flag} must be an integer, got {type(value).__name__}")
-    if value <= 0:
-        raise InvalidValue(f"{flag} must be a positive number of images, got {int(value)}")
-    return int(value)
-
-
 def check_data(
     spec: str,
     shape: tuple,
@@ -684,8 +675,8 @@ def _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, de
 def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode):
     if not isinstance(spec, str):
         raise InvalidType(f"--data must be a string, got {type(spec).__name__}")
-    train_limit = _positive_int(train_limit, "--train-limit")
-    test_limit = _positive_int(test_limit, "--test-limit")
+    train_limit = checks.optional_positive_int("--train-limit", train_limit)  # the API's and CLI's own check
+    test_limit = checks.optional_positive_int("--test-limit", test_limit)
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise InvalidValue(f"the model's class count must be a positive integer, got {show(num_classes)}")
     num_classes = int(num_classes)

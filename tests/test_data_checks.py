@@ -288,9 +288,9 @@ def test_cause4_imagefolder_one_image(tmp_path):
         ({"train_limit": -5}, InvalidValue, "--train-limit must be a positive"),
         ({"test_limit": 0}, InvalidValue, "--test-limit must be a positive"),
         ({"test_limit": -5}, InvalidValue, "--test-limit must be a positive"),
-        ({"test_limit": True}, InvalidType, "--test-limit must be an integer"),
-        ({"train_limit": "5"}, InvalidType, "--train-limit must be an integer"),
-        ({"train_limit": 2.5}, InvalidType, "--train-limit must be an integer"),
+        ({"test_limit": True}, InvalidType, "--test-limit must be a positive integer, got"),
+        ({"train_limit": "5"}, InvalidType, "--train-limit must be a positive integer, got"),
+        ({"train_limit": 2.5}, InvalidType, "--train-limit must be a positive integer, got"),
     ],
 )
 def test_cause4_limits(kw, kind, needle):

@@ -72,15 +72,21 @@ def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _check_replace(dest: Path, kind: str, protect) -> None:
-    """Refuse to replace ``dest`` unless it is an accelc output of ``kind`` holding nothing protected."""
-    here = Path.cwd().resolve()
-    if _is_within(here, dest):
-        raise AccelcError(f"output '{show(dest)}' is the current folder or a folder above it; choose another -o")
+def check_clearable(dest: Path, protect, what: str = "output") -> None:
+    """Refuse to delete ``dest`` (``--force``) when it is the current folder or above it, or holds
+    one of ``protect`` (the command's inputs)."""
+    real = Path(dest).resolve()
+    if _is_within(Path.cwd().resolve(), real):
+        raise AccelcError(f"{what} '{show(dest)}' is the current folder or a folder above it; choose another -o")
     for p in protect:
         p = Path(p).resolve()
-        if _is_within(p, dest):
-            raise AccelcError(f"output '{show(dest)}' holds the input '{show(p)}'; --force would delete it")
+        if _is_within(p, real):
+            raise AccelcError(f"{what} '{show(dest)}' holds the input '{show(p)}'; --force would delete it")
+
+
+def _check_replace(dest: Path, kind: str, protect) -> None:
+    """Refuse to replace ``dest`` unless it is an accelc output of ``kind`` holding nothing protected."""
+    check_clearable(dest, protect)
     if dest.is_symlink() or not dest.is_dir():
         raise AccelcError(f"output '{show(dest)}' exists and is not a folder accelc wrote; remove it yourself")
     doc = read_marker(dest)

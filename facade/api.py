@@ -204,7 +204,7 @@ def train(
 
     config = ExecConfig(device=device, threads=None if threads is None else int(threads), kernels=kernels)
     if isinstance(allow_change, str):
-        allow_change = [x for x in allow_change.split(",") if x]
+        allow_change = [x for x in allow_change.split(",") if x.strip()]
     if not isinstance(allow_change, (list, tuple, set, frozenset)):
         raise InvalidType(f"allow_change must be a list of setting names, got {type(allow_change).__name__}")
     allow_change = {str(x).strip().replace("-", "_") for x in allow_change}

@@ -518,7 +518,7 @@ class Train(Tool):
             a.force,
             progress=not a.quiet,
             kernels=ExecArgs.config(a).kernels,
-            allow_change=_allow_change(a.allow_change),
+            allow_change=a.allow_change or (),
             memory_limit_gb=a.memory_limit,
             _lock_fd=a.lock_fd,
         )
@@ -528,10 +528,6 @@ class Train(Tool):
                 f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {show(a.output)}/"
             )
         return 0
-
-
-def _allow_change(text: str | None) -> set:
-    return {x.strip().replace("-", "_") for x in (text or "").split(",") if x.strip()}
 
 
 _SUPERVISED = False  # a training worker: its supervisor reports interruptions, in one line

@@ -27,7 +27,7 @@ from ..compiler.artifact_dir import load_artifacts
 from ..compiler.artifacts import Artifacts
 from ..compiler.cost import graph_costs
 from ..compiler.errors import AccelcError, show
-from ..compiler.fileio import atomic_write_text, recover
+from ..compiler.fileio import atomic_write_text, check_clearable, recover
 from ..compiler.graph import training_graph
 from ..compiler.model import check_step_memory
 from . import checkpoint as ckpt
@@ -126,12 +126,10 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"the checkpoint in '{show(self.run_dir)}' is at epoch {meta['epoch'] + 1}, past --epochs {self.epochs}"
             )
-        if len(meta["history"]) != meta["epoch"] + 1:
-            raise ckpt.CheckpointError(f"'{show(self.run_dir / ckpt.META)}' is inconsistent (history vs epoch)")
         self.history = meta["history"]
         self.start_epoch = meta["epoch"] + 1
-        self.train_time = float(meta.get("train_time", 0.0))
-        self.wall_time = float(meta.get("wall_time", 0.0))
+        self.train_time = float(meta["train_time"])
+        self.wall_time = float(meta["wall_time"])
         controllers = meta["controllers"]
         names = sorted(a.name for a in self.algorithms)
         if sorted(controllers) != names:
@@ -141,7 +139,7 @@ class Trainer:
             )
         for a in self.algorithms:
             try:
-                a.load_state_dict(controllers.get(a.name, {}))
+                a.load_state_dict(controllers[a.name])
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
                 raise ckpt.CheckpointError(
                     f"controller state of {show(a.name)} in '{show(self.run_dir / ckpt.META)}' is malformed "
@@ -433,14 +431,7 @@ def open_run_dir(run_dir, resume: bool, force: bool, lock_fd: int | None = None,
 
 
 def _check_clear(run_dir: Path, content: list[str], protect) -> None:
-    here = Path.cwd().resolve()
-    real = run_dir.resolve()
-    if here == real or real in here.parents:
-        raise AccelcError(f"run directory '{show(run_dir)}' is the current folder or above it; --force would clear it")
-    for p in protect:
-        p = Path(p).resolve()
-        if p == real or real in p.parents:
-            raise AccelcError(f"run directory '{show(run_dir)}' holds the input '{show(p)}'; --force would delete it")
+    check_clearable(run_dir, protect, "run directory")
     foreign = [n for n in content if not _is_run_file(n)]
     if foreign:
         raise AccelcError(
@@ -451,11 +442,8 @@ def _check_clear(run_dir: Path, content: list[str], protect) -> None:
 
 
 def recover_run_dir(run_dir: Path) -> None:
-    """Remove temporaries left in the run directory by a killed writer."""
-    for name in RUN_FILES + tuple(p.name for p in run_dir.glob("checkpoint-*.npz")):
-        recover(run_dir, name)
-    for p in run_dir.glob(".*.tmp-*"):  # any other writer's temporary whose process is gone
-        name = p.name[1:].split(".tmp-", 1)[0]
+    """Remove temporaries (``.NAME.tmp-PID-*``) left in the run directory by killed writers."""
+    for name in {p.name[1:].split(".tmp-", 1)[0] for p in run_dir.glob(".*.tmp-*")}:
         recover(run_dir, name)
 
 
@@ -512,13 +500,14 @@ def train(
         protect=[p for p in (artifact_dir, data_dir) if isinstance(p, (str, os.PathLike))],
     )
     try:
-        info = artifact_dir.info if isinstance(artifact_dir, Artifacts) else load_artifacts(artifact_dir)[0].info
+        art = artifact_dir if isinstance(artifact_dir, Artifacts) else load_artifacts(artifact_dir)[0]
+        info = art.info
         check_step_memory(info, batch_size, memory_limit_gb, f"training at --batch-size {batch_size}")
         # the data first: a bad file is refused before ONNX Runtime is loaded
         ds = load_data(
             data, info.input_shape, info.num_classes, train_limit, test_limit, memory_limit_gb=memory_limit_gb
         )
-        session = TrainingSession(artifact_dir, config, lr=lr)
+        session = TrainingSession(art, config, lr=lr)  # the artifacts loaded (and verified) once
         if algorithms is None:
             algorithms = algorithms_for(session.artifacts)
         fingerprint = {

@@ -7,14 +7,17 @@ naming the CLI flag (``--lr must be a positive finite number, got -1.0``)."""
 
 from __future__ import annotations
 
+import os
+
 from . import passes as _passes  # noqa: F401  (registers every pass, algorithm, node kernel and cost hook)
 from .compiler import checks
 from .compiler.artifacts import LOSSES, OPTIMIZERS
 from .compiler.compile import compile_model, inspect_path
-from .compiler.errors import AccelcError, InvalidType, show
+from .compiler.errors import AccelcError, InvalidType, InvalidValue, show
 from .compiler.model import ModelInfo
 from .compiler.pass_api import check_pass_options, parse_pass_list
 from .runtime.config import DEVICES, ExecConfig
+from .runtime.distributed import MAX_WORLD
 from .runtime.train import train as _train
 
 __all__ = ["compile", "inspect", "train", "export", "check_train_args", "check_compile_args", "AccelcError"]
@@ -171,14 +174,19 @@ def train(
     algorithms=None,
     memory_limit_gb: float | None = None,
     allow_change=(),
+    nproc: int = 1,
+    dist_timeout: float = 300.0,
     _lock_fd: int | None = None,
+    _dist=None,
 ) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
     ``allow_change``: with ``resume``, settings that may differ from the checkpoint's
     (``"batch_size"``, ``"epochs"``; ``--allow-change``).
     ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``);
-    ``memory_limit_gb``: the memory limit (``--memory-limit``). Every argument is validated
-    before any file is read or written."""
+    ``memory_limit_gb``: the memory limit (``--memory-limit``). ``nproc``: train data-parallel on
+    that many local processes (``--nproc``; ``batch_size`` is the global batch), which run
+    ``accelc train`` and are supervised as the CLI does; ``dist_timeout``: seconds a rank waits for
+    the others. Every argument is validated before any file is read or written."""
     check_train_args(
         epochs=epochs,
         batch_size=batch_size,
@@ -208,6 +216,19 @@ def train(
     if not isinstance(allow_change, (list, tuple, set, frozenset)):
         raise InvalidType(f"allow_change must be a list of setting names, got {type(allow_change).__name__}")
     allow_change = {str(x).strip().replace("-", "_") for x in allow_change}
+    checks.positive_int("--nproc", nproc, MAX_WORLD)
+    checks.positive_float("--dist-timeout", dist_timeout, 86400)
+    if batch_size % nproc:
+        raise InvalidValue(
+            f"--batch-size {batch_size} (the global batch) must be a multiple of the number of processes ({nproc})"
+        )
+    if nproc > 1 and _dist is None:
+        if algorithms is not None:
+            raise InvalidValue("algorithms cannot be handed to other processes: with nproc > 1 the plan's are used")
+        return _train_local_ranks(
+            artifact_dir, data, epochs, batch_size, run_dir, device, seed, resume, lr, threads, train_limit,
+            test_limit, force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout,
+        )  # fmt: skip
     return _train(
         artifact_dir,
         data,
@@ -226,7 +247,45 @@ def train(
         allow_change=allow_change,
         memory_limit_gb=memory_limit_gb,
         lock_fd=_lock_fd,
+        dist=_dist,
     )
+
+
+def _train_local_ranks(
+    artifact_dir, data, epochs, batch_size, run_dir, device, seed, resume, lr, threads, train_limit, test_limit,
+    force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout,
+) -> dict:  # fmt: skip
+    """:func:`train` with ``nproc`` > 1: the ranks are ``accelc train`` processes, supervised as
+    the CLI's ``--nproc`` does; returns rank 0's summary."""
+    import json
+
+    from .launch import launch_local, local_threads
+    from .runtime.train import open_run_dir, release_run_dir
+
+    argv = ["train", os.fspath(artifact_dir), "--data", data, "--epochs", str(epochs)]
+    argv += ["--batch-size", str(batch_size), "-o", os.fspath(run_dir), "--device", device, "--seed", str(seed)]
+    argv += ["--nproc", str(nproc), "--dist-timeout", repr(float(dist_timeout)), "-q"]
+    for flag, v in (("--lr", lr), ("--train-limit", train_limit), ("--test-limit", test_limit)):
+        if v is not None:
+            argv += [flag, repr(v)]
+    if memory_limit_gb is not None:
+        argv += ["--memory-limit", repr(float(memory_limit_gb))]
+    if resume:
+        argv.append("--resume")
+    if force:
+        argv.append("--force")
+    if allow_change:
+        argv += ["--allow-change", ",".join(sorted(c.replace("_", "-") for c in allow_change))]
+    for k, v in kernels.items():
+        argv += ["--kernel", f"{k}={v}"]
+    threads = threads if threads is not None else local_threads(os.environ, nproc)
+    rd, lock = open_run_dir(run_dir, resume, force, protect=[artifact_dir])
+    try:
+        worker = argv + ["--in-process", "--supervised-by", str(os.getpid())]
+        launch_local(worker, nproc, rd, lock, epochs, threads)
+    finally:
+        release_run_dir(rd, lock, lock.created)
+    return json.loads((rd / "summary.json").read_text())
 
 
 def export(module, example_input, path):

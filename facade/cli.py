@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -34,9 +33,10 @@ from .compiler.artifact_dir import load_artifacts
 from .compiler.errors import AccelcError, show
 from .compiler.model import check_step_memory
 from .compiler.pass_api import parse_pass_list, registered
-from .runtime import checkpoint as ckpt
+from .launch import launch_local, local_threads, supervise, torchrun_config
 from .runtime.config import ExecConfig, parse_kernel_choices
 from .runtime.data import check_data
+from .runtime.distributed import DEFAULT_TIMEOUT_S, MAX_WORLD, DistConfig
 from .runtime.kernels import ORT, providers
 from .runtime.runlock import die_with_parent
 from .runtime.train import open_run_dir, release_run_dir
@@ -140,7 +140,7 @@ class ExecArgs(ArgGroup):
     def add(self, parser, **_):
         g = parser.add_argument_group("execution")
         g.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs the gpu extra)")
-        g.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all cores)")
+        g.add_argument("--threads", type=int, default=None, help="threads of ORT and of accelc's kernels (default: all cores; with --nproc, the cores shared among the processes)")
 
         kinds = ", ".join(f"{n}={'|'.join(p.implementations + (ORT,))}" for n, p in providers().items())
         g.add_argument(
@@ -452,6 +452,29 @@ class Train(Tool):
             help="with --resume: settings that may differ from the checkpoint's, comma-separated: "
             "batch-size, epochs (e.g. --resume --epochs 10 --allow-change epochs)",
         )
+        g = p.add_argument_group("data-parallel training (torch.distributed: gloo on CPU, NCCL on CUDA)")
+        g.add_argument(
+            "--nproc",
+            type=int,
+            default=1,
+            metavar="N",
+            help="train on N processes of this machine, data-parallel: each trains 1/N of every "
+            "--batch-size batch (the global batch, a multiple of N) with the cores shared among them; "
+            "gradients are averaged before every step, so the result is the one-process run's. "
+            "Several machines: start 'torchrun --nnodes M --nproc-per-node N ... -m accelc train ...' "
+            "on each instead (default 1), e.g. --nproc 2",
+        )
+        g.add_argument(
+            "--dist-timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT_S,
+            metavar="SECONDS",
+            help=f"end the job when a rank waits this long for the others (default {DEFAULT_TIMEOUT_S:g})",
+        )
+        p.add_argument("--dist-rank", type=int, default=None, help=argparse.SUPPRESS)  # worker of --nproc
+        p.add_argument("--dist-world", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("--dist-init", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--error-fd", type=int, default=None, help=argparse.SUPPRESS)  # worker: its error line
         p.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)  # worker: the parent's lock
         p.add_argument("--supervised-by", type=int, default=None, help=argparse.SUPPRESS)  # worker: parent PID
         p.add_argument(
@@ -461,7 +484,34 @@ class Train(Tool):
             "inside ONNX Runtime is reported with what was saved)",
         )
 
+    @staticmethod
+    def dist_config(a):
+        """This process's rank: from --nproc's hidden worker flags, from torchrun's environment,
+        or None (one process)."""
+        if a.dist_rank is not None:
+            return DistConfig(
+                rank=a.dist_rank, world_size=a.dist_world, init_method=a.dist_init, timeout_s=a.dist_timeout
+            )
+        return torchrun_config(os.environ, a.dist_timeout)
+
     def run(self, a):
+        checks.positive_int("--nproc", a.nproc, MAX_WORLD)
+        checks.positive_float("--dist-timeout", a.dist_timeout, 86400)
+        dist = self.dist_config(a)
+        if dist is not None and a.nproc > 1 and a.dist_rank is None:
+            raise AccelcError(
+                "--nproc starts its own processes: under torchrun, leave it out (torchrun sets the ranks)"
+            )
+        world = dist.world_size if dist else a.nproc
+        if a.batch_size % world:
+            raise AccelcError(
+                f"--batch-size {a.batch_size} (the global batch) must be a multiple of the number of processes ({world})"
+            )
+        if a.threads is None and world > 1:  # the cores shared among this machine's ranks
+            a.threads = local_threads(os.environ, a.nproc if dist is None else world)
+        if a.error_fd is not None:
+            global _ERROR_FD
+            _ERROR_FD = a.error_fd
         if not a.in_process:
             # check what can be checked cheaply here, lock the run directory, then train in a
             # supervised worker that holds the same lock and dies with this process
@@ -488,14 +538,18 @@ class Train(Tool):
                 memory_limit_gb=a.memory_limit,
             )
             ExecArgs.config(a)
+            worker = a.argv + ["--in-process", "--supervised-by", str(os.getpid())]
+            if dist is not None and dist.rank != 0:  # a torchrun rank that does not write the run directory
+                return supervise(
+                    worker + ["--threads", str(a.threads)], Path(os.path.abspath(a.output)), None, a.epochs
+                )
             rd, lock = open_run_dir(a.output, a.resume, a.force, protect=[a.artifacts])
             try:
-                return _supervise(
-                    a.argv + ["--in-process", "--lock-fd", str(lock.fd), "--supervised-by", str(os.getpid())],
-                    rd,
-                    lock,
-                    a.epochs,
-                )
+                if a.nproc > 1:
+                    return launch_local(worker, a.nproc, rd, lock, a.epochs, a.threads)
+                if a.threads is not None:
+                    worker += ["--threads", str(a.threads)]
+                return supervise(worker + ["--lock-fd", str(lock.fd)], rd, lock, a.epochs)
             finally:
                 release_run_dir(rd, lock, lock.created)
         if a.supervised_by is not None:
@@ -521,8 +575,9 @@ class Train(Tool):
             allow_change=a.allow_change or (),
             memory_limit_gb=a.memory_limit,
             _lock_fd=a.lock_fd,
+            _dist=dist,
         )
-        if not a.quiet:
+        if not a.quiet and (dist is None or dist.rank == 0):
             print(
                 f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f} at epoch "
                 f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {show(a.output)}/"
@@ -531,65 +586,15 @@ class Train(Tool):
 
 
 _SUPERVISED = False  # a training worker: its supervisor reports interruptions, in one line
+_ERROR_FD = None  # a worker of --nproc: its error line goes to this pipe (the launcher prints one line)
 
 
-class Stopped(AccelcError):
-    """Training stopped by a signal: one line, exit code 128 + the signal's number."""
-
-    def __init__(self, msg: str, code: int):
-        super().__init__(msg)
-        self.exit_code = code
-
-
-def _saved_checkpoint(run_dir: Path) -> tuple[int | None, str]:
-    """What is on disk to resume from (read from the verified checkpoint.json, not the metrics)."""
-    try:
-        meta = ckpt.read_meta(run_dir) if ckpt.exists(run_dir) else None
-    except AccelcError:
-        meta = None
-    if meta is None:
-        return None, "no epoch had finished, so nothing was saved"
-    done = meta["epoch"] + 1
-    return done, f"the last checkpoint on disk is epoch {done} in '{show(run_dir)}' (continue with --resume)"
-
-
-def _supervise(argv: list[str], run_dir: Path, lock, epochs: int) -> int:
-    """Run the training in a child process so a native crash (ORT can die with SIGFPE/SIGSEGV)
-    is reported with where it happened and what was saved, never as a silent death. The child
-    shares the run-directory lock, runs in its own process group, is killed by the kernel if this
-    process dies (PR_SET_PDEATHSIG) and gets every SIGTERM/SIGHUP/SIGINT this process gets."""
-
-    p = subprocess.Popen([sys.executable, "-m", "accelc"] + argv, pass_fds=(lock.fd,), process_group=0)
-    got: list[int] = []
-
-    def forward(signum, _frame):
-        got.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
-    try:
-        rc = p.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if rc == 0 or (rc > 0 and not got):
-        return rc
-    done, saved = _saved_checkpoint(run_dir)
-    where = f"during epoch {done + 1}" if done else "during epoch 1"
-    if done and done >= epochs:  # every epoch was trained and saved: it stopped while finishing up
-        where = f"after its last epoch ({done})"
-        saved = f"the checkpoint of epoch {done} is on disk in '{show(run_dir)}' (--resume writes the summary)"
-    if got:
-        sig = signal.Signals(got[0])
-        raise Stopped(f"training stopped by {sig.name} {where}; {saved}", 128 + sig.value)
-    sig = signal.Signals(-rc).name
-    native = sig in ("SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT")
-    raise AccelcError(
-        f"the training process was killed by {sig} {where}"
-        + (" (a native crash inside ONNX Runtime)" if native else "")
-        + f"; {saved}"
-    )
+def _error_line(line: str) -> None:
+    if _ERROR_FD is not None:
+        with contextlib.suppress(OSError):
+            os.write(_ERROR_FD, (line + "\n").encode())
+            return
+    print(line, file=sys.stderr)
 
 
 class Bench(Tool):
@@ -703,7 +708,7 @@ def main(argv=None) -> int:
     except AccelcError as e:
         if verbose:
             traceback.print_exc()
-        print(f"accelc: error: {show(e, 2000)}", file=sys.stderr)
+        _error_line(f"accelc: error: {show(e, 2000)}")
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         if not _SUPERVISED:  # a worker's supervisor says it, once
@@ -716,15 +721,14 @@ def main(argv=None) -> int:
         if verbose:
             traceback.print_exc()
         where = f": {show(e.filename)}" if e.filename else ""
-        print(f"accelc: error: {show(e.strerror or e)}{where}", file=sys.stderr)
+        _error_line(f"accelc: error: {show(e.strerror or e)}{where}")
         return 2
     except Exception as e:  # never a traceback for users; -v shows it
         if verbose:
             traceback.print_exc()
-        print(
+        _error_line(
             f"accelc: internal error: {type(e).__name__}: {show(str(e).splitlines()[0] if str(e) else '', 300)} "
-            f"(run with -v for details)",
-            file=sys.stderr,
+            f"(run with -v for details)"
         )
         return 1
     finally:

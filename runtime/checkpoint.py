@@ -333,7 +333,7 @@ def compare_fingerprint(saved: dict, now: dict, allow: set, run_dir) -> None:
     for k in sorted(set(saved) | set(now)):
         if k in allow:
             continue
-        a, b = saved.get(k), now.get(k)
+        a, b = saved.get(k, FINGERPRINT_DEFAULTS.get(k)), now.get(k, FINGERPRINT_DEFAULTS.get(k))
         if a != b:
             flag = "--" + k.replace("_", "-")
             hint = f" (pass --allow-change {k.replace('_', '-')} to change it deliberately)" if k in CHANGEABLE else ""
@@ -342,4 +342,6 @@ def compare_fingerprint(saved: dict, now: dict, allow: set, run_dir) -> None:
             )
 
 
-CHANGEABLE = ("batch_size", "epochs")
+CHANGEABLE = ("batch_size", "epochs", "nproc")
+# settings older checkpoints do not record, at the value they were written with
+FINGERPRINT_DEFAULTS = {"nproc": 1}

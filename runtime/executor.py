@@ -146,11 +146,15 @@ class SegmentedRunner:
                 free[idx].append(name)
         return dict(free)
 
-    def run(self, feeds: dict, bound: dict | None = None, env_out: dict | None = None) -> tuple[dict, dict]:
+    def run(
+        self, feeds: dict, bound: dict | None = None, env_out: dict | None = None, on_ready=None
+    ) -> tuple[dict, dict]:
         """feeds: name -> torch tensor (CPU). bound: output name -> preallocated tensor.
 
         Returns (graph outputs, per-kernel statistics of this step). ``env_out``, when given,
-        receives every tensor of the step (for debugging and node-level checks)."""
+        receives every tensor of the step (for debugging and node-level checks). ``on_ready``,
+        when given, is called after each segment or kernel with the ``bound`` outputs it has just
+        written (e.g. to start communicating gradients while the rest of the backward runs)."""
         env = dict(self.constants)
         env.update(feeds)
         bound = bound or {}
@@ -164,6 +168,11 @@ class SegmentedRunner:
                 if st is not None:
                     st.setdefault("ms", (time.perf_counter() - t0) * 1e3)
                     stats[item.key] = st
+            if on_ready is not None:
+                written = self.segments[item]["outputs"] if kind == "seg" else item.outputs
+                done = [o for o in written if o and o in bound]
+                if done:
+                    on_ready(done)
             if env_out is not None:  # keep everything for the caller
                 env_out.update(env)
             else:

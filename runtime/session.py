@@ -91,6 +91,8 @@ class TrainingSession:
             art, report = load_artifacts(artifacts)
         self.exec = config or ExecConfig()
         self.exec.check()
+        if self.exec.threads:  # accelc's own kernels (oneDNN through torch) share the bound with ORT
+            torch.set_num_threads(self.exec.threads)
         self.device = self._check_device(self.exec.device)
         self.info = art.info
         self.config = dict(report.get("options", {}))
@@ -104,7 +106,16 @@ class TrainingSession:
         self.optimizer = make_optimizer([self.params[p] for p in self.trainable_all], self.hyper, self.lr)
         self.variant_name = "base"
         self.steps = 0
+        self.reducer = None  # data-parallel training: the gradient all-reduce (runtime.distributed)
+        self.world_size = 1
         self._build(art)
+
+    def attach_reducer(self, reducer) -> None:
+        """Train data-parallel: gradients live in ``reducer``'s buckets and are averaged across
+        ranks after every backward, before the optimizer step (see :mod:`.distributed`)."""
+        self.reducer = reducer
+        self.world_size = reducer.group.world
+        self._alloc_grads()
 
     @staticmethod
     def _check_device(device: str) -> str:
@@ -164,7 +175,7 @@ class TrainingSession:
         self.eval_inputs = [i.name for i in self.eval_sess.get_inputs()]
         self.eval_outputs = [o.name for o in self.eval_sess.get_outputs()]
         self.trained = [p for p in self.trainable_all if p in desc["grads"]]
-        self.grads = {p: torch.empty_like(self.params[p]) for p in self.trained}
+        self._alloc_grads()
         self.bn_buf = {o: torch.empty_like(self.params[p]) for o, p in desc["bn_stats"].items()}
         self.bn_inv_std = {b["inv_std"]: torch.empty_like(self.bn_buf[b["var_out"]]) for b in desc["bn"]}
         shapes = art.info.shapes(1)
@@ -174,6 +185,16 @@ class TrainingSession:
         for p in self.trainable_all:
             self.params[p].grad = None
         self.artifacts = art
+
+    def _alloc_grads(self) -> None:
+        """Gradient buffers of the parameters this variant trains (ORT writes them in place)."""
+        if self.reducer is not None:  # views into the all-reduce buckets
+            self.grads = self.reducer.layout(
+                {p: tuple(self.params[p].shape) for p in self.trained}, torch.float32, self.params_device()
+            )
+        else:
+            self.grads = {p: torch.empty_like(self.params[p]) for p in self.trained}
+        self._grad_param = {out: p for p, out in self.desc["grads"].items() if p in self.grads}
 
     def swap(self, variant: str | Path | Artifacts, name: str | None = None, update: ParamUpdate | None = None) -> None:
         """Switch to another compiled variant of this model, keeping parameters and optimizer state.
@@ -255,7 +276,13 @@ class TrainingSession:
         bound = {out: self.grads[p] for p, out in self.desc["grads"].items() if p in self.grads}
         bound.update(self.bn_buf)
         bound.update(self.bn_inv_std)
-        outs, stats = self.runner.run(feeds, bound, env_out)
+        on_ready = None
+        if self.reducer is not None:  # start each bucket's all-reduce as soon as its gradients exist
+
+            def on_ready(names):
+                self.reducer.ready([self._grad_param[n] for n in names if n in self._grad_param])
+
+        outs, stats = self.runner.run(feeds, bound, env_out, on_ready)
         loss = float(outs[self.desc["loss"]].reshape(-1)[0])
         logits = outs[self.desc["logits"]].numpy() if self.desc["logits"] else None
         probes = {n: float(outs[n].reshape(-1)[0]) for n in self.desc["probes"]}
@@ -264,6 +291,10 @@ class TrainingSession:
     def train_step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> StepResult:
         """One forward+backward on ORT and one optimizer step."""
         result = self._forward_backward(x, y)
+        if self.reducer is not None:  # averaged across ranks: every rank takes the same step
+            names = list(result.probes)
+            vals = self.reducer.finish([result.loss] + [result.probes[n] for n in names])
+            result.loss, result.probes = vals[0], dict(zip(names, vals[1:]))
         for p in self.trained:
             self.params[p].grad = self.grads[p]
         self.optimizer.step()
@@ -297,6 +328,20 @@ class TrainingSession:
             out[self.eval_outputs.index(self.info.output_name)] if self.info.output_name in self.eval_outputs else None
         )
         return loss, logits
+
+    def params_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
+
+    def gradient_norm(self, param: str) -> float | None:
+        """L2 norm of ``param``'s gradient of the last step (after the all-reduce when training
+        data-parallel); None when this variant does not train it."""
+        g = self.grads.get(param)
+        return None if g is None else float(torch.linalg.vector_norm(g))
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The state a step changes besides parameters and optimizer state: BatchNorm running
+        statistics (rank 0's are broadcast to the other ranks in data-parallel training)."""
+        return [self.params[p] for p in dict.fromkeys(self.desc["bn_stats"].values())]
 
     def gradients(self) -> dict[str, np.ndarray]:
         """Gradients of the last step (before the optimizer update), as numpy."""

@@ -67,11 +67,20 @@ class Trainer:
         fingerprint: dict | None = None,
         allow_change: set | frozenset = frozenset(),
         artifacts_sha: str | None = None,
+        dist=None,
     ):
+        """``dist``: this process's :class:`~accelc.runtime.distributed.Group` when training
+        data-parallel (each rank trains its shard of every batch; only rank 0 writes)."""
         if epochs <= 0:
             raise AccelcError(f"--epochs must be positive, got {epochs}")
         if batch_size <= 0 or batch_size > len(data.x_train):
             raise AccelcError(f"--batch-size must be in 1..{len(data.x_train)}, got {batch_size}")
+        self.dist = dist if dist is not None and dist.world > 1 else None
+        if self.dist is not None and batch_size % self.dist.world:
+            raise AccelcError(
+                f"--batch-size {batch_size} (the global batch) must be a multiple of the number of "
+                f"processes ({self.dist.world}) so every rank trains an equal shard"
+            )
         self.engine, self.data_full, self.data = engine, data, data
         self.run_dir = Path(run_dir) if run_dir else None
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
@@ -85,6 +94,7 @@ class Trainer:
         self.progress, self.name = progress, name
         self.eval_batch_size = eval_batch_size
         self.checkpoints = checkpoints and self.run_dir is not None
+        self.writer = self.dist is None or self.dist.is_main  # only rank 0 writes the run directory
         self.history: list[dict] = []
         # what a resume must agree with: the run's settings and the artifact set's content
         self.fingerprint = dict(fingerprint or {}, epochs=epochs, batch_size=batch_size, seed=seed)
@@ -174,12 +184,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy; data-parallel, each rank evaluates every world-th batch with
+        rank 0's BatchNorm statistics and the sums are all-reduced."""
         total, correct, loss_sum = 0, 0, 0.0
-        for x, y in self.data.test_batches(self.eval_batch_size):
+        if self.dist is not None and getattr(self.engine, "buffers", None):
+            self.dist.broadcast(self.engine.buffers(), "the BatchNorm statistics broadcast")
+        for k, (x, y) in enumerate(self.data.test_batches(self.eval_batch_size)):
+            if self.dist is not None and not self.dist.owns(k):
+                continue
             loss, logits = self.engine.evaluate_batch(x, y)
             loss_sum += loss * len(y)
             correct += _accuracy(logits, y)
             total += len(y)
+        if self.dist is not None:
+            loss_sum, correct, total = self.dist.sum([loss_sum, correct, total], "the evaluation all-reduce")
         return loss_sum / total, correct / total
 
     def run(self) -> dict:
@@ -190,7 +208,7 @@ class Trainer:
                 total=steps,
                 desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
                 unit="step",
-                disable=not (self.progress and sys.stderr.isatty()),  # no \r fragments in logs
+                disable=not (self.progress and self.writer and sys.stderr.isatty()),  # no \r fragments in logs
                 leave=False,
                 file=sys.stderr,
                 dynamic_ncols=True,
@@ -198,6 +216,9 @@ class Trainer:
             loss_sum, correct, seen = 0.0, 0, 0
             t0 = time.perf_counter()
             for step, x, y in self.data.batches(epoch, self.batch_size, self.seed):
+                n_global = len(y)
+                if self.dist is not None:  # this rank's shard; the step's loss comes back averaged
+                    x, y = self.dist.shard(x, y)
                 result = self.engine.train_step(x, y)
                 loss, logits = result.loss, result.logits
                 if not math.isfinite(loss):
@@ -212,10 +233,10 @@ class Trainer:
                         )
                         + " (lower --lr?)"
                     )
-                loss_sum += loss * len(y)
+                loss_sum += loss * n_global
                 if logits is not None:
                     correct += _accuracy(logits, y)
-                seen += len(y)
+                seen += n_global
                 for a in self.algorithms:
                     a.on_step(self.state, step, result)
                 bar.update(1)
@@ -223,6 +244,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3f}")
             train_s = time.perf_counter() - t0
             bar.close()
+            if self.dist is not None:  # every rank's correct predictions
+                correct = int(self.dist.sum([correct], "the accuracy all-reduce")[0])
             t1 = time.perf_counter()
             test_loss, test_acc = self.evaluate()
             eval_s = time.perf_counter() - t1
@@ -248,14 +271,18 @@ class Trainer:
             before = [a.decision() for a in self.algorithms]
             for a in self.algorithms:  # every algorithm sees the epoch that ran, then the switch
                 a.on_epoch_end(self.state, epoch + 1, dict(m))
+            # data-parallel: every rank carries rank 0's decisions (and the state behind them)
+            agree = self._sync_algorithms() if self.dist is not None and self.algorithms else None
             logged, decisions = self.state.logger.take()
             m.update(logged)
+            if agree is not None:
+                m["ranks_agree"] = agree
             m["decisions"] = decisions
             changed = [a for a, k in zip(self.algorithms, before) if a.decision() != k]
             if changed:
                 self._switch(changed, initial=False)
             self.history.append(m)
-            if self.progress:
+            if self.progress and self.writer:
                 print(
                     f"{self.name} epoch {epoch + 1}: loss {m['train_loss']:.4f} train {m['train_acc']:.4f} "
                     f"test {test_acc:.4f} ({train_s:.1f}s train, {eval_s:.1f}s eval, "
@@ -264,9 +291,33 @@ class Trainer:
                 )
                 for d in decisions:
                     print(f"  [{d['controller']}] {d['action']}: {d['why']}", file=sys.stderr)
-            if self.run_dir:
+            if self.run_dir and self.writer:
                 self._write_epoch(epoch)
-        return self.summary()
+        summary = self.summary()
+        reducer = getattr(self.engine, "reducer", None)
+        if self.dist is not None and reducer is not None:
+            summary["distributed"] = {
+                "world_size": self.dist.world,
+                "backend": self.dist.backend,
+                **reducer.stats(),
+                "allreduce_alone_ms": reducer.measure(),
+            }
+        return summary
+
+    def _sync_algorithms(self) -> bool:
+        """Rank 0's controller state on every rank, so every rank makes the same switch at the
+        same step (sent as JSON). Returns whether all ranks had decided the same on their own."""
+        mine = [a.decision() for a in self.algorithms]
+        states = self.dist.broadcast_json(
+            {a.name: a.state_dict() for a in self.algorithms}, "the controllers' broadcast"
+        )
+        if not self.dist.is_main:
+            for a in self.algorithms:
+                a.load_state_dict(states[a.name])
+        # whether every rank had come to rank 0's decisions on its own (they see the same averaged
+        # gradients and evaluation): recorded per epoch as a check; rank 0's apply either way
+        differ = int(any(a.decision() != d for a, d in zip(self.algorithms, mine)))
+        return self.dist.sum([differ], "the controllers' check")[0] == 0
 
     def _write_epoch(self, epoch: int) -> None:
         # checkpoint first: metrics.jsonl never names an epoch whose checkpoint is not on disk
@@ -479,10 +530,14 @@ def train(
     allow_change=(),
     memory_limit_gb: float | None = None,
     lock_fd: int | None = None,
+    dist=None,
 ) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
     ``algorithms`` default to those the artifacts' plan asks for; ``allow_change``: settings a
-    resume may change (``batch_size``, ``epochs``)."""
+    resume may change (``batch_size``, ``epochs``, ``nproc``). ``dist``: a
+    :class:`~accelc.runtime.distributed.DistConfig` to train as one rank of a data-parallel job
+    (``batch_size`` is the global batch; rank 0 alone writes the run directory)."""
+    from .distributed import GradReducer, Group  # heavy: torch
     from .session import TrainingSession  # heavy: torch and ORT
 
     config = config or ExecConfig()
@@ -491,23 +546,37 @@ def train(
         raise AccelcError(
             f"--allow-change takes {', '.join(c.replace('_', '-') for c in ckpt.CHANGEABLE)}, got {show(bad[0])}"
         )
+    dist = dist if dist is not None and dist.distributed else None
+    world = dist.world_size if dist else 1
+    if batch_size % world:
+        raise AccelcError(
+            f"--batch-size {batch_size} (the global batch) must be a multiple of the number of processes ({world})"
+        )
     data_dir = data.partition(":")[2] if ":" in data and not data.startswith("synthetic") else None
-    rd, lock = open_run_dir(
-        run_dir,
-        resume,
-        force,
-        lock_fd,
-        protect=[p for p in (artifact_dir, data_dir) if isinstance(p, (str, os.PathLike))],
-    )
+    if dist is None or dist.rank == 0:
+        rd, lock = open_run_dir(
+            run_dir,
+            resume,
+            force,
+            lock_fd,
+            protect=[p for p in (artifact_dir, data_dir) if isinstance(p, (str, os.PathLike))],
+        )
+    else:  # another rank: reads the run directory (a checkpoint to resume), never writes it
+        rd, lock = Path(os.path.abspath(run_dir)), None
+    group = None
     try:
         art = artifact_dir if isinstance(artifact_dir, Artifacts) else load_artifacts(artifact_dir)[0]
         info = art.info
-        check_step_memory(info, batch_size, memory_limit_gb, f"training at --batch-size {batch_size}")
+        check_step_memory(info, batch_size // world, memory_limit_gb, f"training at --batch-size {batch_size}")
         # the data first: a bad file is refused before ONNX Runtime is loaded
         ds = load_data(
             data, info.input_shape, info.num_classes, train_limit, test_limit, memory_limit_gb=memory_limit_gb
         )
+        if dist is not None:  # joins the job: every rank waits here for the others
+            group = Group(dist, config.device)
         session = TrainingSession(art, config, lr=lr)  # the artifacts loaded (and verified) once
+        if group is not None:
+            session.attach_reducer(GradReducer(group))
         if algorithms is None:
             algorithms = algorithms_for(session.artifacts)
         fingerprint = {
@@ -517,6 +586,7 @@ def train(
             "train_images": int(len(ds.x_train)),
             "test_images": int(len(ds.x_test)),
             "lr": session.lr,
+            "nproc": world,
         }
         trainer = Trainer(
             session,
@@ -527,11 +597,12 @@ def train(
             seed,
             algorithms,
             resume=resume,
-            progress=progress,
+            progress=progress and (dist is None or dist.rank == 0),
             name="ort",
             fingerprint=fingerprint,
             allow_change=set(allow_change),
             artifacts_sha=ckpt.artifacts_sha256(artifact_dir) if not isinstance(artifact_dir, Artifacts) else None,
+            dist=group,
         )
         summary = trainer.run()
         summary.update(
@@ -542,9 +613,13 @@ def train(
                 "machine": machine_info(),
             }
         )
-        atomic_write_text(rd / "summary.json", json.dumps(summary, indent=1))
-        if trainer.history:
-            plot_run(trainer.history, rd / "curves.png", f"accelc train — {Path(str(artifact_dir)).name}")
+        if trainer.writer:
+            atomic_write_text(rd / "summary.json", json.dumps(summary, indent=1))
+            if trainer.history:
+                plot_run(trainer.history, rd / "curves.png", f"accelc train — {Path(str(artifact_dir)).name}")
         return summary
     finally:
-        release_run_dir(rd, lock, lock.created)
+        if group is not None:
+            group.close()
+        if lock is not None:
+            release_run_dir(rd, lock, lock.created)

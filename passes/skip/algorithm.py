@@ -33,6 +33,7 @@ class LarsSkip(Algorithm):
         self.opts = {k: v for k, v in self.spec.items() if k != "type"}
         tg = training_graph(root)
         self.layers = [layer.name for layer in tg.layers if layer.weight in tg.params]
+        self.weights = {layer.name: layer.weight for layer in tg.layers if layer.weight in tg.params}
         self.keys = {name: lars_outputs(name) for name in self.layers}
         self.optimizer = root.config.get("optimizer", "adamw")
         self.base_cost = self._cost_of(tg)
@@ -62,12 +63,17 @@ class LarsSkip(Algorithm):
         if step % every:
             return
         probes = result.probes
+        # data-parallel: ‖∇w‖ of the all-reduced gradient (what the step applies), not the mean of
+        # the ranks' own norms the graph's probes give
+        engine = state.engine
+        reduced = getattr(engine, "world_size", 1) > 1 and hasattr(engine, "gradient_norm")
         for layer in self.layers:
             if layer in self.skipped:
                 continue
             wk, gk = self.keys[layer]
             if wk in probes and gk in probes:
-                lam = lars(probes[wk], probes[gk], self.opts["eta"], self.opts["beta"])
+                g = engine.gradient_norm(self.weights[layer]) if reduced else None
+                lam = lars(probes[wk], probes[gk] if g is None else g, self.opts["eta"], self.opts["beta"])
                 self._sum[layer] = self._sum.get(layer, 0.0) + lam
                 self._n[layer] = self._n.get(layer, 0) + 1
                 self._last[layer] = lam

@@ -1,0 +1,240 @@
+"""Data-parallel training (issue 20): ranks on torch.distributed (gloo, localhost) train exactly what
+one process trains on the whole global batch; controllers decide the same on every rank; a dead
+rank ends the job at once with one line, and --resume continues exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import accelc
+from accelc.compiler.export import export_zoo
+
+from conftest import ACCELC, assert_api_refused, assert_refused, run_cli
+
+pytestmark = pytest.mark.slow  # every test starts worker processes
+
+DATA = "synthetic:512"
+
+
+def params(run, epoch):
+    z = np.load(run / f"checkpoint-{epoch - 1:04d}.npz")
+    return {k[len("param/") :]: z[k] for k in z.files if k.startswith("param/")}
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    export_zoo("cnn3-small", d / "m.onnx")  # no BatchNorm: the ranks' update is the one-process update
+    return d
+
+
+@pytest.fixture(scope="module")
+def art(model):
+    accelc.compile(model / "m.onnx", model / "art")
+    return model / "art"
+
+
+@pytest.fixture(scope="module")
+def single(art, tmp_path_factory):
+    """One process, global batch 32, one thread (the reference)."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    accelc.train(art, DATA, epochs=3, batch_size=32, run_dir=run, threads=1, progress=False)
+    return run
+
+
+def test_two_ranks_equal_one_process(art, single, tmp_path):
+    run = tmp_path / "run"
+    s = accelc.train(art, DATA, epochs=3, batch_size=32, run_dir=run, nproc=2, progress=False)
+    assert s["distributed"]["world_size"] == 2 and s["distributed"]["backend"] == "gloo"
+    a, b = metrics(single), metrics(run)
+    for x, y in zip(a, b):  # the loss of each epoch, averaged over the global batches
+        assert abs(x["train_loss"] - y["train_loss"]) <= 1e-5 * max(1.0, abs(x["train_loss"]))
+        assert x["train_acc"] == y["train_acc"] and abs(x["test_acc"] - y["test_acc"]) < 1e-12
+    p1, p2 = params(single, 3), params(run, 3)
+    assert p1.keys() == p2.keys()
+    worst = max(float(np.abs(p1[k] - p2[k]).max()) for k in p1)
+    assert worst <= 1e-5, worst
+    # only rank 0 wrote the run directory
+    assert sorted(f.name for f in run.iterdir() if not f.name.startswith(".")) == [
+        "checkpoint-0002.npz",
+        "checkpoint.json",
+        "curves.png",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+
+
+def test_torchrun_equals_one_process(art, single, tmp_path):
+    """The same artifacts under torchrun (the launcher torch users already use)."""
+    run = tmp_path / "run"
+    from accelc.runtime.distributed import free_port
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun += ["--master-port", str(free_port())]
+    r = subprocess.run(
+        torchrun + ["-m", "accelc", "train", str(art), "--data", DATA, "--epochs", "3", "--batch-size", "32"]
+        + ["-o", str(run), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    p1, p2 = params(single, 3), params(run, 3)
+    assert max(float(np.abs(p1[k] - p2[k]).max()) for k in p1) <= 1e-5
+
+
+def test_fixed_skip_set_equal_one_process(model, tmp_path):
+    art = tmp_path / "art"
+    accelc.compile(model / "m.onnx", art, passes=["skip"], pass_options={"skip": {"layers": ["c1"]}})
+    one, two = tmp_path / "one", tmp_path / "two"
+    accelc.train(art, DATA, epochs=2, batch_size=32, run_dir=one, threads=1, progress=False)
+    accelc.train(art, DATA, epochs=2, batch_size=32, run_dir=two, nproc=2, progress=False)
+    p1, p2 = params(one, 2), params(two, 2)
+    assert np.array_equal(p1["c1.weight"], p2["c1.weight"])  # skipped: never changed on either
+    assert max(float(np.abs(p1[k] - p2[k]).max()) for k in p1) <= 1e-5
+
+
+def test_adaptive_skip_same_decisions_on_every_rank(model, tmp_path):
+    """The controller fires after epoch 1 (absolute τ tiny); every rank decides on its own from the
+    all-reduced gradients, rank 0's decision is applied, and the run makes the one-process decisions."""
+    art = tmp_path / "art"
+    opts = {"skip": {"tau_mode": "absolute", "tau": 1e-9}}
+    accelc.compile(model / "m.onnx", art, passes=["skip"], pass_options=opts)
+    one, two = tmp_path / "one", tmp_path / "two"
+    accelc.train(art, DATA, epochs=3, batch_size=32, run_dir=one, threads=1, progress=False)
+    accelc.train(art, DATA, epochs=3, batch_size=32, run_dir=two, nproc=2, progress=False)
+    m1, m2 = metrics(one), metrics(two)
+    assert [m["ranks_agree"] for m in m2] == [True, True, True]
+    assert [m["variant"] for m in m2] == [m["variant"] for m in m1]
+    assert m2[1]["variant"] != "base"  # it did switch, on both ranks at the same step
+    for a, b in zip(m1, m2):  # λ from the averaged gradient = λ of the one-process gradient
+        la, lb = a["skip"]["lambda"], b["skip"]["lambda"]
+        assert la.keys() == lb.keys()
+        assert all(abs(la[k] - lb[k]) <= 1e-4 * abs(la[k]) for k in la), (la, lb)
+
+
+def _wait_for(path, timeout=120):
+    t = time.monotonic()
+    while not path.exists():
+        assert time.monotonic() - t < timeout, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    """The worker of ``rank`` that ``parent`` started (from /proc)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if ppid == parent and b"--dist-rank" in cmd and cmd[cmd.index(b"--dist-rank") + 1] == str(rank).encode():
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_killed_rank_ends_the_job_and_resume_is_exact(art, tmp_path):
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    args = ["train", str(art), "--data", "synthetic:4096", "--epochs", "3", "--batch-size", "32", "--nproc", "2"]
+    p = subprocess.Popen(ACCELC + args + ["-o", str(run), "-q"], stderr=subprocess.PIPE, text=True)
+    _wait_for(run / "checkpoint.json")  # epoch 1 saved: kill rank 1 in the middle of epoch 2
+    time.sleep(0.3)
+    os.kill(_rank_pid(p.pid, 1), signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert p.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "rank 1 of 2 was killed by SIGKILL during epoch 2" in err and "--resume" in err, err
+    assert "epoch 1" in err
+    assert not [q for q in os.listdir("/proc") if q.isdigit() and _is_worker_of(int(q), p.pid)]
+    r = run_cli(*args, "-o", run, "-q", "--resume")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*args, "-o", ref, "-q")
+    assert r.returncode == 0, r.stderr
+    a, b = params(run, 3), params(ref, 3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [m["train_loss"] for m in metrics(run)] == [m["train_loss"] for m in metrics(ref)]
+
+
+def _is_worker_of(pid: int, parent: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1]) == parent
+    except OSError:
+        return False
+
+
+def test_resume_with_other_nproc_needs_allow_change(art, single, tmp_path):
+    run = tmp_path / "run"
+    accelc.train(art, DATA, epochs=1, batch_size=32, run_dir=run, threads=1, progress=False)
+    r = run_cli(
+        "train", art, "--data", DATA, "--epochs", "2", "--batch-size", "32", "-o", run, "--resume", "--nproc", "2",
+        "--allow-change", "epochs",
+    )  # fmt: skip
+    assert_refused(r, "--nproc 1; this run has 2 (pass --allow-change nproc")
+    s = accelc.train(
+        art,
+        DATA,
+        epochs=2,
+        batch_size=32,
+        run_dir=run,
+        resume=True,
+        nproc=2,
+        allow_change=["nproc", "epochs"],
+        progress=False,
+    )
+    assert s["epochs"] == 2
+
+
+def test_refusals(art, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train", art, "--data", DATA, "--batch-size", "33", "--nproc", "2", "-o", out)
+    assert_refused(r, "--batch-size 33 (the global batch) must be a multiple of the number of processes (2)", out)
+    r = run_cli("train", art, "--data", DATA, "--nproc", "0", "-o", out)
+    assert_refused(r, "--nproc", out)
+    r = run_cli("train", art, "--data", DATA, "--nproc", "2", "--dist-timeout", "0", "-o", out)
+    assert_refused(r, "--dist-timeout", out)
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2")
+    r = subprocess.run(
+        ACCELC + ["train", str(art), "--data", DATA, "--nproc", "2", "-o", str(out)], capture_output=True, text=True,
+        env=env, timeout=120,
+    )  # fmt: skip
+    assert_refused(r, "under torchrun, leave it out", out)
+    assert_api_refused(lambda: accelc.train(art, DATA, batch_size=33, run_dir=out, nproc=2), "multiple", ValueError)
+    assert_api_refused(lambda: accelc.train(art, DATA, run_dir=out, nproc=0), "--nproc", ValueError)
+    assert not out.exists()
+
+
+def test_bucket_layout_views_in_reverse_parameter_order():
+    """Gradient buffers are views into flat buckets (filled from the last parameter), so the graph
+    writes into what is all-reduced; no collective needed to check the layout."""
+    import torch
+
+    from accelc.runtime.distributed import DistConfig, GradReducer
+
+    class G:  # the group the layout reads: only its config
+        config = DistConfig(bucket_mb=1.0)
+        world = 1
+
+    red = GradReducer(G())
+    shapes = {"a": (256, 256), "b": (512, 256), "c": (384, 256)}  # 256, 512, 384 KiB: c+b fill 1 MiB
+    views = red.layout(shapes, torch.float32, "cpu")
+    assert [sorted(b["names"]) for b in red.buckets] == [["b", "c"], ["a"]]
+    for n, v in views.items():
+        assert tuple(v.shape) == shapes[n] and v.is_contiguous()
+        v.fill_(1.0)
+    assert float(sum(b["flat"].sum() for b in red.buckets)) == sum(np.prod(s) for s in shapes.values())

@@ -40,6 +40,8 @@ from .runtime.distributed import DEFAULT_TIMEOUT_S, MAX_WORLD, DistConfig
 from .runtime.kernels import ORT, providers
 from .runtime.runlock import die_with_parent
 from .runtime.train import open_run_dir, release_run_dir
+from .scaling import markdown as scaling_markdown
+from .scaling import run_scaling
 
 DEFAULT_LR = 1e-3
 DEFAULT_CONFIGS = "torch,ort"
@@ -140,7 +142,12 @@ class ExecArgs(ArgGroup):
     def add(self, parser, **_):
         g = parser.add_argument_group("execution")
         g.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs the gpu extra)")
-        g.add_argument("--threads", type=int, default=None, help="threads of ORT and of accelc's kernels (default: all cores; with --nproc, the cores shared among the processes)")
+        g.add_argument(
+            "--threads",
+            type=int,
+            default=None,
+            help="threads of ORT and of accelc's kernels (default: all cores; with --nproc, the cores shared among the processes)",
+        )
 
         kinds = ", ".join(f"{n}={'|'.join(p.implementations + (ORT,))}" for n, p in providers().items())
         g.add_argument(
@@ -604,6 +611,7 @@ class Bench(Tool):
     examples = (
         "accelc bench --model vgg --data fashion-mnist --configs torch,ort,ort+skip -o bench-out",
         "accelc bench --model cnn3-small --configs 'ort,ort+skip[policy=suffix;tau=1.5]' --epochs 2",
+        "accelc bench --model vgg --data fashion-mnist --train-limit 4096 --nproc 2 -o scaling-out",
     )
 
     def add_arguments(self, p):
@@ -630,11 +638,33 @@ class Bench(Tool):
             help="C,H,W of a zoo model's input (default: the model's own; "
             "rescale needs a final feature map divisible by its factor)",
         )
+        p.add_argument(
+            "--nproc",
+            type=int,
+            default=None,
+            metavar="N",
+            help="measure data-parallel scaling instead of comparing configurations: the same training "
+            "with 1..N processes of one thread each (and 1 process with every core), interleaved; "
+            "writes scaling.json/.md/.png with the all-reduce cost per step, e.g. --nproc 2",
+        )
         OutputArgs().add(p, output="bench-out", what="output directory")
 
     def run(self, a):
         if a.epochs <= 0 or a.repeats <= 0:
             raise AccelcError("--epochs and --repeats must be positive")
+        if a.nproc is not None:
+            if a.threads is not None:
+                raise AccelcError("--nproc sets the threads itself (1 per process, and all cores for one process)")
+            rep = run_scaling(
+                a.model, a.data, a.epochs, a.output, a.nproc, a.batch_size, a.seed, a.lr, a.repeats,
+                a.train_limit, a.test_limit,
+                checks.input_shape("--input-shape", a.input_shape) if a.input_shape else None,
+                force=a.force, progress=not a.quiet,
+            )  # fmt: skip
+            if not a.quiet:
+                print(scaling_markdown(rep))
+                print(f"wrote {show(a.output)}/scaling.json, scaling.md, scaling.png")
+            return 0
         configs = parse_configs(a.configs)
         rep = run_bench(
             a.model,

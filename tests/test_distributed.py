@@ -238,3 +238,22 @@ def test_bucket_layout_views_in_reverse_parameter_order():
         assert tuple(v.shape) == shapes[n] and v.is_contiguous()
         v.fill_(1.0)
     assert float(sum(b["flat"].sum() for b in red.buckets)) == sum(np.prod(s) for s in shapes.values())
+
+
+def test_bench_nproc_refusals_and_model(tmp_path):
+    out = tmp_path / "sc"
+    r = run_cli("bench", "--model", "cnn3-small", "--nproc", "1", "-o", out)
+    assert_refused(r, "--nproc must be at least 2", out)
+    r = run_cli("bench", "--model", "cnn3-small", "--nproc", "2", "--threads", "1", "-o", out)
+    assert_refused(r, "--nproc sets the threads itself", out)
+    r = run_cli("bench", "--model", "cnn3-small", "--nproc", "3", "--batch-size", "32", "-o", out)
+    assert_refused(r, "multiple of every process count", out)
+    from accelc.scaling import predict
+
+    rows = [
+        {"processes": 1, "threads_each": 2, "step_ms": 100.0},
+        {"processes": 2, "threads_each": 1, "step_ms": 60.0, "gradient_bytes": 10**7},
+    ]
+    p = predict(rows, 64, bandwidths_gbit=(10.0,), latency_us=0.0)["machines"]
+    # ring all-reduce of 10 MB on 2 machines at 10 Gbit/s: 2·(1/2)·8e7 bit / 1e10 bit/s = 8 ms
+    assert abs(p["2@10Gbit"]["allreduce_ms"] - 8.0) < 1e-9 and abs(p["2@10Gbit"]["step_ms"] - 58.0) < 1e-9

@@ -1,0 +1,244 @@
+"""``accelc bench --nproc N``: how data-parallel training scales on this machine.
+
+The model is compiled once (default passes); then the same training (same global batch, data and
+seed) runs with 1, 2, ..., N processes of one thread each, plus one process with every core (what
+a user would run without ``--nproc``), interleaved round by round. Each row reports throughput
+(median over the epochs after the first, which carries the start-up), the step time, the speed-up
+over one single-thread process, the all-reduce cost per step measured on its own, and how long a
+step waited for it after its backward (what overlapping did not hide).
+
+The simple model printed with the table: a step on P processes costs
+``t(P) = t_compute(1) / P + t_wait(P)``, with ``t_wait`` at most one ring all-reduce,
+``2 (P-1)/P · bytes / bandwidth + 2 (P-1) · latency``; on several machines the bandwidth is the
+network's. :func:`predict` applies it to the measured numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import api
+from .compiler import checks
+from .compiler.errors import AccelcError
+from .compiler.fileio import atomic_dir
+from .compiler.resources import max_threads
+from .runtime.distributed import MAX_WORLD
+
+
+def run_scaling(
+    model: str,
+    data: str,
+    epochs: int,
+    out_dir,
+    nproc: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    lr: float = 3e-4,
+    repeats: int = 1,
+    train_limit=None,
+    test_limit=None,
+    input_shape=None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    api.check_train_args(
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        lr=lr,
+        threads=None,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        device="cpu",
+        data=data,
+    )
+    checks.positive_int("--nproc", nproc, MAX_WORLD)
+    checks.positive_int("--repeats", repeats, 1000)
+    if nproc < 2:
+        raise AccelcError("--nproc must be at least 2 to measure scaling")
+    if epochs < 2:
+        raise AccelcError("--epochs must be at least 2 with --nproc (the first epoch carries the start-up)")
+    for n in range(2, nproc + 1):
+        if batch_size % n:
+            raise AccelcError(f"--batch-size {batch_size} must be a multiple of every process count 1..{nproc}")
+    from .compiler.export import ZOO  # heavy: torch
+
+    protect = [] if model in ZOO else [model]
+    with atomic_dir(out_dir, force=force, kind="scaling", protect=protect) as out:
+        return _run(model, data, epochs, Path(out), nproc, batch_size, seed, lr, repeats, train_limit, test_limit,
+                    input_shape, progress)  # fmt: skip
+
+
+def _run(
+    model, data, epochs, out, nproc, batch_size, seed, lr, repeats, train_limit, test_limit, input_shape, progress
+):
+    import sys
+
+    import numpy as np
+
+    from .compiler.export import ZOO, export_zoo
+    from .runtime.train import machine_info
+
+    work = out / "work"
+    work.mkdir()
+    if model in ZOO:
+        model_path = work / f"{model}.onnx"
+        export_zoo(model, model_path, input_shape=input_shape, seed=seed)
+    else:
+        model_path = Path(model)
+    art = work / "artifacts"
+    api.compile(model_path, art, lr=lr, batch_size=batch_size)
+    cores = max_threads()
+    setups = [(1, cores)] + [(n, 1) for n in range(1, nproc + 1)]
+    runs: dict[str, list[dict]] = {}
+    for r in range(repeats):
+        for n, threads in setups:
+            key = f"{n}x{threads}"
+            run = work / f"run-{key}-{r}"
+            if progress:
+                print(f"scaling: round {r + 1}/{repeats}, {n} process(es) x {threads} thread(s)", file=sys.stderr)
+            s = api._train_local_ranks(
+                art, data, epochs, batch_size, run, "cpu", seed, False, lr, threads, train_limit, test_limit,
+                False, {}, set(), None, n, 300.0,
+            )  # fmt: skip
+            ips = [m["images_per_second"] for m in s["history"][1:]]
+            runs.setdefault(key, []).append(
+                {
+                    "images_per_second": float(np.median(ips)),
+                    "final_test_acc": s["final_test_acc"],
+                    **(s.get("distributed") or {}),
+                }
+            )
+    base = float(np.median([x["images_per_second"] for x in runs["1x1"]]))
+    rows = []
+    for n, threads in setups:
+        xs = runs[f"{n}x{threads}"]
+        ips = [x["images_per_second"] for x in xs]
+        med = float(np.median(ips))
+        row = {
+            "processes": n,
+            "threads_each": threads,
+            "images_per_second": med,
+            "images_per_second_min": min(ips),
+            "images_per_second_max": max(ips),
+            "step_ms": 1e3 * batch_size / med,
+            "speedup_vs_1x1": med / base,
+            "efficiency": med / base / (n * threads),
+            "final_test_acc": xs[-1]["final_test_acc"],
+        }
+        if n > 1:
+            row["allreduce_alone_ms"] = float(np.median([x["allreduce_alone_ms"] for x in xs]))
+            row["allreduce_wait_ms_per_step"] = float(np.median([x["allreduce_wait_ms_per_step"] for x in xs]))
+            row["gradient_bytes"] = xs[0]["gradient_bytes"]
+            row["buckets"] = xs[0]["buckets"]
+        rows.append(row)
+    rep = {
+        "model": model if model in ZOO else Path(model).name,
+        "data": data.split(":")[0],
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "train_limit": train_limit,
+        "cores": cores,
+        "machine": machine_info(),
+        "rows": rows,
+        "prediction": predict(rows, batch_size),
+    }
+    (out / "scaling.json").write_text(json.dumps(rep, indent=1))
+    (out / "scaling.md").write_text(markdown(rep))
+    plot(rep, out / "scaling.png")
+    for f in sorted(work.glob("run-*")):  # keep the summaries, not the checkpoints
+        (out / "runs").mkdir(exist_ok=True)
+        os.replace(f / "summary.json", out / "runs" / f"{f.name}.json")
+    import shutil
+
+    shutil.rmtree(work)
+    return rep
+
+
+def predict(rows: list[dict], batch_size: int, bandwidths_gbit=(10.0, 100.0), latency_us: float = 20.0) -> dict:
+    """The simple model of the module doc, fed with this machine's numbers: the single-thread
+    compute time of a step and the gradient bytes. Returns the predicted step time and speed-up
+    for P = 2, 4, 8, 16 machines of this machine's single-process, all-core speed, on networks of
+    ``bandwidths_gbit``."""
+    full = next(r for r in rows if r["processes"] == 1 and r["threads_each"] > 1)
+    dist = [r for r in rows if r["processes"] > 1]
+    if not dist:
+        return {}
+    nbytes = dist[0]["gradient_bytes"]
+    t1 = full["step_ms"]
+    out = {"assumptions": f"step compute {t1:.1f} ms (one machine, all cores), {nbytes} gradient bytes, "
+           f"ring all-reduce, {latency_us:g} us latency per hop, no overlap", "machines": {}}  # fmt: skip
+    for bw in bandwidths_gbit:
+        for p in (2, 4, 8, 16):
+            comm = 2 * (p - 1) / p * nbytes * 8 / (bw * 1e9) * 1e3 + 2 * (p - 1) * latency_us / 1e3
+            step = t1 / p + comm
+            out["machines"][f"{p}@{bw:g}Gbit"] = {"step_ms": step, "speedup": t1 / step, "allreduce_ms": comm}
+    return out
+
+
+def markdown(rep: dict) -> str:
+    m = rep["machine"]
+    lines = [
+        f"# Data-parallel scaling — {rep['model']} on {rep['data']}",
+        "",
+        f"Global batch {rep['batch_size']}, {rep['epochs']} epochs per run (throughput: median of epochs 2..), "
+        f"{rep['repeats']} round(s) interleaved; {rep['cores']} cores, {m['platform']}, "
+        f"ORT {m['onnxruntime']}, torch {m['torch']}.",
+        "",
+        "*All-reduce alone*: one all-reduce of every gradient bucket with nothing to hide it behind. *Waited per "
+        "step*: how long a step waited after its backward for the all-reduces still running and for the "
+        "slower rank (what overlapping with the backward did not hide).",
+        "",
+        "| processes × threads | images/s (median) | min–max | ms/step | × 1×1 | efficiency | all-reduce alone (ms) "
+        "| waited per step (ms) | gradient MB (buckets) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rep["rows"]:
+        ar = (
+            f"{r['allreduce_alone_ms']:.2f} | {r['allreduce_wait_ms_per_step']:.2f} | "
+            f"{r['gradient_bytes'] / 2**20:.2f} ({r['buckets']})"
+            if "allreduce_alone_ms" in r
+            else "– | – | –"
+        )
+        lines.append(
+            f"| {r['processes']} × {r['threads_each']} | {r['images_per_second']:.0f} | "
+            f"{r['images_per_second_min']:.0f}–{r['images_per_second_max']:.0f} | {r['step_ms']:.1f} | "
+            f"{r['speedup_vs_1x1']:.2f} | {r['efficiency']:.2f} | {ar} |"
+        )
+    pred = rep.get("prediction") or {}
+    if pred:
+        lines += ["", f"Predicted on P machines like this one ({pred['assumptions']}):", ""]
+        lines += ["| machines @ network | ms/step | all-reduce ms | speed-up |", "|---|---|---|---|"]
+        for k, v in pred["machines"].items():
+            lines.append(f"| {k} | {v['step_ms']:.1f} | {v['allreduce_ms']:.2f} | {v['speedup']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rep: dict, path: Path) -> None:
+    import matplotlib  # heavy
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rep["rows"] if r["threads_each"] == 1]
+    full = [r for r in rep["rows"] if r["threads_each"] > 1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n = [r["processes"] for r in rows]
+    y = [r["images_per_second"] for r in rows]
+    err = [[r["images_per_second"] - r["images_per_second_min"] for r in rows],
+           [r["images_per_second_max"] - r["images_per_second"] for r in rows]]  # fmt: skip
+    ax.errorbar(n, y, yerr=err, fmt="o-", capsize=4, label="P processes × 1 thread")
+    ax.plot(n, [y[0] * k for k in n], "k:", label="ideal (linear)")
+    for r in full:
+        ax.axhline(r["images_per_second"], color="C1", ls="--", label=f"1 process × {r['threads_each']} threads")
+    ax.set_xticks(n)
+    ax.set_xlabel("processes")
+    ax.set_ylabel("training images / s")
+    ax.set_title(f"data-parallel scaling — {rep['model']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -53,9 +53,10 @@ bench: $(STAMP) $(FASHION)
 	$(BIN)/python benchmarks/skip_step_time.py 25
 	$(BIN)/python benchmarks/lars_overhead.py 80
 	$(BIN)/python benchmarks/reuse_layer.py --repeats 9 -o bench-out/reuse_layer.json
+	$(BIN)/accelc bench --model vgg --data fashion-mnist --train-limit 4096 --test-limit 1000 --epochs 3 --nproc 2 --repeats 3 -o bench-scaling --force
 
 coverage: $(STAMP)  # torchvision's and timm's CNNs through every pass: docs/model-coverage.md
 	$(BIN)/python benchmarks/model_coverage.py -o docs/model-coverage
 
 clean:
-	rm -rf $(VENV) bench-out demo-out build
+	rm -rf $(VENV) bench-out bench-scaling demo-out build

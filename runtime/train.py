@@ -120,6 +120,37 @@ class Trainer:
             stateful = (getattr(self.engine, "hyper", None) or {}).get("kind", "adamw") != "sgd"
             ckpt.check_against(pending, self.engine.state_arrays(), self.run_dir, stateful)
             self.engine.load_state_arrays(pending)
+        if self.dist is not None:
+            self._check_same_start()
+
+    def _check_same_start(self) -> None:
+        """Every rank starts from rank 0's epoch, variant, parameters and optimizer state (a rank
+        that cannot read rank 0's checkpoint, e.g. a run directory that is not on a file system
+        every machine shares, would otherwise train something else silently)."""
+        import hashlib
+
+        arrays = self.engine.state_arrays()
+        h = hashlib.sha256()
+        for k in sorted(arrays):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(arrays[k]).tobytes())
+        mine = {
+            "epoch": self.start_epoch,
+            "variant": getattr(self.engine, "variant_name", "base"),
+            "state": h.hexdigest(),
+        }
+        main = self.dist.broadcast_json(mine, "the start check")
+        bad = int(mine != main)
+        if self.dist.sum([bad], "the start check")[0]:
+            where = f"'{show(self.run_dir)}'" if self.run_dir else "its run directory"
+            raise AccelcError(
+                f"rank {self.dist.rank}: the ranks do not start from the same state "
+                f"(rank 0: epoch {main['epoch'] + 1}, this rank: epoch {mine['epoch'] + 1}); with --resume every "
+                f"rank reads rank 0's checkpoint from {where}, which must be on a file system all machines share"
+                if bad
+                else "the ranks do not start from the same state: another rank could not read rank 0's checkpoint "
+                "(with --resume the run directory must be on a file system all machines share)"
+            )
 
     def _resume(self) -> dict:
         """The verified checkpoint: refused whole (one line) when it is damaged, belongs to other

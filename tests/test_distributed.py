@@ -257,3 +257,26 @@ def test_bench_nproc_refusals_and_model(tmp_path):
     p = predict(rows, 64, bandwidths_gbit=(10.0,), latency_us=0.0)["machines"]
     # ring all-reduce of 10 MB on 2 machines at 10 Gbit/s: 2·(1/2)·8e7 bit / 1e10 bit/s = 8 ms
     assert abs(p["2@10Gbit"]["allreduce_ms"] - 8.0) < 1e-9 and abs(p["2@10Gbit"]["step_ms"] - 58.0) < 1e-9
+
+
+def test_rank_without_the_checkpoint_is_refused(art, tmp_path):
+    """Two machines without a shared run directory: rank 1 cannot see rank 0's checkpoint. Both
+    ranks stop with the reason instead of training different things (started as torchrun would)."""
+    from accelc.runtime.distributed import free_port
+
+    run = tmp_path / "run"
+    accelc.train(art, DATA, epochs=1, batch_size=32, run_dir=run, threads=1, progress=False)
+    port = str(free_port())
+    procs = []
+    for rank, out in ((0, run), (1, tmp_path / "elsewhere")):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        env["MASTER_PORT"] = port
+        args = ["train", str(art), "--data", DATA, "--epochs", "2", "--batch-size", "32", "-o", str(out), "--resume"]
+        args += ["--allow-change", "nproc,epochs", "--dist-timeout", "60"]
+        procs.append(subprocess.Popen(ACCELC + args, stderr=subprocess.PIPE, text=True, env=env))
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "rank 1: the ranks do not start from the same state (rank 0: epoch 2, this rank: epoch 1)" in errs[1]
+    assert "a file system all machines share" in errs[0] and "a file system all machines share" in errs[1]
+    assert len(metrics(run)) == 1  # nothing trained

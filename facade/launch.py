@@ -95,10 +95,15 @@ def supervise(argv: list[str], run_dir: Path, lock, epochs: int) -> int:
     where, saved = _where(run_dir, epochs)
     if got:
         raise _stopped_by_signal(got, where, saved)
+    raise _killed("the training process", rc, where, saved)
+
+
+def _killed(who: str, rc: int, where: str, saved: str) -> AccelcError:
+    """A worker that died by signal ``-rc``: which signal, when, whether ORT crashed, what is saved."""
     sig = signal.Signals(-rc).name
     native = sig in ("SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT")
-    raise AccelcError(
-        f"the training process was killed by {sig} {where}"
+    return AccelcError(
+        f"{who} was killed by {sig} {where}"
         + (" (a native crash inside ONNX Runtime)" if native else "")
         + f"; {saved}"
     )
@@ -160,13 +165,7 @@ def launch_local(argv: list[str], nproc: int, run_dir: Path, lock, epochs: int, 
     rank, rc = failed[0]
     msg = messages[rank]
     if rc < 0:
-        sig = signal.Signals(-rc).name
-        native = sig in ("SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT")
-        raise AccelcError(
-            f"rank {rank} of {nproc} was killed by {sig} {where}"
-            + (" (a native crash inside ONNX Runtime)" if native else "")
-            + f"; the other ranks were stopped; {saved}"
-        )
+        raise _killed(f"rank {rank} of {nproc}", rc, where, f"the other ranks were stopped; {saved}")
     if not msg:
         msg = f"rank {rank} of {nproc} exited with status {rc} {where}; the other ranks were stopped; {saved}"
     elif rank and not msg.startswith("rank "):

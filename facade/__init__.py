@@ -12,8 +12,8 @@ Layers (checked by import-linter in CI): ``accelc.compiler`` <- ``accelc.runtime
 ``accelc.bench``). Importing ``accelc`` loads neither torch nor ONNX Runtime.
 """
 
-from .api import compile, export, inspect, train  # noqa: A004
+from .api import compile, export, export_run, inspect, train  # noqa: A004
 from .compiler.compile import VERSION as __version__
 from .compiler.errors import AccelcError
 
-__all__ = ["compile", "inspect", "export", "train", "AccelcError", "__version__"]
+__all__ = ["compile", "inspect", "export", "export_run", "train", "AccelcError", "__version__"]

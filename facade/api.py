@@ -17,10 +17,20 @@ from .compiler.errors import AccelcError, InvalidType, InvalidValue, show
 from .compiler.model import ModelInfo
 from .compiler.pass_api import check_pass_options, parse_pass_list
 from .runtime.config import DEVICES, ExecConfig
+from .runtime.data import InMemoryData, check_data_form, in_memory_data
 from .runtime.distributed import MAX_WORLD
 from .runtime.train import train as _train
 
-__all__ = ["compile", "inspect", "train", "export", "check_train_args", "check_compile_args", "AccelcError"]
+__all__ = [
+    "compile",
+    "inspect",
+    "train",
+    "export",
+    "export_run",
+    "check_train_args",
+    "check_compile_args",
+    "AccelcError",
+]
 
 
 def check_compile_args(
@@ -133,7 +143,10 @@ def check_train_args(
     """Validate the arguments of ``accelc train`` / :func:`train` that need no file: raises
     InvalidType/InvalidValue with the message the CLI prints, returns nothing. The CLI calls it
     before it spawns its training worker; :func:`train` calls it first."""
-    checks.data_spec("--data", data)
+    if isinstance(data, str) and not isinstance(data, InMemoryData):
+        checks.data_spec("--data", data)
+    else:  # arrays or a torch Dataset given in Python: the form here, the content when train reads it
+        check_data_form(data)
     checks.positive_int("--epochs", epochs, checks.MAX_EPOCHS)
     checks.positive_int("--batch-size", batch_size, checks.MAX_BATCH)
     checks.seed("--seed", seed)
@@ -180,6 +193,11 @@ def train(
     _dist=None,
 ) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
+    ``data``: a ``--data`` spec, or data in Python: ``(x_train, y_train, x_test, y_test)`` numpy
+    arrays or torch tensors (images N,C,H,W float at the model's input shape, used as given;
+    labels integer class indices), ``(train, test)`` with each a torch ``Dataset``, ``DataLoader``
+    or ``(x, y)`` pair (read once into memory), or a dict with those four keys; the run records it
+    by its SHA-256, so a resume with other data is refused.
     ``allow_change``: with ``resume``, settings that may differ from the checkpoint's
     (``"batch_size"``, ``"epochs"``; ``--allow-change``).
     ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``);
@@ -222,6 +240,12 @@ def train(
         raise InvalidValue(
             f"--batch-size {batch_size} (the global batch) must be a multiple of the number of processes ({nproc})"
         )
+    if not isinstance(data, str) or isinstance(data, InMemoryData):
+        if nproc > 1:
+            raise InvalidValue(
+                "data given in Python cannot be handed to other processes: with nproc > 1 give a --data spec"
+            )
+        data = in_memory_data(data, memory_limit_gb)  # read once and checked (model checks when loaded)
     if nproc > 1 and _dist is None:
         if algorithms is not None:
             raise InvalidValue("algorithms cannot be handed to other processes: with nproc > 1 the plan's are used")
@@ -295,3 +319,26 @@ def export(module, example_input, path):
     from .compiler.export import export as _export  # heavy: torch
 
     return _export(module, example_input, path)
+
+
+def export_run(run_dir, output, artifacts=None, epoch: int | None = None, ort_checkpoint=None, force: bool = False):
+    """Write a trained run (``accelc train``'s run directory) as an inference ONNX model at
+    ``output``: the artifacts' eval graph without the loss (output = logits), with the trained
+    parameters and BatchNorm running statistics as initialisers, runnable on plain onnxruntime.
+    ``ort_checkpoint``: also write an ORT training ``CheckpointState`` holding the trained
+    parameters (``onnxruntime.training.api.Module(training_model.onnx, state, eval_model.onnx)``
+    continues from it). ``artifacts``: the artifact directory the run was trained from (default:
+    found beside the run and verified by the checkpoint's hash); ``epoch``: 1-based (the run keeps
+    its last epoch's checkpoint, the default); ``force``: replace existing output files. Returns
+    what was written."""
+    checks.path_like("run", run_dir)
+    checks.path_like("-o", output)
+    if artifacts is not None:
+        checks.path_like("--artifacts", artifacts)
+    if ort_checkpoint is not None:
+        checks.path_like("--ort-checkpoint", ort_checkpoint)
+    epoch = checks.optional_positive_int("--epoch", epoch, checks.MAX_EPOCHS)
+    force = checks.boolean("force", force)
+    from .runtime.export_run import export_run as _export_run  # heavy: onnx, ORT
+
+    return _export_run(run_dir, output, artifacts=artifacts, epoch=epoch, ort_checkpoint=ort_checkpoint, force=force)

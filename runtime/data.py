@@ -6,9 +6,17 @@ Specs (``--data``):
                          dataset-fashion-mnist package)
   imagefolder:DIR        DIR/<class>/*.png|jpg (or DIR/train/<class>, DIR/test/<class>)
 
-Every dataset is adapted to the model input (channels replicated or averaged, bilinear resize) and
-normalised to zero mean / unit variance with training-set statistics. Shuffling is seeded per
-epoch, so two runs with one seed see the same batches.
+Data given in Python (``accelc.train(..., data=...)``; :func:`in_memory_data`):
+``(x_train, y_train, x_test, y_test)`` numpy arrays or torch tensors, ``(train, test)`` with each
+a torch ``Dataset``, ``DataLoader`` or ``(x, y)`` pair, or a dict with those four keys. Images are
+N, C, H, W floating point at the model's input shape and are used as given (not resized, not
+normalised: preprocess them as for torch); labels are integer class indices. A torch dataset is
+read once into memory (random transforms apply once); a shuffling DataLoader reads in another
+order each time, so give its Dataset instead to resume a run (accelc shuffles by its seed).
+
+Every dataset given as a spec is adapted to the model input (channels replicated or averaged,
+bilinear resize) and normalised to zero mean / unit variance with training-set statistics.
+Shuffling is seeded per epoch, so two runs with one seed see the same batches.
 
 Data files are untrusted: every label is checked against the model's class count, image and label
 counts must agree, and a damaged file is one clear error naming it. The memory a dataset needs is
@@ -21,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import math
 import os
 import stat
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -627,6 +637,231 @@ def image_folder(
     return x[tr], y[tr], x[te], y[te], len(classes)
 
 
+# ----------------------------------------------------------------------------- data given in Python
+DATA_FORMS = (
+    "(x_train, y_train, x_test, y_test) arrays, (train, test) with each a torch Dataset, DataLoader or "
+    "(x, y) pair, or a dict with keys x_train, y_train, x_test, y_test"
+)
+MATERIALISE_CHECK = 1024  # items between memory checks while a torch dataset is read
+
+
+class InMemoryData(str):
+    """``data`` given in Python (numpy arrays, torch tensors, a torch ``Dataset``/``DataLoader``),
+    read once and checked on its own (see :func:`in_memory_data`).
+
+    The string is the data's stable description -- ``arrays(sha256=..., N+M images)``, the SHA-256
+    of the four arrays' dtypes, shapes and bytes -- which is what a run's fingerprint and summary
+    record (a resume with other arrays is refused by it); the object carries the arrays. Images are
+    used as given (N, C, H, W float32: neither resized nor normalised, as torch would take them);
+    :func:`load_data` checks them against the model's input shape and class count."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def __new__(cls, x_train, y_train, x_test, y_test):
+        h = hashlib.sha256()
+        for a in (x_train, y_train, x_test, y_test):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        self = super().__new__(cls, f"arrays(sha256={h.hexdigest()}, {len(x_train)}+{len(x_test)} images)")
+        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
+        return self
+
+    def __reduce__(self):  # a copy (pickle, deepcopy) keeps the arrays, not just the description
+        return (InMemoryData, (self.x_train, self.y_train, self.x_test, self.y_test))
+
+
+def _torch():
+    return sys.modules.get("torch")  # a torch object exists only where torch is imported already
+
+
+def _is_torch_source(obj) -> bool:
+    torch = _torch()
+    if torch is None:
+        return False
+    return isinstance(obj, (torch.utils.data.Dataset, torch.utils.data.DataLoader))
+
+
+def _as_array(v, what: str) -> np.ndarray:
+    torch = _torch()
+    if torch is not None and isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    if isinstance(v, np.ndarray):
+        return v
+    if isinstance(v, (list, tuple)) or np.isscalar(v):
+        try:
+            return np.asarray(v)
+        except (ValueError, TypeError):
+            raise InvalidValue(f"data: {what} is not a rectangular array") from None
+    raise InvalidType(f"data: {what} must be a numpy array or torch tensor, got {type(v).__name__}")
+
+
+def _materialise(source, split: str, memory_limit_gb) -> tuple[np.ndarray, np.ndarray]:
+    """A torch Dataset (map-style or iterable) or DataLoader read once into (x, y) arrays; items or
+    batches must be (x, y). Random transforms are applied once, here."""
+    torch = _torch()
+    loader = isinstance(source, torch.utils.data.DataLoader)
+    kind = "DataLoader" if loader else "Dataset"
+    try:
+        n = len(source)
+    except TypeError:
+        n = None
+    if n == 0:
+        raise InvalidValue(f"data: the {split} {kind} is empty")
+    xs, ys, held = [], [], 0
+    try:
+        items = iter(source) if loader or n is None else (source[i] for i in range(n))
+        with torch.no_grad():
+            for k, item in enumerate(items):
+                if not isinstance(item, (tuple, list)) or len(item) != 2:
+                    raise InvalidValue(
+                        f"data: the {split} {kind} must yield (x, y) pairs; item {k} is {type(item).__name__}"
+                        + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+                    )
+                x = _as_array(item[0], f"x of {split} item {k}")
+                y = _as_array(item[1], f"y of {split} item {k}")
+                if not loader:
+                    x, y = x[None], np.reshape(y, (1,))
+                xs.append(x)
+                ys.append(np.reshape(y, (-1,)))
+                held += x.nbytes + 8 * y.size
+                if k == 0 and n is not None:  # from the first item: the whole split's size, before it is read
+                    per = x.nbytes + 8 * y.size
+                    check_memory(f"reading the {split} {kind} ({n} x {show(x.shape)})", 2 * per * n, memory_limit_gb)
+                elif k % MATERIALISE_CHECK == 0:
+                    check_memory(f"reading the {split} {kind}", 2 * held, memory_limit_gb)
+    except AccelcError:
+        raise
+    except Exception as e:  # the user's dataset code failing: its reason, in one line
+        raise AccelcError(f"data: reading the {split} {kind} failed: {type(e).__name__}: {show(e, 160)}") from None
+    if not xs:
+        raise InvalidValue(f"data: the {split} {kind} is empty")
+    shapes = {x.shape[1:] for x in xs}
+    if len(shapes) > 1:
+        raise InvalidValue(f"data: the {split} {kind} yields images of different shapes ({show(sorted(shapes)[:2])})")
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _split(value, split: str, memory_limit_gb) -> tuple[np.ndarray, np.ndarray]:
+    if _is_torch_source(value):
+        return _materialise(value, split, memory_limit_gb)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return _as_array(value[0], f"x_{split}"), _as_array(value[1], f"y_{split}")
+    raise InvalidType(
+        f"data: the {split} split must be a torch Dataset, a DataLoader or an (x, y) pair, got {type(value).__name__}"
+    )
+
+
+def _check_images(x: np.ndarray, name: str, memory_limit_gb) -> np.ndarray:
+    if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.floating):
+        hint = (
+            " (scale it to float32 first, e.g. x.astype(np.float32) / 255)"
+            if np.issubdtype(x.dtype, np.integer)
+            else ""
+        )
+        raise InvalidValue(f"data: {name} must hold floating-point images, got {x.dtype}{hint}")
+    if x.ndim != 4:
+        raise InvalidValue(f"data: {name} must be (N, C, H, W) images, got shape {show(x.shape)}")
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        check_memory(f"converting {name} to float32", _float_bytes(len(x), x.shape[1:]), memory_limit_gb)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    for i in range(0, len(x), RESIZE_CHUNK):  # chunked: no full-size temporary
+        bad = ~np.isfinite(x[i : i + RESIZE_CHUNK]).reshape(min(RESIZE_CHUNK, len(x) - i), -1).all(axis=1)
+        if bad.any():
+            raise InvalidValue(f"data: {name} holds NaN or Inf (image {i + int(np.flatnonzero(bad)[0])})")
+    return x
+
+
+def _check_label_array(y: np.ndarray, name: str, n: int, xname: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise InvalidValue(f"data: {name} must be a 1-D array of class indices, got shape {show(y.shape)}")
+    if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+        raise InvalidValue(f"data: {name} must hold integer class indices, got {y.dtype}")
+    if len(y) != n:
+        raise InvalidValue(f"data: {xname} has {n} images but {name} has {len(y)} labels")
+    if n == 0:
+        raise InvalidValue(f"data: {xname} holds no images")
+    if y.dtype.kind == "u" and y.size and int(y.max()) > np.iinfo(np.int64).max:
+        raise InvalidValue(f"data: {name} has labels beyond the int64 range")
+    return np.ascontiguousarray(y, dtype=np.int64)
+
+
+def check_data_form(data) -> None:
+    """``data`` given in Python has one of the forms :func:`in_memory_data` reads (its type only:
+    nothing is read; InvalidType otherwise)."""
+    if isinstance(data, (InMemoryData, tuple, list, dict)) or _is_torch_source(data):
+        return
+    raise InvalidType(
+        f"--data must be synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR, or data given in Python: "
+        f"{DATA_FORMS}; got {type(data).__name__}"
+    )
+
+
+def in_memory_data(data, memory_limit_gb: float | None = None) -> InMemoryData:
+    """``data`` given in Python, read and checked on its own (the model's checks come in
+    :func:`load_data`): one of :data:`DATA_FORMS`. Images must be floating point, 4-D, finite;
+    labels integer class indices, one per image; both splits non-empty. Returns an
+    :class:`InMemoryData` (a string describing the data, carrying the arrays); already one: as is."""
+    if isinstance(data, InMemoryData):
+        return data
+    if isinstance(data, dict):
+        keys = ("x_train", "y_train", "x_test", "y_test")
+        missing = [k for k in keys if k not in data]
+        extra = sorted(str(k) for k in data if k not in keys)
+        if missing or extra:
+            what = f"lacks {missing[0]}" if missing else f"has an unknown key {show(extra[0])}"
+            raise InvalidValue(f"data: a dict of arrays needs the keys {', '.join(keys)}; this one {what}")
+        parts = [(_as_array(data[keys[0]], "x_train"), _as_array(data[keys[1]], "y_train")),
+                 (_as_array(data[keys[2]], "x_test"), _as_array(data[keys[3]], "y_test"))]  # fmt: skip
+    elif isinstance(data, (tuple, list)) and len(data) == 4:
+        parts = [(_as_array(data[0], "x_train"), _as_array(data[1], "y_train")),
+                 (_as_array(data[2], "x_test"), _as_array(data[3], "y_test"))]  # fmt: skip
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        parts = [_split(data[0], "train", memory_limit_gb), _split(data[1], "test", memory_limit_gb)]
+    elif _is_torch_source(data):
+        raise InvalidValue(
+            "data: give a test split too: (train, test), each a torch Dataset or DataLoader (accelc reports "
+            "test accuracy every epoch)"
+        )
+    elif isinstance(data, (tuple, list)):
+        raise InvalidValue(
+            f"data: a tuple must be (x_train, y_train, x_test, y_test) or (train, test), got {len(data)} items"
+        )
+    else:
+        raise InvalidType(
+            f"--data must be a string (synthetic[:N], fashion-mnist[:DIR], imagefolder:DIR) or {DATA_FORMS}, "
+            f"got {type(data).__name__}"
+        )
+    out = []
+    for (x, y), split in zip(parts, ("train", "test")):
+        x = _check_images(x, f"x_{split}", memory_limit_gb)
+        out += [x, _check_label_array(y, f"y_{split}", len(x), f"x_{split}")]
+    if out[0].shape[1:] != out[2].shape[1:]:
+        raise InvalidValue(
+            f"data: x_train holds images of shape {show(out[0].shape[1:])}, x_test of shape {show(out[2].shape[1:])}"
+        )
+    return InMemoryData(*out)
+
+
+def _load_in_memory(data: InMemoryData, shape: tuple, num_classes: int, train_limit, test_limit) -> Dataset:
+    """The arrays checked against the model: image shape, labels against its classes."""
+    got_shape = tuple(data.x_train.shape[1:])
+    if got_shape != tuple(shape):
+        raise InvalidValue(
+            f"data: the images are {show(got_shape)} (C, H, W); the model's input is {show(tuple(shape))} "
+            "(resize them, or export the model at that input shape)"
+        )
+    xtr, ytr = data.x_train[:train_limit], data.y_train[:train_limit]
+    xte, yte = data.x_test[:test_limit], data.y_test[:test_limit]
+    _check_labels(ytr, num_classes, "data: y_train")
+    _check_labels(yte, num_classes, "data: y_test")
+    return Dataset("arrays", xtr, ytr, xte, yte, num_classes)
+
+
 # ----------------------------------------------------------------------------- entry point
 def check_data(
     spec: str,
@@ -674,7 +909,7 @@ def _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, de
 
 def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode):
     if not isinstance(spec, str):
-        raise InvalidType(f"--data must be a string, got {type(spec).__name__}")
+        spec = in_memory_data(spec, memory_limit_gb)  # arrays or a torch Dataset given in Python
     train_limit = checks.optional_positive_int("--train-limit", train_limit)  # the API's and CLI's own check
     test_limit = checks.optional_positive_int("--test-limit", test_limit)
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
@@ -689,6 +924,9 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
             f"training data is built for image models with a (C, H, W) input; this model's input is {show(shape)}"
         )
     shape = tuple(int(s) for s in shape)
+    if isinstance(spec, InMemoryData):
+        ds = _load_in_memory(spec, shape, num_classes, train_limit, test_limit)
+        return ds if decode else None
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         try:

@@ -5,7 +5,10 @@ constant per element, and bytes are the float32 sizes of every tensor a node rea
 The optimizer phase is counted per trainable element (AdamW ≈ 12 FLOPs, reads p, g, m, v and
 writes p, m, v; SGD 2 FLOPs, reads p, g and writes p).
 
-Passes whose nodes are not standard ops declare their cost with :func:`register_cost`.
+Passes whose nodes are not standard ops declare their cost with :func:`register_cost`. A node
+whose cost depends on what happens at run time (e.g. how many clusters a reuse node finds) is
+counted at its *expected* value (``flops``) and at its upper bound (``flops_bound``); for every
+other node the two are equal. ``assumptions`` says what the expected values assume.
 """
 
 from __future__ import annotations
@@ -56,9 +59,14 @@ OPTIMIZER_COST = {"adamw": (12, 28), "sgd": (2, 12)}  # (FLOPs, bytes) per train
 
 @dataclass
 class Cost:
-    flops: float = 0.0
+    flops: float = 0.0  # expected
     bytes_read: float = 0.0
     bytes_written: float = 0.0
+    flops_bound: float | None = None  # upper bound; None: equal to flops
+
+    def __post_init__(self):
+        if self.flops_bound is None:
+            self.flops_bound = self.flops
 
     @property
     def bytes(self) -> float:
@@ -68,12 +76,18 @@ class Cost:
         self.flops += other.flops
         self.bytes_read += other.bytes_read
         self.bytes_written += other.bytes_written
+        self.flops_bound += other.flops_bound
         return self
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["bytes"] = self.bytes
         return d
+
+
+def gflops(x: float) -> str:
+    """FLOPs as people read them: ``11.37 GFLOPs``, ``28.90 MFLOPs``."""
+    return f"{x / 1e9:.2f} GFLOPs" if abs(x) >= 1e7 else f"{x / 1e6:.2f} MFLOPs"
 
 
 def numel(shape) -> int:
@@ -113,21 +127,41 @@ _COSTS: list[tuple[Callable, Callable]] = []
 
 
 def register_cost(claims: Callable, flops: Callable) -> None:
-    """Declare the FLOPs of nodes a pass adds (bytes are counted from the tensors, as for any node)."""
+    """Declare the FLOPs of nodes a pass adds (bytes are counted from the tensors, as for any node).
+
+    ``flops(tg, node)`` returns a number, or a dict ``{"flops": expected, "flops_bound": upper
+    bound, "note": what the expected value assumes}`` for a node whose cost is known only at run
+    time."""
     _COSTS.append((claims, flops))
 
 
-def node_cost(tg: TrainingGraph, node) -> Cost:
+def _hook_cost(tg: TrainingGraph, node) -> tuple[float, float, str | None] | None:
+    hook = next((f for claims, f in _COSTS if claims(node)), None)
+    if hook is None:
+        return None
+    v = hook(tg, node)
+    if isinstance(v, dict):
+        f = float(v["flops"])
+        return f, float(v.get("flops_bound", f)), v.get("note")
+    return float(v), float(v), None
+
+
+def node_cost(tg: TrainingGraph, node, notes: list | None = None) -> Cost:
+    """The node's cost; where a pass's hook counts it, the hook's note (what the expected value
+    assumes) is appended to ``notes``."""
     ins = [t.name for t in node.inputs]
     outs = [t.name for t in node.outputs]
     rd = 4.0 * sum(numel(tg.shape(t)) for t in ins if t)
     wr = 4.0 * sum(numel(tg.shape(t)) for t in outs if t)
     op = node.op
     flops = 0.0
-    hook = next((f for claims, f in _COSTS if claims(node)), None)
-    if hook is not None:
-        flops = float(hook(tg, node))
-    elif op == "Conv":
+    hooked = _hook_cost(tg, node)
+    if hooked is not None:
+        flops, bound, note = hooked
+        if note and notes is not None:
+            notes.append(note)
+        return Cost(flops, rd, wr, bound)
+    if op == "Conv":
         flops = 2.0 * conv_macs(tg, ins[1], outs[0])
         if len(ins) > 2 and ins[2]:
             flops += numel(tg.shape(outs[0]))
@@ -165,8 +199,9 @@ def graph_costs(tg: TrainingGraph, optimizer: str = "adamw") -> dict:
             owner[b.name] = layer.name
     per_layer: dict[str, dict[str, Cost]] = defaultdict(lambda: {"forward": Cost(), "backward": Cost()})
     phases = {"forward": Cost(), "backward": Cost(), "optimizer": Cost()}
+    notes: list[str] = []
     for node in tg.graph.nodes:
-        c = node_cost(tg, node)
+        c = node_cost(tg, node, notes)
         ph = phase_of(node)
         phases[ph] += c
         per_layer[owner.get(node.name, "(other)")][ph] += c
@@ -181,4 +216,5 @@ def graph_costs(tg: TrainingGraph, optimizer: str = "adamw") -> dict:
         "total": total.as_dict(),
         "layers": {k: {ph: c.as_dict() for ph, c in v.items()} for k, v in per_layer.items()},
         "trainable_elements": trained,
+        "assumptions": list(dict.fromkeys(notes)),  # what expected (not bounded) FLOPs assume
     }

@@ -6,7 +6,7 @@ A pass (in the style of onnx-ir's passes) is a class that declares:
 * ``options``: typed :class:`Option` objects, each validated the same way whether the value comes
   from the CLI (a string) or from Python (a value);
 * ``rank``: where it stands in the composition order (passes run in increasing rank; a list in
-  another order is refused with the order to use);
+  another order is put into this order, with a :class:`PassOrderWarning` saying so);
 * ``default``: True for a pass that runs unless turned off (``--no-opt``);
 * ``in_place``: True when ``run`` edits the artifacts it is given (the manager then hands it a
   copy, so the unrewritten artifacts stay available to ``ensures``);
@@ -14,7 +14,9 @@ A pass (in the style of onnx-ir's passes) is a class that declares:
 * ``run(artifacts, options) -> PassResult``: the rewrite, which tags what it adds or changes with
   :mod:`accelc.compiler.provenance`;
 * ``ensures(before, after, options)``: the numeric self-check of the rewrite; returns a short
-  description of what was checked (or None).
+  description of what was checked (or None);
+* ``explain(record, plan)``: what the pass did, in a few plain sentences, from its record in
+  report.json (the default groups the change records; a pass may say more).
 
 Passes register with :func:`register`; the manager (:mod:`accelc.compiler.manager`) runs them
 over every stage of an artifact set and validates every stage after each pass.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,7 +44,11 @@ class Option:
     help: str
     parse: Callable[[Any], Any] = str
     flag: str | None = None  # CLI flag, e.g. "--mypass-layers"; default --<pass>-<option>
-    choices: tuple | None = None  # shown in --help
+    choices: tuple | None = None  # shown in --help as {a,b}; taken from a choice(...) parser when not given
+
+    def __post_init__(self):
+        if self.choices is None and getattr(self.parse, "choices", None):
+            self.choices = tuple(self.parse.choices)
 
 
 # ---------------------------------------------------------------- option parsers shared by passes
@@ -147,6 +154,20 @@ class Pass:
         return None
 
     @classmethod
+    def explain(cls, record: dict, plan: list | None = None) -> list[str]:
+        """What the pass did, in a few plain sentences, from its record in report.json (``record``:
+        name, options, modified, changes) and the artifacts' plan. The default groups the change
+        records (see :func:`describe_changes`) and names a run-time controller the pass planned."""
+        out = []
+        if record.get("modified"):
+            out.append(describe_changes(record.get("changes") or []) or "rewrote the training graph")
+        else:
+            out.append(describe_changes(record.get("changes") or []) or "changed nothing")
+        if any(isinstance(c, dict) and c.get("type") == cls.name for c in plan or []):
+            out.append("its run-time controller acts during training (plan.json)")
+        return out
+
+    @classmethod
     def flag(cls, option: str) -> str:
         opt = cls.options[option]
         return opt.flag or f"--{cls.name}-{option.replace('_', '-')}"
@@ -196,6 +217,52 @@ def option_message(flag: str, error: BaseException, value) -> str:
     return text
 
 
+_SKIP_KEYS = {"layer", "action", "summary", "node", "nodes", "functions", "removed_nodes", "frozen_params"}
+
+
+def describe_changes(changes: list, limit: int = 6) -> str:
+    """A pass's change records in one line: records with a ``summary`` "SUBJECT: WHAT" grouped by
+    WHAT (``ReluGrad -> Greater/Cast/Mul: 7 nodes``), records with an ``action`` and a ``layer``
+    grouped by action, with the settings they share (``reused: c2, c3 (L=144, H=8)``)."""
+    groups: dict[str, list[str]] = {}
+    shared: dict[str, dict] = {}
+    for c in changes if isinstance(changes, list) else []:
+        if not isinstance(c, dict):
+            continue
+        if c.get("action") and c.get("layer"):
+            key = str(c["action"])
+            subject = str(c["layer"])
+            params = {k: v for k, v in c.items() if k not in _SKIP_KEYS and isinstance(v, (str, int, float, bool))}
+            if key in shared:
+                shared[key] = {k: v for k, v in shared[key].items() if params.get(k) == v}
+            else:
+                shared[key] = params
+        elif c.get("summary"):
+            subject, sep, what = str(c["summary"]).partition(": ")
+            key, subject = (what, subject) if sep else (subject, "")
+        else:
+            continue
+        groups.setdefault(key, []).append(subject)
+    parts = []
+    for key, subjects in groups.items():
+        subjects = [s for s in subjects if s]
+        named = ", ".join(subjects[:limit]) + (f", … ({len(subjects)} in all)" if len(subjects) > limit else "")
+        if subjects and (len(named) > 90 or any("/" in s for s in subjects)):
+            named = f"{len(subjects)} node{'s' if len(subjects) > 1 else ''}"
+        params = ", ".join(f"{k}={v}" for k, v in shared.get(key, {}).items())
+        if key in shared:
+            parts.append(f"{key}: {named}" + (f" ({params})" if params else ""))
+        elif len(subjects) == 1 and not named[0].isdigit():
+            parts.append(f"{named}: {key}")
+        else:
+            parts.append(f"{key}" + (f": {named}" if subjects else ""))
+    return "; ".join(parts)
+
+
+class PassOrderWarning(UserWarning):
+    """Passes were given in another order than the composition order; they run in that order."""
+
+
 _REGISTRY: dict[str, type[Pass]] = {}
 
 
@@ -224,6 +291,21 @@ def order_of(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (reg[n].rank, n))
 
 
+def in_order(names: list[str], warn: bool = True) -> list[str]:
+    """``names`` in composition order; when that differs from the order given, a
+    :class:`PassOrderWarning` says which order runs (the CLI prints it as one note line)."""
+    want = order_of(names)
+    reg = registered()
+    optional = [n for n in want if not reg[n].default]
+    if warn and [n for n in names if not reg[n].default] != optional:
+        warnings.warn(
+            f"passes run in the order {','.join(optional)} (each pass rewrites what the passes before it made)",
+            PassOrderWarning,
+            stacklevel=3,
+        )
+    return want
+
+
 def check_order(names: list[str]) -> None:
     """Refuse passes given out of composition order, naming the order to use."""
     want = order_of(names)
@@ -237,9 +319,10 @@ def check_order(names: list[str]) -> None:
 
 
 def parse_pass_list(value) -> list[str]:
-    """``"a,b"``, ``["a"]``, ``"none"`` or None -> checked pass names. A string is split at
-    commas (never iterated per character); anything but a string or a list/tuple of strings is
-    InvalidType; an unknown or repeated pass, or passes out of composition order, InvalidValue."""
+    """``"a,b"``, ``["a"]``, ``"none"`` or None -> checked pass names, in composition order. A
+    string is split at commas (never iterated per character); anything but a string or a
+    list/tuple of strings is InvalidType; an unknown or repeated pass InvalidValue. Passes given
+    in another order are put into the composition order with a :class:`PassOrderWarning`."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -265,8 +348,7 @@ def parse_pass_list(value) -> list[str]:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InvalidValue(f"pass {', '.join(twice)} is listed twice in --passes {','.join(names)}")
-    check_order([n for n in names if not reg[n].default])
-    return names
+    return in_order(names)
 
 
 def check_pass_options(names: list[str], pass_options, defaults: bool = True) -> dict:

@@ -1,6 +1,6 @@
 """accelc — compile CNN training graphs for ONNX Runtime Training with paper-derived passes.
 
-Subcommands (``accelc SUBCOMMAND --help`` for each):
+Subcommands ('accelc SUBCOMMAND --help' for each):
   export    write a built-in zoo model as a training-ready ONNX file
   compile   build ORT training artifacts from an ONNX model and rewrite them with passes
   passes    list the passes and their options
@@ -10,8 +10,8 @@ Subcommands (``accelc SUBCOMMAND --help`` for each):
   bench     run several configurations side by side on the same model, weights and data
 
 Built in the style of Polygraphy's tools: one class per subcommand, shared argument groups with one
-set of defaults, one error policy in :func:`main`. Nothing here imports torch or ONNX Runtime
-until a subcommand runs (``accelc --help`` stays fast).
+set of defaults, one error policy in main(). Nothing here imports torch or ONNX Runtime
+until a subcommand runs ('accelc --help' stays fast: python -X importtime -m accelc --help).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from . import api
@@ -30,9 +32,11 @@ from . import passes as _passes  # noqa: F401  (registers the passes: their opti
 from .bench import markdown, parse_configs, run_bench
 from .compiler import checks
 from .compiler.artifact_dir import load_artifacts
+from .compiler.compile import DEFAULT_LR, VERSION, cost_total, explain
+from .compiler.cost import gflops
 from .compiler.errors import AccelcError, show
 from .compiler.model import check_step_memory
-from .compiler.pass_api import parse_pass_list, registered
+from .compiler.pass_api import PassOrderWarning, parse_pass_list, registered
 from .launch import launch_local, local_threads, supervise, torchrun_config
 from .runtime.config import ExecConfig, parse_kernel_choices
 from .runtime.data import check_data
@@ -43,8 +47,19 @@ from .runtime.train import open_run_dir, release_run_dir
 from .scaling import markdown as scaling_markdown
 from .scaling import run_scaling
 
-DEFAULT_LR = 1e-3
 DEFAULT_CONFIGS = "torch,ort"
+_RST = (
+    (re.compile(r":[a-z]+:`~?([^`]+)`"), r"\1"),  # :func:`x`, :class:`~a.b`
+    (re.compile(r"``([^`]+)``"), r"'\1'"),
+    (re.compile(r"`([^`]+)`"), r"'\1'"),
+)
+
+
+def plain(text: str) -> str:
+    """Help text without RST markup (``x``, :func:`x`, `x`): what a terminal shows."""
+    for pat, sub in _RST:
+        text = pat.sub(sub, text)
+    return text
 
 
 def _fmt_num(x: float) -> str:
@@ -73,8 +88,8 @@ def layer_table_text(view: dict) -> str:
                 _fmt_num(r["param_count"]),
                 "x".join(map(str, r["weight_shape"])),
                 "x".join(map(str, r["output_shape"])),
-                _fmt_num(r["flops_fwd"]),
-                _fmt_num(r["flops_bwd"]),
+                _flops_cell(r["flops_fwd"], r.get("flops_fwd_bound")),
+                _flops_cell(r["flops_bwd"], r.get("flops_bwd_bound")),
                 _fmt_num(r["bytes_fwd"]) + "B",
                 _fmt_num(r["bytes_bwd"]) + "B",
                 show(",".join(r["passes"]), 60) or ("frozen" if not r["trainable"] else "-"),
@@ -86,7 +101,18 @@ def layer_table_text(view: dict) -> str:
     )
     ph = view["costs"]["phases"]
     out += "\n\n" + "  ".join(f"{k}: {_fmt_num(v['flops'])}FLOPs {_fmt_num(v['bytes'])}B" for k, v in ph.items())
+    if any(r.get("flops_fwd_bound", r["flops_fwd"]) > r["flops_fwd"] for r in view["layers"]):
+        out += "\nFLOPs marked ~ are expected values (known only while training), with their upper bound in ( )"
+    before = cost_total(view.get("costs_before") or {})
+    if before:
+        out += f"\nplain ORT training step: {gflops(before['flops'])}"
     return out
+
+
+def _flops_cell(flops: float, bound: float | None) -> str:
+    if bound is None or bound <= flops * (1 + 1e-9):
+        return _fmt_num(flops)
+    return f"~{_fmt_num(flops)} (<={_fmt_num(bound)})"
 
 
 # ----------------------------------------------------------------------------- argument groups
@@ -184,11 +210,13 @@ class PassArgs(ArgGroup):
 
         reg = registered()
         g = parser.add_argument_group("passes")
+        optional = [n for n, c in reg.items() if not c.default]
         g.add_argument(
             "--passes",
             default="none",
-            help=f"comma-separated passes in order, or 'none' (default); passes: "
-            f"{', '.join(n for n, c in reg.items() if not c.default)}",
+            metavar="PASS[,PASS...]",
+            help=f"passes to run, comma-separated, or 'none' (default); passes: {', '.join(optional)} "
+            f"(given in another order, they run in this one, with a note); 'accelc passes' describes them",
         )
         g.add_argument(
             "--no-opt",
@@ -196,16 +224,15 @@ class PassArgs(ArgGroup):
             help="do not run the default 'opt' pass (with --passes none: ORT's plain artifacts, unchanged)",
         )
         for pname, cls in reg.items():
-            pg = parser.add_argument_group(f"pass {pname}", cls.summary)
+            pg = parser.add_argument_group(f"pass {pname}", plain(cls.summary))
             for oname, opt in cls.options.items():
                 flag = cls.flag(oname)
-                choices = f" {{{','.join(opt.choices)}}}" if opt.choices else ""
                 pg.add_argument(
                     flag,
                     dest=_dest(flag),
                     default=None,
-                    metavar=oname.upper() if not choices else None,
-                    help=f"{opt.help}{choices} (default: {opt.default})",
+                    metavar="{" + ",".join(opt.choices) + "}" if opt.choices else oname.upper(),
+                    help=plain(f"{opt.help}{_default_text(opt.default)}").replace("%", "%%"),
                 )
 
     @staticmethod
@@ -226,6 +253,14 @@ def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
+def _default_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(":".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v) for v in value)
+    return f" (default: {value})"
+
+
 # ----------------------------------------------------------------------------- tools
 class Tool:
     """One subcommand: its name, description (first line = summary), examples, arguments, run."""
@@ -241,6 +276,13 @@ class Tool:
 
     def epilog(self) -> str:
         return "examples:\n" + "\n".join(f"  {e}" for e in self.examples) if self.examples else ""
+
+
+TOP_EXAMPLES = (
+    "accelc export vgg -o vgg.onnx",
+    "accelc compile vgg.onnx -o art --passes skip",
+    "accelc train art --data fashion-mnist --epochs 3 -o run",
+)
 
 
 class Export(Tool):
@@ -326,10 +368,13 @@ class Compile(Tool):
                 f"compiled {show(a.model)} -> {show(a.output)} in {report['compile_seconds']:.2f}s "
                 f"(passes: {','.join(ran) or 'none'}; {report['model']['param_count']:,} params)"
             )
+            for line in explain(report):
+                print(line)
             if names:
+                bound = f" expected (at most {gflops(f['flops_bound'])})" if f["flops_bound"] > f["flops"] else ""
                 print(
-                    f"training-step cost: {_fmt_num(b['flops'])}FLOPs -> {_fmt_num(f['flops'])}FLOPs, "
-                    f"{_fmt_num(b['bytes'])}B -> {_fmt_num(f['bytes'])}B"
+                    f"training-step cost (cost model): {gflops(b['flops'])} -> {gflops(f['flops'])}{bound}, "
+                    f"{_fmt_num(b['bytes'])}B -> {_fmt_num(f['bytes'])}B read and written"
                 )
         return 0
 
@@ -353,7 +398,7 @@ class Passes(Tool):
                             "summary": c.summary,
                             "paper": c.paper,
                             "options": {
-                                k: {"default": o.default, "help": o.help, "flag": c.flag(k)}
+                                k: {"default": o.default, "help": o.help, "flag": c.flag(k), "choices": o.choices}
                                 for k, o in c.options.items()
                             },
                         }
@@ -369,7 +414,8 @@ class Passes(Tool):
         for n, c in reg.items():
             print(f"{n}: {c.summary}\n  paper: {c.paper}")
             for k, o in c.options.items():
-                print(f"  {c.flag(k):28s} {o.help} (default: {o.default})")
+                choices = " {" + ",".join(o.choices) + "}" if o.choices else ""
+                print(f"  {c.flag(k) + choices:28s} {plain(o.help)}{_default_text(o.default)}")
         return 0
 
 
@@ -402,9 +448,11 @@ class Inspect(Tool):
             print(layer_table_text(view))
             for w in view.get("warnings", []):
                 print(f"note: {show(w, 400)}")
-            for p in view.get("passes", []):
-                summary = "; ".join(str(c.get("summary", "")) for c in p.get("changes", []) if isinstance(c, dict))
-                print(f"pass {show(p['name'], 40)}: modified={p['modified']} {show(summary, 400)}")
+            lines = explain(view)
+            if lines:
+                print()
+            for line in lines:
+                print(line)
         return 0
 
 
@@ -585,11 +633,139 @@ class Train(Tool):
             _dist=dist,
         )
         if not a.quiet and (dist is None or dist.rank == 0):
+            for line in training_summary(s, _read_json(Path(a.artifacts) / "plan.json").get("controllers"),
+                                         _read_json(Path(a.artifacts) / "report.json")):  # fmt: skip
+                print(line)
             print(
                 f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f} at epoch "
                 f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {show(a.output)}/"
             )
         return 0
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file train has already verified (plan.json, report.json), or {} where it cannot be read."""
+    try:
+        v = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return v if isinstance(v, dict) else {}
+
+
+def _epochs(es: list[int]) -> str:
+    es = sorted(es)
+    if not es:
+        return "no epoch"
+    if es == list(range(es[0], es[-1] + 1)):
+        return f"epoch {es[0]}" if len(es) == 1 else f"epochs {es[0]}-{es[-1]}"
+    return "epochs " + ",".join(map(str, es))
+
+
+def training_summary(s: dict, plan: list | None = None, report: dict | None = None) -> list[str]:
+    """What every controller decided and when, and the step cost against the plain ORT step, from
+    a training summary (summary.json), the artifacts' plan and their compile report."""
+    plan = [c for c in plan or [] if isinstance(c, dict)]
+    opts = {c.get("type"): c for c in plan}
+    ctl = s.get("controllers") or {}
+    hist = s.get("history") or []
+    decisions = s.get("decisions") or []
+    lines = []
+    for name, rep in ctl.items():
+        rep = rep if isinstance(rep, dict) else {}
+        mine = [d for d in decisions if d.get("controller") == name]
+        if name == "rescale" and rep:
+            low = [e["epoch"] for e in rep.get("epochs", []) if e.get("stage") == "low"]
+            hw = next((m.get("input_hw") for m in hist if m.get("epoch") in low and m.get("input_hw")), None)
+            at = f" ({'x'.join(map(str, hw))})" if hw else ""
+            if rep.get("switch_epoch"):
+                why = mine[0]["why"].split(";")[0] if mine else ""
+                text = f"rescale: {_epochs(low)} at low resolution{at}, full resolution from epoch {rep['switch_epoch'] + 1}"
+                text += f" ({why})" if why else ""
+            else:
+                text = f"rescale: {_epochs(low)} at low resolution{at}; the switch to full resolution never came"
+            if rep.get("low_over_full_epoch_time"):
+                text += f"; a low-resolution epoch took {rep['low_over_full_epoch_time']:.2f}x a full one (measured)"
+            lines.append(text)
+        elif name == "reuse" and rep:
+            eps = rep.get("epochs") or []
+            setting = "x".join(map(str, eps[0].get("setting") or [])) if eps else ""
+            per = []
+            for layer in (eps[0].get("layers") or {}) if eps else {}:
+                rs = [e["layers"][layer].get("remain_ratio") for e in eps if layer in e.get("layers", {})]
+                rs = [r for r in rs if r is not None]
+                if rs:
+                    per.append(f"{layer} {rs[0]:.2f}" + (f"->{rs[-1]:.2f}" if len(rs) > 1 else ""))
+            text = f"reuse ({rep.get('strategy')}, L x H {setting}): remain ratio per layer (measured) "
+            text += ", ".join(per) if per else "not measured"
+            if "reused_layer_macs_saved" in rep:
+                text += f"; the reused layers' multiply-adds {-rep['reused_layer_macs_saved']:+.0%} over the run"
+            for d in rep.get("switches") or []:
+                text += f"; after epoch {d.get('epoch')}: {d.get('why')}"
+            lines.append(text)
+        elif name == "skip" and rep:
+            lines.append(_skip_summary(rep, mine, opts.get("skip") or {}))
+        else:
+            for d in mine:
+                lines.append(f"{name}: after epoch {d.get('epoch')}: {show(str(d.get('why')), 300)}")
+    flops = [(m.get("steps", 0), m["flops_per_step"]) for m in hist if m.get("flops_per_step")]
+    costs = (report or {}).get("costs")
+    plain_flops = cost_total(costs.get("before") or {}).get("flops") if isinstance(costs, dict) else None
+    if flops and plain_flops and ctl:
+        steps = sum(n for n, _ in flops) or 1
+        mean = sum(n * f for n, f in flops) / steps
+        lines.append(
+            f"step cost (cost model, reuse at its expected remain ratio): {gflops(mean)} on average against "
+            f"{gflops(plain_flops)} for the plain ORT step ({mean / plain_flops - 1:+.1%}); per epoch: "
+            + ", ".join(f"{gflops(f)}" for _, f in flops)
+            + " (time against plain ORT: accelc bench measures it)"
+        )
+    return lines
+
+
+def _skip_summary(rep: dict, decisions: list, opt: dict) -> str:
+    lam = [e for e in rep.get("lambdas") or [] if isinstance(e, dict)]
+    tau, mode = opt.get("tau", 2.0), opt.get("tau_mode", "relative")
+    skips = [d for d in decisions if d.get("action") == "skip"]
+    if skips:
+        parts = []
+        for d in skips:
+            vals = ", ".join(
+                f"{k} λ {v:.3g}" + (f" > {tau} x {d['first'][k]:.3g}" if (d.get("first") or {}).get(k) else "")
+                for k, v in (d.get("lam") or {}).items()
+                if v is not None
+            )
+            parts.append(f"after epoch {d.get('epoch')}: skip {', '.join(d.get('skipped') or [])} ({vals})")
+        text = "skip: " + "; ".join(parts)
+    else:
+        text = f"skip: skipped nothing in {len(lam)} epoch(s)"
+        first = {k: v for k, v in (lam[0] if lam else {}).items() if k != "epoch"}
+        if len(lam) <= int(opt.get("min_epochs", 1)):
+            text += f": the first decision comes after epoch {int(opt.get('min_epochs', 1)) + 1}"
+        elif mode == "absolute":
+            top = max(((k, v, e["epoch"]) for e in lam for k, v in e.items() if k != "epoch"), key=lambda t: t[1])
+            text += f": no layer's λ passed {tau} (largest: {top[0]} {top[1]:.3g} at epoch {top[2]})"
+        else:
+            ratios = [
+                (k, v / first[k], e["epoch"]) for e in lam[1:] for k, v in e.items() if k != "epoch" and first.get(k)
+            ]
+            done = [d for d in decisions if d.get("action") == "keep"]
+            if done:
+                text += f": {done[-1].get('why')}"
+            elif ratios:
+                top = max(ratios, key=lambda t: t[1])
+                text += (
+                    f": no layer's λ passed {tau} x its first-epoch λ (largest: {top[0]} at "
+                    f"{top[1]:.2f}x in epoch {top[2]})"
+                )
+    return text
+
+
+def _note(message, category, *_args, **_kw) -> None:
+    """accelc's own warnings (e.g. passes put into order) as one 'accelc: note:' line; others as usual."""
+    if issubclass(category, PassOrderWarning):
+        print(f"accelc: note: {show(str(message), 400)}", file=sys.stderr)
+    else:
+        print(f"accelc: warning: {show(str(message), 400)}", file=sys.stderr)
 
 
 _SUPERVISED = False  # a training worker: its supervisor reports interruptions, in one line
@@ -617,7 +793,7 @@ class Bench(Tool):
     def add_arguments(self, p):
         p.add_argument("--model", default="vgg", help="zoo model name or ONNX path (default vgg)")
         DataArgs().add(p)
-        TrainingArgs().add(p, lr=3e-4, lr_help="learning rate (default 3e-4: stable for the BatchNorm zoo models)")
+        TrainingArgs().add(p)
         p.add_argument(
             "--configs",
             default=DEFAULT_CONFIGS,
@@ -704,9 +880,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     top = Parser(
         prog="accelc",
-        description=__doc__.split("\n\nBuilt in")[0],
+        description=__doc__.split("\n")[0] + "\n\n'accelc SUBCOMMAND --help' describes each subcommand.",
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in TOP_EXAMPLES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    top.add_argument("--version", action="version", version=f"accelc {VERSION}")
     GlobalArgs().add(top, top=True)
     sub = top.add_subparsers(dest="cmd", metavar="SUBCOMMAND", parser_class=Parser)
     for cls in TOOLS:
@@ -714,8 +892,8 @@ def build_parser() -> argparse.ArgumentParser:
         summary = cls.__doc__.splitlines()[0]
         p = sub.add_parser(
             tool.name,
-            help=summary,
-            description=cls.__doc__,
+            help=plain(summary),
+            description=plain(cls.__doc__),
             epilog=tool.epilog(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -734,7 +912,10 @@ def main(argv=None) -> int:
         a.argv = list(argv)
         if not getattr(a, "tool", None):
             raise AccelcError("a subcommand is required (see 'accelc --help')")
-        return a.tool.run(a) or 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if a.quiet else "always", PassOrderWarning)  # -q: errors only
+            warnings.showwarning = _note
+            return a.tool.run(a) or 0
     except AccelcError as e:
         if verbose:
             traceback.print_exc()

@@ -135,7 +135,6 @@ COMPILE_CASES = [
     ("passes=nope", {"passes": ["nope"]}, "unknown pass(es) nope; available: opt, rescale, reuse, skip", ValueError),
     ("passes=str-nope", {"passes": "skip,nope"}, "unknown pass(es) nope", ValueError),
     ("passes=dup", {"passes": ["skip", "skip"]}, "pass skip is listed twice in --passes skip,skip", ValueError),
-    ("passes=order", {"passes": "skip,rescale"}, "give --passes rescale,skip", ValueError),
     (
         "tau=-3",
         {"passes": "skip", "pass_options": {"skip": {"tau": -3}}},

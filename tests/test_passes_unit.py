@@ -182,8 +182,9 @@ def test_options_are_validated_from_python_as_from_the_cli(name, options, needle
 def test_pass_lists():
     assert parse_pass_list("none") == [] and parse_pass_list(None) == []
     assert parse_pass_list(["rescale", "skip"]) == ["rescale", "skip"]
+    with pytest.warns(UserWarning, match="passes run in the order rescale,skip"):  # put into order (issue 19)
+        assert parse_pass_list("skip,rescale") == ["rescale", "skip"]
     for bad, needle in (
-        ("skip,rescale", "rescale,skip"),
         ("skip,skip", "twice"),
         ("nope", "unknown pass"),
         (3, "list"),

@@ -32,7 +32,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from ...compiler.artifacts import Artifacts, quiet_native_stderr
-from ...compiler.errors import AccelcError
+from ...compiler.cost import gflops, graph_costs
+from ...compiler.errors import AccelcError, show
 from ...compiler.graph import ACC_OUT_SUFFIX, BUFFER_SUFFIX, GRAD_SUFFIX, TrainingGraph, training_graph
 from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least, name_list, positive_float, register
 from ...compiler.validation import seed_random_ops
@@ -157,6 +158,33 @@ def freeze_in_checkpoint(checkpoint: bytes, frozen: list[str]) -> bytes:
             return fh.read()
 
 
+def skip_sets(layers: list[str], policy: str, keep_last: int) -> dict[str, list[str]]:
+    """layer -> the smallest skip set that contains it under ``policy`` (as the controller picks
+    them: a prefix ends at it, a suffix starts at it, or the layer alone); layers the policy never
+    skips are left out."""
+    n = len(layers)
+    if policy == "prefix":
+        return {name: layers[: i + 1] for i, name in enumerate(layers[: max(n - keep_last, 0)])}
+    if policy == "suffix":
+        return {name: layers[i:] for i, name in enumerate(layers) if i > 0}
+    return {name: [name] for name in layers[: max(n - keep_last, 0)]}
+
+
+def skip_savings(art: Artifacts, layers: list[str], policy: str, keep_last: int) -> dict[str, float]:
+    """FLOPs per training step (cost model) that skipping each layer's set (:func:`skip_sets`)
+    would save, from the instrumented artifacts: pruned on a copy of the graph, as the
+    controller's transform prunes."""
+    optimizer = art.config.get("optimizer", "adamw")
+    base_tg = training_graph(art)
+    base = graph_costs(base_tg, optimizer)["total"]["flops"]
+    out = {}
+    for name, skip in skip_sets(layers, policy, keep_last).items():
+        tg = TrainingGraph(art.training, base_tg.shapes)
+        prune(tg, skip)
+        out[name] = base - graph_costs(tg, optimizer)["total"]["flops"]
+    return out
+
+
 def seeded(art: Artifacts) -> Artifacts:
     out = art.copy()
     out.training = seed_random_ops(art.training)
@@ -223,7 +251,44 @@ class SkipPass(Pass):
             art.training.ir_version = 10
         plan = {k: v for k, v in options.items() if k != "layers"}
         art.plan.append({"type": "skip", **plan})
+        # what the controller's decisions would save: per layer, the skip set that takes it in
+        saved = skip_savings(art, [c["layer"] for c in changes], options["policy"], int(options["keep_last"]))
+        for c in changes:
+            if c["layer"] in saved:
+                c["saves_flops_per_step"] = saved[c["layer"]]
         return PassResult(art, bool(changes), changes)
+
+    @classmethod
+    def explain(cls, record: dict, plan: list | None = None) -> list[str]:
+        """A fixed skip set: what was removed. Instrumented: that the controller decides at run
+        time, by which rule, and what skipping would save per step, layer by layer."""
+        opts = record.get("options") if isinstance(record.get("options"), dict) else {}
+        changes = record.get("changes") if isinstance(record.get("changes"), list) else []
+        changes = [c for c in changes if isinstance(c, dict)]
+        if opts.get("layers") or not any(str(c.get("summary", "")).endswith("LARS norms exposed") for c in changes):
+            return super().explain(record, plan)
+        layers = [c for c in changes if c.get("layer")]
+        rule = (
+            f"λ > {opts.get('tau')}"
+            if opts.get("tau_mode") == "absolute"
+            else f"λ > {opts.get('tau')} × the layer's first-epoch λ"
+        )
+        out = [
+            f"instrumented {len(layers)} layers with their LARS norms; nothing is skipped yet: the controller "
+            f"decides at run time, at each epoch end from epoch {opts.get('min_epochs', 1)} on ({rule}, "
+            f"{opts.get('policy')} policy, the last {opts.get('keep_last')} layer(s) always trained)"
+        ]
+        saved = [
+            (show(str(c.get("layer")), 60), c["saves_flops_per_step"])
+            for c in changes
+            if isinstance(c.get("saves_flops_per_step"), (int, float))
+        ]
+        if saved:
+            what = {"prefix": "skipping up to", "suffix": "skipping from", "any": "skipping"}.get(
+                str(opts.get("policy")), "skipping"
+            )
+            out.append(f"{what} a layer would save per step: " + ", ".join(f"{n} {gflops(f)}" for n, f in saved))
+        return out
 
     def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
         """The remaining gradients equal the unpruned graph's on one batch (same weights)."""

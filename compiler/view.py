@@ -18,6 +18,18 @@ Every request must carry ``Host: 127.0.0.1:PORT`` or ``Host: localhost:PORT``; a
 A path that is not a loadable ONNX model (``/etc/hostname``, a text file, a directory without
 ``training_model.onnx``, a device or FIFO) is refused with one line before anything listens.
 
+Of an artifact directory, ``graph`` picks what is shown: ``training`` (the default), ``eval``,
+``optimizer``, a stage (``stage-low``: its training graph) or a stage's graph (``stage-low/eval``);
+the choices are the files the directory holds (:func:`graphs`), never a path built from the request.
+
+What Netron shows is the file as it is, except that base64 blobs in metadata (e.g. the node a
+``reuse`` node replaced, which the runtime needs) are shown as a one-line summary instead of
+kilobytes of text (the file keeps them). ``changes=True`` shows what the passes touched: every node
+a pass added or changed is titled ``[PASS] OpType`` (so it stands out in the graph, without the
+colour of its op) and the model's properties list the passes with their node counts; the served
+name is ``NAME.changes.onnx``. Such a view is built in memory when the server starts, from the
+bytes read then.
+
 :func:`serve` blocks until Ctrl-C (the CLI). :func:`start` returns a running :class:`ViewServer`
 that serves while the calling process lives, until :meth:`ViewServer.stop`; the CLI has no
 ``--no-block`` (a command that returns cannot keep serving without daemonising, which accelc does
@@ -42,6 +54,10 @@ from .resources import check_memory
 
 HOST = "127.0.0.1"
 ARTIFACT_MODEL = "training_model.onnx"
+GRAPH_FILES = {"training": ARTIFACT_MODEL, "eval": "eval_model.onnx", "optimizer": "optimizer_model.onnx"}
+BLOB_MIN = 100  # a metadata value this long made only of base64 characters is a blob
+_BASE64 = re.compile(r"[A-Za-z0-9+/\r\n]+={0,2}")
+PASS_KEY = "accelc.pass"  # compiler.provenance.PASS (kept here: the view loads nothing of the compiler)
 PROTOBUF_LIMIT = 2**31 - 1  # an ONNX protobuf cannot be larger
 _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}")
@@ -142,27 +158,135 @@ def _open_external(loc: str, base: str, model_name: str) -> tuple[str, int]:
     return key, fd
 
 
-def resolve_model(path) -> Path:
-    """The ONNX file ``path`` names: the file itself, or an artifact directory's training model."""
+def graphs(art_dir) -> dict[str, Path]:
+    """The graphs of an artifact directory by the name ``graph`` takes: ``training``, ``eval``,
+    ``optimizer``, and per stage (a subfolder holding a training model) ``STAGE`` (its training
+    graph), ``STAGE/eval``, ``STAGE/optimizer``; only files that are there."""
+    d = Path(art_dir)
+    out: dict[str, Path] = {}
+    for k, f in GRAPH_FILES.items():
+        if (d / f).is_file():
+            out[k] = d / f
+    try:
+        subs = sorted(x for x in d.iterdir() if x.is_dir() and not x.is_symlink() and _SAFE_NAME.fullmatch(x.name))
+    except OSError:
+        subs = []
+    for sub in subs:
+        if (sub / ARTIFACT_MODEL).is_file():
+            out[sub.name] = sub / ARTIFACT_MODEL
+            for k, f in GRAPH_FILES.items():
+                if k != "training" and (sub / f).is_file():
+                    out[f"{sub.name}/{k}"] = sub / f
+    return out
+
+
+def resolve_model(path, graph: str | None = None) -> Path:
+    """The ONNX file ``path`` names: the file itself, or an artifact directory's graph ``graph``
+    (its training model by default; see :func:`graphs`)."""
     if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
         raise InvalidType(f"view needs a path, got {type(path).__name__}")
+    if graph is not None and not isinstance(graph, str):
+        raise InvalidType(f"--graph must be a string, got {type(graph).__name__}")
     p = Path(path)
     if p.is_dir():
         if not (p / ARTIFACT_MODEL).is_file():
             raise AccelcError(
                 f"'{show(path)}' is a directory without {ARTIFACT_MODEL} (give an ONNX file or an artifact directory)"
             )
-        return p / ARTIFACT_MODEL
+        if graph is None:
+            return p / ARTIFACT_MODEL
+        choices = graphs(p)
+        key = graph.strip().rstrip("/")
+        key = key[: -len("/training")] if key.endswith("/training") else key
+        if key not in choices:
+            raise InvalidValue(f"--graph takes {', '.join(choices)} for '{show(path)}', got {show(graph)}")
+        return choices[key]
+    if graph is not None:
+        raise InvalidValue(f"--graph picks a graph of an artifact directory; '{show(path)}' is one ONNX file")
     if not p.exists() and not p.is_symlink():
         raise AccelcError(f"'{show(path)}': no such file or directory")
     return p
 
 
+def _blob_summary(key: str, value: str) -> str | None:
+    """A one-line stand-in for a base64 blob in metadata (None when ``value`` is no blob)."""
+    import base64
+
+    text = value.strip()
+    if len(text) < BLOB_MIN or not _BASE64.fullmatch(text):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=False)
+    except ValueError:
+        return None
+    what = ""
+    try:
+        from onnx import NodeProto
+
+        n = NodeProto()
+        n.ParseFromString(raw)
+        if n.op_type:
+            what = (
+                f" holding the {show(n.op_type)} node {show(n.name or '(unnamed)')} "
+                f"({', '.join(show(i) for i in n.input)} -> {', '.join(show(o) for o in n.output)})"
+            )
+    except Exception:
+        pass
+    return f"[{len(raw)} bytes of base64{what}: kept in the file, not shown]"
+
+
+def _props_tidy(props) -> int:
+    n = 0
+    for p in props:
+        short = _blob_summary(p.key, p.value)
+        if short is not None:
+            p.value = short
+            n += 1
+    return n
+
+
+def _all_nodes(graph):
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            yield node
+            for a in node.attribute:
+                if a.HasField("g"):
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+
+
+def view_model(model, changes: bool = False):
+    """The model as the view shows it (see the module's docstring), or None when that is the file
+    as it is. Changes ``model`` in place."""
+    touched = 0
+    for obj in [model] + list(model.graph.initializer) + list(_all_nodes(model.graph)):
+        touched += _props_tidy(obj.metadata_props)
+    if not changes:
+        return model if touched else None
+    count: dict[str, int] = {}
+    for node in _all_nodes(model.graph):
+        by = {p.key: p.value for p in node.metadata_props}.get(PASS_KEY)
+        if by:
+            count[by] = count.get(by, 0) + 1
+            node.op_type = f"[{by}] {node.op_type}"
+    inits = sum(1 for t in model.graph.initializer if any(p.key == PASS_KEY for p in t.metadata_props))
+    text = "; ".join(f"{k}: {v} node(s)" for k, v in sorted(count.items())) or "no pass changed a node"
+    if inits:
+        text += f"; {inits} initializer(s) rewritten"
+    model.metadata_props.add(key="accelc.changes", value=text)
+    model.graph.doc_string = f"accelc changes view (not a runnable model): {text}"
+    return model
+
+
 class _Files:
     """The fixed table of what ``/data/NAME`` serves: open descriptors, closed by :meth:`close`."""
 
-    def __init__(self, path: Path, memory_limit=None):
+    def __init__(self, path: Path, memory_limit=None, changes: bool = False, stage: str | None = None):
         self.fds: dict[str, int] = {}
+        self.blobs: dict[str, bytes] = {}  # a view built in memory (see view_model), served instead of the file
+        self.changes, self.stage = changes, stage
         self._lock = threading.Lock()
         self.closed = False
         label = f"'{show(path)}'"
@@ -181,7 +305,7 @@ class _Files:
             raise AccelcError(f"{label} is empty, not an ONNX model")
         if st.st_size > PROTOBUF_LIMIT:
             raise AccelcError(f"{label} is larger than 2 GB, so not an ONNX model (protobuf limit)")
-        check_memory(f"reading {label} to view it", 3 * st.st_size, memory_limit)
+        check_memory(f"reading {label} to view it", (4 if self.changes else 3) * st.st_size, memory_limit)
         model = onnx.ModelProto()
         try:
             model.ParseFromString(_read_all(fd, st.st_size))
@@ -190,22 +314,36 @@ class _Files:
         if not model.HasField("graph") or not model.graph.node or not model.opset_import:
             raise AccelcError(f"{label} is not a loadable ONNX model (no graph nodes or opset)")
         stem = path.name[:-5] if path.name.lower().endswith(".onnx") else path.name
+        if self.stage:  # a stage's graph: named by its stage too (stage-low.training_model.onnx)
+            stem = f"{self.stage}.{stem}"
         # the name appears in Netron's index.html unescaped: only plain characters go there
         self.name = stem + ".onnx" if _SAFE_NAME.fullmatch(stem) else "model.onnx"
         base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
         self.fds[self.name] = self.fds.pop("")
-        for loc in _external_locations(model):
+        own = {self.name, path.name}  # names external data may not have (it would be the model itself)
+        locations = _external_locations(model)
+        shown = view_model(model, self.changes)
+        if shown is not None:  # served from memory; the file's descriptor is not needed any more
+            os.close(self.fds.pop(self.name))
+            if self.changes:
+                self.name = self.name[: -len(".onnx")] + ".changes.onnx"
+            self.blobs[self.name] = shown.SerializeToString()
+        for loc in locations:
             key, efd = _open_external(loc, base, path.name)
-            if key in self.fds:
+            if key in self.fds or key in self.blobs or key in own or key == self.name:
                 os.close(efd)
-                if key == self.name:
+                if key in own or key == self.name:
                     raise AccelcError(f"external data '{show(loc)}' has the model's own name; refused")
                 continue
             self.fds[key] = efd
 
     def size(self, key: str) -> int | None:
         with self._lock:
-            if self.closed or key not in self.fds:
+            if self.closed:
+                return None
+            if key in self.blobs:
+                return len(self.blobs[key])
+            if key not in self.fds:
                 return None
             return os.fstat(self.fds[key]).st_size
 
@@ -213,7 +351,12 @@ class _Files:
         with self._lock:  # a descriptor is never read after close (its number may be reused)
             if self.closed:
                 return b""
+            if key in self.blobs:
+                return self.blobs[key][offset : offset + n]
             return os.pread(self.fds[key], n, offset)
+
+    def keys(self) -> list[str]:
+        return sorted([*self.fds, *self.blobs])
 
     def close(self) -> None:
         with self._lock:
@@ -221,6 +364,7 @@ class _Files:
                 return
             self.closed = True
             fds, self.fds = self.fds, {}
+            self.blobs = {}
         for fd in fds.values():
             os.close(fd)
 
@@ -328,7 +472,7 @@ class ViewServer:
         self.host, self.port = httpd.server_address[:2]
         self.url = f"http://{self.host}:{self.port}/"
         self.name = files.name
-        self.served = sorted(files.fds)
+        self.served = files.keys()
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
         self._thread.start()
         self._stopped = False
@@ -360,13 +504,19 @@ def _check_port(port) -> int:
     return port
 
 
-def start(path, port: int = 0, browse: bool = False, memory_limit=None) -> ViewServer:
-    """Check ``path`` (an ONNX file, or an artifact directory: its training model) and serve it on
-    127.0.0.1:``port`` (0: a free port) from a background thread; returns the running server,
-    which serves while this process lives, until ``stop()``."""
+def start(
+    path, port: int = 0, browse: bool = False, memory_limit=None, graph: str | None = None, changes: bool = False
+) -> ViewServer:
+    """Check ``path`` (an ONNX file, or an artifact directory: its graph ``graph``, the training
+    model by default) and serve it on 127.0.0.1:``port`` (0: a free port) from a background thread;
+    returns the running server, which serves while this process lives, until ``stop()``.
+    ``changes``: show what the passes touched (see the module's docstring)."""
     port = _check_port(port)
-    p = resolve_model(path)
-    files = _Files(p, memory_limit)
+    if not isinstance(changes, bool):
+        raise InvalidType(f"changes must be True or False, got {type(changes).__name__}")
+    p = resolve_model(path, graph)
+    stage = p.parent.name if Path(path).is_dir() and p.parent != Path(path) else None
+    files = _Files(p, memory_limit, changes, stage)
     try:
         httpd = _Server((HOST, port), _handler_class(files))
     except OSError as e:
@@ -381,10 +531,18 @@ def start(path, port: int = 0, browse: bool = False, memory_limit=None) -> ViewS
     return server
 
 
-def serve(path, port: int = 8080, block: bool = True, browse: bool = False, memory_limit=None):
+def serve(
+    path,
+    port: int = 8080,
+    block: bool = True,
+    browse: bool = False,
+    memory_limit=None,
+    graph: str | None = None,
+    changes: bool = False,
+):
     """Serve ``path`` in Netron on 127.0.0.1. ``block=True`` (the CLI) prints the address and serves
     until Ctrl-C; ``block=False`` returns the running :class:`ViewServer` (see :func:`start`)."""
-    server = start(path, port, browse=browse, memory_limit=memory_limit)
+    server = start(path, port, browse=browse, memory_limit=memory_limit, graph=graph, changes=changes)
     if not block:
         return server
     print(f"Netron serving {show(server.name)} at {server.url} (Ctrl-C to stop)", flush=True)

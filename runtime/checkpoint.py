@@ -6,7 +6,8 @@ array file it belongs to, so a crash between the two renames leaves the previous
 A checkpoint is self-describing and verified on resume, all or nothing: ``checkpoint.json``
 holds the run's configuration fingerprint, the artifact set's hash and a manifest of every array
 (name, shape, dtype, SHA-256); the ``.npz`` must hold exactly the manifest's arrays with those
-checksums, its name must be a plain ``checkpoint-NNNN.npz`` inside the run directory, and the
+checksums, its name must be a plain ``checkpoint-NNNN.npz`` inside the run directory (NNNN: the
+epoch it holds, 1-based), and the
 JSON is checked against a schema. Anything else is one line saying what is wrong.
 """
 
@@ -119,8 +120,8 @@ def manifest_of(arrays: dict[str, np.ndarray]) -> dict:
 
 def save(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     run_dir = Path(run_dir)
-    epoch = meta["epoch"]
-    name = f"checkpoint-{epoch:04d}.npz"
+    epoch = meta["epoch"]  # the 0-based index of the epoch that ended (history[-1]["epoch"] - 1)
+    name = array_name(epoch)
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -140,6 +141,14 @@ def save(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
                 old.unlink()
             except OSError:
                 pass
+
+
+def array_name(epoch: int) -> str:
+    """The array file of the checkpoint taken after the epoch of 0-based index ``epoch``, named by
+    that epoch as users count it: ``checkpoint-0001.npz`` holds epoch 1. (Run directories written
+    before this numbering name it ``checkpoint-0000.npz``; ``checkpoint.json`` names the file it
+    belongs to, so they resume as they are and the next checkpoint takes the new name.)"""
+    return f"checkpoint-{epoch + 1:04d}.npz"
 
 
 def _read_confined(run_dir: Path, name: str, limit: int) -> bytes:

@@ -1,15 +1,24 @@
 """``accelc train``: the training loop, metrics, checkpoints and resume.
 
 Per epoch it records train loss, train and test accuracy, training and evaluation seconds and
-images per second, one JSON object a line in ``RUN_DIR/metrics.jsonl``; ``summary.json`` holds the
-run as a whole and ``curves.png`` plots loss and accuracy against training time. A checkpoint is
+images per second, one JSON object a line in ``RUN_DIR/metrics.jsonl`` (and, with the ``csv``
+logger, the same as a table in ``metrics.csv``; per step, the loss and images per second in
+``steps.csv``, at most :data:`MAX_STEP_ROWS` rows a run); the ``tensorboard`` logger writes both
+to ``RUN_DIR/tensorboard/``. ``summary.json`` holds the run as a whole and ``curves.png`` plots
+loss and accuracy against training time, with the variant switches marked. A checkpoint is
 written atomically after every epoch (parameters, optimizer state, controller state, data-order
-position; data order is a pure function of (seed, epoch), so it needs no RNG snapshot).
+position; data order is a pure function of (seed, epoch), so it needs no RNG snapshot) as
+``checkpoint-NNNN.npz``, NNNN the epoch it holds (1-based, as everywhere a user sees epochs).
 ``--resume`` continues from it and reaches the same final metrics as an uninterrupted run.
+
+Progress bars (training with images per second, the loss of every step and the variant in the
+label; evaluation) are drawn only on a terminal; elsewhere one plain line per epoch.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -46,6 +55,162 @@ class NonFiniteLoss(AccelcError):
     pass
 
 
+LOGGERS = ("csv", "tensorboard")
+MAX_STEP_ROWS = 100_000  # steps.csv: beyond this many steps a run logs the mean loss of every k-th step
+STEP_COLUMNS = ("epoch", "step", "epoch_step", "loss", "images_per_second", "train_time", "variant", "input_hw")
+TB_DIR = "tensorboard"
+_TB_FILE = re.compile(r"events\.out\.tfevents\.[\w.-]+")
+
+
+def check_loggers(loggers) -> tuple[str, ...]:
+    """The ``--log`` choices as a tuple (a string may list them comma-separated; ``none``: only
+    metrics.jsonl); one line for anything else, and for ``tensorboard`` without its package."""
+    if loggers is None:
+        return ()
+    if isinstance(loggers, str):
+        loggers = [x.strip() for x in loggers.split(",") if x.strip()]
+    out = []
+    for x in loggers:
+        if not isinstance(x, str) or (x not in LOGGERS and x != "none"):
+            raise AccelcError(f"--log takes {', '.join(LOGGERS)} or none, got {show(x)}")
+        if x != "none" and x not in out:
+            out.append(x)
+    if "tensorboard" in out:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise AccelcError(
+                "--log tensorboard needs the tensorboard package (pip install tensorboard); or use --log csv"
+            )
+    return tuple(out)
+
+
+def _hw(shape) -> str:
+    return "x".join(str(int(v)) for v in shape)
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
+        return _hw(v)
+    return v
+
+
+class RunLogs:
+    """The run directory's logs besides metrics.jsonl: ``metrics.csv`` (rewritten atomically from
+    the history each epoch), ``steps.csv`` (the epoch's step rows appended after its checkpoint;
+    a resume cuts it back to the checkpoint's epoch) and TensorBoard event files. Only the process
+    that writes the run directory makes one."""
+
+    def __init__(self, run_dir: Path, kinds, history: list[dict], total_steps: int):
+        self.run_dir, self.kinds = Path(run_dir), tuple(kinds)
+        self.stride = max(1, math.ceil(total_steps / MAX_STEP_ROWS))
+        self.global_step = sum(int(h.get("steps", 0)) for h in history)
+        self.rows: list[dict] = []
+        self._pending: list[tuple[float, int, float]] = []  # (loss, images, seconds) since the last row
+        self.tb = None
+        done = history[-1]["epoch"] if history else 0
+        if "csv" in self.kinds:
+            self._cut_steps(done)
+        if "tensorboard" in self.kinds:
+            from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard
+
+            # purge_step: events a killed run wrote past the checkpoint (steps after its last) are dropped on resume
+            self.tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=self.global_step + 1 if history else None)
+
+    def _cut_steps(self, done: int) -> None:
+        """steps.csv holding only the epochs the checkpoint holds (rows of an epoch the run was
+        killed in, or of a run started again, go)."""
+        path = self.run_dir / "steps.csv"
+        if not path.is_file():
+            return
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        keep = []
+        for row in csv.DictReader(io.StringIO(text)):
+            try:
+                if 1 <= int(row.get("epoch") or 0) <= done and all(row.get(c) is not None for c in STEP_COLUMNS):
+                    keep.append({c: row[c] for c in STEP_COLUMNS})
+            except ValueError:
+                continue
+        atomic_write_text(path, self._csv(STEP_COLUMNS, keep, header=True))
+
+    @staticmethod
+    def _csv(columns, rows, header: bool) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        if header:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(v) for k, v in r.items()})
+        return buf.getvalue()
+
+    def step(self, epoch: int, epoch_step: int, last: bool, loss: float, images: int, seconds: float, m: dict):
+        """One training step (every ``stride``-th, and the epoch's last, becomes a row: the mean
+        loss and the images per second since the previous row)."""
+        self.global_step += 1
+        self._pending.append((loss, images, seconds))
+        if self.global_step % self.stride and not last:
+            return
+        n = sum(p[1] for p in self._pending)
+        t = sum(p[2] for p in self._pending)
+        row = {
+            "epoch": epoch,
+            "step": self.global_step,
+            "epoch_step": epoch_step,
+            "loss": float(np.mean([p[0] for p in self._pending])),
+            "images_per_second": n / t if t > 0 else None,
+            "train_time": m["train_time"],
+            "variant": m["variant"],
+            "input_hw": m["input_hw"],
+        }
+        self._pending = []
+        self.rows.append(row)
+        if self.tb is not None:
+            self.tb.add_scalar("step/loss", row["loss"], self.global_step)
+            if row["images_per_second"] is not None:
+                self.tb.add_scalar("step/images_per_second", row["images_per_second"], self.global_step)
+
+    def epoch(self, history: list[dict]) -> None:
+        """After the epoch's checkpoint: its rows and metrics."""
+        m = history[-1]
+        if "csv" in self.kinds:
+            path = self.run_dir / "steps.csv"
+            new = not path.is_file() or path.stat().st_size == 0
+            with open(path, "a", encoding="utf-8", newline="") as fh:
+                fh.write(self._csv(STEP_COLUMNS, self.rows, header=new))
+            columns: list[str] = []
+            for h in history:
+                columns += [k for k, v in h.items() if k not in columns and _scalar(v)]
+            atomic_write_text(self.run_dir / "metrics.csv", self._csv(columns, history, header=True))
+        self.rows = []
+        if self.tb is not None:
+            e = m["epoch"]
+            for k in ("train_loss", "test_loss", "train_acc", "test_acc", "images_per_second", "train_time"):
+                if isinstance(m.get(k), (int, float)):
+                    self.tb.add_scalar(f"epoch/{k}", m[k], e)
+            for d in m.get("decisions", []):
+                self.tb.add_text(f"decisions/{d['controller']}", f"epoch {e}: {d['action']}: {d['why']}", e)
+            self.tb.add_text("variant", f"epoch {e}: {m['variant']} ({_hw(m['input_hw'])})", e)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def _scalar(v) -> bool:
+    return (
+        v is None
+        or isinstance(v, (int, float, str, bool))
+        or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))
+    )
+
+
 class Trainer:
     """Runs epochs of one engine (ORT TrainingSession or TorchSession) with training-time
     algorithms (see :mod:`accelc.runtime.algorithm`)."""
@@ -68,9 +233,11 @@ class Trainer:
         allow_change: set | frozenset = frozenset(),
         artifacts_sha: str | None = None,
         dist=None,
+        loggers=("csv",),
     ):
         """``dist``: this process's :class:`~accelc.runtime.distributed.Group` when training
-        data-parallel (each rank trains its shard of every batch; only rank 0 writes)."""
+        data-parallel (each rank trains its shard of every batch; only rank 0 writes).
+        ``loggers``: logs besides metrics.jsonl, of :data:`LOGGERS` (see :class:`RunLogs`)."""
         if epochs <= 0:
             raise AccelcError(f"--epochs must be positive, got {epochs}")
         if batch_size <= 0 or batch_size > len(data.x_train):
@@ -95,6 +262,8 @@ class Trainer:
         self.eval_batch_size = eval_batch_size
         self.checkpoints = checkpoints and self.run_dir is not None
         self.writer = self.dist is None or self.dist.is_main  # only rank 0 writes the run directory
+        self.loggers = check_loggers(loggers)
+        self.logs: RunLogs | None = None
         self.history: list[dict] = []
         # what a resume must agree with: the run's settings and the artifact set's content
         self.fingerprint = dict(fingerprint or {}, epochs=epochs, batch_size=batch_size, seed=seed)
@@ -214,12 +383,37 @@ class Trainer:
             self.data = self._resized[hw]
 
     # ------------------------------------------------------------------ loop
-    def evaluate(self) -> tuple[float, float]:
+    def _bars(self) -> bool:
+        """Progress bars: asked for, this process writes, and stderr is a terminal (no \\r
+        fragments in logs: elsewhere one plain line per epoch)."""
+        return bool(self.progress and self.writer and sys.stderr.isatty())
+
+    def _label(self, epoch: int) -> str:
+        """``ort epoch 2/5 [rescale:low(s=2) 14x14]``: the variant (and the input size when a
+        stage trains at another resolution) of the epoch."""
+        variant = getattr(self.engine, "variant_name", "base")
+        hw = tuple(self.data.shape[1:])
+        extra = [variant] if variant != "base" else []
+        if hw != tuple(self.data_full.shape[1:]):
+            extra.append(_hw(hw))
+        return f"{self.name} epoch {epoch + 1}/{self.epochs}" + (f" [{' '.join(extra)}]" if extra else "")
+
+    def evaluate(self, label: str = "eval") -> tuple[float, float]:
         """Test loss and accuracy; data-parallel, each rank evaluates every world-th batch with
         rank 0's BatchNorm statistics and the sums are all-reduced."""
         total, correct, loss_sum = 0, 0, 0.0
         if self.dist is not None and getattr(self.engine, "buffers", None):
             self.dist.broadcast(self.engine.buffers(), "the BatchNorm statistics broadcast")
+        n = len(self.data.x_test)
+        bar = tqdm(
+            total=n,
+            desc=label,
+            unit="img",
+            disable=not self._bars(),
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         for k, (x, y) in enumerate(self.data.test_batches(self.eval_batch_size)):
             if self.dist is not None and not self.dist.owns(k):
                 continue
@@ -227,25 +421,40 @@ class Trainer:
             loss_sum += loss * len(y)
             correct += _accuracy(logits, y)
             total += len(y)
+            bar.update(len(y))
+        bar.close()
         if self.dist is not None:
             loss_sum, correct, total = self.dist.sum([loss_sum, correct, total], "the evaluation all-reduce")
         return loss_sum / total, correct / total
 
     def run(self) -> dict:
+        if self.run_dir and self.writer and self.loggers:
+            total = (self.epochs - self.start_epoch) * self.data.steps_per_epoch(self.batch_size)
+            self.logs = RunLogs(self.run_dir, self.loggers, self.history, total)
+        try:
+            return self._run()
+        finally:
+            if self.logs is not None:
+                self.logs.close()
 
+    def _run(self) -> dict:
         for epoch in range(self.start_epoch, self.epochs):
             steps = self.data.steps_per_epoch(self.batch_size)
+            label = self._label(epoch)
             bar = tqdm(
                 total=steps,
-                desc=f"{self.name} epoch {epoch + 1}/{self.epochs}",
+                desc=label,
                 unit="step",
-                disable=not (self.progress and self.writer and sys.stderr.isatty()),  # no \r fragments in logs
+                disable=not self._bars(),
                 leave=False,
                 file=sys.stderr,
                 dynamic_ncols=True,
             )
             loss_sum, correct, seen = 0.0, 0, 0
+            variant = getattr(self.engine, "variant_name", "base")
+            step_m = {"variant": variant, "input_hw": list(self.data.shape[1:]), "train_time": self.train_time}
             t0 = time.perf_counter()
+            ts = t0
             for step, x, y in self.data.batches(epoch, self.batch_size, self.seed):
                 n_global = len(y)
                 if self.dist is not None:  # this rank's shard; the step's loss comes back averaged
@@ -270,15 +479,20 @@ class Trainer:
                 seen += n_global
                 for a in self.algorithms:
                     a.on_step(self.state, step, result)
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                now = time.perf_counter()
+                if self.logs is not None:
+                    step_m["train_time"] = self.train_time + (now - t0)
+                    self.logs.step(epoch + 1, step + 1, step + 1 == steps, loss, n_global, now - ts, step_m)
+                if not bar.disable:
+                    bar.set_postfix_str(f"loss {loss:.4f}, {seen / max(now - t0, 1e-9):.0f} img/s", refresh=False)
+                    bar.update(1)
+                ts = now
             train_s = time.perf_counter() - t0
             bar.close()
             if self.dist is not None:  # every rank's correct predictions
                 correct = int(self.dist.sum([correct], "the accuracy all-reduce")[0])
             t1 = time.perf_counter()
-            test_loss, test_acc = self.evaluate()
+            test_loss, test_acc = self.evaluate(f"{label} eval")
             eval_s = time.perf_counter() - t1
             self.train_time += train_s
             self.wall_time += train_s + eval_s
@@ -315,7 +529,7 @@ class Trainer:
             self.history.append(m)
             if self.progress and self.writer:
                 print(
-                    f"{self.name} epoch {epoch + 1}: loss {m['train_loss']:.4f} train {m['train_acc']:.4f} "
+                    f"{label}: loss {m['train_loss']:.4f} train {m['train_acc']:.4f} "
                     f"test {test_acc:.4f} ({train_s:.1f}s train, {eval_s:.1f}s eval, "
                     f"{m['images_per_second']:.0f} img/s)",
                     file=sys.stderr,
@@ -367,6 +581,8 @@ class Trainer:
             ckpt.save(self.run_dir, self.engine.state_arrays(), meta)
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
         atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        if self.logs is not None:
+            self.logs.epoch(self.history)
 
     def _step_cost(self) -> dict:
         """Cost-model FLOPs and bytes of one training step of the variant that ran this epoch
@@ -417,7 +633,25 @@ def machine_info() -> dict:
     }
 
 
+def _switches(history: list[dict]) -> list[tuple[float, str]]:
+    """(training time at the start of the epoch, its variant and input size) wherever the variant
+    or the input size differs from the previous epoch's, the first epoch included when it is not
+    the plain graph at full size."""
+    out, prev = [], ("base", None)
+    full = max((tuple(m.get("input_hw") or ()) for m in history), default=())
+    for i, m in enumerate(history):
+        cur = (m.get("variant", "base"), tuple(m.get("input_hw") or ()))
+        if cur != prev and (i or cur[0] != "base" or cur[1] != full):
+            start = history[i - 1]["train_time"] if i else 0.0
+            hw = f" {_hw(cur[1])}" if cur[1] and cur[1] != full else ""
+            out.append((start, f"{cur[0]}{hw}"))
+        prev = cur
+    return out
+
+
 def plot_run(history: list[dict], path: Path, title: str = "") -> None:
+    """Loss and accuracy against training time, each variant switch a dotted vertical line with
+    the variant's name (a controller's decision, a resolution stage)."""
     import matplotlib  # heavy: loaded when a plot is drawn
 
     matplotlib.use("Agg")
@@ -425,16 +659,31 @@ def plot_run(history: list[dict], path: Path, title: str = "") -> None:
 
     t = [m["train_time"] for m in history]
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    ax[0].plot(t, [m["train_loss"] for m in history], "o-", label="train loss")
-    ax[0].plot(t, [m["test_loss"] for m in history], "s--", label="test loss")
+    ax[0].plot(t, [m["train_loss"] for m in history], "o-", color="C0", label="train loss")
+    ax[0].plot(t, [m["test_loss"] for m in history], "s--", color="C1", label="test loss")
     ax[0].set_xlabel("training time (s)")
     ax[0].set_ylabel("loss")
-    ax[0].legend()
-    ax[1].plot(t, [m["train_acc"] for m in history], "o-", label="train acc")
-    ax[1].plot(t, [m["test_acc"] for m in history], "s--", label="test acc")
+    ax[1].plot(t, [m["train_acc"] for m in history], "o-", color="C0", label="train acc")
+    ax[1].plot(t, [m["test_acc"] for m in history], "s--", color="C1", label="test acc")
     ax[1].set_xlabel("training time (s)")
     ax[1].set_ylabel("accuracy")
-    ax[1].legend()
+    for a in ax:
+        a.set_xlim(left=0)
+        for x, name in _switches(history):
+            a.axvline(x, color="0.5", linestyle=":", linewidth=1)
+            a.annotate(
+                name,
+                (x, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(2, -2),
+                textcoords="offset points",
+                rotation=90,
+                va="top",
+                ha="left",
+                fontsize=7,
+                color="0.35",
+            )
+        a.legend(loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
@@ -443,7 +692,7 @@ def plot_run(history: list[dict], path: Path, title: str = "") -> None:
     os.replace(tmp, path)
 
 
-RUN_FILES = ("metrics.jsonl", ckpt.META, "summary.json", "curves.png")
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "steps.csv", ckpt.META, "summary.json", "curves.png", TB_DIR)
 
 
 def _is_run_file(name: str) -> bool:
@@ -512,9 +761,26 @@ def open_run_dir(run_dir, resume: bool, force: bool, lock_fd: int | None = None,
     return run_dir, lock
 
 
+def _tb_foreign(run_dir: Path) -> str | None:
+    """A name in RUN_DIR/tensorboard that is not an event file accelc train writes (or the folder
+    itself when it is not one), so --force never deletes a folder of the user's by its name."""
+    d = run_dir / TB_DIR
+    if not os.path.lexists(d):
+        return None
+    if d.is_symlink() or not d.is_dir():
+        return TB_DIR
+    for f in d.iterdir():
+        if f.is_symlink() or not f.is_file() or not _TB_FILE.fullmatch(f.name):
+            return f"{TB_DIR}/{f.name}"
+    return None
+
+
 def _check_clear(run_dir: Path, content: list[str], protect) -> None:
     check_clearable(run_dir, protect, "run directory")
     foreign = [n for n in content if not _is_run_file(n)]
+    tb = _tb_foreign(run_dir) if TB_DIR in content else None
+    if tb is not None:
+        foreign.insert(0, tb)
     if foreign:
         raise AccelcError(
             f"run directory '{show(run_dir)}' holds '{show(foreign[0])}', which accelc train did not write"
@@ -562,16 +828,20 @@ def train(
     memory_limit_gb: float | None = None,
     lock_fd: int | None = None,
     dist=None,
+    log=("csv",),
 ) -> dict:
     """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
     ``algorithms`` default to those the artifacts' plan asks for; ``allow_change``: settings a
     resume may change (``batch_size``, ``epochs``, ``nproc``). ``dist``: a
     :class:`~accelc.runtime.distributed.DistConfig` to train as one rank of a data-parallel job
-    (``batch_size`` is the global batch; rank 0 alone writes the run directory)."""
+    (``batch_size`` is the global batch; rank 0 alone writes the run directory). ``log``: logs
+    besides metrics.jsonl, of ``csv`` (metrics.csv, steps.csv) and ``tensorboard`` (a list, or a
+    comma-separated string; ``none`` or empty: metrics.jsonl alone)."""
     from .distributed import GradReducer, Group  # heavy: torch
     from .session import TrainingSession  # heavy: torch and ORT
 
     config = config or ExecConfig()
+    loggers = check_loggers(log)
     bad = sorted(set(allow_change) - set(ckpt.CHANGEABLE))
     if bad:
         raise AccelcError(
@@ -634,6 +904,7 @@ def train(
             allow_change=set(allow_change),
             artifacts_sha=ckpt.artifacts_sha256(artifact_dir) if not isinstance(artifact_dir, Artifacts) else None,
             dist=group,
+            loggers=loggers,
         )
         summary = trainer.run()
         summary.update(

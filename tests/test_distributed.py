@@ -23,7 +23,7 @@ DATA = "synthetic:512"
 
 
 def params(run, epoch):
-    z = np.load(run / f"checkpoint-{epoch - 1:04d}.npz")
+    z = np.load(run / f"checkpoint-{epoch:04d}.npz")  # checkpoint-NNNN holds epoch NNNN (1-based)
     return {k[len("param/") :]: z[k] for k in z.files if k.startswith("param/")}
 
 

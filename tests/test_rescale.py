@@ -150,11 +150,92 @@ def test_low_resolution_stage_and_switch_through_gemm_head(tmp_path):
     assert s["controllers"]["rescale"]["switch_epoch"] == 1
 
 
-@pytest.mark.slow
-def test_model_that_cannot_be_rescaled_says_why(tmp_path):
-    export_zoo("largekernel", tmp_path / "m.onnx", input_shape=(1, 56, 56))  # final map 7x7
-    r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "a", "--passes", "rescale")
-    assert r.returncode == 2 and "7x7" in r.stderr and not (tmp_path / "a").exists()
+def test_head_over_a_map_s_does_not_divide(tmp_path):
+    """largekernel at 56x56: final map 7x7, at 28x28 it is 3x3 (pooling rounds down); the head is
+    resampled 7x7 -> 3x3 instead of refused."""
+    export_zoo("largekernel", tmp_path / "m.onnx", input_shape=(1, 56, 56))
+    rep = accelc.compile(tmp_path / "m.onnx", tmp_path / "a", passes=["rescale"])
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())["controllers"][0]
+    fc = plan["params"]["fc.weight"]
+    assert fc["chw"][1:] == [7, 7] and fc["small_chw"][1:] == [3, 3]
+    rec = [p for p in rep["passes"] if p["name"] == "rescale"][0]
+    assert any("head over a 3x3 map (from 7x7)" in c["summary"] for c in rec["changes"]), rec["changes"]
+
+
+def test_head_resampling_between_any_sizes():
+    """Area weights down, interpolation up: both keep the weights' sum (every column sums to 1), so
+    a flat feature map (the low-resolution map is the mean of the positions it covers) gets the same
+    Gemm output at both sizes; at n = s*m the matrices are the block sums of before."""
+    for n, s in ((8, 2), (12, 3), (6, 1)):
+        block = np.kron(np.eye(n // s), np.ones((1, s)))
+        assert np.allclose(map_down_matrix(n, s), block) and np.allclose(map_down_matrix(n, s, n // s), block)
+        assert np.allclose(map_up_matrix(n, s), map_up_matrix(n, s, m=n // s))
+    rng = np.random.default_rng(0)
+    for n, m in ((7, 3), (3, 1), (9, 4), (5, 2)):
+        d, u = map_down_matrix(n, 2, m), map_up_matrix(n, 2, "bilinear", m)
+        assert d.shape == (m, n) and u.shape == (n, m)
+        assert np.allclose(d.sum(axis=0), 1) and np.allclose(u.sum(axis=0), 1) and (d >= 0).all()
+        spec = {"kind": "gemm", "chw": [3, n, n], "small_chw": [3, m, m], "transB": True, "full": [4, 3 * n * n]}
+        w = rng.standard_normal((4, 3 * n * n)).astype(np.float32)
+        small = down_param(w, spec, 2)
+        assert small.shape == (4, 3 * m * m)
+        back = up_param(small, spec, 2, "bilinear")
+        assert back.shape == w.shape
+        assert np.allclose(back.reshape(4, 3, -1).sum(-1), w.reshape(4, 3, -1).sum(-1), atol=1e-4)
+        flat = np.repeat(rng.standard_normal(3), n * n).astype(np.float32)  # one value per channel
+        flat_low = np.repeat(flat[:: n * n], m * m)
+        assert np.allclose(small @ flat_low, w @ flat, atol=1e-4)
+        assert np.allclose(back @ flat, w @ flat, atol=1e-4)
+        # a smooth map: the low-resolution map is its area mean; the outputs stay close
+        yy, xx = np.mgrid[0:n, 0:n] / n
+        fmap = np.stack([1 + 0.3 * np.sin(2 * xx + c) * np.cos(yy) for c in range(3)])
+        mean = d / d.sum(axis=1, keepdims=True)
+        low = np.einsum("ph,chw,qw->cpq", mean, fmap, mean)
+        wp = np.abs(w)  # positive weights: the comparison is not a difference of large terms
+        sp = down_param(wp, spec, 2)
+        assert np.allclose(sp @ low.ravel(), wp @ fmap.ravel(), rtol=0.05)
+
+
+def test_quick_start_vgg_at_28_rescales_and_trains(tmp_path):
+    """The quick start's VGG (28x28: final map 3x3, 1x1 at 14x14) compiles with rescale and
+    trains through the switch."""
+    from accelc.runtime.train import train
+
+    export_zoo("vgg", tmp_path / "vgg.onnx")
+    accelc.compile(
+        tmp_path / "vgg.onnx", tmp_path / "a", passes=["rescale"], pass_options={"rescale": {"switch": "epoch:1"}}
+    )
+    plan = json.loads((tmp_path / "a" / "plan.json").read_text())["controllers"][0]
+    assert plan["input_hw"] == [14, 14]
+    assert plan["params"]["fc1.weight"]["chw"] == [128, 3, 3] and plan["params"]["fc1.weight"]["small_chw"] == [
+        128,
+        1,
+        1,
+    ]
+    s = train(tmp_path / "a", "synthetic:128", epochs=2, batch_size=32, run_dir=tmp_path / "run", progress=False)
+    assert [m["input_hw"] for m in s["history"]] == [[14, 14], [28, 28]]
+    assert [m["variant"] for m in s["history"]] == ["rescale:low(s=2)", "rescale:full"]
+    assert all(np.isfinite(m["train_loss"]) for m in s["history"])
+
+
+def test_refusals_give_advice_that_works(tmp_path):
+    from conftest import assert_api_refused
+
+    export_zoo("vgg", tmp_path / "vgg.onnx")
+
+    def comp(path, factor, out):
+        return accelc.compile(path, out, passes=["rescale"], pass_options={"rescale": {"factor": str(factor)}})
+
+    msg = assert_api_refused(lambda: comp(tmp_path / "vgg.onnx", 3, tmp_path / "a3"), "not divisible by s=3")
+    assert "--rescale-factor 2," in msg and "--input-shape 1,30,30" in msg, msg
+    assert not (tmp_path / "a3").exists()
+    # a factor that divides 28 but leaves the last pool a map smaller than its window: refused, not crashed
+    assert_api_refused(lambda: comp(tmp_path / "vgg.onnx", 4, tmp_path / "a4"), "smaller than its window")
+    # the advice: --rescale-factor 2 (the test above), or the model exported at 30x30 for s=3
+    export_zoo("vgg", tmp_path / "vgg30.onnx", input_shape=(1, 30, 30))
+    comp(tmp_path / "vgg30.onnx", 3, tmp_path / "a30")
+    plan = json.loads((tmp_path / "a30" / "plan.json").read_text())["controllers"][0]
+    assert plan["input_hw"] == [10, 10]
 
 
 def test_switch_rules():

@@ -410,3 +410,38 @@ def test_cause8_cli_refuses_non_models_in_one_line(tmp_path):
 def test_cause8_cli_has_no_no_block(tmp_path):
     r = run_cli("view", tmp_path, "--no-block")
     assert r.returncode == 2 and "--no-block" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- the same with a view built in memory
+@pytest.mark.parametrize("location", ["m.onnx", "m.changes.onnx"])
+def test_cause8_changes_view_external_data_with_the_model_name_is_refused(tmp_path, model_bytes, sentinel, location):
+    case = _case(tmp_path, model_bytes, sentinel)
+    (case / "m.changes.onnx").write_bytes(b"x" * 2048)
+    path = _with_external(case, model_bytes, location)
+    before = _fds()
+    assert_api_refused(lambda: view.start(path, port=0, changes=True), "the model's own name")
+    assert _fds() == before
+
+
+def test_cause8_changes_view_external_data_outside_is_refused(tmp_path, model_bytes, sentinel):
+    case = _case(tmp_path, model_bytes, sentinel)
+    path = _with_external(case, model_bytes, "../outside/secret.txt")
+    before = _fds()
+    msg = assert_api_refused(lambda: view.start(path, port=0, changes=True), "outside the model's folder")
+    assert SENTINEL_TEXT not in msg and _fds() == before
+
+
+def test_cause8_changes_view_is_built_at_start_and_serves_only_itself(tmp_path, model_bytes, sentinel):
+    case = _case(tmp_path, model_bytes, sentinel)
+    path = _with_external(case, model_bytes, "m.onnx.data")
+    before = _fds()
+    with view.start(path, port=0, changes=True) as server:
+        assert server.served == ["m.changes.onnx", "m.onnx.data"]
+        os.replace(case / "m.onnx", case / "old.onnx")
+        (case / "m.onnx").symlink_to(sentinel)
+        status, body = _request(server.port, "/data/m.changes.onnx")
+        assert status == 200 and onnx.load_from_string(body).graph.node
+        _no_secret(body)
+        for p in ("/data/m.onnx", "/data/old.onnx", "/data/secret.txt", "/data/../outside/secret.txt"):
+            assert _request(server.port, p)[0] == 404, p
+    assert _fds() == before  # the descriptors are closed by stop()

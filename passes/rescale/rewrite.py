@@ -16,7 +16,10 @@ What the pass builds (our choices where the paper's text was not available, all 
   shrinks by s) and "same" padding follows the new kernel; 3×3 and 1×1 kernels keep their size;
 * a flatten→Gemm head is resampled as a spatial kernel over the final feature map (block sums:
   each low-resolution position stands for s×s full-resolution ones); a global-pooling head needs
-  nothing;
+  nothing. Where pooling rounds down (VGG at 28×28: 28→14→7→3, at 14: 14→7→3→1) the low-resolution
+  final map is not the full one divided by s; the head is then resampled between the two sizes
+  the shapes give (area weights down, interpolation up, both keeping the weights' sum, so a flat
+  feature map gets the same response at both resolutions);
 * the up-rescale (runtime, at the switch): kernels are interpolated back to full size (bilinear
   or bicubic) ×1/s², the Gemm weight likewise; BatchNorm and biases carry over;
 * the plan asks the run-time algorithm :class:`accelc.passes.rescale.algorithm.Rescale` to train the
@@ -87,18 +90,22 @@ def kernel_up_matrix(k: int, s: int, method: str = "bilinear") -> np.ndarray:
     return w / w.sum(axis=0, keepdims=True)
 
 
-def map_down_matrix(n: int, s: int) -> np.ndarray:
-    """Feature-map positions n -> n/s by block sums (a low-res position stands for s of them)."""
-    m = np.zeros((n // s, n))
-    for j in range(n // s):
-        m[j, j * s : (j + 1) * s] = 1.0
-    return m
+def map_down_matrix(n: int, s: int, m: int | None = None) -> np.ndarray:
+    """Feature-map positions n -> m (n/s by default) by area sums: a low-res position stands for
+    the full-resolution positions it covers, n/m of them (block sums of s when m = n/s); every
+    column sums to 1, so the weights' sum is kept."""
+    m = n // s if m is None else m
+    lo = np.arange(n)[None, :] * m / n  # full position u covers [u, u+1) * m/n in low-res units
+    j = np.arange(m)[:, None]
+    overlap = np.clip(np.minimum(lo + m / n, j + 1) - np.maximum(lo, j), 0.0, None)
+    return overlap / (m / n)
 
 
-def map_up_matrix(n: int, s: int, method: str = "bilinear") -> np.ndarray:
-    """n/s -> n: interpolate at (u + 0.5)/s - 0.5 (edges clamped), ×1/s."""
-    ns = n // s
-    pos = (np.arange(n) + 0.5) / s - 0.5
+def map_up_matrix(n: int, s: int, method: str = "bilinear", m: int | None = None) -> np.ndarray:
+    """m (n/s by default) -> n: interpolate at (u + 0.5)·m/n - 0.5 (edges clamped), each low-res
+    weight spread over the positions it stands for (columns sum to 1: ×1/s when m = n/s)."""
+    ns = n // s if m is None else m
+    pos = (np.arange(n) + 0.5) * ns / n - 0.5
     j = np.arange(ns)
     d = pos[:, None] - j[None, :]
     w = _tent(d, 1.0) if method == "bilinear" else _cubic(d)
@@ -173,14 +180,10 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
                 if not fshape or len(fshape) != 4:
                     raise AccelcError(f"cannot rescale: the shape before Flatten '{src.name}' is unknown")
                 _, c, h, w_ = fshape
-                if h % s or w_ % s:
-                    raise AccelcError(
-                        f"cannot rescale: the final feature map {h}x{w_} is not divisible by s={s}; "
-                        f"use a global-pooling head or another factor"
-                    )
                 tb = n.op_type == "Gemm" and _attrs(n).get("transB", 0) == 1
                 plan["params"][n.input[1]] = {
                     "kind": "gemm",
+                    "flatten": src.input[0],
                     "chw": [c, h, w_],
                     "transB": tb,
                     "full": list(inits[n.input[1]].dims),
@@ -225,13 +228,21 @@ def spatial_to_gemm(x: np.ndarray, transB: bool) -> np.ndarray:
     return np.ascontiguousarray(flat if transB else flat.T).astype(np.float32)
 
 
+def small_chw(spec: dict, s: int) -> list[int]:
+    """The low-resolution final feature map of a Gemm head: the size the low-resolution model's
+    shapes give (plans of older artifacts: the full size divided by s)."""
+    c, h, w = spec["chw"]
+    return list(spec.get("small_chw") or [c, h // s, w // s])
+
+
 def down_param(w: np.ndarray, spec: dict, s: int) -> np.ndarray:
     if spec["kind"] == "conv":
         k = w.shape[2:]
         return resample_kernel(w, kernel_down_matrix(k[0], s), kernel_down_matrix(k[1], s))
     c, h, ww = spec["chw"]
+    _, hs, ws = small_chw(spec, s)
     x = gemm_to_spatial(w, spec["chw"], spec["transB"])
-    return spatial_to_gemm(resample_kernel(x, map_down_matrix(h, s), map_down_matrix(ww, s)), spec["transB"])
+    return spatial_to_gemm(resample_kernel(x, map_down_matrix(h, s, hs), map_down_matrix(ww, s, ws)), spec["transB"])
 
 
 def up_param(w_small: np.ndarray, spec: dict, s: int, method: str = "bilinear") -> np.ndarray:
@@ -239,10 +250,47 @@ def up_param(w_small: np.ndarray, spec: dict, s: int, method: str = "bilinear") 
         k = spec["full"][2:]
         return resample_kernel(w_small, kernel_up_matrix(k[0], s, method), kernel_up_matrix(k[1], s, method))
     c, h, ww = spec["chw"]
-    x = gemm_to_spatial(w_small, [c, h // s, ww // s], spec["transB"])
+    _, hs, ws = small_chw(spec, s)
+    x = gemm_to_spatial(w_small, [c, hs, ws], spec["transB"])
     return spatial_to_gemm(
-        resample_kernel(x, map_up_matrix(h, s, method), map_up_matrix(ww, s, method)), spec["transB"]
+        resample_kernel(x, map_up_matrix(h, s, method, hs), map_up_matrix(ww, s, method, ws)), spec["transB"]
     )
+
+
+def _divisors_hint(dims, s: int, works) -> str:
+    """What to do about spatial input sizes ``dims`` (C, H, W) that s does not divide: the smaller
+    factors that divide them and with which the model rescales (``works(f)``), or the model
+    exported at the next sizes s divides."""
+    c, sizes = dims[0], dims[1:]
+    ok = [f for f in range(2, min(4, min(sizes)) + 1) if all(d % f == 0 for d in sizes) and f != s and works(f)]
+    near = [d + (-d) % s for d in sizes]
+    hint = (
+        f"export the model at {'x'.join(map(str, near))} "
+        f"(accelc export MODEL --input-shape {c},{','.join(map(str, near))}) to keep s={s}"
+    )
+    return (f"use --rescale-factor {' or '.join(map(str, ok))}, or " if ok else "") + hint
+
+
+def _window_too_large(model: onnx.ModelProto, shapes: dict) -> str | None:
+    """The first Conv or pool whose (padded) input is smaller than its (dilated) window, named for
+    the message: shape inference still gives such a node a 1x1 output, ORT refuses to run it."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "MaxPool", "AveragePool", "LpPool") or n.input[0] not in shapes:
+            continue
+        a = _attrs(n)
+        k = list(
+            a.get("kernel_shape") or (list(inits[n.input[1]].dims[2:]) if n.input[1:2] and n.input[1] in inits else [])
+        )
+        hw = shapes[n.input[0]][2:]
+        if len(k) != len(hw):
+            continue
+        pads = list(a.get("pads") or [0] * (2 * len(k)))
+        dil = list(a.get("dilations") or [1] * len(k))
+        for i, (size, kk) in enumerate(zip(hw, k)):
+            if size + pads[i] + pads[i + len(k)] < (kk - 1) * dil[i] + 1:
+                return f"{n.op_type} '{n.name}' ({'x'.join(map(str, hw))}, window {'x'.join(map(str, k))})"
+    return None
 
 
 def low_resolution_model(
@@ -255,10 +303,39 @@ def low_resolution_model(
     for vi in m.graph.input:
         if vi.name == input_name:
             dims = vi.type.tensor_type.shape.dim
+            sizes = [d.dim_value for d in dims[2:]]
+            chw = [d.dim_value for d in dims[1:]]
             for d in dims[2:]:
                 if d.dim_value % s:
-                    raise AccelcError(f"cannot rescale: input size {d.dim_value} is not divisible by s={s}")
+                    raise AccelcError(
+                        f"cannot rescale: input size {'x'.join(map(str, sizes))} is not divisible by s={s}; "
+                        + _divisors_hint(chw, s, lambda f: _rescales(model, input_name, f, min_kernel))
+                    )
                 d.dim_value //= s
+    for n in m.graph.node:
+        ch = plan["convs"].get(n.name)
+        if ch:
+            _set_attr(n, "kernel_shape", ch["kernel_shape"])
+            _set_attr(n, "pads", ch["pads"])
+    shapes = infer_shapes(m, 1)
+    small = _window_too_large(m, shapes)
+    if small:
+        raise AccelcError(
+            f"cannot rescale: at 1/{s} resolution the feature map before {small} is smaller than its window; "
+            "use a smaller --rescale-factor"
+        )
+    heads = {p: sp for p, sp in plan["params"].items() if sp["kind"] == "gemm"}
+    if heads:  # the final feature map at low resolution, as the shapes give it (pooling may round down)
+        for p, sp in heads.items():
+            low = shapes.get(sp["flatten"])
+            if not low or len(low) != 4:
+                raise AccelcError(f"cannot rescale: the low-resolution shape before the head '{p}' is unknown")
+            if min(low[2:]) < 1:
+                raise AccelcError(
+                    f"cannot rescale: at 1/{s} resolution the final feature map vanishes "
+                    f"({sp['chw'][1]}x{sp['chw'][2]} -> {low[2]}x{low[3]}); use a smaller --rescale-factor"
+                )
+            sp["small_chw"] = [int(low[1]), int(low[2]), int(low[3])]
     for i, t in enumerate(m.graph.initializer):
         spec = plan["params"].get(t.name)
         if spec:
@@ -274,14 +351,20 @@ def low_resolution_model(
     for n in m.graph.node:
         ch = plan["convs"].get(n.name)
         if ch:
-            _set_attr(n, "kernel_shape", ch["kernel_shape"])
-            _set_attr(n, "pads", ch["pads"])
             provenance.tag(n, PASS, note=f"low-resolution stage: kernel resampled to {ch['kernel_shape']} (s={s})")
     for vi in list(m.graph.value_info):
         m.graph.value_info.remove(vi)
     if m.ir_version < 10:
         m.ir_version = 10
     return m, plan
+
+
+def _rescales(model: onnx.ModelProto, input_name: str, s: int, min_kernel: int) -> bool:
+    try:
+        low_resolution_model(model, input_name, s, min_kernel)
+    except AccelcError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- options and pass
@@ -390,7 +473,9 @@ class RescalePass(Pass):
                 + (
                     "x".join(map(str, v["small"]))
                     if v["kind"] == "conv"
-                    else f"{v['chw'][1] // s}x{v['chw'][2] // s} map"
+                    else "head over a "
+                    + "x".join(map(str, small_chw(v, s)[1:]))
+                    + f" map (from {v['chw'][1]}x{v['chw'][2]})"
                 ),
             }
             for p, v in plan["params"].items()

@@ -42,7 +42,7 @@ lint: $(STAMP)
 FASHION := /usr/share/datasets/fashion-mnist
 BENCH_CONFIGS ?= torch,ort,ort+skip,ort+reuse,ort+reuse[strategy=lh;plateau=0.3],ort+reuse[strategy=off;plateau=0.3],ort+rescale,ort+all[strategy=off;plateau=0.3]
 BENCH_EPOCHS ?= 5
-BENCH_ARGS ?= --train-limit 20000 --test-limit 5000 --input-shape 1,32,32 --target torch-best-0.2
+BENCH_ARGS ?= --train-limit 20000 --test-limit 5000 --input-shape 1,32,32 --target torch-best-0.2 --lr 3e-4
 
 $(FASHION):
 	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \

@@ -171,8 +171,15 @@ def generation_error(e: BaseException) -> str:
     return f"ORT could not build the training graph: {ort_message(e)}"
 
 
+DEFAULT_LR = 1e-3  # torch's and ORT's AdamW default: the learning rate when none is given
+
+
 def generate(
-    info: ModelInfo, loss: str = "cross_entropy", optimizer: str = "adamw", lr: float = 1e-3, batch_size: int = 64
+    info: ModelInfo,
+    loss: str = "cross_entropy",
+    optimizer: str = "adamw",
+    lr: float = DEFAULT_LR,
+    batch_size: int = 64,
 ) -> tuple[Artifacts, list[str]]:
     """Generate ORT artifacts for a checked model and apply the fix-ups. Returns (artifacts, notes)."""
     if lr <= 0 or lr != lr:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import provenance
 from .artifact_dir import load_artifacts, model_summary, verified, write_artifacts, write_report
-from .artifacts import generate
+from .artifacts import DEFAULT_LR, generate  # noqa: F401  (DEFAULT_LR: re-exported, see below)
 from .cost import gflops, graph_costs, numel
 from .errors import AccelcError, show
 from .fileio import atomic_dir
@@ -20,11 +20,8 @@ from .pass_api import default_passes, describe_changes, get, in_order, registere
 from .validation import VALIDATION_BATCH, validate
 
 VERSION = "0.1.0"
-# AdamW's learning rate when none is given: compile records it (train uses the one compiled in) and
-# bench uses it. torch's and ORT's AdamW default; bench used 3e-4 before issue 19. Measured
-# (2026-12-01, vgg, Fashion-MNIST 4096/2000 images, batch 64, 3 epochs): test accuracy per epoch
-# 0.8145, 0.8280, 0.8415 at 1e-3 against 0.8165, 0.8365, 0.8305 at 3e-4, both stable.
-DEFAULT_LR = 1e-3
+# DEFAULT_LR (from .artifacts): AdamW's learning rate when none is given (torch's and ORT's default,
+# 1e-3); compile records it (train uses the one compiled in) and bench uses it (3e-4 before issue 19)
 
 
 def layer_passes(tg: TrainingGraph, records: list | None = None) -> dict[str, list[str]]:

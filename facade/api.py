@@ -11,7 +11,7 @@ import os
 
 from . import passes as _passes  # noqa: F401  (registers every pass, algorithm, node kernel and cost hook)
 from .compiler import checks
-from .compiler.artifacts import LOSSES, OPTIMIZERS
+from .compiler.artifacts import DEFAULT_LR, LOSSES, OPTIMIZERS
 from .compiler.compile import compile_model, inspect_path
 from .compiler.errors import AccelcError, InvalidType, InvalidValue, show
 from .compiler.model import ModelInfo
@@ -19,6 +19,7 @@ from .compiler.pass_api import check_pass_options, parse_pass_list
 from .runtime.config import DEVICES, ExecConfig
 from .runtime.data import InMemoryData, check_data_form, in_memory_data
 from .runtime.distributed import MAX_WORLD
+from .runtime.train import check_loggers
 from .runtime.train import train as _train
 
 __all__ = [
@@ -76,7 +77,7 @@ def compile(
     pass_options: dict | None = None,
     loss: str = "cross_entropy",  # noqa: A001
     optimizer: str = "adamw",
-    lr: float = 1e-3,
+    lr: float = DEFAULT_LR,
     batch_size: int = 64,
     force: bool = False,
     validate_result: bool = True,
@@ -189,6 +190,7 @@ def train(
     allow_change=(),
     nproc: int = 1,
     dist_timeout: float = 300.0,
+    log=("csv",),
     _lock_fd: int | None = None,
     _dist=None,
 ) -> dict:
@@ -204,7 +206,8 @@ def train(
     ``memory_limit_gb``: the memory limit (``--memory-limit``). ``nproc``: train data-parallel on
     that many local processes (``--nproc``; ``batch_size`` is the global batch), which run
     ``accelc train`` and are supervised as the CLI does; ``dist_timeout``: seconds a rank waits for
-    the others. Every argument is validated before any file is read or written."""
+    the others; ``log``: logs besides metrics.jsonl (``--log``: "csv", "tensorboard", "none").
+    Every argument is validated before any file is read or written."""
     check_train_args(
         epochs=epochs,
         batch_size=batch_size,
@@ -246,12 +249,13 @@ def train(
                 "data given in Python cannot be handed to other processes: with nproc > 1 give a --data spec"
             )
         data = in_memory_data(data, memory_limit_gb)  # read once and checked (model checks when loaded)
+    log = check_loggers(log)
     if nproc > 1 and _dist is None:
         if algorithms is not None:
             raise InvalidValue("algorithms cannot be handed to other processes: with nproc > 1 the plan's are used")
         return _train_local_ranks(
             artifact_dir, data, epochs, batch_size, run_dir, device, seed, resume, lr, threads, train_limit,
-            test_limit, force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout,
+            test_limit, force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout, log,
         )  # fmt: skip
     return _train(
         artifact_dir,
@@ -272,12 +276,13 @@ def train(
         memory_limit_gb=memory_limit_gb,
         lock_fd=_lock_fd,
         dist=_dist,
+        log=log,
     )
 
 
 def _train_local_ranks(
     artifact_dir, data, epochs, batch_size, run_dir, device, seed, resume, lr, threads, train_limit, test_limit,
-    force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout,
+    force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout, log=("csv",),
 ) -> dict:  # fmt: skip
     """:func:`train` with ``nproc`` > 1: the ranks are ``accelc train`` processes, supervised as
     the CLI's ``--nproc`` does; returns rank 0's summary."""
@@ -289,6 +294,7 @@ def _train_local_ranks(
     argv = ["train", os.fspath(artifact_dir), "--data", data, "--epochs", str(epochs)]
     argv += ["--batch-size", str(batch_size), "-o", os.fspath(run_dir), "--device", device, "--seed", str(seed)]
     argv += ["--nproc", str(nproc), "--dist-timeout", repr(float(dist_timeout)), "-q"]
+    argv += ["--log", ",".join(log) or "none"]
     for flag, v in (("--lr", lr), ("--train-limit", train_limit), ("--test-limit", test_limit)):
         if v is not None:
             argv += [flag, repr(v)]

@@ -460,10 +460,26 @@ class View(Tool):
     """Serve one model in Netron on 127.0.0.1 until Ctrl-C (only that model and its external data)."""
 
     name = "view"
-    examples = ("accelc view art", "accelc view art/stage-low/training_model.onnx --port 8081")
+    examples = (
+        "accelc view art",
+        "accelc view art --changes",
+        "accelc view art --graph stage-low/eval --port 8081",
+    )
 
     def add_arguments(self, p):
-        p.add_argument("path", help="ONNX file or artifact directory (shows its training model)")
+        p.add_argument("path", help="ONNX file or artifact directory (its training model, or --graph)")
+        p.add_argument(
+            "--graph",
+            default=None,
+            metavar="GRAPH",
+            help="of an artifact directory: training (default), eval, optimizer, a stage (stage-low) "
+            "or a stage's graph (stage-low/eval)",
+        )
+        p.add_argument(
+            "--changes",
+            action="store_true",
+            help="mark what the passes touched: each node a pass added or changed is titled [PASS] OpType",
+        )
         p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0 picks a free one)")
         p.add_argument("--browse", action="store_true", help="open a web browser")
         MemoryArgs().add(p)
@@ -473,7 +489,60 @@ class View(Tool):
     def run(self, a):
         from .compiler.view import serve  # heavy: netron
 
-        serve(a.path, a.port, block=True, browse=a.browse, memory_limit=getattr(a, "memory_limit", None))
+        serve(
+            a.path,
+            a.port,
+            block=True,
+            browse=a.browse,
+            memory_limit=getattr(a, "memory_limit", None),
+            graph=a.graph,
+            changes=a.changes,
+        )
+        return 0
+
+
+class ExportRun(Tool):
+    """Write a trained run as an inference ONNX model (and an ORT training checkpoint)."""
+
+    name = "export-run"
+    examples = (
+        "accelc export-run run -o model.onnx",
+        "accelc export-run run -o model.onnx --artifacts art --ort-checkpoint model.ckpt",
+    )
+
+    def add_arguments(self, p):
+        p.add_argument("run", help="run directory written by accelc train")
+        p.add_argument("-o", "--output", required=True, help="inference ONNX model to write (.onnx)")
+        p.add_argument(
+            "--artifacts",
+            help="artifact directory the run was trained from (default: found beside the run or in the "
+            "current folder, verified by the hash its checkpoint records)",
+        )
+        p.add_argument(
+            "--epoch", type=int, default=None, help="epoch to export, from 1 (default: the last, the one a run keeps)"
+        )
+        p.add_argument(
+            "--ort-checkpoint",
+            metavar="PATH",
+            help="also write an ORT training CheckpointState with the trained parameters "
+            "(onnxruntime.training.api.Module(training_model.onnx, state, eval_model.onnx) continues from it)",
+        )
+        p.add_argument("--force", action="store_true", help="replace output files that exist")
+
+    def run(self, a):
+        r = api.export_run(
+            a.run, a.output, artifacts=a.artifacts, epoch=a.epoch, ort_checkpoint=a.ort_checkpoint, force=a.force
+        )
+        if not a.quiet:
+            print(
+                f"wrote {show(r['output'])}: epoch {r['epoch']} (test accuracy {r['test_acc']:.4f}), "
+                f"{r['parameter_count']:,} parameter values, opset {r['opset'].get('ai.onnx')}, IR {r['ir_version']}"
+            )
+            if r["ort_checkpoint"]:
+                print(
+                    f"wrote {show(r['ort_checkpoint'])}: ORT CheckpointState of {r['ort_checkpoint_parameters']} "
+                    f"parameters (artifacts: {show(r['artifacts'])})"
+                )
         return 0
 
 
@@ -525,6 +594,13 @@ class Train(Tool):
             default=DEFAULT_TIMEOUT_S,
             metavar="SECONDS",
             help=f"end the job when a rank waits this long for the others (default {DEFAULT_TIMEOUT_S:g})",
+        )
+        p.add_argument(
+            "--log",
+            metavar="{csv,tensorboard,none}[,...]",
+            default="csv",
+            help="logs besides metrics.jsonl, comma-separated: csv (metrics.csv, steps.csv), tensorboard "
+            "(RUN_DIR/tensorboard/, needs the tensorboard package), none (default: csv), e.g. --log csv,tensorboard",
         )
         p.add_argument("--dist-rank", type=int, default=None, help=argparse.SUPPRESS)  # worker of --nproc
         p.add_argument("--dist-world", type=int, default=None, help=argparse.SUPPRESS)
@@ -629,6 +705,7 @@ class Train(Tool):
             kernels=ExecArgs.config(a).kernels,
             allow_change=a.allow_change or (),
             memory_limit_gb=a.memory_limit,
+            log=a.log,
             _lock_fd=a.lock_fd,
             _dist=dist,
         )
@@ -866,7 +943,7 @@ class Bench(Tool):
         return 0
 
 
-TOOLS = (Export, Compile, Passes, Inspect, View, Train, Bench)
+TOOLS = (Export, Compile, Passes, Inspect, View, Train, ExportRun, Bench)
 
 
 class Parser(argparse.ArgumentParser):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import api
 from .compiler import checks
+from .compiler.artifacts import DEFAULT_LR
 from .compiler.errors import AccelcError
 from .compiler.fileio import atomic_dir
 from .compiler.resources import max_threads
@@ -35,7 +36,7 @@ def run_scaling(
     nproc: int,
     batch_size: int = 64,
     seed: int = 0,
-    lr: float = 3e-4,
+    lr: float = DEFAULT_LR,
     repeats: int = 1,
     train_limit=None,
     test_limit=None,

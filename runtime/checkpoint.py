@@ -73,6 +73,8 @@ SCHEMA = {
         },
         "fingerprint": {"type": "object"},
         "artifacts_sha256": {"type": ["string", "null"], "pattern": "^[0-9a-f]{64}$"},
+        # where the artifacts were when the run trained (export-run's default; verified by the hash)
+        "artifacts_dir": {"type": ["string", "null"], "maxLength": 4096},
         "history": {
             "type": "array",
             "items": {

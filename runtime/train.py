@@ -269,6 +269,7 @@ class Trainer:
         self.fingerprint = dict(fingerprint or {}, epochs=epochs, batch_size=batch_size, seed=seed)
         self.allow_change = set(allow_change)
         self.artifacts_sha = artifacts_sha
+        self.artifacts_dir = None  # recorded in checkpoints (export-run finds the artifacts by it)
         self.start_epoch = 0
         self.train_time = 0.0
         self.wall_time = 0.0
@@ -574,6 +575,7 @@ class Trainer:
                 "wall_time": self.wall_time,
                 "fingerprint": self.fingerprint,
                 "artifacts_sha256": self.artifacts_sha,
+                "artifacts_dir": self.artifacts_dir,
                 "variant": getattr(self.engine, "variant_name", "base"),
                 "controllers": {a.name: a.state_dict() for a in self.algorithms},
                 "data_position": {"next_epoch": epoch + 1, "next_step": 0},
@@ -586,7 +588,7 @@ class Trainer:
 
     def _step_cost(self) -> dict:
         """Cost-model FLOPs and bytes of one training step of the variant that ran this epoch
-        (custom nodes at their passes' compile-time cost bound)."""
+        (custom nodes at their expected values; flops_bound holds the bound)."""
         art = getattr(self.engine, "artifacts", None)
         if art is None:
             return {}
@@ -906,6 +908,7 @@ def train(
             dist=group,
             loggers=loggers,
         )
+        trainer.artifacts_dir = None if isinstance(artifact_dir, Artifacts) else os.path.abspath(artifact_dir)
         summary = trainer.run()
         summary.update(
             {

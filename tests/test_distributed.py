@@ -66,10 +66,12 @@ def test_two_ranks_equal_one_process(art, single, tmp_path):
     assert worst <= 1e-5, worst
     # only rank 0 wrote the run directory
     assert sorted(f.name for f in run.iterdir() if not f.name.startswith(".")) == [
-        "checkpoint-0002.npz",
+        "checkpoint-0003.npz",
         "checkpoint.json",
         "curves.png",
+        "metrics.csv",
         "metrics.jsonl",
+        "steps.csv",
         "summary.json",
     ]
 

@@ -122,7 +122,7 @@ class Rescale(Algorithm):
             "log": self.log,
             "switched": self.switched,
             "switch_epoch": self.switch_epoch,
-            "best": self.best,
+            "best": self.best if math.isfinite(self.best) else None,  # JSON has no Infinity
             "bad": self.bad,
             "epochs": self.epochs,
         }
@@ -131,6 +131,7 @@ class Rescale(Algorithm):
         super().load_state_dict(state)
         self.switched = state.get("switched", False)
         self.switch_epoch = state.get("switch_epoch")
-        self.best = state.get("best", math.inf)
+        best = state.get("best")
+        self.best = math.inf if best is None else float(best)
         self.bad = state.get("bad", 0)
         self.epochs = list(state.get("epochs", []))

@@ -27,6 +27,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from ...runtime.algorithm import Algorithm, register_algorithm
+from .cost import modelled_macs
 from .rewrite import PASS, ReusePass, reuse_variant, reused_layers
 from .spec import KERNEL_KEY, geom_from_config, layer_macs
 
@@ -189,16 +190,15 @@ class Reuse(Algorithm):
             "steps": steps,
         }
         self.epochs.append(rec)
-        # the cost model counts a reuse node at remain ratio 1 plus hashing; what the measured remain
-        # ratio saves on top of that, in FLOPs per step (2 per multiply-add)
+        # the cost model counts a reuse node at its expected remain ratio (reuse/cost.py); what the
+        # measured one saves on top of that, in FLOPs per step (2 per multiply-add)
         self.logger.log_metrics(
             {
                 "reuse": {
                     k: {"remain_ratio": v["remain_ratio"], "macs_saved": v["macs_saved"]} for k, v in layers.items()
                 },
                 "reuse_flops_saved_per_step": sum(
-                    2.0
-                    * (v["macs_exact"] + layer_macs(ran.get(k, self.configs[k]), batch, None)["hash"] - v["macs_reuse"])
+                    2.0 * (modelled_macs(ran.get(k, self.configs[k]), batch) - v["macs_reuse"])
                     for k, v in layers.items()
                     if v["reused"] and v["remain_ratio"] is not None
                 ),

@@ -69,6 +69,28 @@ class Layer:
         return self.params[0]
 
 
+_FLOAT_TYPES = (1, 10, 11, 16)  # TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _float_cast(node) -> bool:
+    return node.op == "Cast" and int(node.attrs.get("to", 0)) in _FLOAT_TYPES
+
+
+def _through_casts(t):
+    """The tensor a chain of float Casts reads (a rounding pair, Cast to a low-precision type and
+    back, is the same tensor in another precision): followed back to its source."""
+    while len(t.inputs) == 1 and _float_cast(t.inputs[0]) and t.inputs[0].inputs:
+        t = t.inputs[0].inputs[0]
+    return t
+
+
+def _cast_sink(t):
+    """Followed forward through float Casts that are a tensor's only reader (a rounded output)."""
+    while len(t.outputs) == 1 and _float_cast(t.outputs[0]) and t.outputs[0].outputs:
+        t = t.outputs[0].outputs[0]
+    return t
+
+
 def layer_name_for(param: str, node_name: str) -> str:
     """Readable layer name: the weight's module path ('features.0.weight' -> 'features.0')."""
     if "." in param and not param.startswith("onnx::"):
@@ -99,6 +121,7 @@ class TrainingGraph:
         self.all_params = self.params + [t.name for t in g.inputs if self._is_frozen_param(t)]
         by_name = {n.name: n for n in g.nodes}
         self.nodes_by_name = by_name
+        self._tensor_map = g.tensors()
         acc_by_grad = {}
         for n in g.nodes:
             if n.op == ACCUMULATOR_OP:
@@ -111,8 +134,9 @@ class TrainingGraph:
             if kind is None or self.is_backward(n):
                 continue
             slots = (0, 1) if n.op == "MatMul" else (1, 2)
-            params = [n.inputs[s].name for s in slots if s < len(n.inputs) and n.inputs[s].name in param_set]
-            if n.op != "MatMul" and (not params or params[0] != n.inputs[1].name):
+            ins = [_through_casts(t).name for t in n.inputs]  # a rounded parameter is still the parameter
+            params = [ins[s] for s in slots if s < len(ins) and ins[s] in param_set]
+            if n.op != "MatMul" and (not params or params[0] != ins[1]):
                 continue
             if not params:
                 continue
@@ -123,7 +147,8 @@ class TrainingGraph:
             prefix = n.name + "_Grad/"
             bwd = [b for b in g.nodes if b.name.startswith(prefix)]
             accs = [acc_by_grad[p + GRAD_SUFFIX] for p in params if p + GRAD_SUFFIX in acc_by_grad]
-            data_in = n.inputs[1].name if n.op == "MatMul" and n.inputs[0].name in param_set else n.inputs[0].name
+            data_in = ins[1] if n.op == "MatMul" and ins[0] in param_set else ins[0]
+            out = _cast_sink(n.outputs[0]).name
             self.layers.append(
                 Layer(
                     name=name,
@@ -133,10 +158,10 @@ class TrainingGraph:
                     params=params,
                     accumulators=accs,
                     input=data_in,
-                    output=n.outputs[0].name,
+                    output=out,
                     weight_shape=self.shape(params[0]),
                     input_shape=self.shape(data_in),
-                    output_shape=self.shape(n.outputs[0].name),
+                    output_shape=self.shape(out),
                 )
             )
 
@@ -164,7 +189,21 @@ class TrainingGraph:
         return [layer.name for layer in self.layers]
 
     def shape(self, tensor: str) -> tuple:
-        """Static shape of a tensor; gradient tensors take the shape of what they differentiate."""
+        """Static shape of a tensor; gradient tensors take the shape of what they differentiate; a
+        tensor a float Cast makes, or that only float Casts read, that of the tensor cast."""
+        got = self._shape(tensor)
+        if got:
+            return got
+        t = self._tensor_map.get(tensor)
+        if t is not None:
+            for other in (_through_casts(t), _cast_sink(t)):
+                if other is not t:
+                    got = self._shape(other.name)
+                    if got:
+                        return got
+        return ()
+
+    def _shape(self, tensor: str) -> tuple:
         if tensor in self.shapes:
             return self.shapes[tensor]
         base = re.sub(r"_grad(_\d+)?$", "", tensor)

@@ -2,4 +2,4 @@
 algorithm, kernels and cost hook. Importing this package registers them all with the compiler's
 and the runtime's registries; a new method is one more folder here (and one import below)."""
 
-from . import opt, rescale, reuse, skip  # noqa: F401
+from . import amp, opt, rescale, reuse, skip  # noqa: F401

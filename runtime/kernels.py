@@ -18,6 +18,10 @@ from typing import Callable
 import onnx
 
 ORT = "ort"  # every provider's fallback: leave the node to ONNX Runtime
+# A kernel's per-call statistics may hold SKIP_UPDATE: True to ask that this step's optimizer update
+# be skipped (e.g. a non-finite gradient under loss scaling); the session then leaves parameters and
+# optimizer state as they were.
+SKIP_UPDATE = "skip_update"
 
 
 class NodeKernel:

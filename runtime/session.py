@@ -35,6 +35,7 @@ from ..compiler.lowering import lower_training_model
 from .config import ExecConfig
 from .engine import ParamUpdate, StepResult
 from .executor import SegmentedRunner, claimed
+from .kernels import SKIP_UPDATE
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
 
 
@@ -291,13 +292,16 @@ class TrainingSession:
     def train_step(self, x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> StepResult:
         """One forward+backward on ORT and one optimizer step."""
         result = self._forward_backward(x, y)
+        skip = any(st.get(SKIP_UPDATE) for st in result.kernels.values())  # a kernel may veto the update
         if self.reducer is not None:  # averaged across ranks: every rank takes the same step
             names = list(result.probes)
-            vals = self.reducer.finish([result.loss] + [result.probes[n] for n in names])
-            result.loss, result.probes = vals[0], dict(zip(names, vals[1:]))
-        for p in self.trained:
-            self.params[p].grad = self.grads[p]
-        self.optimizer.step()
+            vals = self.reducer.finish([result.loss] + [result.probes[n] for n in names] + [float(skip)])
+            result.loss, result.probes = vals[0], dict(zip(names, vals[1 : 1 + len(names)]))
+            skip = vals[-1] > 0  # one rank's veto (e.g. an overflow under loss scaling) holds for all
+        if not skip:
+            for p in self.trained:
+                self.params[p].grad = self.grads[p]
+            self.optimizer.step()
         self._update_bn_stats(len(y))
         self.steps += 1
         return result

@@ -1,10 +1,15 @@
 """Torch eager training of the same model: the baseline users would otherwise run.
 
 It uses the same optimizer arithmetic as the artifact (runtime.optim), so a comparison with the
-ORT runtime differs only in how forward and backward are executed.
+ORT runtime differs only in how forward and backward are executed. With ``autocast_dtype``
+(``torch.bfloat16`` or ``torch.float16``) forward and loss run under ``torch.autocast`` — the
+mixed precision torch users pick (``accelc bench`` configuration ``torch-amp``); float16 adds
+torch's dynamic loss scaling (``torch.amp.GradScaler``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -21,12 +26,23 @@ class TorchSession:
     variant_name = "torch"
     artifacts = None
 
-    def __init__(self, module: torch.nn.Module, hyper: dict, lr: float, device: str = "cpu"):
+    def __init__(self, module: torch.nn.Module, hyper: dict, lr: float, device: str = "cpu", autocast_dtype=None):
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise AccelcError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype!r}")
         self.device = device
         self.module = module.to(device)
         self.named = dict(self.module.named_parameters())
         self.optimizer = make_optimizer(list(self.named.values()), hyper, lr)
         self.steps = 0
+        self.autocast_dtype = autocast_dtype
+        self.scaler = torch.amp.GradScaler(device) if autocast_dtype == torch.float16 else None
+        if autocast_dtype is not None:
+            self.variant_name = "torch-amp"
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.autocast_dtype)
 
     def train_step(self, x, y):
         self.module.train()
@@ -34,31 +50,39 @@ class TorchSession:
         yt = torch.as_tensor(y).to(self.device)
         for p in self.named.values():
             p.grad = None
-        logits = self.module(xt)
-        loss = F.cross_entropy(logits, yt)
-        loss.backward()
-        self.optimizer.step()
+        with self._autocast():
+            logits = self.module(xt)
+            loss = F.cross_entropy(logits, yt)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
         self.steps += 1
-        return StepResult(float(loss.detach()), logits.detach().cpu().numpy())
+        return StepResult(float(loss.detach()), logits.detach().float().cpu().numpy())
 
     @torch.no_grad()
     def evaluate_batch(self, x, y):
         self.module.eval()
-        logits = self.module(torch.as_tensor(x).to(self.device))
-        loss = F.cross_entropy(logits, torch.as_tensor(y).to(self.device))
-        return float(loss), logits.cpu().numpy()
+        with self._autocast():
+            logits = self.module(torch.as_tensor(x).to(self.device))
+            loss = F.cross_entropy(logits, torch.as_tensor(y).to(self.device))
+        return float(loss), logits.float().cpu().numpy()
 
     def compute_gradients(self, x, y):
         self.module.train()
         for p in self.named.values():
             p.grad = None
-        logits = self.module(torch.as_tensor(x).to(self.device))
-        loss = F.cross_entropy(logits, torch.as_tensor(y).to(self.device))
+        with self._autocast():
+            logits = self.module(torch.as_tensor(x).to(self.device))
+            loss = F.cross_entropy(logits, torch.as_tensor(y).to(self.device))
         loss.backward()
         return (
-            float(loss),
+            float(loss.detach()),
             {k: p.grad.cpu().numpy().copy() for k, p in self.named.items()},
-            logits.detach().cpu().numpy(),
+            logits.detach().float().cpu().numpy(),
         )
 
     def param_arrays(self):

@@ -40,7 +40,8 @@ lint: $(STAMP)
 	cd $(LINT_TREE) && PYTHONPATH=. ../../$(BIN)/lint-imports --config ../../pyproject.toml
 
 FASHION := /usr/share/datasets/fashion-mnist
-BENCH_CONFIGS ?= torch,ort,ort+skip,ort+reuse,ort+reuse[strategy=lh;plateau=0.3],ort+reuse[strategy=off;plateau=0.3],ort+rescale,ort+all[strategy=off;plateau=0.3]
+# named configurations (two reuse strategies side by side); pass flags (--skip-tau ...) work too
+BENCH_CONFIGS ?= benchmarks/bench-vgg32.json
 BENCH_EPOCHS ?= 5
 BENCH_ARGS ?= --train-limit 20000 --test-limit 5000 --input-shape 1,32,32 --target torch-best-0.2 --lr 3e-4
 
@@ -49,7 +50,7 @@ $(FASHION):
 	 else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 2; fi
 
 bench: $(STAMP) $(FASHION)
-	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs $(BENCH_EPOCHS) --configs "$(BENCH_CONFIGS)" $(BENCH_ARGS) -o bench-out --force
+	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs $(BENCH_EPOCHS) --config-file $(BENCH_CONFIGS) $(BENCH_ARGS) -o bench-out --force
 	$(BIN)/python benchmarks/skip_step_time.py 25
 	$(BIN)/python benchmarks/lars_overhead.py 80
 	$(BIN)/python benchmarks/reuse_layer.py --repeats 9 -o bench-out/reuse_layer.json

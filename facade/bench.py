@@ -20,7 +20,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,59 +27,147 @@ from pathlib import Path
 from . import api
 from .compiler import checks
 from .compiler.artifact_dir import load_artifacts
-from .compiler.artifacts import optimizer_hyperparameters
+from .compiler.artifacts import DEFAULT_LR, optimizer_hyperparameters
 from .compiler.cost import graph_costs
 from .compiler.errors import AccelcError, InvalidValue, show
 from .compiler.fileio import atomic_dir, atomic_write_text
 from .compiler.graph import training_graph
 from .compiler.model import load_model
-from .compiler.pass_api import parse_pass_list, registered
+from .compiler.pass_api import check_pass_options, parse_pass_list, registered
 from .compiler.resources import check_threads
 from .runtime.algorithm import algorithms_for
 from .runtime.config import ExecConfig
-from .runtime.data import load_data
+from .runtime.data import in_memory_data, load_data
 from .runtime.train import Trainer, machine_info
 
+BASELINES = ("torch", "torch-amp", "ort", "ort-noopt")  # torch-amp: torch eager under bf16 autocast
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+CONFIG_FILE_SCHEMA = {
+    "type": "object",
+    "required": ["configs"],
+    "additionalProperties": False,
+    "properties": {
+        "configs": {
+            "type": "array",
+            "maxItems": 64,
+            "items": {
+                "oneOf": [
+                    {"type": "string", "maxLength": 200},
+                    {
+                        "type": "object",
+                        "required": ["name", "passes"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "maxLength": 64},
+                            "passes": {"type": "array", "maxItems": 16, "items": {"type": "string", "maxLength": 64}},
+                            "options": {"type": "object", "additionalProperties": {"type": "object"}},
+                            "opt": {"type": "boolean"},
+                        },
+                    },
+                ]
+            },
+        }
+    },
+}
 
-def parse_configs(text: str) -> list[str]:
-    """Configurations: torch, ort, ort+PASS[+PASS...], each optionally with pass options in
-    brackets, e.g. ``ort+skip[policy=suffix;tau=1.5]``."""
-    out = []
-    for c in [c.strip() for c in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text) if c.strip()]:
-        if c in ("torch", "ort", "ort-noopt"):
-            out.append(c)
-        elif c.startswith("ort+"):
-            config_passes(c)
-            out.append(c)
+
+def parse_configs(text=None, pass_options: dict | None = None, config_file=None) -> dict[str, dict]:
+    """The configurations to run, by name: ``text`` lists torch, torch-amp, ort, ort-noopt and
+    ort+PASS[+PASS...] (ort+all: every pass), comma-separated; ``pass_options`` ({pass: {option:
+    value}}, the compile flags ``--skip-tau 1.5`` ...) apply to every configuration that runs the
+    pass; ``config_file`` (JSON ``{"configs": [NAME | {"name", "passes", "options", "opt"}]}``) adds
+    named configurations with options of their own (e.g. two reuse strategies side by side).
+    Returns name -> {"engine": torch|torch-amp|ort, "passes", "options", "opt"}."""
+    items: list = []
+    if text is not None:
+        if not isinstance(text, str):
+            raise AccelcError(f"--configs must be a comma-separated string, got {type(text).__name__}")
+        if "[" in text:
+            raise AccelcError(
+                "pass options go in the pass flags (e.g. --skip-tau 1.5, as compile takes them) or in a "
+                f"--config-file, not in brackets: {show(text, 80)}"
+            )
+        items += [c.strip() for c in text.split(",") if c.strip()]
+    if config_file is not None:
+        items += _read_config_file(config_file)
+    out: dict[str, dict] = {}
+    shared = dict(pass_options or {})
+    used = set()
+    for item in items:
+        if isinstance(item, str):
+            name, spec = item, _named(item)
+            given = {p: dict(shared[p]) for p in spec["passes"] if p in shared}
+            spec["options"] = given
         else:
-            raise AccelcError(f"unknown configuration '{c}'; use torch, ort or ort+PASS[+PASS][opt=value;...]")
+            name = item["name"]
+            if not NAME.fullmatch(name):
+                raise AccelcError(f"configuration name {show(name, 80)}: use letters, digits and _ . + -")
+            passes = parse_pass_list(",".join(item["passes"]) if item["passes"] else "none")
+            opts = {p: dict(shared.get(p, {}), **dict(item.get("options", {}).get(p, {}))) for p in passes}
+            stray = set(item.get("options", {})) - set(passes)
+            if stray:
+                raise AccelcError(f"configuration {show(name)}: options for pass(es) it does not run: {sorted(stray)}")
+            spec = {"engine": "ort", "passes": passes, "options": {p: o for p, o in opts.items() if o}}
+            spec["opt"] = bool(item.get("opt", True))
+        check_pass_options(spec["passes"], spec["options"], defaults=spec.get("opt", True))
+        if name in out:
+            raise AccelcError(f"configuration {show(name)} is listed twice")
+        used |= set(spec["passes"])
+        out[name] = spec
     if not out:
         raise AccelcError("--configs is empty")
-    if len(set(out)) != len(out):
-        raise AccelcError("a configuration is listed twice in --configs")
+    unused = sorted(set(shared) - used - {n for n, c in registered().items() if c.default})
+    if unused:
+        cls = registered()[unused[0]]
+        flag = cls.flag(next(iter(shared[unused[0]]))) if shared[unused[0]] else unused[0]
+        raise AccelcError(f"{flag} given but no configuration runs pass '{unused[0]}'")
     return out
 
 
-def config_passes(c: str) -> tuple[list[str], dict]:
-    """('ort+skip[tau=1.5]') -> (['skip'], {'skip': {'tau': '1.5'}}): options go to every pass that has them."""
-
+def _named(c: str) -> dict:
+    """A configuration given by name (see :func:`parse_configs`)."""
+    if c in ("torch", "torch-amp"):
+        return {"engine": c, "passes": [], "options": {}, "opt": False}
     if c in ("ort", "ort-noopt"):
-        return [], {}
-    m = re.fullmatch(r"ort\+([\w+]+)(?:\[([^\]]*)\])?", c)
+        return {"engine": "ort", "passes": [], "options": {}, "opt": c == "ort"}
+    m = re.fullmatch(r"ort\+([\w+]+)", c)
     if not m:
-        raise AccelcError(f"bad configuration '{c}'")
-    reg = registered()
-    every = [n for n, cls in reg.items() if not cls.default]
+        raise AccelcError(
+            f"unknown configuration {show(c, 80)}; use {', '.join(BASELINES)}, ort+PASS[+PASS...] or ort+all "
+            "(pass options: the pass flags or --config-file)"
+        )
+    every = [n for n, cls in registered().items() if not cls.default]
     names = parse_pass_list(every if m.group(1) == "all" else m.group(1).replace("+", ","))
-    opts: dict = {}
-    for kv in filter(None, (m.group(2) or "").split(";")):
-        k, _, v = kv.partition("=")
-        owners = [n for n in names if k.strip() in reg[n].options]
-        if not owners or not v:
-            raise AccelcError(f"configuration '{c}': no pass in it has option '{k}' (or no value given)")
-        for n in owners:
-            opts.setdefault(n, {})[k.strip()] = v.strip()
-    return names, opts
+    return {"engine": "ort", "passes": names, "options": {}, "opt": True}
+
+
+def config_passes(c: str) -> tuple[list[str], dict]:
+    """A named configuration's passes: ('ort+skip') -> (['skip'], {})."""
+    spec = _named(c)
+    return spec["passes"], spec["options"]
+
+
+def _read_config_file(path) -> list:
+    import jsonschema
+
+    checks.path_like("--config-file", path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(1 << 20 + 1)
+    except OSError as e:
+        raise AccelcError(f"--config-file '{show(path)}': {e.strerror}") from None
+    if len(raw) > 1 << 20:
+        raise AccelcError(f"--config-file '{show(path)}' is larger than 1 MiB")
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AccelcError(f"--config-file '{show(path)}' is not valid JSON ({show(str(e), 120)})") from None
+    try:
+        jsonschema.validate(doc, CONFIG_FILE_SCHEMA)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "the top level"
+        raise AccelcError(f"--config-file '{show(path)}': at {show(where)}: {show(e.message, 200)}") from None
+    return doc["configs"]
 
 
 def _time_to(history: list[dict], target: float | None):
@@ -96,11 +183,11 @@ def run_bench(
     model: str,
     data: str,
     epochs: int,
-    configs: list[str],
+    configs,
     out_dir,
     batch_size: int = 64,
     seed: int = 0,
-    lr: float = 1e-3,
+    lr: float = DEFAULT_LR,
     repeats: int = 1,
     train_limit=None,
     test_limit=None,
@@ -109,9 +196,22 @@ def run_bench(
     threads: int | None = None,
     input_shape: tuple | None = None,
     force: bool = False,
+    pass_options: dict | None = None,
 ) -> dict:
     """Run ``configs`` side by side; everything is written to ``out_dir`` atomically (a failed or
-    interrupted benchmark leaves no folder; an existing one is replaced only with ``force``)."""
+    interrupted benchmark leaves no folder; an existing one is replaced only with ``force``).
+    ``configs``: names (a comma-separated string or a list: torch, torch-amp, ort, ort-noopt,
+    ort+PASS[+PASS], ort+all), or what :func:`parse_configs` returns (with a config file's named
+    configurations); ``pass_options``: {pass: {option: value}} for every configuration that runs
+    the pass (the compile flags)."""
+    if not isinstance(configs, dict):
+        if isinstance(configs, (list, tuple)):
+            configs = ",".join(str(c) for c in configs)
+        configs = parse_configs(configs, pass_options)
+    elif pass_options:
+        raise AccelcError("pass_options go to parse_configs when configs are already parsed")
+    if not isinstance(data, str):  # arrays or torch datasets given in Python
+        data = in_memory_data(data)
     api.check_train_args(
         epochs=epochs,
         batch_size=batch_size,
@@ -178,20 +278,22 @@ def _run_bench(
         export_zoo(model, model_path, input_shape=input_shape, seed=seed)
     else:
         model_path = Path(model)
-        if "torch" in configs:
-            print("accelc: warning: torch eager needs a zoo model; dropping the torch configuration", file=sys.stderr)
-            configs = [c for c in configs if c != "torch"]
     info = load_model(model_path)
+    eager = [c for c, spec in configs.items() if spec["engine"] != "ort"]
+    if eager and model not in ZOO:  # the user's ONNX model in torch (onnx2torch): refused here when impossible
+        from .torch_baseline import torch_module_for  # heavy: onnx2torch
+
+        torch_module_for(model_path, info)
     ds = load_data(data, info.input_shape, info.num_classes, train_limit, test_limit)
     art_dirs = {}
-    for c in configs:
-        if c == "torch":
+    for c, spec in configs.items():
+        if spec["engine"] != "ort":
             continue
-        names, opts = config_passes(c)
         d = work / re.sub(r"[^\w.-]+", "_", c).strip("_")
         api.compile(
-            model_path, d, names, opts, lr=lr, batch_size=batch_size, force=True, info=info, opt=c != "ort-noopt"
-        )
+            model_path, d, spec["passes"], spec["options"], lr=lr, batch_size=batch_size, force=True, info=info,
+            opt=spec["opt"],
+        )  # fmt: skip
         art_dirs[c] = d
     if threads:
         torch.set_num_threads(threads)
@@ -211,11 +313,29 @@ def _run_bench(
     )
     results: dict[str, list[dict]] = {c: [] for c in configs}
     base_cost = _plain_cost(model_path, work, info, lr, batch_size, art_dirs)
+    baseline_check = None
+    if eager:  # torch's module computes the model: the same loss as ORT on the first batch, same weights
+        from .torch_baseline import check_same_loss, torch_module_for
+
+        ref = TrainingSession(art_dirs.get("ort") or work / "ort_reference", ExecConfig(threads=threads), lr=lr)
+        _, x0, y0 = next(ds.batches(0, batch_size, seed))
+        m0 = (
+            zoo_module(model, info.input_shape, info.num_classes, seed)[0]
+            if model in ZOO
+            else torch_module_for(model_path, info)
+        )
+        baseline_check = check_same_loss(m0, ref, x0, y0)
+        del ref, m0
     for r in range(repeats):
         for c in configs:
-            if c == "torch":
-                module, _ = zoo_module(model, info.input_shape, info.num_classes, seed)
-                engine = TorchSession(module, hyper, lr)
+            engine_kind = configs[c]["engine"]
+            if engine_kind != "ort":
+                if model in ZOO:
+                    module, _ = zoo_module(model, info.input_shape, info.num_classes, seed)
+                else:  # converted afresh each repeat: the ONNX model's own initial weights
+                    module = torch_module_for(model_path, info)
+                autocast = torch.bfloat16 if engine_kind == "torch-amp" else None
+                engine = TorchSession(module, hyper, lr, autocast_dtype=autocast)
                 algs = []
             else:
                 engine = TrainingSession(art_dirs[c], ExecConfig(threads=threads), lr=lr)
@@ -228,6 +348,8 @@ def _run_bench(
             results[c].append(s)
             del engine, tr
     report = summarise(results, target, ds, batch_size)
+    if baseline_check is not None:
+        report["torch_baseline_check"] = baseline_check
     report.update(
         {
             "model": model if model in ZOO else Path(model).name,
@@ -397,7 +519,13 @@ def plot_bench(results: dict, path: Path, rep: dict) -> None:
         h = runs[0]["history"]
         ax.plot([0] + [m["train_time"] for m in h], [None] + [m["test_acc"] for m in h], "o-", label=c)
     if rep.get("target_acc"):
-        ax.axhline(rep["target_acc"], color="grey", ls=":", label="target")
+        rule = rep.get("target_rule")
+        ax.axhline(
+            rep["target_acc"],
+            color="grey",
+            ls=":",
+            label=f"target {rep['target_acc']:.4f}" + (f" ({rule})" if rule else ""),
+        )
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{rep['model']} on {rep['data']}")
@@ -410,37 +538,64 @@ def plot_bench(results: dict, path: Path, rep: dict) -> None:
 
 
 def plot_controllers(results: dict, path: Path, rep: dict) -> None:
-    """Three panels over epochs: skipped layers (timeline), remain ratio per reused layer, and the
-    resolution stage (input height), for every configuration that has the controller."""
+    """Over epochs, only the panels that have something to show: skipped layers (timeline), remain
+    ratio per reused layer, and the resolution stage (input height, for configurations whose
+    resolution changes). One colour per configuration in every panel (layers told apart by marker
+    and line style); integer epoch ticks."""
     import matplotlib  # heavy: loaded when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    colour = {c: f"C{i % 10}" for i, c in enumerate(results)}
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("P", "--")]
     layers_seen: list = []
+    skip, reuse, res = [], [], []  # (config, history) with content for each panel
     for c, runs in results.items():
         h = runs[0]["history"]
-        ep = [m["epoch"] for m in h]
-        if any("skip" in m for m in h):
+        if any(m.get("skip", {}).get("skipped") for m in h):
+            skip.append((c, h))
             for m in h:
                 for layer in m.get("skip", {}).get("skipped", []):
                     if layer not in layers_seen:
                         layers_seen.append(layer)
-            pts = [(m["epoch"], layers_seen.index(layer)) for m in h for layer in m.get("skip", {}).get("skipped", [])]
-            ax[0].scatter([p[0] for p in pts], [p[1] for p in pts], marker="s", s=60, label=c)
-        if any("reuse" in m for m in h):
-            names = sorted({k for m in h for k in m.get("reuse", {})})
-            for k in names:
-                ax[1].plot(ep, [m.get("reuse", {}).get(k, {}).get("remain_ratio") for m in h], "o-", label=f"{c}: {k}")
-        ax[2].step(ep, [m["input_hw"][0] for m in h], where="mid", label=c)
-    ax[0].set_yticks(range(len(layers_seen)), layers_seen)
-    ax[0].set_title("skipped layers (from the epoch after the decision)")
-    ax[1].set_title("remain ratio (clusters / rows) per reused layer")
-    ax[1].set_ylim(0, 1.05)
-    ax[2].set_title("resolution stage (input height)")
-    for a in ax:
+        if any(m.get("reuse") for m in h):
+            reuse.append((c, h))
+        if len({tuple(m["input_hw"]) for m in h if m.get("input_hw")}) > 1:
+            res.append((c, h))
+    panels = [p for p, content in (("skip", skip), ("reuse", reuse), ("res", res)) if content]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4.2), squeeze=False)
+    ax = dict(zip(panels, axes[0]))
+    if not panels:
+        a = axes[0][0]
+        a.text(0.5, 0.5, "no controller acted in these configurations", ha="center", va="center")
+        a.set_axis_off()
+    for c, h in skip:
+        pts = [(m["epoch"], layers_seen.index(layer)) for m in h for layer in m.get("skip", {}).get("skipped", [])]
+        ax["skip"].scatter([p[0] for p in pts], [p[1] for p in pts], marker="s", s=60, color=colour[c], label=c)
+    if skip:
+        ax["skip"].set_yticks(range(len(layers_seen)), layers_seen)
+        ax["skip"].set_title("skipped layers (from the epoch after the decision)")
+    for c, h in reuse:
+        ep = [m["epoch"] for m in h]
+        names = sorted({k for m in h for k in m.get("reuse", {})})
+        for i, k in enumerate(names):
+            marker, ls = styles[i % len(styles)]
+            ratio = [m.get("reuse", {}).get(k, {}).get("remain_ratio") for m in h]
+            ax["reuse"].plot(ep, ratio, marker=marker, ls=ls, color=colour[c], label=f"{c}: {k}")
+    if reuse:
+        ax["reuse"].set_title("remain ratio (clusters / rows) per reused layer")
+        ax["reuse"].set_ylim(0, 1.05)
+    for c, h in res:
+        ep = [m["epoch"] for m in h]
+        ax["res"].step(ep, [m["input_hw"][0] for m in h], where="mid", marker="o", color=colour[c], label=c)
+    if res:
+        ax["res"].set_title("resolution stage (input height)")
+        ax["res"].set_yticks(sorted({m["input_hw"][0] for _, h in res for m in h}))
+    for a in ax.values():
         a.set_xlabel("epoch")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     fig.suptitle(f"{rep['model']} on {rep['data']}: what the controllers did")

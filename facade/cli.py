@@ -206,23 +206,13 @@ class MemoryArgs(ArgGroup):
 class PassArgs(ArgGroup):
     """--passes, --no-opt and every registered pass's option flags."""
 
-    def add(self, parser, **_):
-
+    def add(self, parser, selection: bool = True, **_):
+        """``selection``: also --passes and --no-opt (compile); bench takes only the option flags."""
         reg = registered()
         g = parser.add_argument_group("passes")
         optional = [n for n, c in reg.items() if not c.default]
-        g.add_argument(
-            "--passes",
-            default="none",
-            metavar="PASS[,PASS...]",
-            help=f"passes to run, comma-separated, or 'none' (default); passes: {', '.join(optional)} "
-            f"(given in another order, they run in this one, with a note); 'accelc passes' describes them",
-        )
-        g.add_argument(
-            "--no-opt",
-            action="store_true",
-            help="do not run the default 'opt' pass (with --passes none: ORT's plain artifacts, unchanged)",
-        )
+        if selection:
+            self._selection(g, optional)
         for pname, cls in reg.items():
             pg = parser.add_argument_group(f"pass {pname}", plain(cls.summary))
             for oname, opt in cls.options.items():
@@ -236,14 +226,30 @@ class PassArgs(ArgGroup):
                 )
 
     @staticmethod
-    def options(a, names: list[str]) -> dict:
+    def _selection(g, optional):
+        g.add_argument(
+            "--passes",
+            default="none",
+            metavar="PASS[,PASS...]",
+            help=f"passes to run, comma-separated, or 'none' (default); passes: {', '.join(optional)} "
+            f"(given in another order, they run in this one, with a note); 'accelc passes' describes them",
+        )
+        g.add_argument(
+            "--no-opt",
+            action="store_true",
+            help="do not run the default 'opt' pass (with --passes none: ORT's plain artifacts, unchanged)",
+        )
 
+    @staticmethod
+    def options(a, names: list[str] | None) -> dict:
+        """The pass option flags given, {pass: {option: value}}; ``names``: the passes that run
+        (None: bench, where parse_configs checks that some configuration runs each)."""
         opts: dict = {}
         for pname, cls in registered().items():
             for oname in cls.options:
                 val = getattr(a, _dest(cls.flag(oname)), None)
                 if val is not None:
-                    if pname not in names:
+                    if names is not None and pname not in names:
                         raise AccelcError(f"{cls.flag(oname)} given but pass '{pname}' is not in --passes")
                     opts.setdefault(pname, {})[oname] = val
         return opts
@@ -863,7 +869,8 @@ class Bench(Tool):
     name = "bench"
     examples = (
         "accelc bench --model vgg --data fashion-mnist --configs torch,ort,ort+skip -o bench-out",
-        "accelc bench --model cnn3-small --configs 'ort,ort+skip[policy=suffix;tau=1.5]' --epochs 2",
+        "accelc bench --model cnn3-small --configs ort,ort+skip --skip-policy suffix --skip-tau 1.5 --epochs 2",
+        "accelc bench --model vgg --config-file benchmarks/bench-vgg32.json --input-shape 1,32,32 -o bench-out",
         "accelc bench --model vgg --data fashion-mnist --train-limit 4096 --nproc 2 -o scaling-out",
     )
 
@@ -873,9 +880,18 @@ class Bench(Tool):
         TrainingArgs().add(p)
         p.add_argument(
             "--configs",
-            default=DEFAULT_CONFIGS,
-            help=f"comma list of torch, ort, ort+PASS[+PASS][opt=v;...], ort+all (every pass) "
-            f"(default {DEFAULT_CONFIGS})",
+            default=None,
+            metavar="CONFIG[,CONFIG...]",
+            help="comma list of torch (eager), torch-amp (eager, bf16 autocast), ort, ort-noopt, "
+            f"ort+PASS[+PASS...], ort+all (every pass) (default {DEFAULT_CONFIGS}, or none with --config-file); "
+            "pass options: the same flags as compile (below), for every configuration that runs the pass",
+        )
+        p.add_argument(
+            "--config-file",
+            default=None,
+            metavar="FILE.json",
+            help='named configurations with options of their own, e.g. {"configs": ["torch", "ort", '
+            '{"name": "reuse-off", "passes": ["reuse"], "options": {"reuse": {"strategy": "off"}}}]}',
         )
         p.add_argument("--repeats", type=int, default=1, help="run every configuration R times, report medians")
         p.add_argument(
@@ -900,6 +916,7 @@ class Bench(Tool):
             "with 1..N processes of one thread each (and 1 process with every core), interleaved; "
             "writes scaling.json/.md/.png with the all-reduce cost per step, e.g. --nproc 2",
         )
+        PassArgs().add(p, selection=False)
         OutputArgs().add(p, output="bench-out", what="output directory")
 
     def run(self, a):
@@ -918,7 +935,8 @@ class Bench(Tool):
                 print(scaling_markdown(rep))
                 print(f"wrote {show(a.output)}/scaling.json, scaling.md, scaling.png")
             return 0
-        configs = parse_configs(a.configs)
+        text = a.configs if a.configs is not None or a.config_file is not None else DEFAULT_CONFIGS
+        configs = parse_configs(text, PassArgs.options(a, None), a.config_file)
         rep = run_bench(
             a.model,
             a.data,

@@ -133,14 +133,18 @@ def test_bench_side_by_side(tmp_path):
         "--batch-size",
         "32",
         "--configs",
-        "torch,ort-noopt,ort,ort+skip[tau=1.5;policy=any]",
+        "torch,ort-noopt,ort,ort+skip",
+        "--skip-tau",
+        "1.5",
+        "--skip-policy",
+        "any",
         "-o",
         tmp_path / "b",
         "-q",
     )
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "b" / "bench.json").read_text())
-    assert list(rep["configs"]) == ["torch", "ort-noopt", "ort", "ort+skip[tau=1.5;policy=any]"]
+    assert list(rep["configs"]) == ["torch", "ort-noopt", "ort", "ort+skip"]
     for c, v in rep["configs"].items():
         assert v["epoch_seconds"] > 0 and 0 <= v["final_test_acc"] <= 1
     # same initial weights, data order and mathematics: the two ORT variants train identically
@@ -150,3 +154,44 @@ def test_bench_side_by_side(tmp_path):
     assert (tmp_path / "b" / "accuracy_vs_time.png").stat().st_size > 1000
     r = run_cli("bench", "--configs", "torch,tpu", "-o", tmp_path / "c")
     assert r.returncode == 2 and "tpu" in r.stderr
+
+
+def test_bench_configurations_flags_and_config_file(tmp_path):
+    """bench takes compile's pass flags (for every configuration that runs the pass) and named
+    configurations with options of their own from a JSON file; the bracket language is gone."""
+    from accelc.bench import parse_configs
+
+    from conftest import assert_api_refused
+
+    c = parse_configs("torch,ort,ort+skip", {"skip": {"tau": "1.5"}})
+    assert c["ort+skip"] == {"engine": "ort", "passes": ["skip"], "options": {"skip": {"tau": "1.5"}}, "opt": True}
+    assert c["torch"]["engine"] == "torch" and c["ort"]["passes"] == []
+    f = tmp_path / "c.json"
+    f.write_text(
+        json.dumps(
+            {
+                "configs": [
+                    "ort",
+                    {"name": "skip-any", "passes": ["skip"], "options": {"skip": {"policy": "any"}}},
+                    {"name": "plain", "passes": [], "opt": False},
+                ]
+            }
+        )
+    )
+    c = parse_configs(None, {"skip": {"tau": "3"}}, f)
+    assert list(c) == ["ort", "skip-any", "plain"]
+    assert c["skip-any"]["options"] == {"skip": {"tau": "3", "policy": "any"}} and c["plain"]["opt"] is False
+    assert_api_refused(lambda: parse_configs("ort+skip[tau=1.5]"), "not in brackets")
+    assert_api_refused(lambda: parse_configs("ort,ort"), "listed twice")
+    assert_api_refused(lambda: parse_configs("ort", {"skip": {"tau": "2"}}), "no configuration runs pass 'skip'")
+    assert_api_refused(lambda: parse_configs("ort+skip", {"skip": {"tau": "-2"}}), "--skip-tau")
+    for bad, needle in (
+        ("{", "not valid JSON"),
+        ('{"configs": [{"name": "x"}]}', "'passes' is a required property"),
+        ('{"configs": [{"name": "../x", "passes": []}]}', "letters, digits"),
+        ('{"configs": [{"name": "x", "passes": ["nope"]}]}', "nope"),
+        ('{"configs": [{"name": "x", "passes": [], "options": {"skip": {"tau": 2}}}]}', "does not run"),
+    ):
+        f.write_text(bad)
+        assert_api_refused(lambda: parse_configs(None, None, f), needle)
+    assert_api_refused(lambda: parse_configs(None, None, tmp_path / "missing.json"), "No such file")

@@ -132,7 +132,12 @@ COMPILE_CASES = [
     ),
     ("passes=[int]", {"passes": ["skip", 1]}, "got a list holding int", TypeError),
     ("passes=dict", {"passes": {"skip": 1}}, "got dict", TypeError),
-    ("passes=nope", {"passes": ["nope"]}, "unknown pass(es) nope; available: opt, rescale, reuse, amp, skip", ValueError),
+    (
+        "passes=nope",
+        {"passes": ["nope"]},
+        "unknown pass(es) nope; available: opt, rescale, reuse, amp, skip",
+        ValueError,
+    ),
     ("passes=str-nope", {"passes": "skip,nope"}, "unknown pass(es) nope", ValueError),
     ("passes=dup", {"passes": ["skip", "skip"]}, "pass skip is listed twice in --passes skip,skip", ValueError),
     (

@@ -20,8 +20,11 @@ from .compiler.compile import explain
 from .compiler.errors import AccelcError, show
 
 MODEL = "largekernel"
-DATA = "synthetic:2400"
-EPOCHS = 4
+DATA = "synthetic:4000"
+EPOCHS = 6
+# a fixed target accuracy, chosen once for this demo's data (plain ORT passes it in its 2nd epoch):
+# time to target, as MLPerf reports it, next to the final accuracy of each configuration
+TARGET = 0.85
 CONFIGS = ["torch", "ort", "ort+rescale"]
 
 
@@ -52,6 +55,7 @@ def main(out: str = "demo-out") -> int:
         out_dir=out_dir / "bench",
         batch_size=64,
         seed=0,
+        target=str(TARGET),
         progress=True,
         force=True,
     )

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from accelc.torch_baseline import torchvision_without_ops  # noqa: F401  (also used by tests/test_coverage.py)
+
 # (library, name, input size): every model fits 2 cores at these sizes; AlexNet and VGG need
 # 224x224 for their adaptive pooling to export
 MODELS = [
@@ -63,18 +65,6 @@ SMALL = ["tv:squeezenet1_0", "tv:mobilenet_v3_small", "timm:resnet10t"]  # what 
 PASSES = ("none", "skip", "reuse", "rescale")
 BATCH = 4
 STEPS = 3
-
-
-def torchvision_without_ops() -> None:
-    """Make ``import torchvision`` work beside the CPU torch (see the module doc)."""
-    import torch
-
-    if hasattr(torch.ops, "torchvision") and hasattr(torch.ops.torchvision, "nms"):
-        return
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    torchvision_without_ops.lib = lib  # the definitions live as long as the library object
 
 
 def build(lib: str, name: str):

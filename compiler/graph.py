@@ -238,6 +238,8 @@ class TrainingGraph:
                 provenance.write(n, tags)
             if "_Grad/" in n.name and not n.doc_string:
                 n.doc_string = "Backward pass"
+        if model.ir_version < 10 and any(n.metadata_props for n in model.graph.node):
+            model.ir_version = 10  # node metadata_props (provenance) need IR 10
         return model
 
 

@@ -133,6 +133,16 @@ class PassResult:
     modified: bool
     changes: list = field(default_factory=list)  # JSON-ready records of what changed
 
+    @classmethod
+    def of_graph(cls, art: Artifacts, tg, changes: list) -> "PassResult":
+        """The result of rules applied to ``tg`` (the graph view of ``art``'s training model):
+        unchanged when no rule changed anything, else the artifacts with the graph written back."""
+        if not changes:
+            return cls(art, False, [])
+        tg.reindex()
+        art.training = tg.to_onnx()
+        return cls(art, True, changes)
+
 
 class Pass:
     name: str = ""

@@ -36,7 +36,9 @@ TAG_BASE = 4096  # trainable initialiser k is tagged TAG_BASE + k: a value no re
 TAG_LIMIT = (1 << 24) - TAG_BASE  # float32 holds these integers exactly
 
 
-def _torchvision_without_ops() -> None:
+def torchvision_without_ops() -> None:
+    """Make ``import torchvision`` work beside the CPU torch: its compiled ops cannot load there, so
+    the two operator definitions its Python code needs at import are given without kernels."""
     import torch
 
     if hasattr(torch.ops, "torchvision") and hasattr(torch.ops.torchvision, "nms"):
@@ -44,7 +46,7 @@ def _torchvision_without_ops() -> None:
     lib = torch.library.Library("torchvision", "DEF")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _torchvision_without_ops.lib = lib  # the definitions live as long as the library object
+    torchvision_without_ops.lib = lib  # the definitions live as long as the library object
 
 
 def _onnx2torch():
@@ -62,7 +64,7 @@ def _onnx2torch():
         if "torchvision::" not in str(e):
             raise AccelcError(f"onnx2torch cannot be imported: {show(e, 160)}") from None
     # torchvision's compiled ops did not load: define their schemas, drop the half-imported modules, retry
-    _torchvision_without_ops()
+    torchvision_without_ops()
     for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "onnx2torch")]:
         del sys.modules[name]
     try:

@@ -384,6 +384,18 @@ class Trainer:
             self.data = self._resized[hw]
 
     # ------------------------------------------------------------------ loop
+    def _bar(self, total: int, label: str, unit: str):
+        """A progress bar on stderr (drawn only when :meth:`_bars` says so; removed when done)."""
+        return tqdm(
+            total=total,
+            desc=label,
+            unit=unit,
+            disable=not self._bars(),
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
     def _bars(self) -> bool:
         """Progress bars: asked for, this process writes, and stderr is a terminal (no \\r
         fragments in logs: elsewhere one plain line per epoch)."""
@@ -406,15 +418,7 @@ class Trainer:
         if self.dist is not None and getattr(self.engine, "buffers", None):
             self.dist.broadcast(self.engine.buffers(), "the BatchNorm statistics broadcast")
         n = len(self.data.x_test)
-        bar = tqdm(
-            total=n,
-            desc=label,
-            unit="img",
-            disable=not self._bars(),
-            leave=False,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
+        bar = self._bar(n, label, "img")
         for k, (x, y) in enumerate(self.data.test_batches(self.eval_batch_size)):
             if self.dist is not None and not self.dist.owns(k):
                 continue
@@ -442,15 +446,7 @@ class Trainer:
         for epoch in range(self.start_epoch, self.epochs):
             steps = self.data.steps_per_epoch(self.batch_size)
             label = self._label(epoch)
-            bar = tqdm(
-                total=steps,
-                desc=label,
-                unit="step",
-                disable=not self._bars(),
-                leave=False,
-                file=sys.stderr,
-                dynamic_ncols=True,
-            )
+            bar = self._bar(steps, label, "step")
             loss_sum, correct, seen = 0.0, 0, 0
             variant = getattr(self.engine, "variant_name", "base")
             step_m = {"variant": variant, "input_hw": list(self.data.shape[1:]), "train_time": self.train_time}

@@ -24,6 +24,7 @@ from onnx import helper
 
 from ...compiler import provenance
 from ...runtime.kernels import SKIP_UPDATE, BuildContext, NodeKernel, store
+from ...runtime.torch_ops import Conv2d
 from .rewrite import (
     ALIAS,
     CAST_BACK,
@@ -135,13 +136,7 @@ class AmpKernel(NodeKernel):
         # low-precision nodes; the low-precision half of every pair is read by its second Cast only
         self.reuse = self.role == CAST_LOW or (self.role == CAST_BACK and self.outputs[0].endswith(INPUT_SUFFIX))
         if self.role in (CONV, CONV_GRAD):
-            pads = list(self.attrs.get("pads", [0, 0, 0, 0]))
-            self.stride = list(self.attrs.get("strides", [1, 1]))
-            self.dilation = list(self.attrs.get("dilations", [1, 1]))
-            self.group = int(self.attrs.get("group", 1))
-            self.sym = pads[0] == pads[2] and pads[1] == pads[3]
-            self.pads = pads
-            self.padding = [pads[0], pads[1]] if self.sym else [0, 0]
+            self.conv = Conv2d(node)
         if self.role in (SCALE_SEED, UNSCALE):
             scale = ctx.initializers[SCALE]
             self.scaler = scaler_of(scale, int(meta.get(GROWTH, "2000")))
@@ -156,12 +151,6 @@ class AmpKernel(NodeKernel):
 
     def _fmt(self, t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t.dim() == 4 else t
-
-    def _pad(self, x):
-        if self.sym:
-            return x
-        pt, pl, pb, pr = self.pads
-        return torch.nn.functional.pad(x, (pl, pr, pt, pb))
 
     # ------------------------------------------------------------------ run
     def run(self, env: dict, bound: dict) -> dict | None:
@@ -194,30 +183,14 @@ class AmpKernel(NodeKernel):
         x = self._fmt(self._compute(env[self.inputs[0]]))
         w = self._fmt(self._compute(env[self.inputs[1]]))
         b = self._compute(env[self.inputs[2]]) if len(self.inputs) > 2 and self.inputs[2] else None
-        y = torch.nn.functional.conv2d(self._pad(x), w, b, self.stride, self.padding, self.dilation, self.group)
-        store(self.outputs[0], y, env, bound)
+        store(self.outputs[0], self.conv.forward(x, w, b), env, bound)
 
     def _conv_grad(self, env, bound):
         dy = self._fmt(self._compute(env[self.inputs[0]]))
         x = self._fmt(self._compute(env[self.inputs[1]]))
         w = self._fmt(self._compute(env[self.inputs[2]]))
         mask = [bool(i < len(self.outputs) and self.outputs[i] and self.wanted[i]) for i in range(3)]
-        dx, dw, db = torch.ops.aten.convolution_backward(
-            dy,
-            self._pad(x),
-            w,
-            [w.shape[0]] if mask[2] else None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            False,
-            [0, 0],
-            self.group,
-            mask,
-        )
-        if mask[0] and not self.sym:
-            pt, pl = self.pads[0], self.pads[1]
-            dx = dx[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]]
+        dx, dw, db = self.conv.backward(dy, x, w, mask)
         for i, t in enumerate((dx, dw, db)):
             if mask[i]:
                 store(self.outputs[i], t, env, bound)

@@ -260,13 +260,7 @@ class AmpPass(Pass):
     def run(self, art: Artifacts, options: dict) -> PassResult:
         tg = training_graph(art)
         changes = rewrite(tg, options)
-        if not changes:
-            return PassResult(art, False, [])
-        tg.reindex()
-        art.training = tg.to_onnx()
-        if art.training.ir_version < 10:
-            art.training.ir_version = 10
-        return PassResult(art, True, changes)
+        return PassResult.of_graph(art, tg, changes)
 
     def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
         """Two checks on a random batch with random parameters, run by plain ORT:

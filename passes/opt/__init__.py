@@ -60,13 +60,7 @@ class OptPass(Pass):
         for name, rule in RULES.items():  # in the rules' own order
             if name in options["rules"]:
                 changes += rule().apply(tg)
-        if not changes:
-            return PassResult(art, False, [])
-        tg.reindex()
-        art.training = tg.to_onnx()
-        if art.training.ir_version < 10:
-            art.training.ir_version = 10
-        return PassResult(art, True, changes)
+        return PassResult.of_graph(art, tg, changes)
 
     def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
         """Loss and every gradient of the rewritten graph equal the unrewritten one's (1e-5) on a

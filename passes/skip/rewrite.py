@@ -247,8 +247,6 @@ class SkipPass(Pass):
         tg = training_graph(art)
         changes = instrument(tg)
         art.training = tg.to_onnx()
-        if art.training.ir_version < 10:
-            art.training.ir_version = 10
         plan = {k: v for k, v in options.items() if k != "layers"}
         art.plan.append({"type": "skip", **plan})
         # what the controller's decisions would save: per layer, the skip set that takes it in

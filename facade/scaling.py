@@ -100,9 +100,11 @@ def _run(
             run = work / f"run-{key}-{r}"
             if progress:
                 print(f"scaling: round {r + 1}/{repeats}, {n} process(es) x {threads} thread(s)", file=sys.stderr)
+            # as rank processes for every n (one included), so every row starts its training the same way
             s = api._train_local_ranks(
-                art, data, epochs, batch_size, run, "cpu", seed, False, lr, threads, train_limit, test_limit,
-                False, {}, set(), None, n, 300.0,
+                art, data, epochs, batch_size, run, device="cpu", seed=seed, resume=False, lr=lr, threads=threads,
+                train_limit=train_limit, test_limit=test_limit, force=False, kernels={}, allow_change=set(),
+                memory_limit_gb=None, nproc=n, dist_timeout=300.0,
             )  # fmt: skip
             ips = [m["images_per_second"] for m in s["history"][1:]]
             runs.setdefault(key, []).append(

@@ -152,6 +152,13 @@ class Group:
             raise self._fail(what, e) from None
         return [float(v) for v in t.cpu()]
 
+    def all_reduce_async(self, t, what: str):
+        """Start summing ``t`` across ranks in place; returns the work to :meth:`wait` for."""
+        try:
+            return self._dist.all_reduce(t, async_op=True)
+        except Exception as e:
+            raise self._fail(what, e) from None
+
     def broadcast(self, tensors: list, what: str = "a broadcast") -> None:
         """Rank 0's values into every rank's tensors (in place)."""
         try:
@@ -243,10 +250,7 @@ class GradReducer:
 
     def _launch(self, b: dict) -> None:
         b["flat"].div_(self.group.world)
-        try:
-            b["work"] = self.group._dist.all_reduce(b["flat"], async_op=True)
-        except Exception as e:
-            raise self.group._fail("the gradient all-reduce", e) from None
+        b["work"] = self.group.all_reduce_async(b["flat"], "the gradient all-reduce")
 
     def finish(self, scalars: list[float]) -> list[float]:
         """Wait for every bucket (launching those not yet complete) and average ``scalars`` (the
@@ -270,7 +274,7 @@ class GradReducer:
         times = []
         for _ in range(rounds):
             t0 = time.perf_counter()
-            works = [self.group._dist.all_reduce(b["flat"], async_op=True) for b in self.buckets]
+            works = [self.group.all_reduce_async(b["flat"], "the all-reduce measurement") for b in self.buckets]
             for w in works:
                 self.group.wait(w, "the all-reduce measurement")
             times.append((time.perf_counter() - t0) * 1e3)

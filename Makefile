@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRA ?= cpu
 JOBS ?= 2
 
-.PHONY: demo test test-fast lint bench coverage install clean
+.PHONY: demo test test-fast lint bench bench-quick coverage install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,21 +40,22 @@ lint: $(STAMP)
 	cd $(LINT_TREE) && PYTHONPATH=. ../../$(BIN)/lint-imports --config ../../pyproject.toml
 
 FASHION := /usr/share/datasets/fashion-mnist
-# named configurations (two reuse strategies side by side); pass flags (--skip-tau ...) work too
-BENCH_CONFIGS ?= benchmarks/bench-vgg32.json
-BENCH_EPOCHS ?= 5
-BENCH_ARGS ?= --train-limit 20000 --test-limit 5000 --input-shape 1,32,32 --target torch-best-0.2 --lr 3e-4
 
 $(FASHION):
 	@if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
 	 else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 2; fi
 
+# the time-to-accuracy protocol (benchmarks/workloads.json: VGG and ResNet at 32x32, largekernel at
+# 64x64, fixed targets on a validation split, 3 seeds); rewrites the README's results section
 bench: $(STAMP) $(FASHION)
-	$(BIN)/accelc bench --model vgg --data fashion-mnist --epochs $(BENCH_EPOCHS) --config-file $(BENCH_CONFIGS) $(BENCH_ARGS) -o bench-out --force
+	$(BIN)/python benchmarks/protocol.py -o bench-out --readme README.md
 	$(BIN)/python benchmarks/skip_step_time.py 25
 	$(BIN)/python benchmarks/lars_overhead.py 80
 	$(BIN)/python benchmarks/reuse_layer.py --repeats 9 -o bench-out/reuse_layer.json
 	$(BIN)/accelc bench --model vgg --data fashion-mnist --train-limit 4096 --test-limit 1000 --epochs 3 --nproc 2 --repeats 3 -o bench-scaling --force
+
+bench-quick: $(STAMP) $(FASHION)  # one seed, fewer images and epochs: for trying things
+	$(BIN)/python benchmarks/protocol.py --quick -o bench-quick
 
 coverage: $(STAMP)  # torchvision's and timm's CNNs through every pass: docs/model-coverage.md
 	$(BIN)/python benchmarks/model_coverage.py -o docs/model-coverage

@@ -56,6 +56,9 @@ class TrainState:
     epochs: int
     batch_size: int
     logger: Logger = field(default_factory=Logger)
+    # () -> (x, y): a batch of the run's training data (the first of the data order, at the current
+    # input size), for algorithms that calibrate on real activations before they decide; None: no data
+    sample: Any = None
 
 
 class Algorithm:

@@ -57,6 +57,9 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    # held out of the training split (--val-split): decides early stopping, targets and controllers
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def shape(self):
@@ -79,6 +82,10 @@ class Dataset:
         for i in range(0, len(self.x_test), batch_size):
             yield self.x_test[i : i + batch_size], self.y_test[i : i + batch_size]
 
+    def val_batches(self, batch_size: int):
+        for i in range(0, len(self.x_val), batch_size):
+            yield self.x_val[i : i + batch_size], self.y_val[i : i + batch_size]
+
     def resized(self, hw: tuple) -> "Dataset":
         """The same data at another spatial size (for low-resolution training stages)."""
         return Dataset(
@@ -88,6 +95,8 @@ class Dataset:
             resize(self.x_test, hw),
             self.y_test,
             self.num_classes,
+            None if self.x_val is None else resize(self.x_val, hw),
+            self.y_val,
         )
 
 
@@ -134,7 +143,7 @@ def _normalise(ds: Dataset) -> Dataset:
         d = d.ravel()
         sq += float(np.dot(d, d))
     std = math.sqrt(sq / max(x.size, 1)) or 1.0
-    for a in (ds.x_train, ds.x_test):
+    for a in (ds.x_train, ds.x_test) + (() if ds.x_val is None else (ds.x_val,)):
         a -= np.float32(mean)
         a /= np.float32(std)
     return ds
@@ -862,6 +871,61 @@ def _load_in_memory(data: InMemoryData, shape: tuple, num_classes: int, train_li
     return Dataset("arrays", xtr, ytr, xte, yte, num_classes)
 
 
+# ----------------------------------------------------------------------------- validation split
+# --val-split auto: the last min(5000, 10%) training images (Fashion-MNIST: images 55,000-59,999),
+# none for a training split under 1,000 images (too small to hold any out)
+AUTO_VAL, AUTO_VAL_MIN_TRAIN = 5000, 1000
+
+
+def parse_val_split(value) -> int | float | None:
+    """``--val-split``: None/0 (no validation split), a count N >= 1, a fraction in (0, 1) of the
+    training split, or ``auto`` (see :data:`AUTO_VAL`); strings from the command line are read the
+    same way."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip() == "auto":
+        return "auto"
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text) if text.isdigit() else float(text)
+        except ValueError:
+            raise InvalidValue(f"--val-split must be a count N or a fraction in (0, 1), got '{show(value)}'") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidType(f"--val-split must be a count N or a fraction in (0, 1), got {type(value).__name__}")
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        if not (0.0 < float(value) < 1.0):
+            raise InvalidValue(f"--val-split must be a count N or a fraction in (0, 1), got {show(value)}")
+        return float(value)
+    n = int(value)
+    if n < 0:
+        raise InvalidValue(f"--val-split must be a count N >= 0 or a fraction in (0, 1), got {show(value)}")
+    return n or None
+
+
+def take_validation(ds: Dataset, split, train_limit: int | None) -> Dataset:
+    """Hold out the *last* images of the training split as the validation split (never trained on),
+    then apply ``train_limit`` to the images before them."""
+    n_all = len(ds.x_train)
+    if split == "auto":
+        if n_all < AUTO_VAL_MIN_TRAIN:
+            return ds
+        n_val = min(AUTO_VAL, n_all // 10)
+    else:
+        n_val = split if isinstance(split, int) else round(split * n_all)
+    if n_val < 1 or n_val >= n_all:
+        raise InvalidValue(
+            f"--val-split {show(split)} holds out {n_val} of the {n_all} training images; "
+            "it must leave at least one image on each side"
+        )
+    keep = n_all - n_val
+    if train_limit:
+        keep = min(keep, train_limit)
+    ds.x_val, ds.y_val = ds.x_train[n_all - n_val :], ds.y_train[n_all - n_val :]
+    ds.x_train, ds.y_train = ds.x_train[:keep], ds.y_train[:keep]
+    return ds
+
+
 # ----------------------------------------------------------------------------- entry point
 def check_data(
     spec: str,
@@ -871,12 +935,13 @@ def check_data(
     test_limit: int | None = None,
     *,
     memory_limit_gb: float | None = None,
+    val_split=None,
 ) -> None:
     """Every check ``load_data`` makes that needs no image decoded, in about a second and a few MB:
     arguments, file headers (IDX dimensions and types, image/label counts, every image's size),
     labels against ``num_classes`` and the memory the load will need. Call it before starting
     anything expensive; ``load_data`` makes the same checks again."""
-    _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode=False)
+    _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode=False, val_split=val_split)
 
 
 def load_data(
@@ -887,17 +952,25 @@ def load_data(
     test_limit: int | None = None,
     *,
     memory_limit_gb: float | None = None,
+    val_split=None,
 ) -> Dataset:
     """Build the dataset ``spec`` fitted to a model input ``shape`` (C, H, W) and class count.
 
     Labels are checked against ``num_classes``; the memory the dataset needs is checked against
-    ``memory_limit_gb`` (default: a fraction of the memory available) before it is loaded."""
-    return _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode=True)
+    ``memory_limit_gb`` (default: a fraction of the memory available) before it is loaded.
+    ``val_split`` (a count or a fraction, see :func:`parse_val_split`) holds out the last images of
+    the training split as a validation split; ``train_limit`` then applies to the images before
+    them, so the validation images are the same whatever the limit."""
+    return _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode=True, val_split=val_split)
 
 
-def _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode: bool) -> Dataset | None:
+def _load(
+    spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode: bool, val_split=None
+) -> Dataset | None:
     try:
-        return _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode)
+        return _load_unguarded(
+            spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, parse_val_split(val_split)
+        )
     except OSError as e:  # a folder that cannot be listed, a file that vanished: which one, never a traceback
         where = f" '{show(e.filename)}'" if e.filename else ""
         raise AccelcError(f"cannot read the data{where}: {show(e.strerror or e)}") from None
@@ -907,7 +980,7 @@ def _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, de
         ) from None
 
 
-def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode):
+def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, val_split=None):
     if not isinstance(spec, str):
         spec = in_memory_data(spec, memory_limit_gb)  # arrays or a torch Dataset given in Python
     train_limit = checks.optional_positive_int("--train-limit", train_limit)  # the API's and CLI's own check
@@ -925,7 +998,9 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
         )
     shape = tuple(int(s) for s in shape)
     if isinstance(spec, InMemoryData):
-        ds = _load_in_memory(spec, shape, num_classes, train_limit, test_limit)
+        ds = _load_in_memory(spec, shape, num_classes, None if val_split else train_limit, test_limit)
+        if val_split:
+            ds = take_validation(ds, val_split, train_limit)
         return ds if decode else None
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
@@ -940,6 +1015,8 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
             _check_synthetic_memory(shape, n, n_test, memory_limit_gb)
             return None
         ds = synthetic(shape, num_classes, n, n_test, memory_limit_gb=memory_limit_gb)
+        if val_split:  # the last of the N generated images (normalised with all N: they are i.i.d.)
+            ds = take_validation(ds, val_split, train_limit if arg else None)
     elif kind == "fashion-mnist":
         if num_classes < FASHION_CLASSES:
             raise AccelcError(f"Fashion-MNIST has {FASHION_CLASSES} classes; the model outputs {num_classes}")
@@ -947,7 +1024,7 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
             arg or None,
             shape=shape,
             num_classes=num_classes,
-            train_limit=train_limit,
+            train_limit=None if val_split else train_limit,  # validation: the last images of all 60,000
             test_limit=test_limit,
             memory_limit_gb=memory_limit_gb,
             read_images=decode,
@@ -968,7 +1045,12 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
     else:
         raise InvalidValue(f"unknown --data '{show(spec)}'; use synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR")
     if kind != "synthetic":
-        if train_limit:
+        if val_split:
+            ds = take_validation(ds, val_split, train_limit)
+            ds.x_val = adapt(ds.x_val, shape)
+            if not ds.x_val.flags.writeable or np.may_share_memory(ds.x_train, ds.x_val):
+                ds.x_val = ds.x_val.copy()
+        elif train_limit:
             ds.x_train, ds.y_train = ds.x_train[:train_limit], ds.y_train[:train_limit]
         if test_limit:
             ds.x_test, ds.y_test = ds.x_test[:test_limit], ds.y_test[:test_limit]
@@ -980,7 +1062,10 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
         if not ds.x_test.flags.writeable or np.may_share_memory(ds.x_train, ds.x_test):
             ds.x_test = ds.x_test.copy()
         ds = _normalise(ds)
-    for x, y, split in ((ds.x_train, ds.y_train, "training"), (ds.x_test, ds.y_test, "test")):
+    splits = [(ds.x_train, ds.y_train, "training"), (ds.x_test, ds.y_test, "test")]
+    if ds.x_val is not None:
+        splits.append((ds.x_val, ds.y_val, "validation"))
+    for x, y, split in splits:
         if len(x) != len(y):
             raise AccelcError(f"the {split} data has {len(x)} images but {len(y)} labels")
         if len(x) == 0:

@@ -273,10 +273,13 @@ class Trainer:
         self.start_epoch = 0
         self.train_time = 0.0
         self.wall_time = 0.0
+        # stop after an epoch whose metrics satisfy it (bench's --stop-at-target); None: run every epoch
+        self.stop_when = None
         self._resized: dict = {}
         pending = None
         if resume and self.run_dir and ckpt.exists(self.run_dir):
             pending = self._resume()
+        self.state.sample = self._sample_batch
         for a in self.algorithms:
             a.on_train_start(self.state)
         self._switch(self.algorithms, initial=True)
@@ -411,15 +414,24 @@ class Trainer:
             extra.append(_hw(hw))
         return f"{self.name} epoch {epoch + 1}/{self.epochs}" + (f" [{' '.join(extra)}]" if extra else "")
 
-    def evaluate(self, label: str = "eval") -> tuple[float, float]:
-        """Test loss and accuracy; data-parallel, each rank evaluates every world-th batch with
-        rank 0's BatchNorm statistics and the sums are all-reduced."""
+    def _sample_batch(self):
+        """The first batch of the data order at the current input size (this rank's shard)."""
+        _, x, y = next(self.data.batches(self.start_epoch, self.batch_size, self.seed))
+        if self.dist is not None:
+            x, y = self.dist.shard(x, y)
+        return x, y
+
+    def evaluate(self, label: str = "eval", split: str = "test") -> tuple[float, float]:
+        """Loss and accuracy on the test (or validation) split; data-parallel, each rank evaluates
+        every world-th batch with rank 0's BatchNorm statistics and the sums are all-reduced."""
         total, correct, loss_sum = 0, 0, 0.0
         if self.dist is not None and getattr(self.engine, "buffers", None):
             self.dist.broadcast(self.engine.buffers(), "the BatchNorm statistics broadcast")
-        n = len(self.data.x_test)
+        val = split == "val"
+        n = len(self.data.x_val if val else self.data.x_test)
         bar = self._bar(n, label, "img")
-        for k, (x, y) in enumerate(self.data.test_batches(self.eval_batch_size)):
+        batches = self.data.val_batches if val else self.data.test_batches
+        for k, (x, y) in enumerate(batches(self.eval_batch_size)):
             if self.dist is not None and not self.dist.owns(k):
                 continue
             loss, logits = self.engine.evaluate_batch(x, y)
@@ -488,11 +500,16 @@ class Trainer:
             bar.close()
             if self.dist is not None:  # every rank's correct predictions
                 correct = int(self.dist.sum([correct], "the accuracy all-reduce")[0])
+            val = {}
+            if self.data.x_val is not None:  # what decides (targets, controllers); the test split only reports
+                t1 = time.perf_counter()
+                val_loss, val_acc = self.evaluate(f"{label} val", split="val")
+                val = {"val_loss": val_loss, "val_acc": val_acc, "val_seconds": time.perf_counter() - t1}
             t1 = time.perf_counter()
             test_loss, test_acc = self.evaluate(f"{label} eval")
             eval_s = time.perf_counter() - t1
             self.train_time += train_s
-            self.wall_time += train_s + eval_s
+            self.wall_time += train_s + eval_s + val.get("val_seconds", 0.0)
             m = {
                 "epoch": epoch + 1,
                 "config": self.name,
@@ -509,6 +526,7 @@ class Trainer:
                 "wall_time": self.wall_time,
                 "input_hw": list(self.data.shape[1:]),
             }
+            m.update(val)
             m.update(self._step_cost())
             before = [a.decision() for a in self.algorithms]
             for a in self.algorithms:  # every algorithm sees the epoch that ran, then the switch
@@ -527,7 +545,8 @@ class Trainer:
             if self.progress and self.writer:
                 print(
                     f"{label}: loss {m['train_loss']:.4f} train {m['train_acc']:.4f} "
-                    f"test {test_acc:.4f} ({train_s:.1f}s train, {eval_s:.1f}s eval, "
+                    + (f"val {val['val_acc']:.4f} " if val else "")
+                    + f"test {test_acc:.4f} ({train_s:.1f}s train, {eval_s:.1f}s eval, "
                     f"{m['images_per_second']:.0f} img/s)",
                     file=sys.stderr,
                 )
@@ -535,6 +554,8 @@ class Trainer:
                     print(f"  [{d['controller']}] {d['action']}: {d['why']}", file=sys.stderr)
             if self.run_dir and self.writer:
                 self._write_epoch(epoch)
+            if self.stop_when is not None and self.stop_when(m):
+                break
         summary = self.summary()
         reducer = getattr(self.engine, "reducer", None)
         if self.dist is not None and reducer is not None:
@@ -609,6 +630,8 @@ class Trainer:
             "final_test_acc": h[-1]["test_acc"] if h else None,
             "best_test_acc": best["test_acc"] if best else None,
             "best_epoch": best["epoch"] if best else None,
+            "final_val_acc": h[-1].get("val_acc") if h else None,
+            "best_val_acc": max((m["val_acc"] for m in h if "val_acc" in m), default=None),
             "train_time": self.train_time,
             "wall_time": self.wall_time,
             "mean_images_per_second": float(np.mean([m["images_per_second"] for m in h])) if h else None,

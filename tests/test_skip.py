@@ -174,6 +174,12 @@ def test_lars_values_match_numpy_and_controller_skips_crossers(tmp_path):
     assert ctrl.choose(ctrl.done_layers(lam2)) == ["features.0", "features.3"]
     ctrl.opts["tau_mode"], ctrl.opts["tau"] = "absolute", 0.5
     assert set(ctrl.done_layers({"fc1": 0.6, "fc2": 0.4})) == {"fc1"}
+    # growth: done once λ's rise over the previous epoch falls under τ (none before a second epoch)
+    ctrl.opts["tau_mode"], ctrl.opts["tau"] = "growth", 0.1
+    ctrl.lambdas = [{"epoch": 1, "fc1": 1.0, "fc2": 1.0}]
+    assert ctrl.done_layers({"fc1": 1.05, "fc2": 1.5}) == []
+    ctrl.lambdas.append({"epoch": 2, "fc1": 1.05, "fc2": 1.5})
+    assert ctrl.done_layers({"fc1": 1.05, "fc2": 1.5}) == ["fc1"]  # +5% < 10%; fc2 still rose 50%
 
 
 def test_controller_end_to_end_skips_and_accounts(tmp_path):

@@ -63,15 +63,15 @@ class Rescale(Algorithm):
             at = max(1, round(float(val) * total))
             return f"{epoch}/{total} epochs reached fraction {val}" if epoch >= at else None
         patience = int(val or 1)
-        loss = metrics["test_loss"]
+        # the validation split decides; without one (no --val-split) the test split stands in, named
+        split = "validation" if "val_loss" in metrics else "test (no --val-split)"
+        loss = metrics.get("val_loss", metrics["test_loss"])
         if loss < self.best * (1 - 1e-3):
             self.best, self.bad = loss, 0
             return None
         self.bad += 1
         if self.bad >= patience:
-            return (
-                f"low-resolution validation loss {loss:.4f} did not improve on {self.best:.4f} for {self.bad} epoch(s)"
-            )
+            return f"low-resolution {split} loss {loss:.4f} did not improve on {self.best:.4f} for {self.bad} epoch(s)"
         return None
 
     def on_epoch_end(self, state, epoch, metrics):
@@ -81,6 +81,7 @@ class Rescale(Algorithm):
                 "stage": "full" if self.switched else "low",
                 "train_seconds": metrics["train_seconds"],
                 "test_acc": metrics["test_acc"],
+                **({"val_acc": metrics["val_acc"]} if "val_acc" in metrics else {}),
             }
         )
         if self.switched:

@@ -2,8 +2,8 @@
 
 Every ``every`` steps it reads the per-layer norms the instrumented graph outputs (the step's
 probes) and forms the LARS variable λ = η‖w‖/(‖∇w‖ + β‖w‖); at each epoch end it aggregates λ
-(mean or last), judges a layer done when λ passes the threshold τ (absolute, or relative: τ × the
-layer's own first-epoch λ), picks the skip set by policy (default: the longest input-side prefix
+(mean or last), judges a layer done when λ passes the threshold τ (absolute; relative: τ × the
+layer's own first-epoch λ; or growth: λ's rise over the previous epoch fell under τ), picks the skip set by policy (default: the longest input-side prefix
 of done layers, which lets the backward stop early) and never un-skips a layer. Its transform
 prunes the skip set from the artifacts it is given (:func:`~accelc.passes.skip.rewrite.skip_variant`).
 It accounts the operations and bytes of every epoch from the cost model, for the run's op and
@@ -15,7 +15,7 @@ from __future__ import annotations
 from ...compiler.cost import graph_costs
 from ...compiler.graph import training_graph
 from ...runtime.algorithm import Algorithm, register_algorithm
-from .rewrite import SkipPass, lars_outputs, skip_variant
+from .rewrite import SkipPass, lars_outputs, rule_text, skip_variant
 
 
 def lars(w_norm: float, g_norm: float, eta: float, beta: float) -> float:
@@ -81,8 +81,12 @@ class LarsSkip(Algorithm):
     # ------------------------------------------------------------------ decisions
     def done_layers(self, lam: dict) -> list[str]:
         tau = self.opts["tau"]
-        if self.opts.get("tau_mode", "relative") == "absolute":
+        mode = self.opts.get("tau_mode", "relative")
+        if mode == "absolute":
             return [name for name, v in lam.items() if v > tau]
+        if mode == "growth":  # λ rises while a layer still learns fast; its growth flattening = done
+            prev = self.lambdas[-2] if len(self.lambdas) >= 2 else {}
+            return [name for name, v in lam.items() if prev.get(name) and v / prev[name] - 1 < tau]
         return [name for name, v in lam.items() if name in self.first and v > tau * self.first[name]]
 
     def choose(self, done: list[str]) -> list[str]:
@@ -158,11 +162,7 @@ class LarsSkip(Algorithm):
                 )
             return
         added = [name for name in new if name not in self.skipped]
-        rule = (
-            f"λ > {self.opts['tau']}"
-            if self.opts.get("tau_mode") == "absolute"
-            else f"λ > {self.opts['tau']} × first-epoch λ"
-        )
+        rule = rule_text(self.opts.get("tau_mode"), self.opts["tau"])
         self.decide(
             epoch,
             "skip",

@@ -40,6 +40,16 @@ from ...compiler.validation import seed_random_ops
 
 LARS_PREFIX = "accelc.lars."
 POLICIES = ("prefix", "suffix", "any")
+TAU_MODES = ("relative", "absolute", "growth")
+
+
+def rule_text(mode, tau) -> str:
+    """The threshold rule in words, for decisions and explanations."""
+    if mode == "absolute":
+        return f"λ > {tau}"
+    if mode == "growth":
+        return f"λ grew < {tau} over the previous epoch"
+    return f"λ > {tau} × the layer's first-epoch λ"
 
 
 def layer_groups(tg: TrainingGraph) -> dict[str, list[str]]:
@@ -219,12 +229,16 @@ class SkipPass(Pass):
         "beta": Option(1e-4, "LARS β (weight-decay term in the denominator)", positive_float, flag="--skip-beta"),
         "tau_mode": Option(
             "relative",
-            "threshold rule: relative (λ > factor × the layer's first-epoch λ) or absolute (λ > tau)",
-            choice("relative", "absolute"),
+            "threshold rule: relative (λ > factor × the layer's first-epoch λ), absolute (λ > tau) or "
+            "growth (λ's growth over the previous epoch has flattened: λ_e / λ_{e-1} - 1 < tau)",
+            choice(*TAU_MODES),
             flag="--skip-tau-mode",
         ),
         "tau": Option(
-            2.0, "the threshold: the factor (relative) or the λ value (absolute)", positive_float, flag="--skip-tau"
+            2.0,
+            "the threshold: the factor (relative), the λ value (absolute) or the growth per epoch (growth)",
+            positive_float,
+            flag="--skip-tau",
         ),
         "policy": Option(
             "prefix",
@@ -266,11 +280,7 @@ class SkipPass(Pass):
         if opts.get("layers") or not any(str(c.get("summary", "")).endswith("LARS norms exposed") for c in changes):
             return super().explain(record, plan)
         layers = [c for c in changes if c.get("layer")]
-        rule = (
-            f"λ > {opts.get('tau')}"
-            if opts.get("tau_mode") == "absolute"
-            else f"λ > {opts.get('tau')} × the layer's first-epoch λ"
-        )
+        rule = rule_text(opts.get("tau_mode"), opts.get("tau"))
         out = [
             f"instrumented {len(layers)} layers with their LARS norms; nothing is skipped yet: the controller "
             f"decides at run time, at each epoch end from epoch {opts.get('min_epochs', 1)} on ({rule}, "

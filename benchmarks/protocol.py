@@ -1,0 +1,222 @@
+"""The time-to-accuracy protocol (MLPerf Training / DAWNBench style) over the standard workloads.
+
+Every workload of ``benchmarks/workloads.json`` (the zoo VGG and ResNet at 32×32 and largekernel at
+64×64, all on real Fashion-MNIST) runs through ``accelc bench`` with a validation split held out of
+the training images, a fixed target accuracy judged on it, several seeds with the configurations
+interleaved per seed, and every configuration up to the workload's epoch cap. Each workload writes
+``OUT/<workload>/`` (bench.json, bench.md, time_to_target.png, ...); ``OUT/protocol.md`` gathers the
+tables, and ``--readme README.md`` rewrites the README's results section from those bench.json files.
+
+    python benchmarks/protocol.py -o bench-out                       # the standard set (make bench)
+    python benchmarks/protocol.py --quick -o bench-quick             # one seed, fewer images: trying things
+    python benchmarks/protocol.py --calibrate -o bench-calibrate     # ort alone: proposes each fixed target
+    python benchmarks/protocol.py --workloads vgg32 --configs ort,ort+skip -o out
+    python benchmarks/protocol.py --report-only -o bench-out --readme README.md
+
+``--calibrate`` trains ``ort`` alone for every seed and proposes, per workload, the highest
+multiple of 0.005 that *every* seed's validation accuracy reached by the middle of the epoch cap:
+a target the baseline reaches reliably after several epochs, leaving the second half of the cap
+for configurations that need more epochs. The chosen values are then written into workloads.json
+by hand (once); the test split plays no part in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- protocol-results:begin -->", "<!-- protocol-results:end -->"
+STANDARD = {"torch", "torch-amp", "ort", "ort-noopt", "ort+skip", "ort+reuse", "ort+rescale", "ort+all"}
+
+
+def load_workloads(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def run(args) -> int:
+    from accelc.bench import markdown, run_bench
+
+    spec = load_workloads(Path(args.workloads_file))
+    names = args.workloads.split(",") if args.workloads else list(spec["workloads"])
+    unknown = [n for n in names if n not in spec["workloads"]]
+    if unknown:
+        print(f"protocol: unknown workload(s) {unknown}; known: {list(spec['workloads'])}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else spec["seeds"]
+    configs = args.configs or ",".join(spec["configs"])
+    if args.config_file:  # named configurations with options of their own (a study)
+        from accelc.bench import parse_configs
+
+        configs = parse_configs(None, None, args.config_file)
+    if args.calibrate:
+        configs = "ort"
+    names_of = list(configs) if isinstance(configs, dict) else configs.split(",")
+    for name in names:
+        w = dict(spec["workloads"][name])
+        if args.quick:
+            w.update({k: v for k, v in spec["quick"].items() if k != "seeds"})
+            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else spec["quick"]["seeds"]
+        target = w["target"]
+        if args.calibrate or target is None:
+            target = "ort-best" if "ort" in names_of else "torch-best-0.2"
+        print(f"protocol: {name}: {w['model']} {w['input_shape']}, seeds {seeds}, target {target}", file=sys.stderr)
+        t0 = time.perf_counter()
+        rep = run_bench(
+            w["model"],
+            args.data,
+            args.epochs or w["epochs"],
+            configs,
+            out / name,
+            batch_size=w.get("batch_size", 64),
+            lr=w["lr"],
+            train_limit=w["train_limit"],
+            test_limit=w["test_limit"],
+            target=str(target),
+            input_shape=tuple(int(v) for v in w["input_shape"].split(",")),
+            seeds=seeds,
+            val_split=w["val_split"],
+            stop_at_target=bool(spec.get("stop_at_target")) and not args.calibrate and w["target"] is not None,
+            force=True,
+            progress=not args.quiet,
+            pass_options=json.loads(args.pass_options) if args.pass_options else None,
+        )
+        print(f"protocol: {name} took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(markdown(rep))
+        if args.calibrate:
+            print(f"protocol: {name}: proposed target {propose_target(rep, w['epochs'])}", file=sys.stderr)
+    report(out, names, Path(args.readme) if args.readme else None, " ".join(sys.argv[1:]))
+    return 0
+
+
+def propose_target(rep: dict, cap: int) -> float | None:
+    """The highest multiple of 0.005 that every ort run's validation accuracy reached by epoch
+    cap // 2 (from the calibration run; validation only)."""
+    hist = rep["configs"]["ort"]["histories"]
+    by = max(1, cap // 2)
+    key = "val_acc" if "val_acc" in hist[0][0] else "test_acc"
+    worst = min(max(m[key] for m in h if m["epoch"] <= by) for h in hist)
+    return round(math.floor(worst / 0.005 + 1e-9) * 0.005, 3)
+
+
+def table(rep: dict) -> list[str]:
+    def f(x, fmt):
+        return "—" if x is None else fmt.format(x)
+
+    lines = [
+        "| config | reached | time to target (s), median (min–max) | test acc at target | final test acc "
+        "| ×torch | ×torch-amp | ×ort |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c, r in rep["configs"].items():
+        rng = r.get("time_to_target_range")
+        t = "—" if r["time_to_target"] is None else f"{r['time_to_target']:.0f} ({rng[0]:.0f}–{rng[1]:.0f})"
+        lines.append(
+            f"| {c} | {r['reached']}/{r['runs']} | {t} | {f(r['test_acc_at_target'], '{:.4f}')} "
+            f"| {r['final_test_acc']:.4f} | {f(r.get('time_to_target_ratio_vs_torch'), '{:.2f}')} "
+            f"| {f(r.get('time_to_target_ratio_vs_torch-amp'), '{:.2f}')} "
+            f"| {f(r.get('time_to_target_ratio_vs_ort'), '{:.2f}')} |"
+        )
+    for c, why in (rep.get("not_run") or {}).items():
+        lines.append(f"| {c} | not run: {why} | | | | | | |")
+    return lines
+
+
+def study_table(rep: dict) -> list[str]:
+    """A study's table (one row per named configuration): time and epochs to the target, test
+    accuracy there, median s/epoch, and what the controllers did when (layers frozen by skip, in
+    the epoch after the decision; rescale's switch)."""
+    lines = [
+        "| config | reached | time to target (s) | epochs to target | test acc at target | s/epoch | what happened |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c, r in rep["configs"].items():
+        acts = []
+        for d in r.get("decisions", []):
+            if d["action"] == "skip":
+                acts.append(f"ep {d['epoch'] + 1}: skip {', '.join(d.get('skipped') or [])}")
+            elif d["action"] in ("switch", "off", "refine"):
+                acts.append(f"ep {d['epoch'] + 1}: {d['action']}")
+        lam = (r.get("controllers") or {}).get("skip", {}).get("lambdas") or []
+        if not acts and lam:
+            acts.append("nothing skipped")
+        t = r["time_to_target"]
+        lines.append(
+            f"| {c} | {r['reached']}/{r['runs']} | {'—' if t is None else f'{t:.1f}'} "
+            f"| {'—' if r.get('epochs_to_target') is None else r['epochs_to_target']} "
+            f"| {'—' if r.get('test_acc_at_target') is None else format(r['test_acc_at_target'], '.4f')} "
+            f"| {r['epoch_seconds']:.1f} | {'; '.join(acts) or '—'} |"
+        )
+    return lines
+
+
+def report(out: Path, names: list[str], readme: Path | None, argv: str) -> None:
+    """OUT/protocol.md from every workload's bench.json; with ``readme``, its results section too."""
+    parts = []
+    for name in names:
+        p = out / name / "bench.json"
+        if not p.exists():
+            continue
+        rep = json.loads(p.read_text())
+        study = not set(rep["configs"]) <= STANDARD  # named configurations: a study
+        parts += [
+            f"#### {name}: {rep['model']} at {'×'.join(str(v) for v in rep['input_shape'][1:])}, "
+            f"target {rep['target_acc']:.4f} ({rep['decided_on'].split(' ')[0]} split)",
+            "",
+            f"{rep['train_images']} training / {rep['val_images']} validation / {rep['test_images']} test "
+            f"images, up to {rep['epochs']} epochs, seeds {', '.join(map(str, rep['seeds']))}, "
+            f"batch {rep['batch_size']}, lr {rep['lr']}, {rep['date']} (`{name}/bench.md`).",
+            "",
+            *(study_table(rep) if study else table(rep)),
+            "",
+        ]
+    body = "\n".join(parts)
+    (out / "protocol.md").write_text(f"# Time to accuracy\n\n`python benchmarks/protocol.py {argv}`\n\n{body}")
+    if readme is None:
+        return
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"protocol: {readme} has no {BEGIN} … {END} section; not changed", file=sys.stderr)
+        return
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    note = f"Generated by `python benchmarks/protocol.py {argv}` from `{out}/*/bench.json`.\n\n"
+    readme.write_text(head + BEGIN + "\n" + note + body + END + tail)
+    print(f"protocol: wrote the results section of {readme}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("-o", "--output", default="bench-out", help="output folder (default bench-out)")
+    p.add_argument("--workloads", default=None, help="comma list (default: all of the workloads file)")
+    p.add_argument("--workloads-file", default=str(HERE / "workloads.json"), help="default benchmarks/workloads.json")
+    p.add_argument("--configs", default=None, help="override the configurations, e.g. ort,ort+skip")
+    p.add_argument(
+        "--config-file", default=None, help="named configurations (accelc bench --config-file), e.g. a study"
+    )
+    p.add_argument("--pass-options", default=None, help='JSON {pass: {option: value}}, e.g. {"skip": {"tau": 1.5}}')
+    p.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1,2")
+    p.add_argument("--epochs", type=int, default=None, help="override every workload's epoch cap")
+    p.add_argument("--data", default="fashion-mnist", help="default fashion-mnist")
+    p.add_argument("--quick", action="store_true", help="one seed, fewer images and epochs: for trying things")
+    p.add_argument("--calibrate", action="store_true", help="ort alone; proposes each workload's fixed target")
+    p.add_argument("--report-only", action="store_true", help="only rebuild protocol.md (and --readme)")
+    p.add_argument("--readme", default=None, help="rewrite this README's results section from the bench.json files")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.report_only:
+        spec = load_workloads(Path(args.workloads_file))
+        names = args.workloads.split(",") if args.workloads else list(spec["workloads"])
+        report(Path(args.output), names, Path(args.readme) if args.readme else None, " ".join(sys.argv[1:]))
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

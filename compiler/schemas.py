@@ -135,7 +135,7 @@ CONTROLLERS: dict[str, dict] = {
         "properties": {
             "eta": _num(0, exclusive=True),
             "beta": _num(0, exclusive=True),
-            "tau_mode": _enum("relative", "absolute"),
+            "tau_mode": _enum("relative", "absolute", "growth"),
             "tau": _num(0, exclusive=True),
             "policy": _enum("prefix", "suffix", "any"),
             "every": _int(0),
@@ -182,6 +182,8 @@ CONTROLLERS: dict[str, dict] = {
             "schedule": {"type": "array", "items": {"type": "array", "items": {"type": ["integer", "string"]}}},
             "plateau": _num(0, high=1, exclusive_high=True),
             "min_epochs": _int(1),
+            "choose": _enum("measured", "all"),
+            "margin": _num(0, exclusive=True, high=10),
         },
     },
 }

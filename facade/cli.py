@@ -778,8 +778,17 @@ def training_summary(s: dict, plan: list | None = None, report: dict | None = No
                 rs = [r for r in rs if r is not None]
                 if rs:
                     per.append(f"{layer} {rs[0]:.2f}" + (f"->{rs[-1]:.2f}" if len(rs) > 1 else ""))
-            text = f"reuse ({rep.get('strategy')}, L x H {setting}): remain ratio per layer (measured) "
-            text += ", ".join(per) if per else "not measured"
+            choice = rep.get("choice") if isinstance(rep.get("choice"), dict) else {}
+            if rep.get("choose") == "measured" and choice and not rep.get("chosen"):
+                text = f"reuse ({rep.get('strategy')}, L x H {setting}): no layer was faster reused, so every layer "
+                text += "stayed exact: " + "; ".join(
+                    show(str((v or {}).get("why") or k), 160) for k, v in list(choice.items())[:6]
+                )
+            else:
+                text = f"reuse ({rep.get('strategy')}, L x H {setting}): remain ratio per layer (measured) "
+                text += ", ".join(per) if per else "not measured"
+                if choice and rep.get("choose") == "measured":
+                    text += f"; reused (measured faster): {', '.join(rep.get('chosen') or []) or 'none'}"
             if "reused_layer_macs_saved" in rep:
                 text += f"; the reused layers' multiply-adds {-rep['reused_layer_macs_saved']:+.0%} over the run"
             for d in rep.get("switches") or []:

@@ -81,6 +81,8 @@ def test_end_to_end_every_controller_acts(small32, tmp_path):
         "off",
         "--reuse-plateau",
         "0.5",
+        "--reuse-choose",
+        "all",
         "--skip-tau-mode",
         "absolute",
         "--skip-tau",

@@ -109,7 +109,9 @@ def test_compile_and_inspect_explain_each_pass(model, tmp_path):
 
 
 def test_training_summary_says_what_every_controller_decided(model, tmp_path):
-    accelc.compile(model / "m.onnx", tmp_path / "art", "rescale,reuse,skip", validate_result=False)
+    accelc.compile(
+        model / "m.onnx", tmp_path / "art", "rescale,reuse,skip", {"reuse": {"choose": "all"}}, validate_result=False
+    )
     s = accelc.train(
         tmp_path / "art", "synthetic:256", epochs=3, batch_size=64, run_dir=tmp_path / "run", progress=False, threads=1
     )

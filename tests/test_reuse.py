@@ -248,6 +248,8 @@ def test_off_strategy_switches_and_reports(reuse_artifacts, tmp_path):
         "off",
         "--reuse-plateau",
         "0.9",
+        "--reuse-choose",
+        "all",
         "-o",
         tmp_path / "art",
     )

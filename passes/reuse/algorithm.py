@@ -1,4 +1,5 @@
-"""The run-time algorithm of adaptive deep reuse: the paper's three strategies, and the reuse report.
+"""The run-time algorithm of adaptive deep reuse: the paper's three strategies, the choice of the
+layers that reuse, and the reuse report.
 
 Strategies (``plan.json`` → ``"type": "reuse"``, ``"strategy"``):
 
@@ -11,11 +12,18 @@ A plateau: the epoch's mean training loss fell by less than ``plateau`` (a fract
 previous epoch, at least ``min_epochs`` epochs after the last switch. Every switch is logged
 with its reason.
 
+Choice (``"choose"``): ``measured`` (default) times every compiled reuse layer at the start of
+training on a real batch — reused with the runtime's kernels against the exact conv (the faster
+of torch/oneDNN and ORT) — and keeps reuse only where ``reuse_ms < margin × exact_ms``; the other
+layers run exact. After each ``lh`` refine the chosen layers are measured again at the new
+setting. ``all``: every compiled layer reuses, nothing is measured. See :mod:`.choice` and
+``docs/reuse-choice.md``. Data-parallel: rank 0 measures, every rank takes its choice.
+
 Report, per layer and per epoch: the mean remain ratio (clusters / rows), the multiply-adds of the
 layer (forward + weight gradient + input gradient) with reuse against the exact conv, the
-measured milliseconds per step of the reused layer (the native nodes, forward and backward), and
-the measured milliseconds of ORT's own Conv + ConvGrad for the same layer shape (timed once, on
-the first epoch's end, in a side session).
+measured milliseconds per step of the reused layer (the native nodes, forward and backward), the
+measured milliseconds of ORT's own Conv + ConvGrad for the same layer shape (timed once, on
+the first epoch's end, in a side session), and whether the layer was chosen and why.
 """
 
 from __future__ import annotations
@@ -23,32 +31,14 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from onnx import TensorProto as T
-from onnx import helper as h
 
+from ...compiler.errors import AccelcError, show
 from ...runtime.algorithm import Algorithm, register_algorithm
+from . import choice as ch
+from .choice import conv_layer_model  # noqa: F401  (re-exported: benchmarks/reuse_layer.py)
 from .cost import modelled_macs
 from .rewrite import PASS, ReusePass, reuse_variant, reused_layers
 from .spec import KERNEL_KEY, geom_from_config, layer_macs
-
-
-def conv_layer_model(pads, kernel, strides, dilations):
-    """A model running one layer's Conv (X, W, B -> Y) and ORT Training's ConvGrad (dY, X, W -> dX,
-    dW, dB): the original layer, for side-by-side timings."""
-
-    attrs = dict(pads=list(pads), kernel_shape=list(kernel), strides=list(strides), dilations=list(dilations))
-    graph = h.make_graph(
-        [
-            h.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs),
-            h.make_node("ConvGrad", ["dY", "X", "W"], ["dX", "dW", "dB"], domain="com.microsoft", group=1, **attrs),
-        ],
-        "conv_layer",
-        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("X", "W", "B", "dY")],
-        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("Y", "dX", "dW", "dB")],
-    )
-    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
-    m.ir_version = 10
-    return m
 
 
 def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
@@ -80,16 +70,38 @@ def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
     return float(np.median(ts) * 1e3)
 
 
+def _group(state):
+    """The data-parallel group of the run (None when training alone)."""
+    g = getattr(getattr(state.engine, "reducer", None), "group", None)
+    return g if g is not None and int(getattr(g, "world", 1)) > 1 else None
+
+
+def _compact(rec: dict) -> dict:
+    """A layer's choice record with only what a decision line's reader needs."""
+    keys = ("chosen", "reuse_ms", "exact_ms", "exact_engine", "remain_ratio", "error", "failed")
+    return {k: rec[k] for k in keys if k in rec}
+
+
 @register_algorithm
 class Reuse(Algorithm):
     name = PASS
     rank = ReusePass.rank
 
-    def __init__(self, root, spec: dict, measure_original: bool = True):
+    def __init__(self, root, spec: dict, measure_original: bool = True, measurer=None):
+        """``measurer(state, layers, settings) -> {layer: measurement}`` replaces the measurement
+        of the layer choice (tests inject timings; see :func:`.choice.judge` for the fields)."""
         super().__init__(root, spec)
         self.strategy = self.spec.get("strategy", "fixed")
         self.schedule = [tuple(s) for s in self.spec.get("schedule", [])] or [(self.spec["L"], self.spec["H"])]
         self.configs = reused_layers(root.training)  # layer -> config at compile time
+        for key, check in (("choose", ch.check_mode), ("margin", ch.check_margin)):
+            value = self.spec.get(key, "measured" if key == "choose" else ch.DEFAULT_MARGIN)
+            try:
+                setattr(self, key, check(value))
+            except (ValueError, TypeError) as e:
+                raise AccelcError(
+                    f"plan.json: the reuse controller's '{key}' {_reason(e)}, got {show(repr(value), 60)}"
+                )
         self.index = 0  # position in the schedule (lh)
         self.on = True
         self.last_switch = 0
@@ -98,16 +110,30 @@ class Reuse(Algorithm):
         self.original_ms: dict = {}
         self.epochs: list[dict] = []
         self._stats: dict = {}
+        # the layer choice: None = every compiled layer (choose=all, or not decided yet)
+        self.chosen: list | None = None
+        self.choice: dict = {}  # layer -> its latest measurement and verdict
+        self.measurements: list[dict] = []  # every measurement: epoch, setting, chosen, layers
+        self.choice_done = False
+        self.measurer = measurer or self._measure
+        self.measure_options = {"repeats": 5, "warmup": 1, "budget_s": 60.0}
 
     # ------------------------------------------------------------------ what it contributes
+    def reusing(self) -> bool:
+        """Whether any layer reuses now (on, and the choice left at least one layer)."""
+        return self.on and (self.chosen is None or bool(self.chosen))
+
     def settings(self, art=None) -> dict:
-        """Per-layer settings now, for ``art`` (e.g. a rescale stage: that stage's layer shapes)."""
-        if not self.on:
+        """Per-layer settings now, for ``art`` (e.g. a rescale stage: that stage's layer shapes);
+        layers the choice left exact are absent."""
+        if not self.reusing():
             return {}
         L, H = self.current()
         configs = self.configs if art is None or art is self.root else reused_layers(art.training)
         out = {}
         for layer, c in configs.items():
+            if self.chosen is not None and layer not in self.chosen:
+                continue
             K = c["geom"]["C"] * c["geom"]["kh"] * c["geom"]["kw"]
             out[layer] = {
                 "L": int(min(L, K)),
@@ -122,7 +148,9 @@ class Reuse(Algorithm):
         return tuple(self.schedule[self.index]) if self.strategy == "lh" else (self.spec["L"], self.spec["H"])
 
     def decision(self):
-        return (self.on, self.current())
+        if not self.reusing():
+            return (False,)
+        return (True, self.current(), None if self.chosen is None else tuple(self.chosen))
 
     def transform(self, art):
         want = self.settings(art)
@@ -133,7 +161,147 @@ class Reuse(Algorithm):
         return art if want == have else reuse_variant(art, want)
 
     def describe(self) -> str:
-        return "reuse:off" if not self.on else "reuse:L{}H{}".format(*self.current())
+        if not self.reusing():
+            return "reuse:off"
+        name = "reuse:L{}H{}".format(*self.current())
+        if self.chosen is not None and len(self.chosen) < len(self.configs):
+            name += f"[{len(self.chosen)}/{len(self.configs)}]"
+        return name
+
+    # ------------------------------------------------------------------ the layer choice
+    def on_train_start(self, state):
+        if self.choose != "measured":
+            return
+        # a resumed run keeps the choice of its checkpoint (its variant was trained with it);
+        # data-parallel, every rank still takes rank 0's (one broadcast on every rank, always)
+        self._choose_shared(state, list(self.configs), 0, measure=not self.choice_done)
+
+    def _choose_shared(self, state, layers: list, epoch: int, measure: bool = True) -> None:
+        """Measure and choose; data-parallel, rank 0 measures and every rank takes its choice
+        (every rank calls this at the same point: one broadcast each time)."""
+        group = _group(state)
+        if group is None:
+            if measure:
+                self._choose(state, layers, epoch)
+            return
+        payload = None
+        if group.is_main:
+            n = len(self.log)
+            if measure:
+                self._choose(state, layers, epoch)
+            payload = {"choice": self._choice_state(), "decisions": self.log[n:]}
+        got = group.broadcast_json(payload, "the reuse layer choice")
+        if not group.is_main:
+            self._load_choice(got["choice"])
+            for rec in got["decisions"]:
+                self.log.append(rec)
+                if self.logger is not None:
+                    self.logger.log_decision(rec)
+
+    def _layer_settings(self, layers: list) -> dict:
+        L, H = self.current()
+        return {
+            k: {
+                "L": int(L),
+                "H": int(H),
+                "scope": self.configs[k]["scope"],
+                "input_grad": self.configs[k]["input_grad"],
+                "seed": self.configs[k]["seed"],
+            }
+            for k in layers
+            if k in self.configs
+        }
+
+    def _choose(self, state, layers: list, epoch: int) -> None:
+        """Measure ``layers`` at the current setting and keep reuse on those that win."""
+        self.choice_done = True
+        L, H = self.current()
+        layers = [k for k in self.configs if k in layers]
+        try:
+            meas = self.measurer(state, layers, self._layer_settings(layers))
+        except ch.NotMeasurable as e:
+            kept = "every compiled layer reuses" if self.chosen is None else "the chosen layers stay"
+            self.decide(epoch, "choose", f"not measured ({e}); {kept}", chosen=self.chosen, L=L, H=H)
+            return
+        except Exception as e:  # a failed measurement never stops training: the layers stay exact
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            meas = {k: {"failed": reason} for k in layers}
+        meas = {k: (meas.get(k) or {"failed": "not measured"}) for k in layers}
+        won, records = ch.judge(meas, self.margin)
+        self.choice.update(records)
+        self.chosen = [k for k in self.configs if k in won]
+        self.measurements.append({"epoch": epoch, "setting": [L, H], "chosen": list(won), "layers": records})
+        ok = next((r for r in records.values() if not r.get("failed")), None)
+        note = ""
+        if ok is not None:
+            note = f" on a batch of {ok.get('batch')} ({ok.get('impl')} kernels"
+            note += f", activations of the {ok['activations']})" if ok.get("activations") else ")"
+        self.decide(
+            epoch,
+            "choose",
+            ch.summary_line(records, won, self.margin, (L, H), note),
+            chosen=list(self.chosen),
+            L=L,
+            H=H,
+            layers={k: _compact(r) for k, r in records.items()},
+        )
+
+    def _measure(self, state, layers: list, settings: dict) -> dict:
+        """The real measurement (see :mod:`.choice`) on the engine's current artifacts and a batch
+        of the run's training data."""
+        engine = state.engine
+        art = getattr(engine, "artifacts", None)
+        if art is None:
+            raise ch.NotMeasurable("the engine runs no artifacts")
+        cfg = getattr(engine, "exec", None)
+        device = getattr(cfg, "device", "cpu")
+        if device != "cpu":
+            raise ch.NotMeasurable(f"training on {device}; the measurement times CPU kernels")
+        if getattr(state, "sample", None) is None:
+            raise ch.NotMeasurable("no training batch to measure on")
+        x, y = state.sample()
+        impl = cfg.impl(PASS) if cfg is not None and hasattr(cfg, "impl") else "native"
+        if impl == "native":
+            from . import native  # heavy: torch and the C build
+
+            if not native.available():
+                impl = "torch"
+        return ch.measure_layers(
+            art,
+            engine.param_arrays(),
+            np.asarray(x),
+            np.asarray(y),
+            settings,
+            impl,
+            getattr(cfg, "threads", None),
+            **self.measure_options,
+        )
+
+    def _choice_state(self) -> dict:
+        return {
+            "chosen": self.chosen,
+            "choice": self.choice,
+            "measurements": self.measurements,
+            "choice_done": self.choice_done,
+        }
+
+    def _load_choice(self, state: dict) -> None:
+        chosen = state.get("chosen")
+        if chosen is not None and not (isinstance(chosen, list) and all(isinstance(k, str) for k in chosen)):
+            raise TypeError("reuse: 'chosen' must be a list of layer names or null")
+        self.chosen = None if chosen is None else list(chosen)
+        self.choice = dict(state.get("choice") or {})
+        self.measurements = list(state.get("measurements") or [])
+        # a checkpoint from before the choice existed trained every layer: keep it that way
+        self.choice_done = bool(state.get("choice_done", True))
+
+    def layer_choice(self, layer: str) -> dict:
+        """Whether ``layer`` reuses under the choice, and why (the latest measurement's line)."""
+        if self.chosen is None:
+            why = "every compiled layer reuses (choose=all)" if self.choose == "all" else "not measured"
+            return {"chosen": True, "why": why}
+        rec = self.choice.get(layer, {})
+        return {"chosen": layer in self.chosen, "why": rec.get("why", "")}
 
     # ------------------------------------------------------------------ events
     def on_step(self, state, step, result):
@@ -180,6 +348,7 @@ class Reuse(Algorithm):
                 else None,
                 "ort_conv_ms": self.original_ms.get(shape_key),
                 "input_hw": list(c["in_hw"]),
+                **self.layer_choice(layer),
             }
         rec = {
             "epoch": epoch,
@@ -195,7 +364,13 @@ class Reuse(Algorithm):
         self.logger.log_metrics(
             {
                 "reuse": {
-                    k: {"remain_ratio": v["remain_ratio"], "macs_saved": v["macs_saved"]} for k, v in layers.items()
+                    k: {
+                        "remain_ratio": v["remain_ratio"],
+                        "macs_saved": v["macs_saved"],
+                        "chosen": v["chosen"],
+                        "why": v["why"],
+                    }
+                    for k, v in layers.items()
                 },
                 "reuse_flops_saved_per_step": sum(
                     2.0 * (modelled_macs(ran.get(k, self.configs[k]), batch) - v["macs_reuse"])
@@ -206,7 +381,7 @@ class Reuse(Algorithm):
         )
         loss = metrics.get("train_loss")
         prev, self.prev_loss = self.prev_loss, loss
-        if prev is None or loss is None or self.strategy == "fixed" or not self.on:
+        if prev is None or loss is None or self.strategy == "fixed" or not self.reusing():
             return
         drop = (prev - loss) / max(abs(prev), 1e-12)
         if drop >= float(self.spec.get("plateau", 0.05)) or epoch - self.last_switch < int(
@@ -227,6 +402,8 @@ class Reuse(Algorithm):
                 H=H,
                 drop=drop,
             )
+            if self.choose == "measured":  # the paper's "after each switch": the chosen layers again
+                self._choose_shared(state, list(self.configs if self.chosen is None else self.chosen), epoch)
         else:
             self.on = False
             self.decide(
@@ -240,7 +417,7 @@ class Reuse(Algorithm):
 
     # ------------------------------------------------------------------ report and state
     def report(self) -> dict:
-        if not self.epochs:
+        if not self.epochs and not self.measurements:
             return {}
         tot_exact = sum(lay["macs_exact"] * e["steps"] for e in self.epochs for lay in e["layers"].values())
         tot_used = sum(lay["macs_reuse"] * e["steps"] for e in self.epochs for lay in e["layers"].values())
@@ -249,6 +426,11 @@ class Reuse(Algorithm):
             "epochs": self.epochs,
             "reused_layer_macs_saved": 1 - tot_used / tot_exact if tot_exact else 0.0,
             "switches": [d for d in self.log if d["action"] in ("refine", "off")],
+            "choose": self.choose,
+            "margin": self.margin,
+            "chosen": self.chosen,
+            "choice": {k: dict(self.choice.get(k, {}), **self.layer_choice(k)) for k in self.configs},
+            "measurements": self.measurements,
         }
 
     def state_dict(self) -> dict:
@@ -260,6 +442,7 @@ class Reuse(Algorithm):
             "prev_loss": self.prev_loss,
             "epochs": self.epochs,
             "original_ms": self.original_ms,
+            **self._choice_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -270,3 +453,9 @@ class Reuse(Algorithm):
         self.prev_loss = state.get("prev_loss")
         self.epochs = list(state.get("epochs", []))
         self.original_ms = dict(state.get("original_ms", {}))
+        self._load_choice(state)
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if text.startswith(("must ", "needs ")) else f"must be valid ({text})"

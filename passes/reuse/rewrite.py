@@ -39,6 +39,8 @@ from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError
 from ...compiler.graph import TrainingGraph, training_graph
 from ...compiler.pass_api import Option, Pass, PassResult, choice, fraction, int_at_least, integer, name_list, register
+from .choice import MODES as CHOOSE
+from .choice import check_margin
 from .onnx_form import build_reuse_functions
 from .spec import CONFIG_KEY, DOMAIN, FORWARD_PREFIX, ORIGINAL_KEY, ConvGeom, ReuseSpec, make_planes
 
@@ -354,6 +356,21 @@ class ReusePass(Pass):
             flag="--reuse-plateau",
         ),
         "min_epochs": Option(1, "epochs at least between two switches", int_at_least(1), flag="--reuse-min-epochs"),
+        "choose": Option(
+            "measured",
+            "which layers reuse at run time: measured (time each layer reused and exact on the first "
+            "training batch; reuse only where it is faster by --reuse-margin, the rest stay exact) or "
+            "all (every layer, nothing measured)",
+            choice(*CHOOSE),
+            flag="--reuse-choose",
+        ),
+        "margin": Option(
+            0.9,
+            "measured choice: a layer reuses only if its forward+backward takes less than margin x the "
+            "exact conv's (0 < margin <= 10)",
+            check_margin,
+            flag="--reuse-margin",
+        ),
     }
 
     def run(self, art: Artifacts, options: dict) -> PassResult:
@@ -387,6 +404,8 @@ class ReusePass(Pass):
                 "schedule": [list(s) for s in options["schedule"]],
                 "plateau": options["plateau"],
                 "min_epochs": options["min_epochs"],
+                "choose": options["choose"],
+                "margin": options["margin"],
             }
         ]
         return PassResult(out, True, changes)

@@ -1,0 +1,466 @@
+"""Which layers reuse at run time: only those where reuse measurably beats the exact convolution.
+
+Adaptive deep reuse saves multiply-adds, but a reused layer also hashes, clusters, gathers and
+scatters; on a CPU where oneDNN's convolution takes a few milliseconds, a reused layer can take
+longer than the conv it replaces. With ``choose="measured"`` (the default) the run-time algorithm
+(:mod:`.algorithm`) measures every candidate layer at the start of training, on real activations,
+and keeps reuse only where it wins:
+
+* **activations**: the training batch ``state.sample()`` gives, run through the forward of the
+  training graph with every reuse node put back to its exact Conv (so BatchNorm normalises with
+  the batch's statistics, as in training), with the current parameter values; the conv inputs of
+  the candidate layers are extra graph outputs of a pruned copy of that graph (falling back to the
+  eval model when the training graph cannot run on its own);
+* **reuse**: forward + backward of the layer with the kernels the runtime runs (the native C
+  kernels when they build, else the torch reference; the ONNX functions inside ORT with
+  ``--kernel reuse=ort``) at the layer's setting (L, H, scope, input_grad). The same run gives the
+  remain ratio (clusters / rows) and the relative output error against the exact conv;
+* **exact**: forward + backward of the exact conv on torch/oneDNN (the kernels of the ``conv``
+  node kernel) and as ORT's Conv + ConvGrad; the faster of the two is the baseline;
+* medians of a few repeats after a warm-up, the three interleaved (drift hits all alike).
+
+A layer keeps reuse when ``reuse_ms < margin × exact_ms``. The functions here are free of the
+algorithm's state: :func:`judge` is the decision (pure, testable with injected timings),
+:func:`measure_layers` the measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+
+from .spec import ConvGeom, ReuseSpec, make_planes
+
+MODES = ("measured", "all")
+DEFAULT_MARGIN = 0.9
+MAX_MARGIN = 10.0
+ENGINES = {"onednn": "oneDNN", "ort": "ORT"}  # exact-conv engines, as the lines name them
+
+
+class NotMeasurable(Exception):
+    """The measurement does not apply to this run (no data, no CPU engine): nothing is chosen."""
+
+
+# --------------------------------------------------------------------------- validation
+def check_mode(value) -> str:
+    """A ``choose`` value (plan.json; the pass option parses with ``choice(*MODES)``)."""
+    if not isinstance(value, str) or value not in MODES:
+        raise ValueError(f"must be one of {', '.join(MODES)}")
+    return value
+
+
+def check_margin(value) -> float:
+    """A ``margin``: a number in (0, MAX_MARGIN] (CLI text or a Python number)."""
+    reason = f"must be a number in (0, {MAX_MARGIN:g}]"
+    if isinstance(value, bool):
+        raise TypeError(reason)
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(reason) from None
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(reason)
+    v = float(value)
+    if not (math.isfinite(v) and 0 < v <= MAX_MARGIN):
+        raise ValueError(reason)
+    return v
+
+
+# --------------------------------------------------------------------------- the decision
+def layer_line(layer: str, rec: dict) -> str:
+    """``features.3: exact (reuse 21.4 ms vs exact 5.2 ms on oneDNN at remain ratio 0.31, error 0.22)``."""
+    verdict = "reuse" if rec.get("chosen") else "exact"
+    if rec.get("failed"):
+        return f"{layer}: {verdict} (not measured: {rec['failed']})"
+    engine = ENGINES.get(rec.get("exact_engine"), rec.get("exact_engine") or "?")
+    text = f"{layer}: {verdict} (reuse {rec['reuse_ms']:.1f} ms vs exact {rec['exact_ms']:.1f} ms on {engine}"
+    if rec.get("remain_ratio") is not None:
+        text += f" at remain ratio {rec['remain_ratio']:.2f}"
+        if rec.get("error") is not None:
+            text += f", error {rec['error']:.2f}"
+    return text + ")"
+
+
+def judge(measurements: dict, margin: float) -> tuple[list, dict]:
+    """The choice: layer -> measurement (``reuse_ms``, ``exact_ms``, ... or ``failed``) to the
+    layers that keep reuse (in the given order) and layer -> record (the measurement with
+    ``chosen`` and ``why`` added). A layer whose measurement failed stays exact: it has not
+    shown that it wins."""
+    chosen, records = [], {}
+    for layer, m in measurements.items():
+        rec = dict(m)
+        ok = (
+            not rec.get("failed")
+            and _finite(rec.get("reuse_ms"))
+            and _finite(rec.get("exact_ms"))
+            and rec["reuse_ms"] < margin * rec["exact_ms"]
+        )
+        if not rec.get("failed") and not (_finite(rec.get("reuse_ms")) and _finite(rec.get("exact_ms"))):
+            rec["failed"] = "no timing"
+        rec["chosen"] = bool(ok)
+        rec["why"] = layer_line(layer, rec)
+        records[layer] = rec
+        if ok:
+            chosen.append(layer)
+    return chosen, records
+
+
+def summary_line(records: dict, chosen: list, margin: float, setting, note: str = "") -> str:
+    """The decision's reason: what was measured, what was chosen, then every layer's line."""
+    L, H = setting
+    head = f"measured at L={L}, H={H}{note}, margin {margin:g}: "
+    if not records:
+        return head + "no layer to measure"
+    if chosen:
+        exact = [k for k in records if k not in chosen]
+        head += f"reuse on {', '.join(chosen)}" + (f"; exact {', '.join(exact)}" if exact else "")
+    else:
+        head += "no layer is faster reused; reuse off for this run (every conv exact)"
+    return head + " — " + "; ".join(rec["why"] for rec in records.values())
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# --------------------------------------------------------------------------- graphs
+def conv_layer_model(pads, kernel, strides, dilations, mask=(True, True, True)):
+    """A model running one layer's Conv (X, W, B -> Y) and ORT Training's ConvGrad (dY, X, W -> dX,
+    dW, dB): the original layer, for side-by-side timings. ``mask``: the ConvGrad outputs wanted
+    (None: the forward only)."""
+    attrs = dict(pads=list(pads), kernel_shape=list(kernel), strides=list(strides), dilations=list(dilations))
+    nodes = [h.make_node("Conv", ["X", "W", "B"], ["Y"], **attrs)]
+    outs = ["Y"]
+    ins = ["X", "W", "B"]
+    if mask is not None:
+        grads = [n if want else "" for n, want in zip(("dX", "dW", "dB"), mask)]
+        nodes.append(h.make_node("ConvGrad", ["dY", "X", "W"], grads, domain="com.microsoft", group=1, **attrs))
+        outs += [g for g in grads if g]
+        ins.append("dY")
+    graph = h.make_graph(
+        nodes,
+        "conv_layer",
+        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ins],
+        [h.make_tensor_value_info(n, T.FLOAT, None) for n in outs],
+    )
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    return m
+
+
+def reuse_function_model(layer: str, geom: ConvGeom, spec: ReuseSpec, in_hw, backward: bool = True):
+    """One reused layer as its portable ONNX functions (what ``--kernel reuse=ort`` runs)."""
+    from .onnx_form import IR_VERSION, OPSET, build_reuse_functions
+    from .spec import DOMAIN
+
+    fwd, bwd = build_reuse_functions(layer, geom, spec, tuple(in_hw), DOMAIN)
+    nodes = [h.make_node(fwd.name, ["X", "W", "B", "planes"], ["Y", "ids", "centroids", "counts"], domain=DOMAIN)]
+    ins, outs = ["X", "W", "B", "planes"], ["Y"]
+    if backward:
+        nodes.append(
+            h.make_node(bwd.name, ["dY", "X", "W", "ids", "centroids", "counts"], ["dX", "dW", "dB"], domain=DOMAIN)
+        )
+        ins.append("dY")
+        outs += ["dX", "dW", "dB"]
+    graph = h.make_graph(
+        nodes,
+        "reuse_layer",
+        [h.make_tensor_value_info(n, T.FLOAT, None) for n in ins],
+        [h.make_tensor_value_info(n, T.FLOAT, None) for n in outs],
+    )
+    m = h.make_model(
+        graph,
+        opset_imports=[h.make_opsetid("", OPSET), h.make_opsetid(DOMAIN, 1)],
+        functions=[fwd] + ([bwd] if backward else []),
+    )
+    m.ir_version = IR_VERSION
+    return m
+
+
+def pruned(model: onnx.ModelProto, outputs: list) -> onnx.ModelProto:
+    """``model`` cut down to the nodes ``outputs`` need, with exactly those graph outputs (the
+    backward of a training graph falls away; nodes are in topological order in ONNX)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    need = set(outputs)
+    keep = []
+    for n in reversed(list(g.node)):
+        if any(o in need for o in n.output if o):
+            keep.append(n)
+            need.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    ins = [i for i in g.input if i.name in need]
+    del g.input[:]
+    g.input.extend(ins)
+    inits = [t for t in g.initializer if t.name in need]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    del g.output[:]
+    for name in outputs:
+        g.output.append(h.make_empty_tensor_value_info(name))
+    return m
+
+
+def _session(model: onnx.ModelProto, threads: int | None):
+    import onnxruntime as ort  # heavy: loaded for the measurement
+
+    from ...runtime.session import session_options
+
+    so = session_options(threads)
+    # an ORT thread that spins after its run would steal the cores of the kernels timed next
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def forward_activations(models: list, feeds: dict, names: list, threads: int | None = None) -> tuple[dict, str]:
+    """The values of ``names`` for one batch: from the first of ``models`` ((label, model) pairs,
+    e.g. the training graph's forward, then the eval model) that runs. Returns (name -> array,
+    label of the model used)."""
+    errors = []
+    for label, model in models:
+        try:
+            m = pruned(model, names)
+            sess = _session(m, threads)
+            wanted = [i.name for i in sess.get_inputs()]
+            missing = [n for n in wanted if n not in feeds]
+            if missing:
+                raise KeyError(f"needs inputs {', '.join(missing[:3])}")
+            vals = sess.run(names, {n: feeds[n] for n in wanted})
+            return dict(zip(names, vals)), label
+        except Exception as e:  # the next model; every reason is kept for the message
+            errors.append(f"{label}: {' '.join(str(e).split())[:160] or type(e).__name__}")
+    raise RuntimeError("no model gave the activations (" + "; ".join(errors) + ")")
+
+
+# --------------------------------------------------------------------------- the layers of a graph
+def conv_sites(model: onnx.ModelProto, layers) -> dict:
+    """layer -> where it sits in ``model`` (a training graph without reuse nodes): its input
+    tensor, weight and bias parameters, conv attributes and which ConvGrad outputs the graph uses
+    (``mask``; None when the layer has no ConvGrad, e.g. skipped)."""
+    from ...compiler.graph import TrainingGraph
+
+    tg = TrainingGraph(model, {})
+    out = {}
+    for layer in tg.layers:
+        if layer.name not in layers or layer.op != "Conv":
+            continue
+        a = dict(layer.forward.attrs)
+        grads = [b for b in layer.backward if b.op == "ConvGrad"]
+        mask = None
+        if grads:
+            o = [t.name for t in grads[0].outputs] + [""] * 3
+            mask = tuple(bool(n) for n in o[:3])
+        out[layer.name] = {
+            "x": layer.input,
+            "w": layer.params[0],
+            "b": layer.params[1] if len(layer.params) > 1 else None,
+            "attrs": a,
+            "mask": mask,
+        }
+    return out
+
+
+def site_geom(site: dict, wshape) -> ConvGeom:
+    a = site["attrs"]
+    pads = tuple(int(p) for p in a.get("pads", [0, 0, 0, 0]))
+    return ConvGeom(
+        C=int(wshape[1]),
+        Co=int(wshape[0]),
+        kh=int(wshape[2]),
+        kw=int(wshape[3]),
+        stride=tuple(int(s) for s in a.get("strides", [1, 1])),
+        pads=pads,
+        dilation=tuple(int(d) for d in a.get("dilations", [1, 1])),
+    )
+
+
+def conv_node(geom: ConvGeom) -> onnx.NodeProto:
+    return h.make_node(
+        "Conv",
+        ["X", "W", "B"],
+        ["Y"],
+        pads=list(geom.pads),
+        strides=list(geom.stride),
+        dilations=list(geom.dilation),
+        kernel_shape=[geom.kh, geom.kw],
+    )
+
+
+# --------------------------------------------------------------------------- timing
+def time_layer(
+    layer: str,
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray | None,
+    geom: ConvGeom,
+    setting: dict,
+    mask,
+    impl: str,
+    threads: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    budget_s: float = 20.0,
+    clock=time.perf_counter,
+) -> dict:
+    """Forward + backward of one layer reused (``impl``) and exact (torch/oneDNN and ORT), medians
+    of ``repeats`` interleaved rounds after ``warmup`` (fewer rounds, at least one, when the
+    rounds pass ``budget_s``). Returns the measurement record (milliseconds)."""
+    import torch
+
+    from ...runtime.torch_ops import Conv2d
+    from .kernels import backward_torch, cluster_torch, forward_torch, hash_buckets
+    from .node import reuse_backward, reuse_forward
+
+    L = int(min(int(setting["L"]), geom.K))
+    spec = ReuseSpec(L, int(setting["H"]), setting["scope"], setting["input_grad"])
+    planes_np = make_planes(spec.chunks(geom.K), spec.L, spec.H, int(setting["seed"]))
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+    bias = np.zeros(geom.Co, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
+    bt = torch.from_numpy(bias)
+    planes = torch.from_numpy(planes_np)
+    ho, wo = geom.out_hw(x.shape[2], x.shape[3])
+    dy_np = np.random.default_rng(0).standard_normal((x.shape[0], geom.Co, ho, wo), dtype=np.float32)
+    dy_np *= 1.0 / math.sqrt(dy_np[0].size)
+    dyt = torch.from_numpy(dy_np)
+    backward = mask is not None
+    need = tuple(mask) if backward else (False, False, False)
+    exact = Conv2d(conv_node(geom))
+    with torch.no_grad():
+        y_exact = exact.forward(xt, wt, bt)
+    out = {}
+
+    def run_exact():
+        with torch.no_grad():
+            exact.forward(xt, wt, bt)
+            if backward:
+                exact.backward(dyt, xt, wt, list(need))
+
+    if impl == "ort":
+        rsess = _session(reuse_function_model(layer, geom, spec, x.shape[2:4], backward), threads)
+        rfeeds = {"X": xt.numpy(), "W": wt.numpy(), "B": bias, "planes": planes_np}
+        if backward:
+            rfeeds["dY"] = dy_np
+        # remain ratio and error from the torch reference: the same mathematics as the functions
+        with torch.no_grad():
+            ids, offs = cluster_torch(hash_buckets(xt, planes, geom, spec), spec.H, spec.scope)
+            y_r, ctx = forward_torch(xt, wt, bt, ids, offs, geom, spec)
+            if backward:
+                backward_torch(dyt, xt, wt, ctx, geom, spec)
+        out["remain_ratio"], out["error"] = ctx.remain_ratio, _rel_err(y_r, y_exact)
+
+        def run_reuse():
+            rsess.run(None, rfeeds)
+
+    else:
+
+        def run_reuse():
+            with torch.no_grad():
+                y, ctx = reuse_forward(xt, wt, bt, planes, geom, spec, impl=impl)
+                if backward:
+                    reuse_backward(dyt, xt, wt, ctx, geom, spec, impl=impl, need_dx=need[0], need_dw=need[1])
+            out["remain_ratio"], out["error"] = ctx.remain_ratio, _rel_err(y, y_exact)
+
+    osess = _session(
+        conv_layer_model(geom.pads, (geom.kh, geom.kw), geom.stride, geom.dilation, mask if backward else None),
+        threads,
+    )
+    ofeeds = {"X": xt.numpy(), "W": wt.numpy(), "B": bias}
+    if backward:
+        ofeeds["dY"] = dy_np
+
+    def run_ort():
+        osess.run(None, ofeeds)
+
+    runs = {"reuse": run_reuse, "onednn": run_exact, "ort": run_ort}
+    times = {k: [] for k in runs}
+    start = clock()
+    for r in range(max(0, warmup) + max(1, repeats)):
+        for k, fn in runs.items():
+            t = clock()
+            fn()
+            if r >= warmup:
+                times[k].append(clock() - t)
+        if r >= warmup and clock() - start > budget_s:
+            break
+    ms = {k: float(np.median(v) * 1e3) for k, v in times.items()}
+    engine = min(("onednn", "ort"), key=lambda k: ms[k])
+    return {
+        "reuse_ms": ms["reuse"],
+        "exact_ms": ms[engine],
+        "exact_engine": engine,
+        "onednn_ms": ms["onednn"],
+        "ort_ms": ms["ort"],
+        "remain_ratio": out.get("remain_ratio"),
+        "error": out.get("error"),
+        "L": spec.L,
+        "H": spec.H,
+        "impl": impl,
+        "batch": int(x.shape[0]),
+        "input_hw": [int(x.shape[2]), int(x.shape[3])],
+        "backward": backward,
+        "repeats": len(times["reuse"]),
+    }
+
+
+def _rel_err(a, b) -> float:
+    a = a.detach().double()
+    b = b.detach().double()
+    return float((a - b).norm() / max(float(b.norm()), 1e-12))
+
+
+def measure_layers(
+    art,
+    params: dict,
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: dict,
+    impl: str,
+    threads: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    budget_s: float = 60.0,
+    timer=time_layer,
+) -> dict:
+    """layer -> measurement (see :func:`time_layer`; ``{"failed": reason}`` for a layer that could
+    not be measured) of every layer in ``settings`` (layer -> L, H, scope, input_grad, seed), on
+    the activations of batch (x, y) through ``art``'s graphs with the parameter values ``params``."""
+    from .rewrite import strip
+
+    plain = strip(art.training)
+    sites = conv_sites(plain, set(settings))
+    out = {k: {"failed": "not a conv of this graph"} for k in settings if k not in sites}
+    todo = [k for k in settings if k in sites]
+    if not todo:
+        return out
+    feeds = {k: np.ascontiguousarray(v) for k, v in params.items()}
+    feeds[art.info.input_name] = np.ascontiguousarray(x, dtype=np.float32)
+    feeds["labels"] = np.ascontiguousarray(y, dtype=np.int64)
+    names = list(dict.fromkeys(sites[k]["x"] for k in todo))
+    acts, source = forward_activations([("training forward", plain), ("eval model", art.eval)], feeds, names, threads)
+    deadline = time.perf_counter() + budget_s
+    for layer in todo:
+        s = sites[layer]
+        try:
+            w = params[s["w"]]
+            b = params.get(s["b"]) if s["b"] else None
+            xa = np.asarray(acts[s["x"]], dtype=np.float32)
+            if xa.ndim != 4 or np.ndim(w) != 4:
+                raise ValueError(f"input {xa.shape}, weight {np.shape(w)}: not a 2-D conv")
+            geom = site_geom(s, np.shape(w))
+            left = max(deadline - time.perf_counter(), 0.0) / max(len(todo) - todo.index(layer), 1)
+            rec = timer(layer, xa, w, b, geom, settings[layer], s["mask"], impl, threads, repeats, warmup, left)
+            rec["activations"] = source
+            out[layer] = rec
+        except Exception as e:  # one layer's failure leaves that layer exact, never stops training
+            out[layer] = {"failed": f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"}
+    return {k: out[k] for k in settings}

@@ -31,7 +31,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- protocol-results:begin -->", "<!-- protocol-results:end -->"
-STANDARD = {"torch", "torch-amp", "ort", "ort-noopt", "ort+skip", "ort+reuse", "ort+rescale", "ort+all"}
+STANDARD = {
+    "torch",
+    "torch-amp",
+    "ort",
+    "ort-noopt",
+    "ort+skip",
+    "ort+reuse",
+    "ort+rescale",
+    "ort+all",
+    "ort+rescale+reuse+skip",
+}
 
 
 def load_workloads(path: Path) -> dict:
@@ -58,6 +68,9 @@ def run(args) -> int:
     if args.calibrate:
         configs = "ort"
     names_of = list(configs) if isinstance(configs, dict) else configs.split(",")
+    # the protocol's pass settings (chosen on vgg32's validation split), for every configuration
+    # running the pass; --pass-options replaces them
+    pass_options = json.loads(args.pass_options) if args.pass_options else spec.get("pass_options")
     for name in names:
         w = dict(spec["workloads"][name])
         if args.quick:
@@ -85,7 +98,7 @@ def run(args) -> int:
             stop_at_target=bool(spec.get("stop_at_target")) and not args.calibrate and w["target"] is not None,
             force=True,
             progress=not args.quiet,
-            pass_options=json.loads(args.pass_options) if args.pass_options else None,
+            pass_options=None if isinstance(configs, dict) else pass_options,
         )
         print(f"protocol: {name} took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         print(markdown(rep))
@@ -156,6 +169,33 @@ def study_table(rep: dict) -> list[str]:
     return lines
 
 
+def reuse_choice_table(rep: dict) -> list[str]:
+    """The reuse controller's per-layer choice at the start of the first ort+reuse run: chosen or
+    not, measured ms both ways, remain ratio and output error on the real batch."""
+    row = rep["configs"].get("ort+reuse")
+    dec = [d for d in (row or {}).get("decisions", []) if d.get("action") == "choose" and d.get("layers")]
+    if not dec:
+        return []
+    lines = [
+        f"Reuse layer choice (ort+reuse, first seed, epoch {dec[0]['epoch']}, L={dec[0].get('L')}, "
+        f"H={dec[0].get('H')}):",
+        "",
+        "| layer | reused | reuse ms (fwd+bwd) | exact ms | exact engine | remain ratio | output error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x, fmt):
+        return "—" if x is None else fmt.format(x)
+
+    for layer, r in dec[0]["layers"].items():
+        lines.append(
+            f"| {layer} | {'yes' if r.get('chosen') else 'no'} | {f(r.get('reuse_ms'), '{:.1f}')} "
+            f"| {f(r.get('exact_ms'), '{:.1f}')} | {r.get('exact_engine', '—')} "
+            f"| {f(r.get('remain_ratio'), '{:.3f}')} | {f(r.get('error'), '{:.3f}')} |"
+        )
+    return lines + [""]
+
+
 def report(out: Path, names: list[str], readme: Path | None, argv: str) -> None:
     """OUT/protocol.md from every workload's bench.json; with ``readme``, its results section too."""
     parts = []
@@ -175,6 +215,7 @@ def report(out: Path, names: list[str], readme: Path | None, argv: str) -> None:
             "",
             *(study_table(rep) if study else table(rep)),
             "",
+            *reuse_choice_table(rep),
         ]
     body = "\n".join(parts)
     (out / "protocol.md").write_text(f"# Time to accuracy\n\n`python benchmarks/protocol.py {argv}`\n\n{body}")

@@ -280,9 +280,15 @@ class Trainer:
         if resume and self.run_dir and ckpt.exists(self.run_dir):
             pending = self._resume()
         self.state.sample = self._sample_batch
+        t0 = time.perf_counter()
         for a in self.algorithms:
             a.on_train_start(self.state)
         self._switch(self.algorithms, initial=True)
+        # what the algorithms spend before the first step (measurements, the first variant) is part
+        # of what training costs: counted in the training time of a run that starts here
+        self.setup_seconds = time.perf_counter() - t0
+        if pending is None:
+            self.train_time = self.wall_time = self.setup_seconds
         if pending is not None:  # loaded after the algorithms restored the variant
             variant = getattr(self.engine, "variant_name", "base")
             if self._resume_meta["variant"] != variant:
@@ -634,6 +640,7 @@ class Trainer:
             "best_val_acc": max((m["val_acc"] for m in h if "val_acc" in m), default=None),
             "train_time": self.train_time,
             "wall_time": self.wall_time,
+            "setup_seconds": getattr(self, "setup_seconds", 0.0),
             "mean_images_per_second": float(np.mean([m["images_per_second"] for m in h])) if h else None,
             "decisions": [d for m in h for d in m.get("decisions", [])],
             "controllers": {a.name: a.report() for a in self.algorithms},

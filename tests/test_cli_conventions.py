@@ -63,7 +63,7 @@ def test_quiet_before_and_after_is_quiet(tmp_path, capsys):
 def test_choices_shown_as_choices_and_passes_listed():
     text = subparsers()["compile"].format_help()
     assert "--skip-policy {prefix,suffix,any}" in text
-    assert "--skip-tau-mode {relative,absolute}" in text
+    assert "--skip-tau-mode {relative,absolute,growth}" in text
     assert "--reuse-strategy {fixed,lh,off}" in text
     dest_like = re.compile(r"\b(%s)_[A-Z_]+\b" % "|".join(n.upper() for n in registered()))  # SKIP_TAU_MODE
     assert not dest_like.search(text), dest_like.search(text).group(0)

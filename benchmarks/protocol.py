@@ -59,7 +59,7 @@ def run(args) -> int:
         return 2
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else spec["seeds"]
+    seeds = args.seeds or spec["seeds"]
     configs = args.configs or ",".join(spec["configs"])
     if args.config_file:  # named configurations with options of their own (a study)
         from accelc.bench import parse_configs
@@ -75,7 +75,7 @@ def run(args) -> int:
         w = dict(spec["workloads"][name])
         if args.quick:
             w.update({k: v for k, v in spec["quick"].items() if k != "seeds"})
-            seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else spec["quick"]["seeds"]
+            seeds = args.seeds or spec["quick"]["seeds"]
         target = w["target"]
         if args.calibrate or target is None:
             target = "ort-best" if "ort" in names_of else "torch-best-0.2"
@@ -103,8 +103,9 @@ def run(args) -> int:
         print(f"protocol: {name} took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         print(markdown(rep))
         if args.calibrate:
-            print(f"protocol: {name}: proposed target {propose_target(rep, w['epochs'])}", file=sys.stderr)
-    report(out, names, Path(args.readme) if args.readme else None, " ".join(sys.argv[1:]))
+            cap = args.epochs or w["epochs"]
+            print(f"protocol: {name}: proposed target {propose_target(rep, cap)}", file=sys.stderr)
+    report(out, names, Path(args.readme) if args.readme else None, " ".join(sys.argv[1:]), list(spec["workloads"]))
     return 0
 
 
@@ -196,8 +197,22 @@ def reuse_choice_table(rep: dict) -> list[str]:
     return lines + [""]
 
 
-def report(out: Path, names: list[str], readme: Path | None, argv: str) -> None:
-    """OUT/protocol.md from every workload's bench.json; with ``readme``, its results section too."""
+class Refused(Exception):
+    """A one-line refusal (exit 2)."""
+
+
+def report(out: Path, names: list[str], readme: Path | None, argv: str, all_names: list[str] | None = None) -> None:
+    """OUT/protocol.md from every workload's bench.json; with ``readme``, its results section too
+    (only when every workload of the workloads file has its bench.json: a partial run never
+    replaces the README's tables)."""
+    if not out.is_dir():
+        raise Refused(f"output folder '{out}' does not exist")
+    missing = [n for n in (all_names or names) if not (out / n / "bench.json").is_file()]
+    if readme is not None and missing:
+        raise Refused(
+            f"not rewriting {readme}: no bench.json for {', '.join(missing)} in '{out}' "
+            "(run every workload, or leave out --readme)"
+        )
     parts = []
     for name in names:
         p = out / name / "bench.json"
@@ -251,12 +266,20 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=None, help="rewrite this README's results section from the bench.json files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if args.report_only:
-        spec = load_workloads(Path(args.workloads_file))
-        names = args.workloads.split(",") if args.workloads else list(spec["workloads"])
-        report(Path(args.output), names, Path(args.readme) if args.readme else None, " ".join(sys.argv[1:]))
-        return 0
-    return run(args)
+    from accelc.compiler.errors import AccelcError
+
+    try:
+        if args.report_only:
+            spec = load_workloads(Path(args.workloads_file))
+            names = args.workloads.split(",") if args.workloads else list(spec["workloads"])
+            readme = Path(args.readme) if args.readme else None
+            report(Path(args.output), names, readme, " ".join(sys.argv[1:]), list(spec["workloads"]))
+            return 0
+        return run(args)
+    except (Refused, AccelcError, KeyError, ValueError, OSError) as e:  # one line, exit 2
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        print(f"protocol: error: {what}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

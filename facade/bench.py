@@ -175,12 +175,6 @@ def _acc_key(history: list[dict]) -> str:
     return "val_acc" if history and "val_acc" in history[0] else "test_acc"
 
 
-def _time_to(history: list[dict], target: float | None):
-    """Training time at the end of the first epoch whose deciding accuracy reached ``target``."""
-    hit = _at_target(history, target)
-    return None if hit is None else hit["train_time"]
-
-
 def _full_size(m: dict, full_hw) -> bool:
     """An epoch of the model at its full input size (a low-resolution stage is another network on
     other images: its accuracy does not count towards the target)."""
@@ -345,10 +339,11 @@ def _run_bench(
     work.mkdir(exist_ok=True)
     zoo = model in ZOO
     not_run: dict[str, str] = {}
-    if "torch-amp" in configs:
+    amp = [c for c, spec in configs.items() if spec["engine"] == "torch-amp"]
+    if amp:
         ok, why = bf16_capable()
         if not ok:  # emulated bf16 runs for hours: say so instead
-            not_run["torch-amp"] = f"this machine has no bf16 arithmetic: {why}"
+            not_run.update({c: f"this machine has no bf16 arithmetic: {why}" for c in amp})
     runnable = {c: spec for c, spec in configs.items() if c not in not_run}
 
     def model_for(s: int) -> Path:  # a zoo model's initial weights come from the seed
@@ -596,10 +591,11 @@ def summarise(results: dict, target_spec: str, ds, batch_size: int, full_hw=None
             if base not in rows:
                 continue
             r[f"epoch_ratio_vs_{base}"] = r["epoch_seconds"] / rows[base]["epoch_seconds"]
+            # a ratio of medians only where both reached the target in every run: a median over the
+            # seeds that got there would compare a configuration's lucky seeds with all of the baseline's
             tb = rows[base]["time_to_target"]
-            r[f"time_to_target_ratio_vs_{base}"] = (
-                r["time_to_target"] / tb if r["time_to_target"] is not None and tb else None
-            )
+            both = r["all_reached"] and rows[base]["all_reached"]
+            r[f"time_to_target_ratio_vs_{base}"] = r["time_to_target"] / tb if both and tb else None
     return {"target_acc": target, "target_rule": target_spec, "configs": rows}
 
 
@@ -628,7 +624,8 @@ def markdown(rep: dict) -> str:
         "epoch that reached it at full input size (a low-resolution stage does not count; evaluation "
         "excluded, shown apart; the algorithms' setup before the first step, such as reuse's layer "
         "measurement, included): median and min–max over the runs that reached it. Ratios are ratios of "
-        "those medians." + (" Each configuration stopped at the target." if rep.get("stop_at_target") else ""),
+        "those medians, given only where both reached the target on every seed."
+        + (" Each configuration stopped at the target." if rep.get("stop_at_target") else ""),
         "",
         "| config | reached | time to target (s) | min–max | eval (s) | test acc at target | final test acc "
         "| min–max | ×torch | ×torch-amp | ×ort |",

@@ -822,7 +822,12 @@ def _skip_summary(rep: dict, decisions: list, opt: dict) -> str:
         parts = []
         for d in skips:
             vals = ", ".join(
-                f"{k} λ {v:.3g}" + (f" > {tau} x {d['first'][k]:.3g}" if (d.get("first") or {}).get(k) else "")
+                f"{k} λ {v:.3g}"
+                + (
+                    f" > {tau} x {d['first'][k]:.3g}"
+                    if mode == "relative" and (d.get("first") or {}).get(k)
+                    else (f" > {tau}" if mode == "absolute" else "")
+                )
                 for k, v in (d.get("lam") or {}).items()
                 if v is not None
             )
@@ -960,6 +965,13 @@ class Bench(Tool):
         if a.nproc is not None:
             if a.threads is not None:
                 raise AccelcError("--nproc sets the threads itself (1 per process, and all cores for one process)")
+            given = [f for f, v in (("--seeds", a.seeds), ("--stop-at-target", a.stop_at_target)) if v]
+            if a.val_split != "auto" or a.target != "ort-best":
+                given += ["--val-split"] * (a.val_split != "auto") + ["--target"] * (a.target != "ort-best")
+            if given:
+                raise AccelcError(
+                    f"--nproc measures throughput only; {', '.join(given)} apply to the configuration comparison"
+                )
             rep = run_scaling(
                 a.model, a.data, a.epochs, a.output, a.nproc, a.batch_size, a.seed, a.lr, a.repeats,
                 a.train_limit, a.test_limit,

@@ -891,6 +891,8 @@ def parse_val_split(value) -> int | float | None:
             value = int(text) if text.isdigit() else float(text)
         except ValueError:
             raise InvalidValue(f"--val-split must be a count N or a fraction in (0, 1), got '{show(value)}'") from None
+        if isinstance(value, float) and not (0.0 < value < 1.0):  # "1.0", "1e-400": neither a count nor a fraction
+            raise InvalidValue(f"--val-split must be a count N or a fraction in (0, 1), got '{show(text)}'")
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise InvalidType(f"--val-split must be a count N or a fraction in (0, 1), got {type(value).__name__}")
     if isinstance(value, (float, np.floating)) and not float(value).is_integer():
@@ -903,9 +905,12 @@ def parse_val_split(value) -> int | float | None:
     return n or None
 
 
-def take_validation(ds: Dataset, split, train_limit: int | None) -> Dataset:
+def take_validation(ds: Dataset, split, train_limit: int | None, shuffled: bool = True) -> Dataset:
     """Hold out the *last* images of the training split as the validation split (never trained on),
-    then apply ``train_limit`` to the images before them."""
+    then apply ``train_limit`` to the images before them. ``shuffled=False`` (a source that may be
+    ordered by class: an image folder, arrays given in Python): the held-out images are the last of
+    a fixed permutation (seed 0) instead, so the validation split is not one or two whole classes;
+    the training images keep their order."""
     n_all = len(ds.x_train)
     if split == "auto":
         if n_all < AUTO_VAL_MIN_TRAIN:
@@ -921,6 +926,12 @@ def take_validation(ds: Dataset, split, train_limit: int | None) -> Dataset:
     keep = n_all - n_val
     if train_limit:
         keep = min(keep, train_limit)
+    if not shuffled:
+        perm = np.random.default_rng(0).permutation(n_all)
+        val, rest = np.sort(perm[n_all - n_val :]), np.sort(perm[: n_all - n_val])[:keep]
+        ds.x_val, ds.y_val = ds.x_train[val], ds.y_train[val]
+        ds.x_train, ds.y_train = ds.x_train[rest], ds.y_train[rest]
+        return ds
     ds.x_val, ds.y_val = ds.x_train[n_all - n_val :], ds.y_train[n_all - n_val :]
     ds.x_train, ds.y_train = ds.x_train[:keep], ds.y_train[:keep]
     return ds
@@ -1000,7 +1011,7 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
     if isinstance(spec, InMemoryData):
         ds = _load_in_memory(spec, shape, num_classes, None if val_split else train_limit, test_limit)
         if val_split:
-            ds = take_validation(ds, val_split, train_limit)
+            ds = take_validation(ds, val_split, train_limit, shuffled=False)
         return ds if decode else None
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
@@ -1015,7 +1026,9 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
             _check_synthetic_memory(shape, n, n_test, memory_limit_gb)
             return None
         ds = synthetic(shape, num_classes, n, n_test, memory_limit_gb=memory_limit_gb)
-        if val_split:  # the last of the N generated images (normalised with all N: they are i.i.d.)
+        # the last of the N generated images (i.i.d., normalised with all N); without ":N", N is
+        # --train-limit, so the split comes out of it
+        if val_split:
             ds = take_validation(ds, val_split, train_limit if arg else None)
     elif kind == "fashion-mnist":
         if num_classes < FASHION_CLASSES:
@@ -1045,8 +1058,8 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
     else:
         raise InvalidValue(f"unknown --data '{show(spec)}'; use synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR")
     if kind != "synthetic":
-        if val_split:
-            ds = take_validation(ds, val_split, train_limit)
+        if val_split:  # Fashion-MNIST's files are shuffled at the source; a folder is read class by class
+            ds = take_validation(ds, val_split, train_limit, shuffled=kind == "fashion-mnist")
             ds.x_val = adapt(ds.x_val, shape)
             if not ds.x_val.flags.writeable or np.may_share_memory(ds.x_train, ds.x_val):
                 ds.x_val = ds.x_val.copy()

@@ -64,7 +64,7 @@ class Rescale(Algorithm):
             return f"{epoch}/{total} epochs reached fraction {val}" if epoch >= at else None
         patience = int(val or 1)
         # the validation split decides; without one (no --val-split) the test split stands in, named
-        split = "validation" if "val_loss" in metrics else "test (no --val-split)"
+        split = "validation" if "val_loss" in metrics else "test (no validation split)"
         loss = metrics.get("val_loss", metrics["test_loss"])
         if loss < self.best * (1 - 1e-3):
             self.best, self.bad = loss, 0

@@ -965,9 +965,16 @@ class Bench(Tool):
         if a.nproc is not None:
             if a.threads is not None:
                 raise AccelcError("--nproc sets the threads itself (1 per process, and all cores for one process)")
-            given = [f for f, v in (("--seeds", a.seeds), ("--stop-at-target", a.stop_at_target)) if v]
-            if a.val_split != "auto" or a.target != "ort-best":
-                given += ["--val-split"] * (a.val_split != "auto") + ["--target"] * (a.target != "ort-best")
+            given = [
+                flag
+                for flag, changed in (
+                    ("--seeds", a.seeds is not None),
+                    ("--stop-at-target", a.stop_at_target),
+                    ("--val-split", a.val_split != "auto"),
+                    ("--target", a.target != "ort-best"),
+                )
+                if changed
+            ]
             if given:
                 raise AccelcError(
                     f"--nproc measures throughput only; {', '.join(given)} apply to the configuration comparison"

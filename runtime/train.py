@@ -640,7 +640,7 @@ class Trainer:
             "best_val_acc": max((m["val_acc"] for m in h if "val_acc" in m), default=None),
             "train_time": self.train_time,
             "wall_time": self.wall_time,
-            "setup_seconds": getattr(self, "setup_seconds", 0.0),
+            "setup_seconds": self.setup_seconds,
             "mean_images_per_second": float(np.mean([m["images_per_second"] for m in h])) if h else None,
             "decisions": [d for m in h for d in m.get("decisions", [])],
             "controllers": {a.name: a.report() for a in self.algorithms},

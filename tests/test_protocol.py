@@ -209,3 +209,13 @@ def test_protocol_report_rewrites_the_readme_section(tmp_path):
         )  # fmt: skip
         assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert readme.read_text() == text
+
+
+@pytest.mark.parametrize("flags", [["--seeds", "0,1"], ["--stop-at-target", "--target", "0.5"], ["--val-split", "100"]])
+def test_bench_nproc_refuses_the_protocol_flags(tmp_path, flags):
+    """--nproc measures throughput only: the protocol's flags are refused in one line, not ignored."""
+    from conftest import run_cli
+
+    r = run_cli("bench", "--model", "cnn3-small", "--nproc", "2", *flags, "-o", tmp_path / "s")
+    assert r.returncode == 2 and "--nproc measures throughput only" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()

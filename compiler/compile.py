@@ -197,6 +197,10 @@ def explain(report: dict) -> list[str]:
                 said.append(f"training step {_cost_change(prev, after)}")
             prev = after
         lines.append(f"pass {show(rec['name'], 40)}: " + "; ".join(show(x, 4000) for x in said if x))
+        try:
+            lines += [f"  {show(d, 300)}" for d in (reg.details(rec) if reg is not None else [])]
+        except Exception:  # a record from another version: its details are left out
+            pass
     full = cost_total(_dict(costs.get("after"))).get("flops")
     for name, c in _dict(costs.get("stages")).items():
         c = cost_total({"total": c})

@@ -178,6 +178,12 @@ class Pass:
         return out
 
     @classmethod
+    def details(cls, record: dict) -> list[str]:
+        """Lines shown under the pass's line in the compile report and ``accelc inspect`` (e.g.
+        per-layer predictions), from its record in report.json; [] by default."""
+        return []
+
+    @classmethod
     def flag(cls, option: str) -> str:
         opt = cls.options[option]
         return opt.flag or f"--{cls.name}-{option.replace('_', '-')}"

@@ -184,6 +184,9 @@ CONTROLLERS: dict[str, dict] = {
             "min_epochs": _int(1),
             "choose": _enum("measured", "all"),
             "margin": _num(0, exclusive=True, high=10),
+            "prefilter": _num(0, high=100),
+            "cross_batch": _int(0, 1_000_000),
+            "recalibrate": _int(0, 100_000),
         },
     },
 }

@@ -2,9 +2,10 @@
 algorithms on events.
 
 An :class:`Algorithm` is the run-time half of a pass. It sees events (``on_train_start``,
-``on_step`` with the step's :class:`~accelc.runtime.engine.StepResult`, ``on_epoch_end`` with the
-epoch's metrics), logs through the run's :class:`Logger` (never into other objects), keeps its
-state in ``state_dict``/``load_state_dict`` (JSON, never pickles), and contributes:
+``on_step`` with the step's :class:`~accelc.runtime.engine.StepResult`, ``before_evaluate``,
+``on_epoch_end`` with the epoch's metrics), logs through the run's :class:`Logger` (never into
+other objects), keeps its state in ``state_dict``/``load_state_dict`` (JSON, never pickles), and
+contributes:
 
 * a *decision key*: a hashable value naming its current decision;
 * a *transform* of the artifacts: given the artifacts the earlier algorithms produced, the
@@ -59,6 +60,12 @@ class TrainState:
     # () -> (x, y): a batch of the run's training data (the first of the data order, at the current
     # input size), for algorithms that calibrate on real activations before they decide; None: no data
     sample: Any = None
+    # (artifacts, batches) -> {"batches", "images"} or None: the BatchNorm running statistics gathered
+    # again by forward passes of ``artifacts`` (a variant of the engine's model, e.g. one that computes
+    # what the eval graph computes) over ``batches`` training batches; parameters and optimizer state
+    # do not change. None (the service or its result): nothing to recalibrate (no engine support, no
+    # BatchNorm). The runtime picks the batches and keeps every rank consistent (see Trainer)
+    recalibrate_batchnorm: Any = None
 
 
 class Algorithm:
@@ -80,6 +87,12 @@ class Algorithm:
 
     def on_step(self, state: TrainState, step: int, result: StepResult) -> None:
         """After each training step (keep it cheap)."""
+
+    def before_evaluate(self, state: TrainState, epoch: int) -> None:
+        """After an epoch's training steps, before its evaluation and its checkpoint (every
+        evaluation may be the run's last: a run can stop after any epoch). For state that the
+        evaluation, the checkpoint and an exported model read but training does not, e.g. BatchNorm
+        running statistics (``state.recalibrate_batchnorm``). Its time counts as training time."""
 
     def on_epoch_end(self, state: TrainState, epoch: int, metrics: dict) -> None:
         """After each epoch's evaluation; may change the decision (the switch happens after every

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from ..compiler.artifact_dir import load_artifacts
@@ -109,6 +110,7 @@ class TrainingSession:
         self.steps = 0
         self.reducer = None  # data-parallel training: the gradient all-reduce (runtime.distributed)
         self.world_size = 1
+        self._stats_of = None  # (variant, its BatchNorm-statistics forward): recalibrate_batchnorm
         self._build(art)
 
     def attach_reducer(self, reducer) -> None:
@@ -307,16 +309,19 @@ class TrainingSession:
         return result
 
     def _update_bn_stats(self, batch: int) -> None:
+        self._write_bn_stats(batch, self.desc, self.bn_buf, self.bn_inv_std, self.bn_spatial)
+
+    def _write_bn_stats(self, batch: int, desc: dict, bn_buf: dict, inv_std: dict, spatial_of: dict) -> None:
         """Write BatchNorm running statistics back, with torch's unbiased running variance:
         rv = m·rv + (1-m)·var·n/(n-1), where ORT computed it with var (biased)."""
-        for b in self.desc["bn"]:
-            spatial = self.bn_spatial.get(b["inv_std"])
+        for b in desc["bn"]:
+            spatial = spatial_of.get(b["inv_std"])
             if spatial:
                 n = batch * spatial
-                var = self.bn_inv_std[b["inv_std"]].pow(-2).sub_(b["epsilon"])
-                self.bn_buf[b["var_out"]].add_(var, alpha=(1.0 - b["momentum"]) / max(n - 1, 1))
-        for o, buf in self.bn_buf.items():
-            self.params[self.desc["bn_stats"][o]].copy_(buf)
+                var = inv_std[b["inv_std"]].pow(-2).sub_(b["epsilon"])
+                bn_buf[b["var_out"]].add_(var, alpha=(1.0 - b["momentum"]) / max(n - 1, 1))
+        for o, buf in bn_buf.items():
+            self.params[desc["bn_stats"][o]].copy_(buf)
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         feeds = {
@@ -358,6 +363,86 @@ class TrainingSession:
         self._update_bn_stats(len(y))
         return r.loss
 
+    def recalibrate_batchnorm(self, artifacts: Artifacts, batches) -> int | None:
+        """BatchNorm running statistics gathered again over ``batches`` ((x, y) pairs) by the
+        forward of ``artifacts``' training graph, cut down to the nodes its BatchNorm statistics
+        need (no backward: about a third of a step's work). ``artifacts``: this model or another
+        variant of it with the same parameters (e.g. one whose layers compute what the eval graph
+        computes). Each batch moves the statistics as a training step (and :meth:`batchnorm_step`
+        on that variant) moves them: momentum, torch's unbiased variance. Parameters, gradients,
+        optimizer state and the current variant do not change. Returns the batches run, or None
+        when the graph has no BatchNorm running statistics."""
+        st = self._stats_runner(artifacts)
+        if st is None:
+            return None
+        n = 0
+        for x, _ in batches:
+            xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
+            feeds = {artifacts.info.input_name: xt, **{p: self.params[p] for p in st["inputs"]}}
+            if st["runner"] is not None:
+                st["runner"].run(feeds, {**st["bn_buf"], **st["inv_std"]})
+            else:
+                io = st["sess"].io_binding()
+                dev = "cuda" if self.device == "cuda" else "cpu"
+                idx = torch.cuda.current_device() if self.device == "cuda" else 0
+                for name, t in feeds.items():
+                    io.bind_input(name, dev, idx, _np_dtype(t), tuple(t.shape), t.data_ptr())
+                for o, buf in list(st["bn_buf"].items()) + list(st["inv_std"].items()):
+                    io.bind_output(o, dev, idx, np.float32, tuple(buf.shape), buf.data_ptr())
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                st["sess"].run_with_iobinding(io)
+            self._write_bn_stats(len(xt), st["desc"], st["bn_buf"], st["inv_std"], st["spatial"])
+            n += 1
+        return n
+
+    def _stats_runner(self, art: Artifacts) -> dict | None:
+        """The forward that computes ``art``'s BatchNorm statistics (built once per variant)."""
+        if self._stats_of is not None and self._stats_of[0] is art:
+            return self._stats_of[1]
+        import onnxruntime as ort  # heavy
+
+        lowered, desc = lower_training_model(art.training, art.info.output_name)
+        outs = list(desc["bn_stats"]) + [b["inv_std"] for b in desc["bn"]]
+        st = None
+        if desc["bn_stats"]:
+            model = _pruned(lowered, outs)
+            inputs = [i.name for i in model.graph.input if i.name != art.info.input_name]
+            missing = [n for n in inputs if n not in self.params]
+            if missing:
+                raise AccelcError(
+                    "the BatchNorm statistics of this variant need inputs this session does not hold: "
+                    f"{', '.join(show(n) for n in missing[:5])}"
+                )
+            so = session_options(self.exec.threads)
+            owners = claimed(model, self.exec) if self.device == "cpu" else {}
+            try:
+                runner = SegmentedRunner(model, so, self._providers(), self.exec, owners) if owners else None
+                sess = (
+                    None if owners else ort.InferenceSession(model.SerializeToString(), so, providers=self._providers())
+                )
+            except AccelcError:
+                raise
+            except Exception as e:
+                raise AccelcError(
+                    f"ONNX Runtime cannot load the BatchNorm statistics graph: {ort_message(e)}"
+                ) from None
+            bn_buf = {o: torch.empty_like(self.params[p]) for o, p in desc["bn_stats"].items()}
+            shapes = art.info.shapes(1)
+            st = {
+                "desc": desc,
+                "runner": runner,
+                "sess": sess,
+                "inputs": inputs,
+                "bn_buf": bn_buf,
+                "inv_std": {b["inv_std"]: torch.empty_like(bn_buf[b["var_out"]]) for b in desc["bn"]},
+                "spatial": {
+                    b["inv_std"]: int(np.prod(shapes[b["x"]][2:])) if b["x"] in shapes else None for b in desc["bn"]
+                },
+            }
+        self._stats_of = (art, st)
+        return st
+
     def compute_gradients(self, x, y, env_out: dict | None = None) -> tuple[float, dict[str, np.ndarray], np.ndarray]:
         """Forward+backward only (no update): loss, gradients, logits. For numeric checks."""
         r = self._forward_backward(x, y, env_out)
@@ -391,6 +476,29 @@ class TrainingSession:
 
     def param_arrays(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.params.items()}
+
+
+def _pruned(model: onnx.ModelProto, outputs: list) -> onnx.ModelProto:
+    """``model`` cut down to the nodes ``outputs`` need, with exactly those graph outputs (the
+    backward of a training graph falls away; ONNX nodes are in topological order)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    need, keep = set(outputs), []
+    for n in reversed(list(g.node)):
+        if any(o in need for o in n.output if o):
+            keep.append(n)
+            need.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    for field in (g.input, g.initializer):
+        kept = [t for t in field if t.name in need]
+        del field[:]
+        field.extend(kept)
+    del g.output[:]
+    g.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
+    return m
 
 
 def _np_dtype(t: torch.Tensor):

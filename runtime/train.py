@@ -280,6 +280,8 @@ class Trainer:
         if resume and self.run_dir and ckpt.exists(self.run_dir):
             pending = self._resume()
         self.state.sample = self._sample_batch
+        self.state.recalibrate_batchnorm = self._recalibrate_batchnorm
+        self._epoch = self.start_epoch  # the epoch that trains (0-based): recalibration batches come from its order
         t0 = time.perf_counter()
         for a in self.algorithms:
             a.on_train_start(self.state)
@@ -427,6 +429,40 @@ class Trainer:
             x, y = self.dist.shard(x, y)
         return x, y
 
+    def _recalibrate_batchnorm(self, artifacts, batches: int) -> dict | None:
+        """``state.recalibrate_batchnorm``: the engine's BatchNorm running statistics gathered
+        again by forward passes of ``artifacts`` over ``batches`` training batches (the first of
+        the data order of the epoch that just trained, continuing into the next epochs' orders when
+        it has fewer; at the current input size). Data-parallel: rank 0 alone runs them, on its
+        shard of each batch (the shard its running statistics come from in training); the other
+        ranks get its statistics from the broadcast before every evaluation, as after a training
+        epoch. Returns {"batches", "images"}, or None when there is nothing to recalibrate."""
+        fn = getattr(self.engine, "recalibrate_batchnorm", None)
+        batches = int(batches)
+        if fn is None or batches <= 0:
+            return None
+        main = self.dist is None or self.dist.is_main
+        images = []
+
+        def source():
+            epoch = self._epoch
+            while True:
+                for _, x, y in self.data.batches(epoch, self.batch_size, self.seed):
+                    if self.dist is not None:
+                        x, y = self.dist.shard(x, y)
+                    images.append(len(y))
+                    yield x, y
+                    if len(images) == batches:
+                        return
+                epoch += 1
+
+        done = fn(artifacts, source() if main else iter(()))
+        if done is None:
+            return None
+        if not main:  # what rank 0 ran (the same batches, by the same rule)
+            return {"batches": batches, "images": batches * (self.batch_size // self.dist.world)}
+        return {"batches": int(done), "images": int(sum(images))}
+
     def evaluate(self, label: str = "eval", split: str = "test") -> tuple[float, float]:
         """Loss and accuracy on the test (or validation) split; data-parallel, each rank evaluates
         every world-th batch with rank 0's BatchNorm statistics and the sums are all-reduced."""
@@ -462,6 +498,7 @@ class Trainer:
 
     def _run(self) -> dict:
         for epoch in range(self.start_epoch, self.epochs):
+            self._epoch = epoch
             steps = self.data.steps_per_epoch(self.batch_size)
             label = self._label(epoch)
             bar = self._bar(steps, label, "step")
@@ -506,6 +543,12 @@ class Trainer:
             bar.close()
             if self.dist is not None:  # every rank's correct predictions
                 correct = int(self.dist.sum([correct], "the accuracy all-reduce")[0])
+            # what the evaluation reads but training does not (e.g. BatchNorm statistics for the
+            # graph the evaluation runs), before every evaluation: any epoch may be the last
+            t1 = time.perf_counter()
+            for a in self.algorithms:
+                a.before_evaluate(self.state, epoch + 1)
+            pre_eval_s = time.perf_counter() - t1
             val = {}
             if self.data.x_val is not None:  # what decides (targets, controllers); the test split only reports
                 t1 = time.perf_counter()
@@ -514,8 +557,8 @@ class Trainer:
             t1 = time.perf_counter()
             test_loss, test_acc = self.evaluate(f"{label} eval")
             eval_s = time.perf_counter() - t1
-            self.train_time += train_s
-            self.wall_time += train_s + eval_s + val.get("val_seconds", 0.0)
+            self.train_time += train_s + pre_eval_s  # the algorithms' work before evaluation is training's cost
+            self.wall_time += train_s + pre_eval_s + eval_s + val.get("val_seconds", 0.0)
             m = {
                 "epoch": epoch + 1,
                 "config": self.name,
@@ -527,6 +570,7 @@ class Trainer:
                 "train_seconds": train_s,
                 "eval_seconds": eval_s,
                 "images_per_second": seen / train_s if train_s > 0 else None,
+                "before_eval_seconds": pre_eval_s,
                 "steps": steps,
                 "train_time": self.train_time,
                 "wall_time": self.wall_time,

@@ -24,7 +24,8 @@ def reuse_art(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("choice")
     export_test_model("cnn3-small", d / "m.onnx")
-    accelc.compile(d / "m.onnx", d / "art", ["reuse"], validate_result=False)
+    # prefilter 0: every layer is measured (the time model's prefilter: tests/test_reuse_predict.py)
+    accelc.compile(d / "m.onnx", d / "art", ["reuse"], pass_options={"reuse": {"prefilter": 0}}, validate_result=False)
     art, _ = load_artifacts(d / "art")
     return d, art
 

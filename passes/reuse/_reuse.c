@@ -172,7 +172,9 @@ static void move_ng(const geom_t *q, const cols_t *cols, float *x, const int32_t
         const int hin = ih0 >= 0 && ih0 + spanh < q->Hin;
         for (int ow = 0; ow < q->Wo; ow++) {
             const int iw0 = ow * q->sw - q->pl;
-            float *t = tab + (int64_t)id[oh * q->Wo + ow] * q->L;
+            const int32_t cid = id[oh * q->Wo + ow];
+            if (cid < 0) continue; /* a row left out (cross-batch reuse: its cluster is kept) */
+            float *t = tab + (int64_t)cid * q->L;
             if (hin && iw0 >= 0 && iw0 + spanw < q->Win) {
                 float *xb = xn + (int64_t)ih0 * q->Win + iw0;
                 if (dir > 0)
@@ -198,7 +200,8 @@ static void sums_ng(const geom_t *q, const cols_t *cols, const float *x, const i
                     float *counts, int n, int g) {
     const int P = q->Ho * q->Wo;
     const int32_t *id = ids + ((int64_t)n * q->G + g) * P;
-    for (int p = 0; p < P; p++) counts[id[p]] += 1.0f;
+    for (int p = 0; p < P; p++)
+        if (id[p] >= 0) counts[id[p]] += 1.0f;
     move_ng(q, cols, (float *)x, ids, sums, n, g, +1);
 }
 

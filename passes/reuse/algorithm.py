@@ -19,6 +19,11 @@ layers run exact. After each ``lh`` refine the chosen layers are measured again 
 setting. ``all``: every compiled layer reuses, nothing is measured. See :mod:`.choice` and
 ``docs/reuse-choice.md``. Data-parallel: rank 0 measures, every rank takes its choice.
 
+BatchNorm after reuse (``"recalibrate"``: batches, 0 = off): before evaluating an epoch that
+trained with reused convs, the BatchNorm running statistics are gathered again through the exact
+convs (forward only, no parameter update), so the reported accuracy, the checkpoint and an
+exported model have the statistics of the graph they run (see :meth:`Reuse.before_evaluate`).
+
 Report, per layer and per epoch: the mean remain ratio (clusters / rows), the multiply-adds of the
 layer (forward + weight gradient + input gradient) with reuse against the exact conv, the
 measured milliseconds per step of the reused layer (the native nodes, forward and backward), the
@@ -37,7 +42,7 @@ from ...runtime.algorithm import Algorithm, register_algorithm
 from . import choice as ch
 from .choice import conv_layer_model  # noqa: F401  (re-exported: benchmarks/reuse_layer.py)
 from .cost import modelled_macs
-from .rewrite import PASS, ReusePass, reuse_variant, reused_layers
+from .rewrite import DEFAULT_RECALIBRATE, PASS, ReusePass, check_recalibrate, reuse_variant, reused_layers, strip
 from .spec import KERNEL_KEY, geom_from_config, layer_macs
 
 
@@ -78,7 +83,18 @@ def _group(state):
 
 def _compact(rec: dict) -> dict:
     """A layer's choice record with only what a decision line's reader needs."""
-    keys = ("chosen", "reuse_ms", "exact_ms", "exact_engine", "remain_ratio", "error", "failed")
+    keys = (
+        "chosen",
+        "reuse_ms",
+        "exact_ms",
+        "exact_engine",
+        "remain_ratio",
+        "error",
+        "failed",
+        "ruled_out",
+        "predicted_floor_ms",
+        "predicted_exact_ms",
+    )
     return {k: rec[k] for k in keys if k in rec}
 
 
@@ -94,14 +110,16 @@ class Reuse(Algorithm):
         self.strategy = self.spec.get("strategy", "fixed")
         self.schedule = [tuple(s) for s in self.spec.get("schedule", [])] or [(self.spec["L"], self.spec["H"])]
         self.configs = reused_layers(root.training)  # layer -> config at compile time
-        for key, check in (("choose", ch.check_mode), ("margin", ch.check_margin)):
-            value = self.spec.get(key, "measured" if key == "choose" else ch.DEFAULT_MARGIN)
+        defaults = {"choose": "measured", "margin": ch.DEFAULT_MARGIN, "prefilter": ch.DEFAULT_PREFILTER}
+        for key, check in (("choose", ch.check_mode), ("margin", ch.check_margin), ("prefilter", ch.check_prefilter)):
+            value = self.spec.get(key, defaults[key])
             try:
                 setattr(self, key, check(value))
             except (ValueError, TypeError) as e:
                 raise AccelcError(
                     f"plan.json: the reuse controller's '{key}' {_reason(e)}, got {show(repr(value), 60)}"
                 )
+        self.recalibrate_batches()  # a bad value is refused here, not at the first evaluation
         self.index = 0  # position in the schedule (lh)
         self.on = True
         self.last_switch = 0
@@ -141,6 +159,7 @@ class Reuse(Algorithm):
                 "scope": c["scope"],
                 "input_grad": c["input_grad"],
                 "seed": c["seed"],
+                "cross_batch": int(self.spec.get("cross_batch", 0)),
             }
         return out
 
@@ -155,7 +174,7 @@ class Reuse(Algorithm):
     def transform(self, art):
         want = self.settings(art)
         have = {
-            k: {f: c[f] for f in ("L", "H", "scope", "input_grad", "seed")}
+            k: dict({f: c[f] for f in ("L", "H", "scope", "input_grad", "seed")}, cross_batch=c.get("cross_batch", 0))
             for k, c in reused_layers(art.training).items()
         }
         return art if want == have else reuse_variant(art, want)
@@ -207,6 +226,7 @@ class Reuse(Algorithm):
                 "scope": self.configs[k]["scope"],
                 "input_grad": self.configs[k]["input_grad"],
                 "seed": self.configs[k]["seed"],
+                "cross_batch": int(self.spec.get("cross_batch", 0)),
             }
             for k in layers
             if k in self.configs
@@ -217,21 +237,23 @@ class Reuse(Algorithm):
         self.choice_done = True
         L, H = self.current()
         layers = [k for k in self.configs if k in layers]
+        ruled_out = self._ruled_out(state, layers)
+        todo = [k for k in layers if k not in ruled_out]
         try:
-            meas = self.measurer(state, layers, self._layer_settings(layers))
+            meas = self.measurer(state, todo, self._layer_settings(todo)) if todo else {}
         except ch.NotMeasurable as e:
             kept = "every compiled layer reuses" if self.chosen is None else "the chosen layers stay"
             self.decide(epoch, "choose", f"not measured ({e}); {kept}", chosen=self.chosen, L=L, H=H)
             return
         except Exception as e:  # a failed measurement never stops training: the layers stay exact
             reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-            meas = {k: {"failed": reason} for k in layers}
-        meas = {k: (meas.get(k) or {"failed": "not measured"}) for k in layers}
+            meas = {k: {"failed": reason} for k in todo}
+        meas = {k: (ruled_out.get(k) or meas.get(k) or {"failed": "not measured"}) for k in layers}
         won, records = ch.judge(meas, self.margin)
         self.choice.update(records)
         self.chosen = [k for k in self.configs if k in won]
         self.measurements.append({"epoch": epoch, "setting": [L, H], "chosen": list(won), "layers": records})
-        ok = next((r for r in records.values() if not r.get("failed")), None)
+        ok = next((r for r in records.values() if not r.get("failed") and not r.get("ruled_out")), None)
         note = ""
         if ok is not None:
             note = f" on a batch of {ok.get('batch')} ({ok.get('impl')} kernels"
@@ -245,6 +267,46 @@ class Reuse(Algorithm):
             H=H,
             layers={k: _compact(r) for k, r in records.items()},
         )
+
+    def _ruled_out(self, state, layers: list) -> dict:
+        """layer -> record of the layers the time model rules out before anything is measured:
+        reuse's time with no clusters at all (hashing, sums, gathers, the exact input gradient)
+        is predicted at or over ``prefilter`` × margin × the exact conv's (see :mod:`.predict`).
+        {} when the prefilter is off, on another device than the CPU, or without a profile."""
+        factor = self.prefilter
+        engine = state.engine
+        device = getattr(getattr(engine, "exec", None), "device", "cpu")
+        if not factor or device != "cpu" or not layers:
+            return {}
+        try:
+            from . import predict  # heavy: torch and the native kernels (the probe)
+
+            prof = predict.profile()
+        except Exception:  # advice only: without a profile every layer is measured
+            return {}
+        art = getattr(engine, "artifacts", None)
+        ran = reused_layers(art.training) if art is not None else {}
+        batch = int(state.batch_size)
+        group = _group(state)
+        if group is not None:
+            batch = max(batch // int(group.world), 1)  # every rank trains its shard
+        settings = self._layer_settings(layers)
+        out = {}
+        for k in layers:
+            cfg = dict(ran.get(k, self.configs[k]), L=settings[k]["L"], H=settings[k]["H"])
+            cfg["L"] = int(min(cfg["L"], geom_from_config(cfg).K))
+            p = predict.predict_config(cfg, batch, 0.0, (True, True, True), prof)
+            if predict.hopeless(p, self.margin, factor):
+                out[k] = {
+                    "ruled_out": True,
+                    "predicted_floor_ms": p["floor_ms"],
+                    "predicted_exact_ms": p["exact_ms"],
+                    "prefilter": factor,
+                    "batch": batch,
+                    "L": cfg["L"],
+                    "H": cfg["H"],
+                }
+        return out
 
     def _measure(self, state, layers: list, settings: dict) -> dict:
         """The real measurement (see :mod:`.choice`) on the engine's current artifacts and a batch
@@ -307,10 +369,15 @@ class Reuse(Algorithm):
     def on_step(self, state, step, result):
         for key, st in result.kernels.items():  # the reuse node kernels' statistics (node.py)
             if key.startswith(KERNEL_KEY):
-                acc = self._stats.setdefault(key[len(KERNEL_KEY) :], {"ms": 0.0, "calls": 0, "remain": 0.0})
+                acc = self._stats.setdefault(
+                    key[len(KERNEL_KEY) :], {"ms": 0.0, "calls": 0, "remain": 0.0, "kept": 0.0, "kept_calls": 0}
+                )
                 acc["ms"] += st.get("ms", 0.0)
                 acc["calls"] += 1
                 acc["remain"] += st.get("remain", 0.0)
+                if "kept" in st:  # clusters kept across batches: the share of rows in kept clusters
+                    acc["kept"] += st["kept"]
+                    acc["kept_calls"] += 1
 
     def on_epoch_end(self, state, epoch, metrics):
         stats, self._stats = self._stats, {}
@@ -347,6 +414,7 @@ class Reuse(Algorithm):
                 if f.get("calls")
                 else None,
                 "ort_conv_ms": self.original_ms.get(shape_key),
+                "rows_in_kept_clusters": f["kept"] / f["kept_calls"] if f.get("kept_calls") else None,
                 "input_hw": list(c["in_hw"]),
                 **self.layer_choice(layer),
             }
@@ -366,6 +434,11 @@ class Reuse(Algorithm):
                 "reuse": {
                     k: {
                         "remain_ratio": v["remain_ratio"],
+                        **(
+                            {"rows_in_kept_clusters": v["rows_in_kept_clusters"]}
+                            if v["rows_in_kept_clusters"] is not None
+                            else {}
+                        ),
                         "macs_saved": v["macs_saved"],
                         "chosen": v["chosen"],
                         "why": v["why"],
@@ -414,6 +487,53 @@ class Reuse(Algorithm):
                 drop=drop,
             )
         self.last_switch = epoch
+
+    # ------------------------------------------------------------------ BatchNorm after reuse
+    def recalibrate_batches(self) -> int:
+        """``recalibrate`` (plan.json): training batches that gather the BatchNorm running
+        statistics again through the exact convs before evaluating an epoch that reused; 0: off."""
+        value = self.spec.get("recalibrate", DEFAULT_RECALIBRATE)
+        try:
+            return check_recalibrate(value)
+        except (ValueError, TypeError) as e:
+            raise AccelcError(
+                f"plan.json: the reuse controller's 'recalibrate' {_reason(e)}, got {show(repr(value), 60)}"
+            )
+
+    def before_evaluate(self, state, epoch):
+        """The epoch trained with reused convs, so its BatchNorm running statistics describe
+        activations of the approximate convs, while evaluation (and the checkpoint, and an exported
+        model) runs the exact ones: gather them again through the exact convs, forward only, on
+        ``recalibrate`` training batches. Training is unaffected (a training step normalises with
+        its batch's statistics and never reads the running ones), so they are not put back. An
+        epoch after ``off`` starts from recalibrated statistics and trains exact: nothing to do."""
+        n = self.recalibrate_batches()
+        service = getattr(state, "recalibrate_batchnorm", None)
+        art = getattr(state.engine, "artifacts", None)
+        if not n or service is None or art is None or not self.reusing():
+            return
+        t0 = time.perf_counter()
+        cached = getattr(self, "_exact_of", None)
+        if cached is None or cached[0] is not art:  # the variant that trained, every reuse node exact
+            exact = art.copy()
+            exact.training = strip(art.training)
+            self._exact_of = cached = (art, exact)
+        done = service(cached[1], n)
+        if not done:  # no BatchNorm, or an engine that cannot
+            return
+        seconds = time.perf_counter() - t0
+        layers = sorted(reused_layers(art.training))
+        self.decide(
+            epoch,
+            "recalibrate",
+            f"BatchNorm statistics gathered again through the exact convs for evaluation: {done['batches']} "
+            f"training batches ({done['images']} images, forward only) in {seconds:.2f} s, counted in training "
+            f"time; epoch {epoch} trained with {len(layers)} reused layer{'s' if len(layers) != 1 else ''}",
+            batches=done["batches"],
+            images=done["images"],
+            seconds=seconds,
+            layers=layers,
+        )
 
     # ------------------------------------------------------------------ report and state
     def report(self) -> dict:

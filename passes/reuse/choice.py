@@ -42,6 +42,28 @@ MAX_MARGIN = 10.0
 ENGINES = {"onednn": "oneDNN", "ort": "ORT"}  # exact-conv engines, as the lines name them
 
 
+DEFAULT_PREFILTER = 1.5  # the time model's error on the protocol's layers: docs/reuse-cost-model.md
+MAX_PREFILTER = 100.0
+
+
+def check_prefilter(value) -> float:
+    """A ``prefilter``: 0 (off) or a number in [1, MAX_PREFILTER] (CLI text or a Python number)."""
+    reason = f"must be 0 (off) or a number in [1, {MAX_PREFILTER:g}]"
+    if isinstance(value, bool):
+        raise TypeError(reason)
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(reason) from None
+    if not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(reason)
+    v = float(value)
+    if not (math.isfinite(v) and (v == 0 or 1 <= v <= MAX_PREFILTER)):
+        raise ValueError(reason)
+    return v
+
+
 class NotMeasurable(Exception):
     """The measurement does not apply to this run (no data, no CPU engine): nothing is chosen."""
 
@@ -76,6 +98,11 @@ def check_margin(value) -> float:
 def layer_line(layer: str, rec: dict) -> str:
     """``features.3: exact (reuse 21.4 ms vs exact 5.2 ms on oneDNN at remain ratio 0.31, error 0.22)``."""
     verdict = "reuse" if rec.get("chosen") else "exact"
+    if rec.get("ruled_out"):
+        return (
+            f"{layer}: exact (not measured: predicted {rec['predicted_floor_ms']:.1f} ms reused even with no "
+            f"clusters vs exact {rec['predicted_exact_ms']:.1f} ms, over {rec['prefilter']:g} × the margin)"
+        )
     if rec.get("failed"):
         return f"{layer}: {verdict} (not measured: {rec['failed']})"
     engine = ENGINES.get(rec.get("exact_engine"), rec.get("exact_engine") or "?")
@@ -97,11 +124,16 @@ def judge(measurements: dict, margin: float) -> tuple[list, dict]:
         rec = dict(m)
         ok = (
             not rec.get("failed")
+            and not rec.get("ruled_out")
             and _finite(rec.get("reuse_ms"))
             and _finite(rec.get("exact_ms"))
             and rec["reuse_ms"] < margin * rec["exact_ms"]
         )
-        if not rec.get("failed") and not (_finite(rec.get("reuse_ms")) and _finite(rec.get("exact_ms"))):
+        if (
+            not rec.get("failed")
+            and not rec.get("ruled_out")
+            and not (_finite(rec.get("reuse_ms")) and _finite(rec.get("exact_ms")))
+        ):
             rec["failed"] = "no timing"
         rec["chosen"] = bool(ok)
         rec["why"] = layer_line(layer, rec)
@@ -362,13 +394,26 @@ def time_layer(
             rsess.run(None, rfeeds)
 
     else:
+        last: dict = {}
+        every = int(setting.get("cross_batch", 0) or 0)
+        table = None
+        if every >= 2:  # clusters kept across batches: reuse batches timed here, a refresh below
+            from .cross import ClusterTable
+            from .cross import forward as cross_forward
+
+            table = ClusterTable(10**9)
+            with torch.no_grad():
+                cross_forward(xt, wt, bt, planes, geom, spec, table, impl=impl)  # the refresh batch
 
         def run_reuse():
             with torch.no_grad():
-                y, ctx = reuse_forward(xt, wt, bt, planes, geom, spec, impl=impl)
+                if table is not None:
+                    y, ctx = cross_forward(xt, wt, bt, planes, geom, spec, table, impl=impl)
+                else:
+                    y, ctx = reuse_forward(xt, wt, bt, planes, geom, spec, impl=impl)
                 if backward:
                     reuse_backward(dyt, xt, wt, ctx, geom, spec, impl=impl, need_dx=need[0], need_dw=need[1])
-            out["remain_ratio"], out["error"] = ctx.remain_ratio, _rel_err(y, y_exact)
+            last["y"], last["ctx"] = y, ctx  # the error is computed once, after the timed rounds
 
     osess = _session(
         conv_layer_model(geom.pads, (geom.kh, geom.kw), geom.stride, geom.dilation, mask if backward else None),
@@ -393,6 +438,20 @@ def time_layer(
         if r >= warmup and clock() - start > budget_s:
             break
     ms = {k: float(np.median(v) * 1e3) for k, v in times.items()}
+    if impl != "ort":
+        out["remain_ratio"], out["error"] = last["ctx"].remain_ratio, _rel_err(last["y"], y_exact)
+    if impl != "ort" and table is not None:
+        # one step in K refreshes the table: the layer's time per step is their mix (the reuse
+        # batches here see the batch that built the table: none of their rows is new)
+        refresh = []
+        for _ in range(2):
+            table.reset()
+            t = clock()
+            run_reuse()
+            refresh.append(clock() - t)
+        out["refresh_ms"] = float(min(refresh) * 1e3)
+        out["kept_ms"] = ms["reuse"]
+        ms["reuse"] = (out["refresh_ms"] + (every - 1) * ms["reuse"]) / every
     engine = min(("onednn", "ort"), key=lambda k: ms[k])
     return {
         "reuse_ms": ms["reuse"],
@@ -409,6 +468,11 @@ def time_layer(
         "input_hw": [int(x.shape[2]), int(x.shape[3])],
         "backward": backward,
         "repeats": len(times["reuse"]),
+        **(
+            {"cross_batch": every, "refresh_ms": out["refresh_ms"], "kept_ms": out["kept_ms"]}
+            if "refresh_ms" in out
+            else {}
+        ),
     }
 
 

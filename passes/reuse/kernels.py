@@ -43,11 +43,14 @@ class ReuseContext:
     counts: torch.Tensor  # float32 [T]
     hw: tuple  # (H, W) of the input
     out_hw: tuple
+    clusters: int | None = None  # clusters in use when the table has unused rows (cross-batch reuse)
+    shared: bool = False  # clusters span images (the kernels may not split the work by image)
 
     @property
     def remain_ratio(self) -> float:
         n, g, p = self.ids.shape
-        return self.centroids.shape[0] / float(n * g * p)
+        used = self.centroids.shape[0] if self.clusters is None else self.clusters
+        return used / float(n * g * p)
 
 
 # --------------------------------------------------------------------------- shared pieces

@@ -16,6 +16,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -189,18 +190,32 @@ def compact(buckets: torch.Tensor, spec: ReuseSpec) -> tuple[torch.Tensor, list]
     return ids, offsets
 
 
-def forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, buckets=None):
-    """Hash, cluster and compute the reused conv. Returns (y, ReuseContext)."""
+def _tick(prof: dict | None, phase: str, t0: float) -> float:
+    """Add the seconds since ``t0`` to ``prof[phase]`` (when profiling); the time now."""
+    t = time.perf_counter()
+    if prof is not None:
+        prof[phase] = prof.get(phase, 0.0) + (t - t0)
+    return t
+
+
+def forward(x, w, b, planes, geom: ConvGeom, spec: ReuseSpec, buckets=None, prof: dict | None = None):
+    """Hash, cluster and compute the reused conv. Returns (y, ReuseContext). ``prof``: a dict the
+    phases' seconds are added to (the machine profile of :mod:`.predict`)."""
+    t = time.perf_counter()
     if buckets is None:
         if spec.L % (geom.kh * geom.kw) == 0:  # chunks are whole channels: one grouped conv (oneDNN)
             buckets = conv_hash(x, planes, geom, spec)
+            t = _tick(prof, "hash_conv", t)
         else:
             buckets = hash_buckets(x, planes, geom, spec)
+            t = _tick(prof, "hash_rows", t)
     ids, offsets = compact(buckets, spec)
-    return forward_with_ids(x, w, b, ids, offsets, geom, spec)
+    _tick(prof, "compact", t)
+    return forward_with_ids(x, w, b, ids, offsets, geom, spec, prof)
 
 
-def forward_with_ids(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec):
+def forward_with_ids(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec, prof: dict | None = None):
+    t = time.perf_counter()
     x = x.contiguous()
     if x.dtype != torch.float32 or ids.dtype != torch.int32:
         raise TypeError("native reuse: x must be float32 and ids int32")
@@ -216,20 +231,34 @@ def forward_with_ids(x, w, b, ids, offsets, geom: ConvGeom, spec: ReuseSpec):
         _ptr(x), _ptr(ids), ctypes.byref(q), int(spec.scope == "image"), _ptr(sums), _ptr(counts), _threads()
     )
     centroids = sums.div_(counts.clamp_min(1).unsqueeze(1))
+    t = _tick(prof, "sums", t)
     wg = _weight_chunks(w, G, spec.L)
     co = w.shape[0]
     pm = torch.empty(T, co)
     for g in range(G):
         torch.mm(centroids[offsets[g] : offsets[g + 1]], wg[g], out=pm[offsets[g] : offsets[g + 1]])
+    t = _tick(prof, "gemm", t)
     y = torch.empty(n, co, ho, wo)
     bias = b.contiguous() if b is not None else None
     lib().reuse_gather_out(
         _ptr(pm), _ptr(ids), _ptr(bias) if bias is not None else None, n, G, ho * wo, co, _ptr(y), _threads()
     )
+    _tick(prof, "gather", t)
     return y, ReuseContext(ids, list(offsets), centroids, counts, (h, wd), (ho, wo))
 
 
-def backward(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec, need_dx: bool = True, need_dw: bool = True):
+def backward(
+    dy,
+    x,
+    w,
+    ctx: ReuseContext,
+    geom: ConvGeom,
+    spec: ReuseSpec,
+    need_dx: bool = True,
+    need_dw: bool = True,
+    prof: dict | None = None,
+):
+    t = time.perf_counter()
     dy = dy.contiguous()
     n, co, ho, wo = dy.shape
     G = spec.chunks(geom.K)
@@ -237,24 +266,33 @@ def backward(dy, x, w, ctx: ReuseContext, geom: ConvGeom, spec: ReuseSpec, need_
     off = ctx.offsets
     db = dy.sum(dim=(0, 2, 3))
     if not need_dw and (spec.input_grad == "exact" or not need_dx):
-        return (exact_input_grad(dy, x, w, geom) if need_dx else None), None, db
+        t = _tick(prof, "grad_sums", t)
+        dx = exact_input_grad(dy, x, w, geom) if need_dx else None
+        _tick(prof, "dx_exact", t)
+        return dx, None, db
     gs = torch.zeros(T, co)
-    lib().reuse_grad_sums(_ptr(dy), _ptr(ctx.ids), n, G, ho * wo, co, int(spec.scope == "image"), _ptr(gs), _threads())
+    by_image = int(spec.scope == "image" and not ctx.shared)
+    lib().reuse_grad_sums(_ptr(dy), _ptr(ctx.ids), n, G, ho * wo, co, by_image, _ptr(gs), _threads())
+    t = _tick(prof, "grad_sums", t)
     dwg = torch.empty(G, spec.L, co)
     for g in range(G):
         torch.mm(ctx.centroids[off[g] : off[g + 1]].t(), gs[off[g] : off[g + 1]], out=dwg[g])
     dw = dwg.reshape(G * spec.L, co)[: geom.K].t().reshape(w.shape).contiguous()
+    t = _tick(prof, "gemm", t)
     if not need_dx:
         dx = None
     elif spec.input_grad == "exact":
         dx = exact_input_grad(dy, x, w, geom)
+        _tick(prof, "dx_exact", t)
     else:
         wg = _weight_chunks(w, G, spec.L)
         d = gs.div_(ctx.counts.clamp_min(1).unsqueeze(1))
         dc = torch.empty(T, spec.L)
         for g in range(G):
             torch.mm(d[off[g] : off[g + 1]], wg[g].t(), out=dc[off[g] : off[g + 1]])
+        t = _tick(prof, "gemm", t)
         dx = torch.zeros(n, x.shape[1], *ctx.hw)
         q = _geom(geom, spec, dx, (ho, wo))
         lib().reuse_scatter_dx(_ptr(dc), _ptr(ctx.ids), ctypes.byref(q), _ptr(dx), _threads())
+        _tick(prof, "scatter_dx", t)
     return dx, dw, db

@@ -15,7 +15,7 @@ import onnx
 
 from ...compiler import provenance
 from ...runtime.kernels import BuildContext, NodeKernel, store
-from . import native
+from . import cross, native
 from .kernels import backward_torch, cluster_torch, forward_torch, hash_buckets
 from .spec import BACKWARD_PREFIX, CONFIG_KEY, KERNEL_KEY, ConvGeom, ReuseSpec, geom_from_config
 
@@ -60,14 +60,25 @@ class ReuseNodeKernel(NodeKernel):
             warnings.warn(f"native reuse kernels unavailable ({native.error()}); using torch kernels")
             impl = "torch"
         self.impl = impl
+        every = int(c.get("cross_batch", 0))
+        # the clusters kept across batches (CR, :mod:`.cross`): state of this kernel, so of the
+        # variant's session; a new variant starts from a refresh
+        self.table = cross.ClusterTable(every) if every >= 2 and not self.backward else None
 
     def run(self, env: dict, bound: dict) -> dict:
         if not self.backward:
             x, w, b = env[self.inputs[0]], env[self.inputs[1]], env[self.inputs[2]]
-            y, ctx = reuse_forward(x, w, b, self.planes, self.geom, self.spec, impl=self.impl)
+            if self.table is not None:
+                kept = self.table.stats["rows_kept"]
+                y, ctx = cross.forward(x, w, b, self.planes, self.geom, self.spec, self.table, impl=self.impl)
+                kept = self.table.stats["rows_kept"] - kept
+            else:
+                y, ctx = reuse_forward(x, w, b, self.planes, self.geom, self.spec, impl=self.impl)
             store(self.outputs[0], y, env, bound)
             env[self.outputs[1]] = ctx  # for the backward node (never read by ORT)
-            return {"remain": ctx.remain_ratio}
+            if self.table is None:
+                return {"remain": ctx.remain_ratio}
+            return {"remain": ctx.remain_ratio, "kept": kept / float(ctx.ids.numel())}
         dy, x, w = env[self.inputs[0]], env[self.inputs[1]], env[self.inputs[2]]
         dx, dw, db = reuse_backward(
             dy,

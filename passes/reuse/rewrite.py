@@ -39,8 +39,8 @@ from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError
 from ...compiler.graph import TrainingGraph, training_graph
 from ...compiler.pass_api import Option, Pass, PassResult, choice, fraction, int_at_least, integer, name_list, register
+from .choice import DEFAULT_PREFILTER, check_margin, check_prefilter
 from .choice import MODES as CHOOSE
-from .choice import check_margin
 from .onnx_form import build_reuse_functions
 from .spec import CONFIG_KEY, DOMAIN, FORWARD_PREFIX, ORIGINAL_KEY, ConvGeom, ReuseSpec, make_planes
 
@@ -73,6 +73,49 @@ def _schedule(value):
             raise ValueError("write L:H pairs, e.g. 288:6,144:8,72:10")
         out.append((int_at_least(1)(a), _hbits(b)))
     return out
+
+
+DEFAULT_RECALIBRATE = 32  # batches; the measurement behind it: docs/reuse-choice.md, "BatchNorm after reuse"
+MAX_RECALIBRATE = 100_000
+
+
+def check_recalibrate(value) -> int:
+    """A ``recalibrate`` value: batches, an integer in 0..MAX_RECALIBRATE (0: off)."""
+    reason = f"must be an integer in 0..{MAX_RECALIBRATE} (batches; 0 turns it off)"
+    if isinstance(value, bool):
+        raise TypeError(reason)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(reason) from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= MAX_RECALIBRATE:
+        raise (ValueError if isinstance(value, (int, float, np.number)) else TypeError)(reason)
+    return int(value)
+
+
+MAX_CR_H = 12  # cross.MAX_H, without importing torch at compile time
+MAX_CROSS_BATCH = 1_000_000
+
+
+def _cross_batch(value) -> int:
+    reason = f"must be 0 (off) or an integer in 2..{MAX_CROSS_BATCH}"
+    if isinstance(value, bool):
+        raise TypeError(reason)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(reason) from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, (int, np.integer)):
+        raise TypeError(reason)
+    if not (int(value) == 0 or 2 <= int(value) <= MAX_CROSS_BATCH):
+        raise ValueError(reason)
+    return int(value)
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -120,7 +163,7 @@ def unknown_input(layer) -> bool:
     return len(layer.input_shape) != 4
 
 
-def layer_settings(tg, layers, L: int, H: int, scope: str, input_grad: str, seed: int) -> dict:
+def layer_settings(tg, layers, L: int, H: int, scope: str, input_grad: str, seed: int, cross_batch: int = 0) -> dict:
     """Per-layer reuse settings (L clipped to the layer's K). Without ``layers``: every candidate
     whose input size is known when compiling (the others stay exact; see :func:`unknown_input`)."""
     cands = {layer.name: layer for layer in candidate_layers(tg)}
@@ -141,6 +184,7 @@ def layer_settings(tg, layers, L: int, H: int, scope: str, input_grad: str, seed
             "scope": scope,
             "input_grad": input_grad,
             "seed": layer_seed(seed, name),
+            "cross_batch": int(cross_batch),
         }
     return out
 
@@ -148,7 +192,9 @@ def layer_settings(tg, layers, L: int, H: int, scope: str, input_grad: str, seed
 def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx.ModelProto, list]:
     """Rewrite ``training`` (a graph without reuse) so that the layers in ``settings`` are reused.
 
-    ``settings``: layer -> {"L", "H", "scope", "input_grad", "seed"}; layers absent stay exact."""
+    ``settings``: layer -> {"L", "H", "scope", "input_grad", "seed"} and optionally
+    "cross_batch" (the kernels' cluster table across batches, :mod:`.cross`); layers absent stay
+    exact."""
     tg = TrainingGraph(training, shapes)
     by_layer = {layer.name: layer for layer in tg.layers}
     m = onnx.ModelProto()
@@ -192,6 +238,7 @@ def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx
             "scope": spec.scope,
             "input_grad": spec.input_grad,
             "seed": int(s["seed"]),
+            "cross_batch": int(s.get("cross_batch", 0)),
             "G": G,
             "geom": {
                 "C": geom.C,
@@ -208,6 +255,8 @@ def apply(training: onnx.ModelProto, shapes: dict, settings: dict) -> tuple[onnx
             f"adaptive deep reuse: rows cut into {G} chunks of L={spec.L}, hashed by H={spec.H} hyperplanes "
             f"(scope {spec.scope}); GEMM on centroids"
         )
+        if int(s.get("cross_batch", 0)) >= 2:
+            note += f"; clusters kept across {int(s['cross_batch'])} batches"
         new_f = helper.make_node(
             f_fwd.name,
             [fwd.input[0], fwd.input[1], bias, planes_name],
@@ -371,7 +420,40 @@ class ReusePass(Pass):
             check_margin,
             flag="--reuse-margin",
         ),
+        "cross_batch": Option(
+            0,
+            "cluster reuse across batches (CR): the native kernels keep each layer's clusters (one "
+            "centroid per chunk and H-bit code) from a refresh batch and reuse them for the next "
+            "K-1 batches, summing only rows whose code is new (rebuilt sooner when over a quarter of "
+            "a batch's rows are new; needs H <= 12); e.g. --reuse-cross-batch 8; 0: off",
+            _cross_batch,
+            flag="--reuse-cross-batch",
+        ),
+        "prefilter": Option(
+            DEFAULT_PREFILTER,
+            "measured choice: a layer is not measured (stays exact) when this machine's time model "
+            "predicts that, even with no clusters at all, its reused forward+backward takes at least "
+            "prefilter x margin x the exact conv's (hashing, sums, gathers and the exact input "
+            "gradient alone lose); e.g. --reuse-prefilter 2; 0: measure every layer",
+            check_prefilter,
+            flag="--reuse-prefilter",
+        ),
+        "recalibrate": Option(
+            DEFAULT_RECALIBRATE,
+            "BatchNorm after reuse: before evaluating an epoch that trained with reused convs, gather "
+            "the BatchNorm running statistics again on this many training batches through the exact "
+            "convs that evaluation and the exported model use (forward only, no parameter update; "
+            "its seconds count as training time); e.g. --reuse-recalibrate 64; 0: off",
+            check_recalibrate,
+            flag="--reuse-recalibrate",
+        ),
     }
+
+    @classmethod
+    def details(cls, record: dict) -> list[str]:
+        from .predict import explain_lines
+
+        return explain_lines(record.get("changes") or [])
 
     def run(self, art: Artifacts, options: dict) -> PassResult:
         out = art.copy()
@@ -379,12 +461,33 @@ class ReusePass(Pass):
         L, H = options["L"], options["H"]
         if options["strategy"] == "lh":
             L, H = options["schedule"][0]
-        settings = layer_settings(tg, options["layers"], L, H, options["scope"], options["input_grad"], options["seed"])
+        if options["cross_batch"] >= 2 and max([H] + [int(h) for _, h in options["schedule"]]) > MAX_CR_H:
+            raise AccelcError(
+                f"--reuse-cross-batch needs H <= {MAX_CR_H} (a table of 2^H centroids per chunk), got H={H}"
+                + (f" in the schedule {options['schedule']}" if options["strategy"] == "lh" else "")
+            )
+        settings = layer_settings(
+            tg,
+            options["layers"],
+            L,
+            H,
+            options["scope"],
+            options["input_grad"],
+            options["seed"],
+            options["cross_batch"],
+        )
         if not settings:
             return PassResult(
                 out, False, [{"action": "none", "why": "no reusable conv (group 1, >= 8 input channels)"}]
             )
         out.training, changes = apply(art.training, tg.shapes, settings)
+        batch = int((art.config or {}).get("batch_size") or 0)
+        if batch > 0:  # the time model's prediction per layer (advice; training measures)
+            from . import predict
+
+            why = predict.annotate(changes, reused_layers(out.training), batch)
+            if why:
+                changes.append({"action": "not predicted", "why": f"reuse time model: {why}"})
         if options["layers"] is None:
             changes += [
                 {"layer": layer.name, "action": "exact", "why": "input size known only at run time"}
@@ -406,6 +509,9 @@ class ReusePass(Pass):
                 "min_epochs": options["min_epochs"],
                 "choose": options["choose"],
                 "margin": options["margin"],
+                "prefilter": options["prefilter"],
+                "cross_batch": options["cross_batch"],
+                "recalibrate": options["recalibrate"],
             }
         ]
         return PassResult(out, True, changes)

@@ -426,7 +426,7 @@ def _run_bench(
                     engine = TorchSession(module, hyper, lr, autocast_dtype=autocast)
                     algs = []
                 else:
-                    engine = TrainingSession(art_dirs[s][c], ExecConfig(threads=threads), lr=lr)
+                    engine = TrainingSession(art_dirs[s][c], ExecConfig(threads=threads), lr=lr, lazy=True)
                     algs = algorithms_for(engine.artifacts)
                 name = c if len(seeds) == 1 else f"{c} seed {s}"
                 tr = Trainer(

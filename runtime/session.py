@@ -86,7 +86,22 @@ def session_options(threads: int | None = None):
 class TrainingSession:
     """Owns one model's parameters, optimizer state and the ORT sessions of its current variant."""
 
-    def __init__(self, artifacts: str | Path | Artifacts, config: ExecConfig | None = None, lr: float | None = None):
+    # what :meth:`_build` sets: read before the first build of a lazy session, they build it
+    _BUILT = frozenset(
+        {"runner", "train_sess", "eval_sess", "desc", "train_inputs", "eval_inputs", "eval_outputs", "trained",
+         "grads", "_grad_param", "bn_buf", "bn_inv_std", "bn_spatial"}
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        artifacts: str | Path | Artifacts,
+        config: ExecConfig | None = None,
+        lr: float | None = None,
+        lazy: bool = False,
+    ):
+        """``lazy``: build the ONNX Runtime sessions when first needed (a step, an evaluation,
+        :meth:`ready`), so a variant an algorithm swaps in before training starts is the only
+        one built."""
         if isinstance(artifacts, Artifacts):
             art, report = artifacts, {"options": artifacts.config}
         else:
@@ -111,14 +126,32 @@ class TrainingSession:
         self.reducer = None  # data-parallel training: the gradient all-reduce (runtime.distributed)
         self.world_size = 1
         self._stats_of = None  # (variant, its BatchNorm-statistics forward): recalibrate_batchnorm
-        self._build(art)
+        self._pending = None
+        if lazy:
+            self.artifacts, self._pending = art, art
+        else:
+            self._build(art)
+
+    def __getattr__(self, name):
+        # only reached for attributes not set: those of the sessions of a lazy, unbuilt variant
+        pending = self.__dict__.get("_pending")
+        if pending is not None and name in TrainingSession._BUILT:
+            self._build(pending)
+            return getattr(self, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def ready(self) -> None:
+        """Build the current variant's sessions now (a lazy session builds them when first used)."""
+        if self.__dict__.get("_pending") is not None:
+            self._build(self._pending)
 
     def attach_reducer(self, reducer) -> None:
         """Train data-parallel: gradients live in ``reducer``'s buckets and are averaged across
         ranks after every backward, before the optimizer step (see :mod:`.distributed`)."""
         self.reducer = reducer
         self.world_size = reducer.group.world
-        self._alloc_grads()
+        if self.__dict__.get("_pending") is None:  # a lazy session allocates them when it builds
+            self._alloc_grads()
 
     @staticmethod
     def _check_device(device: str) -> str:
@@ -137,6 +170,8 @@ class TrainingSession:
 
     def _build(self, art: Artifacts) -> None:
         import onnxruntime as ort  # heavy
+
+        self._pending = None
 
         lowered, desc = lower_training_model(art.training, art.info.output_name)
         missing = [
@@ -220,6 +255,9 @@ class TrainingSession:
         for k in update.reset_optimizer_for:
             self.optimizer.state.pop(self.params[k], None)
         self.variant_name = name or str(variant)
+        if self.__dict__.get("_pending") is not None:  # nothing built yet: build this one when needed
+            self.artifacts = self._pending = art
+            return
         self._build(art)
 
     def _replace_in_optimizer(self, old: torch.Tensor, new: torch.Tensor) -> None:

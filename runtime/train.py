@@ -286,9 +286,14 @@ class Trainer:
         for a in self.algorithms:
             a.on_train_start(self.state)
         self._switch(self.algorithms, initial=True)
-        # what the algorithms spend before the first step (measurements, the first variant) is part
-        # of what training costs: counted in the training time of a run that starts here
+        # what the algorithms spend before the first step (measurements, choosing the first variant)
+        # is part of what training costs: counted in the training time of a run that starts here
         self.setup_seconds = time.perf_counter() - t0
+        # the sessions of the variant training starts with: built here, whichever it is, and (as a
+        # session built before training, for every configuration alike) not counted as training
+        ready = getattr(self.engine, "ready", None)
+        if ready is not None:
+            ready()
         if pending is None:
             self.train_time = self.wall_time = self.setup_seconds
         if pending is not None:  # loaded after the algorithms restored the variant
@@ -947,7 +952,8 @@ def train(
         )
         if dist is not None:  # joins the job: every rank waits here for the others
             group = Group(dist, config.device)
-        session = TrainingSession(art, config, lr=lr)  # the artifacts loaded (and verified) once
+        # the artifacts loaded (and verified) once; the sessions built for the variant training starts with
+        session = TrainingSession(art, config, lr=lr, lazy=True)
         if group is not None:
             session.attach_reducer(GradReducer(group))
         if algorithms is None:

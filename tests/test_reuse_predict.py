@@ -165,3 +165,14 @@ def test_prefilter_option_is_validated_like_the_other_options(art_dir):
         )
     art, _ = load_artifacts(art_dir / "art")
     assert_api_refused(lambda: _make(art, None, prefilter=0.2), "'prefilter' must be 0 (off) or a number in [1, 100]")
+
+
+def test_a_measurement_stops_early_only_when_the_rounds_decide_beyond_noise():
+    from accelc.passes.reuse import choice as ch
+
+    slow = {"reuse": [0.10, 0.11], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
+    assert ch._clear(slow)  # 0.10 >= 1.25 × 0.06
+    close = {"reuse": [0.074, 0.11], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
+    assert not ch._clear(close)  # 0.074 < 1.25 × 0.06: more rounds
+    fast = {"reuse": [0.03, 0.04], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
+    assert ch._clear(fast)  # 1.25 × 0.04 <= 0.05

@@ -397,7 +397,7 @@ class Reuse(Algorithm):
             exact = layer_macs(c, batch, None)["total"]
             used = layer_macs(cfg, batch, remain)["total"] if (remain is not None and layer in settings) else exact
             shape_key = f"{layer}@{c['in_hw'][0]}x{c['in_hw'][1]}"  # a rescale stage is another shape
-            if self.measure_original and shape_key not in self.original_ms:
+            if self.measure_original and shape_key not in self.original_ms and layer in settings:
                 try:
                     self.original_ms[shape_key] = time_ort_conv_layer(c, batch)
                 except Exception:  # a side measurement must never stop training

@@ -345,7 +345,8 @@ def time_layer(
 ) -> dict:
     """Forward + backward of one layer reused (``impl``) and exact (torch/oneDNN and ORT), medians
     of ``repeats`` interleaved rounds after ``warmup`` (fewer rounds, at least one, when the
-    rounds pass ``budget_s``). Returns the measurement record (milliseconds)."""
+    rounds pass ``budget_s``; at least :data:`CLEAR_ROUNDS` when they already decide the layer
+    beyond noise, see :func:`_clear`). Returns the measurement record (milliseconds)."""
     import torch
 
     from ...runtime.torch_ops import Conv2d
@@ -437,6 +438,8 @@ def time_layer(
                 times[k].append(clock() - t)
         if r >= warmup and clock() - start > budget_s:
             break
+        if len(times["reuse"]) >= CLEAR_ROUNDS and _clear(times):
+            break  # no further round could change the verdict
     ms = {k: float(np.median(v) * 1e3) for k, v in times.items()}
     if impl != "ort":
         out["remain_ratio"], out["error"] = last["ctx"].remain_ratio, _rel_err(last["y"], y_exact)
@@ -474,6 +477,18 @@ def time_layer(
             else {}
         ),
     }
+
+
+CLEAR_ROUNDS = 2  # rounds before a measurement may stop early
+CLEAR_FACTOR = 1.25  # ... when every reused run is this much slower than every exact one, or faster
+
+
+def _clear(times: dict) -> bool:
+    """Whether the rounds so far decide the layer beyond noise: the fastest reused run is
+    CLEAR_FACTOR× slower than the slowest exact one (the faster engine of each round), or the
+    slowest reused run CLEAR_FACTOR× faster than the fastest exact one."""
+    exact = [min(a, b) for a, b in zip(times["onednn"], times["ort"])]
+    return min(times["reuse"]) >= CLEAR_FACTOR * max(exact) or CLEAR_FACTOR * max(times["reuse"]) <= min(exact)
 
 
 def _rel_err(a, b) -> float:

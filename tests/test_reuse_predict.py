@@ -176,3 +176,30 @@ def test_a_measurement_stops_early_only_when_the_rounds_decide_beyond_noise():
     assert not ch._clear(close)  # 0.074 < 1.25 × 0.06: more rounds
     fast = {"reuse": [0.03, 0.04], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
     assert ch._clear(fast)  # 1.25 × 0.04 <= 0.05
+
+
+def test_the_off_switch_is_decided_on_the_validation_loss_when_there_is_one(art_dir):
+    from accelc.compiler.artifact_dir import load_artifacts
+
+    art, _ = load_artifacts(art_dir / "art")
+
+    class Run:
+        artifacts = art
+        reducer = None
+
+    def epoch(a, st, n, **m):
+        a.on_epoch_end(st, n, dict({"steps": 1}, **m))
+
+    a, st = _make(art, None, choose="all", strategy="off", plateau=0.05)
+    st.engine = Run()
+    a.logger = st.logger
+    # the training loss keeps falling, the validation loss does not: off after epoch 2
+    epoch(a, st, 1, train_loss=2.0, val_loss=1.0)
+    epoch(a, st, 2, train_loss=1.0, val_loss=0.99)
+    (d,) = [x for x in a.log if x["action"] == "off"]
+    assert d["epoch"] == 2 and d["why"].startswith("validation loss plateaued (fell 1.0% < 0.05)")
+    b, st = _make(art, None, choose="all", strategy="off", plateau=0.05)
+    st.engine = Run()
+    epoch(b, st, 1, train_loss=2.0)
+    epoch(b, st, 2, train_loss=1.0)
+    assert b.on and not [x for x in b.log if x["action"] == "off"]  # without a split: the training loss fell 50%

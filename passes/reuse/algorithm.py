@@ -5,12 +5,14 @@ Strategies (``plan.json`` → ``"type": "reuse"``, ``"strategy"``):
 
 * ``fixed`` (a): one (L, H) for the whole run;
 * ``lh`` (b): start at the first ``schedule`` setting (coarse: long sub-vectors, few hyperplanes)
-  and step to the next, finer one whenever the training loss plateaus;
+  and step to the next, finer one whenever the loss plateaus;
 * ``off`` (c): reuse on, then off (the exact ORT Conv/ConvGrad graph) at the first plateau.
 
-A plateau: the epoch's mean training loss fell by less than ``plateau`` (a fraction) against the
-previous epoch, at least ``min_epochs`` epochs after the last switch. Every switch is logged
-with its reason.
+A plateau: the epoch's loss fell by less than ``plateau`` (a fraction) against the previous
+epoch, at least ``min_epochs`` epochs after the last switch. The loss is the validation loss when
+the run holds a validation split (``--val-split`` in ``accelc bench``: what decides, evaluated
+through the exact convs), else the epoch's mean training loss. Every switch is logged with its
+reason, which names the loss.
 
 Choice (``"choose"``): ``measured`` (default) times every compiled reuse layer at the start of
 training on a real batch — reused with the runtime's kernels against the exact conv (the faster
@@ -452,7 +454,11 @@ class Reuse(Algorithm):
                 ),
             }
         )
-        loss = metrics.get("train_loss")
+        # the switch point: the validation loss where the run holds a validation split (what
+        # decides; the evaluation runs the exact convs), else the training loss
+        key = "val_loss" if metrics.get("val_loss") is not None else "train_loss"
+        what = "validation loss" if key == "val_loss" else "training loss"
+        loss = metrics.get(key)
         prev, self.prev_loss = self.prev_loss, loss
         if prev is None or loss is None or self.strategy == "fixed" or not self.reusing():
             return
@@ -469,7 +475,7 @@ class Reuse(Algorithm):
             self.decide(
                 epoch,
                 "refine",
-                f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
+                f"{what} plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
                 f"reuse L={L}, H={H} from epoch {epoch + 1}",
                 L=L,
                 H=H,
@@ -482,7 +488,7 @@ class Reuse(Algorithm):
             self.decide(
                 epoch,
                 "off",
-                f"training loss plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
+                f"{what} plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
                 f"reuse off (exact conv) from epoch {epoch + 1}",
                 drop=drop,
             )

@@ -135,7 +135,7 @@ class TrainingSession:
     def __getattr__(self, name):
         # only reached for attributes not set: those of the sessions of a lazy, unbuilt variant
         pending = self.__dict__.get("_pending")
-        if pending is not None and name in TrainingSession._BUILT:
+        if pending is not None and name in TrainingSession._BUILT and not self.__dict__.get("_building"):
             self._build(pending)
             return getattr(self, name)
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
@@ -169,9 +169,14 @@ class TrainingSession:
         return ["CPUExecutionProvider"]
 
     def _build(self, art: Artifacts) -> None:
-        import onnxruntime as ort  # heavy
+        self._building = True  # what is read while building is never built on demand
+        try:
+            self._build_sessions(art)
+        finally:
+            self._building = False
 
-        self._pending = None
+    def _build_sessions(self, art: Artifacts) -> None:
+        import onnxruntime as ort  # heavy
 
         lowered, desc = lower_training_model(art.training, art.info.output_name)
         missing = [
@@ -223,6 +228,7 @@ class TrainingSession:
         for p in self.trainable_all:
             self.params[p].grad = None
         self.artifacts = art
+        self._pending = None  # built: a failed build leaves it pending (the next use says why again)
 
     def _alloc_grads(self) -> None:
         """Gradient buffers of the parameters this variant trains (ORT writes them in place)."""

@@ -292,7 +292,7 @@ class Trainer:
         # the sessions of the variant training starts with: built here, whichever it is, and (as a
         # session built before training, for every configuration alike) not counted as training
         ready = getattr(self.engine, "ready", None)
-        if ready is not None:
+        if ready is not None and pending is None:  # a resume builds them when it loads the state
             ready()
         if pending is None:
             self.train_time = self.wall_time = self.setup_seconds

@@ -3,12 +3,13 @@ against a reference written out here, its refresh rules, the option, and a run."
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from accelc.compiler.pass_api import get
 from accelc.passes.reuse import cross, native
-from accelc.passes.reuse.kernels import _weight_chunks, backward_torch, hash_buckets, unfold_rows
+from accelc.passes.reuse.kernels import _weight_chunks, backward_torch, exact_input_grad, hash_buckets, unfold_rows
 from accelc.passes.reuse.spec import ConvGeom, ReuseSpec, make_planes
 
 from conftest import assert_api_refused, export_test_model
@@ -70,7 +71,7 @@ def test_refresh_then_reuse_equal_the_reference_and_the_backward_is_the_forward_
     (y * dy).sum().backward()
     torch.testing.assert_close(dw, wv.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(db, dy.sum((0, 2, 3)))
-    assert dx.shape == xb.shape
+    torch.testing.assert_close(dx, exact_input_grad(dy, xb, w, GEOM), rtol=1e-4, atol=1e-4)  # input_grad exact
 
 
 def test_the_table_is_rebuilt_every_k_batches_and_when_too_many_rows_are_new():
@@ -131,3 +132,55 @@ def test_a_run_keeps_clusters_across_batches_and_reports_it(tmp_path):
             r = m["reuse"][layer]
             assert 0 < r["rows_in_kept_clusters"] < 1 and 0 < r["remain_ratio"] < 1
     assert hist[-1]["train_loss"] == hist[-1]["train_loss"]  # finite
+
+
+def test_an_edited_plan_cannot_turn_on_cross_batch_with_a_large_table(tmp_path):
+    import accelc
+    from accelc.compiler.artifact_dir import load_artifacts
+    from accelc.passes.reuse.algorithm import Reuse
+
+    export_test_model("cnn3-small", tmp_path / "m.onnx")
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "art", ["reuse"], validate_result=False)
+    art, _ = load_artifacts(tmp_path / "art")
+    spec = next(p for p in art.plan if p["type"] == "reuse")
+    for bad, needle in (
+        (dict(cross_batch=1), "'cross_batch' must be 0 (off) or an integer in 2..1000000"),
+        (dict(cross_batch=2.5), "'cross_batch' must be 0 (off) or an integer"),
+        (dict(cross_batch=4, H=16), "'cross_batch' needs H <= 12 (a table of 2^H centroids per chunk), got H=16"),
+        (dict(cross_batch=4, strategy="lh", schedule=[[144, 8], [72, 14]]), "got H=14 in the --reuse-schedule"),
+    ):
+        assert_api_refused(lambda bad=bad: Reuse(art, dict(spec, **bad)), needle)
+    # a fixed strategy with an unused schedule of large H is fine
+    assert Reuse(art, dict(spec, cross_batch=4, H=8, schedule=[[144, 16]])).cross_batch == 4
+
+
+def test_a_lazy_session_builds_only_the_variant_it_trains(tmp_path, monkeypatch):
+    """A lazy TrainingSession builds no ORT session until used; a swap before that replaces the
+    variant to build; reading a session attribute builds it; ready() builds it."""
+    import accelc
+    from accelc.compiler.artifact_dir import load_artifacts
+    from accelc.passes.reuse.rewrite import reuse_variant
+    from accelc.runtime.session import TrainingSession
+
+    export_test_model("cnn3-small", tmp_path / "m.onnx")
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "art", ["reuse"], validate_result=False)
+    art, _ = load_artifacts(tmp_path / "art")
+    built = []
+    real = TrainingSession._build_sessions
+    monkeypatch.setattr(TrainingSession, "_build_sessions", lambda self, a: (built.append(a), real(self, a))[1])
+    s = TrainingSession(art, lazy=True)
+    assert built == [] and s.artifacts is art
+    plain = reuse_variant(art, {})
+    s.swap(plain, "reuse:off")
+    assert built == [] and s.artifacts is plain and s.variant_name == "reuse:off"
+    assert s.trained and built == [plain]  # a session attribute: built on first read
+    s.ready()
+    assert built == [plain]  # once
+    lazy = TrainingSession(art, lazy=True)
+    lazy.ready()
+    assert built[-1] is art and lazy.eval_sess is not None
+    x = np.zeros((2, *art.info.input_shape), np.float32)
+    loss, grads, _ = TrainingSession(art, lazy=True).compute_gradients(x, np.zeros(2, np.int64))
+    assert np.isfinite(loss) and grads
+    with pytest.raises(AttributeError):
+        TrainingSession(art, lazy=True).no_such_attribute  # noqa: B018

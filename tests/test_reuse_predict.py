@@ -171,11 +171,13 @@ def test_a_measurement_stops_early_only_when_the_rounds_decide_beyond_noise():
     from accelc.passes.reuse import choice as ch
 
     slow = {"reuse": [0.10, 0.11], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
-    assert ch._clear(slow)  # 0.10 >= 1.25 × 0.06
-    close = {"reuse": [0.074, 0.11], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
-    assert not ch._clear(close)  # 0.074 < 1.25 × 0.06: more rounds
-    fast = {"reuse": [0.03, 0.04], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
-    assert ch._clear(fast)  # 1.25 × 0.04 <= 0.05
+    assert ch._clear(slow, 0.9)  # 0.10 >= 1.25 × 0.9 × 0.06
+    close = {"reuse": [0.066, 0.11], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
+    assert not ch._clear(close, 0.9)  # 0.066 < 1.25 × 0.9 × 0.06: more rounds
+    assert ch._clear(close, 0.8)  # a lower margin: it loses already
+    fast = {"reuse": [0.03, 0.035], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}
+    assert ch._clear(fast, 0.9)  # 1.25 × 0.035 <= 0.9 × 0.05
+    assert not ch._clear({"reuse": [0.03, 0.04], "onednn": [0.05, 0.07], "ort": [0.06, 0.06]}, 0.9)
 
 
 def test_the_off_switch_is_decided_on_the_validation_loss_when_there_is_one(art_dir):

@@ -43,8 +43,18 @@ from ...compiler.errors import AccelcError, show
 from ...runtime.algorithm import Algorithm, register_algorithm
 from . import choice as ch
 from .choice import conv_layer_model  # noqa: F401  (re-exported: benchmarks/reuse_layer.py)
-from .cost import modelled_macs
-from .rewrite import DEFAULT_RECALIBRATE, PASS, ReusePass, check_recalibrate, reuse_variant, reused_layers, strip
+from .cost import bound_remain, cross_batch, modelled_macs
+from .rewrite import (
+    DEFAULT_RECALIBRATE,
+    PASS,
+    ReusePass,
+    check_cross_batch,
+    check_recalibrate,
+    cross_batch_conflict,
+    reuse_variant,
+    reused_layers,
+    strip,
+)
 from .spec import KERNEL_KEY, geom_from_config, layer_macs
 
 
@@ -122,6 +132,16 @@ class Reuse(Algorithm):
                     f"plan.json: the reuse controller's '{key}' {_reason(e)}, got {show(repr(value), 60)}"
                 )
         self.recalibrate_batches()  # a bad value is refused here, not at the first evaluation
+        value = self.spec.get("cross_batch", 0)
+        try:  # clusters across batches: a plan.json edited by hand is refused like the CLI's flag
+            self.cross_batch = check_cross_batch(value)
+        except (ValueError, TypeError) as e:
+            raise AccelcError(
+                f"plan.json: the reuse controller's 'cross_batch' {_reason(e)}, got {show(repr(value), 60)}"
+            )
+        why = cross_batch_conflict(self.cross_batch, self.strategy, self.spec.get("H", 0), self.schedule)
+        if why:
+            raise AccelcError(f"plan.json: the reuse controller's 'cross_batch' {why}")
         self.index = 0  # position in the schedule (lh)
         self.on = True
         self.last_switch = 0
@@ -161,7 +181,7 @@ class Reuse(Algorithm):
                 "scope": c["scope"],
                 "input_grad": c["input_grad"],
                 "seed": c["seed"],
-                "cross_batch": int(self.spec.get("cross_batch", 0)),
+                "cross_batch": self.cross_batch,
             }
         return out
 
@@ -228,7 +248,7 @@ class Reuse(Algorithm):
                 "scope": self.configs[k]["scope"],
                 "input_grad": self.configs[k]["input_grad"],
                 "seed": self.configs[k]["seed"],
-                "cross_batch": int(self.spec.get("cross_batch", 0)),
+                "cross_batch": self.cross_batch,
             }
             for k in layers
             if k in self.configs
@@ -339,6 +359,7 @@ class Reuse(Algorithm):
             impl,
             getattr(cfg, "threads", None),
             **self.measure_options,
+            margin=self.margin,
         )
 
     def _choice_state(self) -> dict:
@@ -395,9 +416,13 @@ class Reuse(Algorithm):
             f = stats.get(f"{layer}|forward", {})
             b = stats.get(f"{layer}|backward", {})
             remain = f["remain"] / f["calls"] if f.get("calls") else None
-            cfg = dict(c, **{k: v for k, v in settings.get(layer, {}).items() if k in ("L", "H", "input_grad")})
+            cfg = dict(
+                c, **{k: v for k, v in settings.get(layer, {}).items() if k in ("L", "H", "input_grad", "cross_batch")}
+            )
             exact = layer_macs(c, batch, None)["total"]
-            used = layer_macs(cfg, batch, remain)["total"] if (remain is not None and layer in settings) else exact
+            # clusters kept across batches: the GEMMs ran on the whole table, not on the clusters used
+            counted = bound_remain(cfg, batch) if (remain is not None and cross_batch(cfg)) else remain
+            used = layer_macs(cfg, batch, counted)["total"] if (remain is not None and layer in settings) else exact
             shape_key = f"{layer}@{c['in_hw'][0]}x{c['in_hw'][1]}"  # a rescale stage is another shape
             if self.measure_original and shape_key not in self.original_ms and layer in settings:
                 try:

@@ -342,6 +342,7 @@ def time_layer(
     warmup: int = 1,
     budget_s: float = 20.0,
     clock=time.perf_counter,
+    margin: float = DEFAULT_MARGIN,
 ) -> dict:
     """Forward + backward of one layer reused (``impl``) and exact (torch/oneDNN and ORT), medians
     of ``repeats`` interleaved rounds after ``warmup`` (fewer rounds, at least one, when the
@@ -378,6 +379,7 @@ def time_layer(
             if backward:
                 exact.backward(dyt, xt, wt, list(need))
 
+    table = None  # clusters kept across batches (set below for a CR layer)
     if impl == "ort":
         rsess = _session(reuse_function_model(layer, geom, spec, x.shape[2:4], backward), threads)
         rfeeds = {"X": xt.numpy(), "W": wt.numpy(), "B": bias, "planes": planes_np}
@@ -397,7 +399,6 @@ def time_layer(
     else:
         last: dict = {}
         every = int(setting.get("cross_batch", 0) or 0)
-        table = None
         if every >= 2:  # clusters kept across batches: reuse batches timed here, a refresh below
             from .cross import ClusterTable
             from .cross import forward as cross_forward
@@ -438,7 +439,7 @@ def time_layer(
                 times[k].append(clock() - t)
         if r >= warmup and clock() - start > budget_s:
             break
-        if len(times["reuse"]) >= CLEAR_ROUNDS and _clear(times):
+        if table is None and len(times["reuse"]) >= CLEAR_ROUNDS and _clear(times, margin):
             break  # no further round could change the verdict
     ms = {k: float(np.median(v) * 1e3) for k, v in times.items()}
     if impl != "ort":
@@ -483,12 +484,14 @@ CLEAR_ROUNDS = 2  # rounds before a measurement may stop early
 CLEAR_FACTOR = 1.25  # ... when every reused run is this much slower than every exact one, or faster
 
 
-def _clear(times: dict) -> bool:
+def _clear(times: dict, margin: float = DEFAULT_MARGIN) -> bool:
     """Whether the rounds so far decide the layer beyond noise: the fastest reused run is
-    CLEAR_FACTOR× slower than the slowest exact one (the faster engine of each round), or the
-    slowest reused run CLEAR_FACTOR× faster than the fastest exact one."""
+    CLEAR_FACTOR× slower than margin × the slowest exact one (the faster engine of each round), or
+    the slowest reused run CLEAR_FACTOR× faster than margin × the fastest exact one."""
     exact = [min(a, b) for a, b in zip(times["onednn"], times["ort"])]
-    return min(times["reuse"]) >= CLEAR_FACTOR * max(exact) or CLEAR_FACTOR * max(times["reuse"]) <= min(exact)
+    return min(times["reuse"]) >= CLEAR_FACTOR * margin * max(exact) or CLEAR_FACTOR * max(times["reuse"]) <= (
+        margin * min(exact)
+    )
 
 
 def _rel_err(a, b) -> float:
@@ -509,6 +512,7 @@ def measure_layers(
     warmup: int = 1,
     budget_s: float = 60.0,
     timer=time_layer,
+    margin: float = DEFAULT_MARGIN,
 ) -> dict:
     """layer -> measurement (see :func:`time_layer`; ``{"failed": reason}`` for a layer that could
     not be measured) of every layer in ``settings`` (layer -> L, H, scope, input_grad, seed), on
@@ -537,7 +541,8 @@ def measure_layers(
                 raise ValueError(f"input {xa.shape}, weight {np.shape(w)}: not a 2-D conv")
             geom = site_geom(s, np.shape(w))
             left = max(deadline - time.perf_counter(), 0.0) / max(len(todo) - todo.index(layer), 1)
-            rec = timer(layer, xa, w, b, geom, settings[layer], s["mask"], impl, threads, repeats, warmup, left)
+            args = (layer, xa, w, b, geom, settings[layer], s["mask"], impl, threads, repeats, warmup, left)
+            rec = timer(*args, margin=margin) if timer is time_layer else timer(*args)
             rec["activations"] = source
             out[layer] = rec
         except Exception as e:  # one layer's failure leaves that layer exact, never stops training

@@ -31,14 +31,23 @@ def is_reuse_node(node) -> bool:
     return node.domain == DOMAIN and node.op.startswith((FORWARD_PREFIX, BACKWARD_PREFIX))
 
 
+def cross_batch(cfg: dict) -> bool:
+    """Whether the layer keeps its clusters across batches (CR: the GEMMs run on the whole table)."""
+    return int(cfg.get("cross_batch", 0) or 0) >= 2
+
+
 def rows_per_scope(cfg: dict, batch: int) -> int:
-    """Rows that share clusters: an image's output positions (scope image) or the batch's."""
+    """Rows that share clusters: an image's output positions (scope image) or the batch's (scope
+    batch, and clusters kept across batches, which span the batch whatever the scope)."""
     ho, wo = geom_from_config(cfg).out_hw(*cfg["in_hw"])
-    return ho * wo * (batch if cfg.get("scope") == "batch" else 1)
+    return ho * wo * (batch if cfg.get("scope") == "batch" or cross_batch(cfg) else 1)
 
 
 def expected_remain(cfg: dict, batch: int) -> float:
-    """Expected clusters / rows if the rows' H-bit codes were uniform over the 2^H buckets."""
+    """Expected clusters / rows if the rows' H-bit codes were uniform over the 2^H buckets; with
+    clusters kept across batches, the table's rows (the GEMMs run on all 2^H per chunk)."""
+    if cross_batch(cfg):
+        return bound_remain(cfg, batch)
     n, buckets = rows_per_scope(cfg, batch), 2.0 ** int(cfg["H"])
     if n <= 0:
         return 1.0
@@ -86,6 +95,13 @@ def reuse_flops(tg: TrainingGraph, node) -> dict | float:
         else:
             # hashing + centroid GEMM (layer_macs' forward), centroid sums, per-row sum over chunks, bias
             out[key] = 2.0 * m["forward"] + rows * geom.K + rows * G * co + rows * co
+    if cross_batch(cfg):
+        out["note"] = (
+            f"reuse {cfg.get('layer', '?')}: clusters kept across {int(cfg['cross_batch'])} batches, the GEMMs on "
+            f"the whole table: remain ratio {bound_remain(cfg, batch):.2f} ({2 ** int(cfg['H'])} codes per chunk, "
+            f"{rows_per_scope(cfg, batch)} rows per batch)"
+        )
+        return out
     out["note"] = (
         f"reuse {cfg.get('layer', '?')}: remain ratio {expected_remain(cfg, batch):.2f} expected "
         f"(uniform {cfg['H']}-bit codes, {rows_per_scope(cfg, batch)} rows per {cfg.get('scope', 'image')}), "

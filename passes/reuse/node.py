@@ -14,6 +14,7 @@ import warnings
 import onnx
 
 from ...compiler import provenance
+from ...compiler.errors import AccelcError
 from ...runtime.kernels import BuildContext, NodeKernel, store
 from . import cross, native
 from .kernels import backward_torch, cluster_torch, forward_torch, hash_buckets
@@ -61,6 +62,10 @@ class ReuseNodeKernel(NodeKernel):
             impl = "torch"
         self.impl = impl
         every = int(c.get("cross_batch", 0))
+        if every >= 2 and self.spec.H > cross.MAX_H:  # an edited graph: the table would not fit
+            raise AccelcError(
+                f"reuse layer '{self.layer}': cross_batch needs H <= {cross.MAX_H}, the node has H={self.spec.H}"
+            )
         # the clusters kept across batches (CR, :mod:`.cross`): state of this kernel, so of the
         # variant's session; a new variant starts from a refresh
         self.table = cross.ClusterTable(every) if every >= 2 and not self.backward else None

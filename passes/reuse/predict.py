@@ -314,7 +314,12 @@ def annotate(changes: list, configs: dict, batch: int) -> str | None:
 
 
 def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:  # a JSON integer too large for a float is not a number of milliseconds either
+        return math.isfinite(v) and abs(v) < 1e300
+    except OverflowError:
+        return False
 
 
 def explain_lines(changes: list) -> list[str]:

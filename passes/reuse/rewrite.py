@@ -100,7 +100,7 @@ MAX_CR_H = 12  # cross.MAX_H, without importing torch at compile time
 MAX_CROSS_BATCH = 1_000_000
 
 
-def _cross_batch(value) -> int:
+def check_cross_batch(value) -> int:
     reason = f"must be 0 (off) or an integer in 2..{MAX_CROSS_BATCH}"
     if isinstance(value, bool):
         raise TypeError(reason)
@@ -116,6 +116,19 @@ def _cross_batch(value) -> int:
     if not (int(value) == 0 or 2 <= int(value) <= MAX_CROSS_BATCH):
         raise ValueError(reason)
     return int(value)
+
+
+def cross_batch_conflict(cross_batch, strategy: str, H, schedule) -> str | None:
+    """Why a setting cannot keep clusters across batches (None when it can): the table holds
+    2^H centroids per chunk, so every H the strategy uses must be <= MAX_CR_H."""
+    if int(cross_batch or 0) < 2:
+        return None
+    used = [int(h) for _, h in schedule] if strategy == "lh" and schedule else [int(H)]
+    bad = [h for h in used if h > MAX_CR_H]
+    if not bad:
+        return None
+    where = " in the --reuse-schedule" if strategy == "lh" and schedule else ""
+    return f"needs H <= {MAX_CR_H} (a table of 2^H centroids per chunk), got H={max(bad)}{where}"
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -423,10 +436,11 @@ class ReusePass(Pass):
         "cross_batch": Option(
             0,
             "cluster reuse across batches (CR): the native kernels keep each layer's clusters (one "
-            "centroid per chunk and H-bit code) from a refresh batch and reuse them for the next "
+            "centroid per chunk and H-bit code, shared by the whole batch whatever --reuse-scope) "
+            "from a refresh batch and reuse them for the next "
             "K-1 batches, summing only rows whose code is new (rebuilt sooner when over a quarter of "
             "a batch's rows are new; needs H <= 12); e.g. --reuse-cross-batch 8; 0: off",
-            _cross_batch,
+            check_cross_batch,
             flag="--reuse-cross-batch",
         ),
         "prefilter": Option(
@@ -461,11 +475,9 @@ class ReusePass(Pass):
         L, H = options["L"], options["H"]
         if options["strategy"] == "lh":
             L, H = options["schedule"][0]
-        if options["cross_batch"] >= 2 and max([H] + [int(h) for _, h in options["schedule"]]) > MAX_CR_H:
-            raise AccelcError(
-                f"--reuse-cross-batch needs H <= {MAX_CR_H} (a table of 2^H centroids per chunk), got H={H}"
-                + (f" in the schedule {options['schedule']}" if options["strategy"] == "lh" else "")
-            )
+        why = cross_batch_conflict(options["cross_batch"], options["strategy"], options["H"], options["schedule"])
+        if why:
+            raise AccelcError(f"--reuse-cross-batch {why}")
         settings = layer_settings(
             tg,
             options["layers"],

@@ -130,6 +130,7 @@ def test_prefilter_rules_out_layers_that_cannot_win_without_measuring(art_dir, m
     (d,) = st.logger.take()[1]
     assert "c2: exact (not measured: predicted " in d["why"] and "over 1.5 × the margin" in d["why"]
     assert d["layers"]["c2"]["ruled_out"] and d["layers"]["c2"]["predicted_floor_ms"] > 0
+    assert d["layers"]["c2"]["rule"] == "floor"
     assert a.report()["choice"]["c3"]["why"].startswith("c3: exact (not measured: predicted")
 
     # a cheap reuse is measured as before; prefilter 0 measures whatever the model says
@@ -139,10 +140,23 @@ def test_prefilter_rules_out_layers_that_cannot_win_without_measuring(art_dir, m
         calls.append(list(layers))
         return {k: {"reuse_ms": 1.0, "exact_ms": 3.0, "exact_engine": "onednn", "batch": 8} for k in layers}
 
-    monkeypatch.setattr(P, "profile", lambda: flat_profile(1e-12))
+    cheap = flat_profile(1e-12)  # reuse's phases nearly free, the exact conv not
+    cheap["seconds_per_unit"].update(conv_fwd=1e-9, conv_dx=1e-9, conv_dw=1e-9)
+    monkeypatch.setattr(P, "profile", lambda: cheap)
     a, st = _make(art, fake)
     a.on_train_start(st)
     assert calls == [["c2", "c3"]] and a.chosen == ["c2", "c3"]
+    # cheap without clusters, slow at the expected remain ratio (costly centroid GEMMs): the second rule
+    gemm = flat_profile(1e-12)
+    gemm["seconds_per_unit"].update(gemm=1e-6, conv_fwd=1e-10, conv_dx=1e-10, conv_dw=1e-10)
+    monkeypatch.setattr(P, "profile", lambda: gemm)
+    calls.clear()
+    a, st = _make(art, fake)
+    a.on_train_start(st)
+    assert calls == [] and a.chosen == []
+    rec = a.report()["choice"]["c2"]
+    assert rec["rule"] == "expected" and rec["why"].startswith("c2: exact (not measured: predicted ")
+    assert "ms reused at the expected remain ratio" in rec["why"] and "under 1/(1.5 × margin))" in rec["why"]
     monkeypatch.setattr(P, "profile", lambda: slow_hash)
     calls.clear()
     a, st = _make(art, fake, prefilter=0)

@@ -43,7 +43,7 @@ from ...compiler.errors import AccelcError, show
 from ...runtime.algorithm import Algorithm, register_algorithm
 from . import choice as ch
 from .choice import conv_layer_model  # noqa: F401  (re-exported: benchmarks/reuse_layer.py)
-from .cost import bound_remain, cross_batch, modelled_macs
+from .cost import bound_remain, cross_batch, expected_remain, modelled_macs
 from .rewrite import (
     DEFAULT_RECALIBRATE,
     PASS,
@@ -104,8 +104,11 @@ def _compact(rec: dict) -> dict:
         "error",
         "failed",
         "ruled_out",
+        "rule",
         "predicted_floor_ms",
+        "predicted_reuse_ms",
         "predicted_exact_ms",
+        "expected_remain_ratio",
     )
     return {k: rec[k] for k in keys if k in rec}
 
@@ -291,9 +294,15 @@ class Reuse(Algorithm):
         )
 
     def _ruled_out(self, state, layers: list) -> dict:
-        """layer -> record of the layers the time model rules out before anything is measured:
-        reuse's time with no clusters at all (hashing, sums, gathers, the exact input gradient)
-        is predicted at or over ``prefilter`` × margin × the exact conv's (see :mod:`.predict`).
+        """layer -> record of the layers the time model rules out before anything is measured
+        (see :mod:`.predict`), by either of two rules:
+
+        * ``floor``: reuse's time with no clusters at all (hashing, sums, gathers, the exact input
+          gradient) is predicted at or over ``prefilter`` × margin × the exact conv's;
+        * ``expected``: the predicted speed-up at the expected remain ratio (uniform codes, which
+          overestimates the real one: a pessimistic prediction) is under 1 / (``prefilter`` ×
+          margin), i.e. the layer would have to beat its prediction by the prefilter's factor.
+
         {} when the prefilter is off, on another device than the CPU, or without a profile."""
         factor = self.prefilter
         engine = state.engine
@@ -317,12 +326,19 @@ class Reuse(Algorithm):
         for k in layers:
             cfg = dict(ran.get(k, self.configs[k]), L=settings[k]["L"], H=settings[k]["H"])
             cfg["L"] = int(min(cfg["L"], geom_from_config(cfg).K))
-            p = predict.predict_config(cfg, batch, 0.0, (True, True, True), prof)
-            if predict.hopeless(p, self.margin, factor):
+            r = expected_remain(cfg, batch)
+            p = predict.predict_config(cfg, batch, r, (True, True, True), prof)
+            rule = "floor" if predict.hopeless(p, self.margin, factor) else None
+            if rule is None and p["speedup"] * factor * self.margin < 1.0:
+                rule = "expected"
+            if rule:
                 out[k] = {
                     "ruled_out": True,
+                    "rule": rule,
                     "predicted_floor_ms": p["floor_ms"],
+                    "predicted_reuse_ms": p["reuse_ms"],
                     "predicted_exact_ms": p["exact_ms"],
+                    "expected_remain_ratio": r,
                     "prefilter": factor,
                     "batch": batch,
                     "L": cfg["L"],

@@ -98,6 +98,12 @@ def check_margin(value) -> float:
 def layer_line(layer: str, rec: dict) -> str:
     """``features.3: exact (reuse 21.4 ms vs exact 5.2 ms on oneDNN at remain ratio 0.31, error 0.22)``."""
     verdict = "reuse" if rec.get("chosen") else "exact"
+    if rec.get("ruled_out") and rec.get("rule") == "expected":
+        return (
+            f"{layer}: exact (not measured: predicted {rec['predicted_reuse_ms']:.1f} ms reused at the expected "
+            f"remain ratio {rec['expected_remain_ratio']:.2f} vs exact {rec['predicted_exact_ms']:.1f} ms, "
+            f"{rec['predicted_exact_ms'] / rec['predicted_reuse_ms']:.2f}x, under 1/({rec['prefilter']:g} × margin))"
+        )
     if rec.get("ruled_out"):
         return (
             f"{layer}: exact (not measured: predicted {rec['predicted_floor_ms']:.1f} ms reused even with no "

@@ -129,6 +129,7 @@ def test_prefilter_rules_out_layers_that_cannot_win_without_measuring(art_dir, m
     assert a.chosen == [] and a.describe() == "reuse:off"
     (d,) = st.logger.take()[1]
     assert "c2: exact (not measured: predicted " in d["why"] and "over 1.5 × the margin" in d["why"]
+    assert d["why"].startswith("predicted at L=144, H=8, margin 0.9 (time model, nothing measured): no layer")
     assert d["layers"]["c2"]["ruled_out"] and d["layers"]["c2"]["predicted_floor_ms"] > 0
     assert d["layers"]["c2"]["rule"] == "floor"
     assert a.report()["choice"]["c3"]["why"].startswith("c3: exact (not measured: predicted")

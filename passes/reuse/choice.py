@@ -152,7 +152,12 @@ def judge(measurements: dict, margin: float) -> tuple[list, dict]:
 def summary_line(records: dict, chosen: list, margin: float, setting, note: str = "") -> str:
     """The decision's reason: what was measured, what was chosen, then every layer's line."""
     L, H = setting
-    head = f"measured at L={L}, H={H}{note}, margin {margin:g}: "
+    ruled = sum(1 for r in records.values() if r.get("ruled_out"))
+    if records and ruled == len(records):  # nothing ran: the time model decided every layer
+        head = f"predicted at L={L}, H={H}, margin {margin:g} (time model, nothing measured): "
+    else:
+        head = f"measured at L={L}, H={H}{note}, margin {margin:g}"
+        head += f" ({ruled} of {len(records)} ruled out by the time model first): " if ruled else ": "
     if not records:
         return head + "no layer to measure"
     if chosen:

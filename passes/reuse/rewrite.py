@@ -448,7 +448,8 @@ class ReusePass(Pass):
             "measured choice: a layer is not measured (stays exact) when this machine's time model "
             "predicts that, even with no clusters at all, its reused forward+backward takes at least "
             "prefilter x margin x the exact conv's (hashing, sums, gathers and the exact input "
-            "gradient alone lose); e.g. --reuse-prefilter 2; 0: measure every layer",
+            "gradient alone lose), or a speed-up under 1/(prefilter x margin) at the expected remain "
+            "ratio; e.g. --reuse-prefilter 2; 0: measure every layer",
             check_prefilter,
             flag="--reuse-prefilter",
         ),

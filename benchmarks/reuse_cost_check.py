@@ -68,37 +68,41 @@ def run(repeats: int, settings: list, batch: int = 64) -> dict:
                     at_meas = P.predict_config(cfg, batch, m["remain_ratio"], mask, prof)
                     r_exp = expected_remain(cfg, batch)
                     at_exp = P.predict_config(cfg, batch, r_exp, mask, prof)
-                    rows.append(
-                        {
-                            "workload": name,
-                            "layer": k,
-                            "L": cfg["L"],
-                            "H": H,
-                            "remain_measured": m["remain_ratio"],
-                            "remain_expected": r_exp,
-                            "reuse_ms": m["reuse_ms"],
-                            "onednn_ms": m["onednn_ms"],
-                            "exact_ms": m["exact_ms"],
-                            "exact_engine": m["exact_engine"],
-                            "pred_reuse_ms": at_meas["reuse_ms"],
-                            "pred_exact_ms": at_meas["exact_ms"],
-                            "pred_floor_ms": at_meas["floor_ms"],
-                            "pred_reuse_ms_expected": at_exp["reuse_ms"],
-                            "measured_speedup": m["exact_ms"] / m["reuse_ms"],
-                            "pred_speedup": at_meas["exact_ms"] / at_meas["reuse_ms"],
-                            "pred_speedup_expected": at_exp["exact_ms"] / at_exp["reuse_ms"],
-                            "phases_ms": at_meas["phases_ms"],
-                        }
-                    )
-                    r = rows[-1]
-                    print(
-                        f"{name:14s} {k:16s} L{cfg['L']}H{H} r {r['remain_measured']:.2f} "
-                        f"reuse {r['reuse_ms']:6.1f} pred {r['pred_reuse_ms']:6.1f} | oneDNN {r['onednn_ms']:6.1f} "
-                        f"pred {r['pred_exact_ms']:6.1f} | floor {r['pred_floor_ms']:6.1f}",
-                        flush=True,
-                    )
+                    rows.append(_row(name, k, cfg["L"], H, m, at_meas, at_exp, r_exp))
     rows += micro(repeats, prof)
     return {"profile": prof, "batch": batch, "repeats": repeats, "rows": rows, "summary": summarise(rows)}
+
+
+def _row(workload, layer, L, H, m, at_meas, at_exp, r_exp) -> dict:
+    """One layer setting: the measurement ``m`` (choice.time_layer) against the model at the
+    measured (``at_meas``) and the expected (``at_exp``, remain ``r_exp``) remain ratio; printed."""
+    r = {
+        "workload": workload,
+        "layer": layer,
+        "L": L,
+        "H": H,
+        "remain_measured": m["remain_ratio"],
+        "remain_expected": r_exp,
+        "reuse_ms": m["reuse_ms"],
+        "onednn_ms": m["onednn_ms"],
+        "exact_ms": m["exact_ms"],
+        "exact_engine": m["exact_engine"],
+        "pred_reuse_ms": at_meas["reuse_ms"],
+        "pred_exact_ms": at_meas["exact_ms"],
+        "pred_floor_ms": at_meas["floor_ms"],
+        "pred_reuse_ms_expected": at_exp["reuse_ms"],
+        "measured_speedup": m["exact_ms"] / m["reuse_ms"],
+        "pred_speedup": at_meas["exact_ms"] / at_meas["reuse_ms"],
+        "pred_speedup_expected": at_exp["exact_ms"] / at_exp["reuse_ms"],
+        "phases_ms": at_meas["phases_ms"],
+    }
+    print(
+        f"{workload[:14]:14s} {layer:16s} L{L}H{H} r {r['remain_measured']:.2f} "
+        f"reuse {r['reuse_ms']:6.1f} pred {r['pred_reuse_ms']:6.1f} | oneDNN {r['onednn_ms']:6.1f} "
+        f"pred {r['pred_exact_ms']:6.1f} | floor {r['pred_floor_ms']:6.1f}",
+        flush=True,
+    )
+    return r
 
 
 def micro(repeats: int, prof: dict) -> list:
@@ -128,35 +132,7 @@ def micro(repeats: int, prof: dict) -> list:
         }
         r_exp = expected_remain(cfg, 64)
         pe = P.predict(geom, 64, (32, 32), L, H, grad, r_exp, (True, True, True), prof)
-        rows.append(
-            {
-                "workload": "micro 64→128 32×32",
-                "layer": f"dX {grad}",
-                "L": L,
-                "H": H,
-                "remain_measured": m["remain_ratio"],
-                "remain_expected": r_exp,
-                "reuse_ms": m["reuse_ms"],
-                "onednn_ms": m["onednn_ms"],
-                "exact_ms": m["exact_ms"],
-                "exact_engine": m["exact_engine"],
-                "pred_reuse_ms": p["reuse_ms"],
-                "pred_exact_ms": p["exact_ms"],
-                "pred_floor_ms": p["floor_ms"],
-                "pred_reuse_ms_expected": pe["reuse_ms"],
-                "measured_speedup": m["exact_ms"] / m["reuse_ms"],
-                "pred_speedup": p["exact_ms"] / p["reuse_ms"],
-                "pred_speedup_expected": pe["exact_ms"] / pe["reuse_ms"],
-                "phases_ms": p["phases_ms"],
-            }
-        )
-        r = rows[-1]
-        print(
-            f"micro dX {grad:7s} L{L}H{H} r {r['remain_measured']:.2f} reuse {r['reuse_ms']:6.1f} pred "
-            f"{r['pred_reuse_ms']:6.1f} | oneDNN {r['onednn_ms']:6.1f} pred {r['pred_exact_ms']:6.1f} | "
-            f"floor {r['pred_floor_ms']:6.1f}",
-            flush=True,
-        )
+        rows.append(_row("micro 64→128 32×32", f"dX {grad}", L, H, m, p, pe, r_exp))
     return rows
 
 

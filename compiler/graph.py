@@ -247,3 +247,27 @@ def training_graph(art) -> TrainingGraph:
     """The graph view of an artifact set's training model, with the forward shapes at the
     artifacts' batch size (inferred once per model, cached on its ModelInfo)."""
     return TrainingGraph(art.training, art.info.shapes(int(art.config.get("batch_size", 64))))
+
+
+def pruned(model: onnx.ModelProto, outputs: list) -> onnx.ModelProto:
+    """``model`` cut down to the nodes ``outputs`` need, with exactly those graph outputs (the
+    backward of a training graph falls away; ONNX nodes are in topological order): its inputs and
+    initializers are the ones those nodes read."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    need, keep = set(outputs), []
+    for n in reversed(list(g.node)):
+        if any(o in need for o in n.output if o):
+            keep.append(n)
+            need.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    for values in (g.input, g.initializer):
+        kept = [t for t in values if t.name in need]
+        del values[:]
+        values.extend(kept)
+    del g.output[:]
+    g.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
+    return m

@@ -26,12 +26,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from ..compiler.artifact_dir import load_artifacts
 from ..compiler.artifacts import Artifacts, optimizer_hyperparameters
 from ..compiler.errors import AccelcError, ort_message, show
+from ..compiler.graph import pruned
 from ..compiler.lowering import lower_training_model
 from .config import ExecConfig
 from .engine import ParamUpdate, StepResult
@@ -450,7 +450,7 @@ class TrainingSession:
         outs = list(desc["bn_stats"]) + [b["inv_std"] for b in desc["bn"]]
         st = None
         if desc["bn_stats"]:
-            model = _pruned(lowered, outs)
+            model = pruned(lowered, outs)
             inputs = [i.name for i in model.graph.input if i.name != art.info.input_name]
             missing = [n for n in inputs if n not in self.params]
             if missing:
@@ -520,29 +520,6 @@ class TrainingSession:
 
     def param_arrays(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.params.items()}
-
-
-def _pruned(model: onnx.ModelProto, outputs: list) -> onnx.ModelProto:
-    """``model`` cut down to the nodes ``outputs`` need, with exactly those graph outputs (the
-    backward of a training graph falls away; ONNX nodes are in topological order)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    need, keep = set(outputs), []
-    for n in reversed(list(g.node)):
-        if any(o in need for o in n.output if o):
-            keep.append(n)
-            need.update(i for i in n.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    for field in (g.input, g.initializer):
-        kept = [t for t in field if t.name in need]
-        del field[:]
-        field.extend(kept)
-    del g.output[:]
-    g.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
-    return m
 
 
 def _np_dtype(t: torch.Tensor):

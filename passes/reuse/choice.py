@@ -34,6 +34,7 @@ import onnx
 from onnx import TensorProto as T
 from onnx import helper as h
 
+from ...compiler.graph import pruned
 from .spec import ConvGeom, ReuseSpec, make_planes
 
 MODES = ("measured", "all")
@@ -49,16 +50,7 @@ MAX_PREFILTER = 100.0
 def check_prefilter(value) -> float:
     """A ``prefilter``: 0 (off) or a number in [1, MAX_PREFILTER] (CLI text or a Python number)."""
     reason = f"must be 0 (off) or a number in [1, {MAX_PREFILTER:g}]"
-    if isinstance(value, bool):
-        raise TypeError(reason)
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(reason) from None
-    if not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(reason)
-    v = float(value)
+    v = parse_number(value, reason)
     if not (math.isfinite(v) and (v == 0 or 1 <= v <= MAX_PREFILTER)):
         raise ValueError(reason)
     return v
@@ -76,19 +68,30 @@ def check_mode(value) -> str:
     return value
 
 
-def check_margin(value) -> float:
-    """A ``margin``: a number in (0, MAX_MARGIN] (CLI text or a Python number)."""
-    reason = f"must be a number in (0, {MAX_MARGIN:g}]"
+def parse_number(value, reason: str, integer: bool = False):
+    """A number from CLI text or a Python number (what the options and plan.json fields share):
+    a bool or another type raises TypeError(reason), text that is no number or (``integer``) a
+    number with a fraction ValueError(reason). The range is the caller's."""
     if isinstance(value, bool):
         raise TypeError(reason)
     if isinstance(value, str):
         try:
-            value = float(value.strip())
+            value = (int if integer else float)(value.strip())
         except ValueError:
             raise ValueError(reason) from None
     if not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(reason)
-    v = float(value)
+    if not integer:
+        return float(value)
+    if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
+        raise ValueError(reason)
+    return int(value)
+
+
+def check_margin(value) -> float:
+    """A ``margin``: a number in (0, MAX_MARGIN] (CLI text or a Python number)."""
+    reason = f"must be a number in (0, {MAX_MARGIN:g}]"
+    v = parse_number(value, reason)
     if not (math.isfinite(v) and 0 < v <= MAX_MARGIN):
         raise ValueError(reason)
     return v
@@ -223,33 +226,6 @@ def reuse_function_model(layer: str, geom: ConvGeom, spec: ReuseSpec, in_hw, bac
         functions=[fwd] + ([bwd] if backward else []),
     )
     m.ir_version = IR_VERSION
-    return m
-
-
-def pruned(model: onnx.ModelProto, outputs: list) -> onnx.ModelProto:
-    """``model`` cut down to the nodes ``outputs`` need, with exactly those graph outputs (the
-    backward of a training graph falls away; nodes are in topological order in ONNX)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    need = set(outputs)
-    keep = []
-    for n in reversed(list(g.node)):
-        if any(o in need for o in n.output if o):
-            keep.append(n)
-            need.update(i for i in n.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    ins = [i for i in g.input if i.name in need]
-    del g.input[:]
-    g.input.extend(ins)
-    inits = [t for t in g.initializer if t.name in need]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    del g.output[:]
-    for name in outputs:
-        g.output.append(h.make_empty_tensor_value_info(name))
     return m
 
 

@@ -39,7 +39,7 @@ from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError
 from ...compiler.graph import TrainingGraph, training_graph
 from ...compiler.pass_api import Option, Pass, PassResult, choice, fraction, int_at_least, integer, name_list, register
-from .choice import DEFAULT_PREFILTER, check_margin, check_prefilter
+from .choice import DEFAULT_PREFILTER, check_margin, check_prefilter, parse_number
 from .choice import MODES as CHOOSE
 from .onnx_form import build_reuse_functions
 from .spec import CONFIG_KEY, DOMAIN, FORWARD_PREFIX, ORIGINAL_KEY, ConvGeom, ReuseSpec, make_planes
@@ -82,18 +82,10 @@ MAX_RECALIBRATE = 100_000
 def check_recalibrate(value) -> int:
     """A ``recalibrate`` value: batches, an integer in 0..MAX_RECALIBRATE (0: off)."""
     reason = f"must be an integer in 0..{MAX_RECALIBRATE} (batches; 0 turns it off)"
-    if isinstance(value, bool):
-        raise TypeError(reason)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError(reason) from None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= MAX_RECALIBRATE:
-        raise (ValueError if isinstance(value, (int, float, np.number)) else TypeError)(reason)
-    return int(value)
+    v = parse_number(value, reason, integer=True)
+    if not 0 <= v <= MAX_RECALIBRATE:
+        raise ValueError(reason)
+    return v
 
 
 MAX_CR_H = 12  # cross.MAX_H, without importing torch at compile time
@@ -101,21 +93,12 @@ MAX_CROSS_BATCH = 1_000_000
 
 
 def check_cross_batch(value) -> int:
+    """A ``cross_batch`` value: 0 (off) or the batches K a cluster table serves, 2..MAX_CROSS_BATCH."""
     reason = f"must be 0 (off) or an integer in 2..{MAX_CROSS_BATCH}"
-    if isinstance(value, bool):
-        raise TypeError(reason)
-    if isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError(reason) from None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, (int, np.integer)):
-        raise TypeError(reason)
-    if not (int(value) == 0 or 2 <= int(value) <= MAX_CROSS_BATCH):
+    v = parse_number(value, reason, integer=True)
+    if not (v == 0 or 2 <= v <= MAX_CROSS_BATCH):
         raise ValueError(reason)
-    return int(value)
+    return v
 
 
 def cross_batch_conflict(cross_batch, strategy: str, H, schedule) -> str | None:

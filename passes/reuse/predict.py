@@ -153,20 +153,20 @@ def _probe_once() -> dict:
             for k, v in seconds.items():
                 samples.setdefault(k, []).append(v)
     # the fastest round: a probe that shares the cores with another process is slowed, never sped up
-    med = {k: float(np.min(v)) for k, v in samples.items()}
+    best = {k: float(np.min(v)) for k, v in samples.items()}
     # the units the probe ran, phase by phase (as :func:`units` counts them)
     reuse_u, exact_u = units(geom, p["N"], (p["HW"], p["HW"]), p["L"], p["H"], "exact", remains["exact"])
     rows_units = units(geom, p["N"], (p["HW"], p["HW"]), rows_spec.L, p["H"], "exact", 0.0, None)[0]["hash_rows"]
     cl_units = units(geom, p["N"], (p["HW"], p["HW"]), p["L"], p["H"], "cluster", remains["cluster"])[0]["scatter_dx"]
-    per = {k: med[k] / reuse_u[k] for k in reuse_u if reuse_u[k] > 0 and k in med}
-    per["hash_rows"] = med["hash_rows"] / rows_units
-    per["scatter_dx"] = med["scatter_dx"] / cl_units
-    per.update({k: med[k] / exact_u[k] for k in ("conv_fwd", "conv_dx", "conv_dw")})
+    per = {k: best[k] / reuse_u[k] for k in reuse_u if reuse_u[k] > 0 and k in best}
+    per["hash_rows"] = best["hash_rows"] / rows_units
+    per["scatter_dx"] = best["scatter_dx"] / cl_units
+    per.update({k: best[k] / exact_u[k] for k in ("conv_fwd", "conv_dx", "conv_dw")})
     per.update(_overheads(per))
     return {
         "seconds_per_unit": per,
         "probe": dict(PROBE, remain_ratio=round(remains["exact"], 4), threads=torch.get_num_threads()),
-        "probe_ms": {k: round(v * 1e3, 3) for k, v in med.items()},
+        "probe_ms": {k: round(v * 1e3, 3) for k, v in best.items()},
     }
 
 

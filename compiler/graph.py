@@ -220,7 +220,7 @@ class TrainingGraph:
     def tag(self, node_name: str, pass_name: str, layer: str, note: str, **extra: str) -> None:
         """Mark a node added or changed by a pass; shown by Netron as node properties."""
         new = provenance.record(pass_name, layer, note, **extra)
-        keep = {k: v for k, v in self.tags.get(node_name, {}).items() if k in provenance.KEEP_ON_RETAG and k not in new}
+        keep = provenance.kept_on_retag(self.tags.get(node_name, {}), new)
         self.tags[node_name] = {**new, **keep}
 
     # ------------------------------------------------------------------ export

@@ -11,7 +11,15 @@ PASS = "accelc.pass"  # which pass made or changed it
 LAYER = "accelc.layer"  # the layer it belongs to
 NOTE = "accelc.note"  # one sentence on what it does
 EXEC = "accelc.exec"  # an execution hint for accelc's runtime (e.g. which kernel engine runs it)
-KEEP_ON_RETAG = (EXEC,)  # keys a later pass's tag does not erase
+DESCRIPTIVE = (PASS, LAYER, NOTE)  # what a later pass's tag replaces; every other key (how the
+# runtime runs the node: EXEC and the keys of the pass that set it, e.g. amp's role) is kept
+
+
+def kept_on_retag(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """The keys of a node's ``old`` record that a new tag (``new``) keeps: its run-time settings.
+    (A pass that only trims a node, e.g. skip removing a ConvGrad's unread outputs, must not turn
+    off the kernel an earlier pass chose for it.)"""
+    return {k: v for k, v in old.items() if k not in DESCRIPTIVE and k not in new}
 
 
 def props(obj) -> dict[str, str]:
@@ -34,9 +42,9 @@ def tag(obj, pass_name: str, layer: str | None = None, note: str | None = None, 
     """Write (or overwrite) the provenance of an ONNX ``NodeProto`` or ``TensorProto`` in place.
 
     ``extra`` keys are full metadata keys (e.g. ``{"accelc.<pass>.config": ...}``); pass them as
-    ``**{"key": value}``. Keys in :data:`KEEP_ON_RETAG` already present are kept."""
+    ``**{"key": value}``. Keys other than :data:`DESCRIPTIVE` already present are kept."""
     new = record(pass_name, layer, note, **extra)
-    merged = {k: v for k, v in props(obj).items() if k in KEEP_ON_RETAG and k not in new}
+    merged = kept_on_retag(props(obj), new)
     merged.update(new)
     write(obj, merged)
 

@@ -191,3 +191,14 @@ def test_pass_lists():
     ):
         with pytest.raises(AccelcError, match=needle):
             parse_pass_list(bad)
+
+
+def test_a_later_tag_keeps_the_run_time_settings_of_a_node():
+    """skip trimming a ConvGrad that amp marked for its bf16 kernel must not hand it back to ORT
+    (seen on a CPU with native bf16: ORT got bf16 inputs)."""
+    n = helper.make_node("ConvGrad", ["dy", "x", "w"], ["", "dw"], name="c_Grad/ConvGrad_0")
+    provenance.tag(n, "amp", "c", "bf16 on oneDNN", **{provenance.EXEC: "amp", "accelc.amp.role": "conv_grad"})
+    provenance.tag(n, "skip", "c", "skip: unneeded gradient outputs removed")
+    p = provenance.props(n)
+    assert p[provenance.PASS] == "skip" and p[provenance.NOTE].startswith("skip")
+    assert p[provenance.EXEC] == "amp" and p["accelc.amp.role"] == "conv_grad"

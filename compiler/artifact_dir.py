@@ -169,8 +169,7 @@ def _load(d: Path, real: Path, depth: int) -> tuple[Artifacts, dict]:
             raise AccelcError(msg if str(d / f) in msg else f"'{show(d / f)}': {msg}") from None
     for f in MODELS:
         _check_wiring(models[f], d / f)
-    ckpt_path = _inside(d, real, "checkpoint")
-    checkpoint = _read_bytes(ckpt_path, d / "checkpoint")
+    checkpoint = _CheckpointFile(d, real, hashes["checkpoint"])
     plan = []
     if os.path.lexists(d / "plan.json"):
         plan = _read_json(d, real, "plan.json", schemas.plan_schema())["controllers"]
@@ -190,6 +189,22 @@ def _load(d: Path, real: Path, depth: int) -> tuple[Artifacts, dict]:
         if stage and stage not in art.stages:
             art.stages[stage] = _load_stage(d, real, stage, depth)
     return art, report
+
+
+class _CheckpointFile:
+    """Reads a loaded directory's checkpoint when it is used (it is as large as the model): each
+    read is checked against report.json's hash again, so a file changed since loading is refused,
+    never used."""
+
+    def __init__(self, d: Path, real: Path, sha256: str):
+        self.d, self.real, self.sha256 = d, real, sha256
+
+    def __call__(self) -> bytes:
+        shown = self.d / "checkpoint"
+        data = _read_bytes(_inside(self.d, self.real, "checkpoint"), shown)
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise AccelcError(f"'{show(shown)}' was changed after the artifacts were loaded; recompile")
+        return data
 
 
 def _check_wiring(model, shown: Path) -> None:

@@ -31,6 +31,7 @@ import onnx
 
 from .errors import AccelcError, ort_message
 from .model import ModelInfo
+from .ort_training import import_ort_training
 
 MAX_IR_VERSION = 10
 LOSSES = ("cross_entropy",)
@@ -52,6 +53,11 @@ class Artifacts:
     plan: list = field(default_factory=list)  # runtime controllers the passes ask for (plan.json)
     stages: dict = field(default_factory=dict)  # subdirectory -> Artifacts (e.g. a low-resolution stage)
 
+    def checkpoint_source(self):
+        """What :attr:`checkpoint` reads: the bytes, or the callable that reads them from disk
+        (artifacts loaded from a directory). Copies share it without reading the file."""
+        return self.__dict__["_checkpoint"]
+
     def copy(self) -> "Artifacts":
         def cp(m):
             c = onnx.ModelProto()
@@ -62,13 +68,27 @@ class Artifacts:
             cp(self.training),
             cp(self.eval),
             cp(self.optimizer),
-            self.checkpoint,
+            self.checkpoint_source(),
             self.info,
             dict(self.config),
             dict(self.extra_files),
             [dict(p) for p in self.plan],
             dict(self.stages),
         )
+
+
+def _get_checkpoint(self) -> bytes:
+    c = self.__dict__["_checkpoint"]
+    return c() if callable(c) else c
+
+
+def _set_checkpoint(self, value) -> None:
+    self.__dict__["_checkpoint"] = value
+
+
+# The checkpoint (every parameter's initial value: the size of the model) is read when used, not
+# held for as long as the artifacts are: a loader may set a callable that reads it from disk.
+Artifacts.checkpoint = property(_get_checkpoint, _set_checkpoint, doc="The ORT checkpoint's bytes.")
 
 
 def fix_ir_version(model: onnx.ModelProto) -> bool:
@@ -98,6 +118,7 @@ def fix_eval_batchnorm(model: onnx.ModelProto) -> list[str]:
 
 
 def _ort_loss(loss: str):
+    import_ort_training()
     from onnxruntime.training import artifacts as ort_artifacts  # heavy: ORT Training imports torch
 
     if loss == "cross_entropy":
@@ -106,6 +127,7 @@ def _ort_loss(loss: str):
 
 
 def _ort_optimizer(name: str):
+    import_ort_training()
     from onnxruntime.training import artifacts as ort_artifacts  # heavy: ORT Training imports torch
 
     table = {"adamw": ort_artifacts.OptimType.AdamW, "sgd": ort_artifacts.OptimType.SGD}
@@ -135,6 +157,8 @@ def quiet_native_stderr():
 def ort_generate(info: ModelInfo, directory: Path, loss: str = "cross_entropy", optimizer: str = "adamw") -> None:
     """Plain ``generate_artifacts`` exactly as an ORT user would call it (no fix-ups)."""
     import onnxruntime as ort  # heavy: loaded when artifacts are generated
+
+    import_ort_training()
     from onnxruntime.training import artifacts as ort_artifacts  # heavy: ORT Training imports torch
 
     ort.set_default_logger_severity(3)

@@ -268,10 +268,16 @@ def step_memory_bytes(info: ModelInfo, batch: int) -> int:
     allocated): every forward activation is kept for the backward pass and gets a gradient of its
     own size (2x the activations, the input batch included), and each parameter has its value, its
     gradient and two AdamW moments (4x the parameters). Tensors whose shape is unknown count 0."""
-    inits = {t.name: t for t in info.model.graph.initializer}
+    inits = info.model.graph.initializer
+    params = sum(int(np.prod(list(t.dims), dtype=object)) for t in inits)
+    return activation_bytes(info, batch) + FLOAT_BYTES * 4 * params
+
+
+def activation_bytes(info: ModelInfo, batch: int) -> int:
+    """The activations part of :func:`step_memory_bytes`: every forward tensor and its gradient."""
+    inits = {t.name for t in info.model.graph.initializer}
     acts = sum(int(np.prod(shape, dtype=object)) for name, shape in info.shapes(batch).items() if name not in inits)
-    params = sum(int(np.prod(list(t.dims), dtype=object)) for t in inits.values())
-    return FLOAT_BYTES * (2 * acts + 4 * params)
+    return FLOAT_BYTES * 2 * acts
 
 
 def check_step_memory(info: ModelInfo, batch: int, limit_gb: float | None = None, what: str = "training") -> int:

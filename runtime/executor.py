@@ -119,7 +119,9 @@ class SegmentedRunner:
                 sm.ir_version = model.ir_version
                 sess = ort.InferenceSession(sm.SerializeToString(), session_options, providers=ort_providers)
                 bools = {o for o in outs if o in typed and typed[o].tensor_type.elem_type == onnx.TensorProto.BOOL}
-                self.segments.append({"session": sess, "inputs": needed, "outputs": outs, "bool": bools})
+                self.segments.append(
+                    {"session": sess, "inputs": needed, "outputs": outs, "bool": bools, "out_shapes": {}}
+                )
                 self.order.append(("seg", len(self.segments) - 1))
             for k in kernel_after.get(lv, []):
                 self.order.append(("kernel", self.kernels[k]))
@@ -147,9 +149,10 @@ class SegmentedRunner:
         return dict(free)
 
     def run(
-        self, feeds: dict, bound: dict | None = None, env_out: dict | None = None, on_ready=None
+        self, feeds: dict, bound: dict | None = None, env_out: dict | None = None, on_ready=None, run_options=None
     ) -> tuple[dict, dict]:
         """feeds: name -> torch tensor (CPU). bound: output name -> preallocated tensor.
+        ``run_options``: ORT's, for every segment (e.g. :func:`accelc.runtime.session.run_options`).
 
         Returns (graph outputs, per-kernel statistics of this step). ``env_out``, when given,
         receives every tensor of the step (for debugging and node-level checks). ``on_ready``,
@@ -161,7 +164,7 @@ class SegmentedRunner:
         stats = {}
         for idx, (kind, item) in enumerate(self.order):
             if kind == "seg":
-                self._run_segment(self.segments[item], env, bound)
+                self._run_segment(self.segments[item], env, bound, run_options)
             else:
                 t0 = time.perf_counter()
                 st = item.run(env, bound)
@@ -180,30 +183,56 @@ class SegmentedRunner:
                     env.pop(name, None)
         return {o: env[o] for o in self.graph_outputs}, stats
 
-    @staticmethod
-    def _run_segment(seg: dict, env: dict, bound: dict) -> None:
+    def _run_segment(self, seg: dict, env: dict, bound: dict, run_options=None) -> None:
+        """One ORT segment. Its outputs are torch tensors: after the first run with inputs of
+        these shapes, torch allocates them and ORT writes into them, so a tensor that outlives the
+        segment is freed (and handed back to the system) when the step drops it. Only what ORT
+        needs inside a segment stays in ORT's arena, which ``run_options`` may shrink after
+        each run. (Outputs ORT allocated would hold their arena chunks, and the arena its high-water
+        mark, beside torch's own tensors: measured 7.0 GB against 5.1 GB peak, torchvision
+        VGG11-BN 224x224 batch 32.)"""
         sess = seg["session"]
         io = sess.io_binding()
+        key = []
         for name in seg["inputs"]:
             t = env[name]
             if not t.is_contiguous():
                 t = env[name] = t.contiguous()
+            key.append(tuple(t.shape))
             io.bind_input(name, "cpu", 0, _np(t.dtype), tuple(t.shape), t.data_ptr())
+        key = tuple(key)
+        known = seg["out_shapes"].get(key)  # None: not seen yet, or outputs whose shapes vary
+        made = {}
         for name in seg["outputs"]:
             b = bound.get(name)
+            if b is None and known is not None:
+                b = made[name] = torch.empty(known[name][0], dtype=known[name][1])
             if b is not None:
                 io.bind_output(name, "cpu", 0, _np(b.dtype), tuple(b.shape), b.data_ptr())
             else:
                 io.bind_output(name, "cpu")
-        sess.run_with_iobinding(io)
+        try:
+            sess.run_with_iobinding(io, run_options)
+        except Exception:
+            if not made:
+                raise
+            # an output's shape depends on the data, not only on the input shapes: ORT allocates
+            # this segment's outputs from now on
+            seg["out_shapes"][key] = None
+            seg["dynamic"] = True
+            return self._run_segment(seg, env, bound, run_options)
+        shapes = {}
         for name, v in zip(seg["outputs"], io._iobinding.get_outputs()):
-            if name in bound:
-                env[name] = bound[name]
+            if name in bound or name in made:
+                env[name] = bound[name] if name in bound else made[name]
                 continue
             t = torch.utils.dlpack.from_dlpack(v.to_dlpack())
             if name in seg["bool"] and t.dtype == torch.uint8:  # ORT hands bool over as uint8
                 t = t.view(torch.bool)
             env[name] = t
+            shapes[name] = (tuple(t.shape), t.dtype)
+        if known is None and not seg.get("dynamic") and len(seg["out_shapes"]) < 16:
+            seg["out_shapes"][key] = shapes
 
 
 def _value_types(model: onnx.ModelProto, boundary: set) -> dict:

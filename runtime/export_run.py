@@ -38,6 +38,7 @@ from onnx import numpy_helper
 from ..compiler.artifact_dir import load_artifacts
 from ..compiler.errors import AccelcError, ort_message, show
 from ..compiler.fileio import atomic_write_bytes, recover
+from ..compiler.ort_training import import_ort_training
 from . import checkpoint as ckpt
 
 LABELS = "labels"
@@ -264,6 +265,7 @@ def _check_model(model: onnx.ModelProto, info) -> bytes:
 def ort_checkpoint_bytes(art, arrays: dict, epoch: int, variant: str, run_dir: Path) -> tuple[bytes, int]:
     """The artifacts' ORT CheckpointState with the run's values (every parameter it holds,
     trainable or frozen); returns (bytes, number of parameters)."""
+    import_ort_training()
     from onnxruntime.training import api  # heavy: ORT Training
     from onnxruntime.training.onnxblock.checkpoint_utils import save_checkpoint
 

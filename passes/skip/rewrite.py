@@ -35,6 +35,7 @@ from ...compiler.artifacts import Artifacts, quiet_native_stderr
 from ...compiler.cost import gflops, graph_costs
 from ...compiler.errors import AccelcError, show
 from ...compiler.graph import ACC_OUT_SUFFIX, BUFFER_SUFFIX, GRAD_SUFFIX, TrainingGraph, training_graph
+from ...compiler.ort_training import import_ort_training
 from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least, name_list, positive_float, register
 from ...compiler.validation import seed_random_ops
 
@@ -150,6 +151,7 @@ def prune(tg: TrainingGraph, skip: list[str]) -> tuple[list[dict], list[str]]:
 
 def freeze_in_checkpoint(checkpoint: bytes, frozen: list[str]) -> bytes:
     """Rewrite an ORT checkpoint so ``frozen`` parameters have requires_grad = False."""
+    import_ort_training()
     from onnxruntime.training import api, onnxblock  # heavy: ORT Training
 
     with tempfile.TemporaryDirectory() as d:

@@ -4,8 +4,9 @@ For every model (random weights, 10 classes, a small input): export in training 
 with the default passes and with each of skip, reuse and rescale, compare loss and gradients with
 torch autograd on one batch (float32, and float64 to judge where float32 itself is
 ill-conditioned), train a few steps in accelc's runtime in lockstep with torch eager (same
-weights, data and AdamW), and check that every parameter torch trains is trained. Dropout is set
-to 0 before export (its masks cannot match torch's); tests/test_models.py covers active dropout.
+weights, data and AdamW), and check that every parameter torch trains is trained. Dropout and
+stochastic depth are set to 0 before export (their random masks cannot match torch's);
+tests/test_models.py covers them active.
 
 Each model runs in a subprocess of its own (a native crash is one row, not the end of the run;
 peak memory is the model's own). Writes a JSON file and a markdown table.
@@ -82,7 +83,7 @@ def build(lib: str, name: str):
 
         module = timm.create_model(name, pretrained=False, num_classes=10)
     for m in module.modules():  # dropout masks cannot match torch's: compare without them
-        if isinstance(m, torch.nn.Dropout):
+        if isinstance(m, torch.nn.Dropout) or type(m).__name__ == "StochasticDepth":  # torchvision's
             m.p = 0.0
         if hasattr(m, "drop_rate"):
             m.drop_rate = 0.0
@@ -113,12 +114,15 @@ def _rel(a, b, floor: float) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), floor, 1e-30))
 
 
-def _torch_grads(module, x, y, dtype):
+def _torch_grads(module, x, y, dtype, channels_last: bool = False):
     import torch
     import torch.nn.functional as F
 
     m = copy.deepcopy(module).to(dtype)
-    loss = F.cross_entropy(m(torch.from_numpy(x).to(dtype)), torch.from_numpy(y))
+    xt = torch.from_numpy(x).to(dtype)
+    if channels_last:  # another valid order of float32's sums
+        m, xt = m.to(memory_format=torch.channels_last), xt.contiguous(memory_format=torch.channels_last)
+    loss = F.cross_entropy(m(xt), torch.from_numpy(y))
     loss.backward()
     return float(loss), {k: p.grad.numpy() for k, p in m.named_parameters() if p.grad is not None}
 
@@ -173,16 +177,27 @@ def run_model(lib: str, name: str, size: int, work: Path) -> dict:
             def gradients():
                 loss, grads, _ = TrainingSession(art).compute_gradients(x, y)
                 tl32, t32 = _torch_grads(module, x, y, torch.float32)
+                _, t32cl = _torch_grads(module, x, y, torch.float32, channels_last=True)
                 _, t64 = _torch_grads(module, x, y, torch.float64)
                 common = [k for k in t32 if k in grads]
                 floor = 1e-4 * max(np.linalg.norm(t64[k]) for k in common)
-                return {
+                ours64 = max(_rel(grads[k], t64[k], floor) for k in common)
+                torch64 = max(_rel(t[k], t64[k], floor) for t in (t32, t32cl) for k in common)
+                out = {
                     "loss_diff": abs(loss - tl32),
                     "max_rel_err_vs_torch32": max(_rel(grads[k], t32[k], floor) for k in common),
-                    "max_rel_err_vs_float64": max(_rel(grads[k], t64[k], floor) for k in common),
-                    "torch32_vs_float64": max(_rel(t32[k], t64[k], floor) for k in common),
+                    "max_rel_err_vs_float64": ours64,
+                    "torch32_vs_float64": torch64,  # the worse of torch's two float32 orders
+                    "torch32_orders": max(_rel(t32cl[k], t32[k], floor) for k in common),
                     "off": sorted(off_gradients({k: grads[k] for k in common}, t32, {k: t64[k] for k in common})),
                 }
+                # float32 itself cannot decide when torch's own two orders disagree (a ReLU6 or
+                # ReLU input within rounding of its kink flips a mask, and every gradient before it
+                # follows): then ours is judged by the model-level error against float64
+                out["ill_conditioned"] = out["torch32_orders"] > 1e-3
+                if out["off"] and out["ill_conditioned"] and ours64 <= 2 * torch64:
+                    out["off_within_float32"], out["off"] = out["off"], []
+                return out
 
             row["gradients"] = _outcome(gradients)
 
@@ -240,15 +255,17 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "# Model coverage: torchvision and timm CNNs through accelc",
         "",
         f"`python benchmarks/model_coverage.py` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
-        f"{seconds / 60:.1f} min. Random weights, 10 classes, batch {BATCH}, dropout 0. Gradients: accelc's "
+        f"{seconds / 60:.1f} min. Random weights, 10 classes, batch {BATCH}, dropout and stochastic depth 0. Gradients: accelc's "
         f"default compile against torch autograd on the same weights and batch (max relative error over "
         f"parameters, against float32 and float64, norms below 1e-4 of the largest gradient's counted from that "
         f"floor; 'judged ok': every gradient within 1e-4 of torch float32, "
-        f"or no further from float64 than twice torch float32's own error). Lockstep: {STEPS} AdamW steps "
+        f"or no further from float64 than twice torch float32's own error; where torch's own float32 in "
+        f"two orders (contiguous, channels-last) differs by over 1e-3, float32 cannot decide and the "
+        f"model's largest error against float64 is judged, against twice the worse torch order's). Lockstep: {STEPS} AdamW steps "
         f"in accelc's runtime and torch eager, largest loss difference. Passes: compile, then two "
         f"training steps of every variant (and stage) in accelc's runtime.",
         "",
-        "| model | input | params | export | compile | gradients (vs f32 / vs f64 / torch f32 vs f64) | judged | "
+        "| model | input | params | export | compile | gradients (vs f32 / vs f64 / torch f32 vs f64, worse order) | judged | "
         "lockstep max Δloss | frozen silently | skip | reuse | rescale | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -264,6 +281,8 @@ def markdown(rows: list[dict], seconds: float) -> str:
                 f"{gd['torch32_vs_float64']:.1e}"
             )
             judged = "ok" if not gd["off"] else f"off: {', '.join(gd['off'][:3])}"
+            if gd.get("off_within_float32"):
+                judged = f"ok: float32 ill-conditioned (torch's own orders differ by {gd['torch32_orders']:.1e})"
         else:
             gtxt, judged = cell(g), "—"
         ls = r.get("lockstep")

@@ -440,6 +440,7 @@ class RescalePass(Pass):
         except Exception as e:
             where = re.search(r"node name: ([^)]+)\): .*?(Dimension mismatch[^.\n]*|[A-Z][^.\n]*)", str(e))
             detail = f"{where.group(1)}: {where.group(2)}" if where else str(e).splitlines()[0][:160]
+            detail = re.sub(r"\b[A-Za-z]+Error\] ", "", detail)  # onnx's error class, not the reason
             raise AccelcError(
                 f"cannot rescale: at 1/{s} resolution the shapes do not fit ({detail}); a layer sized for the full "
                 f"resolution (an exported adaptive pool, a fixed reshape) cannot follow the smaller feature map"

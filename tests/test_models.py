@@ -5,6 +5,7 @@ where float32 is ill-conditioned)."""
 import copy
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -100,6 +101,32 @@ def test_active_dropout_does_not_fail_the_self_checks(tmp_path):
         opts = {"skip": {"layers": "sq"}} if passes else None
         rep = accelc.compile(path, tmp_path / f"art{len(passes)}", passes=passes, pass_options=opts)
         assert all("self_check" in p["validation"] for p in rep["passes"])
+
+
+def test_stochastic_depth_in_training_mode_compiles_and_trains(tmp_path):
+    """timm's DropPath / torchvision's StochasticDepth export RandomUniformLike (no gradient needed:
+    it reads only a shape), which ORT trains; the self-checks seed it alike on both sides."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = F.relu(self.c1(x))
+            keep = (torch.rand_like(h[:, :1, :1, :1]) + 0.8).floor()  # DropPath, p = 0.2
+            h = h + F.relu(self.c2(h)) * keep / 0.8
+            return self.fc(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    path = _export(Block().train(), tmp_path)
+    assert any(n.op_type == "RandomUniformLike" for n in onnx.load(path).graph.node)
+    rep = accelc.compile(path, tmp_path / "art", passes=["skip"], pass_options={"skip": {"layers": "c1"}})
+    assert all("self_check" in p["validation"] for p in rep["passes"])
+    sess = TrainingSession(tmp_path / "art")
+    x, y = _batch()
+    assert all(np.isfinite(sess.train_step(x, y).loss) for _ in range(2))
 
 
 def test_hardswish_hardsigmoid_layernorm_gelu_and_layer_scale(tmp_path):

@@ -21,6 +21,7 @@ A variant swap replaces only the ORT session; parameters and optimizer state sta
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from pathlib import Path
@@ -452,12 +453,17 @@ class TrainingSession:
         computes). Each batch moves the statistics as a training step (and :meth:`batchnorm_step`
         on that variant) moves them: momentum, torch's unbiased variance. Parameters, gradients,
         optimizer state and the current variant do not change. Returns the batches run, or None
-        when the graph has no BatchNorm running statistics."""
+        when the graph has no BatchNorm running statistics. With no batches (a data-parallel rank
+        that receives rank 0's statistics) nothing is built."""
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return 0 if self._has_bn_stats(artifacts) else None
         st = self._stats_runner(artifacts)
         if st is None:
             return None
         n = 0
-        for x, _ in batches:
+        for x, _ in itertools.chain([first], batches):
             xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
             feeds = {artifacts.info.input_name: xt, **{p: self.params[p] for p in st["inputs"]}}
             if st["runner"] is not None:
@@ -476,6 +482,11 @@ class TrainingSession:
             self._write_bn_stats(len(xt), st["desc"], st["bn_buf"], st["inv_std"], st["spatial"])
             n += 1
         return n
+
+    def _has_bn_stats(self, art: Artifacts) -> bool:
+        if self._stats_of is not None and self._stats_of[0] is art:
+            return self._stats_of[1] is not None
+        return bool(lower_training_model(art.training, art.info.output_name)[1]["bn_stats"])
 
     def _stats_runner(self, art: Artifacts) -> dict | None:
         """The forward that computes ``art``'s BatchNorm statistics (built once per variant)."""

@@ -288,3 +288,15 @@ def test_two_ranks_log_it_and_agree(bn_art, tmp_path):
     (rec,) = [x for x in m["decisions"] if x["action"] == "recalibrate"]
     assert rec["batches"] == DEFAULT_RECALIBRATE and rec["images"] == DEFAULT_RECALIBRATE * 16
     assert m["ranks_agree"] and s["distributed"]["world_size"] == 2
+
+
+def test_a_rank_without_batches_builds_nothing(bn_art):
+    """Ranks other than 0 receive rank 0's statistics: they say whether there is anything to
+    recalibrate (0 batches, or None without BatchNorm) without building the statistics graph."""
+    sess = TrainingSession(bn_art / "art", ExecConfig(threads=1))
+    exact = sess.artifacts
+    assert sess.recalibrate_batchnorm(exact, iter(())) == 0
+    assert sess._stats_of is None  # nothing built
+    x = np.zeros((BATCH, *exact.info.input_shape), np.float32)
+    assert sess.recalibrate_batchnorm(exact, [(x, None)]) == 1 and sess._stats_of is not None
+    assert sess.recalibrate_batchnorm(exact, []) == 0

@@ -181,35 +181,38 @@ def run_model(lib: str, name: str, size: int, work: Path) -> dict:
                 _, t64 = _torch_grads(module, x, y, torch.float64)
                 common = [k for k in t32 if k in grads]
                 floor = 1e-4 * max(np.linalg.norm(t64[k]) for k in common)
-                ours64 = max(_rel(grads[k], t64[k], floor) for k in common)
-                torch64 = max(_rel(t[k], t64[k], floor) for t in (t32, t32cl) for k in common)
-                out = {
+                ours = {k: grads[k] for k in common}
+                ref64 = {k: t64[k] for k in common}
+                # each parameter is judged against both of torch's float32 orders: a ReLU6 or ReLU
+                # input within rounding of its kink flips a mask in one order and not in another,
+                # and every gradient before it follows; off only where off against both
+                off_each = [set(off_gradients(ours, t, ref64)) for t in (t32, t32cl)]
+                return {
                     "loss_diff": abs(loss - tl32),
                     "max_rel_err_vs_torch32": max(_rel(grads[k], t32[k], floor) for k in common),
-                    "max_rel_err_vs_float64": ours64,
-                    "torch32_vs_float64": torch64,  # the worse of torch's two float32 orders
+                    "max_rel_err_vs_float64": max(_rel(grads[k], t64[k], floor) for k in common),
+                    "torch32_vs_float64": max(_rel(t[k], t64[k], floor) for t in (t32, t32cl) for k in common),
                     "torch32_orders": max(_rel(t32cl[k], t32[k], floor) for k in common),
-                    "off": sorted(off_gradients({k: grads[k] for k in common}, t32, {k: t64[k] for k in common})),
+                    "off": sorted(off_each[0] & off_each[1]),
+                    "off_one_order": sorted(off_each[0] ^ off_each[1]),
                 }
-                # float32 itself cannot decide when torch's own two orders disagree (a ReLU6 or
-                # ReLU input within rounding of its kink flips a mask, and every gradient before it
-                # follows): then ours is judged by the model-level error against float64
-                out["ill_conditioned"] = out["torch32_orders"] > 1e-3
-                if out["off"] and out["ill_conditioned"] and ours64 <= 2 * torch64:
-                    out["off_within_float32"], out["off"] = out["off"], []
-                return out
 
             row["gradients"] = _outcome(gradients)
 
             def lockstep():
                 sess = TrainingSession(art)
                 ref = TorchSession(copy.deepcopy(module), sess.hyper, sess.lr)
-                diffs = []
+                # torch against itself in another valid float32 order: the floor of the comparison
+                # (AdamW's normalised steps grow rounding differences in ill-conditioned models)
+                other = TorchSession(copy.deepcopy(module).to(memory_format=torch.channels_last), sess.hyper, sess.lr)
+                diffs, floor = [], []
                 for s in range(STEPS):
                     xs = rng.standard_normal((BATCH, 3, size, size)).astype(np.float32)
                     ys = rng.integers(0, 10, BATCH).astype(np.int64)
-                    diffs.append(abs(sess.train_step(xs, ys).loss - ref.train_step(xs, ys).loss))
-                return {"max_loss_diff": max(diffs), "steps": STEPS}
+                    want = ref.train_step(xs, ys).loss
+                    diffs.append(abs(sess.train_step(xs, ys).loss - want))
+                    floor.append(abs(other.train_step(xs, ys).loss - want))
+                return {"max_loss_diff": max(diffs), "torch_orders_loss_diff": max(floor), "steps": STEPS}
 
             row["lockstep"] = _outcome(lockstep)
         else:
@@ -259,14 +262,15 @@ def markdown(rows: list[dict], seconds: float) -> str:
         f"default compile against torch autograd on the same weights and batch (max relative error over "
         f"parameters, against float32 and float64, norms below 1e-4 of the largest gradient's counted from that "
         f"floor; 'judged ok': every gradient within 1e-4 of torch float32, "
-        f"or no further from float64 than twice torch float32's own error; where torch's own float32 in "
-        f"two orders (contiguous, channels-last) differs by over 1e-3, float32 cannot decide and the "
-        f"model's largest error against float64 is judged, against twice the worse torch order's). Lockstep: {STEPS} AdamW steps "
-        f"in accelc's runtime and torch eager, largest loss difference. Passes: compile, then two "
+        f"or no further from float64 than twice torch float32's own error, judged per parameter against "
+        f"each of torch's two float32 orders (contiguous, channels-last): off only where off against "
+        f"both). Lockstep: {STEPS} AdamW steps "
+        f"in accelc's runtime and torch eager, largest loss difference; in brackets torch eager against "
+        f"itself with channels-last weights (another valid float32 order), the floor of that comparison. Passes: compile, then two "
         f"training steps of every variant (and stage) in accelc's runtime.",
         "",
         "| model | input | params | export | compile | gradients (vs f32 / vs f64 / torch f32 vs f64, worse order) | judged | "
-        "lockstep max Δloss | frozen silently | skip | reuse | rescale | peak RSS (MB) |",
+        "lockstep max Δloss (torch vs torch, other order) | frozen silently | skip | reuse | rescale | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -281,12 +285,19 @@ def markdown(rows: list[dict], seconds: float) -> str:
                 f"{gd['torch32_vs_float64']:.1e}"
             )
             judged = "ok" if not gd["off"] else f"off: {', '.join(gd['off'][:3])}"
-            if gd.get("off_within_float32"):
-                judged = f"ok: float32 ill-conditioned (torch's own orders differ by {gd['torch32_orders']:.1e})"
+            if not gd["off"] and gd.get("off_one_order"):
+                judged = (
+                    f"ok ({len(gd['off_one_order'])} within one torch order only; torch's orders differ by "
+                    f"{gd['torch32_orders']:.1e})"
+                )
         else:
             gtxt, judged = cell(g), "—"
         ls = r.get("lockstep")
-        lstxt = f"{ls[1]['max_loss_diff']:.1e}" if ls and ls[0] == "ok" else cell(ls)
+        lstxt = (
+            f"{ls[1]['max_loss_diff']:.1e} ({ls[1].get('torch_orders_loss_diff', float('nan')):.1e})"
+            if ls and ls[0] == "ok"
+            else cell(ls)
+        )
 
         def passcell(p):
             c = r.get(f"compile:{p}")

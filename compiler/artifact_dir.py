@@ -192,19 +192,33 @@ def _load(d: Path, real: Path, depth: int) -> tuple[Artifacts, dict]:
 
 
 class _CheckpointFile:
-    """Reads a loaded directory's checkpoint when it is used (it is as large as the model): each
-    read is checked against report.json's hash again, so a file changed since loading is refused,
-    never used."""
+    """A loaded directory's checkpoint, read when it is used (it is as large as the model). The
+    file is held open from loading on, so a directory recompiled, replaced or removed meanwhile (a
+    training run's artifacts, a temporary directory) still gives what was loaded; every read is
+    checked against report.json's hash again, so a file edited in place is refused, never used."""
 
     def __init__(self, d: Path, real: Path, sha256: str):
-        self.d, self.real, self.sha256 = d, real, sha256
+        self.shown, self.sha256 = d / "checkpoint", sha256
+        self._fh = _open(_inside(d, real, "checkpoint"), self.shown)
 
     def __call__(self) -> bytes:
-        shown = self.d / "checkpoint"
-        data = _read_bytes(_inside(self.d, self.real, "checkpoint"), shown)
+        parts, offset = [], 0
+        try:
+            while chunk := os.pread(self._fh.fileno(), 1 << 30, offset):
+                parts.append(chunk)
+                offset += len(chunk)
+        except (OSError, ValueError) as e:  # ValueError: closed
+            raise AccelcError(f"cannot read '{show(self.shown)}': {getattr(e, 'strerror', None) or e}") from None
+        data = b"".join(parts)
         if hashlib.sha256(data).hexdigest() != self.sha256:
-            raise AccelcError(f"'{show(shown)}' was changed after the artifacts were loaded; recompile")
+            raise AccelcError(f"'{show(self.shown)}' was changed after the artifacts were loaded; recompile")
         return data
+
+    def __reduce__(self):  # another process gets the bytes (an open file does not travel)
+        return (bytes, (self(),))
+
+    def __repr__(self) -> str:
+        return f"<checkpoint {show(self.shown)}, read when used>"
 
 
 def _check_wiring(model, shown: Path) -> None:

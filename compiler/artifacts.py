@@ -53,6 +53,14 @@ class Artifacts:
     plan: list = field(default_factory=list)  # runtime controllers the passes ask for (plan.json)
     stages: dict = field(default_factory=dict)  # subdirectory -> Artifacts (e.g. a low-resolution stage)
 
+    def __repr__(self) -> str:  # never reads a checkpoint held on disk
+        src = self.checkpoint_source()
+        ckpt = f"<{len(src):,} bytes>" if isinstance(src, bytes) else repr(src)
+        return (
+            f"Artifacts(input={self.info.input_name} {tuple(self.info.input_shape)}, checkpoint={ckpt}, "
+            f"stages={sorted(self.stages)})"
+        )
+
     def checkpoint_source(self):
         """What :attr:`checkpoint` reads: the bytes, or the callable that reads them from disk
         (artifacts loaded from a directory). Copies share it without reading the file."""

@@ -205,7 +205,7 @@ class SegmentedRunner:
         made = {}
         for name in seg["outputs"]:
             b = bound.get(name)
-            if b is None and known is not None:
+            if b is None and known is not None and name in known:
                 b = made[name] = torch.empty(known[name][0], dtype=known[name][1])
             if b is not None:
                 io.bind_output(name, "cpu", 0, _np(b.dtype), tuple(b.shape), b.data_ptr())
@@ -213,13 +213,15 @@ class SegmentedRunner:
                 io.bind_output(name, "cpu")
         try:
             sess.run_with_iobinding(io, run_options)
-        except Exception:
-            if not made:
+        except Exception as e:
+            if not made or "shape" not in str(e).lower():
                 raise
             # an output's shape depends on the data, not only on the input shapes: ORT allocates
             # this segment's outputs from now on
-            seg["out_shapes"][key] = None
+            seg["out_shapes"].clear()
             seg["dynamic"] = True
+            made.clear()
+            del io
             return self._run_segment(seg, env, bound, run_options)
         shapes = {}
         for name, v in zip(seg["outputs"], io._iobinding.get_outputs()):
@@ -230,7 +232,8 @@ class SegmentedRunner:
             if name in seg["bool"] and t.dtype == torch.uint8:  # ORT hands bool over as uint8
                 t = t.view(torch.bool)
             env[name] = t
-            shapes[name] = (tuple(t.shape), t.dtype)
+            if t.dtype in _NP and t.numel():  # ORT takes no empty buffer; numpy has no bfloat16
+                shapes[name] = (tuple(t.shape), t.dtype)
         if known is None and not seg.get("dynamic") and len(seg["out_shapes"]) < 16:
             seg["out_shapes"][key] = shapes
 
@@ -294,15 +297,18 @@ def _vi(name: str, types: dict):
     return vi
 
 
+_NP = {
+    torch.float32: np.float32,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.bool: np.bool_,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.int16: np.int16,
+}
+
+
 def _np(dtype):
-    return {
-        torch.float32: np.float32,
-        torch.int64: np.int64,
-        torch.int32: np.int32,
-        torch.bool: np.bool_,
-        torch.float16: np.float16,
-        torch.float64: np.float64,
-        torch.int8: np.int8,
-        torch.uint8: np.uint8,
-        torch.int16: np.int16,
-    }[dtype]
+    return _NP[dtype]

@@ -154,6 +154,7 @@ class TrainingSession:
         self._stats_of = None  # (variant, its BatchNorm-statistics forward): recalibrate_batchnorm
         self._pending = None
         self._run_opts = {}  # (variant's info, batch) -> ORT run options
+        self._bn_known = None  # (variant, whether it has BatchNorm running statistics)
         if lazy:
             self.artifacts, self._pending = art, art
         else:
@@ -411,14 +412,15 @@ class TrainingSession:
 
     def _run_options(self, batch: int):
         """:func:`run_options` for a run at ``batch`` of the current variant (estimated once)."""
-        key = (id(self.artifacts.info), batch)
+        info = self.artifacts.info
+        key = (id(info), batch)
         if key not in self._run_opts:
             try:
-                nbytes = activation_bytes(self.artifacts.info, batch)
+                nbytes = activation_bytes(info, batch)
             except Exception:  # shapes unknown to inference: the memory is what matters then
                 nbytes = None
-            self._run_opts[key] = run_options(self.device, nbytes)
-        return self._run_opts[key]
+            self._run_opts[key] = (info, run_options(self.device, nbytes))  # info held: its id stays its own
+        return self._run_opts[key][1]
 
     def params_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
@@ -455,10 +457,12 @@ class TrainingSession:
         optimizer state and the current variant do not change. Returns the batches run, or None
         when the graph has no BatchNorm running statistics. With no batches (a data-parallel rank
         that receives rank 0's statistics) nothing is built."""
+        if not self._has_bn_stats(artifacts):
+            return None
         batches = iter(batches)
         first = next(batches, None)
         if first is None:
-            return 0 if self._has_bn_stats(artifacts) else None
+            return 0
         st = self._stats_runner(artifacts)
         if st is None:
             return None
@@ -484,9 +488,12 @@ class TrainingSession:
         return n
 
     def _has_bn_stats(self, art: Artifacts) -> bool:
+        """Whether ``art``'s training graph moves BatchNorm running statistics (nothing built)."""
         if self._stats_of is not None and self._stats_of[0] is art:
             return self._stats_of[1] is not None
-        return bool(lower_training_model(art.training, art.info.output_name)[1]["bn_stats"])
+        if self._bn_known is None or self._bn_known[0] is not art:
+            self._bn_known = (art, bool(lower_training_model(art.training, art.info.output_name)[1]["bn_stats"]))
+        return self._bn_known[1]
 
     def _stats_runner(self, art: Artifacts) -> dict | None:
         """The forward that computes ``art``'s BatchNorm statistics (built once per variant)."""

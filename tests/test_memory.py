@@ -94,8 +94,15 @@ def test_loaded_artifacts_read_the_checkpoint_when_used(small_art, tmp_path):
     assert art.copy().checkpoint_source() is art.checkpoint_source()  # copies do not read it
     sess = S.TrainingSession(art)
     assert not any(isinstance(v, bytes) and len(v) == len(data) for v in vars(sess).values())
-    # changed after loading: refused when read, never used
-    (d / "checkpoint").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert "read when used" in repr(art)  # showing the artifacts reads nothing
+    import pickle
+
+    assert pickle.loads(pickle.dumps(art)).checkpoint == data  # another process gets the bytes
+    # the directory removed (or recompiled over) after loading: what was loaded is still read
+    shutil.move(d, tmp_path / "moved")
+    assert art.checkpoint == data
+    # edited in place after loading: refused when read, never used
+    (tmp_path / "moved" / "checkpoint").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(AccelcError, match="changed after the artifacts were loaded"):
         art.checkpoint
 

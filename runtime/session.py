@@ -84,8 +84,9 @@ def run_options(device: str = "cpu", step_bytes: int | None = None):
     reach :data:`SHRINK_FROM_BYTES`, the shared arena hands the chunks no tensor holds back to the
     system after each run, so ORT does not keep its high-water mark beside torch's tensors (the
     optimizer's, accelc's kernels'): torchvision VGG11-BN 224x224 batch 32 peaks at 5.1 GB instead of
-    7.0. Below that, the page faults of taking memory back each run cost more than the memory
-    (zoo ResNet 28x28 batch 64: 3% per step). None where nothing is to be done."""
+    7.0. Below that, taking memory back each run buys little and costs page faults on the next
+    (zoo ResNet 28x28 batch 64, 136 MB: 3% slower in one A/B, within noise in others). None where
+    nothing is to be done."""
     import onnxruntime as ort  # heavy
 
     if device != "cpu" or (step_bytes is not None and step_bytes < SHRINK_FROM_BYTES):

@@ -83,10 +83,11 @@ def run_options(device: str = "cpu", step_bytes: int | None = None):
     """ORT run options for a training session's runs. On the CPU, for a step whose activations
     reach :data:`SHRINK_FROM_BYTES`, the shared arena hands the chunks no tensor holds back to the
     system after each run, so ORT does not keep its high-water mark beside torch's tensors (the
-    optimizer's, accelc's kernels'): torchvision VGG11-BN 224x224 batch 32 peaks at 5.1 GB instead of
-    7.0. Below that, taking memory back each run buys little and costs page faults on the next
-    (zoo ResNet 28x28 batch 64, 136 MB: 3% slower in one A/B, within noise in others). None where
-    nothing is to be done."""
+    optimizer's, accelc's kernels'). With torch allocating the segments' outputs (the executor),
+    torchvision VGG11-BN 224x224 batch 32 peaked at 5.1 GB instead of 7.0 as before (5.6 GB with
+    the shrink alone; the checkpoint's bytes dropped in both). Below that, taking memory back each
+    run buys little and costs page faults on the next (zoo ResNet 28x28 batch 64, 136 MB: 3% slower
+    in one A/B, within noise in others). None where nothing is to be done."""
     import onnxruntime as ort  # heavy
 
     if device != "cpu" or (step_bytes is not None and step_bytes < SHRINK_FROM_BYTES):
@@ -155,7 +156,7 @@ class TrainingSession:
         self._stats_of = None  # (variant, its BatchNorm-statistics forward): recalibrate_batchnorm
         self._pending = None
         self._run_opts = {}  # (variant's info, batch) -> ORT run options
-        self._bn_known = None  # (variant, whether it has BatchNorm running statistics)
+        self._stats_lowered = None  # (variant, its lowered training graph and description)
         if lazy:
             self.artifacts, self._pending = art, art
         else:
@@ -492,9 +493,13 @@ class TrainingSession:
         """Whether ``art``'s training graph moves BatchNorm running statistics (nothing built)."""
         if self._stats_of is not None and self._stats_of[0] is art:
             return self._stats_of[1] is not None
-        if self._bn_known is None or self._bn_known[0] is not art:
-            self._bn_known = (art, bool(lower_training_model(art.training, art.info.output_name)[1]["bn_stats"]))
-        return self._bn_known[1]
+        return bool(self._lowered_for_stats(art)[1]["bn_stats"])
+
+    def _lowered_for_stats(self, art: Artifacts) -> tuple:
+        """``art``'s lowered training graph and its description (lowered once for both questions)."""
+        if self._stats_lowered is None or self._stats_lowered[0] is not art:
+            self._stats_lowered = (art, *lower_training_model(art.training, art.info.output_name))
+        return self._stats_lowered[1:]
 
     def _stats_runner(self, art: Artifacts) -> dict | None:
         """The forward that computes ``art``'s BatchNorm statistics (built once per variant)."""
@@ -502,7 +507,7 @@ class TrainingSession:
             return self._stats_of[1]
         import onnxruntime as ort  # heavy
 
-        lowered, desc = lower_training_model(art.training, art.info.output_name)
+        lowered, desc = self._lowered_for_stats(art)
         outs = list(desc["bn_stats"]) + [b["inv_std"] for b in desc["bn"]]
         st = None
         if desc["bn_stats"]:
@@ -540,7 +545,7 @@ class TrainingSession:
                     b["inv_std"]: int(np.prod(shapes[b["x"]][2:])) if b["x"] in shapes else None for b in desc["bn"]
                 },
             }
-        self._stats_of = (art, st)
+        self._stats_of, self._stats_lowered = (art, st), None
         return st
 
     def compute_gradients(self, x, y, env_out: dict | None = None) -> tuple[float, dict[str, np.ndarray], np.ndarray]:

@@ -120,8 +120,7 @@ def test_segmented_training_is_unchanged_by_preallocation(small_art):
     x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 8).astype(np.int64)
     a = S.TrainingSession(small_art, ExecConfig(threads=1))
-    if a.runner is None:
-        pytest.skip("no claimed nodes in this model")
+    assert a.runner is not None  # convs on oneDNN between ORT segments
     b = S.TrainingSession(small_art, ExecConfig(threads=1))
     for seg in b.runner.segments:
         seg["dynamic"] = True  # never preallocated

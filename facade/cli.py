@@ -182,7 +182,8 @@ class ExecArgs(ArgGroup):
             default=[],
             metavar="NAME=IMPL",
             help=f"implementation of a node kernel, repeatable: {kinds or 'none registered'} "
-            f"(default: the first on CPU, {ORT} on CUDA)",
+            f"(default: the first on CPU, {ORT} on CUDA); all={ORT} runs the whole step on ORT Training's own "
+            "kernels (the reference), e.g. --kernel all=ort",
         )
 
     @staticmethod

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..compiler.errors import InvalidValue, show
 from ..compiler.resources import check_threads
-from .kernels import ORT, providers
+from .kernels import ALL, ORT, providers
 
 DEVICES = ("cpu", "cuda")
 
@@ -36,7 +36,7 @@ class ExecConfig:
         prov = providers().get(provider_name)
         if prov is None:
             return ORT
-        choice = self.kernels.get(provider_name)
+        choice = self.kernels.get(provider_name, self.kernels.get(ALL))
         if choice is None:
             return ORT if (self.device != "cpu" and prov.cpu_only) else prov.implementations[0]
         return choice
@@ -46,6 +46,12 @@ class ExecConfig:
         after the passes have registered their kernels)."""
         reg = providers()
         for name, choice in self.kernels.items():
+            if name == ALL:
+                if choice != ORT:
+                    raise InvalidValue(
+                        f"--kernel {ALL}={show(choice)}: only {ALL}={ORT} (the whole step on ORT) is offered"
+                    )
+                continue
             if name not in reg:
                 raise InvalidValue(f"--kernel {show(name)}=...: no such kernel; kernels: {', '.join(reg) or 'none'}")
             allowed = tuple(reg[name].implementations) + (ORT,)

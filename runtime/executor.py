@@ -24,6 +24,14 @@ from .config import ExecConfig
 from .kernels import ORT, BuildContext, NodeKernel, providers
 
 
+def prepared(model: onnx.ModelProto, config: ExecConfig) -> onnx.ModelProto:
+    """``model`` after the ``prepare`` rewrites of the providers active under ``config``."""
+    for p in providers().values():
+        if p.prepare is not None and config.impl(p.name) != ORT:
+            model = p.prepare(model)
+    return model
+
+
 def claimed(model: onnx.ModelProto, config: ExecConfig) -> dict[int, object]:
     """Position in the graph -> the provider that runs that node, for this configuration."""
     active = [p for p in providers().values() if config.impl(p.name) != ORT]
@@ -46,8 +54,13 @@ class SegmentedRunner:
         import onnxruntime as ort  # heavy
 
         # ORT's intra-op threads spin after each run by default; with kernels running between
-        # segments that spinning steals the cores they need.
-        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # segments that spinning steals the cores they need (set once: ORT warns on a second set)
+        try:
+            spinning = session_options.get_session_config_entry("session.intra_op.allow_spinning")
+        except Exception:  # not set yet
+            spinning = None
+        if spinning != "0":
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         g = model.graph
         inits = {t.name: t for t in g.initializer}
         # protobuf hands out a new wrapper per access: hold the nodes once, key them by position
@@ -120,7 +133,14 @@ class SegmentedRunner:
                 sess = ort.InferenceSession(sm.SerializeToString(), session_options, providers=ort_providers)
                 bools = {o for o in outs if o in typed and typed[o].tensor_type.elem_type == onnx.TensorProto.BOOL}
                 self.segments.append(
-                    {"session": sess, "inputs": needed, "outputs": outs, "bool": bools, "out_shapes": {}}
+                    {
+                        "session": sess,
+                        "inputs": needed,
+                        "outputs": outs,
+                        "bool": bools,
+                        "out_shapes": {},
+                        "ops": [n.op_type for n in nodes],
+                    }
                 )
                 self.order.append(("seg", len(self.segments) - 1))
             for k in kernel_after.get(lv, []):
@@ -129,8 +149,29 @@ class SegmentedRunner:
         for kern in self.kernels.values():
             kern.wanted = [bool(o) and o in reads_anywhere for o in kern.outputs]
         self.graph_outputs = graph_outputs
+        self.inputs = [i.name for i in g.input if i.name not in inits]
         self.constants = constants
         self.free_after = self._liveness()
+        self.steps = 0  # runs so far, and the milliseconds they spent in ORT segments
+        self.ort_ms = 0.0
+
+    def fallback_ops(self) -> dict[str, int]:
+        """Op kind -> how many of its nodes run in ORT segments (no kernel claimed them)."""
+        out: dict[str, int] = defaultdict(int)
+        for seg in self.segments:
+            for op in seg["ops"]:
+                out[op] += 1
+        return dict(out)
+
+    def report(self) -> dict:
+        """What ran where: nodes on accelc's kernels, ORT segments, the op kinds that fell back to
+        ORT and the milliseconds per run those segments took."""
+        return {
+            "kernel_nodes": len(self.kernels),
+            "ort_segments": len(self.segments),
+            "fell_back": self.fallback_ops(),
+            "ort_ms_per_step": round(self.ort_ms / self.steps, 3) if self.steps else None,
+        }
 
     def _liveness(self) -> dict:
         """Step position -> the tensors nothing reads after it. Dropped from the step's environment
@@ -162,9 +203,12 @@ class SegmentedRunner:
         env.update(feeds)
         bound = bound or {}
         stats = {}
+        self.steps += 1
         for idx, (kind, item) in enumerate(self.order):
             if kind == "seg":
+                t0 = time.perf_counter()
                 self._run_segment(self.segments[item], env, bound, run_options)
+                self.ort_ms += (time.perf_counter() - t0) * 1e3
             else:
                 t0 = time.perf_counter()
                 st = item.run(env, bound)

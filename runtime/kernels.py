@@ -60,6 +60,10 @@ class KernelProvider:
     build: Callable[[onnx.NodeProto, BuildContext], NodeKernel]
     summary: str = ""
     cpu_only: bool = True  # on CUDA the default is "ort"
+    generic: bool = False  # claims standard ops: asked after every pass's own provider
+    # an exact graph rewrite run before claiming when the provider is active (e.g. fusing a chain
+    # of nodes into one its kernel runs in one pass); the result must still run on ORT
+    prepare: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
 
 
 _PROVIDERS: dict[str, KernelProvider] = {}
@@ -73,8 +77,19 @@ def register_kernel(provider: KernelProvider) -> KernelProvider:
     return provider
 
 
+ALL = "all"  # ``--kernel all=ort``: every provider's choice at once (the whole step on ORT)
+
+
 def providers() -> dict[str, KernelProvider]:
-    return dict(_PROVIDERS)
+    """The registered providers, the passes' own first and the generic ones (the runtime's
+    :mod:`accelc.runtime.aten`) last, so a node a pass marked or added is claimed by that pass."""
+    if not _BUILTIN:
+        _BUILTIN.append(True)
+        from . import aten  # noqa: F401  (registers the runtime's own provider)
+    return dict(sorted(_PROVIDERS.items(), key=lambda kv: kv[1].generic))
+
+
+_BUILTIN: list = []
 
 
 def store(name: str, t, env: dict, bound: dict) -> None:

@@ -38,7 +38,7 @@ from ..compiler.model import activation_bytes
 from ..compiler.ort_training import import_ort_training
 from .config import ExecConfig
 from .engine import ParamUpdate, StepResult
-from .executor import SegmentedRunner, claimed
+from .executor import SegmentedRunner, claimed, prepared
 from .kernels import SKIP_UPDATE
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
 
@@ -230,6 +230,8 @@ class TrainingSession:
                     )
         so = session_options(self.exec.threads)
         # nodes a registered kernel claims run in accelc's kernels between ORT segments (CPU)
+        if self.device == "cpu":
+            lowered = prepared(lowered, self.exec)
         owners = claimed(lowered, self.exec) if self.device == "cpu" else {}
         try:
             if owners:
@@ -238,15 +240,19 @@ class TrainingSession:
             else:
                 self.runner = None
                 self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())
-            self.eval_sess = ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
+            self.eval_sess = self._eval_engine(art, so)
         except AccelcError:
             raise
         except Exception as e:  # ORT refusing a damaged or edited graph: its reason, in one line
             raise AccelcError(f"ONNX Runtime cannot load the artifacts' graphs: {ort_message(e)}") from None
         self.desc = desc
         self.train_inputs = [i.name for i in lowered.graph.input]
-        self.eval_inputs = [i.name for i in self.eval_sess.get_inputs()]
-        self.eval_outputs = [o.name for o in self.eval_sess.get_outputs()]
+        if isinstance(self.eval_sess, SegmentedRunner):
+            self.eval_inputs = list(self.eval_sess.inputs)
+            self.eval_outputs = list(self.eval_sess.graph_outputs)
+        else:
+            self.eval_inputs = [i.name for i in self.eval_sess.get_inputs()]
+            self.eval_outputs = [o.name for o in self.eval_sess.get_outputs()]
         self.trained = [p for p in self.trainable_all if p in desc["grads"]]
         self._alloc_grads()
         self.bn_buf = {o: torch.empty_like(self.params[p]) for o, p in desc["bn_stats"].items()}
@@ -259,6 +265,28 @@ class TrainingSession:
             self.params[p].grad = None
         self.artifacts = art
         self._pending = None  # built: a failed build leaves it pending (the next use says why again)
+
+    def engine_report(self) -> dict:
+        """Where the current variant's training step runs (see ``SegmentedRunner.report``)."""
+        if self.__dict__.get("_pending") is not None:
+            return {"built": False}
+        if self.runner is None:
+            return {"kernel_nodes": 0, "ort_segments": 1, "fell_back": {"(whole graph)": 1}, "ort_ms_per_step": None}
+        rep = self.runner.report()
+        rep["eval"] = "accelc" if isinstance(self.eval_sess, SegmentedRunner) else "ort"
+        return rep
+
+    def _eval_engine(self, art: Artifacts, so):
+        """The evaluation graph's engine: accelc's kernels when they claim every node of it (no
+        ORT at all, parameters read in place), else one ORT session."""
+        import onnxruntime as ort  # heavy
+
+        if self.device == "cpu":
+            model = prepared(art.eval, self.exec)
+            owners = claimed(model, self.exec)
+            if owners and len(owners) == len(model.graph.node):
+                return SegmentedRunner(model, so, self._providers(), self.exec, owners)
+        return ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
 
     def _alloc_grads(self) -> None:
         """Gradient buffers of the parameters this variant trains (ORT writes them in place)."""
@@ -398,6 +426,17 @@ class TrainingSession:
             self.params[desc["bn_stats"][o]].copy_(buf)
 
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        if isinstance(self.eval_sess, SegmentedRunner):
+            feeds = {
+                self.info.input_name: torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)),
+                "labels": torch.as_tensor(np.ascontiguousarray(y, dtype=np.int64)),
+            }
+            feeds.update({n: self.params[n] for n in self.eval_inputs if n in self.params})
+            with torch.no_grad():
+                outs, _ = self.eval_sess.run(feeds)
+            loss = float(outs[self.eval_outputs[0]].reshape(-1)[0])
+            logits = outs.get(self.info.output_name)
+            return loss, (logits.numpy().copy() if logits is not None else None)
         feeds = {
             self.info.input_name: np.ascontiguousarray(x, dtype=np.float32),
             "labels": np.ascontiguousarray(y, dtype=np.int64),
@@ -520,6 +559,8 @@ class TrainingSession:
                     f"{', '.join(show(n) for n in missing[:5])}"
                 )
             so = session_options(self.exec.threads)
+            if self.device == "cpu":
+                model = prepared(model, self.exec)
             owners = claimed(model, self.exec) if self.device == "cpu" else {}
             try:
                 runner = SegmentedRunner(model, so, self._providers(), self.exec, owners) if owners else None

@@ -85,6 +85,9 @@ class TorchSession:
             logits.detach().float().cpu().numpy(),
         )
 
+    def engine_report(self) -> dict:
+        return {"engine": "torch eager"}
+
     def param_arrays(self):
         return {k: v.detach().cpu().numpy().copy() for k, v in self.module.state_dict().items()}
 

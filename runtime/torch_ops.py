@@ -8,6 +8,8 @@ import onnx
 import torch
 from onnx import helper
 
+from .kernels import NodeKernel, store
+
 
 class Conv2d:
     """An ONNX 2-D Conv/ConvGrad node's attributes, and its forward and backward in torch."""
@@ -50,3 +52,25 @@ class Conv2d:
             pt, pl = self.pads[0], self.pads[1]
             dx = dx[:, :, pt : pt + x.shape[2], pl : pl + x.shape[3]]
         return dx, dw, db
+
+
+class ConvKernel(NodeKernel):
+    """A 2-D Conv (X, W[, B] -> Y) or ConvGrad (dY, X, W -> dX, dW, dB) node on oneDNN, zero-copy."""
+
+    def __init__(self, node: onnx.NodeProto):
+        super().__init__(node)
+        self.backward = node.op_type == "ConvGrad"
+        self.conv = Conv2d(node)
+
+    def run(self, env: dict, bound: dict) -> None:
+        if not self.backward:
+            x, w = env[self.inputs[0]], env[self.inputs[1]]
+            b = env[self.inputs[2]] if len(self.inputs) > 2 and self.inputs[2] else None
+            store(self.outputs[0], self.conv.forward(x, w, b), env, bound)
+            return None
+        dy, x, w = env[self.inputs[0]], env[self.inputs[1]], env[self.inputs[2]]
+        mask = [bool(i < len(self.outputs) and self.outputs[i] and self.wanted[i]) for i in range(3)]
+        for i, t in enumerate(self.conv.backward(dy, x, w, mask)):
+            if mask[i]:
+                store(self.outputs[i], t, env, bound)
+        return None

@@ -607,6 +607,8 @@ class Trainer:
                 )
                 for d in decisions:
                     print(f"  [{d['controller']}] {d['action']}: {d['why']}", file=sys.stderr)
+                if len(self.history) == 1:
+                    print(f"  [engine] {engine_line(self.engine.engine_report())}", file=sys.stderr)
             if self.run_dir and self.writer:
                 self._write_epoch(epoch)
             if self.stop_when is not None and self.stop_when(m):
@@ -693,8 +695,25 @@ class Trainer:
             "mean_images_per_second": float(np.mean([m["images_per_second"] for m in h])) if h else None,
             "decisions": [d for m in h for d in m.get("decisions", [])],
             "controllers": {a.name: a.report() for a in self.algorithms},
+            "engine": self.engine.engine_report(),
             "history": h,
         }
+
+
+def engine_line(rep: dict) -> str:
+    """One line on where a step ran: accelc's kernels, and what fell back to ORT at what cost."""
+    if "engine" in rep:
+        return str(rep["engine"])
+    if not rep.get("kernel_nodes"):
+        return "the whole step on ORT (one session)"
+    line = f"{rep['kernel_nodes']} nodes on accelc's kernels"
+    if rep.get("ort_segments"):
+        ops = ", ".join(f"{k}×{v}" for k, v in sorted(rep.get("fell_back", {}).items()))
+        ms = rep.get("ort_ms_per_step")
+        line += f"; {rep['ort_segments']} ORT segment(s) for {ops}" + (f" ({ms:.1f} ms/step)" if ms is not None else "")
+    else:
+        line += ", no ORT in the step"
+    return line
 
 
 def machine_info() -> dict:

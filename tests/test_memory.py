@@ -119,9 +119,10 @@ def test_segmented_training_is_unchanged_by_preallocation(small_art):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 8).astype(np.int64)
-    a = S.TrainingSession(small_art, ExecConfig(threads=1))
-    assert a.runner is not None  # convs on oneDNN between ORT segments
-    b = S.TrainingSession(small_art, ExecConfig(threads=1))
+    # convs on oneDNN between ORT segments (the rest left to ORT, so that there are segments)
+    a = S.TrainingSession(small_art, ExecConfig(threads=1, kernels={"aten": "ort"}))
+    assert a.runner is not None and a.runner.segments
+    b = S.TrainingSession(small_art, ExecConfig(threads=1, kernels={"aten": "ort"}))
     for seg in b.runner.segments:
         seg["dynamic"] = True  # never preallocated
     for _ in range(2):

@@ -1,0 +1,160 @@
+"""The ``aten`` node kernels: the ops of CNN training graphs (ONNX's and ORT Training's gradient
+ops) on torch's ATen kernels (oneDNN and ATen's vectorised CPU loops; cuDNN/cuBLAS on CUDA), so a
+training step needs no ORT segment when every node is claimed.
+
+Generic: the kernels know ops, never passes. A pass's own provider (a node it marked or added) is
+asked first; this provider claims what is left that it has a kernel for (:func:`supports`), and
+ORT runs anything else (``accelc train`` reports which ops fell back). ``--kernel aten=ort``
+leaves these ops to ORT; ``--kernel all=ort`` runs the whole step on ORT, as plain ORT users get it.
+
+Each kernel computes what ORT's kernel computes (tests/test_aten.py checks every one against ORT's
+on random inputs): bit-equal where the arithmetic is the same (shape ops, ReLU and its gradient,
+pooling, elementwise), to float32 rounding where the order of a reduction differs (BatchNorm, GEMM,
+softmax cross-entropy). Two internal conventions differ from ORT's and stay inside this provider:
+MaxPool's ``Indices`` are torch's (per (n, c) plane) and are read only by this provider's
+MaxPoolGrad, which also needs the pooled input's shape (the forward kernel records it under
+``<Indices>#shape``); :func:`supports` claims a MaxPool and its MaxPoolGrad on the same rules, so
+the two are always claimed together.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from .kernels import BuildContext, KernelProvider, NodeKernel, register_kernel
+
+MS = "com.microsoft"
+NAME = "aten"
+IMPL = "torch"
+
+# the (domain, op) pairs this provider has a kernel for ("" is ONNX's domain); the kernels are in
+# :mod:`accelc.runtime.aten_ops` (torch), loaded when a graph is run
+CONV_OPS = {("", "Conv"), (MS, "ConvGrad")}
+OPS = CONV_OPS | {("", op) for op in (
+    "Relu", "Div", "Sum", "Identity", "Cast", "Shape", "Reshape", "Flatten", "Expand", "ReduceSum", "ReduceMean",
+    "ReduceMax", "ReduceL2", "ReduceSumSquare", "Gemm", "MatMul", "Transpose", "Concat", "Split", "Unsqueeze",
+    "Squeeze", "Slice", "Clip", "Where", "Softmax", "Gather", "Pad", "Dropout", "BatchNormalization", "AveragePool",
+    "GlobalAveragePool", "GlobalMaxPool", "SoftmaxCrossEntropyLoss", "MaxPool", "MaxPoolGrad",
+    "Neg", "Sqrt", "Exp", "Log", "Abs", "Reciprocal", "Sigmoid", "Tanh", "Erf", "Floor", "Ceil", "Not",
+    "Add", "Sub", "Mul", "Pow", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Max", "Min",
+)} | {(MS, op) for op in (
+    "ReluGrad", "Scale", "ConcatTraining", "DropoutGrad", "BatchNormInternal", "BatchNormalizationGrad",
+    "SoftmaxCrossEntropyLossGrad",
+)}  # fmt: skip
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        out[a.name] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def domain_of(node: onnx.NodeProto) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
+def supports(node: onnx.NodeProto) -> bool:
+    """Whether this provider has a kernel for ``node`` with its attributes."""
+    key = (domain_of(node), node.op_type)
+    if key not in OPS:
+        return False
+    a = attrs(node)
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return False
+    if key in CONV_OPS:
+        return len(a.get("kernel_shape", [])) == 2
+    if node.op_type in ("MaxPool", "MaxPoolGrad", "AveragePool"):
+        ks = a.get("kernel_shape", [])
+        pads = a.get("pads", [0] * 2 * len(ks))
+        return (
+            len(ks) == 2
+            and a.get("storage_order", 0) == 0
+            and pads[: len(ks)] == pads[len(ks) :]  # torch pads symmetrically
+            and all(p <= k // 2 for p, k in zip(pads, ks))
+        )
+    if node.op_type == "Pad":
+        return a.get("mode", "constant") == "constant" and len(node.input) < 4
+    if node.op_type == "SoftmaxCrossEntropyLoss" or node.op_type == "SoftmaxCrossEntropyLossGrad":
+        return a.get("reduction", "mean") in ("none", "mean", "sum")
+    return True
+
+
+def _scalar_zero(t: onnx.TensorProto | None) -> bool:
+    if t is None:
+        return False
+    from onnx import numpy_helper
+
+    v = numpy_helper.to_array(t)
+    return v.size == 1 and float(v.reshape(-1)[0]) == 0.0
+
+
+def fuse_relu_grad(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Mul(dY, Cast(Greater(X, 0), float)) -> com.microsoft::ReluGrad(dY, X), placed where the Mul
+    was: one pass over memory (ATen's threshold_backward) instead of three, and no float mask kept
+    from the forward to the backward. The same values for finite dY (the chain is how the ``opt``
+    pass spells ReluGrad for ORT's vectorised kernels; ORT runs the fused graph too). Only where the
+    mask feeds nothing else."""
+    g = model.graph
+    nodes = list(g.node)  # protobuf hands out a new wrapper per access: positions are the keys
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    outs = {o.name for o in g.output}
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    drop, repl = set(), {}
+    for pos, n in enumerate(nodes):
+        if n.op_type != "Mul" or domain_of(n) != "":
+            continue
+        for side in (0, 1):
+            kc = producer.get(n.input[side])
+            cast = nodes[kc] if kc is not None else None
+            if cast is None or cast.op_type != "Cast" or attrs(cast).get("to") != onnx.TensorProto.FLOAT:
+                continue
+            kg = producer.get(cast.input[0])
+            gt = nodes[kg] if kg is not None else None
+            if gt is None or gt.op_type != "Greater" or not _scalar_zero(inits.get(gt.input[1])):
+                continue
+            if consumers.get(cast.output[0]) != 1 or consumers.get(gt.output[0]) != 1:
+                continue
+            if cast.output[0] in outs or gt.output[0] in outs:
+                continue
+            fused = helper.make_node(
+                "ReluGrad", [n.input[1 - side], gt.input[0]], [n.output[0]], name=n.name, domain=MS
+            )
+            fused.metadata_props.extend(n.metadata_props)
+            repl[pos] = fused
+            drop.update((kc, kg))
+            break
+    if not repl:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.node[:]
+    m.graph.node.extend(repl.get(k, n) for k, n in enumerate(nodes) if k not in drop)
+    if not any(o.domain == MS for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid(MS, 1))
+    return m
+
+
+def _build(node: onnx.NodeProto, ctx: BuildContext) -> NodeKernel:
+    from .aten_ops import build  # heavy: torch, loaded when a graph is run
+
+    return build(node, ctx)
+
+
+PROVIDER = register_kernel(
+    KernelProvider(
+        name=NAME,
+        implementations=(IMPL,),
+        claims=supports,
+        build=_build,
+        summary="every standard op of a CNN training graph (BatchNorm, pooling, loss, GEMM, elementwise, shape) on ATen",
+        generic=True,
+        prepare=fuse_relu_grad,
+    )
+)

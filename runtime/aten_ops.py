@@ -1,0 +1,482 @@
+"""The kernels of the runtime's ``aten`` provider (see :mod:`accelc.runtime.aten`, which claims
+nodes without loading torch): each op of ONNX's and ORT Training's CNN training graphs on ATen."""
+
+from __future__ import annotations
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+from .aten import MS, attrs, domain_of
+from .kernels import BuildContext, NodeKernel, store
+from .torch_ops import ConvKernel
+
+DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.FLOAT16: torch.float16,
+    onnx.TensorProto.BFLOAT16: torch.bfloat16,
+    onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT16: torch.int16,
+    onnx.TensorProto.INT8: torch.int8,
+    onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.BOOL: torch.bool,
+}
+
+
+def _ints(t) -> list[int]:
+    return [int(v) for v in t.reshape(-1).tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels: each a function (kernel, env) -> outputs (a tuple, None for an output not computed)
+
+
+class Op(NodeKernel):
+    """A node whose kernel is a function of its input tensors (``None`` for an omitted input)
+    returning its outputs; outputs nobody reads may be returned as None."""
+
+    def __init__(self, node: onnx.NodeProto, fn, a: dict):
+        super().__init__(node)
+        self.fn = fn
+        self.a = a
+
+    def run(self, env: dict, bound: dict) -> None:
+        ins = [env[i] if i else None for i in self.inputs]
+        outs = self.fn(self, *ins)
+        if not isinstance(outs, tuple):
+            outs = (outs,)
+        for name, t, want in zip(self.outputs, outs, self.wanted):
+            if name and t is not None and (want or name in bound):
+                store(name, t, env, bound)
+        return None
+
+
+def _relu(k, x):
+    return torch.relu(x)
+
+
+def _relu_grad(k, dy, x):
+    return torch.ops.aten.threshold_backward(dy, x, 0)
+
+
+def _binary(fn):
+    return lambda k, a, b: fn(a, b)
+
+
+def _div(k, a, b):
+    if a.is_floating_point():
+        return torch.div(a, b)
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def _sum(k, *xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out if len(xs) > 1 else out.clone()
+
+
+def _identity(k, x):
+    return x
+
+
+def _cast(k, x):
+    return x.to(DTYPES[k.a["to"]])
+
+
+def _shape(k, x):
+    s = list(x.shape)
+    start, end = k.a.get("start", 0), k.a.get("end")
+    return torch.tensor(s[start:end] if end is not None else s[start:], dtype=torch.int64)
+
+
+def _reshape(k, x, shape):
+    want = _ints(shape)
+    if not k.a.get("allowzero", 0):
+        want = [x.shape[i] if v == 0 else v for i, v in enumerate(want)]
+    return x.reshape(want)
+
+
+def _flatten(k, x):
+    axis = k.a.get("axis", 1)
+    if axis < 0:
+        axis += x.dim()
+    lead = 1
+    for d in x.shape[:axis]:
+        lead *= d
+    return x.reshape(lead, -1)
+
+
+def _expand(k, x, shape):
+    return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape))))
+
+
+def _scale(k, x, s):  # com.microsoft::Scale
+    return x / s if k.a.get("scale_down", 0) else x * s
+
+
+def _axes(k, axes_input, x) -> list[int] | None:
+    axes = _ints(axes_input) if axes_input is not None else list(k.a.get("axes", []))
+    if not axes:
+        return None if not k.a.get("noop_with_empty_axes", 0) else []
+    return [a + x.dim() if a < 0 else a for a in axes]
+
+
+def _reduce(fn):
+    def run(k, x, axes=None):
+        ax = _axes(k, axes, x)
+        keep = bool(k.a.get("keepdims", 1))
+        if ax == []:
+            return x
+        if ax is None:
+            ax = list(range(x.dim()))
+        return fn(x, ax, keep)
+
+    return run
+
+
+def _gemm(k, a, b, c=None):
+    if k.a.get("transA", 0):
+        a = a.t()
+    if k.a.get("transB", 0):
+        b = b.t()
+    alpha, beta = float(k.a.get("alpha", 1.0)), float(k.a.get("beta", 1.0))
+    if c is not None and beta != 0.0:
+        return torch.addmm(c, a, b, beta=beta, alpha=alpha)
+    out = torch.mm(a, b)
+    return out if alpha == 1.0 else out.mul_(alpha)
+
+
+def _matmul(k, a, b):
+    return torch.matmul(a, b)
+
+
+def _transpose(k, x):
+    perm = k.a.get("perm") or list(range(x.dim()))[::-1]
+    return x.permute(perm)
+
+
+def _concat(k, *xs):
+    axis = k.a["axis"]
+    xs = [x for x in xs if x is not None]
+    out = torch.cat(xs, axis)
+    if len(k.outputs) > 1:  # ConcatTraining: the inputs' lengths along the axis
+        return out, torch.tensor([x.shape[axis] for x in xs], dtype=torch.int64)
+    return out
+
+
+def _split(k, x, split=None):
+    axis = k.a.get("axis", 0)
+    n = len(k.outputs)
+    if split is not None:
+        sizes = _ints(split)
+    elif "split" in k.a:
+        sizes = list(k.a["split"])
+    else:
+        total = x.shape[axis]
+        chunk = -(-total // n)
+        sizes = [min(chunk, total - i * chunk) for i in range(n)]
+    return tuple(torch.split(x, sizes, axis))
+
+
+def _unsqueeze(k, x, axes=None):
+    ax = _ints(axes) if axes is not None else list(k.a["axes"])
+    rank = x.dim() + len(ax)
+    for a in sorted(a + rank if a < 0 else a for a in ax):
+        x = x.unsqueeze(a)
+    return x
+
+
+def _squeeze(k, x, axes=None):
+    ax = _ints(axes) if axes is not None else list(k.a.get("axes", []))
+    if not ax:
+        return x.squeeze()
+    for a in sorted((a + x.dim() if a < 0 else a for a in ax), reverse=True):
+        x = x.squeeze(a)
+    return x
+
+
+def _slice(k, x, starts, ends, axes=None, steps=None):
+    st, en = _ints(starts), _ints(ends)
+    ax = _ints(axes) if axes is not None else list(range(len(st)))
+    sp = _ints(steps) if steps is not None else [1] * len(st)
+    idx = [slice(None)] * x.dim()
+    for s, e, a, p in zip(st, en, ax, sp):
+        if p <= 0:
+            raise NotImplementedError("Slice with a non-positive step")
+        a = a + x.dim() if a < 0 else a
+        n = x.shape[a]
+        s = max(0, min(n, s + n if s < 0 else s))
+        e = max(0, min(n, e + n if e < 0 else e))
+        idx[a] = slice(s, e, p)
+    return x[tuple(idx)]
+
+
+def _clip(k, x, lo=None, hi=None):
+    lo = float(lo) if lo is not None else k.a.get("min")
+    hi = float(hi) if hi is not None else k.a.get("max")
+    return torch.clamp(x, lo, hi)
+
+
+def _where(k, c, a, b):
+    return torch.where(c, a, b)
+
+
+def _softmax(k, x):
+    return torch.softmax(x, k.a.get("axis", -1))
+
+
+def _gather(k, x, idx):
+    axis = k.a.get("axis", 0)
+    axis = axis + x.dim() if axis < 0 else axis
+    i = torch.where(idx < 0, idx + x.shape[axis], idx)
+    out = torch.index_select(x, axis, i.reshape(-1))
+    return out.reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1 :]))
+
+
+def _pad(k, x, pads=None, value=None, axes=None):
+    if k.a.get("mode", "constant") != "constant" or axes is not None:
+        raise NotImplementedError("Pad: only constant mode on all axes")
+    p = _ints(pads) if pads is not None else list(k.a["pads"])
+    r = x.dim()
+    tp = []
+    for d in reversed(range(r)):
+        tp += [p[d], p[d + r]]
+    return F.pad(x, tp, value=float(value) if value is not None and value.numel() else 0.0)
+
+
+def _dropout(k, x, ratio=None, training=None):
+    """Dropout: identity unless ``training_mode`` is true and the ratio positive; then the mask is
+    torch's generator's, not ORT's (same distribution, other bits: training with dropout is not
+    bit-reproducible across engines)."""
+    r = float(ratio) if ratio is not None else float(k.a.get("ratio", 0.5))
+    if training is None or not bool(training) or r == 0.0:
+        mask = torch.ones(x.shape, dtype=torch.bool) if len(k.outputs) > 1 and k.wanted[1] else None
+        return x, mask
+    mask = torch.rand_like(x) >= r
+    return x * mask * (1.0 / (1.0 - r)), mask
+
+
+def _dropout_grad(k, dy, mask, ratio=None, training=None):
+    """As ORT's DropoutGrad: dY·mask/(1-ratio), whatever ``training_mode`` says (its gradient
+    builder emits it only for a training Dropout)."""
+    r = float(ratio) if ratio is not None else 0.5
+    if r == 0.0:
+        return dy * mask
+    return dy * mask * (1.0 / (1.0 - r))
+
+
+# --- normalisation -----------------------------------------------------------------------
+
+
+def _bn_train(k, x, scale, bias, mean, var):
+    """ORT's BatchNormInternal (training mode): Y, the running statistics moved by ``momentum``
+    (ONNX's convention: new = m·old + (1-m)·batch, with the biased batch variance, as ORT does),
+    the batch mean and the inverse standard deviation."""
+    eps, m = float(k.a.get("epsilon", 1e-5)), float(k.a.get("momentum", 0.9))
+    y, save_mean, inv_std = torch.ops.aten.native_batch_norm(x, scale, bias, None, None, True, 0.0, eps)
+    rm = rv = None
+    if k.wanted[1] or k.wanted[2]:
+        rm = mean * m + save_mean * (1.0 - m)
+        rv = var * m + (inv_std.pow(-2) - eps) * (1.0 - m)
+    return y, rm, rv, save_mean, inv_std
+
+
+def _bn_grad(k, dy, x, scale, save_mean, inv_std):
+    mask = [bool(w) for w in (k.wanted + [False] * 3)[:3]]
+    dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+        dy, x, scale, None, None, save_mean, inv_std, True, float(k.a.get("epsilon", 1e-5)), mask
+    )
+    return dx, dw, db
+
+
+def _bn_eval(k, x, scale, bias, mean, var):
+    if k.a.get("training_mode", 0):
+        return _bn_train(k, x, scale, bias, mean, var)
+    eps = float(k.a.get("epsilon", 1e-5))
+    return torch.ops.aten.native_batch_norm(x, scale, bias, mean, var, False, 0.0, eps)[0]
+
+
+# --- pooling -------------------------------------------------------------------------------
+
+
+def _pool_args(a: dict):
+    ks = list(a["kernel_shape"])
+    st = list(a.get("strides", [1] * len(ks)))
+    pads = list(a.get("pads", [0] * 2 * len(ks)))
+    dil = list(a.get("dilations", [1] * len(ks)))
+    return ks, st, pads[: len(ks)], dil, bool(a.get("ceil_mode", 0))
+
+
+class MaxPool(NodeKernel):
+    def __init__(self, node, a):
+        super().__init__(node)
+        self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
+
+    def run(self, env, bound):
+        x = env[self.inputs[0]]
+        if len(self.outputs) > 1 and self.outputs[1] and self.wanted[1]:
+            y, idx = torch.ops.aten.max_pool2d_with_indices(x, self.ks, self.st, self.pad, self.dil, self.ceil)
+            store(self.outputs[1], idx, env, bound)
+            env[self.outputs[1] + "#shape"] = x
+        else:
+            y = F.max_pool2d(x, self.ks, self.st, self.pad, self.dil, self.ceil)
+        store(self.outputs[0], y, env, bound)
+
+
+class MaxPoolGrad(NodeKernel):
+    def __init__(self, node, a):
+        super().__init__(node)
+        self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
+
+    def run(self, env, bound):
+        dy, idx = env[self.inputs[0]], env[self.inputs[1]]
+        x = env[self.inputs[1] + "#shape"]  # the pooled input (only its shape is read)
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(
+            dy.contiguous(), x, self.ks, self.st, self.pad, self.dil, self.ceil, idx
+        )
+        store(self.outputs[0], dx, env, bound)
+
+
+def _avg_pool(k, x):
+    ks, st, pads, _, ceil = _pool_args(k.a)
+    return F.avg_pool2d(x, ks, st, pads, ceil, bool(k.a.get("count_include_pad", 0)))
+
+
+def _global_avg(k, x):
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _global_max(k, x):
+    return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+# --- loss ------------------------------------------------------------------------------------
+
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _sce(k, scores, labels, weight=None):
+    """SoftmaxCrossEntropyLoss: (loss, log_prob)."""
+    log_prob = torch.log_softmax(scores, 1)
+    red = k.a.get("reduction", "mean")
+    loss = F.nll_loss(log_prob, labels, weight, ignore_index=k.a.get("ignore_index", -100), reduction=red)
+    return loss, log_prob
+
+
+def _sce_grad(k, dloss, log_prob, labels, weight=None):
+    """com.microsoft::SoftmaxCrossEntropyLossGrad: d scores = dloss · (softmax - onehot) (/ the
+    weight sum for ``mean``), through ATen's own NLL and log-softmax backward."""
+    red = k.a.get("reduction", "mean")
+    ignore = k.a.get("ignore_index", -100)
+    if red == "mean":  # the weight of the counted labels, as nll_loss's forward computes it
+        valid = labels != ignore
+        if weight is None:
+            total = valid.sum().to(log_prob.dtype)
+        else:
+            total = torch.where(valid, weight[labels.clamp(min=0)], torch.zeros((), dtype=weight.dtype)).sum()
+    else:
+        total = torch.zeros((), dtype=log_prob.dtype)
+    flat_lp = log_prob if log_prob.dim() == 2 else log_prob.movedim(1, -1).reshape(-1, log_prob.shape[1])
+    flat_lab = labels.reshape(-1)
+    dl = dloss.reshape(()) if red != "none" else dloss.reshape(-1)
+    dlp = torch.ops.aten.nll_loss_backward(dl, flat_lp, flat_lab, weight, _REDUCTION[red], ignore, total)
+    ds = torch.ops.aten._log_softmax_backward_data(dlp, flat_lp, 1, flat_lp.dtype)
+    if log_prob.dim() != 2:
+        shp = (log_prob.shape[0],) + tuple(log_prob.shape[2:]) + (log_prob.shape[1],)
+        ds = ds.reshape(shp).movedim(-1, 1)
+    return ds
+
+
+# --- the table -------------------------------------------------------------------------------
+
+UNARY = {
+    "Neg": torch.neg,
+    "Sqrt": torch.sqrt,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Abs": torch.abs,
+    "Reciprocal": torch.reciprocal,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Erf": torch.erf,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Not": torch.logical_not,
+}
+BINARY = {
+    "Add": torch.add,
+    "Sub": torch.sub,
+    "Mul": torch.mul,
+    "Pow": torch.pow,
+    "Greater": torch.gt,
+    "Less": torch.lt,
+    "GreaterOrEqual": torch.ge,
+    "LessOrEqual": torch.le,
+    "Equal": torch.eq,
+    "And": torch.logical_and,
+    "Or": torch.logical_or,
+    "Max": torch.maximum,
+    "Min": torch.minimum,
+}
+
+# (domain, op) -> kernel function; "" is ONNX's domain
+TABLE: dict[tuple[str, str], object] = {
+    ("", "Relu"): _relu,
+    (MS, "ReluGrad"): _relu_grad,
+    ("", "Div"): _div,
+    ("", "Sum"): _sum,
+    ("", "Identity"): _identity,
+    ("", "Cast"): _cast,
+    ("", "Shape"): _shape,
+    ("", "Reshape"): _reshape,
+    ("", "Flatten"): _flatten,
+    ("", "Expand"): _expand,
+    (MS, "Scale"): _scale,
+    ("", "ReduceSum"): _reduce(lambda x, ax, keep: torch.sum(x, ax, keep)),
+    ("", "ReduceMean"): _reduce(lambda x, ax, keep: torch.mean(x, ax, keep)),
+    ("", "ReduceMax"): _reduce(lambda x, ax, keep: torch.amax(x, ax, keep)),
+    ("", "ReduceL2"): _reduce(lambda x, ax, keep: torch.linalg.vector_norm(x, 2, ax, keep)),
+    ("", "ReduceSumSquare"): _reduce(lambda x, ax, keep: torch.sum(x * x, ax, keep)),
+    ("", "Gemm"): _gemm,
+    ("", "MatMul"): _matmul,
+    ("", "Transpose"): _transpose,
+    ("", "Concat"): _concat,
+    (MS, "ConcatTraining"): _concat,
+    ("", "Split"): _split,
+    ("", "Unsqueeze"): _unsqueeze,
+    ("", "Squeeze"): _squeeze,
+    ("", "Slice"): _slice,
+    ("", "Clip"): _clip,
+    ("", "Where"): _where,
+    ("", "Softmax"): _softmax,
+    ("", "Gather"): _gather,
+    ("", "Pad"): _pad,
+    ("", "Dropout"): _dropout,
+    (MS, "DropoutGrad"): _dropout_grad,
+    (MS, "BatchNormInternal"): _bn_train,
+    (MS, "BatchNormalizationGrad"): _bn_grad,
+    ("", "BatchNormalization"): _bn_eval,
+    ("", "AveragePool"): _avg_pool,
+    ("", "GlobalAveragePool"): _global_avg,
+    ("", "GlobalMaxPool"): _global_max,
+    ("", "SoftmaxCrossEntropyLoss"): _sce,
+    (MS, "SoftmaxCrossEntropyLossGrad"): _sce_grad,
+}
+for _n, _f in UNARY.items():
+    TABLE[("", _n)] = (lambda f: lambda k, x: f(x))(_f)
+for _n, _f in BINARY.items():
+    TABLE[("", _n)] = _binary(_f)
+CLASSES = {("", "MaxPool"): MaxPool, ("", "MaxPoolGrad"): MaxPoolGrad}
+CONV = {("", "Conv"), (MS, "ConvGrad")}
+
+
+def build(node: onnx.NodeProto, ctx: BuildContext) -> NodeKernel:
+    key = (domain_of(node), node.op_type)
+    if key in CONV:
+        return ConvKernel(node)
+    if key in CLASSES:
+        return CLASSES[key](node, attrs(node))
+    return Op(node, TABLE[key], attrs(node))

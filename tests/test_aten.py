@@ -1,0 +1,375 @@
+"""The runtime's ``aten`` kernels, op by op, against ORT's own kernels on random inputs.
+
+Each case is a small graph run twice: by an ORT session, and by the SegmentedRunner with every node
+claimed (no ORT segment). Bit-equal where the arithmetic is the same (shape ops, ReLU and its
+gradient, pooling, comparisons, adds and products); to float32 rounding (rtol 1e-5 to 1e-6,
+stated per case) where the order of a reduction or a transcendental's polynomial differs
+(BatchNorm, GEMM, softmax cross-entropy, exp/erf/...)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from accelc.runtime import aten
+from accelc.runtime.config import ExecConfig
+from accelc.runtime.executor import SegmentedRunner, claimed, prepared
+from accelc.runtime.kernels import providers
+from accelc.runtime.session import session_options
+
+MS = "com.microsoft"
+RNG = np.random.default_rng(0)
+_NPT = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.bool_: TensorProto.BOOL}
+
+
+def f32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def i64(v):
+    return np.asarray(v, dtype=np.int64)
+
+
+def model(nodes, feeds: dict, outputs: list, inits: dict | None = None, opset: int = 17, shapes: dict | None = None):
+    """``shapes``: output name -> shape, for ORT kernels that read their output's shape from the
+    graph (MaxPoolGrad)."""
+    ins = [helper.make_tensor_value_info(k, _NPT[v.dtype.type], v.shape) for k, v in feeds.items()]
+    shapes = shapes or {}
+    outs = [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, shapes[o])
+        if o in shapes
+        else helper.make_empty_tensor_value_info(o)
+        for o in outputs
+    ]
+    init = [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()]
+    g = helper.make_graph(nodes, "case", ins, outs, init)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)])
+    m.ir_version = 8
+    return m
+
+
+def both(nodes, feeds, outputs, inits=None, opset=17, shapes=None):
+    """(ORT's outputs, the aten runner's outputs), after checking that no node fell back to ORT."""
+    import onnxruntime as ort
+
+    m = model(nodes, feeds, outputs, inits, opset, shapes)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(outputs, feeds)
+    cfg = ExecConfig(kernels={"conv": "ort"} if "conv" in providers() else {})
+    m2 = prepared(m, cfg)
+    runner = SegmentedRunner(m2, session_options(), ["CPUExecutionProvider"], cfg, claimed(m2, cfg))
+    assert runner.segments == [], runner.fallback_ops()
+    got, _ = runner.run({k: torch.from_numpy(v.copy()) for k, v in feeds.items()})
+    return ref, [got[o].numpy() for o in outputs]
+
+
+def same(nodes, feeds, outputs, inits=None, opset=17):
+    ref, got = both(nodes, feeds, outputs, inits, opset)
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape and r.dtype == g.dtype
+        np.testing.assert_array_equal(r, g)
+
+
+def close(nodes, feeds, outputs, inits=None, rtol=1e-5, atol=1e-6, opset=17):
+    ref, got = both(nodes, feeds, outputs, inits, opset)
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape and r.dtype == g.dtype
+        np.testing.assert_allclose(g, r, rtol=rtol, atol=atol)
+
+
+N = helper.make_node
+
+
+def test_relu_and_grads_bit_equal():
+    x, dy = f32(4, 3, 5, 5), f32(4, 3, 5, 5)
+    same([N("Relu", ["x"], ["y"])], {"x": x}, ["y"])
+    same([N("ReluGrad", ["dy", "x"], ["dx"], domain=MS)], {"dy": dy, "x": x}, ["dx"])
+
+
+def test_opt_relu_grad_chain_fused_and_bit_equal():
+    nodes = [
+        N("Greater", ["x", "zero"], ["m"]),
+        N("Cast", ["m"], ["mf"], to=TensorProto.FLOAT),
+        N("Mul", ["dy", "mf"], ["dx"]),
+    ]
+    x, dy = f32(2, 3, 4, 4), f32(2, 3, 4, 4)
+    zero = {"zero": np.zeros((), np.float32)}
+    m = prepared(model(nodes, {"x": x, "dy": dy}, ["dx"], zero), ExecConfig())
+    assert [n.op_type for n in m.graph.node] == ["ReluGrad"]
+    same(nodes, {"x": x, "dy": dy}, ["dx"], zero)
+    # the mask read elsewhere: not fused
+    m = prepared(model(nodes, {"x": x, "dy": dy}, ["dx", "mf"], zero), ExecConfig())
+    assert [n.op_type for n in m.graph.node] == ["Greater", "Cast", "Mul"]
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min"])
+def test_binary_broadcast_bit_equal(op):
+    same([N(op, ["a", "b"], ["c"])], {"a": f32(4, 3, 5), "b": f32(3, 1)}, ["c"])
+
+
+@pytest.mark.parametrize("op", ["Greater", "Less", "Equal", "GreaterOrEqual", "LessOrEqual"])
+def test_comparisons_bit_equal(op):
+    a = np.round(f32(6, 7))
+    same([N(op, ["a", "b"], ["c"])], {"a": a, "b": np.round(f32(7))}, ["c"])
+
+
+def test_integer_div_truncates_like_onnx():
+    same([N("Div", ["a", "b"], ["c"])], {"a": i64([-7, 7, -8, 9]), "b": i64([2, -2, 3, 4])}, ["c"])
+
+
+@pytest.mark.parametrize("op", ["Neg", "Abs", "Floor", "Ceil", "Relu"])
+def test_exact_unary_bit_equal(op):
+    same([N(op, ["x"], ["y"])], {"x": f32(3, 8)}, ["y"])
+
+
+@pytest.mark.parametrize("op", ["Sqrt", "Exp", "Log", "Reciprocal", "Sigmoid", "Tanh", "Erf"])
+def test_transcendental_unary_to_float32_rounding(op):
+    x = f32(5, 16)
+    if op in ("Sqrt", "Log"):
+        x = np.abs(x) + 0.1
+    close([N(op, ["x"], ["y"])], {"x": x}, ["y"], rtol=2e-6, atol=1e-7)
+
+
+def test_pow_sum_identity_cast():
+    close([N("Pow", ["a", "b"], ["c"])], {"a": np.abs(f32(4, 4)) + 0.5, "b": f32(4)}, ["c"], rtol=2e-6)
+    close([N("Sum", ["a", "b", "c"], ["s"])], {"a": f32(3, 4), "b": f32(3, 4), "c": f32(3, 4)}, ["s"], rtol=1e-7)
+    same([N("Identity", ["a"], ["b"])], {"a": f32(2, 2)}, ["b"])
+    same([N("Cast", ["a"], ["b"], to=TensorProto.INT64)], {"a": f32(5) * 10}, ["b"])
+    same([N("Cast", ["a"], ["b"], to=TensorProto.FLOAT)], {"a": i64([1, -2, 3])}, ["b"])
+
+
+def test_shape_ops_bit_equal():
+    x = f32(2, 3, 4, 5)
+    same([N("Shape", ["x"], ["s"])], {"x": x}, ["s"])
+    same([N("Shape", ["x"], ["s"], start=1, end=-1)], {"x": x}, ["s"], opset=17)
+    same([N("Reshape", ["x", "s"], ["y"])], {"x": x}, ["y"], {"s": i64([0, -1, 5])})
+    same([N("Flatten", ["x"], ["y"], axis=1)], {"x": x}, ["y"])
+    same([N("Flatten", ["x"], ["y"], axis=2)], {"x": x}, ["y"])
+    same([N("Expand", ["a", "s"], ["y"])], {"a": f32(3, 1)}, ["y"], {"s": i64([2, 3, 4])})
+    same([N("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1])], {"x": x}, ["y"])
+    same([N("Unsqueeze", ["a", "ax"], ["y"])], {"a": f32(3, 4)}, ["y"], {"ax": i64([0, -1])})
+    same([N("Squeeze", ["a", "ax"], ["y"])], {"a": f32(3, 1, 4, 1)}, ["y"], {"ax": i64([1, -1])})
+    same(
+        [N("Slice", ["x", "st", "en", "ax", "sp"], ["y"])],
+        {"x": x},
+        ["y"],
+        {"st": i64([1, -4]), "en": i64([100, -1]), "ax": i64([1, 3]), "sp": i64([1, 2])},
+    )
+    same([N("Gather", ["a", "i"], ["y"], axis=1)], {"a": f32(3, 5)}, ["y"], {"i": i64([[0, -1], [2, 2]])})
+
+
+def test_concat_split_bit_equal():
+    a, b = f32(2, 3, 4), f32(2, 5, 4)
+    same([N("Concat", ["a", "b"], ["c"], axis=1)], {"a": a, "b": b}, ["c"])
+    same([N("ConcatTraining", ["a", "b"], ["c", "len"], axis=1, domain=MS)], {"a": a, "b": b}, ["c", "len"])
+    same([N("Split", ["b", "sp"], ["p", "q"], axis=1)], {"b": b}, ["p", "q"], {"sp": i64([2, 3])})
+    same([N("Split", ["a"], ["p", "q", "r"], axis=1)], {"a": a}, ["p", "q", "r"])
+
+
+def test_clip_where_pad_scale():
+    x = f32(3, 4, 5)
+    same([N("Clip", ["x", "lo", "hi"], ["y"])], {"x": x}, ["y"], {"lo": np.float32(-0.5), "hi": np.float32(0.7)})
+    same([N("Where", ["c", "a", "b"], ["y"])], {"c": f32(3, 4) > 0, "a": f32(3, 4), "b": f32(4)}, ["y"])
+    pads = i64([0, 1, 2, 0, 2, 1])
+    same([N("Pad", ["x", "p"], ["y"])], {"x": x}, ["y"], {"p": pads})
+    same([N("Scale", ["x", "s"], ["y"], scale_down=1, domain=MS)], {"x": x}, ["y"], {"s": np.float32(4.0)})
+    same([N("Scale", ["x", "s"], ["y"], scale_down=0, domain=MS)], {"x": x}, ["y"], {"s": np.float32(3.0)})
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_reductions(keep):
+    x = f32(4, 3, 6, 6)
+    close([N("ReduceSum", ["x", "ax"], ["y"], keepdims=keep)], {"x": x}, ["y"], {"ax": i64([0, 2])}, rtol=1e-5)
+    close([N("ReduceMean", ["x"], ["y"], axes=[2, 3], keepdims=keep)], {"x": x}, ["y"], rtol=1e-5)
+    close([N("ReduceL2", ["x"], ["y"], keepdims=keep)], {"x": x}, ["y"], rtol=1e-5)
+    same([N("ReduceMax", ["x"], ["y"], axes=[1], keepdims=keep)], {"x": x}, ["y"])
+    close([N("ReduceSumSquare", ["x"], ["y"], axes=[1], keepdims=keep)], {"x": x}, ["y"], rtol=1e-5)
+
+
+def test_gemm_matmul_softmax():
+    a, b, c = f32(6, 8), f32(5, 8), f32(5)
+    close([N("Gemm", ["a", "b", "c"], ["y"], transB=1, alpha=0.5, beta=2.0)], {"a": a, "b": b, "c": c}, ["y"])
+    close([N("Gemm", ["a", "b"], ["y"], transA=1, beta=0.0)], {"a": f32(8, 6), "b": f32(8, 5)}, ["y"])
+    close([N("MatMul", ["a", "b"], ["y"])], {"a": f32(2, 3, 6, 8), "b": f32(8, 4)}, ["y"])
+    close([N("Softmax", ["a"], ["y"], axis=1)], {"a": a}, ["y"], rtol=2e-6)
+
+
+def test_batchnorm_training_and_its_gradient():
+    x = f32(8, 4, 5, 5) * 3 + 1
+    scale, bias, mean, var = f32(4), f32(4), f32(4), np.abs(f32(4)) + 0.5
+    feeds = {"x": x, "s": scale, "b": bias, "m": mean, "v": var}
+    bn = N(
+        "BatchNormInternal", ["x", "s", "b", "m", "v"], ["y", "rm", "rv", "sm", "isd"],
+        domain=MS, epsilon=1e-5, momentum=0.9, training_mode=1,
+    )  # fmt: skip
+    close([bn], feeds, ["y", "rm", "rv", "sm", "isd"], rtol=1e-5, atol=1e-5)
+    grad = N("BatchNormalizationGrad", ["dy", "x", "s", "sm", "isd"], ["dx", "ds", "db"], domain=MS, epsilon=1e-5)
+    close([bn, grad], {**feeds, "dy": f32(8, 4, 5, 5)}, ["dx", "ds", "db"], rtol=1e-4, atol=1e-5)
+    infer = N("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-5)
+    close([infer], feeds, ["y"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        dict(kernel_shape=[2, 2], strides=[2, 2]),
+        dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+        dict(kernel_shape=[3, 3], strides=[1, 1], dilations=[2, 2]),
+    ],
+)
+def test_maxpool_and_its_gradient_bit_equal(attrs):
+    x = f32(2, 3, 9, 9)
+    pool = N("MaxPool", ["x"], ["y", "idx"], **attrs)
+    grad = N("MaxPoolGrad", ["dy", "idx"], ["dx"], **attrs)
+    ref, got = both([pool], {"x": x}, ["y"])
+    np.testing.assert_array_equal(ref[0], got[0])
+    dy = f32(*ref[0].shape)
+    # the pair: torch's indices stay inside the provider, the gradient is ORT's to the bit
+    ref, got = both([pool, grad], {"x": x, "dy": dy}, ["y", "dx"], shapes={"dx": x.shape})
+    for r, g in zip(ref, got):
+        np.testing.assert_array_equal(r, g)
+
+
+@pytest.mark.parametrize("include", [0, 1])
+def test_average_pools(include):
+    x = f32(2, 3, 8, 8)
+    close(
+        [
+            N(
+                "AveragePool",
+                ["x"],
+                ["y"],
+                kernel_shape=[3, 3],
+                strides=[2, 2],
+                pads=[1, 1, 1, 1],
+                count_include_pad=include,
+            )
+        ],
+        {"x": x},
+        ["y"],
+        rtol=1e-6,
+    )
+    close([N("GlobalAveragePool", ["x"], ["y"])], {"x": x}, ["y"], rtol=1e-6)
+    same([N("GlobalMaxPool", ["x"], ["y"])], {"x": x}, ["y"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_softmax_cross_entropy_and_its_gradient(reduction, weighted):
+    s, lab = f32(6, 5) * 3, i64([0, 4, 2, 2, 1, 3])
+    feeds = {"s": s, "lab": lab}
+    ins = ["s", "lab"]
+    if weighted:
+        feeds["w"] = np.abs(f32(5)) + 0.1
+        ins.append("w")
+    loss = N("SoftmaxCrossEntropyLoss", ins, ["l", "lp"], reduction=reduction)
+    close([loss], feeds, ["l", "lp"], rtol=1e-5)
+    dl = f32(6) if reduction == "none" else np.float32(1.5)
+    gin = ["dl", "lp", "lab"] + (["w"] if weighted else [])
+    grad = N("SoftmaxCrossEntropyLossGrad", gin, ["ds"], reduction=reduction, domain=MS)
+    close([loss, grad], {**feeds, "dl": np.asarray(dl, np.float32)}, ["ds"], rtol=1e-5, atol=1e-7)
+
+
+def test_softmax_cross_entropy_ignore_index():
+    s, lab = f32(6, 5), i64([0, -1, 2, -1, 1, 3])
+    loss = N("SoftmaxCrossEntropyLoss", ["s", "lab"], ["l", "lp"], reduction="mean", ignore_index=-1)
+    grad = N("SoftmaxCrossEntropyLossGrad", ["dl", "lp", "lab"], ["ds"], reduction="mean", ignore_index=-1, domain=MS)
+    close([loss, grad], {"s": s, "lab": lab, "dl": np.asarray(1.0, np.float32)}, ["l", "ds"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1]),
+        dict(kernel_shape=[3, 3], pads=[0, 1, 1, 0], strides=[2, 2]),
+        dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1], group=4),
+    ],
+)
+def test_conv_and_its_gradient(attrs):
+    g = attrs.get("group", 1)
+    x, w = f32(2, 4, 7, 7), f32(8, 4 // g, 3, 3)
+    conv = N("Conv", ["x", "w"], ["y"], **attrs)
+    ref, _ = both([conv], {"x": x, "w": w}, ["y"])
+    grad = N("ConvGrad", ["dy", "x", "w"], ["dx", "dw"], domain=MS, **attrs)
+    close([conv, grad], {"x": x, "w": w, "dy": f32(*ref[0].shape)}, ["y", "dx", "dw"], rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_attributes_fall_back_to_ort():
+    assert not aten.supports(N("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], pads=[0, 0, 1, 1]))
+    assert not aten.supports(N("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], storage_order=1))
+    assert not aten.supports(N("Conv", ["x", "w"], ["y"], kernel_shape=[3], auto_pad="SAME_UPPER"))
+    assert not aten.supports(N("Pad", ["x", "p"], ["y"], mode="reflect"))
+    assert not aten.supports(N("NonZero", ["x"], ["y"]))
+    assert aten.supports(N("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+
+
+def test_claim_table_matches_the_kernels():
+    from accelc.runtime import aten_ops
+
+    assert set(aten_ops.TABLE) | set(aten_ops.CLASSES) | aten_ops.CONV == aten.OPS
+
+
+def test_kernel_all_ort_claims_nothing():
+    m = model([N("Relu", ["x"], ["y"])], {"x": f32(2, 2)}, ["y"])
+    assert claimed(m, ExecConfig(kernels={"all": "ort"})) == {}
+    assert len(claimed(m, ExecConfig())) == 1
+    assert claimed(m, ExecConfig(kernels={"aten": "ort"})) == {}
+
+
+def test_kernel_all_accepts_only_ort():
+    from accelc.compiler.errors import InvalidValue
+
+    with pytest.raises(InvalidValue, match="only all=ort"):
+        ExecConfig(kernels={"all": "torch"}).check()
+
+
+def test_unsupported_node_runs_in_an_ort_segment_between_kernels():
+    nodes = [N("Relu", ["x"], ["a"]), N("NonZero", ["a"], ["nz"]), N("Shape", ["nz"], ["s"]), N("Neg", ["x"], ["b"])]
+    feeds = {"x": f32(3, 4)}
+    import onnxruntime as ort
+
+    m = model(nodes, feeds, ["s", "b"])
+    cfg = ExecConfig()
+    runner = SegmentedRunner(m, session_options(), ["CPUExecutionProvider"], cfg, claimed(m, cfg))
+    assert runner.fallback_ops() == {"NonZero": 1}
+    got, _ = runner.run({"x": torch.from_numpy(feeds["x"])})
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["s", "b"], feeds)
+    np.testing.assert_array_equal(got["s"].numpy(), ref[0])
+    np.testing.assert_array_equal(got["b"].numpy(), ref[1])
+
+
+def test_onnx_checker_accepts_the_fused_graph_shape():
+    m = model([N("Greater", ["x", "z"], ["m"]), N("Cast", ["m"], ["f"], to=1), N("Mul", ["d", "f"], ["o"])],
+              {"x": f32(2), "d": f32(2)}, ["o"], {"z": np.zeros((), np.float32)})  # fmt: skip
+    fused = prepared(m, ExecConfig())
+    assert isinstance(fused, onnx.ModelProto) and fused.graph.node[0].domain == MS
+
+
+def test_dropout_identity_when_not_training_and_its_gradient():
+    x, dy = f32(4, 6), f32(4, 6)
+    inits = {"r": np.float32(0.3), "t": np.asarray(False)}
+    same([N("Dropout", ["x", "r", "t"], ["y", "m"])], {"x": x}, ["y", "m"], inits)
+    same([N("Dropout", ["x"], ["y"])], {"x": x}, ["y"])
+    grad = N("DropoutGrad", ["dy", "m", "r", "t"], ["dx"], domain=MS)
+    same([N("Dropout", ["x", "r", "t"], ["y", "m"]), grad], {"x": x, "dy": dy}, ["dx"], inits)
+
+
+def test_dropout_training_scales_kept_values_and_the_gradient_follows_the_mask():
+    x, dy = np.abs(f32(64, 64)) + 1.0, f32(64, 64)
+    inits = {"r": np.float32(0.25), "t": np.asarray(True)}
+    nodes = [N("Dropout", ["x", "r", "t"], ["y", "m"]), N("DropoutGrad", ["dy", "m", "r", "t"], ["dx"], domain=MS)]
+    m = model(nodes, {"x": x, "dy": dy}, ["y", "m", "dx"], inits)
+    cfg = ExecConfig()
+    runner = SegmentedRunner(m, session_options(), ["CPUExecutionProvider"], cfg, claimed(m, cfg))
+    assert runner.segments == []
+    out, _ = runner.run({"x": torch.from_numpy(x), "dy": torch.from_numpy(dy)})
+    y, mask, dx = out["y"].numpy(), out["m"].numpy(), out["dx"].numpy()
+    assert 0.2 < 1 - mask.mean() < 0.3
+    np.testing.assert_allclose(y, np.where(mask, x / 0.75, 0), rtol=1e-6)
+    np.testing.assert_allclose(dx, np.where(mask, dy / 0.75, 0), rtol=1e-6)

@@ -38,9 +38,11 @@ OPS = CONV_OPS | {("", op) for op in (
     "GlobalAveragePool", "GlobalMaxPool", "SoftmaxCrossEntropyLoss", "MaxPool", "MaxPoolGrad",
     "Neg", "Sqrt", "Exp", "Log", "Abs", "Reciprocal", "Sigmoid", "Tanh", "Erf", "Floor", "Ceil", "Not",
     "Add", "Sub", "Mul", "Pow", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Max", "Min",
+    "Constant", "Size", "LayerNormalization",
 )} | {(MS, op) for op in (
     "ReluGrad", "Scale", "ConcatTraining", "DropoutGrad", "BatchNormInternal", "BatchNormalizationGrad",
-    "SoftmaxCrossEntropyLossGrad",
+    "SoftmaxCrossEntropyLossGrad", "SplitTraining", "SliceGrad", "SigmoidGrad", "TanhGrad", "QuickGelu", "QuickGeluGrad",
+    "LayerNormalizationGrad", "Gelu", "GeluGrad", "FusedMatMul",
 )}  # fmt: skip
 
 
@@ -75,6 +77,10 @@ def supports(node: onnx.NodeProto) -> bool:
             and pads[: len(ks)] == pads[len(ks) :]  # torch pads symmetrically
             and all(p <= k // 2 for p, k in zip(pads, ks))
         )
+    if node.op_type == "FusedMatMul":
+        return not a.get("transBatchA", 0) and not a.get("transBatchB", 0)
+    if node.op_type == "LayerNormalization":
+        return a.get("stash_type", 1) == 1
     if node.op_type == "Pad":
         return a.get("mode", "constant") == "constant" and len(node.input) < 4
     if node.op_type == "SoftmaxCrossEntropyLoss" or node.op_type == "SoftmaxCrossEntropyLossGrad":

@@ -167,7 +167,7 @@ def _concat(k, *xs):
     return out
 
 
-def _split(k, x, split=None):
+def _split(k, x, split=None, *_):  # SplitTraining may add num_outputs
     axis = k.a.get("axis", 0)
     n = len(k.outputs)
     if split is not None:
@@ -268,6 +268,55 @@ def _dropout_grad(k, dy, mask, ratio=None, training=None):
     return dy * mask * (1.0 / (1.0 - r))
 
 
+def _constant(k):
+    a = k.a
+    if "value" in a:
+        from onnx import numpy_helper
+
+        return torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
+    for key, dt in (("value_float", torch.float32), ("value_int", torch.int64)):
+        if key in a:
+            return torch.tensor(a[key], dtype=dt)
+    for key, dt in (("value_floats", torch.float32), ("value_ints", torch.int64)):
+        if key in a:
+            return torch.tensor(list(a[key]), dtype=dt)
+    raise NotImplementedError("Constant without a value")
+
+
+def _size(k, x):
+    return torch.tensor(x.numel(), dtype=torch.int64)
+
+
+def _slice_grad(k, dy, shape, starts, ends, axes=None, steps=None):
+    """com.microsoft::SliceGrad: dY scattered into zeros of the sliced input's shape."""
+    dx = torch.zeros(_ints(shape), dtype=dy.dtype)
+    view = _slice(k, dx, starts, ends, axes, steps)
+    view.copy_(dy)
+    return dx
+
+
+def _sigmoid_grad(k, dy, y):
+    return torch.ops.aten.sigmoid_backward(dy, y)
+
+
+def _tanh_grad(k, dy, y):
+    return torch.ops.aten.tanh_backward(dy, y)
+
+
+def _quick_gelu(k, x):
+    """com.microsoft::QuickGelu: x·sigmoid(alpha·x) (ORT's fusion of SiLU when alpha is 1)."""
+    alpha = float(k.a.get("alpha", 1.702))
+    return x * torch.sigmoid(x * alpha) if alpha != 1.0 else F.silu(x)
+
+
+def _quick_gelu_grad(k, dy, x):
+    alpha = float(k.a.get("alpha", 1.702))
+    if alpha == 1.0:
+        return torch.ops.aten.silu_backward(dy, x)
+    s = torch.sigmoid(x * alpha)
+    return dy * (s + x * alpha * s * (1.0 - s))
+
+
 # --- normalisation -----------------------------------------------------------------------
 
 
@@ -297,6 +346,51 @@ def _bn_eval(k, x, scale, bias, mean, var):
         return _bn_train(k, x, scale, bias, mean, var)
     eps = float(k.a.get("epsilon", 1e-5))
     return torch.ops.aten.native_batch_norm(x, scale, bias, mean, var, False, 0.0, eps)[0]
+
+
+def _layer_norm(k, x, scale, bias=None):
+    axis = k.a.get("axis", -1)
+    axis = axis + x.dim() if axis < 0 else axis
+    y, mean, rstd = torch.ops.aten.native_layer_norm(
+        x, list(x.shape[axis:]), scale, bias, float(k.a.get("epsilon", 1e-5))
+    )
+    return y, mean, rstd
+
+
+def _layer_norm_grad(k, dy, x, scale, mean, inv_std, *_):
+    axis = k.a.get("axis", -1)
+    axis = axis + x.dim() if axis < 0 else axis
+    mask = [bool(w) for w in (k.wanted + [False] * 3)[:3]]
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy,
+        x,
+        list(x.shape[axis:]),
+        mean,
+        inv_std,
+        scale,
+        scale,
+        mask,  # bias: only its shape is read
+    )
+    return dx, dw, db
+
+
+def _gelu(k, x, *_):
+    return F.gelu(x)
+
+
+def _gelu_grad(k, dy, x, *_):
+    return torch.ops.aten.gelu_backward(dy, x)
+
+
+def _fused_matmul(k, a, b):
+    """com.microsoft::FusedMatMul: alpha·op(A)·op(B), op transposing the last two axes."""
+    if k.a.get("transA", 0):
+        a = a.transpose(-1, -2)
+    if k.a.get("transB", 0):
+        b = b.transpose(-1, -2)
+    out = torch.matmul(a, b)
+    alpha = float(k.a.get("alpha", 1.0))
+    return out if alpha == 1.0 else out.mul_(alpha)
 
 
 # --- pooling -------------------------------------------------------------------------------
@@ -455,6 +549,19 @@ TABLE: dict[tuple[str, str], object] = {
     ("", "Gather"): _gather,
     ("", "Pad"): _pad,
     ("", "Dropout"): _dropout,
+    ("", "Constant"): _constant,
+    ("", "Size"): _size,
+    (MS, "SplitTraining"): _split,
+    (MS, "SliceGrad"): _slice_grad,
+    (MS, "SigmoidGrad"): _sigmoid_grad,
+    (MS, "TanhGrad"): _tanh_grad,
+    (MS, "QuickGelu"): _quick_gelu,
+    ("", "LayerNormalization"): _layer_norm,
+    (MS, "LayerNormalizationGrad"): _layer_norm_grad,
+    (MS, "Gelu"): _gelu,
+    (MS, "GeluGrad"): _gelu_grad,
+    (MS, "FusedMatMul"): _fused_matmul,
+    (MS, "QuickGeluGrad"): _quick_gelu_grad,
     (MS, "DropoutGrad"): _dropout_grad,
     (MS, "BatchNormInternal"): _bn_train,
     (MS, "BatchNormalizationGrad"): _bn_grad,

@@ -373,3 +373,44 @@ def test_dropout_training_scales_kept_values_and_the_gradient_follows_the_mask()
     assert 0.2 < 1 - mask.mean() < 0.3
     np.testing.assert_allclose(y, np.where(mask, x / 0.75, 0), rtol=1e-6)
     np.testing.assert_allclose(dx, np.where(mask, dy / 0.75, 0), rtol=1e-6)
+
+
+def test_constant_size_and_the_gradient_ops_of_real_models():
+    x = f32(2, 3, 4, 5)
+    same([N("Constant", [], ["c"], value=numpy_helper.from_array(f32(3, 2)))], {}, ["c"])
+    same([N("Constant", [], ["c"], value_ints=[1, 2, 3])], {}, ["c"])
+    same([N("Size", ["x"], ["n"])], {"x": x}, ["n"])
+    same([N("SplitTraining", ["x", "sp"], ["a", "b"], axis=1, domain=MS)], {"x": x}, ["a", "b"], {"sp": i64([1, 2])})
+    grad = N("SliceGrad", ["dy", "shape", "st", "en", "ax", "sp"], ["dx"], domain=MS)
+    inits = {"shape": i64(x.shape), "st": i64([1, 0]), "en": i64([3, 100]), "ax": i64([1, 3]), "sp": i64([1, 2])}
+    same([grad], {"dy": f32(2, 2, 4, 3)}, ["dx"], inits)
+    y = 1 / (1 + np.exp(-x))
+    close([N("SigmoidGrad", ["dy", "y"], ["dx"], domain=MS)], {"dy": x, "y": y.astype(np.float32)}, ["dx"], rtol=1e-6)
+    t = np.tanh(x).astype(np.float32)
+    close([N("TanhGrad", ["dy", "y"], ["dx"], domain=MS)], {"dy": x, "y": t}, ["dx"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.702])
+def test_quick_gelu_and_its_gradient(alpha):
+    x, dy = f32(4, 8) * 3, f32(4, 8)
+    close([N("QuickGelu", ["x"], ["y"], alpha=alpha, domain=MS)], {"x": x}, ["y"], rtol=1e-5, atol=1e-6)
+    g = N("QuickGeluGrad", ["dy", "x"], ["dx"], alpha=alpha, domain=MS)
+    close([g], {"dy": dy, "x": x}, ["dx"], rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_and_its_gradient():
+    x, s_, b = f32(2, 5, 4, 6), f32(6), f32(6)
+    ln = N("LayerNormalization", ["x", "s", "b"], ["y", "m", "isd"], axis=-1, epsilon=1e-5)
+    close([ln], {"x": x, "s": s_, "b": b}, ["y", "m", "isd"], rtol=1e-5, atol=1e-6)
+    g = N("LayerNormalizationGrad", ["dy", "x", "s", "m", "isd"], ["dx", "ds", "db"], axis=-1, epsilon=1e-5, domain=MS)
+    close([ln, g], {"x": x, "s": s_, "b": b, "dy": f32(2, 5, 4, 6)}, ["dx", "ds", "db"], rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_and_fused_matmul():
+    x, dy = f32(4, 8) * 2, f32(4, 8)
+    close([N("Gelu", ["x"], ["y"], domain=MS)], {"x": x}, ["y"], rtol=1e-5, atol=1e-6)
+    close([N("GeluGrad", ["dy", "x"], ["dx"], domain=MS)], {"dy": dy, "x": x}, ["dx"], rtol=1e-5, atol=1e-6)
+    fm = N("FusedMatMul", ["a", "b"], ["y"], transA=1, transB=0, alpha=0.5, domain=MS)
+    close([fm], {"a": f32(3, 6, 4), "b": f32(3, 6, 5)}, ["y"], rtol=1e-5, atol=1e-6)
+    fm = N("FusedMatMul", ["a", "b"], ["y"], transB=1, domain=MS)
+    close([fm], {"a": f32(2, 3, 4, 6), "b": f32(5, 6)}, ["y"], rtol=1e-5, atol=1e-6)

@@ -175,7 +175,13 @@ def run_model(lib: str, name: str, size: int, work: Path) -> dict:
             row["frozen_reported"] = [f for f in frozen if f not in row["frozen_silently"]]
 
             def gradients():
-                loss, grads, _ = TrainingSession(art).compute_gradients(x, y)
+                from accelc.runtime.config import ExecConfig
+
+                sess = TrainingSession(art)
+                loss, grads, _ = sess.compute_gradients(x, y)
+                engine = sess.engine_report()
+                # the same batch with the whole step on ORT Training's kernels (the reference engine)
+                ort_loss, ort_grads, _ = TrainingSession(art, ExecConfig(kernels={"all": "ort"})).compute_gradients(x, y)
                 tl32, t32 = _torch_grads(module, x, y, torch.float32)
                 _, t32cl = _torch_grads(module, x, y, torch.float32, channels_last=True)
                 _, t64 = _torch_grads(module, x, y, torch.float64)
@@ -195,6 +201,12 @@ def run_model(lib: str, name: str, size: int, work: Path) -> dict:
                     "torch32_orders": max(_rel(t32cl[k], t32[k], floor) for k in common),
                     "off": sorted(off_each[0] & off_each[1]),
                     "off_one_order": sorted(off_each[0] ^ off_each[1]),
+                    "ort_segments": engine.get("ort_segments"),
+                    "fell_back": engine.get("fell_back", {}),
+                    "eval_engine": engine.get("eval"),
+                    "vs_ort_loss_diff": abs(loss - ort_loss),
+                    "vs_ort_max_rel_err": max(_rel(grads[k], ort_grads[k], floor) for k in common),
+                    "ort_max_rel_err_vs_float64": max(_rel(ort_grads[k], t64[k], floor) for k in common),
                 }
 
             row["gradients"] = _outcome(gradients)
@@ -267,15 +279,19 @@ def markdown(rows: list[dict], seconds: float) -> str:
         f"both). Lockstep: {STEPS} AdamW steps "
         f"in accelc's runtime and torch eager, largest loss difference; in brackets torch eager against "
         f"itself with channels-last weights (another valid float32 order), the floor of that comparison. Passes: compile, then two "
-        f"training steps of every variant (and stage) in accelc's runtime.",
+        f"training steps of every variant (and stage) in accelc's runtime. Engine: accelc's default (every op on "
+        f"its ATen kernels; 'ORT segments' counts the parts of the step still left to ORT, and which ops), "
+        f"against the same batch with the whole step on ORT Training's kernels (`--kernel all=ort`), and ORT's own "
+        f"distance from float64 beside it.",
         "",
         "| model | input | params | export | compile | gradients (vs f32 / vs f64 / torch f32 vs f64, worse order) | judged | "
+        "ORT segments per step (fell back) | vs `--kernel all=ort` (Δloss / grad; ORT vs f64) | "
         "lockstep max Δloss (torch vs torch, other order) | frozen silently | skip | reuse | rescale | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "fatal" in r:
-            lines.append(f"| {r['model']} | fatal: {r['fatal'][:200]} |" + " |" * 11)
+            lines.append(f"| {r['model']} | fatal: {r['fatal'][:200]} |" + " |" * 13)
             continue
         g = r.get("gradients")
         if g and g[0] == "ok":
@@ -290,8 +306,15 @@ def markdown(rows: list[dict], seconds: float) -> str:
                     f"ok ({len(gd['off_one_order'])} within one torch order only; torch's orders differ by "
                     f"{gd['torch32_orders']:.1e})"
                 )
+            fb = ", ".join(f"{k}×{v}" for k, v in sorted(gd.get("fell_back", {}).items()))
+            segtxt = f"{gd.get('ort_segments')}" + (f" ({fb})" if fb else "")
+            vsort = (
+                f"{gd['vs_ort_loss_diff']:.1e} / {gd['vs_ort_max_rel_err']:.1e}; {gd['ort_max_rel_err_vs_float64']:.1e}"
+                if "vs_ort_loss_diff" in gd
+                else "—"
+            )
         else:
-            gtxt, judged = cell(g), "—"
+            gtxt, judged, segtxt, vsort = cell(g), "—", "—", "—"
         ls = r.get("lockstep")
         lstxt = (
             f"{ls[1]['max_loss_diff']:.1e} ({ls[1].get('torch_orders_loss_diff', float('nan')):.1e})"
@@ -307,7 +330,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
 
         lines.append(
             f"| {r['model']} | {r.get('input', '')} | {r.get('params', 0) / 1e6:.1f}M | {cell(r.get('export'))} "
-            f"| {cell(r.get('compile:none'))} | {gtxt} | {judged} | {lstxt} "
+            f"| {cell(r.get('compile:none'))} | {gtxt} | {judged} | {segtxt} | {vsort} | {lstxt} "
             f"| {', '.join(r.get('frozen_silently', [])) or 'none'} | {passcell('skip')} | {passcell('reuse')} "
             f"| {passcell('rescale')} | {r.get('peak_rss_mb', 0):.0f} |"
         )

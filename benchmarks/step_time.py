@@ -1,7 +1,9 @@
 """One training step (forward, backward, AdamW) per engine, side by side: torch eager fp32,
 torch channels_last fp32, torch.compile fp32, accelc on ORT (``--kernel all=ort``, the whole step on
-ORT Training's kernels, as plain ORT users get it) and accelc's default engine (every op on its ATen
-kernels) — with a per-op-kind profile of both accelc engines. Writes docs/step_time.md and .json.
+ORT Training's kernels, as plain ORT users get it), accelc before the whole-graph engine (``--kernel
+aten=ort``: the opt pass's convs on oneDNN between ORT segments, the previous default) and accelc's
+default engine (every op on its ATen kernels) — with a per-op-kind profile of the accelc engines.
+Writes docs/step_time.md and .json.
 
     python benchmarks/step_time.py [--models vgg,resnet18,tv:resnet50,tv:mobilenet_v2] [--rounds 5]
         [--block 3] [--no-compile] [--out docs]
@@ -188,6 +190,7 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
     x = rng.standard_normal((batch, *shape)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int64)
     ort_sess = TrainingSession(art, ExecConfig(kernels={"all": "ort"}))
+    seg_sess = TrainingSession(art, ExecConfig(kernels={"aten": "ort"}))
     aten_sess = TrainingSession(art, ExecConfig())
     weights = {k: torch.from_numpy(v) for k, v in ort_sess.param_arrays().items()}
 
@@ -213,6 +216,7 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
             print(f"  torch.compile unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         print(f"  torch.compile warm-up {time.perf_counter() - t0:.1f} s")
     engines["accelc --kernel all=ort"] = ort_sess
+    engines["accelc --kernel aten=ort"] = seg_sess
     engines["accelc default"] = aten_sess
     values = collections.defaultdict(list)
     for e in engines.values():  # untimed warm-up of every engine
@@ -235,6 +239,7 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
     }
     profiles = {
         "accelc --kernel all=ort": Profiled(ort_sess).run(x, y, 3),
+        "accelc --kernel aten=ort": Profiled(seg_sess).run(x, y, 3),
         "accelc default": Profiled(aten_sess).run(x, y, 3),
     }
     fell_back = aten_sess.runner.fallback_ops() if aten_sess.runner else {"(whole graph)": 1}

@@ -123,9 +123,21 @@ def compile(
 
 
 def inspect(path) -> dict:
-    """Per-layer view of an artifact directory or an ONNX model."""
+    """Per-layer view of an artifact directory or an ONNX model; for artifacts also ``engine``:
+    how many of the training graph's nodes accelc's kernels run on this machine's default
+    configuration, and the op kinds left to ORT."""
     checks.path_like("path", path)
-    return inspect_path(path)
+    view = inspect_path(path)
+    if view.get("source") == "artifacts":
+        from .compiler.artifact_dir import load_artifacts
+        from .compiler.lowering import lower_training_model
+        from .runtime.config import ExecConfig
+        from .runtime.executor import coverage
+
+        art, _ = load_artifacts(path)
+        lowered, _ = lower_training_model(art.training, art.info.output_name)
+        view["engine"] = coverage(lowered, ExecConfig())
+    return view
 
 
 def check_train_args(

@@ -447,6 +447,7 @@ class Inspect(Tool):
                         "passes": view.get("passes", []),
                         "verified": view.get("verified"),
                         "warnings": view.get("warnings", []),
+                        "engine": view.get("engine"),
                     },
                     indent=1,
                 )
@@ -455,6 +456,13 @@ class Inspect(Tool):
             print(layer_table_text(view))
             for w in view.get("warnings", []):
                 print(f"note: {show(w, 400)}")
+            eng = view.get("engine")
+            if eng:
+                fb = ", ".join(f"{k}×{v}" for k, v in sorted(eng["fell_back"].items()))
+                print(
+                    f"engine: {eng['kernel_nodes']} of {eng['nodes']} training-graph nodes on accelc's kernels"
+                    + (f"; left to ORT: {fb}" if fb else "; no ORT in the step")
+                )
             lines = explain(view)
             if lines:
                 print()

@@ -46,6 +46,18 @@ def claimed(model: onnx.ModelProto, config: ExecConfig) -> dict[int, object]:
     return out
 
 
+def coverage(model: onnx.ModelProto, config: ExecConfig) -> dict:
+    """Which of a graph's nodes accelc's kernels would run under ``config`` (nothing is built):
+    ``{"nodes", "kernel_nodes", "fell_back": {op: count}}``."""
+    model = prepared(model, config)
+    owners = claimed(model, config)
+    fell: dict[str, int] = defaultdict(int)
+    for k, n in enumerate(model.graph.node):
+        if k not in owners:
+            fell[n.op_type] += 1
+    return {"nodes": len(model.graph.node), "kernel_nodes": len(owners), "fell_back": dict(fell)}
+
+
 class SegmentedRunner:
     """Executes a lowered training graph with claimed nodes (see the module doc)."""
 

@@ -156,6 +156,12 @@ class Schedule:
     def name(self) -> str:
         return "+".join(d for d in (a.describe() for a in self.algorithms) if d) or "base"
 
+    def decisions(self) -> dict[str, str]:
+        """The variant as a structured value: each algorithm whose decision departs from the plain
+        graph -> its description ({} for the plain graph). Stored as such in checkpoints: a list of
+        skipped layers on a real model is long, and no bound on the joined name holds."""
+        return {a.name: d for a in self.algorithms if (d := a.describe())}
+
 
 _ALGORITHMS: dict[str, type[Algorithm]] = {}
 

@@ -25,6 +25,7 @@ from onnx import helper
 from .kernels import BuildContext, KernelProvider, NodeKernel, register_kernel
 
 MS = "com.microsoft"
+OWN = "ai.accelc.aten"  # nodes only this provider's rewrite makes (and only it runs)
 NAME = "aten"
 IMPL = "torch"
 
@@ -43,7 +44,7 @@ OPS = CONV_OPS | {("", op) for op in (
     "ReluGrad", "Scale", "ConcatTraining", "DropoutGrad", "BatchNormInternal", "BatchNormalizationGrad",
     "SoftmaxCrossEntropyLossGrad", "SplitTraining", "SliceGrad", "SigmoidGrad", "TanhGrad", "QuickGelu", "QuickGeluGrad",
     "LayerNormalizationGrad", "Gelu", "GeluGrad", "FusedMatMul",
-)}  # fmt: skip
+)} | {(OWN, "ClipGrad")}  # fmt: skip
 
 
 def attrs(node: onnx.NodeProto) -> dict:
@@ -98,11 +99,16 @@ def _scalar_zero(t: onnx.TensorProto | None) -> bool:
 
 
 def fuse_relu_grad(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Mul(dY, Cast(Greater(X, 0), float)) -> com.microsoft::ReluGrad(dY, X), placed where the Mul
-    was: one pass over memory (ATen's threshold_backward) instead of three, and no float mask kept
-    from the forward to the backward. The same values for finite dY (the chain is how the ``opt``
-    pass spells ReluGrad for ORT's vectorised kernels; ORT runs the fused graph too). Only where the
-    mask feeds nothing else."""
+    """Two exact rewrites of gradient chains, each placed where the chain's Mul was and only where
+    its mask feeds nothing else:
+
+    * Mul(dY, Cast(Greater(X, 0), float)) -> com.microsoft::ReluGrad(dY, X): one pass over memory
+      (ATen's threshold_backward) instead of three, and no float mask kept from the forward to the
+      backward. The same values for finite dY (the chain is how the ``opt`` pass spells ReluGrad for
+      ORT's vectorised kernels; ORT runs this node too).
+    * Mul(dY, Cast(And(GreaterOrEqual(X, lo), LessOrEqual(X, hi)), float)) -> ClipGrad(dY, X, lo, hi)
+      in this provider's own domain (ORT's gradient of Clip, e.g. ReLU6): the mask as bytes in the
+      backward instead of a float mask from the forward; the same values, NaN included."""
     g = model.graph
     nodes = list(g.node)  # protobuf hands out a new wrapper per access: positions are the keys
     inits = {t.name: t for t in g.initializer}
@@ -113,8 +119,20 @@ def fuse_relu_grad(model: onnx.ModelProto) -> onnx.ModelProto:
     outs = {o.name for o in g.output}
     producer = {o: k for k, n in enumerate(nodes) for o in n.output}
     drop, repl = set(), {}
+
+    def single(k) -> bool:  # a node whose outputs feed exactly one node and no graph output
+        return all(consumers.get(o) == 1 and o not in outs for o in nodes[k].output if o)
+
     for pos, n in enumerate(nodes):
         if n.op_type != "Mul" or domain_of(n) != "":
+            continue
+        clip = _clip_grad_chain(n, nodes, producer, single)
+        if clip is not None:
+            (x, lo, hi, dy), chain = clip
+            fused = helper.make_node("ClipGrad", [dy, x, lo, hi], [n.output[0]], name=n.name, domain=OWN)
+            fused.metadata_props.extend(n.metadata_props)
+            repl[pos] = fused
+            drop.update(chain)
             continue
         for side in (0, 1):
             kc = producer.get(n.input[side])
@@ -142,9 +160,33 @@ def fuse_relu_grad(model: onnx.ModelProto) -> onnx.ModelProto:
     m.CopyFrom(model)
     del m.graph.node[:]
     m.graph.node.extend(repl.get(k, n) for k, n in enumerate(nodes) if k not in drop)
-    if not any(o.domain == MS for o in m.opset_import):
-        m.opset_import.append(helper.make_opsetid(MS, 1))
+    for dom in (MS, OWN):
+        if not any(o.domain == dom for o in m.opset_import):
+            m.opset_import.append(helper.make_opsetid(dom, 1))
     return m
+
+
+def _clip_grad_chain(mul, nodes, producer, single):
+    """((X, lo, hi, dY), positions of the mask's nodes) when ``mul`` is dY times the float mask of
+    lo <= X <= hi, else None."""
+    for side in (0, 1):
+        k_cast = producer.get(mul.input[side])
+        if k_cast is None or nodes[k_cast].op_type != "Cast" or not single(k_cast):
+            continue
+        if attrs(nodes[k_cast]).get("to") != onnx.TensorProto.FLOAT:
+            continue
+        k_and = producer.get(nodes[k_cast].input[0])
+        if k_and is None or nodes[k_and].op_type != "And" or not single(k_and):
+            continue
+        parts = [producer.get(i) for i in nodes[k_and].input]
+        if any(k is None or not single(k) for k in parts):
+            continue
+        by_op = {nodes[k].op_type: nodes[k] for k in parts}
+        ge, le = by_op.get("GreaterOrEqual"), by_op.get("LessOrEqual")
+        if ge is None or le is None or ge.input[0] != le.input[0]:
+            continue
+        return (ge.input[0], ge.input[1], le.input[1], mul.input[1 - side]), {k_cast, k_and, *parts}
+    return None
 
 
 def _build(node: onnx.NodeProto, ctx: BuildContext) -> NodeKernel:

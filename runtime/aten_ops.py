@@ -7,7 +7,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from .aten import MS, attrs, domain_of
+from .aten import MS, OWN, attrs, domain_of
 from .kernels import BuildContext, NodeKernel, store
 from .torch_ops import ConvKernel
 
@@ -303,6 +303,11 @@ def _tanh_grad(k, dy, y):
     return torch.ops.aten.tanh_backward(dy, y)
 
 
+def _clip_grad(k, dy, x, lo, hi):
+    """The fused gradient of Clip: dY where lo <= X <= hi, else 0 (NaN·0 stays NaN, as in the chain)."""
+    return dy * ((x >= lo) & (x <= hi))
+
+
 def _quick_gelu(k, x):
     """com.microsoft::QuickGelu: x·sigmoid(alpha·x) (ORT's fusion of SiLU when alpha is 1)."""
     alpha = float(k.a.get("alpha", 1.702))
@@ -556,6 +561,7 @@ TABLE: dict[tuple[str, str], object] = {
     (MS, "SigmoidGrad"): _sigmoid_grad,
     (MS, "TanhGrad"): _tanh_grad,
     (MS, "QuickGelu"): _quick_gelu,
+    (OWN, "ClipGrad"): _clip_grad,
     ("", "LayerNormalization"): _layer_norm,
     (MS, "LayerNormalizationGrad"): _layer_norm_grad,
     (MS, "Gelu"): _gelu,

@@ -100,9 +100,29 @@ SCHEMA = {
         "train_time": {"type": "number", "minimum": 0},
         "wall_time": {"type": "number", "minimum": 0},
         "controllers": {"type": "object", "additionalProperties": {"type": "object"}},
-        "variant": {"type": "string", "maxLength": 200},
+        # per method, its decision ({} for the plain graph); a string in checkpoints written before
+        # (their joined name, at most 200 characters)
+        "variant": {
+            "oneOf": [
+                {"type": "string", "maxLength": 200},
+                {
+                    "type": "object",
+                    "maxProperties": 64,
+                    "propertyNames": {"maxLength": 100},
+                    "additionalProperties": {"type": "string", "maxLength": 10_000_000},
+                },
+            ]
+        },
     },
 }
+
+
+def variant_text(variant) -> str:
+    """A checkpoint's variant as one readable name (``skip:a,b+reuse:off``; ``base`` for the plain
+    graph), for either form it is stored in."""
+    if isinstance(variant, str):
+        return variant
+    return "+".join(str(v) for v in variant.values()) or "base"
 
 
 class CheckpointError(AccelcError):

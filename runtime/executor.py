@@ -23,6 +23,32 @@ from onnx import helper, numpy_helper
 from .config import ExecConfig
 from .kernels import ORT, BuildContext, NodeKernel, providers
 
+_HEAP_KEPT: list = []
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next step instead of handing it back (once
+    per process, on Linux with glibc; False elsewhere). A training step frees and allocates the
+    same activations every step; below 32 MB they now come from the heap and stay mapped (M_MMAP_
+    THRESHOLD 32 MB, M_TRIM_THRESHOLD 16 GB, M_TOP_PAD 1 GB), so no step pays page faults to map
+    and zero them again. The peak is what it was; the process holds it between steps as torch's
+    CUDA allocator does. Measured (resnet50 b16 128x128, 2-core AVX2 EPYC, medians of 4
+    interleaved rounds): accelc 1623 -> 1481 ms/step, torch eager 1463 / 1561 alongside."""
+    if _HEAP_KEPT:
+        return _HEAP_KEPT[0]
+    ok = False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim, m_top_pad, m_mmap = -1, -2, -3  # glibc's mallopt parameters
+        ok = bool(libc.mallopt(m_mmap, 32 << 20)) and bool(libc.mallopt(m_trim, 16 << 30))
+        ok = ok and bool(libc.mallopt(m_top_pad, 1 << 30))
+    except (OSError, AttributeError):  # not glibc: nothing to set
+        ok = False
+    _HEAP_KEPT.append(ok)
+    return ok
+
 
 def prepared(model: onnx.ModelProto, config: ExecConfig) -> onnx.ModelProto:
     """``model`` after the ``prepare`` rewrites of the providers active under ``config``."""
@@ -164,6 +190,8 @@ class SegmentedRunner:
         self.inputs = [i.name for i in g.input if i.name not in inits]
         self.constants = constants
         self.free_after = self._liveness()
+        if self.kernels:
+            keep_freed_memory()
         self.steps = 0  # runs so far, and the milliseconds they spent in ORT segments
         self.ort_ms = 0.0
 

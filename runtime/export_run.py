@@ -336,7 +336,7 @@ def export_run(
         if os.path.abspath(ckpt_out) == os.path.abspath(out):
             raise ExportError("--ort-checkpoint and -o name the same file")
     art, _ = load_artifacts(art_dir)  # verified against its report's hashes
-    variant = meta["variant"]
+    variant = ckpt.variant_text(meta["variant"])
     model = inference_model(art, arrays, epoch, variant, run_dir)
     data = _check_model(model, art.info)
     state, n_state = ort_checkpoint_bytes(art, arrays, epoch, variant, run_dir) if ckpt_out is not None else (None, 0)

@@ -297,17 +297,22 @@ class Trainer:
         if pending is None:
             self.train_time = self.wall_time = self.setup_seconds
         if pending is not None:  # loaded after the algorithms restored the variant
-            variant = getattr(self.engine, "variant_name", "base")
-            if self._resume_meta["variant"] != variant:
+            stored = self._resume_meta["variant"]
+            variant = self._variant() if isinstance(stored, dict) else getattr(self.engine, "variant_name", "base")
+            if stored != variant:
                 raise ckpt.CheckpointError(
-                    f"the checkpoint in '{show(self.run_dir)}' is of variant {show(self._resume_meta['variant'])}, "
-                    f"its controllers' state gives {show(variant)}"
+                    f"the checkpoint in '{show(self.run_dir)}' is of variant {show(ckpt.variant_text(stored))}, "
+                    f"its controllers' state gives {show(ckpt.variant_text(variant))}"
                 )
             stateful = (getattr(self.engine, "hyper", None) or {}).get("kind", "adamw") != "sgd"
             ckpt.check_against(pending, self.engine.state_arrays(), self.run_dir, stateful)
             self.engine.load_state_arrays(pending)
         if self.dist is not None:
             self._check_same_start()
+
+    def _variant(self) -> dict:
+        """The current variant, per method its decision ({} for the plain graph)."""
+        return self.schedule.decisions() if self.schedule is not None else {}
 
     def _check_same_start(self) -> None:
         """Every rank starts from rank 0's epoch, variant, parameters and optimizer state (a rank
@@ -322,7 +327,7 @@ class Trainer:
             h.update(np.ascontiguousarray(arrays[k]).tobytes())
         mine = {
             "epoch": self.start_epoch,
-            "variant": getattr(self.engine, "variant_name", "base"),
+            "variant": self._variant(),
             "state": h.hexdigest(),
         }
         main = self.dist.broadcast_json(mine, "the start check")
@@ -650,7 +655,7 @@ class Trainer:
                 "fingerprint": self.fingerprint,
                 "artifacts_sha256": self.artifacts_sha,
                 "artifacts_dir": self.artifacts_dir,
-                "variant": getattr(self.engine, "variant_name", "base"),
+                "variant": self._variant(),
                 "controllers": {a.name: a.state_dict() for a in self.algorithms},
                 "data_position": {"next_epoch": epoch + 1, "next_step": 0},
             }

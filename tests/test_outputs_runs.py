@@ -576,3 +576,53 @@ def test_cause9_cli_inspect_and_errors_never_emit_control_characters(tmp_path):
     json.loads(run_cli("inspect", tmp_path / "art", "--json").stdout)  # JSON escapes them itself
     r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "o", "--passes", "skip", "--skip-layers", "a\x1b[31m")
     assert_refused(r, "\\x1b[31m", out=tmp_path / "o")
+
+
+def test_a_run_that_skipped_many_layers_resumes_and_exports(tmp_path):
+    """Issue 32.1: the variant of a run whose skip controller froze most layers of a deep model is
+    far longer than any fixed bound on its joined name; it is stored per method, and every file
+    the run wrote reads back: resume continues it, export-run exports it."""
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    import accelc
+
+    class Deep(nn.Module):
+        def __init__(self, n=24):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 8, 3, padding=1)
+            self.a_rather_long_stage_name_for_the_blocks = nn.Sequential(
+                *[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(n)]
+            )
+            self.head = nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.head(torch.flatten(self.a_rather_long_stage_name_for_the_blocks(torch.relu(self.stem(x))), 1))
+
+    torch.manual_seed(0)
+    accelc.export(Deep(), torch.zeros(2, 1, 8, 8), tmp_path / "m.onnx")
+    opts = {"skip": {"tau_mode": "absolute", "tau": 1e-12, "policy": "any"}}  # every layer judged done
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "art", passes=["skip"], pass_options=opts)
+    run = tmp_path / "run"
+    accelc.train(tmp_path / "art", "synthetic:128", epochs=2, batch_size=32, run_dir=run, progress=False)
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert isinstance(meta["variant"], dict) and len(meta["variant"]["skip"]) > 200, meta["variant"]
+    s = accelc.train(
+        tmp_path / "art",
+        "synthetic:128",
+        epochs=3,
+        batch_size=32,
+        run_dir=run,
+        resume=True,
+        allow_change=["epochs"],
+        progress=False,
+    )
+    assert s["epochs"] == 3
+    out = accelc.export_run(run, tmp_path / "model.onnx")
+    assert len(out["trained_variant"]) > 200
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    logits = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x}
+    )
+    assert np.isfinite(logits[0]).all()

@@ -181,7 +181,9 @@ def run_model(lib: str, name: str, size: int, work: Path) -> dict:
                 loss, grads, _ = sess.compute_gradients(x, y)
                 engine = sess.engine_report()
                 # the same batch with the whole step on ORT Training's kernels (the reference engine)
-                ort_loss, ort_grads, _ = TrainingSession(art, ExecConfig(kernels={"all": "ort"})).compute_gradients(x, y)
+                ort_loss, ort_grads, _ = TrainingSession(art, ExecConfig(kernels={"all": "ort"})).compute_gradients(
+                    x, y
+                )
                 tl32, t32 = _torch_grads(module, x, y, torch.float32)
                 _, t32cl = _torch_grads(module, x, y, torch.float32, channels_last=True)
                 _, t64 = _torch_grads(module, x, y, torch.float64)

@@ -107,8 +107,9 @@ def fuse_relu_grad(model: onnx.ModelProto) -> onnx.ModelProto:
       backward. The same values for finite dY (the chain is how the ``opt`` pass spells ReluGrad for
       ORT's vectorised kernels; ORT runs this node too).
     * Mul(dY, Cast(And(GreaterOrEqual(X, lo), LessOrEqual(X, hi)), float)) -> ClipGrad(dY, X, lo, hi)
-      in this provider's own domain (ORT's gradient of Clip, e.g. ReLU6): the mask as bytes in the
-      backward instead of a float mask from the forward; the same values, NaN included."""
+      in this provider's own domain (ORT's gradient of Clip, e.g. ReLU6), with the chain as its ONNX
+      local function (ORT runs it too): the mask as bytes in the backward instead of a float mask
+      from the forward; the same values, NaN included."""
     g = model.graph
     nodes = list(g.node)  # protobuf hands out a new wrapper per access: positions are the keys
     inits = {t.name: t for t in g.initializer}
@@ -163,7 +164,26 @@ def fuse_relu_grad(model: onnx.ModelProto) -> onnx.ModelProto:
     for dom in (MS, OWN):
         if not any(o.domain == dom for o in m.opset_import):
             m.opset_import.append(helper.make_opsetid(dom, 1))
+    if any(n.domain == OWN and n.op_type == "ClipGrad" for n in repl.values()):
+        if not any(f.domain == OWN and f.name == "ClipGrad" for f in m.functions):
+            onnx_opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 17)
+            m.functions.append(_clip_grad_function(onnx_opset))
     return m
+
+
+def _clip_grad_function(opset: int) -> onnx.FunctionProto:
+    """ClipGrad's ONNX form (the chain it replaces, as a local function): ORT runs it where this
+    provider does not (a segment, the typing session of the executor)."""
+    nodes = [
+        helper.make_node("GreaterOrEqual", ["X", "lo"], ["a"]),
+        helper.make_node("LessOrEqual", ["X", "hi"], ["b"]),
+        helper.make_node("And", ["a", "b"], ["m"]),
+        helper.make_node("Cast", ["m"], ["mf"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", ["dY", "mf"], ["dX"]),
+    ]
+    return helper.make_function(
+        OWN, "ClipGrad", ["dY", "X", "lo", "hi"], ["dX"], nodes, [helper.make_opsetid("", opset)]
+    )
 
 
 def _clip_grad_chain(mul, nodes, producer, single):

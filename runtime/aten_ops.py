@@ -3,6 +3,9 @@ nodes without loading torch): each op of ONNX's and ORT Training's CNN training 
 
 from __future__ import annotations
 
+import zlib
+
+import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
@@ -247,16 +250,28 @@ def _pad(k, x, pads=None, value=None, axes=None):
     return F.pad(x, tp, value=float(value) if value is not None and value.numel() else 0.0)
 
 
+def _dropout_keep(r: float) -> float:
+    """1-ratio in float32: ORT's Dropout and DropoutGrad divide by it (a product with its reciprocal
+    differs in the last bit)."""
+    return float(np.float32(1.0) - np.float32(r))
+
+
 def _dropout(k, x, ratio=None, training=None):
-    """Dropout: identity unless ``training_mode`` is true and the ratio positive; then the mask is
-    torch's generator's, not ORT's (same distribution, other bits: training with dropout is not
-    bit-reproducible across engines)."""
+    """Dropout: identity unless ``training_mode`` is true and the ratio positive. The mask comes from
+    the node's own generator, seeded from its ``seed`` attribute (else its name): every new runner of
+    the graph draws the same masks in the same order, as a new ORT session does (the bits are
+    torch's, not ORT's: the same distribution)."""
     r = float(ratio) if ratio is not None else float(k.a.get("ratio", 0.5))
     if training is None or not bool(training) or r == 0.0:
         mask = torch.ones(x.shape, dtype=torch.bool) if len(k.outputs) > 1 and k.wanted[1] else None
         return x, mask
-    mask = torch.rand_like(x) >= r
-    return x * mask * (1.0 / (1.0 - r)), mask
+    gen = k.__dict__.get("gen")
+    if gen is None:
+        seed = k.a.get("seed")
+        gen = k.gen = torch.Generator(device=x.device)
+        gen.manual_seed(int(seed) if seed is not None else zlib.crc32(k.node.name.encode()))
+    mask = torch.rand(x.shape, generator=gen, device=x.device) >= r
+    return x * mask / _dropout_keep(r), mask
 
 
 def _dropout_grad(k, dy, mask, ratio=None, training=None):
@@ -265,7 +280,7 @@ def _dropout_grad(k, dy, mask, ratio=None, training=None):
     r = float(ratio) if ratio is not None else 0.5
     if r == 0.0:
         return dy * mask
-    return dy * mask * (1.0 / (1.0 - r))
+    return dy * mask / _dropout_keep(r)
 
 
 def _constant(k):

@@ -105,7 +105,8 @@ def test_ort_checkpoint_state_round_trip(runs, tmp_path):
     module.eval()
     loss, logits = module(x, y)
     want_loss, want = _accelc_eval(art, run, x, y)
-    np.testing.assert_array_equal(logits, want)
+    # accelc evaluates on its ATen kernels: ORT's eval equals it to float32 rounding
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
     assert float(loss) == pytest.approx(want_loss, rel=1e-6)
     # ORT's own export_model_for_inferencing from that state gives the model export_run wrote
     module.export_model_for_inferencing(str(tmp_path / "ort.onnx"), ["output"])
@@ -132,7 +133,7 @@ def test_run_with_passes_exports_the_plain_model(tmp_path):
     _, want = _accelc_eval(art, run, x, y)
     got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
-    assert r["trained_variant"] == ckpt.read_meta(run)["variant"]
+    assert r["trained_variant"] == ckpt.variant_text(ckpt.read_meta(run)["variant"])
 
 
 # ----------------------------------------------------------------------------- hostile inputs

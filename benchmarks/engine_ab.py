@@ -32,11 +32,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args(argv)
 
+    from model_coverage import build
+    from step_time import cpu_info
+
     import accelc
     from accelc.runtime.session import TrainingSession
     from accelc.runtime.torch_engine import TorchSession
-    from model_coverage import build
-    from step_time import cpu_info
 
     print(f"CPU: {cpu_info()}")
     module = build("tv", a.model)

@@ -42,13 +42,7 @@ class OrtAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                st["step"] += 1
-                by_step.setdefault(st["step"], []).append(p)
+                by_step.setdefault(self._advance(p)["step"], []).append(p)
             for t, ps in by_step.items():
                 gs = [p.grad for p in ps]
                 ms = [self.state[p]["exp_avg"] for p in ps]
@@ -73,6 +67,16 @@ class OrtAdamW(torch.optim.Optimizer):
                         torch._foreach_mul_(ps, 1.0 - lr * wd)
         return None
 
+    def _advance(self, p) -> dict:
+        """``p``'s state with its step count moved on (moments created at the first step)."""
+        st = self.state[p]
+        if not st:
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+        st["step"] += 1
+        return st
+
     @torch.no_grad()
     def step_reference(self):
         """The same update one tensor at a time (the kernel's loop, kept as the reference)."""
@@ -81,12 +85,7 @@ class OrtAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                st["step"] += 1
+                st = self._advance(p)
                 t = st["step"]
                 g, m, v = p.grad, st["exp_avg"], st["exp_avg_sq"]
                 ac, bc, lr_c = _corrections(group, lr, a, b, t)

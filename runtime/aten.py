@@ -13,7 +13,7 @@ pooling, elementwise), to float32 rounding where the order of a reduction differ
 softmax cross-entropy). Two internal conventions differ from ORT's and stay inside this provider:
 MaxPool's ``Indices`` are torch's (per (n, c) plane) and are read only by this provider's
 MaxPoolGrad, which also needs the pooled input's shape (the forward kernel records it under
-``<Indices>#shape``); :func:`supports` claims a MaxPool and its MaxPoolGrad on the same rules, so
+``<Indices>#shape``, a tuple: the input itself is freed after its last reader); :func:`supports` claims a MaxPool and its MaxPoolGrad on the same rules, so
 the two are always claimed together.
 """
 
@@ -98,7 +98,7 @@ def _scalar_zero(t: onnx.TensorProto | None) -> bool:
     return v.size == 1 and float(v.reshape(-1)[0]) == 0.0
 
 
-def fuse_relu_grad(model: onnx.ModelProto) -> onnx.ModelProto:
+def fuse_gradient_chains(model: onnx.ModelProto) -> onnx.ModelProto:
     """Two exact rewrites of gradient chains, each placed where the chain's Mul was and only where
     its mask feeds nothing else:
 
@@ -144,9 +144,7 @@ def fuse_relu_grad(model: onnx.ModelProto) -> onnx.ModelProto:
             gt = nodes[kg] if kg is not None else None
             if gt is None or gt.op_type != "Greater" or not _scalar_zero(inits.get(gt.input[1])):
                 continue
-            if consumers.get(cast.output[0]) != 1 or consumers.get(gt.output[0]) != 1:
-                continue
-            if cast.output[0] in outs or gt.output[0] in outs:
+            if not single(kc) or not single(kg):
                 continue
             fused = helper.make_node(
                 "ReluGrad", [n.input[1 - side], gt.input[0]], [n.output[0]], name=n.name, domain=MS
@@ -223,6 +221,6 @@ PROVIDER = register_kernel(
         build=_build,
         summary="every standard op of a CNN training graph (BatchNorm, pooling, loss, GEMM, elementwise, shape) on ATen",
         generic=True,
-        prepare=fuse_relu_grad,
+        prepare=fuse_gradient_chains,
     )
 )

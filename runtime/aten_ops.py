@@ -51,7 +51,7 @@ class Op(NodeKernel):
         if not isinstance(outs, tuple):
             outs = (outs,)
         for name, t, want in zip(self.outputs, outs, self.wanted):
-            if name and t is not None and (want or name in bound):
+            if want and t is not None:  # wanted: read later, or a graph output (bound ones included)
                 store(name, t, env, bound)
         return None
 
@@ -78,7 +78,7 @@ def _sum(k, *xs):
     out = xs[0]
     for x in xs[1:]:
         out = out + x
-    return out if len(xs) > 1 else out.clone()
+    return out
 
 
 def _identity(k, x):
@@ -434,7 +434,7 @@ class MaxPool(NodeKernel):
         if len(self.outputs) > 1 and self.outputs[1] and self.wanted[1]:
             y, idx = torch.ops.aten.max_pool2d_with_indices(x, self.ks, self.st, self.pad, self.dil, self.ceil)
             store(self.outputs[1], idx, env, bound)
-            env[self.outputs[1] + "#shape"] = x
+            env[self.outputs[1] + "#shape"] = tuple(x.shape)
         else:
             y = F.max_pool2d(x, self.ks, self.st, self.pad, self.dil, self.ceil)
         store(self.outputs[0], y, env, bound)
@@ -447,7 +447,8 @@ class MaxPoolGrad(NodeKernel):
 
     def run(self, env, bound):
         dy, idx = env[self.inputs[0]], env[self.inputs[1]]
-        x = env[self.inputs[1] + "#shape"]  # the pooled input (only its shape is read)
+        # the kernel reads only the pooled input's shape: an unwritten tensor of that shape stands in
+        x = dy.new_empty(env[self.inputs[1] + "#shape"])
         dx = torch.ops.aten.max_pool2d_with_indices_backward(
             dy.contiguous(), x, self.ks, self.st, self.pad, self.dil, self.ceil, idx
         )

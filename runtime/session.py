@@ -229,10 +229,7 @@ class TrainingSession:
                         f"{tuple(self.params[i.name].shape)}; swap it with a ParamUpdate"
                     )
         so = session_options(self.exec.threads)
-        # nodes a registered kernel claims run in accelc's kernels between ORT segments (CPU)
-        if self.device == "cpu":
-            lowered = prepared(lowered, self.exec)
-        owners = claimed(lowered, self.exec) if self.device == "cpu" else {}
+        lowered, owners = self._claim(lowered)
         try:
             if owners:
                 self.runner = SegmentedRunner(lowered, so, self._providers(), self.exec, owners)
@@ -276,16 +273,22 @@ class TrainingSession:
         rep["eval"] = "accelc" if isinstance(self.eval_sess, SegmentedRunner) else "ort"
         return rep
 
+    def _claim(self, model):
+        """``model`` as accelc's kernels run it (after the active providers' rewrites) and the nodes
+        they claim; on CUDA the model as it is and nothing claimed (every node on ORT)."""
+        if self.device != "cpu":
+            return model, {}
+        model = prepared(model, self.exec)
+        return model, claimed(model, self.exec)
+
     def _eval_engine(self, art: Artifacts, so):
         """The evaluation graph's engine: accelc's kernels when they claim every node of it (no
         ORT at all, parameters read in place), else one ORT session."""
         import onnxruntime as ort  # heavy
 
-        if self.device == "cpu":
-            model = prepared(art.eval, self.exec)
-            owners = claimed(model, self.exec)
-            if owners and len(owners) == len(model.graph.node):
-                return SegmentedRunner(model, so, self._providers(), self.exec, owners)
+        model, owners = self._claim(art.eval)
+        if owners and len(owners) == len(model.graph.node):
+            return SegmentedRunner(model, so, self._providers(), self.exec, owners)
         return ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
 
     def _alloc_grads(self) -> None:
@@ -559,9 +562,7 @@ class TrainingSession:
                     f"{', '.join(show(n) for n in missing[:5])}"
                 )
             so = session_options(self.exec.threads)
-            if self.device == "cpu":
-                model = prepared(model, self.exec)
-            owners = claimed(model, self.exec) if self.device == "cpu" else {}
+            model, owners = self._claim(model)
             try:
                 runner = SegmentedRunner(model, so, self._providers(), self.exec, owners) if owners else None
                 sess = (

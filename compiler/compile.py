@@ -138,7 +138,8 @@ def compile_model(
             prev = manager.after.get(rec["name"]) or prev
             rec["cost_after"] = {k: prev[k] for k in ("flops", "flops_bound", "bytes")}
         stages = {name: graph_costs(training_graph(st), optimizer)["total"] for name, st in art.stages.items()}
-        final_validation = validate(art, memory_limit_gb) if (validate_result and not records) else None
+        # the final artifacts and their stages validated once (by the manager when a pass changed them)
+        final_validation = manager.validation or (validate(art, memory_limit_gb) if validate_result else None)
         report = {
             "accelc_version": VERSION,
             "input": {"file": Path(model_path).name if model_path else None, "sha256": info.sha256},

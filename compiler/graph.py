@@ -11,6 +11,7 @@ the gs graph and written on export, because gs does not carry node metadata.
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +99,11 @@ def layer_name_for(param: str, node_name: str) -> str:
     return re.sub(r"^/|/[A-Za-z]+$", "", node_name).replace("/", ".") or node_name
 
 
+_GRAD_TAIL = re.compile(r"_grad(_\d+)?$")
+_ACC_TAIL = re.compile(r"(\.accumulation\.(buffer|out))$")
+_GRAD_END = re.compile(r"_grad$")
+
+
 class TrainingGraph:
     """An ORT training graph indexed by layer. Mutate ``self.graph`` (gs) and call :meth:`reindex`."""
 
@@ -122,10 +128,18 @@ class TrainingGraph:
         by_name = {n.name: n for n in g.nodes}
         self.nodes_by_name = by_name
         self._tensor_map = g.tensors()
+        self._input_shapes = {
+            t.name: tuple(t.shape) for t in g.inputs if t.shape and all(isinstance(d, int) for d in t.shape)
+        }
         acc_by_grad = {}
+        backward_of: dict[str, list] = defaultdict(list)  # forward node name -> its "<name>_Grad/" nodes
         for n in g.nodes:
             if n.op == ACCUMULATOR_OP:
                 acc_by_grad[n.inputs[1].name] = n
+            if "_Grad/" in n.name:
+                head = n.name.split("_Grad/")
+                for k in range(1, len(head)):  # every split point: a forward name may hold "_Grad/" itself
+                    backward_of["_Grad/".join(head[:k])].append(n)
         self.layers: list[Layer] = []
         used = set()
         param_set = set(self.all_params)
@@ -144,8 +158,7 @@ class TrainingGraph:
             while name in used:
                 name += "_"
             used.add(name)
-            prefix = n.name + "_Grad/"
-            bwd = [b for b in g.nodes if b.name.startswith(prefix)]
+            bwd = backward_of.get(n.name, [])
             accs = [acc_by_grad[p + GRAD_SUFFIX] for p in params if p + GRAD_SUFFIX in acc_by_grad]
             data_in = ins[1] if n.op == "MatMul" and ins[0] in param_set else ins[0]
             out = _cast_sink(n.outputs[0]).name
@@ -206,15 +219,13 @@ class TrainingGraph:
     def _shape(self, tensor: str) -> tuple:
         if tensor in self.shapes:
             return self.shapes[tensor]
-        base = re.sub(r"_grad(_\d+)?$", "", tensor)
-        base = re.sub(r"(\.accumulation\.(buffer|out))$", "", base)
-        base = re.sub(r"_grad$", "", base)
+        base = _GRAD_TAIL.sub("", tensor)
+        base = _ACC_TAIL.sub("", base)
+        base = _GRAD_END.sub("", base)
         if base in self.shapes:
             return self.shapes[base]
-        for t in self.graph.inputs:
-            if t.name in (tensor, base) and t.shape and all(isinstance(d, int) for d in t.shape):
-                return tuple(t.shape)
-        return ()
+        got = self._input_shapes.get(tensor) or self._input_shapes.get(base)
+        return got or ()
 
     # ------------------------------------------------------------------ tagging
     def tag(self, node_name: str, pass_name: str, layer: str, note: str, **extra: str) -> None:

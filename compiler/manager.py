@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from .artifacts import Artifacts
+from .errors import AccelcError
 from .pass_api import Pass, check_order, get
 from .validation import validate
 
@@ -34,8 +35,17 @@ class PassManager:
         return p.run(art.copy() if p.in_place else art, opts)
 
     def run(self, art: Artifacts) -> tuple[Artifacts, list[dict]]:
+        """Apply every pass (and replay it on every stage), then check once: the final artifacts and
+        each stage are validated (:func:`validate`: ORT sessions and a training step, in a child
+        process), after which each pass's numeric self-check compares its own before and after.
+
+        Validating after every pass repeated the same ORT session builds (seconds each on a
+        100-conv graph) passes x stages times. A graph the final validation refuses is attributed
+        the way per-pass validation did: the artifacts after each pass are validated in order, and
+        the first refusal is the error. The result is in :attr:`validation`."""
         records = []
         done: list[Pass] = []
+        applied = []  # (record, pass, before, after, stages it changed) of every pass that changed something
         for p in self.passes:
             opts = self.options[p.name]
             t0 = time.perf_counter()
@@ -49,6 +59,7 @@ class PassManager:
             for name in list(art.stages):
                 new = name not in old_stages
                 stage_modified = new
+                art.stages[name].is_stage = True
                 for q in done if new else [p]:
                     r = self._apply(q, art.stages[name])
                     art.stages[name] = r.artifacts
@@ -63,16 +74,33 @@ class PassManager:
                 "changes": result.changes,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
-            if self.validate_each and (result.modified or changed_stages):
-                rec["validation"] = validate(art, self.memory_limit_gb)
-                for name in changed_stages:
-                    rec["validation"].setdefault("stages", {})[name] = validate(art.stages[name], self.memory_limit_gb)
-                check = p.ensures(before, art, opts) if result.modified else None
-                if check:
-                    rec["validation"]["self_check"] = check
+            if result.modified or changed_stages:
+                applied.append((rec, p, before, art, changed_stages, result.modified))
             records.append(rec)
             done.append(p)
+        self.validation = None
+        if self.validate_each and applied:
+            self.validation = self._validate(art, applied)
+            for rec, p, before, after, _, modified in applied:
+                t1 = time.perf_counter()
+                check = p.ensures(before, after, self.options[p.name]) if modified else None
+                rec["validation"] = {"self_check": check} if check else {}
+                rec["check_seconds"] = round(time.perf_counter() - t1, 3)
         return art, records
+
+    def _validate(self, art: Artifacts, applied: list) -> dict:
+        changed = sorted({name for *_, stages, _ in applied for name in stages} & set(art.stages))
+        try:
+            out = validate(art, self.memory_limit_gb)
+            for name in changed:
+                out.setdefault("stages", {})[name] = validate(art.stages[name], self.memory_limit_gb)
+            return out
+        except AccelcError:
+            for _, _, _, after, stages, _ in applied:  # the first pass whose result is refused
+                validate(after, self.memory_limit_gb)
+                for name in stages:
+                    validate(after.stages[name], self.memory_limit_gb)
+            raise
 
 
 def _jsonable(v):

@@ -91,6 +91,7 @@ PASS_RECORD = {
             "items": {"type": ["object", "string"], "properties": {"summary": {"type": "string"}}},
         },
         "seconds": {"type": ["number", "null"]},
+        "check_seconds": {"type": ["number", "null"]},
         "validation": {"type": ["object", "null"]},
     },
 }

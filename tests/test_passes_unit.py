@@ -151,10 +151,12 @@ def test_rescale_builds_the_low_resolution_stage():
 
 def test_manager_validates_every_stage_it_changed():
     art = artifacts(k1=5)
-    out, records = PassManager(["opt", "rescale", "skip"], {"rescale": {"min_kernel": 5}}).run(art)
+    manager = PassManager(["opt", "rescale", "skip"], {"rescale": {"min_kernel": 5}})
+    out, records = manager.run(art)
     rec = {r["name"]: r for r in records}
-    assert rec["skip"]["validation"]["stages"]["stage-low"]["training_step"]
-    assert rec["rescale"]["validation"]["stages"]["stage-low"]["training_step"]
+    assert manager.validation["training_step"] and manager.validation["stages"]["stage-low"]["training_step"]
+    assert "rescale both ways" in rec["rescale"]["validation"]["self_check"]
+    assert "unchanged by construction" in rec["skip"]["validation"]["self_check"]  # instrumented: norms added
     stage_ops = [n.op_type for n in out.stages["stage-low"].training.graph.node]
     assert "ReluGrad" not in stage_ops  # opt replayed on the new stage
     assert any(o.name.startswith("accelc.lars.") for o in out.stages["stage-low"].training.graph.output)

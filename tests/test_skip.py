@@ -202,3 +202,39 @@ def test_controller_end_to_end_skips_and_accounts(tmp_path):
     rep = s["controllers"]["skip"]
     assert 0 < rep["op_reduction"] < 1 and 0 < rep["bandwidth_reduction"] < 1
     assert sess.variant_name.startswith("skip:")
+
+
+@pytest.mark.parametrize("name", ["resnet", "mixed"])
+def test_savings_per_layer_equal_pruning_a_copy_per_set(name, tmp_path):
+    """The one-sweep savings the pass reports equal pruning the graph per skip set and costing it."""
+    from accelc.passes.skip.rewrite import skip_savings, skip_savings_by_pruning
+
+    _model(name, tmp_path)
+    art, _ = load_artifacts(tmp_path / "art")
+    layers = training_graph(art).layer_names()
+    for policy in ("prefix", "suffix", "any"):
+        fast = skip_savings(art, layers, policy, 1)
+        slow = skip_savings_by_pruning(art, layers, policy, 1)
+        assert fast.keys() == slow.keys() and len(fast) >= 3
+        assert all(abs(fast[k] - slow[k]) <= 1e-9 * max(1.0, abs(slow[k])) for k in fast), (policy, fast, slow)
+
+
+def test_instrumentation_is_checked_node_by_node_and_anything_else_is_not_taken_for_it(tmp_path):
+    """The instrumented graph passes the structural self-check; a changed node, a changed
+    initialiser or an added node of another kind sends it back to the numeric check."""
+    from accelc.passes.skip.rewrite import instrument, only_norms_added
+
+    _model("resnet", tmp_path)
+    art, _ = load_artifacts(tmp_path / "art")
+    tg = training_graph(art)
+    instrument(tg)
+    after = tg.to_onnx()
+    assert "unchanged by construction" in only_norms_added(art.training, after)
+    changed = copy.deepcopy(after)
+    node = next(n for n in changed.graph.node if n.op_type == "Relu")
+    node.op_type = "Sigmoid"
+    assert only_norms_added(art.training, changed) is None
+    extra = copy.deepcopy(after)
+    norm = next(n for n in extra.graph.node if n.op_type == "ReduceL2")
+    norm.op_type = "ReduceL1"
+    assert only_norms_added(art.training, extra) is None

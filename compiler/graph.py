@@ -111,6 +111,17 @@ class TrainingGraph:
         self.opset_imports = list(model.opset_import)
         self.ir_version = model.ir_version
         self.producer = (model.producer_name, model.producer_version)
+        # the model's local functions (reuse's, two per layer) are kept as they are and written back
+        # by to_onnx: no pass edits their bodies, and gs importing them (nodes x functions) was
+        # most of the cost of every graph view of a reused 100-conv model
+        self.functions = list(model.functions)
+        if self.functions:
+            model = onnx.ModelProto(
+                ir_version=model.ir_version,
+                opset_import=model.opset_import,
+                graph=model.graph,
+                metadata_props=model.metadata_props,
+            )
         self.graph: gs.Graph = gs.import_onnx(model)
         self.shapes = dict(shapes or {})
         self.tags: dict[str, dict[str, str]] = {}
@@ -236,9 +247,14 @@ class TrainingGraph:
 
     # ------------------------------------------------------------------ export
     def to_onnx(self) -> onnx.ModelProto:
-        self.graph.cleanup(remove_unused_graph_inputs=False)
-        self.graph.toposort()
+        # the graph only: passes leave the bodies of the model's local functions as they were (reuse
+        # adds two per layer; walking them on every export cost seconds per pass on 100-conv models)
+        self.graph.cleanup(remove_unused_graph_inputs=False, recurse_functions=False)
+        if not _in_topological_order(self.graph):  # gs's sort takes a second on a 1,000-node graph
+            self.graph.toposort(recurse_functions=False)
         model = gs.export_onnx(self.graph, do_type_check=False)
+        have = {(f.domain, f.name) for f in model.functions}
+        model.functions.extend(f for f in self.functions if (f.domain, f.name) not in have)
         del model.opset_import[:]
         model.opset_import.extend(self.opset_imports)
         model.ir_version = self.ir_version
@@ -252,6 +268,17 @@ class TrainingGraph:
         if model.ir_version < 10 and any(n.metadata_props for n in model.graph.node):
             model.ir_version = 10  # node metadata_props (provenance) need IR 10
         return model
+
+
+def _in_topological_order(graph: gs.Graph) -> bool:
+    """Every node reads only graph inputs, initialisers and outputs of nodes before it."""
+    ready = {t.name for t in graph.inputs} | {""}
+    ready |= {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    for n in graph.nodes:
+        if any(t.name not in ready for t in n.inputs):
+            return False
+        ready.update(t.name for t in n.outputs)
+    return True
 
 
 def training_graph(art) -> TrainingGraph:

@@ -127,7 +127,7 @@ def prune(tg: TrainingGraph, skip: list[str]) -> tuple[list[dict], list[str]]:
     # dropped so the node stops computing them (dW, dB of a skipped layer; dX below the lowest
     # trained layer).
     while True:
-        g.cleanup(remove_unused_graph_inputs=False)
+        g.cleanup(remove_unused_graph_inputs=False, recurse_functions=False)
         used = {t.name for n in g.nodes for t in n.inputs} | {o.name for o in g.outputs}
         changed = False
         for n in g.nodes:

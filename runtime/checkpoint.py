@@ -20,6 +20,7 @@ import math
 import os
 import re
 import stat
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -227,16 +228,75 @@ def read_meta(run_dir: Path) -> dict:
     return meta
 
 
+READ_TRIES = 5  # a checkpoint a live run replaces while it is read: read again this many times
+
+
 def load(run_dir: Path) -> tuple[dict[str, np.ndarray], dict] | None:
-    """The verified arrays and metadata of the run's checkpoint (None when there is none)."""
+    """The verified arrays and metadata of the run's checkpoint (None when there is none).
+
+    A consistent pair even while a training writes the run: when the array file checkpoint.json
+    names is gone or differs because a newer checkpoint replaced both meanwhile (the trainer
+    writes the arrays, then checkpoint.json, then deletes the previous arrays), it is read again;
+    a checkpoint that keeps changing is one line saying the run is being written."""
     run_dir = Path(run_dir)
-    if not os.path.lexists(run_dir / META):
+    for attempt in range(READ_TRIES):
+        if not os.path.lexists(run_dir / META):
+            return None
+        meta = read_meta(run_dir)
+        try:
+            data = _read_confined(run_dir, meta["arrays"], 1 << 40)
+            if hashlib.sha256(data).hexdigest() != meta["arrays_sha256"]:
+                raise CheckpointError(
+                    f"checkpoint arrays '{show(run_dir / meta['arrays'])}' are damaged (checksum differs from {META})"
+                )
+        except CheckpointError:
+            if _names_now(run_dir) in (None, (meta["arrays"], meta["arrays_sha256"])):
+                raise  # nothing replaced it: the run directory is damaged
+            time.sleep(0.05 * (attempt + 1))
+            continue
+        return _verified(data, meta, run_dir)
+    raise CheckpointError(
+        f"the checkpoint in '{show(run_dir)}' changed while it was read ({READ_TRIES} times): the run is being "
+        f"written by a training{_writer(run_dir)}; try again once it has saved its epoch or ended"
+    )
+
+
+def _names_now(run_dir: Path) -> tuple | None:
+    """The (array file, its hash) checkpoint.json names now, or None where it cannot be read."""
+    try:
+        meta = json.loads(_read_confined(run_dir, META, MAX_JSON_BYTES).decode("utf-8"))
+        return meta["arrays"], meta["arrays_sha256"]
+    except (AccelcError, ValueError, UnicodeDecodeError, RecursionError, KeyError, TypeError):
         return None
-    meta = read_meta(run_dir)
-    data = _read_confined(run_dir, meta["arrays"], 1 << 40)
+
+
+def _writer(run_dir: Path) -> str:
+    """`` (accelc process PID)`` when the run directory's lock names a live process, else ''."""
+    from .runlock import LOCK
+
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return ""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return ""
+    except OSError:
+        pass
+    return f" (accelc process {pid})"
+
+
+def _verified(data: bytes, meta: dict, run_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
     name = show(run_dir / meta["arrays"])
-    if hashlib.sha256(data).hexdigest() != meta["arrays_sha256"]:
-        raise CheckpointError(f"checkpoint arrays '{name}' are damaged (checksum differs from {META})")
     _check_members(data, meta["manifest"], name)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
@@ -343,19 +403,67 @@ def check_against(
         raise CheckpointError(f"checkpoint in '{show(run_dir)}' has incomplete optimizer state for {show(n)}")
 
 
-def artifacts_sha256(art_dir) -> str | None:
-    """One hash over the files of an artifact directory (names and contents), or None."""
+def artifacts_sha256(art_dir, max_entries: int | None = None) -> str | None:
+    """One hash over the files of an artifact directory (names and contents), or None.
+
+    ``max_entries``: for a folder that is not the user's own input (one a run records, found by
+    export-run): listed without following symbolic links, and no hash (None) -- no file opened --
+    when it holds more than this many entries, a symbolic link or anything but folders and
+    regular files. Where it is a hash, it is the one the unbounded form gives."""
     d = Path(art_dir)
     if not d.is_dir():
         return None
+    if max_entries is None:
+        files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+        rels = [f.relative_to(d).parts for f in files]
+    else:
+        rels = _listing(d, max_entries)
+        if rels is None:
+            return None
     h = hashlib.sha256()
-    for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        h.update(str(f.relative_to(d)).encode() + b"\0")
-        with open(f, "rb") as fh:
+    for parts in rels:
+        h.update(os.path.join(*parts).encode() + b"\0")
+        flags = os.O_RDONLY | (0 if max_entries is None else os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            fd = os.open(d.joinpath(*parts), flags)
+        except OSError:
+            if max_entries is None:
+                raise
+            return None
+        with os.fdopen(fd, "rb") as fh:
+            if max_entries is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()
+
+
+def _listing(d: Path, max_entries: int, max_depth: int = 8) -> list[tuple] | None:
+    """The relative paths (as parts) of the files :func:`artifacts_sha256` hashes, in its order,
+    or None (see there); at most ``max_entries`` entries are looked at."""
+    out, todo, seen = [], [((), 0)], 0
+    while todo:
+        rel, depth = todo.pop()
+        try:
+            with os.scandir(d.joinpath(*rel)) as it:
+                for e in it:
+                    seen += 1
+                    if seen > max_entries:
+                        return None
+                    if e.is_dir(follow_symlinks=False):
+                        if depth >= max_depth:
+                            return None
+                        todo.append(((*rel, e.name), depth + 1))
+                    elif e.name.startswith("."):
+                        continue  # not hashed (the output marker, temporaries)
+                    elif e.is_file(follow_symlinks=False):
+                        out.append((*rel, e.name))
+                    else:  # a symbolic link, a FIFO, a device: nothing an artifact set holds
+                        return None
+        except OSError:
+            return None
+    return sorted(out)
 
 
 def compare_fingerprint(saved: dict, now: dict, allow: set, run_dir) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..compiler.artifact_dir import load_artifacts
+from ..compiler.artifact_dir import REQUIRED, load_artifacts
 from ..compiler.errors import AccelcError, ort_message, show
 from ..compiler.fileio import atomic_write_bytes, recover
 from ..compiler.ort_training import import_ort_training
@@ -103,15 +103,16 @@ def _summary_name(run_dir: Path) -> str | None:
 
 
 def _candidates(run_dir: Path, meta: dict) -> list[Path]:
-    """Where the artifacts may be: the path the checkpoint records (``artifacts_dir``, when the
-    trainer writes it), else the name summary.json records, beside the run and in the current folder."""
+    """Where the artifacts may be, in this order: the folder summary.json names, beside the run
+    and in the current folder, then the path the checkpoint records (``artifacts_dir``). Each is
+    only a guess: a folder is used when its files hash to the checkpoint's ``artifacts_sha256``."""
     out = []
-    recorded = meta.get("artifacts_dir")
-    if isinstance(recorded, str) and recorded and "\x00" not in recorded:
-        out.append(Path(recorded))
     name = _summary_name(run_dir)
     if name:
         out += [run_dir.parent / name, Path.cwd() / name]
+    recorded = meta.get("artifacts_dir")
+    if isinstance(recorded, str) and recorded and "\x00" not in recorded:
+        out.append(Path(recorded))
     seen, unique = set(), []
     for p in out:
         key = os.path.abspath(p)
@@ -121,13 +122,26 @@ def _candidates(run_dir: Path, meta: dict) -> list[Path]:
     return unique
 
 
+MAX_ARTIFACT_ENTRIES = 1000  # files and folders of an artifact set found by export-run (a few dozen)
+
+
+def _hash_of(d: Path) -> str | None:
+    """The artifact hash of ``d`` when it can be an artifact set accelc wrote, else None: a
+    folder (no symbolic link) with the files every artifact set has, checked by name before
+    anything in it is listed, then listed and hashed within :data:`MAX_ARTIFACT_ENTRIES`
+    entries (the path is untrusted: never a walk of whatever tree it names)."""
+    if d.is_symlink() or not d.is_dir() or not all(os.path.isfile(d / f) for f in REQUIRED):
+        return None
+    return ckpt.artifacts_sha256(d, max_entries=MAX_ARTIFACT_ENTRIES)
+
+
 def _find_artifacts(run_dir: Path, meta: dict, artifacts) -> Path:
     want = meta["artifacts_sha256"]
     if artifacts is not None:
         d = Path(artifacts)
         if not d.is_dir():
             raise ExportError(f"artifact directory '{show(d)}' " + ("is not a folder" if d.exists() else "not found"))
-        if want is not None and ckpt.artifacts_sha256(d) != want:
+        if want is not None and _hash_of(d) != want:
             raise ExportError(
                 f"the run in '{show(run_dir)}' was trained from other artifacts: the files of '{show(d)}' differ "
                 "from the ones its checkpoint records; give the artifact directory it was trained from"
@@ -139,11 +153,11 @@ def _find_artifacts(run_dir: Path, meta: dict, artifacts) -> Path:
             "give the artifact directory it was trained from (--artifacts DIR)"
         )
     for d in _candidates(run_dir, meta):
-        if d.is_dir() and not d.is_symlink() and ckpt.artifacts_sha256(d) == want:
+        if _hash_of(d) == want:
             return d
     raise ExportError(
-        f"cannot find the artifacts the run in '{show(run_dir)}' was trained from (none beside it or in the "
-        "current folder matches its checkpoint's hash); give them with --artifacts DIR"
+        f"cannot find the artifacts the run in '{show(run_dir)}' was trained from (none beside it, in the "
+        "current folder or where its checkpoint records matches its checkpoint's hash); give them with --artifacts DIR"
     )
 
 
@@ -318,9 +332,9 @@ def export_run(
     """Write the trained model of ``run_dir`` (a run of ``accelc train``) as an inference ONNX
     model at ``output`` and, with ``ort_checkpoint``, an ORT training CheckpointState there.
 
-    ``artifacts``: the artifact directory the run was trained from; by default the one the
-    checkpoint records, else the folder summary.json names beside the run or in the current
-    folder -- in every case verified against the checkpoint's ``artifacts_sha256``. ``epoch``:
+    ``artifacts``: the artifact directory the run was trained from; by default the folder
+    summary.json names beside the run or in the current folder, else the one the checkpoint
+    records -- in every case verified against the checkpoint's ``artifacts_sha256``. ``epoch``:
     1-based; a run keeps its last epoch's checkpoint only, which is the default. ``force``:
     replace existing output files. Returns what was written."""
     run_dir = Path(run_dir)

@@ -17,7 +17,9 @@ label; evaluation) are drawn only on a terminal; elsewhere one plain line per ep
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -25,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -78,11 +81,48 @@ def check_loggers(loggers) -> tuple[str, ...]:
     if "tensorboard" in out:
         import importlib.util
 
-        if importlib.util.find_spec("tensorboard") is None:
+        try:
+            found = importlib.util.find_spec("tensorboard") is not None
+        except Exception:  # a broken install (its spec cannot be read): said when it is loaded
+            found = True
+        if not found:
             raise AccelcError(
                 "--log tensorboard needs the tensorboard package (pip install tensorboard); or use --log csv"
             )
     return tuple(out)
+
+
+def tensorboard_writer():
+    """torch's TensorBoard ``SummaryWriter`` class; one line when it cannot be loaded (a broken or
+    incompatible install raises anything on import, e.g. protobuf's TypeError)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise AccelcError(
+            f"--log tensorboard: the tensorboard package cannot be loaded ({type(e).__name__}: {show(first, 160)}); "
+            "reinstall it (pip install tensorboard) or use --log csv"
+        ) from None
+    return SummaryWriter
+
+
+def _quiet_tensorboard_threads() -> None:
+    """No traceback from TensorBoard's writer thread (e.g. on a full disk): the writer raises the
+    thread's exception again in the training thread at its next write, flush or close, where it
+    becomes one line (:meth:`RunLogs._tb`). Other threads' exceptions are printed as before."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "accelc_tensorboard", False):
+        return
+
+    def hook(args):
+        if args.thread is not None and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.accelc_tensorboard = True
+    threading.excepthook = hook
 
 
 def _hw(shape) -> str:
@@ -97,11 +137,93 @@ def _csv_value(v):
     return v
 
 
+def _write_error(path, e: OSError) -> AccelcError:
+    """A write into the run directory that failed (e.g. a full disk), as one line."""
+    return AccelcError(f"cannot write '{show(path)}': {e.strerror or e}")
+
+
+def _open_own(path: Path, flags: int, what: str = "log file") -> int:
+    """A file descriptor of a regular file in the run directory, never through a symbolic link
+    (a planted link would have accelc write or read elsewhere): one line otherwise."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AccelcError(
+                f"{what} '{show(path)}' is a symbolic link; accelc writes its logs only into files of its own "
+                "in the run directory (remove the link)"
+            ) from None
+        raise _write_error(path, e) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise AccelcError(f"{what} '{show(path)}' is not a regular file (remove it)")
+    return fd
+
+
+def _check_own_folder(path: Path) -> None:
+    """RUN/tensorboard, when it exists, is a folder of the run directory's own (no symbolic link)."""
+    if path.is_symlink():
+        raise AccelcError(
+            f"'{show(path)}' is a symbolic link; accelc writes TensorBoard events only into a folder of its own "
+            "in the run directory (remove the link)"
+        )
+    if os.path.lexists(path) and not path.is_dir():
+        raise AccelcError(f"'{show(path)}' is not a folder (remove it)")
+
+
+STEPS_CSV = "steps.csv"
+MAX_STEP_ROW_BYTES = 1 << 20  # one steps.csv row (a variant names layers) when a resume reads it back
+_HW = re.compile(r"\d+(x\d+)*")
+
+
+def _valid_step_rows(fh, done: int, total: int) -> int | None:
+    """How many leading bytes of steps.csv (``fh``, binary) hold rows of the epochs a checkpoint
+    holds: the header, then complete rows (a torn last row, without its newline, is not) of epochs
+    1..``done`` in order with steps rising up to ``total``; None when the header is not accelc's.
+    Read a row at a time, each at most :data:`MAX_STEP_ROW_BYTES`: memory stays bounded whatever
+    the file's size, and reading stops at the first row that does not fit (no more than ``total``
+    rows are read)."""
+    header = (",".join(STEP_COLUMNS) + "\n").encode()
+    first = fh.readline(len(header) + 1)
+    if first != header:
+        return 0 if first == b"" else None
+    good, last_epoch, last_step = len(first), 1, 0
+    while True:
+        row = b""
+        while True:  # a quoted field may hold a newline: a row ends at a newline outside quotes
+            line = fh.readline(MAX_STEP_ROW_BYTES + 1 - len(row))
+            row += line
+            if not line.endswith(b"\n") or len(row) > MAX_STEP_ROW_BYTES:
+                return good  # the end, a torn row or one too long
+            if row.count(b'"') % 2 == 0:
+                break
+        try:
+            f = next(csv.reader([row.decode("utf-8")], strict=True))
+            epoch, step, epoch_step = int(f[0]), int(f[1]), int(f[2])
+            float(f[3]), float(f[5])
+            if f[4]:
+                float(f[4])
+            ok = (
+                len(f) == len(STEP_COLUMNS)
+                and last_epoch <= epoch <= done
+                and last_step < step <= total
+                and epoch_step >= 1
+                and _HW.fullmatch(f[7]) is not None
+            )
+        except (ValueError, IndexError, UnicodeDecodeError, csv.Error, StopIteration):
+            ok = False
+        if not ok:
+            return good
+        good, last_epoch, last_step = good + len(row), epoch, step
+
+
 class RunLogs:
     """The run directory's logs besides metrics.jsonl: ``metrics.csv`` (rewritten atomically from
-    the history each epoch), ``steps.csv`` (the epoch's step rows appended after its checkpoint;
-    a resume cuts it back to the checkpoint's epoch) and TensorBoard event files. Only the process
-    that writes the run directory makes one."""
+    the history each epoch), ``steps.csv`` (the epoch's step rows appended before its checkpoint;
+    a resume cuts it back to the checkpoint's epoch) and TensorBoard event files (step events
+    flushed before the checkpoint, epoch events after it). Only the process that writes the run
+    directory makes one. Every file is opened without following symbolic links; a write that
+    fails (a full disk) is one line and leaves no torn row."""
 
     def __init__(self, run_dir: Path, kinds, history: list[dict], total_steps: int):
         self.run_dir, self.kinds = Path(run_dir), tuple(kinds)
@@ -110,33 +232,60 @@ class RunLogs:
         self.rows: list[dict] = []
         self._pending: list[tuple[float, int, float]] = []  # (loss, images, seconds) since the last row
         self.tb = None
-        done = history[-1]["epoch"] if history else 0
-        if "csv" in self.kinds:
-            self._cut_steps(done)
+        tb_dir = self.run_dir / TB_DIR
+        self.tb_new = not os.path.lexists(tb_dir)  # a resume's TensorBoard folder made now: every epoch goes in
+        writer = None
         if "tensorboard" in self.kinds:
-            from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard
-
-            # purge_step: events a killed run wrote past the checkpoint (steps after its last) are dropped on resume
-            self.tb = SummaryWriter(str(self.run_dir / TB_DIR), purge_step=self.global_step + 1 if history else None)
-
-    def _cut_steps(self, done: int) -> None:
-        """steps.csv holding only the epochs the checkpoint holds (rows of an epoch the run was
-        killed in, or of a run started again, go)."""
-        path = self.run_dir / "steps.csv"
-        if not path.is_file():
-            return
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            text = ""
-        keep = []
-        for row in csv.DictReader(io.StringIO(text)):
+            writer = tensorboard_writer()
+            _check_own_folder(tb_dir)
+        if "csv" in self.kinds:
+            self._cut_steps(history)
+        if writer is not None:
+            made = self.tb_new
+            _quiet_tensorboard_threads()
             try:
-                if 1 <= int(row.get("epoch") or 0) <= done and all(row.get(c) is not None for c in STEP_COLUMNS):
-                    keep.append({c: row[c] for c in STEP_COLUMNS})
-            except ValueError:
-                continue
-        atomic_write_text(path, self._csv(STEP_COLUMNS, keep, header=True))
+                # purge_step: events a killed run wrote past the checkpoint (steps after its last) are dropped on resume
+                self.tb = writer(str(tb_dir), purge_step=self.global_step + 1 if history else None)
+            except Exception as e:
+                if made and _tb_foreign(self.run_dir) is None:  # the folder it made, holding its event file only
+                    shutil.rmtree(tb_dir, ignore_errors=True)
+                raise self._tb_error(e) from None
+
+    def _tb_error(self, e: Exception) -> AccelcError:
+        where = show(self.run_dir / TB_DIR)
+        if isinstance(e, OSError):
+            return AccelcError(f"cannot write TensorBoard events in '{where}': {e.strerror or e}")
+        first = str(e).splitlines()[0] if str(e) else ""
+        return AccelcError(f"TensorBoard's writer failed in '{where}': {type(e).__name__}: {show(first, 160)}")
+
+    def _tb(self, fn, *args):
+        """A call of the TensorBoard writer; what it raises (its thread's error too) is one line."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise self._tb_error(e) from None
+
+    def _cut_steps(self, history: list[dict]) -> None:
+        """steps.csv holding only rows of the epochs the checkpoint holds (rows of an epoch the run
+        was killed in, a torn last row and anything after the first row that does not fit go),
+        cut in place; what is kept is read a row at a time (:func:`_valid_step_rows`)."""
+        path = self.run_dir / STEPS_CSV
+        if not os.path.lexists(path):
+            return
+        done = history[-1]["epoch"] if history else 0
+        total = sum(int(h.get("steps", 0)) for h in history)
+        fd = _open_own(path, os.O_RDWR)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                good = _valid_step_rows(fh, done, total)
+            if good is None:  # not accelc's columns: a table of its own, started again
+                os.ftruncate(fd, 0)
+            elif good < os.fstat(fd).st_size:
+                os.ftruncate(fd, good)
+        except OSError as e:
+            raise _write_error(path, e) from None
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _csv(columns, rows, header: bool) -> str:
@@ -170,37 +319,83 @@ class RunLogs:
         self._pending = []
         self.rows.append(row)
         if self.tb is not None:
-            self.tb.add_scalar("step/loss", row["loss"], self.global_step)
+            self._tb(self.tb.add_scalar, "step/loss", row["loss"], self.global_step)
             if row["images_per_second"] is not None:
-                self.tb.add_scalar("step/images_per_second", row["images_per_second"], self.global_step)
+                self._tb(self.tb.add_scalar, "step/images_per_second", row["images_per_second"], self.global_step)
 
-    def epoch(self, history: list[dict]) -> None:
-        """After the epoch's checkpoint: its rows and metrics."""
-        m = history[-1]
-        if "csv" in self.kinds:
-            path = self.run_dir / "steps.csv"
-            new = not path.is_file() or path.stat().st_size == 0
-            with open(path, "a", encoding="utf-8", newline="") as fh:
-                fh.write(self._csv(STEP_COLUMNS, self.rows, header=new))
-            columns: list[str] = []
-            for h in history:
-                columns += [k for k, v in h.items() if k not in columns and _scalar(v)]
-            atomic_write_text(self.run_dir / "metrics.csv", self._csv(columns, history, header=True))
+    def steps_done(self) -> None:
+        """Before the epoch's checkpoint: its step rows appended to steps.csv and its step events
+        flushed (a resume from an earlier checkpoint cuts them away again), so a kill after the
+        checkpoint loses none of them."""
+        if "csv" in self.kinds and self.rows:
+            self._append_steps()
         self.rows = []
         if self.tb is not None:
-            e = m["epoch"]
-            for k in ("train_loss", "test_loss", "train_acc", "test_acc", "images_per_second", "train_time"):
-                if isinstance(m.get(k), (int, float)):
-                    self.tb.add_scalar(f"epoch/{k}", m[k], e)
-            for d in m.get("decisions", []):
-                self.tb.add_text(f"decisions/{d['controller']}", f"epoch {e}: {d['action']}: {d['why']}", e)
-            self.tb.add_text("variant", f"epoch {e}: {m['variant']} ({_hw(m['input_hw'])})", e)
-            self.tb.flush()
+            self._tb(self.tb.flush)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+    def _append_steps(self) -> None:
+        path = self.run_dir / STEPS_CSV
+        existed = os.path.lexists(path)
+        fd = _open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            size = os.fstat(fd).st_size
+            data = memoryview(self._csv(STEP_COLUMNS, self.rows, header=size == 0).encode())
+            try:
+                while data:
+                    data = data[os.write(fd, data) :]
+            except OSError as e:  # e.g. a full disk: no torn row left behind
+                with contextlib.suppress(OSError):
+                    if existed:
+                        os.ftruncate(fd, size)
+                    else:
+                        os.unlink(path)
+                raise _write_error(path, e) from None
+        finally:
+            os.close(fd)
+
+    def epoch_records(self, epochs: list[dict]) -> None:
+        """After the checkpoint: TensorBoard's records of ``epochs`` (the one that ended, or on a
+        resume those metrics.jsonl lacks)."""
+        if self.tb is not None and epochs:
+            for m in epochs:
+                e = m["epoch"]
+                for k in ("train_loss", "test_loss", "train_acc", "test_acc", "images_per_second", "train_time"):
+                    if isinstance(m.get(k), (int, float)):
+                        self._tb(self.tb.add_scalar, f"epoch/{k}", m[k], e)
+                for d in m.get("decisions", []):
+                    self._tb(
+                        self.tb.add_text, f"decisions/{d['controller']}", f"epoch {e}: {d['action']}: {d['why']}", e
+                    )
+                self._tb(self.tb.add_text, "variant", f"epoch {e}: {m['variant']} ({_hw(m['input_hw'])})", e)
+            self._tb(self.tb.flush)
+
+    def metrics_csv(self, history: list[dict]) -> None:
+        if "csv" not in self.kinds:
+            return
+        columns: list[str] = []
+        for h in history:
+            columns += [k for k, v in h.items() if k not in columns and _scalar(v)]
+        path = self.run_dir / "metrics.csv"
+        try:
+            atomic_write_text(path, self._csv(columns, history, header=True))
+        except OSError as e:
+            raise _write_error(path, e) from None
+
+    def close(self, quiet: bool = False) -> None:
+        """Flush and close the TensorBoard writer (an error it had is one line, unless ``quiet``:
+        another error is already on its way)."""
+        tb, self.tb = self.tb, None
+        if tb is None:
+            return
+        try:
+            self._tb(tb.flush)
+        except AccelcError:
+            if not quiet:
+                with contextlib.suppress(Exception):
+                    tb.close()
+                raise
+        with contextlib.suppress(Exception):
+            tb.close()
 
 
 def _scalar(v) -> bool:
@@ -209,6 +404,40 @@ def _scalar(v) -> bool:
         or isinstance(v, (int, float, str, bool))
         or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))
     )
+
+
+LOG_FILES = {"csv": ("metrics.csv", STEPS_CSV), "tensorboard": (TB_DIR,)}
+
+
+def check_resumed_logs(run_dir: Path, loggers) -> None:
+    """A resume continues the logs the run has: refused (one line, nothing changed) when the run
+    directory holds the files of a logger this resume leaves out -- they would stay behind,
+    stale beside metrics.jsonl -- or when a log is a symbolic link or not what accelc writes."""
+    for kind, names in LOG_FILES.items():
+        for name in names:
+            path = run_dir / name
+            if name == TB_DIR:
+                _check_own_folder(path)
+            elif path.is_symlink():
+                raise AccelcError(
+                    f"log file '{show(path)}' is a symbolic link; accelc writes its logs only into files of its own "
+                    "in the run directory (remove the link)"
+                )
+            elif os.path.lexists(path) and not path.is_file():
+                raise AccelcError(f"log file '{show(path)}' is not a regular file (remove it)")
+    stale = {
+        k: [n for n in names if os.path.lexists(run_dir / n)] for k, names in LOG_FILES.items() if k not in loggers
+    }
+    stale = {k: v for k, v in stale.items() if v}
+    if stale:
+        files = [n for v in stale.values() for n in v]
+        want = ",".join(k for k in LOGGERS if k in loggers or k in stale)
+        them = "it" if len(files) == 1 else "them"
+        raise AccelcError(
+            f"run directory '{show(run_dir)}' holds {', '.join(files)} of --log {','.join(stale)} from its earlier "
+            f"run, which this resume (--log {','.join(loggers) or 'none'}) would leave stale beside metrics.jsonl; "
+            f"resume with --log {want} to continue {them}, or move {them} away"
+        )
 
 
 class Trainer:
@@ -279,6 +508,8 @@ class Trainer:
         pending = None
         if resume and self.run_dir and ckpt.exists(self.run_dir):
             pending = self._resume()
+            if self.writer:
+                check_resumed_logs(self.run_dir, self.loggers)
         self.state.sample = self._sample_batch
         self.state.recalibrate_batchnorm = self._recalibrate_batchnorm
         self._epoch = self.start_epoch  # the epoch that trains (0-based): recalibration batches come from its order
@@ -501,10 +732,16 @@ class Trainer:
             total = (self.epochs - self.start_epoch) * self.data.steps_per_epoch(self.batch_size)
             self.logs = RunLogs(self.run_dir, self.loggers, self.history, total)
         try:
-            return self._run()
-        finally:
+            if self.run_dir and self.writer and self.history:  # resumed
+                self._restore_records()
+            out = self._run()
+        except BaseException:
             if self.logs is not None:
-                self.logs.close()
+                self.logs.close(quiet=True)
+            raise
+        if self.logs is not None:
+            self.logs.close()
+        return out
 
     def _run(self) -> dict:
         for epoch in range(self.start_epoch, self.epochs):
@@ -645,7 +882,11 @@ class Trainer:
         return self.dist.sum([differ], "the controllers' check")[0] == 0
 
     def _write_epoch(self, epoch: int) -> None:
-        # checkpoint first: metrics.jsonl never names an epoch whose checkpoint is not on disk
+        # the epoch's step rows first (a resume cuts rows past its checkpoint), then the
+        # checkpoint, then the records of the history it holds: metrics.jsonl never names an epoch
+        # whose checkpoint is not on disk, and a resume restores what a kill after it lost
+        if self.logs is not None:
+            self.logs.steps_done()
         if self.checkpoints:
             meta = {
                 "epoch": epoch,
@@ -659,11 +900,48 @@ class Trainer:
                 "controllers": {a.name: a.state_dict() for a in self.algorithms},
                 "data_position": {"next_epoch": epoch + 1, "next_step": 0},
             }
-            ckpt.save(self.run_dir, self.engine.state_arrays(), meta)
-        lines = "".join(json.dumps(h) + "\n" for h in self.history)
-        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+            try:
+                ckpt.save(self.run_dir, self.engine.state_arrays(), meta)
+            except OSError as e:
+                raise AccelcError(
+                    f"cannot write the checkpoint of epoch {epoch + 1} in '{show(self.run_dir)}': {e.strerror or e}"
+                    + (f" (the one of epoch {epoch} is kept)" if epoch and ckpt.exists(self.run_dir) else "")
+                ) from None
+        self._write_records(self.history[-1:])
+
+    def _write_records(self, tb_epochs: list[dict]) -> None:
+        """What the history gives: TensorBoard's epoch records of ``tb_epochs``, metrics.jsonl and
+        metrics.csv (in this order: an epoch in metrics.jsonl is in TensorBoard)."""
         if self.logs is not None:
-            self.logs.epoch(self.history)
+            self.logs.epoch_records(tb_epochs)
+        path = self.run_dir / "metrics.jsonl"
+        try:
+            atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in self.history))
+        except OSError as e:
+            raise _write_error(path, e) from None
+        if self.logs is not None:
+            self.logs.metrics_csv(self.history)
+
+    def _restore_records(self) -> None:
+        """On a resume: metrics.jsonl and metrics.csv as the checkpoint's history gives them, and
+        TensorBoard's records of the epochs metrics.jsonl lacked (a kill between the checkpoint
+        and these records loses nothing)."""
+        lines = [(json.dumps(h) + "\n").encode() for h in self.history]
+        have = b""
+        try:
+            fd = os.open(self.run_dir / "metrics.jsonl", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            fd = None
+        if fd is not None:
+            with os.fdopen(fd, "rb") as fh:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    have = fh.read(sum(map(len, lines)))  # at most what the history gives
+        logged = 0
+        for line in lines:
+            if not have.startswith(line):
+                break
+            have, logged = have[len(line) :], logged + 1
+        self._write_records(self.history if self.logs is not None and self.logs.tb_new else self.history[logged:])
 
     def _step_cost(self) -> dict:
         """Cost-model FLOPs and bytes of one training step of the variant that ran this epoch
@@ -943,6 +1221,8 @@ def train(
 
     config = config or ExecConfig()
     loggers = check_loggers(log)
+    if "tensorboard" in loggers and (dist is None or not dist.distributed or dist.rank == 0):
+        tensorboard_writer()  # a broken install: one line before anything is written
     bad = sorted(set(allow_change) - set(ckpt.CHANGEABLE))
     if bad:
         raise AccelcError(
@@ -1019,9 +1299,12 @@ def train(
             }
         )
         if trainer.writer:
-            atomic_write_text(rd / "summary.json", json.dumps(summary, indent=1))
-            if trainer.history:
-                plot_run(trainer.history, rd / "curves.png", f"accelc train — {Path(str(artifact_dir)).name}")
+            try:
+                atomic_write_text(rd / "summary.json", json.dumps(summary, indent=1))
+                if trainer.history:
+                    plot_run(trainer.history, rd / "curves.png", f"accelc train — {Path(str(artifact_dir)).name}")
+            except OSError as e:
+                raise _write_error(rd, e) from None
         return summary
     finally:
         if group is not None:

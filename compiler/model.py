@@ -188,6 +188,9 @@ def _ungradable_params(model: onnx.ModelProto, trainable: list[str]):
                 yield node, role, rewrite, sorted(found, key=trainable.index)
 
 
+LEGALIZED_CONSTANT = "accelc.legalize."  # the name prefix of the constants compiler.legalize adds
+
+
 def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str], str | None]:
     """(trainable, frozen, warning). Trainable: the parameters the exporter declared (accelc.export
     writes them), or else every float initialiser that feeds a node where a gradient flows (not
@@ -216,7 +219,10 @@ def _trainable_params(model: onnx.ModelProto) -> tuple[list[str], list[str], str
             f"'{show(names[0])}': ORT Training 1.19.2 cannot differentiate a {node.op_type} {role} (torch "
             f"does); write {rewrite}, or make it a buffer if it should not train"
         )
-    frozen = [n for n in inits if n in floats and n not in trainable]
+    # constants accelc's legalisation added (an AveragePool's depthwise kernel) stay constants of the
+    # graph, as in a model legalised after this check: a stage made from the legalised model (rescale's
+    # low resolution) must hold the same parameters as the model it switches to
+    frozen = [n for n in inits if n in floats and n not in trainable and not n.startswith(LEGALIZED_CONSTANT)]
     warning = None
     if declared is not None:
         lost = [n for n in declared if n not in trainable]

@@ -255,3 +255,36 @@ def test_switch_rules():
     losses = [1.0, 0.8, 0.79999, 0.81, 0.7]
     due = [c._due(e + 1, {"test_loss": l}, 10) for e, l in enumerate(losses)]
     assert due[:3] == [None, None, None] and due[3] and "did not improve" in due[3]
+
+
+def test_a_legalised_average_pool_trains_through_the_switch_resumes_and_exports(tmp_path):
+    """An AveragePool accelc rewrites as a constant depthwise Conv (ORT 1.19.2 cannot train it) stays
+    a constant in the low-resolution stage too: the run trains, switches, resumes and exports (the
+    stage once held it as a parameter the full-size session lacked; found by the coverage suite
+    on timm's resnet10t)."""
+    import onnxruntime as ort
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 8, 5, padding=2)
+            self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = F.avg_pool2d(torch.relu(self.c1(x)), 2)
+            return self.fc(F.adaptive_avg_pool2d(torch.relu(self.c2(h)), 1).flatten(1))
+
+    torch.manual_seed(0)
+    accelc.export(Net(), torch.zeros(2, 1, 16, 16), tmp_path / "m.onnx")
+    rep = accelc.compile(tmp_path / "m.onnx", tmp_path / "art", passes=["rescale"])
+    assert any("AveragePool" in n for n in rep["fixups"])
+    kw = {"batch_size": 8, "run_dir": tmp_path / "run", "progress": False}
+    accelc.train(tmp_path / "art", "synthetic:32", epochs=1, **kw)
+    s = accelc.train(tmp_path / "art", "synthetic:32", epochs=3, resume=True, allow_change=["epochs"], **kw)
+    assert s["epochs"] == 3
+    out = accelc.export_run(tmp_path / "run", tmp_path / "model.onnx")
+    x = np.zeros((2, 1, 16, 16), np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.isfinite(sess.run(None, {out["input"]["name"]: x})[0]).all()

@@ -61,9 +61,17 @@ MODELS = [
     ("timm", "convnext_atto", 64),
     ("timm", "efficientnet_b0", 64),
     ("timm", "regnetx_002", 64),
+    # families added by issue 32: mixed-kernel grouped convs (123 convs), multi-scale residual
+    # blocks, deep layer aggregation, cross-stage partial, split attention (shape arithmetic)
+    ("timm", "mixnet_s", 64),
+    ("timm", "res2net50_26w_4s", 64),
+    ("timm", "dla34", 64),
+    ("timm", "cspresnet50", 64),
+    ("timm", "resnest14d", 64),
 ]
 SMALL = ["tv:squeezenet1_0", "tv:mobilenet_v3_small", "timm:resnet10t"]  # what CI runs
-PASSES = ("none", "skip", "reuse", "rescale")
+PASSES = ("none", "skip", "reuse", "rescale", "all")
+PASS_LISTS = {"none": [], "all": ["rescale", "reuse", "skip"]}  # otherwise the pass alone
 BATCH = 4
 STEPS = 3
 
@@ -141,7 +149,7 @@ def _outcome(fn):
         return "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", time.perf_counter() - t0
 
 
-def run_model(lib: str, name: str, size: int, work: Path) -> dict:
+def run_model(lib: str, name: str, size: int, work: Path, runs: str = "every") -> dict:
     import torch
 
     import accelc
@@ -163,7 +171,7 @@ def run_model(lib: str, name: str, size: int, work: Path) -> dict:
         return row
     for passes in PASSES:
         art = work / f"art-{passes}"
-        names = [] if passes == "none" else [passes]
+        names = PASS_LISTS.get(passes, [passes])
         status = _outcome(lambda: accelc.compile(onnx_path, art, passes=names, force=True))
         row[f"compile:{passes}"] = status[:1] + (status[1] if status[0] != "ok" else "",) + status[2:]
         if status[0] != "ok":
@@ -245,14 +253,37 @@ def run_model(lib: str, name: str, size: int, work: Path) -> dict:
                 return out
 
             row[f"train:{passes}"] = _outcome(train_steps)
+
+            def run_resume_export():
+                """As a user goes on: train an epoch, resume for a second, export the trained model;
+                plain onnxruntime runs it."""
+                import onnxruntime as ort
+
+                run, exported = work / f"run-{passes}", work / f"model-{passes}.onnx"
+                kw = {"batch_size": BATCH, "run_dir": run, "progress": False, "force": True}
+                accelc.train(art, "synthetic:8", epochs=1, **kw)
+                kw.pop("force")
+                s = accelc.train(art, "synthetic:8", epochs=2, resume=True, allow_change=["epochs"], **kw)
+                out = accelc.export_run(run, exported, force=True)
+                logits = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]).run(
+                    None, {out["input"]["name"]: x[:2]}
+                )[0]
+                if s.get("epochs") != 2 or not np.isfinite(logits).all():
+                    raise RuntimeError(
+                        f"resumed to {s.get('epochs')} epochs; exported logits finite: {np.isfinite(logits).all()}"
+                    )
+                return {"variant": out.get("trained_variant"), "epochs": s.get("epochs")}
+
+            if runs == "every" or passes == runs:
+                row[f"run:{passes}"] = _outcome(run_resume_export)
     return row
 
 
-def child(spec: str, out: str) -> None:
+def child(spec: str, out: str, runs: str = "every") -> None:
     lib, name, size = spec.split(":")
     with tempfile.TemporaryDirectory(prefix="accelc-cov-") as d:
         try:
-            row = run_model(lib, name, int(size), Path(d))
+            row = run_model(lib, name, int(size), Path(d), runs)
         except Exception as e:
             row = {"model": f"{lib}:{name}", "fatal": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -280,20 +311,22 @@ def markdown(rows: list[dict], seconds: float) -> str:
         f"each of torch's two float32 orders (contiguous, channels-last): off only where off against "
         f"both). Lockstep: {STEPS} AdamW steps "
         f"in accelc's runtime and torch eager, largest loss difference; in brackets torch eager against "
-        f"itself with channels-last weights (another valid float32 order), the floor of that comparison. Passes: compile, then two "
-        f"training steps of every variant (and stage) in accelc's runtime. Engine: accelc's default (every op on "
+        f"itself with channels-last weights (another valid float32 order), the floor of that comparison. Passes "
+        f"(`all`: rescale,reuse,skip): compile (its seconds), two training steps of every variant (and stage) in "
+        f"accelc's runtime, then a run as a user makes one: `accelc.train` an epoch, resume it for a second, "
+        f"`export_run` the trained model and run it in plain onnxruntime (the run's seconds). Engine: accelc's default (every op on "
         f"its ATen kernels; 'ORT segments' counts the parts of the step still left to ORT, and which ops), "
         f"against the same batch with the whole step on ORT Training's kernels (`--kernel all=ort`), and ORT's own "
         f"distance from float64 beside it.",
         "",
         "| model | input | params | export | compile | gradients (vs f32 / vs f64 / torch f32 vs f64, worse order) | judged | "
         "ORT segments per step (fell back) | vs `--kernel all=ort` (Δloss / grad; ORT vs f64) | "
-        "lockstep max Δloss (torch vs torch, other order) | frozen silently | skip | reuse | rescale | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "lockstep max Δloss (torch vs torch, other order) | frozen silently | skip | reuse | rescale | all | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "fatal" in r:
-            lines.append(f"| {r['model']} | fatal: {r['fatal'][:200]} |" + " |" * 13)
+            lines.append(f"| {r['model']} | fatal: {r['fatal'][:200]} |" + " |" * 14)
             continue
         g = r.get("gradients")
         if g and g[0] == "ok":
@@ -328,18 +361,22 @@ def markdown(rows: list[dict], seconds: float) -> str:
             c = r.get(f"compile:{p}")
             if c is None or c[0] != "ok":
                 return cell(c)
-            return cell(r.get(f"train:{p}")) if p != "none" else "ok"
+            for stage in ("train", "run"):
+                v = r.get(f"{stage}:{p}")
+                if v is None or v[0] != "ok":
+                    return f"{stage}: {cell(v)}"
+            return f"ok ({c[2]:.0f} s; run {r[f'run:{p}'][2]:.0f} s)"
 
         lines.append(
             f"| {r['model']} | {r.get('input', '')} | {r.get('params', 0) / 1e6:.1f}M | {cell(r.get('export'))} "
             f"| {cell(r.get('compile:none'))} | {gtxt} | {judged} | {segtxt} | {vsort} | {lstxt} "
             f"| {', '.join(r.get('frozen_silently', [])) or 'none'} | {passcell('skip')} | {passcell('reuse')} "
-            f"| {passcell('rescale')} | {r.get('peak_rss_mb', 0):.0f} |"
+            f"| {passcell('rescale')} | {passcell('all')} | {r.get('peak_rss_mb', 0):.0f} |"
         )
     counts = {k: 0 for k in ("ok", "refused", "error")}
     for r in rows:
         for k, v in r.items():
-            if (k.startswith(("compile:", "train:")) or k in ("export", "gradients", "lockstep")) and v:
+            if (k.startswith(("compile:", "train:", "run:")) or k in ("export", "gradients", "lockstep")) and v:
                 counts[v[0]] += 1
     lines += [
         "",
@@ -353,11 +390,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="all", help="comma list of lib:name (tv:..., timm:...), 'small' or 'all'")
     ap.add_argument("-o", "--output", default="docs/model-coverage", help="output stem (.json and .md are added)")
+    ap.add_argument(
+        "--runs",
+        default="every",
+        choices=["every", *PASSES[1:]],
+        help="after which pass lists a run is trained, resumed and exported: every one, or only that one",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        child(a.child, a.child_out)
+        child(a.child, a.child_out, a.runs)
         return 0
     sizes = {f"{lib}:{name}": size for lib, name, size in MODELS}
     wanted = list(sizes) if a.models == "all" else SMALL if a.models == "small" else a.models.split(",")
@@ -367,7 +410,7 @@ def main(argv=None) -> int:
         size = sizes.get(spec, 64)
         with tempfile.NamedTemporaryFile(suffix=".json") as fh:
             p = subprocess.run(
-                [sys.executable, __file__, "--child", f"{lib}:{name}:{size}", "--child-out", fh.name],
+                [sys.executable, __file__, "--child", f"{lib}:{name}:{size}", "--child-out", fh.name, "--runs", a.runs],
                 capture_output=True,
                 text=True,
             )

@@ -6,6 +6,9 @@
   (ranks 0..N-1 meeting at a free TCP port on 127.0.0.1), supervised together: a rank that dies ends
   the job on every rank at once (the others are stopped), with one line naming the rank, why, and
   the checkpoint to resume from.
+* :func:`stop_on_signals`: SIGTERM/SIGHUP to a command that writes an output (compile, bench,
+  export, export-run) end it as train's are: one line, exit code 128 + the signal's number, and
+  its temporaries removed.
 * :func:`torchrun_config`: the rank this process is when ``torchrun`` started it (its environment
   variables, read here and nowhere else).
 
@@ -17,11 +20,13 @@ per rank.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +76,77 @@ def _forwarding(procs: list[subprocess.Popen], got: list[int]):
                 p.send_signal(signum)
 
     return {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+
+
+class _Signalled(BaseException):
+    """SIGTERM/SIGHUP arrived: unwinds the command like KeyboardInterrupt (no ``except Exception``
+    on the way stops it), removing its temporaries; :func:`stop_on_signals` turns it into one line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+WRITERS = ("compile", "bench", "export", "export-run")  # the commands that write outputs (compiler.fileio)
+
+
+@contextlib.contextmanager
+def _stopping(command: str, outputs: list):
+    """See :func:`stop_on_signals`; ``outputs``: the paths the command writes, as given."""
+    from .compiler.fileio import output_key, written_outputs
+
+    got: list[int] = []
+
+    def stop(signum, _frame):
+        if not got:  # the first one unwinds; a second must not cut the clean-up short
+            got.append(signum)
+            raise _Signalled(signum)
+
+    old = {}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) == signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
+            old[s] = signal.signal(s, stop)
+    try:
+        with written_outputs() as log:
+            try:
+                yield
+            except _Signalled as e:
+                sig = signal.Signals(e.signum)
+                done = [o for o in outputs if output_key(o) in log]
+                rest = [o for o in outputs if output_key(o) not in log]
+                msg = f"{command} stopped by {sig.name}"
+                if done:
+                    msg += "; wrote " + " and ".join(f"'{show(o)}'" for o in done)
+                if rest:
+                    msg += "; nothing was written to " + " or ".join(f"'{show(o)}'" for o in rest)
+                atexit.register(_end_at_once, 128 + sig.value)
+                raise Stopped(msg, 128 + sig.value) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _end_at_once(code: int) -> None:
+    """The process's last act once a signal stopped its command (after the one line): flush and
+    end with ``code``, without the interpreter's teardown -- native destructors would run under
+    threads the signal cut short (ONNX Runtime's import thread mid-import aborts with 'terminate
+    called without an active exception')."""
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(code)
+
+
+def stop_on_signals(a):
+    """For the commands that write outputs (:data:`WRITERS`; ``a``: their parsed arguments), a
+    context in which SIGTERM and SIGHUP stop the command as train's supervisor does: one line
+    naming the signal and what was written or not, exit code 128 + the signal's number, the
+    command's temporaries removed on the way out (an output being moved into place is finished
+    first). Other commands: nothing changes."""
+    if getattr(a, "cmd", None) not in WRITERS or threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+    outputs = [o for o in (getattr(a, "output", None), getattr(a, "ort_checkpoint", None)) if o is not None]
+    return _stopping(a.cmd, outputs)
 
 
 def _stopped_by_signal(got: list[int], where: str, saved: str) -> Stopped:

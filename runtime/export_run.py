@@ -37,7 +37,7 @@ from onnx import numpy_helper
 
 from ..compiler.artifact_dir import REQUIRED, load_artifacts
 from ..compiler.errors import AccelcError, ort_message, show
-from ..compiler.fileio import atomic_write_bytes, recover
+from ..compiler.fileio import atomic_write_bytes, output_state, recover
 from ..compiler.ort_training import import_ort_training
 from . import checkpoint as ckpt
 
@@ -349,6 +349,9 @@ def export_run(
         _check_output(ckpt_out, force, protect, "--ort-checkpoint")
         if os.path.abspath(ckpt_out) == os.path.abspath(out):
             raise ExportError("--ort-checkpoint and -o name the same file")
+    # what each output path held when checked: only that, unchanged, is replaced at the end (a file
+    # that appears there meanwhile is refused, not overwritten)
+    found = {p: output_state(p) for p in (out, ckpt_out) if p is not None}
     art, _ = load_artifacts(art_dir)  # verified against its report's hashes
     variant = ckpt.variant_text(meta["variant"])
     model = inference_model(art, arrays, epoch, variant, run_dir)
@@ -358,9 +361,9 @@ def export_run(
     for p in (out, ckpt_out):
         if p is not None:
             recover(p.parent, p.name)
-    atomic_write_bytes(out, data)
+    atomic_write_bytes(out, data, expect=found[out])
     if ckpt_out is not None:
-        atomic_write_bytes(ckpt_out, state)
+        atomic_write_bytes(ckpt_out, state, expect=found[ckpt_out])
     hist = next(h for h in meta["history"] if h["epoch"] == epoch)
     params = [t.name for t in model.graph.initializer]
     return {

@@ -268,7 +268,11 @@ def legalized(info: ModelInfo) -> ModelInfo:
     if not notes:
         return info
     return dataclasses.replace(
-        info, model=model, warnings=list(info.warnings), legalize_notes=list(info.legalize_notes) + notes
+        info,
+        model=model,
+        warnings=list(info.warnings),
+        legalize_notes=list(info.legalize_notes) + notes,
+        source=info.source or info.model,
     )
 
 

@@ -45,6 +45,14 @@ def show(value, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def exception_text(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one safe line, never cut at a newline: a newline inside it (one in
+    a node name a library quotes, say) is escaped by :func:`show`; only onnx's trailing
+    ``==> Context:`` block (which repeats the node) is left out."""
+    text = str(e).split("\n\n==> Context:", 1)[0].strip()
+    return show(text or type(e).__name__, limit)
+
+
 def ort_message(e: BaseException, limit: int = 300) -> str:
     """The human part of an ORT exception (drop source paths and C++ signatures)."""
     text = " ".join(str(e).split()) or type(e).__name__

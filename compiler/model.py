@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .errors import AccelcError, show
+from .errors import AccelcError, exception_text, show
 from .resources import check_memory
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -31,6 +31,8 @@ NON_DIFFERENTIABLE = {
     "Unsqueeze": (1,), "ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,),
     "Split": (1,), "Range": (0, 1, 2), "ConstantOfShape": (0,), "BatchNormalization": (3, 4),
     "Dropout": (1, 2), "Gather": (1,), "Where": (0,), "OneHot": (1, 2),
+    # comparisons output booleans: no gradient reaches either side (a threshold is a constant)
+    "Greater": (0, 1), "Less": (0, 1), "GreaterOrEqual": (0, 1), "LessOrEqual": (0, 1), "Equal": (0, 1),
 }  # fmt: skip
 # Input slots torch differentiates but ORT Training 1.19.2 does not: a parameter there cannot train
 # (ORT's gradient builder fails), so it is refused with a rewrite that trains the same way.
@@ -57,6 +59,9 @@ class ModelInfo:
     frozen: list[str]  # float initialisers that are not trained (BN running stats, constants)
     warnings: list[str] = field(default_factory=list)
     legalize_notes: list[str] = field(default_factory=list)
+    # the model as given, where ``model`` is its legalised form (shape arithmetic folded at the input
+    # size): what a stage at another input size (rescale's low resolution) is rebuilt from
+    source: onnx.ModelProto | None = None
     _shapes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def shapes(self, batch: int) -> dict[str, tuple]:
@@ -71,8 +76,9 @@ class ModelInfo:
         return int(sum(np.prod(inits[p].dims) for p in self.params))
 
 
-def infer_shapes(base_model: onnx.ModelProto, batch: int) -> dict[str, tuple]:
-    """Static shapes of every forward tensor at a concrete batch size."""
+def infer_shapes(base_model: onnx.ModelProto, batch: int, scalars: bool = False) -> dict[str, tuple]:
+    """Static shapes of every forward tensor at a concrete batch size (with ``scalars``, the
+    0-d tensors' ``()`` too)."""
     m = onnx.ModelProto()
     m.CopyFrom(base_model)
     inits = {t.name for t in m.graph.initializer}
@@ -90,7 +96,7 @@ def infer_shapes(base_model: onnx.ModelProto, batch: int) -> dict[str, tuple]:
     shapes: dict[str, tuple] = {}
     for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
         dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
+        if all(d.HasField("dim_value") for d in dims) and (dims or (scalars and vi.type.tensor_type.HasField("shape"))):
             shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
     for t in m.graph.initializer:
         shapes[t.name] = tuple(t.dims)

@@ -27,8 +27,12 @@ DDP's ``broadcast_buffers`` gives).
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -82,6 +86,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def _native_stderr_held():
+    """Hold what torch's C++ side writes to fd 2 while the block runs: joining a job it cannot
+    reach, c10d logs every retry with a C++ stack trace (dozens of lines before accelc's one).
+    Yields a list the block sets ``[True]`` in when it succeeded: the held text is then written
+    out as it would have been; on a failure it is dropped (the exception says why, in one line)."""
+    ok: list = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no fd 2 to redirect: nothing to hold
+        yield ok
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield ok
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            if ok:
+                held.seek(0)
+                text = held.read()
+                if text:
+                    os.write(2, text)
+
+
 class Group:
     """This process's membership in the job (see the module doc)."""
 
@@ -99,13 +134,15 @@ class Group:
         if not dist.is_available() or (self.backend == "gloo" and not dist.is_gloo_available()):
             raise AccelcError(f"this torch build has no torch.distributed {self.backend} backend")
         try:
-            dist.init_process_group(
-                self.backend,
-                init_method=config.init_method,
-                rank=self.rank,
-                world_size=self.world,
-                timeout=timedelta(seconds=float(config.timeout_s)),
-            )
+            with _native_stderr_held() as ok:
+                dist.init_process_group(
+                    self.backend,
+                    init_method=config.init_method,
+                    rank=self.rank,
+                    world_size=self.world,
+                    timeout=timedelta(seconds=float(config.timeout_s)),
+                )
+                ok.append(True)
         except Exception as e:
             raise PeerLost(
                 f"rank {self.rank}: could not join the job at {show(config.init_method)} "

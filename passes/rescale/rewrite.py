@@ -430,7 +430,8 @@ class RescalePass(Pass):
         if s == 1:
             return PassResult(art, False, [{"summary": "s=1: nothing to rescale"}])
         info = art.info
-        low_model, plan = low_resolution_model(info.model, info.input_name, s, options["min_kernel"])
+        # from the model as given: its legalised form may hold sizes folded at the full resolution
+        low_model, plan = low_resolution_model(info.source or info.model, info.input_name, s, options["min_kernel"])
         try:
             low_info = check_model(low_model, info.sha256)
         except AccelcError as e:
@@ -446,8 +447,9 @@ class RescalePass(Pass):
                 f"resolution (an exported adaptive pool, a fixed reshape) cannot follow the smaller feature map"
             ) from None
         try:
+            low_legal = legalized(dataclasses.replace(low_info, warnings=[]))
             low_art, _ = generate(
-                legalized(dataclasses.replace(low_info, warnings=[])),
+                low_legal,
                 art.config["loss"],
                 art.config["optimizer"],
                 art.config["lr"],
@@ -455,7 +457,7 @@ class RescalePass(Pass):
             )
         except AccelcError as e:
             raise AccelcError(f"cannot rescale: the low-resolution model cannot be trained: {e}") from None
-        low_art.info = low_info
+        low_art.info = dataclasses.replace(low_legal, warnings=list(low_info.warnings))
         art.stages[STAGE_DIR] = low_art
         spec = {k: v for k, v in plan["params"].items()}
         art.plan.append(

@@ -5,6 +5,15 @@ The C file is compiled at first use with the system C compiler (``cc -O3 -march=
 the machine, written to a temporary name and renamed (several processes may race). Tensors are
 passed by pointer (zero copy). :func:`available` says whether the build worked; callers fall
 back to the torch reference otherwise.
+
+A cached library is native code run in this process, so it is loaded only when it is provably
+the one accelc built: the cache folder is created 0700, and must be a folder owned by this user
+that no one else can write to (nor any folder above it, sticky ones like /tmp aside); the
+library and the sha256 recorded beside it when it was built (``reuse-<key>.so.sha256``) must be
+regular files owned by this user and writable by no one else, and the bytes loaded (through the
+descriptor that was hashed, not the name) must have that hash. A library that fails any of this
+is rebuilt; where the cache folder itself is unsafe, the library is built into a private
+temporary folder for this process only.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -41,7 +51,57 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("ACCELC_CACHE") or Path.home() / ".cache" / "accelc")
 
 
-def _build() -> Path:
+def _others_can_write(st: os.stat_result) -> bool:
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _unsafe_dir(d: Path) -> str | None:
+    """Why the folder ``d`` (created 0700 when missing) cannot hold native code this process
+    loads, or None: it must be a folder owned by this user that no one else can write, and each
+    folder above it owned by this user or root and writable by no one else unless sticky."""
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        real = d.resolve(strict=True)
+        st = os.stat(real)
+    except OSError as e:
+        return f"cannot create the kernel cache {d}: {e.strerror or e}"
+    uid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        return f"the kernel cache {d} is not a folder"
+    if st.st_uid != uid:
+        return f"the kernel cache {d} is owned by another user"
+    if _others_can_write(st):
+        return f"the kernel cache {d} can be written by other users"
+    for up in real.parents:
+        try:
+            sp = os.stat(up)
+        except OSError as e:
+            return f"cannot check {up}: {e.strerror or e}"
+        if sp.st_uid not in (uid, 0) or (_others_can_write(sp) and not sp.st_mode & stat.S_ISVTX):
+            return f"the folder {up} above the kernel cache can be changed by other users"
+    return None
+
+
+def _own_file(fd: int) -> bool:
+    """An open file is a regular file owned by this user that no one else can write."""
+    st = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not _others_can_write(st)
+
+
+def _recorded_hash(record: Path) -> str | None:
+    """The sha256 recorded when the library was built, if the record is trustworthy."""
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        if not _own_file(fd):
+            return None
+        text = fh.read(100).decode("ascii", "replace").strip()
+    return text if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else None
+
+
+def _key() -> str:
     src = _SRC.read_bytes()
     cpu = ""
     try:
@@ -49,33 +109,112 @@ def _build() -> Path:
             cpu = next((ln for ln in fh if ln.startswith("flags")), "")
     except OSError:
         pass
-    key = hashlib.sha256(src + platform.machine().encode() + cpu.encode()).hexdigest()[:16]
-    out = _cache_dir() / f"reuse-{key}.so"
-    if out.exists():
-        return out
+    return hashlib.sha256(src + platform.machine().encode() + cpu.encode()).hexdigest()[:16]
+
+
+def _compile(folder: Path) -> tuple[Path, str]:
+    """Compile ``_reuse.c`` into a new file in ``folder``; (its path, its sha256)."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) found; install gcc for the fast reuse kernels")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(_SRC)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"building the reuse kernels failed: {r.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, out)
-    finally:
+        os.chmod(tmp, 0o700)
+        with open(tmp, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+    except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out
+        raise
+    return Path(tmp), digest
+
+
+def _build(private: bool = False) -> tuple[Path, str, bool]:
+    """(library, the sha256 it must have, whether it is a private build): the cached library
+    where its recorded hash is trustworthy, else one built now (and recorded for the next
+    process); with ``private``, or where the cache folder is unsafe, one built now into a new
+    private temporary folder for this process only."""
+    folder = _cache_dir()
+    if private or _unsafe_dir(folder) is not None:
+        own = Path(tempfile.mkdtemp(prefix="accelc-reuse-"))
+        try:
+            return (*_compile(own), True)
+        except BaseException:
+            shutil.rmtree(own, ignore_errors=True)
+            raise
+    key = _key()
+    out = folder / f"reuse-{key}.so"
+    record = folder / f"reuse-{key}.so.sha256"
+    want = _recorded_hash(record)
+    if want is not None and out.is_file():
+        return out, want, False
+    tmp, digest = _compile(folder)
+    fd, rec_tmp = tempfile.mkstemp(suffix=".sha256", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(digest + "\n")
+        os.replace(tmp, out)
+        os.replace(rec_tmp, record)
+    finally:
+        for t in (tmp, rec_tmp):
+            if os.path.exists(t):
+                os.unlink(t)
+    return out, digest, False
+
+
+def _load(path: Path, digest: str):
+    """dlopen ``path`` if it is this user's own file with sha256 ``digest``, through the
+    descriptor that was hashed (a file swapped in after the check is never the one loaded);
+    None where it is not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        if not _own_file(fd):
+            return None
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        if h.hexdigest() != digest:
+            return None
+        by_fd = f"/proc/self/fd/{fd}"
+        return ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))
+    finally:
+        os.close(fd)
+
+
+def _open_verified():
+    """The reuse library, loaded only as :func:`_load` allows: the cached one; else (its bytes
+    are not the ones recorded) one built now into the cache; else one built for this process."""
+    for attempt in ("cached", "rebuilt", "private"):
+        path, digest, private = _build(private=attempt == "private")
+        try:
+            so = _load(path, digest)
+        finally:
+            if private:  # loaded (or refused): the private copy is no longer needed
+                shutil.rmtree(path.parent, ignore_errors=True)
+        if so is not None:
+            return so
+        if not private:  # not the library recorded: drop it and its record, build again
+            for p in (path, path.with_name(path.name + ".sha256")):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+    raise RuntimeError("the reuse kernels just built do not match their own hash; not loaded")
 
 
 def lib():
     global _lib, _error
     if _lib is None and _error is None:
         try:
-            so = ctypes.CDLL(str(_build()))
+            so = _open_verified()
             P, I = ctypes.c_void_p, ctypes.c_int
             so.reuse_compact.argtypes = [P, I, I, I, I, I, P, P, I]
             so.reuse_compact.restype = I

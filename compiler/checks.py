@@ -158,18 +158,27 @@ def input_shape(flag: str, value) -> tuple[int, int, int]:
     return tuple(items)
 
 
+MAX_MEMORY_GB = 1e9  # an exabyte: beyond any machine, and far inside what a byte count represents
+
+
 def memory_limit_gb(value) -> float | None:
-    """None (the default limit) or a positive finite number of GB (``--memory-limit``)."""
+    """None (the default limit) or a positive finite number of GB up to :data:`MAX_MEMORY_GB`
+    (``--memory-limit``; 1e300 GB would overflow the byte count)."""
     if value is None:
         return None
     from .resources import memory_limit
 
     if not _is_real(value):
         raise InvalidType(f"--memory-limit must be a number of GB, got {type(value).__name__}")
-    memory_limit(
-        value if isinstance(value, (int, float)) else float(value)
-    )  # the range check and its message live with the limit
-    return float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer beyond float's range
+        v = math.inf
+    if math.isfinite(v) and v > MAX_MEMORY_GB:
+        raise InvalidValue(f"--memory-limit must be a positive number of GB up to {MAX_MEMORY_GB:g}, got {got(value)}")
+    # the range check and its message live with the limit (given the value as the user wrote it)
+    memory_limit(value if isinstance(value, (int, float)) and math.isfinite(v) else v)
+    return v
 
 
 def threads(value) -> int | None:

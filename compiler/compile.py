@@ -10,7 +10,7 @@ from . import provenance
 from .artifact_dir import load_artifacts, model_summary, verified, write_artifacts, write_report
 from .artifacts import DEFAULT_LR, generate  # noqa: F401  (DEFAULT_LR: re-exported, see below)
 from .cost import gflops, graph_costs, numel
-from .errors import AccelcError, show
+from .errors import AccelcError, exception_text, show
 from .fileio import atomic_dir
 from .graph import TrainingGraph, training_graph
 from .legalize import legalize
@@ -334,6 +334,5 @@ def _analyse(path: Path, build, optimizer: str, checked: bool, records: list | N
     except (KeyError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as e:
         raise AccelcError(
             f"'{show(path)}': the training graph cannot be analysed ({type(e).__name__}: "
-            f"{show(str(e).splitlines()[0] if str(e) else '', 120)})"
-            + ("" if checked else "; was it edited? recompile")
+            f"{exception_text(e, 120) if str(e) else ''})" + ("" if checked else "; was it edited? recompile")
         ) from e

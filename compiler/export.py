@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import collections
 import copy
+import errno
 import io
 import json
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from . import checks
-from .errors import InvalidType, InvalidValue, show
-from .fileio import atomic_write_bytes
+from .errors import AccelcError, InvalidType, InvalidValue, show
+from .fileio import atomic_write_bytes, output_state
 from .model import TRAINABLE_KEY
 
 OPSET = 17
@@ -68,6 +70,11 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
     # captured them as initialisers: put the module's true values back.
 
     model = onnx.load_model_from_string(buf.getvalue())
+    if len(model.graph.output) != 1:  # a tuple, list or dict of tensors: accelc trains one logits output
+        raise InvalidValue(
+            f"{type(module).__name__} returns {len(model.graph.output)} outputs (a tuple, list or dict?); "
+            "accelc trains a module whose forward returns one tensor, the logits (N, classes): return only those"
+        )
     for i, t in enumerate(model.graph.initializer):
         if t.name in saved and ("running_" in t.name or "num_batches" in t.name):
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(saved[t.name].cpu().numpy(), t.name))
@@ -79,8 +86,10 @@ def export_bytes(module: nn.Module, example_input: torch.Tensor) -> bytes:
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-    return show(lines[0] if lines else type(e).__name__, 240)
+    """torch's reason: its first paragraph (what follows a blank line is a trace), never cut at a
+    newline inside it (one in a module name is escaped)."""
+    text = str(e).strip().split("\n\n", 1)[0].strip()
+    return show(text or type(e).__name__, 240)
 
 
 def check_export_args(module, example_input, path) -> Path:
@@ -93,13 +102,44 @@ def check_export_args(module, example_input, path) -> Path:
         raise InvalidValue(
             f"example_input must have a batch dimension first (N >= 1), got shape {tuple(example_input.shape)}"
         )
-    return checks.path_like("path", path)
+    return check_output_file("path", path)
+
+
+def check_output_file(flag: str, path) -> Path:
+    """A file path to write: its folder exists (and is a folder), the path is not a folder and
+    resolves without a symbolic link loop. Checked before any work (an export takes seconds)."""
+    path = checks.path_like(flag, path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidValue(f"{flag} '{show(path)}' is a symbolic link loop (or goes through one)") from None
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise InvalidValue(f"{flag} '{show(path)}': {e.strerror or e}") from None
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise InvalidValue(f"{flag} '{show(path)}' is a folder; give a file path such as {show(path / 'model.onnx')}")
+    parent = path.parent
+    try:
+        pst = os.stat(parent)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise InvalidValue(f"{flag} '{show(path)}': folder '{show(parent)}' does not exist") from None
+        raise InvalidValue(f"{flag} '{show(path)}': '{show(parent)}': {e.strerror or e}") from None
+    if not stat.S_ISDIR(pst.st_mode):
+        raise InvalidValue(f"{flag} '{show(path)}': '{show(parent)}' is not a folder")
+    return path
 
 
 def export(module: nn.Module, example_input: torch.Tensor, path: str | os.PathLike) -> Path:
     """Export any torch module for training with accelc; written atomically to ``path``."""
     path = check_export_args(module, example_input, path)
-    atomic_write_bytes(path, export_bytes(module, example_input))
+    found = output_state(path)  # replaced only if still there, unchanged, once the export is done
+    data = export_bytes(module, example_input)
+    try:
+        atomic_write_bytes(path, data, expect=found)
+    except OSError as e:  # the folder went away, a full disk, no permission: one line
+        raise AccelcError(f"cannot write '{show(path)}': {e.strerror or e}") from None
     return path
 
 
@@ -351,6 +391,6 @@ def export_zoo(
 ) -> Path:
     """Write zoo model ``name`` to ``path`` (``accelc export``); ``input_shape`` is C,H,W (a
     sequence or the CLI's "C,H,W" text). Every argument is checked before anything is written."""
-    checks.path_like("-o", path)
+    check_output_file("-o", path)
     module, shape = zoo_module(name, input_shape, num_classes, seed, memory_limit_gb)
     return export(module, torch.zeros(EXPORT_BATCH, *shape), path)

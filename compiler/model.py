@@ -6,9 +6,11 @@ only read from inside the model's own folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,11 +106,19 @@ def infer_shapes(base_model: onnx.ModelProto, batch: int, scalars: bool = False)
 
 
 def _check_path(path: Path) -> None:
-    if not path.exists():
-        raise AccelcError(f"'{path}': no such file")
-    if path.is_dir():
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise AccelcError(f"'{path}' is a symbolic link loop (or goes through one)") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise AccelcError(f"'{path}': no such file") from None
+        raise AccelcError(f"'{path}': {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise AccelcError(f"'{path}' is a directory, not an ONNX model file")
-    if path.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):  # a device (/dev/zero reads as size 0), a FIFO, a socket
+        raise AccelcError(f"'{path}' is not a regular file (a device, FIFO or socket); give an ONNX model file")
+    if st.st_size == 0:
         raise AccelcError(f"'{path}' is empty")
 
 
@@ -374,8 +384,7 @@ def check_model(model: onnx.ModelProto, sha256: str = "", path: Path | None = No
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0]
-        raise AccelcError(f"model fails the ONNX checker: {first}") from None
+        raise AccelcError(f"model fails the ONNX checker: {exception_text(e, 600)}") from None
     for n in g.node:  # a Conv reading the data input needs the batch dimension in front
         if n.op_type == "Conv" and n.input and n.input[0] == inp.name and len(n.input) > 1:
             w = next((t for t in g.initializer if t.name == n.input[1]), None)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .artifacts import Artifacts
-from .errors import AccelcError, ort_message
+from .errors import AccelcError, exception_text, ort_message
 from .lowering import lower_training_model
 from .model import check_step_memory
 from .resources import fmt_bytes, max_threads, memory_limit
@@ -98,7 +98,7 @@ def _validate_in_process(art: Artifacts) -> dict:
     try:
         onnx.shape_inference.infer_shapes(art.training, strict_mode=False)
     except Exception as e:
-        raise AccelcError(f"shape inference failed on the rewritten training graph: {str(e).splitlines()[0]}") from None
+        raise AccelcError(f"shape inference failed on the rewritten training graph: {exception_text(e)}") from None
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

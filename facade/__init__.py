@@ -12,8 +12,12 @@ Layers (checked by import-linter in CI): ``accelc.compiler`` <- ``accelc.runtime
 ``accelc.bench``). Importing ``accelc`` loads neither torch nor ONNX Runtime.
 """
 
-from .api import compile, export, export_run, inspect, train  # noqa: A004
-from .compiler.compile import VERSION as __version__
-from .compiler.errors import AccelcError
+from . import _startup
+
+_startup.install()  # the command line: a Ctrl-C during these imports is one line, exit 130 (see _startup)
+
+from .api import compile, export, export_run, inspect, train  # noqa: A004,E402
+from .compiler.compile import VERSION as __version__  # noqa: E402
+from .compiler.errors import AccelcError  # noqa: E402
 
 __all__ = ["compile", "inspect", "export", "export_run", "train", "AccelcError", "__version__"]

@@ -8,6 +8,7 @@ naming the CLI flag (``--lr must be a positive finite number, got -1.0``)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from . import passes as _passes  # noqa: F401  (registers every pass, algorithm, node kernel and cost hook)
 from .compiler import checks
@@ -105,6 +106,9 @@ def compile(
         memory_limit_gb=memory_limit_gb,
         info=info,
     )
+    for flag, path in (("model", model), ("-o", out_dir)):
+        if path is not None:
+            _no_link_loop(flag, path)
     return compile_model(
         model,
         out_dir,
@@ -120,6 +124,14 @@ def compile(
         defaults=bool(opt),
         memory_limit_gb=memory_limit_gb,
     )
+
+
+def _no_link_loop(flag: str, path) -> None:
+    """A path that goes through a symbolic link loop is one line (resolving it raises RuntimeError)."""
+    try:
+        Path(path).resolve()
+    except (RuntimeError, OSError):
+        raise InvalidValue(f"{flag} '{show(path)}' is a symbolic link loop (or goes through one)") from None
 
 
 def inspect(path) -> dict:
@@ -210,8 +222,10 @@ def train(
     ``data``: a ``--data`` spec, or data in Python: ``(x_train, y_train, x_test, y_test)`` numpy
     arrays or torch tensors (images N,C,H,W float at the model's input shape, used as given;
     labels integer class indices), ``(train, test)`` with each a torch ``Dataset``, ``DataLoader``
-    or ``(x, y)`` pair (read once into memory), or a dict with those four keys; the run records it
-    by its SHA-256, so a resume with other data is refused.
+    or ``(x, y)`` pair (read once into memory: with ``train_limit``/``test_limit`` only that many
+    samples, and one without a ``__len__`` -- an IterableDataset -- at most 1,000,000 samples, so an
+    endless stream is refused: give it a limit), or a dict with those four keys; the run records
+    it by its SHA-256, so a resume with other data is refused.
     ``allow_change``: with ``resume``, settings that may differ from the checkpoint's
     (``"batch_size"``, ``"epochs"``; ``--allow-change``).
     ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``);
@@ -260,7 +274,8 @@ def train(
             raise InvalidValue(
                 "data given in Python cannot be handed to other processes: with nproc > 1 give a --data spec"
             )
-        data = in_memory_data(data, memory_limit_gb)  # read once and checked (model checks when loaded)
+        # read once and checked (model checks when loaded); a torch dataset only as far as the limits
+        data = in_memory_data(data, memory_limit_gb, train_limit, test_limit)
     log = check_loggers(log)
     if nproc > 1 and _dist is None:
         if algorithms is not None:

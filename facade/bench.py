@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import statistics
 import threading
 import time
@@ -109,6 +110,7 @@ def parse_configs(text=None, pass_options: dict | None = None, config_file=None)
                 raise AccelcError(f"configuration {show(name)}: options for pass(es) it does not run: {sorted(stray)}")
             spec = {"engine": "ort", "passes": passes, "options": {p: o for p, o in opts.items() if o}}
             spec["opt"] = bool(item.get("opt", True))
+            _check_reserved(name, spec, any(item.get("options", {}).values()))
         check_pass_options(spec["passes"], spec["options"], defaults=spec.get("opt", True))
         if name in out:
             raise AccelcError(f"configuration {show(name)} is listed twice")
@@ -122,6 +124,40 @@ def parse_configs(text=None, pass_options: dict | None = None, config_file=None)
         flag = cls.flag(next(iter(shared[unused[0]]))) if shared[unused[0]] else unused[0]
         raise AccelcError(f"{flag} given but no configuration runs pass '{unused[0]}'")
     return out
+
+
+def _meaning(spec: dict) -> str:
+    if spec["engine"] != "ort":
+        return {"torch": "torch eager", "torch-amp": "torch eager under bf16 autocast"}.get(
+            spec["engine"], spec["engine"]
+        )
+    opt = "" if spec.get("opt", True) else " without the opt pass"
+    return f"ORT with passes {'+'.join(spec['passes'])}{opt}" if spec["passes"] else f"plain ORT{opt}"
+
+
+def _check_reserved(name: str, spec: dict, own_options: bool) -> None:
+    """A --config-file entry may take a name --configs gives a meaning (torch, torch-amp, ort,
+    ort-noopt, ort+PASS...) only to mean exactly that: the report compares against the rows of
+    those names (ratios, the ort-best target), so an entry named 'ort' that ran skip would make
+    every comparison silently wrong."""
+    if name not in BASELINES and not name.startswith("ort+"):
+        return
+    try:
+        meant = _named(name)
+    except AccelcError:
+        meant = None
+    if (
+        meant is not None
+        and not own_options
+        and (meant["engine"], meant["passes"], bool(meant["opt"])) == (spec["engine"], spec["passes"], spec["opt"])
+    ):
+        return
+    means = _meaning(meant) if meant is not None else "the passes named after 'ort+'"
+    raise AccelcError(
+        f"configuration name '{show(name)}' is reserved for {means}"
+        + (" (pass options: the pass flags)" if meant is not None and own_options else "")
+        + f"; this entry runs {_meaning(spec)}{' with options of its own' if own_options else ''}: give it another name"
+    )
 
 
 def _named(c: str) -> dict:
@@ -147,17 +183,46 @@ def config_passes(c: str) -> tuple[list[str], dict]:
     return spec["passes"], spec["options"]
 
 
+MAX_CONFIG_FILE = 1 << 20  # bytes of a --config-file (64 configurations take a few KB)
+
+
+def _not_regular(path, mode: int) -> AccelcError:
+    what = "a folder" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+    return AccelcError(f"--config-file '{show(path)}' is not a regular file ({what}); give a JSON file")
+
+
+def _read_config_bytes(path) -> bytes:
+    """The bytes of a --config-file: a regular file of at most MAX_CONFIG_FILE bytes. Anything else
+    is refused before it is opened (a FIFO would block the open forever, a device never end), and
+    again on the open file (the path may have been swapped in between)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise AccelcError(f"--config-file '{show(path)}': {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_regular(path, st.st_mode)
+            if st.st_size > MAX_CONFIG_FILE:
+                raise AccelcError(f"--config-file '{show(path)}' is larger than 1 MiB")
+            os.set_blocking(fh.fileno(), True)
+            raw = fh.read(MAX_CONFIG_FILE + 1)  # bounded even if it grows while read
+    except OSError as e:
+        raise AccelcError(f"--config-file '{show(path)}': {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_FILE:
+        raise AccelcError(f"--config-file '{show(path)}' is larger than 1 MiB")
+    return raw
+
+
 def _read_config_file(path) -> list:
     import jsonschema
 
     checks.path_like("--config-file", path)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(1 << 20 + 1)
-    except OSError as e:
-        raise AccelcError(f"--config-file '{show(path)}': {e.strerror}") from None
-    if len(raw) > 1 << 20:
-        raise AccelcError(f"--config-file '{show(path)}' is larger than 1 MiB")
+    raw = _read_config_bytes(path)
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -27,7 +27,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import api
+from . import _startup, api
 from . import passes as _passes  # noqa: F401  (registers the passes: their options become flags)
 from .bench import markdown, parse_configs, run_bench
 from .compiler import checks
@@ -37,7 +37,7 @@ from .compiler.cost import gflops
 from .compiler.errors import AccelcError, show
 from .compiler.model import check_step_memory
 from .compiler.pass_api import PassOrderWarning, parse_pass_list, registered
-from .launch import launch_local, local_threads, supervise, torchrun_config
+from .launch import launch_local, local_threads, stop_on_signals, supervise, torchrun_config
 from .runtime.config import ExecConfig, parse_kernel_choices
 from .runtime.data import check_data
 from .runtime.distributed import DEFAULT_TIMEOUT_S, MAX_WORLD, DistConfig
@@ -504,6 +504,7 @@ class View(Tool):
     def run(self, a):
         from .compiler.view import serve  # heavy: netron
 
+        checks.memory_limit_gb(getattr(a, "memory_limit", None))
         serve(
             a.path,
             a.port,
@@ -641,8 +642,19 @@ class Train(Tool):
         return torchrun_config(os.environ, a.dist_timeout)
 
     def run(self, a):
+        if a.supervised_by is not None and (not a.in_process or a.supervised_by != os.getppid()):
+            # the PID of the accelc process that started this worker (its parent), never a user's
+            raise AccelcError(
+                "--supervised-by is accelc's own flag for the training worker it starts; leave it out "
+                "(to train in this process, give --in-process)"
+            )
         checks.positive_int("--nproc", a.nproc, MAX_WORLD)
         checks.positive_float("--dist-timeout", a.dist_timeout, 86400)
+        if a.in_process and a.nproc > 1 and a.dist_rank is None:
+            raise AccelcError(
+                f"--in-process trains in this one process and --nproc {a.nproc} starts {a.nproc} processes: "
+                "give one or the other"
+            )
         dist = self.dist_config(a)
         if dist is not None and a.nproc > 1 and a.dist_rank is None:
             raise AccelcError(
@@ -1071,6 +1083,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
+        _startup.done()  # from here, a Ctrl-C is the KeyboardInterrupt caught below
         parser = build_parser()
         a = parser.parse_args(argv)
         a.argv = list(argv)
@@ -1079,7 +1092,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if a.quiet else "always", PassOrderWarning)  # -q: errors only
             warnings.showwarning = _note
-            return a.tool.run(a) or 0
+            with stop_on_signals(a):  # compile, bench, export, export-run: SIGTERM/SIGHUP in one line
+                return a.tool.run(a) or 0
     except AccelcError as e:
         if verbose:
             traceback.print_exc()
@@ -1101,10 +1115,7 @@ def main(argv=None) -> int:
     except Exception as e:  # never a traceback for users; -v shows it
         if verbose:
             traceback.print_exc()
-        _error_line(
-            f"accelc: internal error: {type(e).__name__}: {show(str(e).splitlines()[0] if str(e) else '', 300)} "
-            f"(run with -v for details)"
-        )
+        _error_line(f"accelc: internal error: {type(e).__name__}: {show(e, 300)} (run with -v for details)")
         return 1
     finally:
         if _SUPERVISED:  # a signal the supervisor forwards late must not interrupt interpreter shutdown

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .compiler.errors import AccelcError, show
+from .compiler.errors import AccelcError, exception_text, show
 
 TAG_BASE = 4096  # trainable initialiser k is tagged TAG_BASE + k: a value no real parameter tensor holds throughout
 TAG_LIMIT = (1 << 24) - TAG_BASE  # float32 holds these integers exactly
@@ -117,9 +117,8 @@ def _convert(onnx2torch, model: onnx.ModelProto, where: str):
     except AccelcError:
         raise
     except Exception as e:  # an op or attribute onnx2torch does not convert: its reason, one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise AccelcError(
-            f"no torch baseline for '{show(where)}': onnx2torch cannot convert it ({show(msg, 200)})"
+            f"no torch baseline for '{show(where)}': onnx2torch cannot convert it ({exception_text(e, 200)})"
         ) from None
 
 

@@ -31,6 +31,7 @@ import contextlib
 import gzip
 import hashlib
 import math
+import operator
 import os
 import stat
 import sys
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..compiler import checks
-from ..compiler.errors import AccelcError, InvalidType, InvalidValue, show
+from ..compiler.errors import AccelcError, InvalidType, InvalidValue, exception_text, show
 from ..compiler.resources import check_memory, fmt_bytes
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -652,6 +653,11 @@ DATA_FORMS = (
     "(x, y) pair, or a dict with keys x_train, y_train, x_test, y_test"
 )
 MATERIALISE_CHECK = 1024  # items between memory checks while a torch dataset is read
+# A torch dataset or DataLoader without a __len__ (an IterableDataset, a generator-backed stream) is
+# read until it ends, at most this many samples: an endless stream is refused here, in seconds,
+# instead of being read until memory runs out. ``train_limit``/``test_limit`` read only that many
+# samples of a split (any torch dataset), which is how to train on the start of an endless stream.
+MAX_STREAM_SAMPLES = 1_000_000
 
 
 class InMemoryData(str):
@@ -693,10 +699,34 @@ def _is_torch_source(obj) -> bool:
     return isinstance(obj, (torch.utils.data.Dataset, torch.utils.data.DataLoader))
 
 
+def _tensor_array(torch, v, what: str) -> np.ndarray:
+    """A torch tensor's values as a numpy array; a tensor that holds no plain values (sparse,
+    nested, quantized, on the meta device) is one line saying what to give instead."""
+    if v.is_nested:
+        raise InvalidValue(f"data: {what} is a nested tensor; give one (N, C, H, W) tensor (torch.stack the images)")
+    if v.layout != torch.strided:
+        raise InvalidValue(
+            f"data: {what} is a sparse tensor ({str(v.layout).removeprefix('torch.')}); give a dense one (.to_dense())"
+        )
+    if v.is_meta:
+        raise InvalidValue(f"data: {what} is on the meta device: it has shapes but no values")
+    if v.is_quantized:
+        raise InvalidValue(f"data: {what} is a quantized tensor ({v.dtype}); give float images (.dequantize())")
+    v = v.detach()
+    if v.dtype == torch.bfloat16:  # numpy has no bfloat16: images widen exactly to float32
+        if what.startswith("y"):
+            raise InvalidValue(f"data: {what} must hold integer class indices, got {v.dtype}")
+        v = v.float()
+    try:
+        return v.cpu().resolve_conj().resolve_neg().numpy()
+    except (TypeError, RuntimeError, NotImplementedError, ValueError) as e:
+        raise InvalidValue(f"data: {what} ({v.dtype}) cannot be read as an array: {exception_text(e, 160)}") from None
+
+
 def _as_array(v, what: str) -> np.ndarray:
     torch = _torch()
     if torch is not None and isinstance(v, torch.Tensor):
-        return v.detach().cpu().numpy()
+        return _tensor_array(torch, v, what)
     if isinstance(v, np.ndarray):
         return v
     if isinstance(v, (list, tuple)) or np.isscalar(v):
@@ -707,23 +737,54 @@ def _as_array(v, what: str) -> np.ndarray:
     raise InvalidType(f"data: {what} must be a numpy array or torch tensor, got {type(v).__name__}")
 
 
-def _materialise(source, split: str, memory_limit_gb) -> tuple[np.ndarray, np.ndarray]:
+def _length(source, split: str, kind: str) -> int | None:
+    """``len(source)``, or None where it has none (an IterableDataset; a DataLoader over one)."""
+    length = getattr(type(source), "__len__", None)
+    if length is None:
+        return None
+    try:
+        n = operator.index(length(source))
+    except TypeError:  # no usable length (torch's DataLoader over an IterableDataset raises this)
+        return None
+    except Exception as e:  # the user's __len__ failing: its reason, in one line
+        raise AccelcError(
+            f"data: the {split} {kind}'s __len__ failed: {type(e).__name__}: {exception_text(e, 160)}"
+        ) from None
+    if n < 0:
+        raise InvalidValue(f"data: the {split} {kind}'s __len__ returned a negative number ({n})")
+    return n
+
+
+def _materialise(source, split: str, memory_limit_gb, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A torch Dataset (map-style or iterable) or DataLoader read once into (x, y) arrays; items or
-    batches must be (x, y). Random transforms are applied once, here."""
+    batches must be (x, y). Random transforms are applied once, here. ``limit``: read only the
+    first ``limit`` samples. A source without a ``__len__`` is read until it ends, at most
+    :data:`MAX_STREAM_SAMPLES` samples (beyond: refused as endless); one with a ``__len__`` that
+    is iterated may yield no more items than it says."""
     torch = _torch()
     loader = isinstance(source, torch.utils.data.DataLoader)
-    kind = "DataLoader" if loader else "Dataset"
-    try:
-        n = len(source)
-    except TypeError:
-        n = None
+    kind = (
+        "DataLoader"
+        if loader
+        else ("IterableDataset" if isinstance(source, torch.utils.data.IterableDataset) else "Dataset")
+    )
+    n = _length(source, split, kind)
     if n == 0:
         raise InvalidValue(f"data: the {split} {kind} is empty")
-    xs, ys, held = [], [], 0
+    indexed = not loader and n is not None and not isinstance(source, torch.utils.data.IterableDataset)
+    wanted = n if indexed else None  # samples that will be read, when known before reading
+    if indexed and limit is not None:
+        wanted = min(n, limit)
+    xs, ys, held, samples = [], [], 0, 0
     try:
-        items = iter(source) if loader or n is None else (source[i] for i in range(n))
+        items = (source[i] for i in range(wanted)) if indexed else iter(source)
         with torch.no_grad():
             for k, item in enumerate(items):
+                if not indexed and n is not None and k >= n:
+                    raise InvalidValue(
+                        f"data: the {split} {kind} yields more than its __len__ ({n}) items; fix its __len__ "
+                        f"(with several DataLoader workers, an IterableDataset must split its items among them)"
+                    )
                 if not isinstance(item, (tuple, list)) or len(item) != 2:
                     raise InvalidValue(
                         f"data: the {split} {kind} must yield (x, y) pairs; item {k} is {type(item).__name__}"
@@ -733,19 +794,35 @@ def _materialise(source, split: str, memory_limit_gb) -> tuple[np.ndarray, np.nd
                 y = _as_array(item[1], f"y of {split} item {k}")
                 if not loader:
                     x, y = x[None], np.reshape(y, (1,))
+                if limit is not None and x.ndim and samples + x.shape[0] > limit:  # the last batch, cut to it
+                    x, y = x[: limit - samples], np.reshape(y, (-1,))[: limit - samples]
                 xs.append(x)
                 ys.append(np.reshape(y, (-1,)))
+                samples += x.shape[0] if x.ndim else 1
                 held += x.nbytes + 8 * y.size
-                if k == 0 and n is not None:  # from the first item: the whole split's size, before it is read
+                if k == 0 and wanted is not None:  # from the first item: the whole split's size, before it is read
                     per = x.nbytes + 8 * y.size
-                    check_memory(f"reading the {split} {kind} ({n} x {show(x.shape)})", 2 * per * n, memory_limit_gb)
+                    check_memory(
+                        f"reading the {split} {kind} ({wanted} x {show(x.shape)})", 2 * per * wanted, memory_limit_gb
+                    )
                 elif k % MATERIALISE_CHECK == 0:
                     check_memory(f"reading the {split} {kind}", 2 * held, memory_limit_gb)
+                if limit is not None and samples >= limit:
+                    break
+                if n is None and samples > MAX_STREAM_SAMPLES:
+                    raise InvalidValue(
+                        f"data: the {split} {kind} has no __len__ and yielded more than {MAX_STREAM_SAMPLES:,} "
+                        f"samples without ending (an endless stream?); data given in Python is read into memory "
+                        f"once: pass {split}_limit=N to accelc.train to read only its first N samples, or give a "
+                        f"finite dataset (a __len__, or itertools.islice)"
+                    )
     except AccelcError:
         raise
     except Exception as e:  # the user's dataset code failing: its reason, in one line
-        raise AccelcError(f"data: reading the {split} {kind} failed: {type(e).__name__}: {show(e, 160)}") from None
-    if not xs:
+        raise AccelcError(
+            f"data: reading the {split} {kind} failed: {type(e).__name__}: {exception_text(e, 160)}"
+        ) from None
+    if not xs or not samples:
         raise InvalidValue(f"data: the {split} {kind} is empty")
     shapes = {x.shape[1:] for x in xs}
     if len(shapes) > 1:
@@ -753,9 +830,9 @@ def _materialise(source, split: str, memory_limit_gb) -> tuple[np.ndarray, np.nd
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _split(value, split: str, memory_limit_gb) -> tuple[np.ndarray, np.ndarray]:
+def _split(value, split: str, memory_limit_gb, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     if _is_torch_source(value):
-        return _materialise(value, split, memory_limit_gb)
+        return _materialise(value, split, memory_limit_gb, limit)
     if isinstance(value, (tuple, list)) and len(value) == 2:
         return _as_array(value[0], f"x_{split}"), _as_array(value[1], f"y_{split}")
     raise InvalidType(
@@ -810,11 +887,16 @@ def check_data_form(data) -> None:
     )
 
 
-def in_memory_data(data, memory_limit_gb: float | None = None) -> InMemoryData:
+def in_memory_data(
+    data, memory_limit_gb: float | None = None, train_limit: int | None = None, test_limit: int | None = None
+) -> InMemoryData:
     """``data`` given in Python, read and checked on its own (the model's checks come in
     :func:`load_data`): one of :data:`DATA_FORMS`. Images must be floating point, 4-D, finite;
-    labels integer class indices, one per image; both splits non-empty. Returns an
-    :class:`InMemoryData` (a string describing the data, carrying the arrays); already one: as is."""
+    labels integer class indices, one per image; both splits non-empty. ``train_limit`` /
+    ``test_limit``: of a torch dataset or DataLoader, read only the first that many samples (one
+    without a ``__len__`` is otherwise read until it ends, at most :data:`MAX_STREAM_SAMPLES`).
+    Returns an :class:`InMemoryData` (a string describing the data, carrying the arrays); already
+    one: as is."""
     if isinstance(data, InMemoryData):
         return data
     if isinstance(data, dict):
@@ -830,7 +912,10 @@ def in_memory_data(data, memory_limit_gb: float | None = None) -> InMemoryData:
         parts = [(_as_array(data[0], "x_train"), _as_array(data[1], "y_train")),
                  (_as_array(data[2], "x_test"), _as_array(data[3], "y_test"))]  # fmt: skip
     elif isinstance(data, (tuple, list)) and len(data) == 2:
-        parts = [_split(data[0], "train", memory_limit_gb), _split(data[1], "test", memory_limit_gb)]
+        parts = [
+            _split(data[0], "train", memory_limit_gb, train_limit),
+            _split(data[1], "test", memory_limit_gb, test_limit),
+        ]
     elif _is_torch_source(data):
         raise InvalidValue(
             "data: give a test split too: (train, test), each a torch Dataset or DataLoader (accelc reports "
@@ -992,10 +1077,10 @@ def _load(
 
 
 def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, val_split=None):
-    if not isinstance(spec, str):
-        spec = in_memory_data(spec, memory_limit_gb)  # arrays or a torch Dataset given in Python
     train_limit = checks.optional_positive_int("--train-limit", train_limit)  # the API's and CLI's own check
     test_limit = checks.optional_positive_int("--test-limit", test_limit)
+    if not isinstance(spec, str):  # arrays or a torch Dataset given in Python (a validation split comes first)
+        spec = in_memory_data(spec, memory_limit_gb, None if val_split else train_limit, test_limit)
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise InvalidValue(f"the model's class count must be a positive integer, got {show(num_classes)}")
     num_classes = int(num_classes)

@@ -9,7 +9,7 @@ import time
 from .artifacts import Artifacts
 from .errors import AccelcError
 from .pass_api import Pass, check_order, get
-from .validation import validate
+from .validation import validate, validate_all
 
 
 class PassManager:
@@ -90,10 +90,11 @@ class PassManager:
 
     def _validate(self, art: Artifacts, applied: list) -> dict:
         changed = sorted({name for *_, stages, _ in applied for name in stages} & set(art.stages))
-        try:
-            out = validate(art, self.memory_limit_gb)
-            for name in changed:
-                out.setdefault("stages", {})[name] = validate(art.stages[name], self.memory_limit_gb)
+        try:  # the model and its stages checked side by side (one child process each)
+            outs = validate_all([art] + [art.stages[name] for name in changed], self.memory_limit_gb)
+            out = outs[0]
+            for name, stage_out in zip(changed, outs[1:]):
+                out.setdefault("stages", {})[name] = stage_out
             return out
         except AccelcError:
             for _, _, _, after, stages, _ in applied:  # the first pass whose result is refused

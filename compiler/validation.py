@@ -145,52 +145,81 @@ def validate(art: Artifacts, memory_limit_gb: float | None = None) -> dict:
 
     The step's memory is estimated from the shapes first and refused over ``memory_limit_gb``
     (default: :func:`accelc.compiler.resources.memory_limit`), before anything is allocated."""
+    return validate_all([art], memory_limit_gb)[0]
+
+
+def validate_all(arts: list[Artifacts], memory_limit_gb: float | None = None) -> list[dict]:
+    """:func:`validate` each artifact set (a model and its stages), their children running at the
+    same time (each builds its own ORT sessions; the parent only waits). The first refusal in
+    ``arts``' order is raised, after every child has ended. Each result's ``seconds`` is the wall
+    time of the whole group."""
     t0 = time.perf_counter()
-    check_step_memory(art.info, VALIDATION_BATCH, memory_limit_gb, "validating the model")
+    for art in arts:  # every estimate before any child starts
+        check_step_memory(art.info, VALIDATION_BATCH, memory_limit_gb, "validating the model")
     if not hasattr(os, "fork"):
-        out = _validate_in_process(art)
+        outs = [_validate_in_process(art) for art in arts]
     else:
         limit = memory_limit(memory_limit_gb)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            os.close(r)
+        children = [_spawn(art, limit) for art in arts]
+        results = [_collect(pid, r) for pid, r in children]
+        for res in results:
+            if isinstance(res, AccelcError):
+                raise res
+        outs = results
+    for out in outs:
+        out["seconds"] = round(time.perf_counter() - t0, 3)
+    return outs
 
-            faulthandler.disable()  # the parent reports a crash in one line; no dump on the terminal
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            _limit_child_memory(limit)
-            code = 0
-            try:
-                res = _validate_in_process(art)
-            except AccelcError as e:
-                res, code = {"error": str(e)}, 3
-            except MemoryError:
-                res, code = (
-                    {
-                        "error": f"validating the model ran out of memory (limit {fmt_bytes(limit)}; "
-                        "raise it with --memory-limit GB if this machine has the memory)"
-                    },
-                    3,
-                )
-            except BaseException as e:  # noqa: BLE001
-                res, code = {"error": f"{type(e).__name__}: {e}"}, 4
-            with os.fdopen(w, "w") as fh:
-                fh.write(json.dumps(res))
-            os._exit(code)
-        os.close(w)
-        with os.fdopen(r) as fh:
-            payload = fh.read()
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):
-            sig = signal.Signals(os.WTERMSIG(status)).name
-            raise AccelcError(
-                f"ONNX Runtime crashed ({sig}) while validating the training graph: the model uses a "
-                f"construct ORT Training 1.19.2 cannot run; run `accelc inspect` on it and report the "
-                f"layer types (not written)"
+
+def _spawn(art: Artifacts, limit: int) -> tuple[int, int]:
+    """Fork the child that validates ``art``; returns (pid, read end of its result pipe)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+
+        faulthandler.disable()  # the parent reports a crash in one line; no dump on the terminal
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        _limit_child_memory(limit)
+        code = 0
+        try:
+            res = _validate_in_process(art)
+        except AccelcError as e:
+            res, code = {"error": str(e)}, 3
+        except MemoryError:
+            res, code = (
+                {
+                    "error": f"validating the model ran out of memory (limit {fmt_bytes(limit)}; "
+                    "raise it with --memory-limit GB if this machine has the memory)"
+                },
+                3,
             )
+        except BaseException as e:  # noqa: BLE001
+            res, code = {"error": f"{type(e).__name__}: {e}"}, 4
+        with os.fdopen(w, "w") as fh:
+            fh.write(json.dumps(res))
+        os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def _collect(pid: int, r: int) -> dict | AccelcError:
+    """The child's result, or the refusal it ends in (returned, so that every child is reaped)."""
+    with os.fdopen(r) as fh:
+        payload = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        return AccelcError(
+            f"ONNX Runtime crashed ({sig}) while validating the training graph: the model uses a "
+            f"construct ORT Training 1.19.2 cannot run; run `accelc inspect` on it and report the "
+            f"layer types (not written)"
+        )
+    try:
         out = json.loads(payload or "{}")
-        if "error" in out:
-            raise AccelcError(out["error"])
-    out["seconds"] = round(time.perf_counter() - t0, 3)
+    except ValueError:
+        return AccelcError("validating the model failed: its checking process sent no result")
+    if "error" in out:
+        return AccelcError(out["error"])
     return out

@@ -77,9 +77,7 @@ def compile_once(model: Path, out: Path, passes: str, pythonpath: str | None) ->
         p["name"]: {"rewrite_s": p.get("seconds"), "check_s": p.get("check_seconds")} for p in report["passes"]
     }
     v = report.get("validation") or {}
-    row["validation_s"] = round(
-        (v.get("seconds") or 0) + sum(s.get("seconds") or 0 for s in v.get("stages", {}).values()), 2
-    )
+    row["validation_s"] = round(v.get("seconds") or 0, 2)  # the model and its stages, checked side by side
     return row
 
 

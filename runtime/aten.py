@@ -39,11 +39,11 @@ OPS = CONV_OPS | {("", op) for op in (
     "GlobalAveragePool", "GlobalMaxPool", "SoftmaxCrossEntropyLoss", "MaxPool", "MaxPoolGrad",
     "Neg", "Sqrt", "Exp", "Log", "Abs", "Reciprocal", "Sigmoid", "Tanh", "Erf", "Floor", "Ceil", "Not",
     "Add", "Sub", "Mul", "Pow", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Max", "Min",
-    "Constant", "Size", "LayerNormalization",
+    "Constant", "Size", "LayerNormalization", "LeakyRelu",
 )} | {(MS, op) for op in (
     "ReluGrad", "Scale", "ConcatTraining", "DropoutGrad", "BatchNormInternal", "BatchNormalizationGrad",
     "SoftmaxCrossEntropyLossGrad", "SplitTraining", "SliceGrad", "SigmoidGrad", "TanhGrad", "QuickGelu", "QuickGeluGrad",
-    "LayerNormalizationGrad", "Gelu", "GeluGrad", "FusedMatMul",
+    "LayerNormalizationGrad", "Gelu", "GeluGrad", "FusedMatMul", "LeakyReluGrad", "SoftmaxGrad_13",
 )} | {(OWN, "ClipGrad")}  # fmt: skip
 
 

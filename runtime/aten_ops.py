@@ -231,6 +231,21 @@ def _softmax(k, x):
     return torch.softmax(x, k.a.get("axis", -1))
 
 
+def _softmax_grad(k, dy, y):
+    """com.microsoft::SoftmaxGrad_13(dY, Y): Y·(dY − Σ dY·Y) along ``axis`` (Softmax-13's one axis)."""
+    axis = k.a.get("axis", -1)
+    return torch.ops.aten._softmax_backward_data(dy, y, axis + y.dim() if axis < 0 else axis, y.dtype)
+
+
+def _leaky_relu(k, x):
+    return torch.nn.functional.leaky_relu(x, k.a.get("alpha", 0.01))
+
+
+def _leaky_relu_grad(k, dy, y):
+    """com.microsoft::LeakyReluGrad(dY, Y): dY where Y > 0, else alpha·dY (as ORT: from the output)."""
+    return torch.where(y > 0, dy, dy * k.a.get("alpha", 0.01))
+
+
 def _gather(k, x, idx):
     axis = k.a.get("axis", 0)
     axis = axis + x.dim() if axis < 0 else axis
@@ -567,6 +582,9 @@ TABLE: dict[tuple[str, str], object] = {
     ("", "Clip"): _clip,
     ("", "Where"): _where,
     ("", "Softmax"): _softmax,
+    (MS, "SoftmaxGrad_13"): _softmax_grad,
+    ("", "LeakyRelu"): _leaky_relu,
+    (MS, "LeakyReluGrad"): _leaky_relu_grad,
     ("", "Gather"): _gather,
     ("", "Pad"): _pad,
     ("", "Dropout"): _dropout,

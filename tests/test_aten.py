@@ -207,6 +207,24 @@ def test_gemm_matmul_softmax():
     close([N("Softmax", ["a"], ["y"], axis=1)], {"a": a}, ["y"], rtol=2e-6)
 
 
+def test_softmax_grad_and_leaky_relu_and_its_grad():
+    """SoftmaxGrad_13 (ResNeSt's split attention) within float32 rounding of ORT's; LeakyRelu and
+    its gradient (CSPResNet) bit-equal."""
+    dy = f32(4, 2, 3, 5)
+    y = np.exp(f32(4, 2, 3, 5))
+    y = (y / y.sum(axis=1, keepdims=True)).astype(np.float32)
+    close(
+        [N("SoftmaxGrad_13", ["dy", "y"], ["dx"], axis=1, domain=MS)], {"dy": dy, "y": y}, ["dx"], rtol=1e-5, atol=1e-7
+    )
+    close(
+        [N("SoftmaxGrad_13", ["dy", "y"], ["dx"], axis=-1, domain=MS)], {"dy": dy, "y": y}, ["dx"], rtol=1e-5, atol=1e-7
+    )
+    x = f32(4, 3, 5, 5)
+    same([N("LeakyRelu", ["x"], ["y"], alpha=0.1)], {"x": x}, ["y"])
+    same([N("LeakyRelu", ["x"], ["y"])], {"x": x}, ["y"])
+    same([N("LeakyReluGrad", ["dy", "y"], ["dx"], alpha=0.1, domain=MS)], {"dy": f32(4, 3, 5, 5), "y": x}, ["dx"])
+
+
 def test_batchnorm_training_and_its_gradient():
     x = f32(8, 4, 5, 5) * 3 + 1
     scale, bias, mean, var = f32(4), f32(4), f32(4), np.abs(f32(4)) + 0.5

@@ -207,7 +207,19 @@ def test_controller_end_to_end_skips_and_accounts(tmp_path):
 @pytest.mark.parametrize("name", ["resnet", "mixed"])
 def test_savings_per_layer_equal_pruning_a_copy_per_set(name, tmp_path):
     """The one-sweep savings the pass reports equal pruning the graph per skip set and costing it."""
-    from accelc.passes.skip.rewrite import skip_savings, skip_savings_by_pruning
+    from accelc.compiler.cost import graph_costs
+    from accelc.compiler.graph import TrainingGraph
+    from accelc.passes.skip.rewrite import prune, skip_savings, skip_sets
+
+    def skip_savings_by_pruning(art, layers, policy, keep_last):  # the reference: a pruned copy per set
+        base_tg = training_graph(art)
+        base = graph_costs(base_tg)["total"]["flops"]
+        out = {}
+        for name, skip in skip_sets(layers, policy, keep_last).items():
+            tg = TrainingGraph(art.training, base_tg.shapes)
+            prune(tg, skip)
+            out[name] = base - graph_costs(tg)["total"]["flops"]
+        return out
 
     _model(name, tmp_path)
     art, _ = load_artifacts(tmp_path / "art")

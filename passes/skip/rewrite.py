@@ -251,20 +251,6 @@ class _OutputsKept:
         return getattr(self._node, name)
 
 
-def skip_savings_by_pruning(art: Artifacts, layers: list[str], policy: str, keep_last: int) -> dict[str, float]:
-    """:func:`skip_savings` the slow, obvious way: prune a copy of the graph per set and cost it
-    (the reference its tests compare against)."""
-    optimizer = art.config.get("optimizer", "adamw")
-    base_tg = training_graph(art)
-    base = graph_costs(base_tg, optimizer)["total"]["flops"]
-    out = {}
-    for name, skip in skip_sets(layers, policy, keep_last).items():
-        tg = TrainingGraph(art.training, base_tg.shapes)
-        prune(tg, skip)
-        out[name] = base - graph_costs(tg, optimizer)["total"]["flops"]
-    return out
-
-
 def only_norms_added(before, after) -> str | None:
     """A description if ``after`` is ``before`` with only :func:`instrument`'s nodes added (every
     node of ``before`` byte-identical in ``after``; each added node a ReduceL2 reading tensors of

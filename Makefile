@@ -46,9 +46,9 @@ $(FASHION):
 	 else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 2; fi
 
 # the time-to-accuracy protocol (benchmarks/workloads.json: VGG and ResNet at 32x32, largekernel at
-# 64x64, fixed targets on a validation split, 3 seeds); rewrites the README's results section
+# 64x64, fixed targets on a validation split, 3 seeds); writes docs/results/time-to-accuracy.md
 bench: $(STAMP) $(FASHION)
-	$(BIN)/python benchmarks/protocol.py -o bench-out --readme README.md
+	$(BIN)/python benchmarks/protocol.py -o bench-out --results docs/results/time-to-accuracy.md
 	$(BIN)/python benchmarks/skip_step_time.py 25
 	$(BIN)/python benchmarks/lars_overhead.py 80
 	$(BIN)/python benchmarks/reuse_layer.py --repeats 9 -o bench-out/reuse_layer.json
@@ -57,8 +57,8 @@ bench: $(STAMP) $(FASHION)
 bench-quick: $(STAMP) $(FASHION)  # one seed, fewer images and epochs: for trying things
 	$(BIN)/python benchmarks/protocol.py --quick -o bench-quick
 
-coverage: $(STAMP)  # torchvision's and timm's CNNs through every pass: docs/model-coverage.md
-	$(BIN)/python benchmarks/model_coverage.py -o docs/model-coverage
+coverage: $(STAMP)  # torchvision's and timm's CNNs through every pass: docs/results/model-coverage.md
+	$(BIN)/python benchmarks/model_coverage.py -o docs/results/model-coverage
 
 clean:
 	rm -rf $(VENV) bench-out bench-scaling demo-out build

@@ -8,6 +8,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..compiler.errors import AccelcError
+from .config import ExecConfig
+
 
 @dataclass
 class StepResult:
@@ -40,12 +43,43 @@ class ParamUpdate:
 
 
 @runtime_checkable
+class Collective(Protocol):
+    """The data-parallel process group as algorithms see it (a
+    :class:`~accelc.runtime.distributed.Group`): who this rank is, sums and rank 0's JSON."""
+
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def sum(self, values: list[float], what: str = "a reduction") -> list[float]: ...
+
+    def broadcast_json(self, value, what: str = "a broadcast"): ...
+
+
+@runtime_checkable
 class Engine(Protocol):
-    """An engine trains one model. ``artifacts`` is the artifact set it runs now (None for an
-    engine that runs no artifacts, such as torch eager); ``variant_name`` names it."""
+    """An engine trains one model; the training loop and the algorithms ask it only this.
+
+    ``artifacts`` is the artifact set it runs now (None for an engine that runs no artifacts, such
+    as torch eager); ``variant_name`` names it. ``exec``: how it runs (device, threads, kernels).
+    ``world_size``: the ranks training data-parallel (1 alone); ``collective``: their process
+    group (None alone). ``optimizer_kind``: the optimizer's kind (``sgd`` keeps no state)."""
 
     artifacts: Any
     variant_name: str
+    exec: ExecConfig
+    world_size: int
+
+    @property
+    def optimizer_kind(self) -> str: ...
+
+    @property
+    def collective(self) -> Collective | None: ...
+
+    def ready(self) -> None:
+        """Build what the current variant needs now (a lazy engine builds it when first used)."""
 
     def train_step(self, x, y) -> StepResult: ...
 
@@ -60,3 +94,62 @@ class Engine(Protocol):
     def state_arrays(self) -> dict[str, np.ndarray]: ...
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None: ...
+
+    def buffers(self) -> list:
+        """State a step changes besides parameters and optimizer state (BatchNorm running
+        statistics), as tensors rank 0 broadcasts; [] for none."""
+
+    def gradient_norm(self, param: str) -> float | None:
+        """L2 norm of ``param``'s gradient of the last step (all-reduced when data-parallel); None
+        when unknown."""
+
+    def recalibrate_batchnorm(self, artifacts, batches) -> int | None:
+        """BatchNorm running statistics gathered again by forward passes of ``artifacts`` over
+        ``batches`` ((x, y) pairs); the batches it ran, or None when there is nothing to do."""
+
+    def allreduce_report(self) -> dict | None:
+        """Data-parallel: the gradient all-reduce's statistics (after the last step); None alone."""
+
+
+class EngineBase:
+    """Defaults of the :class:`Engine` members an engine may have nothing to say about: no
+    artifacts, the plain variant, the CPU, training alone, a stateful optimizer, no buffers, no
+    gradient norms, no BatchNorm recalibration. Engines (and test doubles) derive from it and
+    override what they support."""
+
+    artifacts: Any = None
+    variant_name: str = "base"
+    exec: ExecConfig = ExecConfig()
+    world_size: int = 1
+    optimizer_kind: str = "adamw"
+    collective: Collective | None = None
+
+    def ready(self) -> None:
+        return None
+
+    def param_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def engine_report(self) -> dict:
+        return {}
+
+    def swap(self, artifacts, name: str, update: ParamUpdate | None = None) -> None:
+        raise AccelcError(f"{type(self).__name__} runs no compiled variants")
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        return None
+
+    def buffers(self) -> list:
+        return []
+
+    def gradient_norm(self, param: str) -> float | None:
+        return None
+
+    def recalibrate_batchnorm(self, artifacts, batches) -> int | None:
+        return None
+
+    def allreduce_report(self) -> dict | None:
+        return None

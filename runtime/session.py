@@ -37,7 +37,7 @@ from ..compiler.lowering import lower_training_model
 from ..compiler.model import activation_bytes
 from ..compiler.ort_training import import_ort_training
 from .config import ExecConfig
-from .engine import ParamUpdate, StepResult
+from .engine import EngineBase, ParamUpdate, StepResult
 from .executor import SegmentedRunner, claimed, prepared
 from .kernels import SKIP_UPDATE
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
@@ -111,8 +111,9 @@ def session_options(threads: int | None = None):
     return so
 
 
-class TrainingSession:
-    """Owns one model's parameters, optimizer state and the ORT sessions of its current variant."""
+class TrainingSession(EngineBase):
+    """Owns one model's parameters, optimizer state and the ORT sessions of its current variant
+    (the :class:`~accelc.runtime.engine.Engine` protocol on ONNX Runtime)."""
 
     # what :meth:`_build` sets: read before the first build of a lazy session, they build it
     _BUILT = frozenset(
@@ -174,6 +175,20 @@ class TrainingSession:
         """Build the current variant's sessions now (a lazy session builds them when first used)."""
         if self.__dict__.get("_pending") is not None:
             self._build(self._pending)
+
+    @property
+    def optimizer_kind(self) -> str:
+        return str((self.hyper or {}).get("kind", "adamw"))
+
+    @property
+    def collective(self):
+        """The data-parallel process group (None when training alone)."""
+        return None if self.reducer is None else self.reducer.group
+
+    def allreduce_report(self) -> dict | None:
+        if self.reducer is None:
+            return None
+        return {**self.reducer.stats(), "allreduce_alone_ms": self.reducer.measure()}
 
     def attach_reducer(self, reducer) -> None:
         """Train data-parallel: gradients live in ``reducer``'s buckets and are averaged across

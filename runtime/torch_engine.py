@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from ..compiler.errors import AccelcError
-from .engine import ParamUpdate, StepResult
+from .config import ExecConfig
+from .engine import EngineBase, ParamUpdate, StepResult
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
 
 
-class TorchSession:
+class TorchSession(EngineBase):
     """The :class:`~accelc.runtime.engine.Engine` protocol on torch eager (it runs no artifacts)."""
 
     variant_name = "torch"
@@ -30,6 +31,8 @@ class TorchSession:
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise AccelcError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype!r}")
         self.device = device
+        self.exec = ExecConfig(device="cuda" if str(device).startswith("cuda") else "cpu")
+        self.optimizer_kind = str((hyper or {}).get("kind", "adamw"))
         self.module = module.to(device)
         self.named = dict(self.module.named_parameters())
         self.optimizer = make_optimizer(list(self.named.values()), hyper, lr)

@@ -1,0 +1,36 @@
+"""What a run's summary says besides its history: where a step ran (:func:`engine_line`) and the
+machine (:func:`machine_info`)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def engine_line(rep: dict) -> str:
+    """One line on where a step ran: accelc's kernels, and what fell back to ORT at what cost."""
+    if "engine" in rep:
+        return str(rep["engine"])
+    if not rep.get("kernel_nodes"):
+        return "the whole step on ORT (one session)"
+    line = f"{rep['kernel_nodes']} nodes on accelc's kernels"
+    if rep.get("ort_segments"):
+        ops = ", ".join(f"{k}×{v}" for k, v in sorted(rep.get("fell_back", {}).items()))
+        ms = rep.get("ort_ms_per_step")
+        line += f"; {rep['ort_segments']} ORT segment(s) for {ops}" + (f" ({ms:.1f} ms/step)" if ms is not None else "")
+    else:
+        line += ", no ORT in the step"
+    return line
+
+
+def machine_info() -> dict:
+    import onnxruntime  # heavy
+    import torch  # heavy
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }

@@ -1,4 +1,4 @@
-"""Argument validators shared by the CLI and the Python API.
+"""Argument validators shared by the CLI, the Python API and the run's settings (the runtime).
 
 One validation layer serves both: every function here takes the *flag* a value belongs to (as the
 CLI spells it, e.g. ``"--lr"``) and the value, returns the value normalised, and raises
@@ -10,7 +10,8 @@ message that names the flag::
 
 The CLI prints that message as ``accelc: error: MSG``; the Python API raises it, so a mistake
 reads the same from both. Arguments that only exist in Python (``pass_options``, ``progress``)
-are named by their keyword.
+are named by their keyword. Validators of what only the facade takes (the zoo's ``--input-shape``
+and ``--num-classes``) are :mod:`accelc.checks`.
 
 Seeds are integers in 0..2**32-1 (:data:`SEED_MAX`): numpy's ``default_rng`` would take any
 non-negative integer, but torch's ``manual_seed`` and ORT's ``set_seed`` take 64-bit integers, and
@@ -60,7 +61,6 @@ def positive_float(flag: str, value, maximum: float | None = None) -> float:
 MAX_LR = 1e12  # far above any useful rate (1e30 crashed ORT natively in bench); 1e12 still diverges cleanly
 MAX_EPOCHS = 1_000_000
 MAX_BATCH = 1 << 20
-MAX_CLASSES = 1 << 20
 
 
 def optional_positive_float(flag: str, value, maximum: float | None = None) -> float | None:
@@ -135,27 +135,6 @@ def mapping(name: str, value, optional: bool = True) -> dict:
     if not isinstance(value, dict):
         raise InvalidType(f"{name} must be a dict, got {type(value).__name__}")
     return value
-
-
-def input_shape(flag: str, value) -> tuple[int, int, int]:
-    """A model input shape C,H,W: the CLI string ``"1,28,28"`` or a sequence of three positive
-    integers."""
-    what = f"{flag} must be three positive integers C,H,W"
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",")]
-        try:
-            items = [int(p) for p in parts]
-        except ValueError:
-            raise InvalidValue(f"{what}, got {got(value)}") from None
-    elif isinstance(value, (list, tuple)):
-        if not all(_is_int(v) for v in value):
-            raise InvalidType(f"{what}, got {got(tuple(value))}")
-        items = [int(v) for v in value]
-    else:
-        raise InvalidType(f"{what}, got {type(value).__name__}")
-    if len(items) != 3 or min(items) <= 0:
-        raise InvalidValue(f"{what}, got {got(','.join(map(str, items)) if items else value)}")
-    return tuple(items)
 
 
 MAX_MEMORY_GB = 1e9  # an exabyte: beyond any machine, and far inside what a byte count represents

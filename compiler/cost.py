@@ -5,7 +5,10 @@ constant per element, and bytes are the float32 sizes of every tensor a node rea
 The optimizer phase is counted per trainable element (AdamW ≈ 12 FLOPs, reads p, g, m, v and
 writes p, m, v; SGD 2 FLOPs, reads p, g and writes p).
 
-Passes whose nodes are not standard ops declare their cost with :func:`register_cost`. A node
+Methods whose nodes are not standard ops declare their cost (``Method.costs``: pairs of
+``claims(node)`` and ``flops(tg, node)``, the latter a number or ``{"flops": expected,
+"flops_bound": upper bound, "note": what the expected value assumes}``; bytes are counted from the
+tensors, as for any node). A node
 whose cost depends on what happens at run time (e.g. how many clusters a reuse node finds) is
 counted at its *expected* value (``flops``) and at its upper bound (``flops_bound``); for every
 other node the two are equal. ``assumptions`` says what the expected values assume.
@@ -15,11 +18,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
 from .graph import ACCUMULATOR_OP, TrainingGraph
+from .method import installed
 
 # FLOPs per output element of elementwise-like ops.
 _ELEMENTWISE = {
@@ -122,21 +125,8 @@ def conv_grad_flops(tg: TrainingGraph, node) -> float:
     return flops
 
 
-# FLOPs of node kinds passes add: (claims(gs node) -> bool, flops(tg, gs node) -> float)
-_COSTS: list[tuple[Callable, Callable]] = []
-
-
-def register_cost(claims: Callable, flops: Callable) -> None:
-    """Declare the FLOPs of nodes a pass adds (bytes are counted from the tensors, as for any node).
-
-    ``flops(tg, node)`` returns a number, or a dict ``{"flops": expected, "flops_bound": upper
-    bound, "note": what the expected value assumes}`` for a node whose cost is known only at run
-    time."""
-    _COSTS.append((claims, flops))
-
-
 def _hook_cost(tg: TrainingGraph, node) -> tuple[float, float, str | None] | None:
-    hook = next((f for claims, f in _COSTS if claims(node)), None)
+    hook = next((f for claims, f in installed().costs() if claims(node)), None)
     if hook is None:
         return None
     v = hook(tg, node)

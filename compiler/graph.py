@@ -2,8 +2,9 @@
 
 A :class:`TrainingGraph` wraps an ORT training graph (forward + loss + backward + gradient
 accumulators) in onnx-graphsurgeon and indexes it by trainable layer: for every Conv, Gemm and
-MatMul with a weight parameter (and every node kind a pass registered as a layer with
-:func:`register_layer_op`), its forward node, backward nodes, parameters, gradient accumulators,
+MatMul with a weight parameter (and every node kind a method declares as a layer op:
+``Method.layer_ops``, (domain, op-type prefix, layer kind), weight and bias in input slots 1 and 2
+like Conv's), its forward node, backward nodes, parameters, gradient accumulators,
 input/output tensors and shapes. Node tags (``metadata_props``) added by passes are kept beside
 the gs graph and written on export, because gs does not carry node metadata.
 """
@@ -19,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import provenance
+from .method import installed
 from .model import LAYER_OPS
 
 ACCUMULATOR_OP = "InPlaceAccumulatorV2"
@@ -27,23 +29,11 @@ BUFFER_SUFFIX = "_grad.accumulation.buffer"
 ACC_OUT_SUFFIX = "_grad.accumulation.out"
 
 
-# Forward node kinds that are trainable layers beyond the standard ones: (domain, op-type prefix)
-# -> the layer kind shown in tables. A pass that replaces a layer's forward node with a node of
-# its own registers it, so the graph view still sees the layer.
-_LAYER_OPS: dict[tuple[str, str], str] = {}
-
-
-def register_layer_op(domain: str, op_prefix: str, kind: str) -> None:
-    """Nodes of ``domain`` whose op type starts with ``op_prefix`` are layers of kind ``kind``
-    (their weight and bias sit in input slots 1 and 2, like Conv's)."""
-    _LAYER_OPS[(domain, op_prefix)] = kind
-
-
 def layer_kind(node) -> str | None:
     """The layer kind of a forward node (gs node), or None if it is not a layer op."""
     if node.op in LAYER_OPS and node.domain in (None, "", "ai.onnx"):
         return node.op
-    for (domain, prefix), kind in _LAYER_OPS.items():
+    for domain, prefix, kind in installed().layer_ops():
         if node.domain == domain and node.op.startswith(prefix):
             return kind
     return None

@@ -18,14 +18,15 @@ class PassManager:
     def __init__(
         self,
         names: list[str],
-        options: dict[str, dict] | None = None,
+        options: dict | None = None,
         validate_each: bool = True,
         memory_limit_gb: float | None = None,
     ):
         self.passes: list[Pass] = [get(n)() for n in names]
         check_order([p.name for p in self.passes if not p.default])
         options = options or {}
-        self.options = {p.name: p.resolve_options(options.get(p.name)) for p in self.passes}
+        # parsed where they entered (check_pass_options); a dict given here directly is parsed now
+        self.options = {p.name: p.options.parse(options.get(p.name)) for p in self.passes}
         self.validate_each = validate_each
         self.memory_limit_gb = memory_limit_gb
 
@@ -69,7 +70,7 @@ class PassManager:
                     changed_stages.append(name)
             rec = {
                 "name": p.name,
-                "options": _jsonable(opts),
+                "options": opts.to_json(),
                 "modified": result.modified,
                 "changes": result.changes,
                 "seconds": round(time.perf_counter() - t0, 3),
@@ -102,13 +103,3 @@ class PassManager:
                 for name in stages:
                     validate(after.stages[name], self.memory_limit_gb)
             raise
-
-
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, set)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)

@@ -1,130 +1,45 @@
-"""The pass contract and the pass registry.
+"""The pass contract: the compile-time half of a :class:`~accelc.compiler.method.Method`.
 
-A pass (in the style of onnx-ir's passes) is a class that declares:
+A pass (in the style of onnx-ir's passes) is a class whose name, options and default come from its
+Method, and which implements:
 
-* ``name``, a one-line ``summary`` and the ``paper`` it implements;
-* ``options``: typed :class:`Option` objects, each validated the same way whether the value comes
-  from the CLI (a string) or from Python (a value);
-* ``rank``: where it stands in the composition order (passes run in increasing rank; a list in
-  another order is put into this order, with a :class:`PassOrderWarning` saying so);
-* ``default``: True for a pass that runs unless turned off (``--no-opt``);
 * ``in_place``: True when ``run`` edits the artifacts it is given (the manager then hands it a
   copy, so the unrewritten artifacts stay available to ``ensures``);
 * ``requires(artifacts, options)``: preconditions, raising :class:`AccelcError` with the reason;
 * ``run(artifacts, options) -> PassResult``: the rewrite, which tags what it adds or changes with
-  :mod:`accelc.compiler.provenance`;
+  :mod:`accelc.compiler.provenance`; ``options`` is the method's parsed
+  :class:`~accelc.compiler.options.Options`;
 * ``ensures(before, after, options)``: the numeric self-check of the rewrite; returns a short
   description of what was checked (or None);
 * ``explain(record, plan)``: what the pass did, in a few plain sentences, from its record in
   report.json (the default groups the change records; a pass may say more).
 
-Passes register with :func:`register`; the manager (:mod:`accelc.compiler.manager`) runs them
-over every stage of an artifact set and validates every stage after each pass.
+The passes that can run are those of the installed methods (:func:`registered`), in their
+composition order (a list in another order is put into this order, with a
+:class:`PassOrderWarning` saying so); the manager (:mod:`accelc.compiler.manager`) runs them over
+every stage of an artifact set and validates the result.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from .artifacts import Artifacts
-from .checks import got
 from .errors import InvalidType, InvalidValue, show
-
-
-@dataclass
-class Option:
-    """A documented pass option. ``parse`` turns a CLI string *or* a Python value into the
-    option's value and raises ValueError/TypeError (with the reason) when it is not valid."""
-
-    default: Any
-    help: str
-    parse: Callable[[Any], Any] = str
-    flag: str | None = None  # CLI flag, e.g. "--mypass-layers"; default --<pass>-<option>
-    choices: tuple | None = None  # shown in --help as {a,b}; taken from a choice(...) parser when not given
-
-    def __post_init__(self):
-        if self.choices is None and getattr(self.parse, "choices", None):
-            self.choices = tuple(self.parse.choices)
-
-
-# ---------------------------------------------------------------- option parsers shared by passes
-def choice(*values: str):
-    """Parser: one of ``values`` ('choose from a, b')."""
-
-    def parse(value):
-        if not isinstance(value, str):
-            raise TypeError(f"choose from {', '.join(values)}")
-        if value not in values:
-            raise ValueError(f"choose from {', '.join(values)}")
-        return value
-
-    parse.choices = values
-    return parse
-
-
-def _number(value, kind):
-    """``value`` (a CLI string or a Python number) as ``kind`` (int or float); TypeError for a
-    value of another type, ValueError for text that is not such a number."""
-    what = "an integer" if kind is int else "a number"
-    if isinstance(value, str):
-        try:
-            return kind(value.strip())
-        except ValueError:
-            raise ValueError(f"expected {what}") from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"expected {what}")
-    if kind is int and not isinstance(value, numbers.Integral):
-        if not (math.isfinite(value) and float(value).is_integer()):
-            raise ValueError(f"expected {what}")
-    return kind(value)
-
-
-def int_at_least(low: int):
-    """Parser: an integer >= ``low``."""
-
-    def parse(value):
-        v = _number(value, int)
-        if v < low:
-            raise ValueError(f"must be an integer >= {low}")
-        return v
-
-    return parse
-
-
-def positive_float(value):
-    """Parser: a finite number > 0."""
-    v = _number(value, float)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError("must be a finite number > 0")
-    return v
-
-
-def fraction(value):
-    """Parser: a number in [0, 1)."""
-    v = _number(value, float)
-    if not 0 <= v < 1:
-        raise ValueError("must be in [0, 1)")
-    return v
-
-
-def integer(value):
-    """Parser: any integer."""
-    return _number(value, int)
-
-
-def name_list(value):
-    """Parser: comma-separated names, or a list of names."""
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(v, str) for v in value):
-            raise TypeError("expected a list of names")
-        return [v.strip() for v in value if v.strip()]
-    if not isinstance(value, str):
-        raise TypeError("expected comma-separated names")
-    return [s.strip() for s in value.split(",") if s.strip()]
+from .method import installed
+from .options import (  # noqa: F401  (the option vocabulary passes declare theirs with)
+    Option,
+    Options,
+    choice,
+    fraction,
+    int_at_least,
+    integer,
+    name_list,
+    option,
+    option_message,
+    positive_float,
+)
 
 
 @dataclass
@@ -145,11 +60,14 @@ class PassResult:
 
 
 class Pass:
+    """The compile-time half of a method; ``name``, ``options`` and ``default`` are its
+    :class:`~accelc.compiler.method.Method`'s (set when the Method is declared)."""
+
+    method = None  # the Method this pass belongs to
     name: str = ""
     summary: str = ""
     paper: str = ""
-    options: dict[str, Option] = {}
-    rank: int = 100
+    options: type[Options] = Options
     default: bool = False
     in_place: bool = True
 
@@ -184,53 +102,13 @@ class Pass:
         return []
 
     @classmethod
-    def flag(cls, option: str) -> str:
-        opt = cls.options[option]
-        return opt.flag or f"--{cls.name}-{option.replace('_', '-')}"
+    def flag(cls, name: str) -> str:
+        return cls.options.flag(name)
 
     @classmethod
-    def resolve_options(cls, given: dict | None) -> dict:
-        """Every option's value, parsed and validated (CLI strings and Python values alike): the
-        option's own parser sees both, so ``tau=-3`` from Python and ``--skip-tau -3`` from the CLI
-        are refused with the same message. None stands for "not given" only where the option's
-        default is None; elsewhere it is a value of the wrong type, like any other."""
-        if given is None:
-            given = {}
-        if not isinstance(given, dict):
-            raise InvalidType(f"options of pass '{cls.name}' must be a dict, got {type(given).__name__}")
-        unknown = [k for k in given if k not in cls.options]
-        if unknown:
-            raise InvalidValue(
-                f"pass '{cls.name}' has no option(s) {', '.join(show(k, 60) for k in unknown)}; "
-                f"valid: {', '.join(cls.options) or 'none'}"
-            )
-        out = {}
-        for k, opt in cls.options.items():
-            if k not in given or (given[k] is None and opt.default is None):
-                # a default written as CLI text (e.g. reuse's "288:6,144:8,72:10") is parsed like one
-                out[k] = cls.parse_option(k, opt.default) if isinstance(opt.default, str) else opt.default
-                continue
-            out[k] = cls.parse_option(k, given[k])
-        return out
-
-    @classmethod
-    def parse_option(cls, option: str, value):
-        """One option's value through its parser; InvalidType/InvalidValue naming the flag."""
-        try:
-            return cls.options[option].parse(value)
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
-            kind = InvalidType if isinstance(e, (TypeError, AttributeError)) else InvalidValue
-            raise kind(option_message(cls.flag(option), e, value)) from None
-
-
-def option_message(flag: str, error: BaseException, value) -> str:
-    """``--skip-tau must be a finite number > 0, got -3`` from a parser's reason."""
-    reason = " ".join(str(error).split()) or type(error).__name__
-    reason = show(reason, 160)
-    text = f"{flag} {reason}" if reason.startswith(("must ", "needs ")) else f"{flag}: {reason}"
-    if "got " not in reason:
-        text += f", got {got(value) if not isinstance(value, (list, tuple, dict)) else show(repr(value), 80)}"
-    return text
+    def resolve_options(cls, given) -> Options:
+        """The pass's options parsed from what was given (see :meth:`Options.parse`)."""
+        return cls.options.parse(given)
 
 
 _SKIP_KEYS = {"layer", "action", "summary", "node", "nodes", "functions", "removed_nodes", "frozen_params"}
@@ -279,32 +157,18 @@ class PassOrderWarning(UserWarning):
     """Passes were given in another order than the composition order; they run in that order."""
 
 
-_REGISTRY: dict[str, type[Pass]] = {}
-
-
-def register(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available by name (``--passes NAME``)."""
-    if not cls.name or not isinstance(cls.name, str):
-        raise ValueError("a pass needs a name")
-    for k, opt in cls.options.items():
-        if opt.choices is None and getattr(opt.parse, "choices", None):
-            opt.choices = opt.parse.choices
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
 def registered() -> dict[str, type[Pass]]:
-    """Registered passes, in composition order."""
-    return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].rank, kv[0])))
+    """The installed methods' passes, in composition order."""
+    return {m.name: m.compile for m in installed()}
 
 
 def default_passes() -> list[str]:
-    return [n for n, c in registered().items() if c.default]
+    return [m.name for m in installed() if m.default]
 
 
 def order_of(names: list[str]) -> list[str]:
-    reg = registered()
-    return sorted(names, key=lambda n: (reg[n].rank, n))
+    methods = installed()
+    return sorted(names, key=methods.index)
 
 
 def in_order(names: list[str], warn: bool = True) -> list[str]:
@@ -369,8 +233,8 @@ def parse_pass_list(value) -> list[str]:
 
 def check_pass_options(names: list[str], pass_options, defaults: bool = True) -> dict:
     """``pass_options`` ({pass: {option: value}}) checked against the passes that run (``names``,
-    plus the default passes when ``defaults``): every option parsed as the CLI parses its flag.
-    Returns the dict unchanged (the manager resolves it again). The messages are those of the CLI:
+    plus the default passes when ``defaults``): every option parsed as the CLI parses its flag, once.
+    Returns {pass: its parsed Options} (the manager takes them as they are). The messages are those of the CLI:
     options of a pass that is not run are refused as ``--skip-tau given but pass 'skip' is not in
     --passes``."""
     if pass_options is None:
@@ -381,24 +245,22 @@ def check_pass_options(names: list[str], pass_options, defaults: bool = True) ->
         )
     reg = registered()
     run = set(names) | ({n for n, c in reg.items() if c.default} if defaults else set())
+    parsed = {}
     for pname, given in pass_options.items():
         if not isinstance(pname, str) or pname not in reg:
             raise InvalidValue(
                 f"pass_options names unknown pass {show(pname, 60)}; available: {', '.join(reg) or 'none'}"
             )
         cls = reg[pname]
-        if given is not None and not isinstance(given, dict):
+        if given is not None and not isinstance(given, (dict, Options)):
             raise InvalidType(f"options of pass '{pname}' must be a dict, got {type(given).__name__}")
         if pname not in run:
-            some = [k for k in (given or {}) if k in cls.options]
+            some = [k for k in (given or {}) if k in cls.options.fields()]
             what = f"{cls.flag(some[0])} given" if some else f"options given for pass '{pname}'"
             raise InvalidValue(f"{what} but pass '{pname}' is not in --passes")
-        cls.resolve_options(given)
-    return pass_options
+        parsed[pname] = cls.options.parse(given)
+    return parsed
 
 
 def get(name: str) -> type[Pass]:
-    reg = registered()
-    if name not in reg:
-        raise InvalidValue(f"unknown pass '{show(name, 60)}'; available: {', '.join(reg) or 'none'}")
-    return reg[name]
+    return installed().get(name).compile

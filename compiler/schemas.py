@@ -17,6 +17,7 @@ import math
 import re
 
 from .errors import AccelcError, show
+from .method import installed
 
 MAX_JSON_BYTES = 64 << 20  # report.json of a ResNet-18 is ~60 kB
 MAX_DEPTH = 64  # accelc writes at most ~8 levels
@@ -96,6 +97,31 @@ PASS_RECORD = {
     },
 }
 
+# the cost model's figures (compiler.cost): every record holds only these numbers
+_AMOUNT = {"type": "number", "finite": True, "minimum": 0}
+COST = {
+    "type": "object",
+    "required": ["flops", "bytes"],
+    "additionalProperties": False,
+    "properties": {k: _AMOUNT for k in ("flops", "flops_bound", "bytes", "bytes_read", "bytes_written")},
+}
+GRAPH_COSTS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "total": COST,
+        "phases": {"type": "object", "additionalProperties": COST},
+        "layers": {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": COST}},
+        "trainable_elements": _int(0, 2**62),
+        "assumptions": STRINGS,
+    },
+}
+COSTS = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"before": GRAPH_COSTS, "after": GRAPH_COSTS, "stages": {"type": "object", "additionalProperties": COST}},
+}
+
 REPORT = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "accelc report.json",
@@ -114,7 +140,7 @@ REPORT = {
         "passes": {"type": "array", "items": PASS_RECORD},
         "plan": {"type": "array", "items": {"type": "object"}},
         "validation": {"type": ["object", "null"]},
-        "costs": {"type": "object"},
+        "costs": COSTS,
         "layers": {"type": "array", "items": {"type": "object"}},
         "compile_seconds": {"type": ["number", "null"]},
         "stage_of": {"type": "string"},
@@ -128,75 +154,9 @@ REPORT = {
 }
 
 # ----------------------------------------------------------------------------- plan.json
-# The controllers the built-in passes write (their runtime algorithms read these fields). A pass
-# from outside accelc may add its own type: register_controller_schema(type, schema).
-CONTROLLERS: dict[str, dict] = {
-    "skip": {
-        "required": ["eta", "beta", "tau_mode", "tau", "policy", "every", "aggregate", "min_epochs", "keep_last"],
-        "properties": {
-            "eta": _num(0, exclusive=True),
-            "beta": _num(0, exclusive=True),
-            "tau_mode": _enum("relative", "absolute", "growth"),
-            "tau": _num(0, exclusive=True),
-            "policy": _enum("prefix", "suffix", "any"),
-            "every": _int(0),
-            "aggregate": _enum("mean", "last"),
-            "min_epochs": _int(0),
-            "keep_last": _int(0),
-        },
-    },
-    "rescale": {
-        "required": ["stage", "params", "factor", "switch"],
-        "properties": {
-            "params": {
-                "type": "object",
-                "additionalProperties": {
-                    "type": "object",
-                    "required": ["kind", "full"],
-                    "properties": {
-                        "kind": _enum("conv", "gemm"),
-                        "full": DIMS,
-                        "small": DIMS,
-                        "chw": DIMS,
-                        "transB": {"type": "boolean"},
-                    },
-                },
-            },
-            "input_hw": {**DIMS, "minItems": 2, "maxItems": 2},
-            "factor": _int(1),
-            "min_kernel": _int(1),
-            "switch": {"type": "string", "pattern": r"^(epoch:[0-9]+|fraction:[0-9.eE+-]+|plateau(:[0-9]+)?)$"},
-            "method": _enum("bilinear", "bicubic"),
-            "reset_moments": _enum("changed", "all"),
-        },
-    },
-    "reuse": {
-        "required": ["L", "H"],
-        "properties": {
-            "strategy": _enum("fixed", "lh", "off"),
-            "layers": {"type": ["array", "null"], "items": NAME},
-            "L": _int(1),
-            "H": _int(1, 20),
-            "scope": _enum("image", "batch"),
-            "input_grad": _enum("exact", "cluster"),
-            "seed": {"type": "integer"},
-            "schedule": {"type": "array", "items": {"type": "array", "items": {"type": ["integer", "string"]}}},
-            "plateau": _num(0, high=1, exclusive_high=True),
-            "min_epochs": _int(1),
-            "choose": _enum("measured", "all"),
-            "margin": _num(0, exclusive=True, high=10),
-            "prefilter": _num(0, high=100),
-            "cross_batch": _int(0, 1_000_000),
-            "recalibrate": _int(0, 100_000),
-        },
-    },
-}
-
-
-def register_controller_schema(kind: str, schema: dict) -> None:
-    """Validate plan.json entries of type ``kind`` with ``schema`` (an object schema's
-    ``required``/``properties``) from now on."""
-    CONTROLLERS[kind] = schema
+# Each entry is {"type": METHOD, "options": {...}, ...the method's own fields}: the schema of an
+# entry is derived from the installed method's Options and its declared plan fields
+# (Method.plan_schema); no method is named here.
 
 
 def plan_schema() -> dict:
@@ -205,7 +165,7 @@ def plan_schema() -> dict:
             "if": {"properties": {"type": {"const": kind}}, "required": ["type"]},
             "then": {"type": "object", **schema},
         }
-        for kind, schema in CONTROLLERS.items()
+        for kind, schema in ((m.name, m.plan_schema()) for m in installed() if m.algorithm is not None)
     ]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -16,8 +16,20 @@ from . import _startup
 
 _startup.install()  # the command line: a Ctrl-C during these imports is one line, exit 130 (see _startup)
 
-from .api import compile, export, export_run, inspect, train  # noqa: A004,E402
+from .api import Method, compile, export, export_run, inspect, install, installed, train, uninstall  # noqa: A004,E402
 from .compiler.compile import VERSION as __version__  # noqa: E402
 from .compiler.errors import AccelcError  # noqa: E402
 
-__all__ = ["compile", "inspect", "export", "export_run", "train", "AccelcError", "__version__"]
+__all__ = [
+    "compile",
+    "inspect",
+    "export",
+    "export_run",
+    "train",
+    "Method",
+    "install",
+    "installed",
+    "uninstall",
+    "AccelcError",
+    "__version__",
+]

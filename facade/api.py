@@ -1,5 +1,7 @@
-"""The Python API (the CLI is a thin layer over it). Every function loads the passes first, so
-their registrations are in place, validates every argument up front (before any file is read or
+"""The Python API (the CLI is a thin layer over it). Importing it installs the built-in methods
+(``accelc.passes.METHODS``) and those registered as ``accelc.methods`` entry points; a method
+defined elsewhere is one :class:`~accelc.compiler.method.Method` handed to :func:`install`. Every
+function validates every argument up front (before any file is read or
 written) with the validators the CLI uses (:mod:`accelc.compiler.checks`), and raises
 :class:`accelc.AccelcError` -- an ``InvalidValue`` (also a ``ValueError``) or ``InvalidType``
 (also a ``TypeError``) for a bad argument -- with the message the CLI prints for the same value,
@@ -10,20 +12,25 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import passes as _passes  # noqa: F401  (registers every pass, algorithm, node kernel and cost hook)
 from .compiler import checks
 from .compiler.artifacts import DEFAULT_LR, LOSSES, OPTIMIZERS
 from .compiler.compile import compile_model, inspect_path
 from .compiler.errors import AccelcError, InvalidType, InvalidValue, show
+from .compiler.method import Method, install, installed, load_entry_points, uninstall
 from .compiler.model import ModelInfo
 from .compiler.pass_api import check_pass_options, parse_pass_list
 from .runtime.config import DEVICES, ExecConfig
-from .runtime.data import InMemoryData, check_data_form, in_memory_data
+from .runtime.data import check_data_form, in_memory_data
 from .runtime.distributed import MAX_WORLD
+from .runtime.spec import TrainSpec
 from .runtime.train import check_loggers
 from .runtime.train import train as _train
 
 __all__ = [
+    "Method",
+    "install",
+    "installed",
+    "uninstall",
     "compile",
     "inspect",
     "train",
@@ -33,6 +40,29 @@ __all__ = [
     "check_compile_args",
     "AccelcError",
 ]
+
+
+def _install_methods() -> None:
+    """The built-in methods, then the plug-ins (a plug-in that cannot be installed is one warning
+    line: accelc still runs with the others)."""
+    import warnings
+
+    from .passes import METHODS
+
+    install(*METHODS)
+    try:
+        plugins = load_entry_points()
+    except AccelcError as e:
+        warnings.warn(str(e), stacklevel=2)
+        return
+    for m in plugins:
+        try:
+            install(m)
+        except (AccelcError, TypeError) as e:
+            warnings.warn(f"the method plug-in '{m.name}' is not installed: {e}", stacklevel=2)
+
+
+_install_methods()
 
 
 def check_compile_args(
@@ -168,7 +198,7 @@ def check_train_args(
     """Validate the arguments of ``accelc train`` / :func:`train` that need no file: raises
     InvalidType/InvalidValue with the message the CLI prints, returns nothing. The CLI calls it
     before it spawns its training worker; :func:`train` calls it first."""
-    if isinstance(data, str) and not isinstance(data, InMemoryData):
+    if isinstance(data, str):
         checks.data_spec("--data", data)
     else:  # arrays or a torch Dataset given in Python: the form here, the content when train reads it
         check_data_form(data)
@@ -269,7 +299,7 @@ def train(
         raise InvalidValue(
             f"--batch-size {batch_size} (the global batch) must be a multiple of the number of processes ({nproc})"
         )
-    if not isinstance(data, str) or isinstance(data, InMemoryData):
+    if not isinstance(data, str):  # a DataSource, or data given in Python
         if nproc > 1:
             raise InvalidValue(
                 "data given in Python cannot be handed to other processes: with nproc > 1 give a --data spec"
@@ -284,13 +314,12 @@ def train(
             artifact_dir, data, epochs, batch_size, run_dir, device, seed, resume, lr, threads, train_limit,
             test_limit, force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout, log,
         )  # fmt: skip
-    return _train(
-        artifact_dir,
-        data,
-        int(epochs),
-        int(batch_size),
-        run_dir,
-        config,
+    spec = TrainSpec(
+        artifacts=artifact_dir,
+        data=data,
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        run_dir=run_dir,
         seed=int(seed),
         resume=bool(resume),
         lr=None if lr is None else float(lr),
@@ -298,13 +327,14 @@ def train(
         test_limit=None if test_limit is None else int(test_limit),
         force=bool(force),
         progress=bool(progress),
-        algorithms=None if algorithms is None else list(algorithms),
-        allow_change=allow_change,
+        exec=config,
         memory_limit_gb=memory_limit_gb,
-        lock_fd=_lock_fd,
-        dist=_dist,
+        allow_change=frozenset(allow_change),
+        nproc=int(nproc),
+        dist_timeout=float(dist_timeout),
         log=log,
     )
+    return _train(spec, algorithms=None if algorithms is None else list(algorithms), lock_fd=_lock_fd, dist=_dist)
 
 
 def _train_local_ranks(

@@ -33,12 +33,14 @@ from .compiler.cost import graph_costs
 from .compiler.errors import AccelcError, InvalidValue, show
 from .compiler.fileio import atomic_dir, atomic_write_text
 from .compiler.graph import training_graph
+from .compiler.method import installed
 from .compiler.model import load_model
 from .compiler.pass_api import check_pass_options, parse_pass_list, registered
 from .compiler.resources import check_threads
 from .runtime.algorithm import algorithms_for
 from .runtime.config import ExecConfig
-from .runtime.data import in_memory_data, load_data
+from .runtime.data import as_source, in_memory_data, load_data
+from .runtime.spec import TrainSpec
 from .runtime.train import Trainer, machine_info
 
 BASELINES = ("torch", "torch-amp", "ort", "ort-noopt")  # torch-amp: torch eager under bf16 autocast
@@ -332,7 +334,7 @@ def run_bench(
 
 
 def _zoo_names():
-    from .compiler.export import ZOO  # heavy: torch
+    from .zoo import ZOO  # heavy: torch
 
     return ZOO
 
@@ -395,9 +397,9 @@ def _run_bench(
 ) -> dict:  # fmt: skip
     import torch  # heavy: loaded when a benchmark runs
 
-    from .compiler.export import ZOO, export_zoo, zoo_module  # heavy: torch, loaded when a benchmark runs
     from .runtime.session import TrainingSession  # heavy
     from .runtime.torch_engine import TorchSession  # heavy
+    from .zoo import ZOO, export_zoo, zoo_module  # heavy: torch, loaded when a benchmark runs
 
     out = Path(out_dir)
     work = out / "artifacts"
@@ -494,9 +496,8 @@ def _run_bench(
                     engine = TrainingSession(art_dirs[s][c], ExecConfig(threads=threads), lr=lr, lazy=True)
                     algs = algorithms_for(engine.artifacts)
                 name = c if len(seeds) == 1 else f"{c} seed {s}"
-                tr = Trainer(
-                    engine, ds, None, epochs, batch_size, s, algs, progress=progress, name=name, checkpoints=False
-                )
+                run = TrainSpec(run_dir=None, epochs=epochs, batch_size=batch_size, seed=s, progress=progress)
+                tr = Trainer(run, engine, ds, algorithms=algs, name=name, checkpoints=False)
                 if stop_at_target:
                     key = "val_acc" if ds.x_val is not None else "test_acc"
                     full = list(ds.shape[1:])
@@ -515,7 +516,7 @@ def _run_bench(
     report.update(
         {
             "model": model if zoo else Path(model).name,
-            "data": data.split(":")[0],
+            "data": as_source(data).name,
             "epochs": epochs,
             "batch_size": batch_size,
             "seed": seeds[0],
@@ -800,10 +801,9 @@ def plot_time_to_target(path: Path, rep: dict) -> None:
 
 
 def plot_controllers(results: dict, path: Path, rep: dict) -> None:
-    """Over epochs, only the panels that have something to show: skipped layers (timeline), remain
-    ratio per reused layer, and the resolution stage (input height, for configurations whose
-    resolution changes). One colour per configuration in every panel (layers told apart by marker
-    and line style); integer epoch ticks."""
+    """Over epochs, one panel per method that has something to show in these runs (its
+    ``Method.bench_panel``: e.g. skipped layers, remain ratio per reused layer, the resolution
+    stage), in composition order. One colour per configuration in every panel; integer epoch ticks."""
     import matplotlib  # heavy: loaded when a plot is drawn
 
     matplotlib.use("Agg")
@@ -811,50 +811,23 @@ def plot_controllers(results: dict, path: Path, rep: dict) -> None:
     from matplotlib.ticker import MaxNLocator
 
     colour = {c: f"C{i % 10}" for i, c in enumerate(results)}
-    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("P", "--")]
-    layers_seen: list = []
-    skip, reuse, res = [], [], []  # (config, history) with content for each panel
-    for c, runs in results.items():
-        h = runs[0]["history"]
-        if any(m.get("skip", {}).get("skipped") for m in h):
-            skip.append((c, h))
-            for m in h:
-                for layer in m.get("skip", {}).get("skipped", []):
-                    if layer not in layers_seen:
-                        layers_seen.append(layer)
-        if any(m.get("reuse") for m in h):
-            reuse.append((c, h))
-        if len({tuple(m["input_hw"]) for m in h if m.get("input_hw")}) > 1:
-            res.append((c, h))
-    panels = [p for p, content in (("skip", skip), ("reuse", reuse), ("res", res)) if content]
+    panels = []  # (panel, [(config, history)]) with content
+    for m in installed():
+        if m.bench_panel is None:
+            continue
+        runs = [(c, r[0]["history"]) for c, r in results.items() if m.bench_panel.shows(r[0]["history"])]
+        if runs:
+            panels.append((m.bench_panel, runs))
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4.2), squeeze=False)
-    ax = dict(zip(panels, axes[0]))
     if not panels:
         a = axes[0][0]
         a.text(0.5, 0.5, "no controller acted in these configurations", ha="center", va="center")
         a.set_axis_off()
-    for c, h in skip:
-        pts = [(m["epoch"], layers_seen.index(layer)) for m in h for layer in m.get("skip", {}).get("skipped", [])]
-        ax["skip"].scatter([p[0] for p in pts], [p[1] for p in pts], marker="s", s=60, color=colour[c], label=c)
-    if skip:
-        ax["skip"].set_yticks(range(len(layers_seen)), layers_seen)
-        ax["skip"].set_title("skipped layers (from the epoch after the decision)")
-    for c, h in reuse:
-        ep = [m["epoch"] for m in h]
-        names = sorted({k for m in h for k in m.get("reuse", {})})
-        for i, k in enumerate(names):
-            marker, ls = styles[i % len(styles)]
-            ratio = [m.get("reuse", {}).get(k, {}).get("remain_ratio") for m in h]
-            ax["reuse"].plot(ep, ratio, marker=marker, ls=ls, color=colour[c], label=f"{c}: {k}")
-    if reuse:
-        ax["reuse"].set_title("remain ratio (clusters / rows) per reused layer")
-        ax["reuse"].set_ylim(0, 1.05)
-    for c, h in res:
-        ep = [m["epoch"] for m in h]
-        ax["res"].step(ep, [m["input_hw"][0] for m in h], where="mid", marker="o", color=colour[c], label=c)
-    if res:
-        ax["res"].set_title("resolution stage (input height)")
-        ax["res"].set_yticks(sorted({m["input_hw"][0] for _, h in res for m in h}))
+    ax = {}
+    for i, (panel, runs) in enumerate(panels):
+        ax[i] = axes[0][i]
+        panel.draw(ax[i], runs, colour)
+        ax[i].set_title(panel.title)
     for a in ax.values():
         a.set_xlabel("epoch")
         a.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -13,10 +13,11 @@ contributes:
 * ``on_switch``: parameter changes that come with a new decision (e.g. kernels resampled to a
   new shape), as a :class:`~accelc.runtime.engine.ParamUpdate`.
 
-The :class:`Schedule` folds the transforms of all algorithms in pass order (their ``rank``), with
-one cache keyed by the tuple of decision keys, so no algorithm undoes another's decision and no
-pass name appears here. Passes register their algorithm with :func:`register_algorithm` under the
-``type`` their pass writes into ``plan.json``.
+The :class:`Schedule` folds the transforms of all algorithms in the methods' composition order,
+with one cache keyed by the tuple of decision keys, so no algorithm undoes another's decision and
+no method name appears here. A method names its algorithm (``Method.algorithm``); its plan.json
+entries (``{"type": METHOD, "options": {...}, ...}``) are run by it, with the options parsed once
+into the method's typed :class:`~accelc.compiler.options.Options` (``self.options``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
-from ..compiler.errors import AccelcError
-from .engine import ParamUpdate, StepResult
+from ..compiler.errors import AccelcError, show
+from ..compiler.method import installed
+from .engine import Engine, ParamUpdate, StepResult
 
 
 class Logger:
@@ -51,9 +53,10 @@ class Logger:
 @dataclass
 class TrainState:
     """What events see of the run: the engine (read-only for algorithms: its artifacts and
-    parameter values), the run's length and batch size, and the logger."""
+    parameter values, through the :class:`~accelc.runtime.engine.Engine` protocol only), the run's
+    length and batch size, and the logger."""
 
-    engine: Any
+    engine: Engine
     epochs: int
     batch_size: int
     logger: Logger = field(default_factory=Logger)
@@ -69,15 +72,20 @@ class TrainState:
 
 
 class Algorithm:
-    """Base class. Subclasses set ``name`` (the plan type) and ``rank`` (the pass's rank) and
+    """Base class. Its ``method`` (and ``name``) are set by the Method that names it; subclasses
     override what they need; the defaults do nothing and change nothing."""
 
+    method = None  # the Method whose plan entries this algorithm runs
     name = "algorithm"
-    rank = 100
 
     def __init__(self, root, spec: dict | None = None):
         self.root = root  # the compiled artifact set (with its stages)
         self.spec = dict(spec or {})
+        # the method's typed settings, parsed once from the plan entry
+        opts = self.spec.get("options")
+        if self.method is not None:
+            opts = self.method.options.from_plan(opts, f"plan.json: the {self.name} controller's")
+        self.options = opts
         self.log: list[dict] = []
         self.logger: Logger | None = None
 
@@ -138,7 +146,7 @@ class Schedule:
 
     def __init__(self, root, algorithms: list[Algorithm]):
         self.root = root
-        self.algorithms = sorted(algorithms, key=lambda a: a.rank)
+        self.algorithms = _in_order(algorithms)
         self._cache: dict = {}
 
     def key(self) -> tuple:
@@ -163,24 +171,21 @@ class Schedule:
         return {a.name: d for a in self.algorithms if (d := a.describe())}
 
 
-_ALGORITHMS: dict[str, type[Algorithm]] = {}
-
-
-def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: the algorithm that runs a plan entry of type ``cls.name``."""
-    _ALGORITHMS[cls.name] = cls
-    return cls
+def _in_order(algorithms: list[Algorithm]) -> list[Algorithm]:
+    methods = installed()
+    return sorted(algorithms, key=lambda a: methods.index(a.name))
 
 
 def algorithms_for(art) -> list[Algorithm]:
-    """The algorithms an artifact set's plan asks for (``plan.json``), in pass order."""
+    """The algorithms an artifact set's plan asks for (``plan.json``), in composition order."""
+    methods = installed()
     out = []
     for spec in art.plan:
         if not isinstance(spec, dict):
             raise AccelcError("plan.json: every controller must be an object")
         kind = spec.get("type")
-        cls = _ALGORITHMS.get(kind)
-        if cls is None:
-            raise AccelcError(f"plan.json names an unknown controller '{kind}'")
-        out.append(cls(art, spec))
-    return sorted(out, key=lambda a: a.rank)
+        method = methods.by_name.get(kind) if isinstance(kind, str) else None
+        if method is None or method.algorithm is None:
+            raise AccelcError(f"plan.json names an unknown controller '{show(str(kind), 60)}'")
+        out.append(method.algorithm(art, spec))
+    return _in_order(out)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from .kernels import BuildContext, KernelProvider, NodeKernel, register_kernel
+from .kernels import BuildContext, KernelProvider, NodeKernel
 
 MS = "com.microsoft"
 OWN = "ai.accelc.aten"  # nodes only this provider's rewrite makes (and only it runs)
@@ -213,14 +213,12 @@ def _build(node: onnx.NodeProto, ctx: BuildContext) -> NodeKernel:
     return build(node, ctx)
 
 
-PROVIDER = register_kernel(
-    KernelProvider(
-        name=NAME,
-        implementations=(IMPL,),
-        claims=supports,
-        build=_build,
-        summary="every standard op of a CNN training graph (BatchNorm, pooling, loss, GEMM, elementwise, shape) on ATen",
-        generic=True,
-        prepare=fuse_gradient_chains,
-    )
+PROVIDER = KernelProvider(
+    name=NAME,
+    implementations=(IMPL,),
+    claims=supports,
+    build=_build,
+    summary="every standard op of a CNN training graph (BatchNorm, pooling, loss, GEMM, elementwise, shape) on ATen",
+    generic=True,
+    prepare=fuse_gradient_chains,
 )

@@ -1,8 +1,8 @@
 """Node kernels: nodes of a training graph that accelc's runtime executes itself, between ORT
-segments, and the registry through which a pass declares them.
+segments, and how a method declares them.
 
-A pass that adds custom nodes (or marks standard ones for another engine) registers a
-:class:`KernelProvider`: a name (the key of ``ExecConfig.kernels``), the implementations it
+A method that adds custom nodes (or marks standard ones for another engine) lists a
+:class:`KernelProvider` in its ``Method.kernels``: a name (the key of ``ExecConfig.kernels``), the implementations it
 offers, a predicate that says which nodes it claims, and a factory that builds a
 :class:`NodeKernel` for a claimed node. The runtime knows nothing else about it: when a graph has
 claimed nodes, the :class:`~accelc.runtime.executor.SegmentedRunner` cuts it into ORT segments
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import onnx
+
+from ..compiler.method import installed
 
 ORT = "ort"  # every provider's fallback: leave the node to ONNX Runtime
 # A kernel's per-call statistics may hold SKIP_UPDATE: True to ask that this step's optimizer update
@@ -66,30 +68,22 @@ class KernelProvider:
     prepare: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None
 
 
-_PROVIDERS: dict[str, KernelProvider] = {}
-
-
-def register_kernel(provider: KernelProvider) -> KernelProvider:
-    """Declare a node kernel (called by a pass package on import). Re-registering a name replaces it."""
-    if ORT in provider.implementations:
-        raise ValueError(f"kernel provider '{provider.name}': '{ORT}' is implied, do not list it")
-    _PROVIDERS[provider.name] = provider
-    return provider
-
-
 ALL = "all"  # ``--kernel all=ort``: every provider's choice at once (the whole step on ORT)
 
 
 def providers() -> dict[str, KernelProvider]:
-    """The registered providers, the passes' own first and the generic ones (the runtime's
-    :mod:`accelc.runtime.aten`) last, so a node a pass marked or added is claimed by that pass."""
-    if not _BUILTIN:
-        _BUILTIN.append(True)
-        from . import aten  # noqa: F401  (registers the runtime's own provider)
-    return dict(sorted(_PROVIDERS.items(), key=lambda kv: kv[1].generic))
+    """The node-kernel providers: the installed methods' own (``Method.kernels``), in composition
+    order, then the runtime's generic one (:mod:`accelc.runtime.aten`), so a node a method marked
+    or added is claimed by that method."""
+    from . import aten  # the runtime's own provider: torch is loaded only when a graph is run
 
-
-_BUILTIN: list = []
+    out = {}
+    for p in installed().kernels():
+        if ORT in p.implementations:
+            raise ValueError(f"kernel provider '{p.name}': '{ORT}' is implied, do not list it")
+        out[p.name] = p
+    out[aten.PROVIDER.name] = aten.PROVIDER
+    return dict(sorted(out.items(), key=lambda kv: kv[1].generic))
 
 
 def store(name: str, t, env: dict, bound: dict) -> None:

@@ -1,7 +1,11 @@
-"""A fifth method touches one folder: a toy method defined here, outside accelc, without editing
-any of accelc's files. It has a pass with one option, a custom node with its own kernel in the
-executor, and a run-time algorithm that switches variant after epoch 1; it composes with skip and
-trains."""
+"""A new method is one object: a toy method defined here, outside accelc, without editing any of
+accelc's files and without monkeypatching: one :class:`accelc.Method` handed to
+:func:`accelc.install`. It has options (one definition: its flag, its Python validation and its
+plan.json schema come from it), a pass, a custom node with its own kernel in the executor, a
+run-time algorithm that switches variant after epoch 1, a run-summary line and a bench panel; it
+composes with skip and trains."""
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -13,9 +17,11 @@ import accelc
 from accelc.compiler import pass_api, provenance
 from accelc.compiler.artifact_dir import load_artifacts
 from accelc.compiler.errors import AccelcError
-from accelc.compiler.export import export_zoo
+from accelc.compiler.method import Panel
+from accelc.compiler.options import Options, option
 from accelc.runtime import algorithm, kernels
 from accelc.runtime.session import TrainingSession
+from accelc.zoo import export_zoo
 
 DOMAIN = "ai.toy"
 OP = "ToyRelu"
@@ -58,27 +64,23 @@ def _channels(value):
     return v
 
 
-class ToyPass(pass_api.Pass):
-    name = "toy"
-    summary = "forward Relus run by a toy kernel"
-    paper = "tests/test_extension.py"
-    rank = 25  # after reuse, before skip
-    options = {"min_channels": pass_api.Option(1, "only Relus on at least this many channels", _channels)}
+@dataclass(frozen=True)
+class ToyOptions(Options):
+    min_channels: int = option(1, "only Relus on at least this many channels", _channels)
 
+
+class ToyPass(pass_api.Pass):
     def run(self, art, options):
         from accelc.compiler.graph import training_graph
 
         shapes = training_graph(art).shapes
-        n = _to_toy(art.training, options["min_channels"], shapes)
+        n = _to_toy(art.training, options.min_channels, shapes)
         if n:
-            art.plan.append({"type": "toy"})
+            art.plan.append(self.method.plan_entry(options))
         return pass_api.PassResult(art, bool(n), [{"summary": f"{n} Relu(s) -> {OP}"}])
 
 
 class ToyAlgorithm(algorithm.Algorithm):
-    name = "toy"
-    rank = ToyPass.rank
-
     def __init__(self, root, spec):
         super().__init__(root, spec)
         self.on = True
@@ -95,6 +97,9 @@ class ToyAlgorithm(algorithm.Algorithm):
 
     def describe(self):
         return "" if self.on else "toy:off"
+
+    def report(self):
+        return {"on": self.on}
 
     def on_epoch_end(self, state, epoch, metrics):
         self.logger.log_metrics({"toy": {"kernel_calls": ToyKernel.calls}})
@@ -119,20 +124,48 @@ class ToyKernel(kernels.NodeKernel):
         return None
 
 
+def _summary(rep, decisions, options, history):
+    return [f"toy: kernel on (min_channels={options.min_channels}) until epoch {decisions[0]['epoch']}"]
+
+
+DRAWN = []
+
+
+def _draw(ax, runs, colour):
+    DRAWN.extend(c for c, _ in runs)
+    for c, h in runs:
+        ax.plot([m["epoch"] for m in h], [m["toy"]["kernel_calls"] for m in h], color=colour[c], label=c)
+
+
+TOY = accelc.Method(
+    name="toy",
+    summary="forward Relus run by a toy kernel",
+    paper="tests/test_extension.py",
+    options=ToyOptions,
+    compile=ToyPass,
+    algorithm=ToyAlgorithm,
+    after=("amp",),
+    before=("skip",),  # between amp and skip, as the composition order allows
+    kernels=(
+        kernels.KernelProvider(
+            name="toy",
+            implementations=("torch",),
+            claims=lambda node: node.domain == DOMAIN,
+            build=lambda node, ctx: ToyKernel(node),
+        ),
+    ),
+    run_summary=_summary,
+    bench_panel=Panel("toy kernel calls", lambda h: any("toy" in m for m in h), _draw),
+)
+
+
 @pytest.fixture
-def toy(monkeypatch):
-    """Register the toy method for one test (and nothing after it)."""
-    monkeypatch.setitem(pass_api._REGISTRY, "toy", pass_api.register(ToyPass))
-    monkeypatch.setitem(algorithm._ALGORITHMS, "toy", algorithm.register_algorithm(ToyAlgorithm))
-    provider = kernels.KernelProvider(
-        name="toy",
-        implementations=("torch",),
-        claims=lambda node: node.domain == DOMAIN,
-        build=lambda node, ctx: ToyKernel(node),
-    )
-    monkeypatch.setitem(kernels._PROVIDERS, "toy", kernels.register_kernel(provider))
+def toy():
+    """The toy method installed for one test (and nothing after it): one object, no patching."""
+    accelc.install(TOY)
     ToyKernel.calls = 0
-    return ToyPass
+    yield TOY
+    accelc.uninstall(TOY)
 
 
 def test_toy_method_composes_with_skip_and_trains(toy, tmp_path):
@@ -181,3 +214,50 @@ def test_toy_method_composes_with_skip_and_trains(toy, tmp_path):
     assert calls[0] > 0 and calls[1] == calls[0] == calls[2]  # the kernel ran in epoch 1 only
     assert hist[0]["variant"] == "base" and hist[1]["variant"].startswith("toy:off")
     assert all(np.isfinite(m["train_loss"]) for m in hist) and hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+    # its summary line and its bench panel, from the method object alone
+    from accelc.bench import plot_controllers
+    from accelc.cli.summary import training_summary
+
+    lines = training_summary(s, [p for p in art.plan])
+    assert "toy: kernel on (min_channels=32) until epoch 1" in lines
+    DRAWN.clear()
+    plot_controllers({"toy+skip": [{"history": hist}]}, tmp_path / "controllers.png", {"model": "m", "data": "d"})
+    assert DRAWN == ["toy+skip"] and (tmp_path / "controllers.png").stat().st_size > 0
+
+
+def test_toy_method_gets_its_flags_and_plan_schema(toy, capsys):
+    from accelc.cli import main
+    from accelc.compiler import schemas
+
+    with pytest.raises(SystemExit) as e:
+        main(["compile", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--toy-min-channels" in out and "only Relus on at least this many channels" in out
+    assert "toy" in [m.name for m in accelc.installed()]
+    assert [m.name for m in accelc.installed()][-2:] == ["toy", "skip"]  # between amp and skip
+    # plan.json's schema is derived from the options: every option, no other key
+    good = {"controllers": [{"type": "toy", "options": {"min_channels": 3}}]}
+    schemas.check(good, schemas.plan_schema(), "plan.json")
+    for bad in ({"min_channels": 3, "bogus": 1}, {}):
+        with pytest.raises(AccelcError, match="plan.json"):
+            schemas.check({"controllers": [{"type": "toy", "options": bad}]}, schemas.plan_schema(), "plan.json")
+
+
+def _another(name, **order):
+    opts = dataclass(frozen=True)(type(f"{name}Options", (Options,), {}))
+    return accelc.Method(name=name, options=opts, compile=type(f"{name}Pass", (pass_api.Pass,), {}), **order)
+
+
+def test_composition_order_ties_and_cycles_are_refused():
+    before = [m.name for m in accelc.installed()]
+    with pytest.raises(AccelcError, match="a tie"):
+        accelc.install(_another("tie", after=("amp",)))
+    with pytest.raises(AccelcError, match="cycle"):
+        accelc.install(_another("loop", after=("skip",), before=("opt",)))
+    with pytest.raises(AccelcError, match="not installed"):
+        accelc.install(_another("lost", after=("nothing",)))
+    with pytest.raises(AccelcError, match="already installed"):
+        accelc.install(_another("skip", after=("amp",)))
+    assert [m.name for m in accelc.installed()] == before  # a refused install changes nothing

@@ -26,22 +26,22 @@ a static scale and never skips a step.
 
 Where the speed comes from (:mod:`.kernels`)
 --------------------------------------------
-accelc's runtime claims every marked node (``accelc.exec = amp``, through the node-kernel
-registry, like opt's ``conv_onednn``) and runs the convs and GEMMs on oneDNN's bf16/fp16 kernels
+accelc's runtime claims every marked node (``accelc.exec = amp``, through the kernel provider the
+method declares, like opt's ``conv_onednn``) and runs the convs and GEMMs on oneDNN's bf16/fp16 kernels
 through torch, the rounding pairs as real conversions (the second Cast of an input pair hands the
 low-precision tensor on untouched). ORT keeps BatchNorm, ReLU, pooling, the loss and their
 gradients in float32. On a CPU without native bf16 (oneDNN's own check), the default ``auto``
 implementation computes the same rounded values with float32 kernels (``emulate``): the same
 numerics at float32 speed plus the casts — bf16 arithmetic there is an order of magnitude slower.
 
-Composition: rank 25 — after opt (its oneDNN marks on Conv/ConvGrad are replaced by amp's), after
+Composition: after opt (its oneDNN marks on Conv/ConvGrad are replaced by amp's), after
 rescale and reuse (reuse's custom nodes stay float32), before skip (whose pruning removes a
 skipped layer's backward casts with it: they are named after the backward node they feed).
 """
 
-from ...runtime.kernels import BuildContext, KernelProvider, register_kernel
-from . import rewrite  # noqa: F401  (registers the pass)
-from .rewrite import amp_role
+from ...compiler.method import Method
+from ...runtime.kernels import BuildContext, KernelProvider
+from .rewrite import AmpOptions, AmpPass, amp_role
 
 
 def _claims(node) -> bool:
@@ -54,12 +54,23 @@ def _build(node, ctx: BuildContext):
     return AmpKernel(node, ctx)
 
 
-register_kernel(
-    KernelProvider(
-        name="amp",
-        implementations=("auto", "lowp", "emulate"),
-        claims=_claims,
-        build=_build,
-        summary="nodes marked by the amp pass: convs/GEMMs in bf16/fp16 on oneDNN (torch), casts, loss scaling",
-    )
+METHOD = Method(
+    name="amp",
+    summary="mixed precision: convs and GEMMs in bf16 (or fp16 with dynamic loss scaling), the rest float32",
+    paper="Micikevicius et al., Mixed Precision Training (ICLR 2018); torch.autocast's CPU op lists",
+    options=AmpOptions,
+    compile=AmpPass,
+    # after rescale and reuse, whose stages and nodes it sees (and so after opt, whose oneDNN marks
+    # on Conv/ConvGrad it replaces with its own); before skip, whose pruning removes the casts of a
+    # skipped layer's backward with it
+    after=("reuse",),
+    kernels=(
+        KernelProvider(
+            name="amp",
+            implementations=("auto", "lowp", "emulate"),
+            claims=_claims,
+            build=_build,
+            summary="nodes marked by the amp pass: convs/GEMMs in bf16/fp16 on oneDNN (torch), casts, loss scaling",
+        ),
+    ),
 )

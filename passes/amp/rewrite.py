@@ -14,6 +14,8 @@ runtime's ``amp`` kernel claims it) and ``accelc.amp.role`` (what the kernel doe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
@@ -22,7 +24,8 @@ from ...compiler import provenance
 from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError
 from ...compiler.graph import ACCUMULATOR_OP, TrainingGraph, training_graph
-from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least, positive_float, register
+from ...compiler.options import Options, choice, int_at_least, option, positive_float
+from ...compiler.pass_api import Pass, PassResult
 from ...compiler.validation import random_feeds, run_lowered
 
 PASS = "amp"
@@ -64,7 +67,7 @@ class _Rewriter:
     def __init__(self, tg: TrainingGraph, options: dict):
         self.tg = tg
         self.g = tg.graph
-        self.low = LOW_TYPES[options["dtype"]]
+        self.low = LOW_TYPES[options.dtype]
         self.options = options
         self.rounded: dict[str, gs.Variable] = {}  # tensor name -> its rounded version
         self.pairs: list[tuple[gs.Node, gs.Node]] = []  # (cast to low, cast back)
@@ -81,8 +84,8 @@ class _Rewriter:
             **{
                 provenance.EXEC: ENGINE,
                 ROLE: role,
-                DTYPE: self.options["dtype"],
-                LAYOUT: self.options["layout"],
+                DTYPE: self.options.dtype,
+                LAYOUT: self.options.layout,
             },
         )
 
@@ -94,7 +97,7 @@ class _Rewriter:
         self.added += [a, b]
         self.pairs.append((a, b))
         self.already.add(dst.name)
-        self._tag(a, layer, CAST_LOW, f"{what}: rounded to {self.options['dtype']} (once per tensor)")
+        self._tag(a, layer, CAST_LOW, f"{what}: rounded to {self.options.dtype} (once per tensor)")
         self._tag(b, layer, CAST_BACK, f"{what}: back to float for the readers (a no-op under accelc's runtime)")
 
     def round_input(self, node: gs.Node, k: int, layer: str) -> None:
@@ -130,7 +133,7 @@ class _Rewriter:
             node,
             layer,
             role,
-            f"runs in {self.options['dtype']} with float32 accumulation under accelc's runtime "
+            f"runs in {self.options.dtype} with float32 accumulation under accelc's runtime "
             f"(plain ORT: float32 on the rounded inputs, the same values up to summation order)",
         )
 
@@ -154,7 +157,7 @@ class _Rewriter:
         m = gs.Node("Mul", name=f"{loss}_Grad/amp_loss_scale", inputs=[seed, scale], outputs=[scaled])
         g.nodes.append(m)
         self._tag(m, "loss", SCALE_SEED, "fp16 loss scaling: the loss gradient seed times the current loss scale")
-        self.tg.tags[m.name][GROWTH] = str(self.options["growth_interval"])
+        self.tg.tags[m.name][GROWTH] = str(self.options.growth_interval)
         done = []
         for acc in [n for n in g.nodes if n.op == ACCUMULATOR_OP]:
             grad = acc.inputs[1]
@@ -178,7 +181,7 @@ class _Rewriter:
                 UNSCALE,
                 "fp16 loss scaling: the gradient divided by the loss scale; a non-finite one skips the step",
             )
-            self.tg.tags[d.name][GROWTH] = str(self.options["growth_interval"])
+            self.tg.tags[d.name][GROWTH] = str(self.options.growth_interval)
             done.append(grad.name)
         return done
 
@@ -209,7 +212,7 @@ def rewrite(tg: TrainingGraph, options: dict) -> list[dict]:
             for b in grads:
                 rw.low_node(b, layer.name, CONV_GRAD)
             changes.append(
-                {"layer": layer.name, "summary": f"{layer.name}: Conv + {len(grads)} ConvGrad in {options['dtype']}"}
+                {"layer": layer.name, "summary": f"{layer.name}: Conv + {len(grads)} ConvGrad in {options.dtype}"}
             )
         elif layer.op == "Gemm":
             rw.low_node(layer.forward, layer.name, GEMM)
@@ -219,44 +222,39 @@ def rewrite(tg: TrainingGraph, options: dict) -> list[dict]:
             changes.append(
                 {
                     "layer": layer.name,
-                    "summary": f"{layer.name}: Gemm + {len(grads)} backward Gemm in {options['dtype']}",
+                    "summary": f"{layer.name}: Gemm + {len(grads)} backward Gemm in {options.dtype}",
                 }
             )
     if not changes:
         return []
-    if options["dtype"] == "fp16":
-        unscaled = rw.loss_scaling(options["loss_scale"])
+    if options.dtype == "fp16":
+        unscaled = rw.loss_scaling(options.loss_scale)
         changes.append({"summary": f"fp16 dynamic loss scaling: seed × S, {len(unscaled)} gradients ÷ S"})
     rw.finish()
     n_pairs = len(rw.pairs)
-    changes.append({"summary": f"{n_pairs} rounding pairs (Cast to {options['dtype']} and back), one per tensor"})
+    changes.append({"summary": f"{n_pairs} rounding pairs (Cast to {options.dtype} and back), one per tensor"})
     return changes
 
 
-@register
-class AmpPass(Pass):
-    name = "amp"
-    summary = "mixed precision: convs and GEMMs in bf16 (or fp16 with dynamic loss scaling), the rest float32"
-    paper = "Micikevicius et al., Mixed Precision Training (ICLR 2018); torch.autocast's CPU op lists"
-    # after rescale (10) and reuse (20), whose stages and nodes it sees, before skip (30), whose
-    # pruning removes the casts of a skipped layer's backward with it; after opt (0), whose oneDNN
-    # marks on Conv/ConvGrad it replaces with its own
-    rank = 25
-    options = {
-        "dtype": Option(
-            "bf16", "the low-precision type (bf16: no loss scaling; fp16: dynamic loss scaling)", choice("bf16", "fp16")
-        ),
-        "layout": Option(
-            "nchw",
-            "memory layout of the activations inside the low-precision convs (channels_last: converted around each conv)",
-            choice("nchw", "channels_last"),
-        ),
-        "loss_scale": Option(65536.0, "fp16: the initial loss scale (torch's GradScaler default 2^16)", positive_float),
-        "growth_interval": Option(
-            2000, "fp16: good steps before the loss scale doubles (a non-finite gradient halves it)", int_at_least(1)
-        ),
-    }
+@dataclass(frozen=True)
+class AmpOptions(Options):
+    dtype: str = option(
+        "bf16", "the low-precision type (bf16: no loss scaling; fp16: dynamic loss scaling)", choice("bf16", "fp16")
+    )
+    layout: str = option(
+        "nchw",
+        "memory layout of the activations inside the low-precision convs (channels_last: converted around each conv)",
+        choice("nchw", "channels_last"),
+    )
+    loss_scale: float = option(
+        65536.0, "fp16: the initial loss scale (torch's GradScaler default 2^16)", positive_float
+    )
+    growth_interval: int = option(
+        2000, "fp16: good steps before the loss scale doubles (a non-finite gradient halves it)", int_at_least(1)
+    )
 
+
+class AmpPass(Pass):
     def run(self, art: Artifacts, options: dict) -> PassResult:
         tg = training_graph(art)
         changes = rewrite(tg, options)
@@ -283,7 +281,7 @@ class AmpPass(Pass):
         feeds = random_feeds(sess, before, np.random.default_rng(0), params="random", batch=2)
         a = run_lowered(before, before.training, feeds)
         rounded = after.training
-        if options["dtype"] == "fp16":  # at the initial scale fp16 may overflow (the runtime then skips the step)
+        if options.dtype == "fp16":  # at the initial scale fp16 may overflow (the runtime then skips the step)
             rounded = onnx.ModelProto()
             rounded.CopyFrom(after.training)
             for t in rounded.graph.initializer:
@@ -307,14 +305,14 @@ class AmpPass(Pass):
                 raise AccelcError(f"amp self-check failed: without rounding, '{k}' differs from the unrewritten graph")
             worst = max(worst, float(np.max(np.abs(x - z))) if x.size else 0.0)
             if not np.all(np.isfinite(b[k])):
-                raise AccelcError(f"amp self-check failed: '{k}' is not finite in {options['dtype']}")
+                raise AccelcError(f"amp self-check failed: '{k}' is not finite in {options.dtype}")
         loss = next(iter(a))
         rel = abs(float(np.ravel(b[loss])[0]) - float(np.ravel(a[loss])[0])) / max(
             abs(float(np.ravel(a[loss])[0])), 1e-12
         )
         if rel > 0.02:
-            raise AccelcError(f"amp self-check failed: the loss in {options['dtype']} is {rel:.2%} from float32 (> 2%)")
+            raise AccelcError(f"amp self-check failed: the loss in {options.dtype} is {rel:.2%} from float32 (> 2%)")
         return (
             f"without rounding: loss and {len(a) - 1} outputs equal the unrewritten graph's (max abs diff {worst:.2g}); "
-            f"in {options['dtype']}: loss {rel:.2%} from float32, all outputs finite"
+            f"in {options.dtype}: loss {rel:.2%} from float32, all outputs finite"
         )

@@ -21,17 +21,22 @@ rewriter: a pattern (the nodes it matches), a check, a rewrite.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError
 from ...compiler.graph import training_graph
-from ...compiler.pass_api import Option, Pass, PassResult, register
+from ...compiler.method import Method
+from ...compiler.options import Options, option, with_schema
+from ...compiler.pass_api import Pass, PassResult
 from ...compiler.validation import random_feeds, run_lowered
-from ...runtime.kernels import BuildContext, KernelProvider, register_kernel
+from ...runtime.kernels import BuildContext, KernelProvider
 from .rules import ENGINE, RULES, marked_for_onednn
 
 
+@with_schema({"type": "array", "items": {"enum": list(RULES)}})
 def _rules(value):
     if isinstance(value, (list, tuple)):
         items = [str(v) for v in value]
@@ -45,20 +50,17 @@ def _rules(value):
     return items
 
 
-@register
-class OptPass(Pass):
-    name = "opt"
-    summary = "exact rewrites that make ORT's CPU kernels faster (runs by default; --no-opt to skip)"
-    paper = "accelc: profile-driven rewrites of ORT Training 1.19.2 graphs"
-    rank = 0
-    default = True
-    options = {"rules": Option(list(RULES), f"rules to apply ({', '.join(RULES)})", _rules, flag="--opt-rules")}
+@dataclass(frozen=True)
+class OptOptions(Options):
+    rules: list = option(list(RULES), f"rules to apply ({', '.join(RULES)})", _rules)
 
-    def run(self, art: Artifacts, options: dict) -> PassResult:
+
+class OptPass(Pass):
+    def run(self, art: Artifacts, options: OptOptions) -> PassResult:
         tg = training_graph(art)
         changes = []
         for name, rule in RULES.items():  # in the rules' own order
-            if name in options["rules"]:
+            if name in options.rules:
                 changes += rule().apply(tg)
         return PassResult.of_graph(art, tg, changes)
 
@@ -91,12 +93,20 @@ def _build_conv(node, ctx: BuildContext):
     return OneDNNConv(node)
 
 
-register_kernel(
-    KernelProvider(
-        name="conv",
-        implementations=(ENGINE,),
-        claims=marked_for_onednn,
-        build=_build_conv,
-        summary="Conv/ConvGrad marked by opt's conv_onednn rule, on oneDNN (torch)",
-    )
+METHOD = Method(
+    name="opt",
+    summary="exact rewrites that make ORT's CPU kernels faster (runs by default; --no-opt to skip)",
+    paper="accelc: profile-driven rewrites of ORT Training 1.19.2 graphs",
+    options=OptOptions,
+    compile=OptPass,
+    default=True,  # first: the graph every optional method starts from
+    kernels=(
+        KernelProvider(
+            name="conv",
+            implementations=(ENGINE,),
+            claims=marked_for_onednn,
+            build=_build_conv,
+            summary="Conv/ConvGrad marked by opt's conv_onednn rule, on oneDNN (torch)",
+        ),
+    ),
 )

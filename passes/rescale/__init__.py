@@ -1,7 +1,23 @@
 """rescale — fast training of CNNs via kernel rescaling (Gusmão et al., 2016), in one folder:
 
-* :mod:`.rewrite`: the kernel and head resampling, the low-resolution stage and the pass;
+* :mod:`.rewrite`: the kernel and head resampling, the low-resolution stage, the pass and its options;
 * :mod:`.algorithm`: the run-time algorithm that trains the stage first and switches.
 """
 
-from . import algorithm, rewrite  # noqa: F401  (register the pass and its algorithm)
+from ...compiler.method import Method, Panel
+from . import summary
+from .algorithm import Rescale
+from .rewrite import PLAN_FIELDS, RescaleOptions, RescalePass
+
+METHOD = Method(
+    name="rescale",
+    summary="kernel rescaling: a low-resolution stage with downscaled kernels first, then full resolution",
+    paper="Gusmão et al., Fast training of CNNs via kernel rescaling, 2016",
+    options=RescaleOptions,
+    compile=RescalePass,
+    algorithm=Rescale,
+    after=("opt",),  # first of the optional methods: every later pass also rewrites the stage it makes
+    plan_fields=PLAN_FIELDS,
+    run_summary=summary.run_summary,
+    bench_panel=Panel("resolution stage (input height)", summary.panel_shows, summary.panel_draw),
+)

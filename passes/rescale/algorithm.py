@@ -12,15 +12,13 @@ from __future__ import annotations
 import math
 import statistics
 
-from ...runtime.algorithm import Algorithm, register_algorithm
+from ...runtime.algorithm import Algorithm
 from ...runtime.engine import ParamUpdate
-from .rewrite import RescalePass, up_param
+from .rewrite import RescaleOptions, up_param
 
 
-@register_algorithm
 class Rescale(Algorithm):
-    name = RescalePass.name
-    rank = RescalePass.rank
+    options: RescaleOptions
 
     def __init__(self, root, spec: dict):
         super().__init__(root, spec)
@@ -38,7 +36,7 @@ class Rescale(Algorithm):
         return art if self.switched else art.stages[self.spec["stage"]]
 
     def describe(self) -> str:
-        return "rescale:full" if self.switched else f"rescale:low(s={self.spec['factor']})"
+        return "rescale:full" if self.switched else f"rescale:low(s={self.options.factor})"
 
     def on_switch(self, state, initial):
         changed = list(self.spec["params"])
@@ -49,14 +47,14 @@ class Rescale(Algorithm):
             return ParamUpdate({p: values[p] for p in changed}, changed)
         if initial:  # resumed after the switch: the checkpoint holds the full-resolution parameters
             return None
-        s, method = self.spec["factor"], self.spec.get("method", "bilinear")
+        s, method = self.options.factor, self.options.method
         current = state.engine.param_arrays()
         up = {p: up_param(current[p], sp, s, method) for p, sp in self.spec["params"].items()}
-        reset = list(up) if self.spec.get("reset_moments", "changed") == "changed" else list(self.root.info.params)
+        reset = list(up) if self.options.reset_moments == "changed" else list(self.root.info.params)
         return ParamUpdate(up, reset)
 
     def _due(self, epoch: int, metrics: dict, total: int) -> str | None:
-        kind, _, val = self.spec["switch"].partition(":")
+        kind, _, val = self.options.switch.partition(":")
         if kind == "epoch":
             return f"epoch {epoch} reached the fixed switch epoch {val}" if epoch >= int(val) else None
         if kind == "fraction":
@@ -89,12 +87,8 @@ class Rescale(Algorithm):
         why = self._due(epoch, metrics, state.epochs)
         if not why or epoch >= state.epochs:
             return
-        method = self.spec.get("method", "bilinear")
-        reset = (
-            list(self.spec["params"])
-            if self.spec.get("reset_moments", "changed") == "changed"
-            else list(self.root.info.params)
-        )
+        method = self.options.method
+        reset = list(self.spec["params"]) if self.options.reset_moments == "changed" else list(self.root.info.params)
         self.switched, self.switch_epoch = True, epoch
         self.decide(
             epoch,

@@ -42,7 +42,9 @@ from ...compiler.artifacts import Artifacts, generate
 from ...compiler.compile import legalized
 from ...compiler.errors import AccelcError
 from ...compiler.model import check_model, infer_shapes
-from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least, register
+from ...compiler.options import Options, choice, int_at_least, option, with_schema
+from ...compiler.pass_api import Pass, PassResult
+from ...compiler.schemas import DIMS
 
 PASS = "rescale"
 PASS_THROUGH = ("Dropout", "Identity")  # ops between Flatten and the head that keep its features
@@ -370,6 +372,7 @@ def _rescales(model: onnx.ModelProto, input_name: str, s: int, min_kernel: int) 
 # ----------------------------------------------------------------------------- options and pass
 
 
+@with_schema({"type": "string", "pattern": r"^(epoch:[0-9]+|fraction:[0-9.eE+-]+|plateau(:[0-9]+)?)$"})
 def _switch(value):
     if not isinstance(value, str):
         raise TypeError(f"expected epoch:E, fraction:F or plateau[:PATIENCE], got {value!r}")
@@ -387,51 +390,68 @@ def _switch(value):
     raise ValueError("use epoch:E, fraction:F (0<F<1) or plateau[:PATIENCE]")
 
 
-@register
-class RescalePass(Pass):
-    name = PASS
-    rank = 10  # first: every later pass also rewrites the stage it makes
-    summary = "kernel rescaling: a low-resolution stage with downscaled kernels first, then full resolution"
-    paper = "Gusmão et al., Fast training of CNNs via kernel rescaling, 2016"
-    options = {
-        "factor": Option(
-            2, "resolution factor s of the low-resolution stage", int_at_least(1), flag="--rescale-factor"
-        ),
-        "min_kernel": Option(
-            5,
-            "kernels at least this large are resampled; smaller ones keep their size",
-            int_at_least(1),
-            flag="--rescale-min-kernel",
-        ),
-        "switch": Option(
-            "fraction:0.5",
-            "when to go to full resolution: epoch:E, fraction:F of the epochs, or "
-            "plateau[:PATIENCE] (low-res validation loss stops improving)",
-            _switch,
-            flag="--rescale-switch",
-        ),
-        "method": Option(
-            "bilinear",
-            "interpolation of the up-rescale: bilinear or bicubic",
-            choice("bilinear", "bicubic"),
-            flag="--rescale-method",
-        ),
-        "reset_moments": Option(
-            "changed",
-            "optimizer moments reset at the switch: changed (resampled "
-            "parameters only; moments never carry across a shape change) or all",
-            choice("changed", "all"),
-            flag="--rescale-reset-moments",
-        ),
-    }
+@dataclasses.dataclass(frozen=True)
+class RescaleOptions(Options):
+    factor: int = option(2, "resolution factor s of the low-resolution stage", int_at_least(1), flag="--rescale-factor")
+    min_kernel: int = option(
+        5,
+        "kernels at least this large are resampled; smaller ones keep their size",
+        int_at_least(1),
+        flag="--rescale-min-kernel",
+    )
+    switch: str = option(
+        "fraction:0.5",
+        "when to go to full resolution: epoch:E, fraction:F of the epochs, or "
+        "plateau[:PATIENCE] (low-res validation loss stops improving)",
+        _switch,
+        flag="--rescale-switch",
+    )
+    method: str = option(
+        "bilinear",
+        "interpolation of the up-rescale: bilinear or bicubic",
+        choice("bilinear", "bicubic"),
+        flag="--rescale-method",
+    )
+    reset_moments: str = option(
+        "changed",
+        "optimizer moments reset at the switch: changed (resampled "
+        "parameters only; moments never carry across a shape change) or all",
+        choice("changed", "all"),
+        flag="--rescale-reset-moments",
+    )
 
-    def run(self, art: Artifacts, options: dict) -> PassResult:
-        s = options["factor"]
+
+# the fields of its plan.json entry besides the options: the stage, the resampled parameters
+PLAN_FIELDS = {
+    "required": ["stage", "params"],
+    "properties": {
+        "params": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["kind", "full"],
+                "properties": {
+                    "kind": {"enum": ["conv", "gemm"]},
+                    "full": DIMS,
+                    "small": DIMS,
+                    "chw": DIMS,
+                    "transB": {"type": "boolean"},
+                },
+            },
+        },
+        "input_hw": {**DIMS, "minItems": 2, "maxItems": 2},
+    },
+}
+
+
+class RescalePass(Pass):
+    def run(self, art: Artifacts, options: RescaleOptions) -> PassResult:
+        s = options.factor
         if s == 1:
             return PassResult(art, False, [{"summary": "s=1: nothing to rescale"}])
         info = art.info
         # from the model as given: its legalised form may hold sizes folded at the full resolution
-        low_model, plan = low_resolution_model(info.source or info.model, info.input_name, s, options["min_kernel"])
+        low_model, plan = low_resolution_model(info.source or info.model, info.input_name, s, options.min_kernel)
         try:
             low_info = check_model(low_model, info.sha256)
         except AccelcError as e:
@@ -461,13 +481,9 @@ class RescalePass(Pass):
         art.stages[STAGE_DIR] = low_art
         spec = {k: v for k, v in plan["params"].items()}
         art.plan.append(
-            {
-                "type": "rescale",
-                "stage": STAGE_DIR,
-                "params": spec,
-                "input_hw": [d // s for d in info.input_shape[1:]],
-                **options,
-            }
+            self.method.plan_entry(
+                options, stage=STAGE_DIR, params=spec, input_hw=[d // s for d in info.input_shape[1:]]
+            )
         )
         changes = [
             {
@@ -491,14 +507,14 @@ class RescalePass(Pass):
         )
         return PassResult(art, True, changes)
 
-    def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
+    def ensures(self, before: Artifacts, after: Artifacts, options: RescaleOptions) -> str | None:
         """Down-then-up rescaling returns every resampled parameter's full shape (the manager
         validates the stage itself)."""
         spec = after.plan[-1]
         inits = {t.name: numpy_helper.to_array(t) for t in before.info.model.graph.initializer}
-        s = options["factor"]
+        s = options.factor
         for p, sp in spec["params"].items():
-            back = up_param(down_param(inits[p], sp, s), sp, s, options["method"])
+            back = up_param(down_param(inits[p], sp, s), sp, s, options.method)
             if list(back.shape) != list(inits[p].shape):
                 raise AccelcError(f"rescale self-check failed: '{p}' comes back as {back.shape}")
         return f"{len(spec['params'])} parameter(s) rescale both ways"

@@ -8,19 +8,17 @@
   (the executor's node kernel);
 * :mod:`.cost`: what the nodes cost in the compiler's accounting.
 
-Importing this package registers the pass, the algorithm, the node kernel, the cost hook and
-the layer kind; torch is loaded only when a graph with reuse nodes runs.
+The method (:data:`METHOD`) brings the pass, the algorithm, the node kernel, the cost hook and the
+layer kind; torch is loaded only when a graph with reuse nodes runs.
 """
 
-from ...compiler.cost import register_cost
-from ...compiler.graph import register_layer_op
-from ...runtime.kernels import BuildContext, KernelProvider, register_kernel
-from . import algorithm, rewrite  # noqa: F401  (register the pass and its algorithm)
+from ...compiler.method import Method, Panel
+from ...runtime.kernels import BuildContext, KernelProvider
+from . import summary
+from .algorithm import Reuse
 from .cost import is_reuse_node, reuse_flops
+from .rewrite import ReuseOptions, ReusePass
 from .spec import DOMAIN, FORWARD_PREFIX
-
-register_layer_op(DOMAIN, FORWARD_PREFIX, "ReuseConv")
-register_cost(is_reuse_node, reuse_flops)
 
 
 def _claims(node) -> bool:
@@ -33,12 +31,25 @@ def _build(node, ctx: BuildContext):
     return ReuseNodeKernel(node, ctx)
 
 
-register_kernel(
-    KernelProvider(
-        name="reuse",
-        implementations=("native", "torch"),
-        claims=_claims,
-        build=_build,
-        summary="ReuseConv/ReuseConvGrad nodes: native (C + OpenMP) or torch reference",
-    )
+METHOD = Method(
+    name="reuse",
+    summary="adaptive deep reuse: LSH-clustered rows, the conv GEMMs run on centroids (forward and backward)",
+    paper="Ning, Guan, Shen: Adaptive Deep Reuse, ICDE 2019",
+    options=ReuseOptions,
+    compile=ReusePass,
+    algorithm=Reuse,
+    after=("rescale",),  # rewrites rescale's stage too; before amp and skip, which rewrite what it leaves
+    kernels=(
+        KernelProvider(
+            name="reuse",
+            implementations=("native", "torch"),
+            claims=_claims,
+            build=_build,
+            summary="ReuseConv/ReuseConvGrad nodes: native (C + OpenMP) or torch reference",
+        ),
+    ),
+    costs=((is_reuse_node, reuse_flops),),
+    layer_ops=((DOMAIN, FORWARD_PREFIX, "ReuseConv"),),
+    run_summary=summary.run_summary,
+    bench_panel=Panel("remain ratio (clusters / rows) per reused layer", summary.panel_shows, summary.panel_draw),
 )

@@ -39,17 +39,14 @@ import time
 
 import numpy as np
 
-from ...compiler.errors import AccelcError, show
-from ...runtime.algorithm import Algorithm, register_algorithm
+from ...compiler.errors import AccelcError
+from ...runtime.algorithm import Algorithm
 from . import choice as ch
 from .choice import conv_layer_model  # noqa: F401  (re-exported: benchmarks/reuse_layer.py)
 from .cost import bound_remain, cross_batch, expected_remain, modelled_macs
 from .rewrite import (
-    DEFAULT_RECALIBRATE,
     PASS,
-    ReusePass,
-    check_cross_batch,
-    check_recalibrate,
+    ReuseOptions,
     cross_batch_conflict,
     reuse_variant,
     reused_layers,
@@ -89,8 +86,8 @@ def time_ort_conv_layer(cfg: dict, batch: int, repeats: int = 3) -> float:
 
 def _group(state):
     """The data-parallel group of the run (None when training alone)."""
-    g = getattr(getattr(state.engine, "reducer", None), "group", None)
-    return g if g is not None and int(getattr(g, "world", 1)) > 1 else None
+    g = state.engine.collective
+    return g if g is not None and int(g.world) > 1 else None
 
 
 def _compact(rec: dict) -> dict:
@@ -113,36 +110,20 @@ def _compact(rec: dict) -> dict:
     return {k: rec[k] for k in keys if k in rec}
 
 
-@register_algorithm
 class Reuse(Algorithm):
-    name = PASS
-    rank = ReusePass.rank
+    options: ReuseOptions
 
     def __init__(self, root, spec: dict, measure_original: bool = True, measurer=None):
         """``measurer(state, layers, settings) -> {layer: measurement}`` replaces the measurement
         of the layer choice (tests inject timings; see :func:`.choice.judge` for the fields)."""
         super().__init__(root, spec)
-        self.strategy = self.spec.get("strategy", "fixed")
-        self.schedule = [tuple(s) for s in self.spec.get("schedule", [])] or [(self.spec["L"], self.spec["H"])]
+        o = self.options
+        self.strategy = o.strategy
+        self.schedule = [tuple(s) for s in o.schedule] or [(o.L, o.H)]
         self.configs = reused_layers(root.training)  # layer -> config at compile time
-        defaults = {"choose": "measured", "margin": ch.DEFAULT_MARGIN, "prefilter": ch.DEFAULT_PREFILTER}
-        for key, check in (("choose", ch.check_mode), ("margin", ch.check_margin), ("prefilter", ch.check_prefilter)):
-            value = self.spec.get(key, defaults[key])
-            try:
-                setattr(self, key, check(value))
-            except (ValueError, TypeError) as e:
-                raise AccelcError(
-                    f"plan.json: the reuse controller's '{key}' {_reason(e)}, got {show(repr(value), 60)}"
-                )
-        self.recalibrate_batches()  # a bad value is refused here, not at the first evaluation
-        value = self.spec.get("cross_batch", 0)
-        try:  # clusters across batches: a plan.json edited by hand is refused like the CLI's flag
-            self.cross_batch = check_cross_batch(value)
-        except (ValueError, TypeError) as e:
-            raise AccelcError(
-                f"plan.json: the reuse controller's 'cross_batch' {_reason(e)}, got {show(repr(value), 60)}"
-            )
-        why = cross_batch_conflict(self.cross_batch, self.strategy, self.spec.get("H", 0), self.schedule)
+        self.choose, self.margin, self.prefilter = o.choose, o.margin, o.prefilter
+        self.cross_batch = o.cross_batch
+        why = cross_batch_conflict(self.cross_batch, self.strategy, o.H, self.schedule)
         if why:
             raise AccelcError(f"plan.json: the reuse controller's 'cross_batch' {why}")
         self.index = 0  # position in the schedule (lh)
@@ -189,7 +170,7 @@ class Reuse(Algorithm):
         return out
 
     def current(self) -> tuple:
-        return tuple(self.schedule[self.index]) if self.strategy == "lh" else (self.spec["L"], self.spec["H"])
+        return tuple(self.schedule[self.index]) if self.strategy == "lh" else (self.options.L, self.options.H)
 
     def decision(self):
         if not self.reusing():
@@ -306,7 +287,7 @@ class Reuse(Algorithm):
         {} when the prefilter is off, on another device than the CPU, or without a profile."""
         factor = self.prefilter
         engine = state.engine
-        device = getattr(getattr(engine, "exec", None), "device", "cpu")
+        device = engine.exec.device
         if not factor or device != "cpu" or not layers:
             return {}
         try:
@@ -315,7 +296,7 @@ class Reuse(Algorithm):
             prof = predict.profile()
         except Exception:  # advice only: without a profile every layer is measured
             return {}
-        art = getattr(engine, "artifacts", None)
+        art = engine.artifacts
         ran = reused_layers(art.training) if art is not None else {}
         batch = int(state.batch_size)
         group = _group(state)
@@ -350,17 +331,17 @@ class Reuse(Algorithm):
         """The real measurement (see :mod:`.choice`) on the engine's current artifacts and a batch
         of the run's training data."""
         engine = state.engine
-        art = getattr(engine, "artifacts", None)
+        art = engine.artifacts
         if art is None:
             raise ch.NotMeasurable("the engine runs no artifacts")
-        cfg = getattr(engine, "exec", None)
-        device = getattr(cfg, "device", "cpu")
+        cfg = engine.exec
+        device = cfg.device
         if device != "cpu":
             raise ch.NotMeasurable(f"training on {device}; the measurement times CPU kernels")
         if getattr(state, "sample", None) is None:
             raise ch.NotMeasurable("no training batch to measure on")
         x, y = state.sample()
-        impl = cfg.impl(PASS) if cfg is not None and hasattr(cfg, "impl") else "native"
+        impl = cfg.impl(PASS)
         if impl == "native":
             from . import native  # heavy: torch and the C build
 
@@ -464,7 +445,7 @@ class Reuse(Algorithm):
         rec = {
             "epoch": epoch,
             "on": self.on,
-            "setting": self.schedule[self.index] if self.strategy == "lh" else (self.spec["L"], self.spec["H"]),
+            "setting": self.schedule[self.index] if self.strategy == "lh" else (self.options.L, self.options.H),
             "train_loss": metrics.get("train_loss"),
             "layers": layers,
             "steps": steps,
@@ -504,9 +485,7 @@ class Reuse(Algorithm):
         if prev is None or loss is None or self.strategy == "fixed" or not self.reusing():
             return
         drop = (prev - loss) / max(abs(prev), 1e-12)
-        if drop >= float(self.spec.get("plateau", 0.05)) or epoch - self.last_switch < int(
-            self.spec.get("min_epochs", 1)
-        ):
+        if drop >= self.options.plateau or epoch - self.last_switch < self.options.min_epochs:
             return
         if self.strategy == "lh":
             if self.index + 1 >= len(self.schedule):
@@ -516,7 +495,7 @@ class Reuse(Algorithm):
             self.decide(
                 epoch,
                 "refine",
-                f"{what} plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
+                f"{what} plateaued (fell {drop:.1%} < {self.options.plateau}); "
                 f"reuse L={L}, H={H} from epoch {epoch + 1}",
                 L=L,
                 H=H,
@@ -529,7 +508,7 @@ class Reuse(Algorithm):
             self.decide(
                 epoch,
                 "off",
-                f"{what} plateaued (fell {drop:.1%} < {self.spec.get('plateau')}); "
+                f"{what} plateaued (fell {drop:.1%} < {self.options.plateau}); "
                 f"reuse off (exact conv) from epoch {epoch + 1}",
                 drop=drop,
             )
@@ -539,13 +518,7 @@ class Reuse(Algorithm):
     def recalibrate_batches(self) -> int:
         """``recalibrate`` (plan.json): training batches that gather the BatchNorm running
         statistics again through the exact convs before evaluating an epoch that reused; 0: off."""
-        value = self.spec.get("recalibrate", DEFAULT_RECALIBRATE)
-        try:
-            return check_recalibrate(value)
-        except (ValueError, TypeError) as e:
-            raise AccelcError(
-                f"plan.json: the reuse controller's 'recalibrate' {_reason(e)}, got {show(repr(value), 60)}"
-            )
+        return self.options.recalibrate
 
     def before_evaluate(self, state, epoch):
         """The epoch trained with reused convs, so its BatchNorm running statistics describe
@@ -556,7 +529,7 @@ class Reuse(Algorithm):
         epoch after ``off`` starts from recalibrated statistics and trains exact: nothing to do."""
         n = self.recalibrate_batches()
         service = getattr(state, "recalibrate_batchnorm", None)
-        art = getattr(state.engine, "artifacts", None)
+        art = state.engine.artifacts
         if not n or service is None or art is None or not self.reusing():
             return
         t0 = time.perf_counter()
@@ -621,8 +594,3 @@ class Reuse(Algorithm):
         self.epochs = list(state.get("epochs", []))
         self.original_ms = dict(state.get("original_ms", {}))
         self._load_choice(state)
-
-
-def _reason(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if text.startswith(("must ", "needs ")) else f"must be valid ({text})"

@@ -35,6 +35,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from ...compiler.graph import pruned
+from ...compiler.options import with_schema
 from .spec import ConvGeom, ReuseSpec, make_planes
 
 MODES = ("measured", "all")
@@ -47,6 +48,7 @@ DEFAULT_PREFILTER = 1.5  # the time model's error on the protocol's layers: docs
 MAX_PREFILTER = 100.0
 
 
+@with_schema({"type": "number", "minimum": 0, "maximum": 100})
 def check_prefilter(value) -> float:
     """A ``prefilter``: 0 (off) or a number in [1, MAX_PREFILTER] (CLI text or a Python number)."""
     reason = f"must be 0 (off) or a number in [1, {MAX_PREFILTER:g}]"
@@ -88,6 +90,7 @@ def parse_number(value, reason: str, integer: bool = False):
     return int(value)
 
 
+@with_schema({"type": "number", "exclusiveMinimum": 0, "maximum": 10})
 def check_margin(value) -> float:
     """A ``margin``: a number in (0, MAX_MARGIN] (CLI text or a Python number)."""
     reason = f"must be a number in (0, {MAX_MARGIN:g}]"

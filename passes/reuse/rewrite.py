@@ -27,6 +27,7 @@ passes added; ``plan.json`` names the strategy.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import zlib
 
@@ -38,7 +39,8 @@ from ...compiler import provenance
 from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError
 from ...compiler.graph import TrainingGraph, training_graph
-from ...compiler.pass_api import Option, Pass, PassResult, choice, fraction, int_at_least, integer, name_list, register
+from ...compiler.options import Options, choice, fraction, int_at_least, integer, name_list, option, with_schema
+from ...compiler.pass_api import Pass, PassResult
 from .choice import DEFAULT_PREFILTER, check_margin, check_prefilter, parse_number
 from .choice import MODES as CHOOSE
 from .onnx_form import build_reuse_functions
@@ -48,6 +50,7 @@ PASS = "reuse"
 STRATEGIES = ("fixed", "lh", "off")
 
 
+@with_schema({"type": "integer", "minimum": 1, "maximum": 20})
 def _hbits(value):
     v = integer(value)
     if not 1 <= v <= 20:
@@ -55,10 +58,12 @@ def _hbits(value):
     return v
 
 
+@with_schema({"type": "array", "items": {"type": "string"}})
 def _layers(value):
     return None if value in (None, "", "auto") else name_list(value)
 
 
+@with_schema({"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2}})
 def _schedule(value):
     if isinstance(value, (list, tuple)):
         if not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in value):
@@ -79,6 +84,7 @@ DEFAULT_RECALIBRATE = 32  # batches; the measurement behind it: docs/reuse-choic
 MAX_RECALIBRATE = 100_000
 
 
+@with_schema({"type": "integer", "minimum": 0, "maximum": 100_000})
 def check_recalibrate(value) -> int:
     """A ``recalibrate`` value: batches, an integer in 0..MAX_RECALIBRATE (0: off)."""
     reason = f"must be an integer in 0..{MAX_RECALIBRATE} (batches; 0 turns it off)"
@@ -92,6 +98,7 @@ MAX_CR_H = 12  # cross.MAX_H, without importing torch at compile time
 MAX_CROSS_BATCH = 1_000_000
 
 
+@with_schema({"type": "integer", "minimum": 0, "maximum": 1_000_000})
 def check_cross_batch(value) -> int:
     """A ``cross_batch`` value: 0 (off) or the batches K a cluster table serves, 2..MAX_CROSS_BATCH."""
     reason = f"must be 0 (off) or an integer in 2..{MAX_CROSS_BATCH}"
@@ -349,128 +356,124 @@ def reuse_variant(base: Artifacts, settings: dict) -> Artifacts:
     return art
 
 
-@register
-class ReusePass(Pass):
-    name = PASS
-    rank = 20  # after rescale (whose stage it also rewrites), before skip (which prunes what it leaves)
-    summary = "adaptive deep reuse: LSH-clustered rows, the conv GEMMs run on centroids (forward and backward)"
-    paper = "Ning, Guan, Shen: Adaptive Deep Reuse, ICDE 2019"
-    options = {
-        "layers": Option(
-            None,
-            "convs to reuse (names as `accelc inspect` prints); default: every group-1 conv with >= 8 input channels",
-            _layers,
-            flag="--reuse-layers",
-        ),
-        "L": Option(
-            144,
-            "sub-vector length L (clipped to the layer's K = C·kh·kw; a multiple of kh·kw lets the "
-            "hash run as one grouped conv)",
-            int_at_least(1),
-            flag="--reuse-L",
-        ),
-        "H": Option(8, "hyperplanes per sub-vector (cluster IDs have H bits; 1..20)", _hbits, flag="--reuse-H"),
-        "scope": Option(
-            "image",
-            "clustering scope: image (rows of one image) or batch",
-            choice("image", "batch"),
-            flag="--reuse-scope",
-        ),
-        "input_grad": Option(
-            "exact",
-            "input gradient: exact (the conv's own) or cluster ((Gs/count)·Wᵀ to the members)",
-            choice("exact", "cluster"),
-            flag="--reuse-input-grad",
-        ),
-        "seed": Option(0, "seed of the hyperplanes", integer, flag="--reuse-seed"),
-        "strategy": Option(
-            "fixed",
-            "runtime strategy: fixed (L, H throughout), lh (L, H stepped coarse to fine "
-            "along --reuse-schedule at each loss plateau), off (reuse on, then off at a "
-            "plateau)",
-            choice(*STRATEGIES),
-            flag="--reuse-strategy",
-        ),
-        "schedule": Option(
-            "288:6,144:8,72:10", "lh strategy: the L:H settings, coarse to fine", _schedule, flag="--reuse-schedule"
-        ),
-        "plateau": Option(
-            0.05,
-            "a plateau: the epoch's training loss fell by less than this fraction",
-            fraction,
-            flag="--reuse-plateau",
-        ),
-        "min_epochs": Option(1, "epochs at least between two switches", int_at_least(1), flag="--reuse-min-epochs"),
-        "choose": Option(
-            "measured",
-            "which layers reuse at run time: measured (time each layer reused and exact on the first "
-            "training batch; reuse only where it is faster by --reuse-margin, the rest stay exact) or "
-            "all (every layer, nothing measured)",
-            choice(*CHOOSE),
-            flag="--reuse-choose",
-        ),
-        "margin": Option(
-            0.9,
-            "measured choice: a layer reuses only if its forward+backward takes less than margin x the "
-            "exact conv's (0 < margin <= 10)",
-            check_margin,
-            flag="--reuse-margin",
-        ),
-        "cross_batch": Option(
-            0,
-            "cluster reuse across batches (CR): the native kernels keep each layer's clusters (one "
-            "centroid per chunk and H-bit code, shared by the whole batch whatever --reuse-scope) "
-            "from a refresh batch and reuse them for the next "
-            "K-1 batches, summing only rows whose code is new (rebuilt sooner when over a quarter of "
-            "a batch's rows are new; needs H <= 12); e.g. --reuse-cross-batch 8; 0: off",
-            check_cross_batch,
-            flag="--reuse-cross-batch",
-        ),
-        "prefilter": Option(
-            DEFAULT_PREFILTER,
-            "measured choice: a layer is not measured (stays exact) when this machine's time model "
-            "predicts that, even with no clusters at all, its reused forward+backward takes at least "
-            "prefilter x margin x the exact conv's (hashing, sums, gathers and the exact input "
-            "gradient alone lose), or a speed-up under 1/(prefilter x margin) at the expected remain "
-            "ratio; e.g. --reuse-prefilter 2; 0: measure every layer",
-            check_prefilter,
-            flag="--reuse-prefilter",
-        ),
-        "recalibrate": Option(
-            DEFAULT_RECALIBRATE,
-            "BatchNorm after reuse: before evaluating an epoch that trained with reused convs, gather "
-            "the BatchNorm running statistics again on this many training batches through the exact "
-            "convs that evaluation and the exported model use (forward only, no parameter update; "
-            "its seconds count as training time); e.g. --reuse-recalibrate 64; 0: off",
-            check_recalibrate,
-            flag="--reuse-recalibrate",
-        ),
-    }
+@dataclasses.dataclass(frozen=True)
+class ReuseOptions(Options):
+    layers: list | None = option(
+        None,
+        "convs to reuse (names as `accelc inspect` prints); default: every group-1 conv with >= 8 input channels",
+        _layers,
+        flag="--reuse-layers",
+    )
+    L: int = option(
+        144,
+        "sub-vector length L (clipped to the layer's K = C·kh·kw; a multiple of kh·kw lets the "
+        "hash run as one grouped conv)",
+        int_at_least(1),
+        flag="--reuse-L",
+    )
+    H: int = option(8, "hyperplanes per sub-vector (cluster IDs have H bits; 1..20)", _hbits, flag="--reuse-H")
+    scope: str = option(
+        "image",
+        "clustering scope: image (rows of one image) or batch",
+        choice("image", "batch"),
+        flag="--reuse-scope",
+    )
+    input_grad: str = option(
+        "exact",
+        "input gradient: exact (the conv's own) or cluster ((Gs/count)·Wᵀ to the members)",
+        choice("exact", "cluster"),
+        flag="--reuse-input-grad",
+    )
+    seed: int = option(0, "seed of the hyperplanes", integer, flag="--reuse-seed")
+    strategy: str = option(
+        "fixed",
+        "runtime strategy: fixed (L, H throughout), lh (L, H stepped coarse to fine "
+        "along --reuse-schedule at each loss plateau), off (reuse on, then off at a "
+        "plateau)",
+        choice(*STRATEGIES),
+        flag="--reuse-strategy",
+    )
+    schedule: object = option(
+        "288:6,144:8,72:10", "lh strategy: the L:H settings, coarse to fine", _schedule, flag="--reuse-schedule"
+    )
+    plateau: float = option(
+        0.05,
+        "a plateau: the epoch's training loss fell by less than this fraction",
+        fraction,
+        flag="--reuse-plateau",
+    )
+    min_epochs: int = option(1, "epochs at least between two switches", int_at_least(1), flag="--reuse-min-epochs")
+    choose: str = option(
+        "measured",
+        "which layers reuse at run time: measured (time each layer reused and exact on the first "
+        "training batch; reuse only where it is faster by --reuse-margin, the rest stay exact) or "
+        "all (every layer, nothing measured)",
+        choice(*CHOOSE),
+        flag="--reuse-choose",
+    )
+    margin: float = option(
+        0.9,
+        "measured choice: a layer reuses only if its forward+backward takes less than margin x the "
+        "exact conv's (0 < margin <= 10)",
+        check_margin,
+        flag="--reuse-margin",
+    )
+    cross_batch: int = option(
+        0,
+        "cluster reuse across batches (CR): the native kernels keep each layer's clusters (one "
+        "centroid per chunk and H-bit code, shared by the whole batch whatever --reuse-scope) "
+        "from a refresh batch and reuse them for the next "
+        "K-1 batches, summing only rows whose code is new (rebuilt sooner when over a quarter of "
+        "a batch's rows are new; needs H <= 12); e.g. --reuse-cross-batch 8; 0: off",
+        check_cross_batch,
+        flag="--reuse-cross-batch",
+    )
+    prefilter: object = option(
+        DEFAULT_PREFILTER,
+        "measured choice: a layer is not measured (stays exact) when this machine's time model "
+        "predicts that, even with no clusters at all, its reused forward+backward takes at least "
+        "prefilter x margin x the exact conv's (hashing, sums, gathers and the exact input "
+        "gradient alone lose), or a speed-up under 1/(prefilter x margin) at the expected remain "
+        "ratio; e.g. --reuse-prefilter 2; 0: measure every layer",
+        check_prefilter,
+        flag="--reuse-prefilter",
+    )
+    recalibrate: object = option(
+        DEFAULT_RECALIBRATE,
+        "BatchNorm after reuse: before evaluating an epoch that trained with reused convs, gather "
+        "the BatchNorm running statistics again on this many training batches through the exact "
+        "convs that evaluation and the exported model use (forward only, no parameter update; "
+        "its seconds count as training time); e.g. --reuse-recalibrate 64; 0: off",
+        check_recalibrate,
+        flag="--reuse-recalibrate",
+    )
 
+
+class ReusePass(Pass):
     @classmethod
     def details(cls, record: dict) -> list[str]:
         from .predict import explain_lines
 
         return explain_lines(record.get("changes") or [])
 
-    def run(self, art: Artifacts, options: dict) -> PassResult:
+    def run(self, art: Artifacts, options: ReuseOptions) -> PassResult:
         out = art.copy()
         tg = training_graph(out)
-        L, H = options["L"], options["H"]
-        if options["strategy"] == "lh":
-            L, H = options["schedule"][0]
-        why = cross_batch_conflict(options["cross_batch"], options["strategy"], options["H"], options["schedule"])
+        L, H = options.L, options.H
+        if options.strategy == "lh":
+            L, H = options.schedule[0]
+        why = cross_batch_conflict(options.cross_batch, options.strategy, options.H, options.schedule)
         if why:
             raise AccelcError(f"--reuse-cross-batch {why}")
         settings = layer_settings(
             tg,
-            options["layers"],
+            options.layers,
             L,
             H,
-            options["scope"],
-            options["input_grad"],
-            options["seed"],
-            options["cross_batch"],
+            options.scope,
+            options.input_grad,
+            options.seed,
+            options.cross_batch,
         )
         if not settings:
             return PassResult(
@@ -484,30 +487,12 @@ class ReusePass(Pass):
             why = predict.annotate(changes, reused_layers(out.training), batch)
             if why:
                 changes.append({"action": "not predicted", "why": f"reuse time model: {why}"})
-        if options["layers"] is None:
+        if options.layers is None:
             changes += [
                 {"layer": layer.name, "action": "exact", "why": "input size known only at run time"}
                 for layer in candidate_layers(tg)
                 if unknown_input(layer)
             ]
-        out.plan = [p for p in out.plan if p.get("type") != "reuse"] + [
-            {
-                "type": "reuse",
-                "strategy": options["strategy"],
-                "layers": list(settings),
-                "L": L,
-                "H": H,
-                "scope": options["scope"],
-                "input_grad": options["input_grad"],
-                "seed": options["seed"],
-                "schedule": [list(s) for s in options["schedule"]],
-                "plateau": options["plateau"],
-                "min_epochs": options["min_epochs"],
-                "choose": options["choose"],
-                "margin": options["margin"],
-                "prefilter": options["prefilter"],
-                "cross_batch": options["cross_batch"],
-                "recalibrate": options["recalibrate"],
-            }
-        ]
+        resolved = dataclasses.replace(options, layers=list(settings), L=L, H=H)
+        out.plan = [p for p in out.plan if p.get("type") != self.name] + [self.method.plan_entry(resolved)]
         return PassResult(out, True, changes)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from ...compiler.cost import graph_costs
 from ...compiler.graph import training_graph
-from ...runtime.algorithm import Algorithm, register_algorithm
-from .rewrite import SkipPass, lars_outputs, rule_text, skip_variant
+from ...runtime.algorithm import Algorithm
+from .rewrite import SkipOptions, lars_outputs, rule_text, skip_variant
 
 
 def lars(w_norm: float, g_norm: float, eta: float, beta: float) -> float:
@@ -23,14 +23,11 @@ def lars(w_norm: float, g_norm: float, eta: float, beta: float) -> float:
     return eta * w_norm / (g_norm + beta * w_norm)
 
 
-@register_algorithm
 class LarsSkip(Algorithm):
-    name = SkipPass.name
-    rank = SkipPass.rank
+    options: SkipOptions
 
     def __init__(self, root, spec: dict):
         super().__init__(root, spec)
-        self.opts = {k: v for k, v in self.spec.items() if k != "type"}
         tg = training_graph(root)
         self.layers = [layer.name for layer in tg.layers if layer.weight in tg.params]
         self.weights = {layer.name: layer.weight for layer in tg.layers if layer.weight in tg.params}
@@ -59,29 +56,29 @@ class LarsSkip(Algorithm):
     lars = staticmethod(lars)
 
     def on_step(self, state, step, result):
-        every = max(1, int(self.opts.get("every", 1)))
+        every = max(1, self.options.every)
         if step % every:
             return
         probes = result.probes
         # data-parallel: ‖∇w‖ of the all-reduced gradient (what the step applies), not the mean of
         # the ranks' own norms the graph's probes give
         engine = state.engine
-        reduced = getattr(engine, "world_size", 1) > 1 and hasattr(engine, "gradient_norm")
+        reduced = engine.world_size > 1
         for layer in self.layers:
             if layer in self.skipped:
                 continue
             wk, gk = self.keys[layer]
             if wk in probes and gk in probes:
                 g = engine.gradient_norm(self.weights[layer]) if reduced else None
-                lam = lars(probes[wk], probes[gk] if g is None else g, self.opts["eta"], self.opts["beta"])
+                lam = lars(probes[wk], probes[gk] if g is None else g, self.options.eta, self.options.beta)
                 self._sum[layer] = self._sum.get(layer, 0.0) + lam
                 self._n[layer] = self._n.get(layer, 0) + 1
                 self._last[layer] = lam
 
     # ------------------------------------------------------------------ decisions
     def done_layers(self, lam: dict) -> list[str]:
-        tau = self.opts["tau"]
-        mode = self.opts.get("tau_mode", "relative")
+        tau = self.options.tau
+        mode = self.options.tau_mode
         if mode == "absolute":
             return [name for name, v in lam.items() if v > tau]
         if mode == "growth":  # λ rises while a layer still learns fast; its growth flattening = done
@@ -91,8 +88,8 @@ class LarsSkip(Algorithm):
 
     def choose(self, done: list[str]) -> list[str]:
         """The new skip set (monotone) from the done layers, by policy."""
-        policy = self.opts.get("policy", "prefix")
-        keep = int(self.opts.get("keep_last", 1))
+        policy = self.options.policy
+        keep = self.options.keep_last
         order = self.layers
         ok = set(done) | set(self.skipped)
         chosen: list[str] = []
@@ -140,14 +137,14 @@ class LarsSkip(Algorithm):
                 "ms_per_step": 1000 * metrics["train_seconds"] / max(steps, 1),
             }
         )
-        agg = self.opts.get("aggregate", "mean")
+        agg = self.options.aggregate
         lam = {name: (self._sum[name] / self._n[name] if agg == "mean" else self._last[name]) for name in self._n}
         self.lambdas.append({"epoch": epoch, **lam})
         if not self.first:
             self.first = dict(lam)
         self._sum, self._n, self._last = {}, {}, {}
         self.logger.log_metrics({"skip": {"skipped": list(self.skipped), "lambda": lam}})
-        if epoch < int(self.opts.get("min_epochs", 1)) or not lam:
+        if epoch < self.options.min_epochs or not lam:
             return
         done = self.done_layers(lam)
         new = self.choose(done)
@@ -156,13 +153,13 @@ class LarsSkip(Algorithm):
                 self.decide(
                     epoch,
                     "keep",
-                    f"done layers {done} do not extend the {self.opts.get('policy')} skip set",
+                    f"done layers {done} do not extend the {self.options.policy} skip set",
                     lam=lam,
                     done=done,
                 )
             return
         added = [name for name in new if name not in self.skipped]
-        rule = rule_text(self.opts.get("tau_mode"), self.opts["tau"])
+        rule = rule_text(self.options.tau_mode, self.options.tau)
         self.decide(
             epoch,
             "skip",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -35,8 +36,9 @@ from ...compiler.artifacts import Artifacts, quiet_native_stderr
 from ...compiler.cost import OPTIMIZER_COST, gflops, graph_costs, node_cost, numel
 from ...compiler.errors import AccelcError, show
 from ...compiler.graph import ACC_OUT_SUFFIX, BUFFER_SUFFIX, GRAD_SUFFIX, TrainingGraph, training_graph
+from ...compiler.options import Options, choice, int_at_least, name_list, option, positive_float
 from ...compiler.ort_training import import_ort_training
-from ...compiler.pass_api import Option, Pass, PassResult, choice, int_at_least, name_list, positive_float, register
+from ...compiler.pass_api import Pass, PassResult
 from ...compiler.validation import seed_random_ops
 
 LARS_PREFIX = "accelc.lars."
@@ -301,63 +303,58 @@ def skip_variant(base: Artifacts, skip: list[str], batch_size: int | None = None
     return art, changes
 
 
-@register
-class SkipPass(Pass):
-    name = "skip"
-    rank = 30  # last: prunes whatever backward the passes before it left
-    summary = "layer skip learning with LARS variables: prune the backward of skipped layers"
-    paper = "Layer skip learning using LARS variables, IEEE ICECS 2018"
-    options = {
-        "layers": Option(
-            None,
-            "layers to skip (names as `accelc inspect` prints); without it the graph is "
-            "instrumented and the runtime controller decides per epoch",
-            name_list,
-            flag="--skip-layers",
-        ),
-        "eta": Option(0.001, "LARS η (trust coefficient)", positive_float, flag="--skip-eta"),
-        "beta": Option(1e-4, "LARS β (weight-decay term in the denominator)", positive_float, flag="--skip-beta"),
-        "tau_mode": Option(
-            "relative",
-            "threshold rule: relative (λ > factor × the layer's first-epoch λ), absolute (λ > tau) or "
-            "growth (λ's growth over the previous epoch has flattened: λ_e / λ_{e-1} - 1 < tau)",
-            choice(*TAU_MODES),
-            flag="--skip-tau-mode",
-        ),
-        "tau": Option(
-            2.0,
-            "the threshold: the factor (relative), the λ value (absolute) or the growth per epoch (growth)",
-            positive_float,
-            flag="--skip-tau",
-        ),
-        "policy": Option(
-            "prefix",
-            "prefix: skip the longest input-side prefix of done layers (lets the backward "
-            "stop early); suffix: the longest output-side suffix; any: every done layer",
-            choice(*POLICIES),
-            flag="--skip-policy",
-        ),
-        "every": Option(1, "take λ every k steps", int_at_least(0), flag="--skip-every"),
-        "aggregate": Option("mean", "per-epoch λ: mean or last", choice("mean", "last"), flag="--skip-aggregate"),
-        "min_epochs": Option(1, "epochs before the first decision", int_at_least(0), flag="--skip-min-epochs"),
-        "keep_last": Option(1, "trainable layers always kept (output side)", int_at_least(0), flag="--skip-keep-last"),
-    }
+@dataclass(frozen=True)
+class SkipOptions(Options):
+    layers: list | None = option(
+        None,
+        "layers to skip (names as `accelc inspect` prints); without it the graph is "
+        "instrumented and the runtime controller decides per epoch",
+        name_list,
+        flag="--skip-layers",
+    )
+    eta: float = option(0.001, "LARS η (trust coefficient)", positive_float, flag="--skip-eta")
+    beta: float = option(1e-4, "LARS β (weight-decay term in the denominator)", positive_float, flag="--skip-beta")
+    tau_mode: str = option(
+        "relative",
+        "threshold rule: relative (λ > factor × the layer's first-epoch λ), absolute (λ > tau) or "
+        "growth (λ's growth over the previous epoch has flattened: λ_e / λ_{e-1} - 1 < tau)",
+        choice(*TAU_MODES),
+        flag="--skip-tau-mode",
+    )
+    tau: float = option(
+        2.0,
+        "the threshold: the factor (relative), the λ value (absolute) or the growth per epoch (growth)",
+        positive_float,
+        flag="--skip-tau",
+    )
+    policy: str = option(
+        "prefix",
+        "prefix: skip the longest input-side prefix of done layers (lets the backward "
+        "stop early); suffix: the longest output-side suffix; any: every done layer",
+        choice(*POLICIES),
+        flag="--skip-policy",
+    )
+    every: int = option(1, "take λ every k steps", int_at_least(0), flag="--skip-every")
+    aggregate: str = option("mean", "per-epoch λ: mean or last", choice("mean", "last"), flag="--skip-aggregate")
+    min_epochs: int = option(1, "epochs before the first decision", int_at_least(0), flag="--skip-min-epochs")
+    keep_last: int = option(1, "trainable layers always kept (output side)", int_at_least(0), flag="--skip-keep-last")
 
-    def run(self, art: Artifacts, options: dict) -> PassResult:
-        layers = options.get("layers")
+
+class SkipPass(Pass):
+    def run(self, art: Artifacts, options: SkipOptions) -> PassResult:
+        layers = options.layers
         if layers:
             new, changes = skip_variant(art, layers)
             return PassResult(new, True, changes)
         tg = training_graph(art)
         changes = instrument(tg)
         art.training = tg.to_onnx()
-        plan = {k: v for k, v in options.items() if k != "layers"}
-        art.plan.append({"type": "skip", **plan})
+        art.plan.append(self.method.plan_entry(options))
         if art.is_stage:  # the savings are reported for the root's layers only
             return PassResult(art, bool(changes), changes)
         # what the controller's decisions would save: per layer, the skip set that takes it in
         layers = [c["layer"] for c in changes]
-        saved = skip_savings(art, layers, options["policy"], int(options["keep_last"]), tg)
+        saved = skip_savings(art, layers, options.policy, options.keep_last, tg)
         for c in changes:
             if c["layer"] in saved:
                 c["saves_flops_per_step"] = saved[c["layer"]]
@@ -391,11 +388,11 @@ class SkipPass(Pass):
             out.append(f"{what} a layer would save per step: " + ", ".join(f"{n} {gflops(f)}" for n, f in saved))
         return out
 
-    def ensures(self, before: Artifacts, after: Artifacts, options: dict) -> str | None:
+    def ensures(self, before: Artifacts, after: Artifacts, options: SkipOptions) -> str | None:
         """Instrumented (the controller decides at run time): the graph is the unrewritten one plus
         the LARS norms, checked node by node (exact, no session). Layers pruned: the remaining
         gradients equal the unpruned graph's on one batch (same weights)."""
-        if not options.get("layers"):
+        if not options.layers:
             same = only_norms_added(before.training, after.training)
             if same:
                 return same

@@ -35,13 +35,13 @@ import torch
 import accelc
 from accelc.compiler.artifact_dir import load_artifacts
 from accelc.compiler.cost import graph_costs
-from accelc.compiler.export import export_zoo, zoo_module
 from accelc.compiler.graph import training_graph
 from accelc.passes.amp.kernels import native
 from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
 from accelc.runtime.torch_engine import TorchSession
 from accelc.runtime.train import machine_info
+from accelc.zoo import export_zoo, zoo_module
 
 ISSUE = {"torch fp32": 112.2, "torch channels_last fp32": 82.1, "torch bf16 autocast": 53.6, "accelc ort": 106.3}
 ISSUE_PEAK = {"fp32": 187.0, "bf16": 364.0}  # GFLOP/s, 2048² GEMM, the issue's machine

@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 import accelc
-from accelc.compiler.export import export_zoo
 from accelc.passes.reuse.rewrite import DEFAULT_RECALIBRATE, reuse_variant
 from accelc.runtime.algorithm import algorithms_for
 from accelc.runtime.data import load_data
 from accelc.runtime.session import TrainingSession
+from accelc.runtime.spec import TrainSpec
 from accelc.runtime.train import Trainer
+from accelc.zoo import export_zoo
 
 BATCH = 64
 
@@ -38,7 +39,8 @@ def train(d: Path, name: str, epochs: int, options: dict):
     accelc.compile(d / "r.onnx", d / name, passes=["reuse"], pass_options={"reuse": options}, lr=3e-3)
     sess = TrainingSession(d / name)
     ds = load_data("fashion-mnist", sess.info.input_shape, 10, 6000, 2000)
-    trainer = Trainer(sess, ds, None, epochs, BATCH, 0, algorithms_for(sess.artifacts), progress=False)
+    run = TrainSpec(run_dir=None, epochs=epochs, batch_size=BATCH, seed=0, progress=False)
+    trainer = Trainer(run, sess, ds, algorithms=algorithms_for(sess.artifacts))
     summary = trainer.run()
     for m in summary["history"]:
         rec = [x for x in m["decisions"] if x["action"] == "recalibrate"]

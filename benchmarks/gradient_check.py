@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import accelc
-from accelc.compiler.export import ZOO, zoo_module
 from accelc.runtime.session import TrainingSession
+from accelc.zoo import ZOO, zoo_module
 
 from conftest import MixedNet
 

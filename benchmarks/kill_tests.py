@@ -205,7 +205,7 @@ def main() -> int:
     ap.add_argument("--only", default="compile,parent,group", help="which tests, comma-separated")
     ap.add_argument("--json", default=None, help="write the figures here")
     a = ap.parse_args()
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     out = {}
     with tempfile.TemporaryDirectory() as d:

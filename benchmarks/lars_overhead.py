@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 import accelc
-from accelc.compiler.export import export_zoo
 from accelc.passes.skip.algorithm import LarsSkip
 from accelc.runtime.session import TrainingSession
+from accelc.zoo import export_zoo
 
 
 def main(steps=60, batch=64):

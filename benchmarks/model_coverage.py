@@ -11,7 +11,7 @@ tests/test_models.py covers them active.
 Each model runs in a subprocess of its own (a native crash is one row, not the end of the run;
 peak memory is the model's own). Writes a JSON file and a markdown table.
 
-    python benchmarks/model_coverage.py                       # every model -> docs/model-coverage.md
+    python benchmarks/model_coverage.py                       # every model -> docs/results/model-coverage.md
     python benchmarks/model_coverage.py --models tv:squeezenet1_0,timm:resnet10t -o /tmp/cov
 
 torchvision's wheel for torch 2.13 is a CUDA build whose compiled ops cannot load beside the CPU
@@ -391,7 +391,9 @@ def markdown(rows: list[dict], seconds: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="all", help="comma list of lib:name (tv:..., timm:...), 'small' or 'all'")
-    ap.add_argument("-o", "--output", default="docs/model-coverage", help="output stem (.json and .md are added)")
+    ap.add_argument(
+        "-o", "--output", default="docs/results/model-coverage", help="output stem (.json and .md are added)"
+    )
     ap.add_argument(
         "--runs",
         default="every",

@@ -21,11 +21,11 @@ import torch
 
 import accelc
 from accelc.compiler.artifact_dir import load_artifacts
-from accelc.compiler.export import export_zoo, zoo_module
 from accelc.compiler.lowering import lower_training_model
 from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession, read_checkpoint_params
 from accelc.runtime.torch_engine import TorchSession
+from accelc.zoo import export_zoo, zoo_module
 
 
 def profile(art_dir, x, y, runs=10):

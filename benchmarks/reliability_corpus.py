@@ -7,13 +7,17 @@ a clean refusal (or, for the positive cases, a correct success) and a failure na
 pytest's output.
 
     python benchmarks/reliability_corpus.py [--md docs/reliability.md] [--json out.json] [-n 2]
+    python benchmarks/reliability_corpus.py --collect    # count the cases per cause, run nothing
+
+A test's cause is its ``@pytest.mark.cause(N)`` marker (read from the source, so the count needs no
+test name to carry it), else its file's cause in BY_FILE, else 0 (round 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -67,19 +71,91 @@ CAUSES = {
     17: "round 3: every file accelc writes reads back (62-conv model, every pass)",
     0: "round 1 (must keep holding)",
 }
-KILLS = {"test_kill_during_compile": 1, "test_kill_train_parent": 2, "test_kill_whole_group": 3}
 
 
-def cause_of(name: str, module: str = "") -> int:
-    by_file = BY_FILE.get(module.rsplit(".", 1)[-1])
-    if by_file:
-        return by_file
-    m = re.match(r"test_cause(\d+)", name)
-    if m:
-        return int(m.group(1))
-    for prefix, c in KILLS.items():
-        if name.startswith(prefix):
-            return c
+def _marked_cause(decorators) -> int | None:
+    """N of a ``pytest.mark.cause(N)`` among ``decorators`` (AST nodes), else None."""
+    for d in decorators:
+        if (
+            isinstance(d, ast.Call)
+            and isinstance(d.func, ast.Attribute)
+            and d.func.attr == "cause"
+            and isinstance(d.func.value, ast.Attribute)
+            and d.func.value.attr == "mark"
+            and d.args
+            and isinstance(d.args[0], ast.Constant)
+            and isinstance(d.args[0].value, int)
+        ):
+            return d.args[0].value
+    return None
+
+
+def _pytestmark(tree: ast.Module) -> int | None:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets):
+            marks = node.value.elts if isinstance(node.value, (ast.List, ast.Tuple)) else [node.value]
+            return _marked_cause(marks)
+    return None
+
+
+def cause_markers(files=FILES) -> dict[tuple[str, str], int]:
+    """(module, test function) -> N for every test carrying ``@pytest.mark.cause(N)`` (on itself, its
+    class, or the module's ``pytestmark``) in ``files``."""
+    table: dict[tuple[str, str], int] = {}
+    for f in files:
+        tree = ast.parse((REPO / f).read_text(), f)
+        module = Path(f).stem
+        module_cause = _pytestmark(tree)
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                class_cause = _marked_cause(node.decorator_list) or module_cause
+                funcs = [(n, class_cause) for n in node.body if isinstance(n, ast.FunctionDef)]
+            elif isinstance(node, ast.FunctionDef):
+                funcs = [(node, module_cause)]
+            else:
+                continue
+            for fn, outer in funcs:
+                c = _marked_cause(fn.decorator_list) or outer
+                if c is not None:
+                    table[(module, fn.name)] = c
+    return table
+
+
+def _module_of(classname: str) -> str:
+    """'tests.test_kills' or 'tests.test_x.TestY' (junit classname) or 'tests/test_x.py' -> 'test_x'."""
+    parts = classname.replace("/", ".").removesuffix(".py").split(".")
+    return next((p for p in parts if p.startswith("test_")), parts[-1])
+
+
+def cause_of(name: str, module: str = "", markers: dict | None = None) -> int:
+    """The cause of test ``name`` (``test_f`` or ``test_f[param]``) in ``module``: its marker, else
+    its file's cause, else 0."""
+    mod = _module_of(module)
+    marked = (cause_markers() if markers is None else markers).get((mod, name.split("[", 1)[0]))
+    if marked is not None:
+        return marked
+    return BY_FILE.get(mod, 0)
+
+
+def collect() -> int:
+    """Count the cases per cause from ``pytest --collect-only`` (runs no test)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", *FILES], cwd=REPO, capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        print(r.stdout[-3000:] + r.stderr[-3000:], file=sys.stderr)
+        return 1
+    markers = cause_markers()
+    counts: Counter = Counter()
+    for line in r.stdout.splitlines():
+        if "::" in line:
+            path, _, rest = line.partition("::")
+            counts[cause_of(rest.split("[", 1)[0].split("::")[-1], path, markers)] += 1
+    print(
+        json.dumps(
+            {"total": sum(counts.values()), "by_cause": {str(k): v for k, v in sorted(counts.items())}}, indent=1
+        )
+    )
     return 0
 
 
@@ -88,7 +164,11 @@ def main() -> int:
     ap.add_argument("--md", default=None, help="write a markdown table here")
     ap.add_argument("--json", default=None, help="write the counts here")
     ap.add_argument("-n", default="2", help="pytest-xdist workers (default 2)")
+    ap.add_argument("--collect", action="store_true", help="only count the cases per cause (runs no test)")
     a = ap.parse_args()
+    if a.collect:
+        return collect()
+    markers = cause_markers()
     with tempfile.TemporaryDirectory() as d:
         xml = Path(d) / "r.xml"
         t0 = time.time()
@@ -107,7 +187,7 @@ def main() -> int:
         for tag in ("failure", "error", "skipped"):
             if tc.find(tag) is not None:
                 kind = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
-        counts[cause_of(name, tc.get("classname") or "")][kind] += 1
+        counts[cause_of(name, tc.get("classname") or "", markers)][kind] += 1
         if kind in ("failed", "error"):
             failures.append(f"{tc.get('classname')}::{name}")
     total = Counter()

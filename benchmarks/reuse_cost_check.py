@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 import accelc
-from accelc.compiler.export import export_zoo
 from accelc.passes.reuse import choice as ch
 from accelc.passes.reuse import predict as P
 from accelc.passes.reuse.cost import expected_remain
 from accelc.passes.reuse.rewrite import reused_layers, strip
 from accelc.runtime.data import load_data
 from accelc.runtime.session import TrainingSession
+from accelc.zoo import export_zoo
 
 HERE = Path(__file__).resolve().parent
 

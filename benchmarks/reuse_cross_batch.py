@@ -126,7 +126,7 @@ def layer(rounds: int, every: int = K_DEFAULT) -> list:
 
 def network(epochs: int) -> list:
     import accelc
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

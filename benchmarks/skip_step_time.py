@@ -18,10 +18,10 @@ import numpy as np
 import accelc
 from accelc.compiler.artifact_dir import load_artifacts
 from accelc.compiler.cost import graph_costs
-from accelc.compiler.export import export_zoo
 from accelc.compiler.graph import training_graph
 from accelc.passes.skip.rewrite import skip_variant
 from accelc.runtime.session import TrainingSession
+from accelc.zoo import export_zoo
 
 
 def main(rounds=30, batch=64, model="vgg"):

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 import accelc
-from accelc.compiler.export import ZOO, zoo_module
 from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
 from accelc.runtime.torch_engine import TorchSession
+from accelc.zoo import ZOO, zoo_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 DEFAULT = {  # model -> (batch, input shape)

@@ -29,7 +29,7 @@ CONFIGS = ["torch", "ort", "ort+rescale"]
 
 
 def main(out: str = "demo-out") -> int:
-    from .compiler.export import export_zoo  # heavy: torch
+    from .zoo import export_zoo  # heavy: torch
 
     t0 = time.perf_counter()
     out_dir = Path(out)

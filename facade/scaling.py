@@ -64,7 +64,7 @@ def run_scaling(
     for n in range(2, nproc + 1):
         if batch_size % n:
             raise AccelcError(f"--batch-size {batch_size} must be a multiple of every process count 1..{nproc}")
-    from .compiler.export import ZOO  # heavy: torch
+    from .zoo import ZOO  # heavy: torch
 
     protect = [] if model in ZOO else [model]
     with atomic_dir(out_dir, force=force, kind="scaling", protect=protect) as out:
@@ -79,8 +79,8 @@ def _run(
 
     import numpy as np
 
-    from .compiler.export import ZOO, export_zoo
     from .runtime.train import machine_info
+    from .zoo import ZOO, export_zoo
 
     work = out / "work"
     work.mkdir()

@@ -50,7 +50,7 @@ class MixedNet(nn.Module):
 def small_art(tmp_path_factory):
     """cnn3-small compiled with the defaults, once per test module (read-only for the tests)."""
     import accelc
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     d = tmp_path_factory.mktemp("art")
     export_zoo("cnn3-small", d / "m.onnx")
@@ -77,7 +77,7 @@ def mixed_model(tmp_path):
 def export_test_model(name, path):
     """Export zoo model ``name`` or, for "mixed", MixedNet (seeded) to ``path``; returns (module, shape)."""
     import accelc
-    from accelc.compiler.export import zoo_module
+    from accelc.zoo import zoo_module
 
     if name == "mixed":
         torch.manual_seed(0)

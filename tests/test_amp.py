@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import accelc
-from accelc.compiler.export import export_zoo, zoo_module
 from accelc.compiler.pass_api import PassOrderWarning, parse_pass_list
 from accelc.passes.amp.rewrite import ROLE, SCALE
 from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
 from accelc.runtime.torch_engine import TorchSession
+from accelc.zoo import export_zoo, zoo_module
 
 from conftest import assert_api_refused
 

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 import accelc
-from accelc import api
-from accelc.compiler import checks
+from accelc import api, checks
 from accelc.compiler.errors import AccelcError, InvalidType, InvalidValue
 from accelc.compiler.pass_api import check_pass_options, get, parse_pass_list
 
@@ -76,8 +75,9 @@ TRAIN_CASES = [
 ]
 
 
+@pytest.mark.cause(11)
 @pytest.mark.parametrize("kw,needle,kind", [c[1:] for c in TRAIN_CASES], ids=[c[0] for c in TRAIN_CASES])
-def test_cause11_train_args_refused_before_anything(kw, needle, kind, tmp_path, sentinel):
+def test_bad_train_args_are_refused_before_anything_is_read(kw, needle, kind, tmp_path, sentinel):
     run = tmp_path / "run"
     # the artifact directory is a file outside the case: refusing first means it is never read
     _refused(lambda: accelc.train(sentinel, run_dir=run, **kw), needle, kind)
@@ -86,6 +86,7 @@ def test_cause11_train_args_refused_before_anything(kw, needle, kind, tmp_path, 
     assert _refused(lambda: api.check_train_args(**args), needle, kind)
 
 
+@pytest.mark.cause(11)
 @pytest.mark.parametrize(
     "kw,needle,kind",
     [
@@ -109,12 +110,13 @@ def test_cause11_train_args_refused_before_anything(kw, needle, kind, tmp_path, 
         "algorithms-str",
     ],
 )
-def test_cause11_train_api_only_args(kw, needle, kind, tmp_path, sentinel):
+def test_bad_api_only_train_args_are_refused_with_their_type(kw, needle, kind, tmp_path, sentinel):
     _refused(lambda: accelc.train(sentinel, **kw), needle, kind)
     _refused(lambda: accelc.train(5), "artifacts must be a path", TypeError)
 
 
-def test_cause11_check_train_args_accepts_good_values():
+@pytest.mark.cause(11)
+def test_check_train_args_accepts_good_values():
     assert api.check_train_args(**GOOD_TRAIN) is None
     ok = dict(GOOD_TRAIN, epochs=np.int64(2), seed=2**32 - 1, lr=np.float32(0.01), threads=1, train_limit=5)
     assert api.check_train_args(**ok, memory_limit_gb=1.5) is None
@@ -227,14 +229,16 @@ COMPILE_CASES = [
 ]
 
 
+@pytest.mark.cause(11)
 @pytest.mark.parametrize("kw,needle,kind", [c[1:] for c in COMPILE_CASES], ids=[c[0] for c in COMPILE_CASES])
-def test_cause11_compile_args_refused_before_anything(kw, needle, kind, tmp_path, sentinel):
+def test_bad_compile_args_are_refused_before_anything_is_read(kw, needle, kind, tmp_path, sentinel):
     out = tmp_path / "art"
     # the model is a file outside the case: refusing first means it is never read
     _refused(lambda: accelc.compile(sentinel, out, **kw), needle, kind)
     _no_output(out)
 
 
+@pytest.mark.cause(11)
 @pytest.mark.parametrize(
     "model,out,needle,kind",
     [
@@ -246,25 +250,29 @@ def test_cause11_compile_args_refused_before_anything(kw, needle, kind, tmp_path
     ],
     ids=["model-int", "model-bytes", "model-empty", "out-none", "out-nul"],
 )
-def test_cause11_compile_paths(model, out, needle, kind):
+def test_compile_refuses_paths_that_are_not_paths(model, out, needle, kind):
     _refused(lambda: accelc.compile(model, out), needle, kind)
 
 
-def test_cause11_inspect_paths():
+@pytest.mark.cause(11)
+def test_inspect_refuses_paths_that_are_not_paths():
     _refused(lambda: accelc.inspect(5), "path must be a path (str or os.PathLike), got int", TypeError)
     _refused(lambda: accelc.inspect(""), "path must be a non-empty path", ValueError)
 
 
-def test_cause11_pass_lists_as_string_or_list():
+@pytest.mark.cause(11)
+def test_pass_lists_parse_the_same_as_string_or_list():
     # a string is split at commas, never iterated per character (the old KeyError: 's')
     assert parse_pass_list("skip") == ["skip"]
     assert parse_pass_list(" rescale , skip ") == ["rescale", "skip"] == parse_pass_list(("rescale", "skip"))
     assert parse_pass_list("none") == parse_pass_list([]) == parse_pass_list(None) == []
-    assert check_pass_options(["skip"], {"skip": {"tau": 1.5}}) == {"skip": {"tau": 1.5}}
-    assert check_pass_options([], {"opt": {"rules": []}}) == {"opt": {"rules": []}}
+    # parsed once, where they enter: the typed options the manager takes as they are
+    assert check_pass_options(["skip"], {"skip": {"tau": 1.5}})["skip"].tau == 1.5
+    assert check_pass_options([], {"opt": {"rules": []}})["opt"].rules == []
 
 
-def test_cause11_options_parse_the_same_from_python_and_from_cli_strings():
+@pytest.mark.cause(11)
+def test_options_parse_the_same_from_python_and_from_cli_strings():
     skip, reuse = get("skip"), get("reuse")
     assert skip.resolve_options({"tau": "1.5", "every": "2"}) == skip.resolve_options({"tau": 1.5, "every": 2})
     assert skip.resolve_options({"every": 2.0})["every"] == 2  # an integral float is an integer
@@ -341,9 +349,10 @@ EXPORT_CASES = [
 ]
 
 
+@pytest.mark.cause(11)
 @pytest.mark.parametrize("kw,needle,kind", [c[1:] for c in EXPORT_CASES], ids=[c[0] for c in EXPORT_CASES])
-def test_cause11_export_zoo_args(kw, needle, kind, tmp_path):
-    from accelc.compiler.export import export_zoo
+def test_bad_export_zoo_args_are_refused_and_write_nothing(kw, needle, kind, tmp_path):
+    from accelc.zoo import export_zoo
 
     out = tmp_path / "m.onnx"
     kw = {"name": "cnn3-small", "path": out, **kw}
@@ -351,8 +360,9 @@ def test_cause11_export_zoo_args(kw, needle, kind, tmp_path):
     _no_output(out)
 
 
-def test_cause11_export_zoo_other_shapes_still_export(tmp_path):
-    from accelc.compiler.export import export_zoo
+@pytest.mark.cause(11)
+def test_export_zoo_other_shapes_still_export(tmp_path):
+    from accelc.zoo import export_zoo
 
     export_zoo("cnn3-small", tmp_path / "a.onnx", "1,8,8", num_classes=3, seed=2**32 - 1)
     export_zoo("largekernel", tmp_path / "b.onnx", (1, 24, 24))
@@ -361,7 +371,8 @@ def test_cause11_export_zoo_other_shapes_still_export(tmp_path):
     _refused(lambda: export_zoo("largekernel", tmp_path / "c.onnx", (1, 23, 23)), "layer 'fc' fails", ValueError)
 
 
-def test_cause11_api_export_args(tmp_path):
+@pytest.mark.cause(11)
+def test_api_export_refuses_bad_module_input_and_path(tmp_path):
     import torch
 
     out = tmp_path / "m.onnx"
@@ -383,7 +394,8 @@ def test_cause11_api_export_args(tmp_path):
     _no_output(out)
 
 
-def test_cause11_validators_share_one_contract():
+@pytest.mark.cause(11)
+def test_validators_raise_value_or_type_errors_prefixed_by_the_flag():
     for fn, args in (
         (checks.positive_float, ("--x", -1)),
         (checks.positive_int, ("--x", 0)),
@@ -416,10 +428,11 @@ def _api_message(fn) -> str:
     return str(ei.value)
 
 
+@pytest.mark.cause(11)
 @pytest.mark.slow
-def test_cause11_cli_prints_the_api_message(tmp_path, sentinel):
+def test_cli_prints_the_same_message_as_the_api(tmp_path, sentinel):
     """The same bad value through the CLI and the Python API gives the same one line."""
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     out = tmp_path / "out"
     cases = [

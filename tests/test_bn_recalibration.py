@@ -22,7 +22,9 @@ from accelc.runtime import checkpoint as ckpt
 from accelc.runtime.algorithm import TrainState
 from accelc.runtime.config import ExecConfig
 from accelc.runtime.data import load_data
+from accelc.runtime.engine import EngineBase
 from accelc.runtime.session import TrainingSession
+from accelc.runtime.spec import TrainSpec
 from accelc.runtime.train import Trainer
 
 from conftest import assert_api_refused, run_cli
@@ -59,7 +61,9 @@ def bn_art(tmp_path_factory):
 
 
 def spec_of(art, **over):
-    return dict(next(p for p in art.plan if p["type"] == "reuse"), **over)
+    """The reuse plan entry with some options changed (as a hand-edited plan.json would hold them)."""
+    e = next(p for p in art.plan if p["type"] == "reuse")
+    return {**e, "options": {**e["options"], **over}}
 
 
 class Spy(Reuse):
@@ -82,7 +86,8 @@ def running(arrays):
 def trainer(d, algorithm, epochs=1, images=96):
     sess = TrainingSession(d / "art", ExecConfig(threads=1))
     ds = load_data(f"synthetic:{images}", sess.info.input_shape, sess.info.num_classes, None, 32)
-    return Trainer(sess, ds, None, epochs, BATCH, 0, [algorithm], progress=False), sess, ds
+    run = TrainSpec(run_dir=None, epochs=epochs, batch_size=BATCH, seed=0, progress=False)
+    return Trainer(run, sess, ds, algorithms=[algorithm]), sess, ds
 
 
 # ----------------------------------------------------------------------------- what it does
@@ -132,7 +137,7 @@ def test_zero_turns_it_off_and_exact_epochs_need_none(bn_art):
     def service(artifacts, batches):
         raise AssertionError("must not recalibrate")
 
-    st = TrainState(type("E", (), {"artifacts": art})(), 1, BATCH, recalibrate_batchnorm=service)
+    st = TrainState(type("E", (EngineBase,), {"artifacts": art})(), 1, BATCH, recalibrate_batchnorm=service)
     off = Reuse(art, spec_of(art, recalibrate=0), measure_original=False)
     off.logger = st.logger
     off.before_evaluate(st, 1)
@@ -141,7 +146,9 @@ def test_zero_turns_it_off_and_exact_epochs_need_none(bn_art):
     exact.on = False
     exact.before_evaluate(st, 2)
     assert not st.logger.take()[1] and not off.log and not exact.log
-    assert Reuse(art, {k: v for k, v in spec_of(art).items() if k != "recalibrate"}).recalibrate_batches() == (
+    e = spec_of(art)
+    e["options"].pop("recalibrate")
+    assert Reuse(art, e).recalibrate_batches() == (
         DEFAULT_RECALIBRATE
     )  # artifacts compiled before the option: the default
 
@@ -173,7 +180,7 @@ def test_bad_values_are_one_line_errors(bn_art, tmp_path):
 
     shutil.copytree(bn_art / "art", tmp_path / "art")
     plan = json.loads((tmp_path / "art" / "plan.json").read_text())
-    plan["controllers"][-1]["recalibrate"] = -1
+    plan["controllers"][-1]["options"]["recalibrate"] = -1
     (tmp_path / "art" / "plan.json").write_text(json.dumps(plan))
     rep = json.loads((tmp_path / "art" / "report.json").read_text())  # a deliberate edit: its hash updated
     rep["files"]["plan.json"] = hashlib.sha256((tmp_path / "art" / "plan.json").read_bytes()).hexdigest()
@@ -189,7 +196,7 @@ def test_cli_flag_reaches_the_plan_and_is_refused_in_one_line(bn_art, tmp_path):
                 "--no-validate")  # fmt: skip
     assert r.returncode == 0, r.stderr
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())["controllers"][-1]
-    assert plan["recalibrate"] == 0
+    assert plan["options"]["recalibrate"] == 0
     r = run_cli("compile", d / "m.onnx", "--passes", "reuse", "--reuse-recalibrate", "-2", "-o", tmp_path / "b")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "--reuse-recalibrate must be an integer in 0..100000" in r.stderr, r.stderr
@@ -257,7 +264,7 @@ def test_data_parallel_rank0_recalibrates_on_its_shards():
     ds = load_data("synthetic:96", (1, 16, 16), 10, None, 32)
     calls = {}
 
-    class Engine:
+    class Engine(EngineBase):
         def __init__(self, rank):
             self.rank = rank
 

@@ -69,7 +69,7 @@ def test_choices_shown_as_choices_and_passes_listed():
     assert not dest_like.search(text), dest_like.search(text).group(0)
     # every option with a choice(...) parser exposes its choices, and the help shows them
     for cls in registered().values():
-        for opt in cls.options.values():
+        for opt in cls.options.fields().values():
             if getattr(opt.parse, "choices", None):
                 assert opt.choices == tuple(opt.parse.choices)
                 assert "{" + ",".join(opt.choices) + "}" in text
@@ -95,7 +95,7 @@ def test_passes_out_of_order_are_put_into_order():
 
 
 def test_cli_notes_the_order_in_one_line(tmp_path, capsys):
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     export_zoo("cnn3-small", tmp_path / "m.onnx")
     argv = ["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "art"), "--passes", "skip,reuse", "--no-validate"]

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import accelc
-from accelc.compiler.export import export_zoo
+from accelc.zoo import export_zoo
 
 from conftest import run_cli
 
@@ -127,7 +127,7 @@ def test_report_json(tmp_path):
 def test_folded_batchnorm_is_reported(tmp_path):
     import torch
 
-    from accelc.compiler.export import zoo_module
+    from accelc.zoo import zoo_module
 
     m, shape = zoo_module("vgg")
     m.eval()

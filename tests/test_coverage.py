@@ -1,7 +1,7 @@
 """The model-coverage suite at the size CI can afford: a few small torchvision and timm CNNs go
 through export, compile (default, every pass, and all of them), gradients against torch, lockstep
 training, and after all passes a run trained, resumed and exported (benchmarks/model_coverage.py;
-the full table, with a run after every pass, is docs/model-coverage.md)."""
+the full table, with a run after every pass, is docs/results/model-coverage.md)."""
 
 import json
 

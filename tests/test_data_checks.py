@@ -98,21 +98,24 @@ def refused(spec, needle="", num_classes=10, kind=AccelcError, **kw):
 
 
 # ----------------------------------------------------------------------------- cause 4: labels
+@pytest.mark.cause(4)
 @pytest.mark.parametrize("gz", [True, False], ids=["gz", "plain"])
 @pytest.mark.parametrize("bad", [10, 200, 255])
-def test_cause4_label_out_of_range(tmp_path, gz, bad):
+def test_label_out_of_range_is_refused_naming_file_and_index(tmp_path, gz, bad):
     labels = [0, 1, 2, bad] + [3] * 16
     d = fashion_dir(tmp_path / "d", labels_train=labels, gz=gz)
     msg = refused(f"fashion-mnist:{d}", f"has label {bad} (at index 3)")
     assert "train-labels-idx1-ubyte" in msg and "labels must be 0..9" in msg
 
 
-def test_cause4_label_out_of_range_test_split(tmp_path):
+@pytest.mark.cause(4)
+def test_label_out_of_range_in_the_test_split_is_refused(tmp_path):
     d = fashion_dir(tmp_path / "d", labels_test=[0, 1, 12, 3, 4])
     refused(f"fashion-mnist:{d}", "t10k-labels-idx1-ubyte")
 
 
-def test_cause4_labels_checked_against_model_classes(tmp_path):
+@pytest.mark.cause(4)
+def test_labels_are_checked_against_the_model_classes(tmp_path):
     d = fashion_dir(tmp_path / "d", labels_train=[14] + [1] * 19)
     # a model with 16 outputs can learn label 14; one with 10 cannot
     ds = load_data(f"fashion-mnist:{d}", SHAPE, 16)
@@ -122,7 +125,8 @@ def test_cause4_labels_checked_against_model_classes(tmp_path):
     refused(f"fashion-mnist:{d}", "Fashion-MNIST has 10 classes", num_classes=5)
 
 
-def test_cause4_valid_data_loads(tmp_path):
+@pytest.mark.cause(4)
+def test_valid_fashion_mnist_loads_normalised_within_limits(tmp_path):
     for gz in (True, False):
         d = fashion_dir(tmp_path / f"d{gz}", gz=gz)
         ds = load_data(f"fashion-mnist:{d}", SHAPE, 10, train_limit=7, test_limit=3)
@@ -131,8 +135,9 @@ def test_cause4_valid_data_loads(tmp_path):
         assert abs(float(ds.x_train.mean())) < 1e-5
 
 
+@pytest.mark.cause(4)
 @pytest.mark.parametrize("n_labels", [19, 21])
-def test_cause4_image_label_count_mismatch(tmp_path, n_labels):
+def test_image_and_label_count_mismatch_is_refused(tmp_path, n_labels):
     d = fashion_dir(tmp_path / "d")
     y = np.zeros(n_labels, np.uint8)
     write(d / "train-labels-idx1-ubyte.gz", idx_bytes(y.shape, y.tobytes()))
@@ -187,8 +192,9 @@ HOSTILE_IMAGES = {
 }
 
 
+@pytest.mark.cause(4)
 @pytest.mark.parametrize("case", list(HOSTILE_IMAGES))
-def test_cause4_hostile_idx_images(tmp_path, case):
+def test_hostile_idx_image_files_are_refused_naming_the_file(tmp_path, case):
     make, gz, needle = HOSTILE_IMAGES[case]
     d = fashion_dir(tmp_path / "d", gz=gz)
     target = d / name("train-images-idx3-ubyte", gz)
@@ -201,8 +207,9 @@ def test_cause4_hostile_idx_images(tmp_path, case):
     assert str(target) in msg
 
 
+@pytest.mark.cause(4)
 @pytest.mark.parametrize("case", ["labels_3d", "labels_dtype"])
-def test_cause4_hostile_idx_labels(tmp_path, case):
+def test_idx_labels_with_wrong_rank_or_dtype_are_refused(tmp_path, case):
     d = fashion_dir(tmp_path / "d")
     code, dims = (0x08, (20, 1, 1)) if case == "labels_3d" else (0x0C, (20,))
     write(d / "train-labels-idx1-ubyte.gz", idx_bytes(dims, bytes(20 * (4 if code == 0x0C else 1)), code=code))
@@ -210,7 +217,8 @@ def test_cause4_hostile_idx_labels(tmp_path, case):
     refused(f"fashion-mnist:{d}", needle)
 
 
-def test_cause4_data_file_linked_outside_is_not_echoed(tmp_path, sentinel):
+@pytest.mark.cause(4)
+def test_data_file_linked_outside_is_refused_without_echoing_it(tmp_path, sentinel):
     d = fashion_dir(tmp_path / "d", gz=False)
     (d / "train-images-idx3-ubyte").unlink()
     (d / "train-images-idx3-ubyte").symlink_to(sentinel)
@@ -224,7 +232,8 @@ def test_cause4_data_file_linked_outside_is_not_echoed(tmp_path, sentinel):
     refused(f"imagefolder:{imgs}", "symbolic link out of the image folder")
 
 
-def test_cause4_path_with_control_characters_is_escaped(tmp_path):
+@pytest.mark.cause(4)
+def test_data_path_with_control_characters_is_escaped(tmp_path):
     d = fashion_dir(tmp_path / "evil\nname\x1b[31m", labels_train=[99] * 20)
     msg = refused(f"fashion-mnist:{d}", "has label 99")
     assert "\x1b" not in msg and "\\n" in msg
@@ -241,6 +250,7 @@ def _folder(d, n=3):
     return d
 
 
+@pytest.mark.cause(4)
 @pytest.mark.parametrize(
     "case,needle",
     [
@@ -251,7 +261,7 @@ def _folder(d, n=3):
         ("truncated", "cannot read image"),
     ],
 )
-def test_cause4_hostile_imagefolder(tmp_path, case, needle):
+def test_hostile_imagefolder_images_are_refused_fast_naming_the_file(tmp_path, case, needle):
     d = _folder(tmp_path / "imgs")
     f = d / "b" / "zz.png"
     if case == "bomb_pil_limit":
@@ -272,7 +282,8 @@ def test_cause4_hostile_imagefolder(tmp_path, case, needle):
     assert str(f) in msg and time.time() - t < 5
 
 
-def test_cause4_imagefolder_one_image(tmp_path):
+@pytest.mark.cause(4)
+def test_imagefolder_with_one_image_is_refused(tmp_path):
     from PIL import Image
 
     (tmp_path / "imgs" / "a").mkdir(parents=True)
@@ -281,6 +292,7 @@ def test_cause4_imagefolder_one_image(tmp_path):
 
 
 # ----------------------------------------------------------------------------- cause 4 / 11: limits
+@pytest.mark.cause(4)
 @pytest.mark.parametrize(
     "kw,kind,needle",
     [
@@ -293,11 +305,12 @@ def test_cause4_imagefolder_one_image(tmp_path):
         ({"train_limit": 2.5}, InvalidType, "--train-limit must be a positive integer, got"),
     ],
 )
-def test_cause4_limits(kw, kind, needle):
+def test_bad_train_and_test_limits_are_refused(kw, kind, needle):
     refused("synthetic:50", needle, kind=kind, **kw)
 
 
-def test_cause4_bad_specs():
+@pytest.mark.cause(4)
+def test_malformed_data_specs_are_refused():
     refused("synthetic:abc", "needs an integer N", kind=InvalidValue)
     refused("synthetic:-3", "needs N > 0", kind=InvalidValue)
     refused("mnist", "unknown --data", kind=InvalidValue)
@@ -330,7 +343,8 @@ def _refused_cheaply(fn, needle):
     return msg
 
 
-def test_cause7_gzip_bomb_refused_from_header(tmp_path):
+@pytest.mark.cause(7)
+def test_gzip_bomb_is_refused_from_its_header(tmp_path):
     """A gzip file of about 1 MB declaring 1 GiB of images: refused as a bomb from its sizes alone,
     whatever the memory limit."""
     d = _bomb_dir(tmp_path / "d")
@@ -338,9 +352,10 @@ def test_cause7_gzip_bomb_refused_from_header(tmp_path):
     assert "train-images-idx3-ubyte.gz' would inflate from" in msg and "to 1024.0 MB" in msg
 
 
-def test_cause7_gzip_bomb_over_memory_limit(tmp_path, monkeypatch):
+@pytest.mark.cause(7)
+def test_idx_declared_size_over_memory_limit_is_refused_before_inflating(tmp_path, monkeypatch):
     """The main check: the size the IDX header declares against the memory limit, before inflating."""
-    monkeypatch.setattr(D, "MAX_GZIP_EXPANSION", 10**6)  # only the memory check left to refuse it
+    monkeypatch.setattr(D.idx, "MAX_GZIP_EXPANSION", 10**6)  # only the memory check left to refuse it
     d = _bomb_dir(tmp_path / "d")
     msg = _refused_cheaply(
         lambda: load_data(f"fashion-mnist:{d}", SHAPE, 10, memory_limit_gb=0.5), "over the limit of 512.0 MB"
@@ -348,13 +363,15 @@ def test_cause7_gzip_bomb_over_memory_limit(tmp_path, monkeypatch):
     assert "loading the IDX data" in msg and "--memory-limit" in msg
 
 
-def test_cause7_idx_header_larger_than_gzip_can_hold(tmp_path):
+@pytest.mark.cause(7)
+def test_idx_header_larger_than_gzip_can_hold_is_refused(tmp_path):
     d = fashion_dir(tmp_path / "d")
     write(d / "train-images-idx3-ubyte.gz", idx_bytes((1 << 24, 100, 100), bytes(1000)))
     refused(f"fashion-mnist:{d}", "more than a", memory_limit_gb=1000.0)
 
 
-def test_cause7_bomb_within_limit_still_verified(tmp_path):
+@pytest.mark.cause(7)
+def test_gzip_within_limit_but_truncated_is_refused_after_bounded_reads(tmp_path):
     """Declared size within the limit but the stream is shorter: read in bounded chunks, then refused."""
     d = fashion_dir(tmp_path / "d")
     noise = np.random.default_rng(0).integers(0, 256, 200_000, np.uint8).tobytes()  # incompressible
@@ -364,7 +381,8 @@ def test_cause7_bomb_within_limit_still_verified(tmp_path):
     refused(f"fashion-mnist:{d}", "is truncated: its header declares 39200000 bytes of data, it holds fewer")
 
 
-def test_cause7_train_limit_reads_only_what_it_keeps(tmp_path):
+@pytest.mark.cause(7)
+def test_train_limit_checks_only_kept_labels_but_verifies_the_file(tmp_path):
     d = fashion_dir(tmp_path / "d", n_train=200, labels_train=[1] * 199 + [250])
     # the label out of range is past the limit: not kept, so not an error; the file is still verified
     ds = load_data(f"fashion-mnist:{d}", SHAPE, 10, train_limit=50)
@@ -373,14 +391,16 @@ def test_cause7_train_limit_reads_only_what_it_keeps(tmp_path):
     refused(f"fashion-mnist:{d}", "truncated", train_limit=50)
 
 
+@pytest.mark.cause(7)
 @pytest.mark.parametrize("spec", ["synthetic:100000000", "synthetic:5000000000000"])
-def test_cause7_synthetic_too_large(spec):
+def test_synthetic_data_over_memory_limit_is_refused_fast(spec):
     t = time.time()
     msg = refused(spec, "generating synthetic data", memory_limit_gb=4.0)
     assert "over the limit of 4.0 GB" in msg and time.time() - t < 2
 
 
-def test_cause7_synthetic_estimate_covers_peak():
+@pytest.mark.cause(7)
+def test_synthetic_memory_estimate_bounds_the_real_peak():
     """The estimate is an upper bound of what generating really allocates (numpy allocations are
     traced), and not wildly above it."""
     shape, n, n_test = SHAPE, 2500, 500
@@ -395,13 +415,15 @@ def test_cause7_synthetic_estimate_covers_peak():
     refused(f"synthetic:{n}", "generating synthetic data", memory_limit_gb=est / 2 / (1 << 30), test_limit=n_test)
 
 
-def test_cause7_imagefolder_memory_checked(tmp_path):
+@pytest.mark.cause(7)
+def test_imagefolder_over_memory_limit_is_refused(tmp_path):
     d = _folder(tmp_path / "imgs")
     refused(f"imagefolder:{d}", "loading 6 images", memory_limit_gb=1e-6)
 
 
 # ----------------------------------------------------------------------------- check_data (pre-flight)
-def test_cause4_check_data_refuses_without_decoding(tmp_path):
+@pytest.mark.cause(4)
+def test_check_data_refuses_from_headers_without_decoding(tmp_path):
     """check_data: the same refusals from headers and labels alone, nothing decoded, nothing kept."""
     d = fashion_dir(tmp_path / "ok", n_train=300)
     assert check_data(f"fashion-mnist:{d}", SHAPE, 10, test_limit=2) is None
@@ -427,17 +449,18 @@ def test_cause4_check_data_refuses_without_decoding(tmp_path):
     assert_api_refused(lambda: check_data(f"imagefolder:{imgs}", SHAPE, 1), "has 2 classes; the model outputs 1")
 
 
-def test_cause7_check_data_gzip_bomb(tmp_path, monkeypatch):
+@pytest.mark.cause(7)
+def test_check_data_refuses_gzip_bomb_cheaply(tmp_path, monkeypatch):
     d = _bomb_dir(tmp_path / "d")
     _refused_cheaply(lambda: check_data(f"fashion-mnist:{d}", SHAPE, 10), "gzip bomb?")
-    monkeypatch.setattr(D, "MAX_GZIP_EXPANSION", 10**6)
+    monkeypatch.setattr(D.idx, "MAX_GZIP_EXPANSION", 10**6)
     _refused_cheaply(lambda: check_data(f"fashion-mnist:{d}", SHAPE, 10, memory_limit_gb=0.5), "over the limit")
 
 
 # ----------------------------------------------------------------------------- CLI (end to end)
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     d = tmp_path_factory.mktemp("art")
     export_zoo("cnn3-small", d / "m.onnx")
@@ -446,15 +469,17 @@ def artifacts(tmp_path_factory):
     return d / "art"
 
 
+@pytest.mark.cause(4)
 @pytest.mark.slow
-def test_cause4_cli_label_out_of_range(tmp_path, artifacts):
+def test_cli_train_refuses_label_out_of_range_in_one_line(tmp_path, artifacts):
     d = fashion_dir(tmp_path / "d", labels_train=[200] * 20)
     r = run_cli("train", artifacts, "--data", f"fashion-mnist:{d}", "--epochs", "1", "-o", tmp_path / "run")
     assert_refused(r, "has label 200 (at index 0)", out=tmp_path / "run")
 
 
+@pytest.mark.cause(7)
 @pytest.mark.slow
-def test_cause7_cli_gzip_bomb(tmp_path, artifacts):
+def test_cli_train_refuses_gzip_bomb_in_one_line(tmp_path, artifacts):
     d = _bomb_dir(tmp_path / "d")
     t = time.time()
     r = run_cli("train", artifacts, "--data", f"fashion-mnist:{d}", "--epochs", "1", "-o", tmp_path / "run")
@@ -462,7 +487,8 @@ def test_cause7_cli_gzip_bomb(tmp_path, artifacts):
     assert time.time() - t < 60
 
 
-def test_cause4_data_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+@pytest.mark.cause(4)
+def test_data_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
     from accelc.runtime.data import load_data
 
     d = tmp_path / "fm"
@@ -478,8 +504,9 @@ def test_cause4_data_file_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
         load_data(f"fashion-mnist:{d}", (1, 28, 28), 10)
 
 
+@pytest.mark.cause(4)
 @pytest.mark.parametrize("what", ["image", "class_folder"])
-def test_cause4_imagefolder_symlink_out_is_refused(tmp_path, sentinel, what):
+def test_imagefolder_symlink_out_of_the_folder_is_refused(tmp_path, sentinel, what):
     from PIL import Image
 
     from accelc.runtime.data import load_data

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import accelc
-from accelc.compiler.export import export_zoo
+from accelc.zoo import export_zoo
 
 from conftest import ACCELC, assert_api_refused, assert_refused, run_cli
 

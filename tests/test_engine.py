@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import accelc
-from accelc.compiler.export import ZOO, zoo_module
 from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
+from accelc.zoo import ZOO, zoo_module
 
 REF = ExecConfig(kernels={"all": "ort"})
 

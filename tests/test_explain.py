@@ -12,10 +12,10 @@ from accelc.cli import layer_table_text, training_summary
 from accelc.compiler.artifact_dir import load_artifacts
 from accelc.compiler.compile import explain
 from accelc.compiler.cost import graph_costs
-from accelc.compiler.export import export_zoo
 from accelc.compiler.graph import training_graph
 from accelc.passes.reuse.cost import bound_remain, expected_remain
 from accelc.passes.skip.rewrite import skip_variant
+from accelc.zoo import export_zoo
 
 
 @pytest.fixture(scope="module")

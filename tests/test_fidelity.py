@@ -6,12 +6,17 @@ import pytest
 
 import accelc
 from accelc.compiler.artifact_dir import load_artifacts
-from accelc.compiler.export import export_zoo, zoo_module
 from accelc.runtime.algorithm import Algorithm
 from accelc.runtime.data import synthetic
 from accelc.runtime.session import TrainingSession
+from accelc.runtime.spec import TrainSpec
 from accelc.runtime.torch_engine import TorchSession
 from accelc.runtime.train import Trainer
+from accelc.zoo import export_zoo, zoo_module
+
+
+def _spec(epochs, batch_size, seed=0, run_dir=None):
+    return TrainSpec(run_dir=run_dir, epochs=epochs, batch_size=batch_size, seed=seed, progress=False)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -96,10 +101,10 @@ def test_swap_to_identical_variant_is_exact(tmp_path):
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art")
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art2")  # an identical variant, compiled separately
     ds = synthetic((1, 28, 28), 10, n_train=256, n_test=64)
-    plain = Trainer(TrainingSession(tmp_path / "art"), ds, None, 3, 32, seed=1, progress=False).run()
+    plain = Trainer(_spec(3, 32, seed=1), TrainingSession(tmp_path / "art"), ds).run()
     engine = TrainingSession(tmp_path / "art")
     ctrl = SwapEveryEpoch(engine.artifacts, tmp_path / "art2")
-    swapped = Trainer(engine, ds, None, 3, 32, seed=1, algorithms=[ctrl], progress=False).run()
+    swapped = Trainer(_spec(3, 32, seed=1), engine, ds, algorithms=[ctrl]).run()
     assert len(ctrl.log) == 3
     for a, b in zip(plain["history"], swapped["history"]):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6

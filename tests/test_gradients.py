@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import accelc
-from accelc.compiler.export import ZOO, zoo_module
 from accelc.runtime.session import TrainingSession
+from accelc.zoo import ZOO, zoo_module
 
 from conftest import off_gradients, rel_err
 

@@ -4,9 +4,10 @@ kills (the benchmark runs 20 of each; see its docstring)."""
 import pytest
 from kill_tests import kill_compile, kill_group_resume, kill_train_parent
 
-from accelc.compiler.export import export_zoo
+from accelc.zoo import export_zoo
 
 
+@pytest.mark.cause(1)
 @pytest.mark.slow
 def test_kill_during_compile_leaves_old_new_or_nothing(tmp_path):
     export_zoo("vgg", tmp_path / "vgg.onnx")
@@ -19,6 +20,7 @@ def test_kill_during_compile_leaves_old_new_or_nothing(tmp_path):
     assert s["replace_old"] + s["replace_new"] == 4, s
 
 
+@pytest.mark.cause(2)
 @pytest.mark.slow
 def test_kill_train_parent_alone_takes_the_worker_with_it(small_art, tmp_path):
     s = kill_train_parent(small_art, tmp_path, kills=3)
@@ -26,6 +28,7 @@ def test_kill_train_parent_alone_takes_the_worker_with_it(small_art, tmp_path):
     assert s["kills"] >= 2 and s["worker_gone_2s"] == s["kills"], s
 
 
+@pytest.mark.cause(3)
 @pytest.mark.slow
 def test_kill_whole_group_then_resume_is_exact(small_art, tmp_path):
     s = kill_group_resume(small_art, tmp_path, kills=2)

@@ -223,7 +223,7 @@ def test_reuse_leaves_a_layer_of_unknown_input_size_exact(tmp_path):
 def test_batchnorm_step_moves_only_running_statistics(tmp_path):
     """The remedy for BatchNorm statistics gathered under another variant (e.g. reused convs):
     forward+backward passes that move the running statistics and nothing else."""
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     export_zoo("vgg", tmp_path / "m.onnx")
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art")

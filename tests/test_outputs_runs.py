@@ -15,10 +15,10 @@ import pytest
 
 import accelc
 from accelc import AccelcError
-from accelc.compiler.export import export_zoo
 from accelc.compiler.fileio import MARKER, atomic_dir
 from accelc.runtime import checkpoint as ckpt
 from accelc.runtime.runlock import RunLock
+from accelc.zoo import export_zoo
 
 from conftest import SENTINEL_TEXT, assert_api_refused, assert_refused, run_cli
 
@@ -52,8 +52,9 @@ def _tree(d):
 
 
 # ----------------------------------------------------------------------------- cause 1: data loss
+@pytest.mark.cause(1)
 @pytest.mark.parametrize("where", ["model_folder", "ancestor", "not_ours", "file", "symlink_to_output"])
-def test_cause1_force_never_deletes_what_is_not_an_output(tmp_path, model, art, where):
+def test_force_never_deletes_what_is_not_an_output(tmp_path, model, art, where):
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)
     m = home / "models" / "m.onnx"
@@ -78,8 +79,9 @@ def test_cause1_force_never_deletes_what_is_not_an_output(tmp_path, model, art, 
     assert not [f for f in os.listdir(dest.parent) if ".old-" in f or ".tmp-" in f]
 
 
+@pytest.mark.cause(1)
 @pytest.mark.slow
-def test_cause1_cli_output_dot_in_model_folder(tmp_path, model):
+def test_cli_output_dot_in_the_model_folder_is_refused_untouched(tmp_path, model):
     shutil.copy(model, tmp_path / "m.onnx")
     for args in (["-o", "."], ["-o", ".", "--force"], ["-o", "..", "--force"]):
         r = run_cli("compile", "m.onnx", *args, "--no-validate", cwd=tmp_path)
@@ -88,7 +90,8 @@ def test_cause1_cli_output_dot_in_model_folder(tmp_path, model):
         assert not [f for f in os.listdir(tmp_path) if f.startswith(".")], os.listdir(tmp_path)
 
 
-def test_cause1_force_replaces_a_previous_output(tmp_path, art, model):
+@pytest.mark.cause(1)
+def test_force_replaces_a_previous_output(tmp_path, art, model):
     out = tmp_path / "o"
     shutil.copytree(art, out)
     accelc.compile(model, out, force=True, validate_result=False)
@@ -96,8 +99,9 @@ def test_cause1_force_replaces_a_previous_output(tmp_path, art, model):
     assert sorted(os.listdir(tmp_path)) == ["o"]
 
 
+@pytest.mark.cause(1)
 @pytest.mark.parametrize("extra", ["thesis.tex", "notes/data.csv"])
-def test_cause1_force_keeps_what_a_user_put_in_an_output(tmp_path, art, model, extra):
+def test_force_refuses_an_output_holding_user_files(tmp_path, art, model, extra):
     out = tmp_path / "o"
     shutil.copytree(art, out)
     (out / extra).parent.mkdir(exist_ok=True)
@@ -106,7 +110,8 @@ def test_cause1_force_keeps_what_a_user_put_in_an_output(tmp_path, art, model, e
     assert (out / extra).read_text() == "mine"
 
 
-def test_cause1_force_refuses_an_unmarked_output(tmp_path, art, model):
+@pytest.mark.cause(1)
+def test_force_refuses_an_unmarked_output(tmp_path, art, model):
     """An output without accelc's marker (written before it existed, or a look-alike with the same
     file names) is never replaced: accelc cannot know what else is in it."""
     out = tmp_path / "o"
@@ -121,7 +126,8 @@ def test_cause1_force_refuses_an_unmarked_output(tmp_path, art, model):
 # (which recover() leaves alone since round 3): tests/test_round3_outputs.py.
 
 
-def test_cause1_failure_inside_leaves_old_output(tmp_path):
+@pytest.mark.cause(1)
+def test_failure_while_writing_leaves_the_old_output(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / MARKER).write_text(json.dumps({"kind": "artifacts", "entries": ["keep"]}))
@@ -134,8 +140,9 @@ def test_cause1_failure_inside_leaves_old_output(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["o"]
 
 
+@pytest.mark.cause(1)
 @pytest.mark.parametrize("force", [False, True])
-def test_cause1_train_never_clears_a_folder_it_did_not_write(tmp_path, art, force):
+def test_train_never_clears_a_folder_it_did_not_write(tmp_path, art, force):
     run = tmp_path / "precious"
     (run / "deep").mkdir(parents=True)
     (run / "thesis.tex").write_text("mine")
@@ -146,20 +153,23 @@ def test_cause1_train_never_clears_a_folder_it_did_not_write(tmp_path, art, forc
     assert _tree(run) == before and sorted(os.listdir(run)) == ["deep", "thesis.tex"]
 
 
-def test_cause1_train_force_clears_a_previous_run(tmp_path, art, trained):
+@pytest.mark.cause(1)
+def test_train_force_clears_a_previous_run(tmp_path, art, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     accelc.train(art, run_dir=run, force=True, **dict(TRAIN, epochs=1))
     assert json.loads((run / "checkpoint.json").read_text())["epoch"] == 0
 
 
-def test_cause3_resume_and_force_together_are_refused(tmp_path, art, trained):
+@pytest.mark.cause(3)
+def test_resume_and_force_together_are_refused(tmp_path, art, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, force=True, **TRAIN), "--resume")
 
 
-def test_cause3_resume_without_checkpoint_json_is_refused(tmp_path, art, trained):
+@pytest.mark.cause(3)
+def test_resume_without_checkpoint_json_is_refused(tmp_path, art, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     (run / "checkpoint.json").unlink()
@@ -169,7 +179,8 @@ def test_cause3_resume_without_checkpoint_json_is_refused(tmp_path, art, trained
 
 
 # ----------------------------------------------------------------------------- cause 2: one writer
-def test_cause2_locked_run_dir_is_refused_with_holder_pid(tmp_path, art):
+@pytest.mark.cause(2)
+def test_locked_run_dir_is_refused_with_holder_pid(tmp_path, art):
     run = tmp_path / "run"
     run.mkdir()
     lock = RunLock.acquire(run)
@@ -181,11 +192,40 @@ def test_cause2_locked_run_dir_is_refused_with_holder_pid(tmp_path, art):
     assert sorted(os.listdir(run)) == [".accelc-lock"]
 
 
-def test_cause2_lock_released_by_the_kernel(tmp_path):
+@pytest.mark.cause(2)
+def test_run_lock_is_released_when_its_holder_dies_or_closes_it(tmp_path, art):
+    """Nothing here calls release(): the kernel frees the lock of a holder killed with SIGKILL, the
+    lock's context manager frees it on exit, and a training frees its run directory's on return."""
+    import signal
+    import subprocess
+    import sys
+
     run = tmp_path / "run"
     run.mkdir()
-    RunLock.acquire(run).release()
-    RunLock.acquire(run).release()  # free again
+    take = "import sys, time; from accelc.runtime.runlock import RunLock; "
+    take += "lock = RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", take, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        msg = assert_api_refused(lambda: RunLock.acquire(run), "in use")
+        assert f"accelc process {holder.pid}" in msg, msg
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    assert holder.returncode == -signal.SIGKILL  # died holding it, never released it
+    with RunLock.acquire(run) as lock:  # the kernel released the dead holder's lock
+        assert lock.fd >= 0
+        msg = assert_api_refused(lambda: RunLock.acquire(run), "in use")  # one holder at a time
+        assert f"accelc process {os.getpid()}" in msg, msg
+    assert lock.fd == -1
+    with RunLock.acquire(run):  # the context manager released it on exit
+        pass
+    trained_here = tmp_path / "trained"
+    accelc.train(art, run_dir=trained_here, **dict(TRAIN, epochs=1))
+    assert (trained_here / ".accelc-lock").is_file()
+    with RunLock.acquire(trained_here):  # train released its lock when it returned
+        pass
 
 
 # ----------------------------------------------------------------------------- cause 3: resume
@@ -382,8 +422,9 @@ def _symlink_out(run):
     (run / "checkpoint.json").symlink_to(outside)
 
 
+@pytest.mark.cause(3)
 @pytest.mark.parametrize("case", sorted(CORRUPT))
-def test_cause3_damaged_or_forged_checkpoint_is_refused_whole(tmp_path, art, trained, case):
+def test_damaged_or_forged_checkpoint_is_refused_whole(tmp_path, art, trained, case):
     run = tmp_path / "run"
     shutil.copytree(trained, run, symlinks=True)
     edit, needle = CORRUPT[case]
@@ -395,6 +436,7 @@ def test_cause3_damaged_or_forged_checkpoint_is_refused_whole(tmp_path, art, tra
         assert _tree(run) == before  # nothing written, nothing reset
 
 
+@pytest.mark.cause(3)
 @pytest.mark.parametrize(
     "change,needle",
     [
@@ -405,20 +447,22 @@ def test_cause3_damaged_or_forged_checkpoint_is_refused_whole(tmp_path, art, tra
         (dict(lr=0.5), "--lr"),
     ],
 )
-def test_cause3_changed_settings_are_refused(tmp_path, art, trained, change, needle):
+def test_resume_with_changed_settings_is_refused(tmp_path, art, trained, change, needle):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     assert_api_refused(lambda: accelc.train(art, run_dir=run, resume=True, **dict(TRAIN, **change)), needle)
 
 
-def test_cause3_allowed_change_resumes(tmp_path, art, trained):
+@pytest.mark.cause(3)
+def test_resume_with_an_allowed_change_resumes(tmp_path, art, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     s = accelc.train(art, run_dir=run, resume=True, allow_change=["epochs"], **dict(TRAIN, epochs=3))
     assert s["epochs"] == 3
 
 
-def test_cause3_other_artifacts_refused(tmp_path, art, trained, model):
+@pytest.mark.cause(3)
+def test_resume_with_other_artifacts_is_refused(tmp_path, art, trained, model):
     other = tmp_path / "other"
     accelc.compile(model, other, lr=0.01, validate_result=False)
     run = tmp_path / "run"
@@ -426,7 +470,8 @@ def test_cause3_other_artifacts_refused(tmp_path, art, trained, model):
     assert_api_refused(lambda: accelc.train(other, run_dir=run, resume=True, **TRAIN), "other artifacts")
 
 
-def test_cause3_npz_is_never_unpickled_or_followed(tmp_path, art, trained):
+@pytest.mark.cause(3)
+def test_checkpoint_npz_with_pickled_objects_is_refused(tmp_path, art, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     meta = json.loads((run / "checkpoint.json").read_text())
@@ -436,21 +481,24 @@ def test_cause3_npz_is_never_unpickled_or_followed(tmp_path, art, trained):
 
 
 # ----------------------------------------------------------------------------- cause 9: output
-def test_cause9_names_are_escaped_in_errors(tmp_path, art):
+@pytest.mark.cause(9)
+def test_paths_are_escaped_in_errors(tmp_path, art):
     evil = tmp_path / "bad\nname\x1b[31m"
     msg = assert_api_refused(lambda: accelc.train(evil, run_dir=tmp_path / "r", **TRAIN))
     assert "\x1b" not in msg and "\n" not in msg and "\\x1b" in msg
 
 
+@pytest.mark.cause(9)
 @pytest.mark.slow
-def test_cause9_cli_usage_errors_are_one_line(tmp_path):
+def test_cli_usage_errors_are_one_line(tmp_path):
     for args in ([], ["compile"], ["train", "x", "--epochs", "abc"], ["nonsense"], ["compile", "m.onnx", "--bogus"]):
         r = run_cli(*args)
         assert_refused(r, "--help")
 
 
+@pytest.mark.cause(9)
 @pytest.mark.slow
-def test_cause9_sigint_names_the_checkpoint_on_disk(tmp_path, art):
+def test_sigint_names_the_checkpoint_on_disk(tmp_path, art):
     import signal
     import subprocess
     import time
@@ -478,8 +526,9 @@ def test_cause9_sigint_names_the_checkpoint_on_disk(tmp_path, art):
 
 
 # ----------------------------------------------------------------------------- cause 10: bench
+@pytest.mark.cause(10)
 @pytest.mark.parametrize("target", ["nonsense", "nan", "5", "-1", "0", "torch-best-0.2"])
-def test_cause10_bench_target_is_validated(tmp_path, target):
+def test_bench_target_is_validated_before_writing(tmp_path, target):
     from accelc.bench import run_bench
 
     out = tmp_path / "b"
@@ -488,7 +537,8 @@ def test_cause10_bench_target_is_validated(tmp_path, target):
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
-def test_cause10_bench_existing_output_needs_force(tmp_path):
+@pytest.mark.cause(10)
+def test_bench_existing_output_needs_force_and_keeps_user_files(tmp_path):
     from accelc.bench import run_bench
 
     out = tmp_path / "b"
@@ -501,8 +551,9 @@ def test_cause10_bench_existing_output_needs_force(tmp_path):
     assert (out / "mine.txt").read_text() == "keep"
 
 
+@pytest.mark.cause(10)
 @pytest.mark.slow
-def test_cause10_bench_error_after_start_leaves_nothing(tmp_path):
+def test_bench_error_after_start_leaves_nothing(tmp_path):
     out = tmp_path / "b"
     r = run_cli(
         "bench", "--model", "cnn3-small", "--data", f"fashion-mnist:{tmp_path / 'nope'}", "--configs", "ort", "-o", out
@@ -534,7 +585,8 @@ def _evil_names_model(path):
     return evil
 
 
-def test_cause9_layer_names_escaped_in_inspect_table(tmp_path):
+@pytest.mark.cause(9)
+def test_layer_names_are_escaped_in_the_inspect_table(tmp_path):
     from accelc.cli import layer_table_text
 
     _evil_names_model(tmp_path / "m.onnx")
@@ -545,7 +597,8 @@ def test_cause9_layer_names_escaped_in_inspect_table(tmp_path):
     assert len(rows) == 2 + len(accelc.inspect(tmp_path / "art")["layers"])  # header, rule, one line a layer
 
 
-def test_cause9_layer_names_escaped_in_errors(tmp_path):
+@pytest.mark.cause(9)
+def test_layer_names_are_escaped_in_errors(tmp_path):
     evil = _evil_names_model(tmp_path / "m.onnx")
     msg = assert_api_refused(
         lambda: accelc.compile(
@@ -555,8 +608,9 @@ def test_cause9_layer_names_escaped_in_errors(tmp_path):
     assert "\x1b" not in msg and "\\x1b" in msg
 
 
+@pytest.mark.cause(9)
 @pytest.mark.slow
-def test_cause9_cli_inspect_and_errors_never_emit_control_characters(tmp_path):
+def test_cli_inspect_and_errors_never_emit_control_characters(tmp_path):
     _evil_names_model(tmp_path / "m.onnx")
     r = run_cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "art", "--no-validate")
     assert r.returncode == 0 and "\x1b" not in r.stdout + r.stderr, r.stderr

@@ -12,6 +12,7 @@ import pytest
 
 from accelc.compiler.errors import AccelcError
 from accelc.runtime import checkpoint as ckpt
+from accelc.runtime.spec import TrainSpec
 from accelc.runtime.train import MAX_STEP_ROWS, RunLogs, _switches, check_loggers, open_run_dir, release_run_dir, train
 
 DATA = "synthetic:256"  # 256 train images: 8 steps of 32 an epoch
@@ -24,7 +25,7 @@ def _rows(path):
 
 def _train(art, run, **kw):
     kw.setdefault("progress", False)
-    return train(art, DATA, batch_size=32, run_dir=run, test_limit=100, **kw)
+    return train(TrainSpec(artifacts=art, data=DATA, batch_size=32, run_dir=run, test_limit=100, **kw))
 
 
 @pytest.fixture(scope="module")

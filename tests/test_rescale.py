@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import accelc
-from accelc.compiler.export import export_zoo
 from accelc.passes.rescale.rewrite import (
     down_param,
     kernel_down_matrix,
@@ -20,6 +19,7 @@ from accelc.passes.rescale.rewrite import (
     small_size,
     up_param,
 )
+from accelc.zoo import export_zoo
 
 from conftest import run_cli
 
@@ -199,6 +199,7 @@ def test_head_resampling_between_any_sizes():
 def test_quick_start_vgg_at_28_rescales_and_trains(tmp_path):
     """The quick start's VGG (28x28: final map 3x3, 1x1 at 14x14) compiles with rescale and
     trains through the switch."""
+    from accelc.runtime.spec import TrainSpec
     from accelc.runtime.train import train
 
     export_zoo("vgg", tmp_path / "vgg.onnx")
@@ -212,7 +213,15 @@ def test_quick_start_vgg_at_28_rescales_and_trains(tmp_path):
         1,
         1,
     ]
-    s = train(tmp_path / "a", "synthetic:128", epochs=2, batch_size=32, run_dir=tmp_path / "run", progress=False)
+    run = TrainSpec(
+        artifacts=tmp_path / "a",
+        data="synthetic:128",
+        epochs=2,
+        batch_size=32,
+        run_dir=tmp_path / "run",
+        progress=False,
+    )
+    s = train(run)
     assert [m["input_hw"] for m in s["history"]] == [[14, 14], [28, 28]]
     assert [m["variant"] for m in s["history"]] == ["rescale:low(s=2)", "rescale:full"]
     assert all(np.isfinite(m["train_loss"]) for m in s["history"])
@@ -245,7 +254,7 @@ def test_switch_rules():
         stages = {"stage-low": None}
 
     def ctrl(rule):
-        return Rescale(Base(), {"stage": "stage-low", "switch": rule, "params": {}, "factor": 2})
+        return Rescale(Base(), {"stage": "stage-low", "params": {}, "options": {"switch": rule, "factor": 2}})
 
     c = ctrl("epoch:2")
     assert c._due(1, {"test_loss": 1.0}, 6) is None and c._due(2, {"test_loss": 1.0}, 6)

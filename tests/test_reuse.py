@@ -192,7 +192,7 @@ def test_pass_rewrites_convs_into_one_tagged_node_each(reuse_artifacts):
     ev = onnx.load(art / "eval_model.onnx")
     assert not any(n.domain == "ai.accelc.reuse" for n in ev.graph.node)  # evaluation stays exact
     plan = json.loads((art / "plan.json").read_text())["controllers"]
-    assert plan[-1]["type"] == "reuse" and plan[-1]["strategy"] == "fixed"
+    assert plan[-1]["type"] == "reuse" and plan[-1]["options"]["strategy"] == "fixed"
 
 
 def test_native_torch_and_portable_paths_agree(reuse_artifacts):

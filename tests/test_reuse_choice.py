@@ -12,6 +12,7 @@ from accelc.passes.reuse import choice as ch
 from accelc.passes.reuse.algorithm import Reuse
 from accelc.passes.reuse.rewrite import reused_layers
 from accelc.runtime.algorithm import TrainState
+from accelc.runtime.engine import EngineBase
 
 from conftest import assert_api_refused, export_test_model, run_cli
 
@@ -31,7 +32,9 @@ def reuse_art(tmp_path_factory):
 
 
 def spec_of(art, **over):
-    return dict(next(p for p in art.plan if p["type"] == "reuse"), **over)
+    """The reuse plan entry with some options changed (as a hand-edited plan.json would hold them)."""
+    e = next(p for p in art.plan if p["type"] == "reuse")
+    return {**e, "options": {**e["options"], **over}}
 
 
 def timing(reuse_ms, exact_ms, remain=0.3, error=0.2, engine="onednn"):
@@ -62,10 +65,10 @@ def never(state, layers, settings):
     raise AssertionError("the measurement must not run")
 
 
-class Engine:
+class Engine(EngineBase):
     def __init__(self, art, group=None):
         self.artifacts = art
-        self.reducer = None if group is None else type("R", (), {"group": group})()
+        self.collective = group
 
 
 def make(art, measurer, engine=None, **over):
@@ -256,7 +259,7 @@ def test_bad_choose_and_margin_are_one_line_errors(reuse_art):
             lambda bad=bad: p.resolve_options({"margin": bad}), "--reuse-margin must be a number in (0, 10]"
         )
     _, art = reuse_art
-    assert_api_refused(lambda: Reuse(art, spec_of(art, choose="some")), "'choose' must be one of measured, all")
+    assert_api_refused(lambda: Reuse(art, spec_of(art, choose="some")), "'choose': choose from measured, all")
     assert_api_refused(lambda: Reuse(art, spec_of(art, margin=0)), "'margin' must be a number in (0, 10]")
 
 
@@ -267,7 +270,7 @@ def test_cli_flags_reach_the_plan(reuse_art, tmp_path):
                 "-o", tmp_path / "a", "--no-validate")  # fmt: skip
     assert r.returncode == 0, r.stderr
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())["controllers"][-1]
-    assert plan["choose"] == "all" and plan["margin"] == 0.8
+    assert plan["options"]["choose"] == "all" and plan["options"]["margin"] == 0.8
     r = run_cli("compile", d / "m.onnx", "--passes", "reuse", "--reuse-margin", "0", "-o", tmp_path / "b")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--reuse-margin must be" in r.stderr, r.stderr
 

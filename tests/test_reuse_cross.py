@@ -121,7 +121,7 @@ def test_a_run_keeps_clusters_across_batches_and_reports_it(tmp_path):
     opts = {"reuse": {"choose": "all", "cross_batch": 4, "scope": "batch"}}
     accelc.compile(tmp_path / "m.onnx", tmp_path / "art", ["reuse"], pass_options=opts, validate_result=False)
     plan = json.loads((tmp_path / "art" / "plan.json").read_text())["controllers"][-1]
-    assert plan["cross_batch"] == 4
+    assert plan["options"]["cross_batch"] == 4
     accelc.train(
         tmp_path / "art", data="synthetic:96", epochs=2, batch_size=16, run_dir=tmp_path / "run", progress=False,
         threads=1, test_limit=32,
@@ -149,9 +149,10 @@ def test_an_edited_plan_cannot_turn_on_cross_batch_with_a_large_table(tmp_path):
         (dict(cross_batch=4, H=16), "'cross_batch' needs H <= 12 (a table of 2^H centroids per chunk), got H=16"),
         (dict(cross_batch=4, strategy="lh", schedule=[[144, 8], [72, 14]]), "got H=14 in the --reuse-schedule"),
     ):
-        assert_api_refused(lambda bad=bad: Reuse(art, dict(spec, **bad)), needle)
+        assert_api_refused(lambda bad=bad: Reuse(art, {**spec, "options": {**spec["options"], **bad}}), needle)
     # a fixed strategy with an unused schedule of large H is fine
-    assert Reuse(art, dict(spec, cross_batch=4, H=8, schedule=[[144, 16]])).cross_batch == 4
+    fine = {**spec["options"], "cross_batch": 4, "H": 8, "schedule": [[144, 16]]}
+    assert Reuse(art, {**spec, "options": fine}).cross_batch == 4
 
 
 def test_a_lazy_session_builds_only_the_variant_it_trains(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from accelc.passes.reuse import predict as P
 from accelc.passes.reuse.algorithm import Reuse
 from accelc.passes.reuse.spec import ConvGeom
 from accelc.runtime.algorithm import TrainState
+from accelc.runtime.engine import EngineBase
 
 from conftest import assert_api_refused, export_test_model
 
@@ -96,14 +97,14 @@ def test_compile_report_predicts_every_reused_layer(art_dir):
         assert any(ln.startswith("  c3: predicted") for ln in lines)
 
 
-class Engine:
+class Engine(EngineBase):
     def __init__(self, art):
         self.artifacts = art
-        self.reducer = None
 
 
 def _make(art, measurer, **over):
-    spec = dict(next(p for p in art.plan if p["type"] == "reuse"), **over)
+    e = next(p for p in art.plan if p["type"] == "reuse")
+    spec = {**e, "options": {**e["options"], **over}}
     a = Reuse(art, spec, measure_original=False, measurer=measurer)
     st = TrainState(Engine(art), 3, 8)
     a.logger = st.logger

@@ -77,7 +77,7 @@ class _Endless(torch.utils.data.IterableDataset):
 def test_endless_iterable_dataset_is_refused_at_the_documented_bound(monkeypatch):
     from accelc.runtime import data
 
-    monkeypatch.setattr(data, "MAX_STREAM_SAMPLES", 500)
+    monkeypatch.setattr(data.arrays, "MAX_STREAM_SAMPLES", 500)
     x, y, xt, yt = _arrays()
     train = _Endless()
     msg = assert_api_refused(
@@ -127,7 +127,7 @@ def test_iterable_dataset_with_len_is_read_by_iteration_and_held_to_it(monkeypat
 
 # ----------------------------------------------------------------------------- raw exceptions
 def test_memory_limit_beyond_any_machine_is_refused(tmp_path):
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     m = export_zoo("cnn3-small", tmp_path / "m.onnx")
     for value in (1e300, 1e308, 2e12):
@@ -140,7 +140,7 @@ def test_memory_limit_beyond_any_machine_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_memory_limit_beyond_any_machine_is_one_line(tmp_path):
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     m = export_zoo("cnn3-small", tmp_path / "m.onnx")
     assert_refused(run_cli("compile", m, "-o", tmp_path / "art", "--memory-limit", "1e300"), "--memory-limit")
@@ -148,7 +148,7 @@ def test_memory_limit_beyond_any_machine_is_one_line(tmp_path):
 
 
 def test_symlink_loop_as_model_or_output_is_refused(tmp_path):
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     m = export_zoo("cnn3-small", tmp_path / "m.onnx")
     loop = _symlink_loop(tmp_path)
@@ -275,7 +275,7 @@ def test_ctrl_c_during_start_up_imports_is_one_line(tmp_path, entry):
 
 def _node_name_with_newline(tmp_path) -> Path:
     """cnn3-small with a Relu named across two lines given a second input (the checker refuses it)."""
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     m = onnx.load(export_zoo("cnn3-small", tmp_path / "m.onnx"))
     relu = next(n for n in m.graph.node if n.op_type == "Relu")

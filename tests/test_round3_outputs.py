@@ -23,8 +23,8 @@ import pytest
 import accelc
 from accelc import AccelcError
 from accelc.compiler import fileio
-from accelc.compiler.export import export_zoo
 from accelc.compiler.fileio import MARKER, atomic_dir, recover
+from accelc.zoo import export_zoo
 
 from conftest import ACCELC, assert_api_refused, assert_refused
 
@@ -154,6 +154,7 @@ def test_force_replaces_the_output_it_checked(tmp_path, renames):
 
 def test_export_refuses_a_file_that_appeared_at_its_output(tmp_path, monkeypatch):
     from accelc.compiler import export as export_mod
+    from accelc.zoo import zoo_module
 
     out = tmp_path / "m.onnx"
     real = export_mod.export_bytes
@@ -163,7 +164,7 @@ def test_export_refuses_a_file_that_appeared_at_its_output(tmp_path, monkeypatch
         return real(*a, **k)
 
     monkeypatch.setattr(export_mod, "export_bytes", slow_export)
-    module, shape = export_mod.zoo_module("cnn3-small")
+    module, shape = zoo_module("cnn3-small")
     import torch
 
     assert_api_refused(lambda: accelc.export(module, torch.zeros(2, *shape), out), "appeared")
@@ -174,7 +175,7 @@ def test_export_refuses_a_file_that_appeared_at_its_output(tmp_path, monkeypatch
 def test_export_replaces_the_file_it_found(tmp_path):
     import torch
 
-    from accelc.compiler.export import zoo_module
+    from accelc.zoo import zoo_module
 
     out = tmp_path / "m.onnx"
     out.write_text("old")

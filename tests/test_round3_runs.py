@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 
 import accelc
-from accelc.compiler.export import export_zoo
 from accelc.runtime import checkpoint as ckpt
 from accelc.runtime import train as train_mod
+from accelc.zoo import export_zoo
 
 from conftest import assert_api_refused, assert_refused, run_cli
 

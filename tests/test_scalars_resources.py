@@ -68,8 +68,9 @@ def scalar_model(tmp_path_factory):
     return module, path
 
 
+@pytest.mark.cause(5)
 @pytest.mark.parametrize("opt", [True, False], ids=["opt", "no-opt"])
-def test_cause5_scalar_parameters_compile_and_match_torch(scalar_model, tmp_path, opt):
+def test_scalar_parameters_compile_and_match_torch(scalar_model, tmp_path, opt):
     module, path = scalar_model
     # with opt the pass's self-check feeds random parameters (0-d ones included) to ORT: it
     # failed with "Unable to handle object of type numpy.float32"
@@ -100,7 +101,8 @@ def test_cause5_scalar_parameters_compile_and_match_torch(scalar_model, tmp_path
     assert all(other.param_arrays()[k] == after[k] for k in SCALARS)
 
 
-def test_cause5_scalar_parameters_train_end_to_end(scalar_model, tmp_path):
+@pytest.mark.cause(5)
+def test_scalar_parameters_train_end_to_end(scalar_model, tmp_path):
     _, path = scalar_model
     accelc.compile(path, tmp_path / "art", validate_result=False)
     accelc.train(tmp_path / "art", "synthetic:64", epochs=1, batch_size=32, run_dir=tmp_path / "run", progress=False)
@@ -143,8 +145,9 @@ def _clip_model(path, declared=None):
     return path
 
 
+@pytest.mark.cause(5)
 @pytest.mark.parametrize("declared", [None, ["conv.weight", "scale", "fc.weight"]], ids=["heuristic", "declared"])
-def test_cause5_constant_scalars_stay_frozen(tmp_path, declared):
+def test_constant_scalars_stay_frozen(tmp_path, declared):
     path = _clip_model(tmp_path / "clip.onnx", declared)
     report = accelc.compile(path, tmp_path / "art")  # validated, opt self-check included
     assert report["model"]["params"] == ["conv.weight", "scale", "fc.weight"], report["model"]
@@ -179,6 +182,7 @@ class ClampBounds(nn.Module):
         return self.fc(torch.clamp(self.c(x), min=self.lo, max=self.hi).flatten(1))
 
 
+@pytest.mark.cause(5)
 @pytest.mark.parametrize(
     "cls,needle",
     [
@@ -187,7 +191,7 @@ class ClampBounds(nn.Module):
     ],
     ids=["pow_exponent", "clip_bound"],
 )
-def test_cause5_parameters_ort_cannot_differentiate_refused(tmp_path, cls, needle):
+def test_parameters_ort_cannot_differentiate_are_refused_by_name(tmp_path, cls, needle):
     """torch trains a Pow exponent and tensor clamp bounds; ORT Training 1.19.2 has no gradient
     for either: one line naming the parameter and a rewrite that trains, not ORT's internals."""
     torch.manual_seed(0)
@@ -227,7 +231,8 @@ def _big(path, hw, batch="N"):
     return path
 
 
-def test_cause7_step_memory_estimate(tmp_path):
+@pytest.mark.cause(7)
+def test_step_memory_estimate_counts_activations_and_parameters(tmp_path):
     info = load_model(_big(tmp_path / "m.onnx", 100))
     # activations at batch b: input b*1*100*100, conv and relu b*4*100*100 each, pool b*4, flatten
     # b*4, logits b*10; x2 (kept for backward + their gradients); parameters (36 + 40) x4; float32
@@ -239,7 +244,8 @@ def test_cause7_step_memory_estimate(tmp_path):
     assert "at batch 64 (input [64, 1, 100, 100])" in msg and "--memory-limit" in msg, msg
 
 
-def test_cause7_12000_input_refused_before_allocating(tmp_path, monkeypatch):
+@pytest.mark.cause(7)
+def test_12000_input_is_refused_before_allocating(tmp_path, monkeypatch):
     """The issue's case, on a machine of any size: the limit is 80% of 8 GB available."""
     monkeypatch.setattr(resources, "available_bytes", lambda: 8 << 30)
     out = tmp_path / "art"
@@ -249,15 +255,17 @@ def test_cause7_12000_input_refused_before_allocating(tmp_path, monkeypatch):
     assert not _left_behind(out)
 
 
-def test_cause7_huge_input_refused_at_default_limit(tmp_path):
+@pytest.mark.cause(7)
+def test_huge_input_is_refused_at_the_default_memory_limit(tmp_path):
     """No machine has the memory: refused by the default limit (80% of what is available)."""
     out = tmp_path / "art"
     assert_api_refused(lambda: accelc.compile(_big(tmp_path / "m.onnx", 200_000), out), "TB of memory")
     assert not _left_behind(out)
 
 
+@pytest.mark.cause(7)
 @pytest.mark.slow
-def test_cause7_12000_cli_refused_small_and_fast(tmp_path):
+def test_cli_refuses_12000_input_in_little_memory_and_time(tmp_path):
     """`accelc compile` of the 12000x12000 model: one line, exit 2, and the peak memory of the
     whole process tree (the CLI and its validation child) stays under 500 MB."""
     hw = 12000
@@ -279,21 +287,24 @@ def test_cause7_12000_cli_refused_small_and_fast(tmp_path):
     assert seconds < 60, seconds  # ~3 s measured; generous for a loaded machine
 
 
+@pytest.mark.cause(7)
 @pytest.mark.parametrize("threads", [100_000, 0, -1, True, 2.5, "4"])
-def test_cause7_threads_bounded_by_machine(tmp_path, threads):
+def test_threads_beyond_the_machine_or_malformed_are_refused(tmp_path, threads):
     assert_api_refused(lambda: ExecConfig(threads=threads), "--threads must", InvalidValue)
     run = tmp_path / "run"
     assert_api_refused(lambda: accelc.train(tmp_path / "no-art", threads=threads, run_dir=run), "--threads must")
     assert not run.exists()
 
 
-def test_cause7_threads_within_bound_accepted():
+@pytest.mark.cause(7)
+def test_threads_within_the_machine_bound_are_accepted():
     assert ExecConfig(threads=resources.max_threads()).threads == resources.max_threads()
     assert ExecConfig(threads=None).threads is None
 
 
+@pytest.mark.cause(7)
 @pytest.mark.slow
-def test_cause7_threads_cli(tmp_path, scalar_model):
+def test_cli_train_refuses_too_many_threads(tmp_path, scalar_model):
     _, path = scalar_model
     accelc.compile(path, tmp_path / "art", validate_result=False)
     out = tmp_path / "run"
@@ -329,12 +340,13 @@ class Conv3dNet(nn.Module):
         return self.fc(F.relu(self.c(x)).flatten(1))
 
 
+@pytest.mark.cause(12)
 @pytest.mark.parametrize(
     "cls,shape,shown",
     [(MLP, (20,), "[N, 20]"), (Conv1dNet, (2, 16), "[N, 2, 16]"), (Conv3dNet, (1, 4, 4, 4), "[N, 1, 4, 4, 4]")],
     ids=["mlp", "conv1d", "conv3d"],
 )
-def test_cause12_non_image_models_refused_at_compile(tmp_path, cls, shape, shown):
+def test_non_image_models_are_refused_at_compile(tmp_path, cls, shape, shown):
     """They compiled, then `train` failed with 'not enough values to unpack'."""
     torch.manual_seed(0)
     path = accelc.export(cls(), torch.zeros(2, *shape), tmp_path / "m.onnx")
@@ -346,8 +358,9 @@ def test_cause12_non_image_models_refused_at_compile(tmp_path, cls, shape, shown
     assert_api_refused(lambda: accelc.inspect(path), "[N, C, H, W]")
 
 
+@pytest.mark.cause(12)
 @pytest.mark.slow
-def test_cause12_mlp_cli(tmp_path):
+def test_cli_compile_refuses_an_mlp_in_one_line(tmp_path):
     torch.manual_seed(0)
     path = accelc.export(MLP(), torch.zeros(2, 20), tmp_path / "m.onnx")
     out = tmp_path / "art"

@@ -3,6 +3,7 @@ layers have no gradient nodes; an input-side prefix leaves no backward below it;
 skips exactly the layers whose λ crossed τ."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import accelc
 from accelc.compiler.artifact_dir import load_artifacts
 from accelc.compiler.graph import training_graph
-from accelc.passes.skip.algorithm import LarsSkip, lars
+from accelc.passes.skip.algorithm import LarsSkip
 from accelc.passes.skip.rewrite import layer_groups, skip_variant
 from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
@@ -34,8 +35,12 @@ def _model(name, tmp_path):
 
 
 def numpy_lars(w, g, eta, beta):
-    """λ from the arrays themselves: the reference the graph's norms are checked against."""
-    return lars(float(np.linalg.norm(w)), float(np.linalg.norm(g)), eta, beta)
+    """The LARS local rate λ = η‖w‖/(‖∇w‖ + β‖w‖) from the arrays themselves, in float64 and
+    written out here (not the product's ``lars``): the reference the graph's norms are checked against."""
+    w = np.asarray(w, dtype=np.float64).ravel()
+    g = np.asarray(g, dtype=np.float64).ravel()
+    w_norm, g_norm = np.sqrt(np.dot(w, w)), np.sqrt(np.dot(g, g))
+    return float(eta * w_norm / (g_norm + beta * w_norm))
 
 
 def torch_frozen_grads(module, frozen, x, y, dtype=torch.float32):
@@ -143,9 +148,8 @@ def test_lars_values_match_numpy_and_controller_skips_crossers(tmp_path):
     _model("vgg", tmp_path)
     accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], force=True)
     sess = TrainingSession(tmp_path / "inst")
-    opts = dict(sess.artifacts.plan[0])
-    ctrl = LarsSkip(sess.artifacts, opts)
-    opts.pop("type")
+    ctrl = LarsSkip(sess.artifacts, sess.artifacts.plan[0])
+    opts = sess.artifacts.plan[0]["options"]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, 8).astype(np.int64)
@@ -166,16 +170,16 @@ def test_lars_values_match_numpy_and_controller_skips_crossers(tmp_path):
         lam[l] = 2.5
     assert ctrl.done_layers(lam) == ["features.0", "features.3", "features.10"]
     assert ctrl.choose(ctrl.done_layers(lam)) == ["features.0", "features.3"]  # prefix stops at features.7
-    ctrl.opts["policy"] = "any"
+    ctrl.options = dataclasses.replace(ctrl.options, policy="any")
     assert ctrl.choose(ctrl.done_layers(lam)) == ["features.0", "features.3", "features.10"]
-    ctrl.opts["policy"] = "prefix"
+    ctrl.options = dataclasses.replace(ctrl.options, policy="prefix")
     ctrl.skipped = ["features.0", "features.3"]
     lam2 = {l: 1.0 for l in ctrl.layers}  # monotone: nothing done any more, nothing un-skipped
     assert ctrl.choose(ctrl.done_layers(lam2)) == ["features.0", "features.3"]
-    ctrl.opts["tau_mode"], ctrl.opts["tau"] = "absolute", 0.5
+    ctrl.options = dataclasses.replace(ctrl.options, tau_mode="absolute", tau=0.5)
     assert set(ctrl.done_layers({"fc1": 0.6, "fc2": 0.4})) == {"fc1"}
     # growth: done once λ's rise over the previous epoch falls under τ (none before a second epoch)
-    ctrl.opts["tau_mode"], ctrl.opts["tau"] = "growth", 0.1
+    ctrl.options = dataclasses.replace(ctrl.options, tau_mode="growth", tau=0.1)
     ctrl.lambdas = [{"epoch": 1, "fc1": 1.0, "fc2": 1.0}]
     assert ctrl.done_layers({"fc1": 1.05, "fc2": 1.5}) == []
     ctrl.lambdas.append({"epoch": 2, "fc1": 1.05, "fc2": 1.5})
@@ -184,16 +188,18 @@ def test_lars_values_match_numpy_and_controller_skips_crossers(tmp_path):
 
 def test_controller_end_to_end_skips_and_accounts(tmp_path):
     from accelc.runtime.data import synthetic
+    from accelc.runtime.spec import TrainSpec
     from accelc.runtime.train import Trainer
 
     _model("vgg", tmp_path)
     accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], force=True)
     sess = TrainingSession(tmp_path / "inst")
-    opts = {k: v for k, v in sess.artifacts.plan[0].items() if k != "type"}
-    opts.update(tau=1.05, policy="any")  # a low threshold so the tiny run decides
-    ctrl = LarsSkip(sess.artifacts, opts)
+    entry = sess.artifacts.plan[0]
+    opts = {**entry["options"], "tau": 1.05, "policy": "any"}  # a low threshold so the tiny run decides
+    ctrl = LarsSkip(sess.artifacts, {**entry, "options": opts})
     ds = synthetic((1, 28, 28), 10, 512, 64)
-    s = Trainer(sess, ds, None, 3, 64, seed=0, algorithms=[ctrl], progress=False).run()
+    run = TrainSpec(run_dir=None, epochs=3, batch_size=64, seed=0, progress=False)
+    s = Trainer(run, sess, ds, algorithms=[ctrl]).run()
     skips = [d for d in s["decisions"] if d["action"] == "skip"]
     assert skips, s["decisions"]
     d = skips[0]

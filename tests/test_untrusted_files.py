@@ -21,7 +21,7 @@ import pytest
 import accelc
 from accelc.compiler.artifact_dir import load_artifacts
 from accelc.compiler.errors import AccelcError
-from accelc.compiler.export import export_zoo
+from accelc.zoo import export_zoo
 
 from conftest import SENTINEL_TEXT, assert_refused, run_cli
 
@@ -170,9 +170,10 @@ BYTE_DAMAGE = {
 }
 
 
+@pytest.mark.cause(6)
 @pytest.mark.parametrize("kind", list(BYTE_DAMAGE))
 @pytest.mark.parametrize("name", FILES)
-def test_cause6_damaged_file(art, sentinel, name, kind):
+def test_damaged_artifact_file_is_refused_naming_it(art, sentinel, name, kind):
     BYTE_DAMAGE[kind](art / name, sentinel)
     msg = refused(art)
     assert Path(name).name in msg or "stage-low" in msg, msg
@@ -182,7 +183,8 @@ def test_cause6_damaged_file(art, sentinel, name, kind):
         assert CHANGED in msg
 
 
-def test_cause6_changed_model_named_in_one_line(art):
+@pytest.mark.cause(6)
+def test_changed_model_is_named_in_one_line(art):
     m = onnx.load(str(art / "training_model.onnx"))
     m.graph.node.pop()
     (art / "training_model.onnx").write_bytes(m.SerializeToString())
@@ -293,8 +295,9 @@ def _raw_report(kind: str, text: str) -> str:
     raise AssertionError(kind)
 
 
+@pytest.mark.cause(6)
 @pytest.mark.parametrize("kind", list(REPORT_EDITS))
-def test_cause6_report_json(art, kind):
+def test_malformed_report_json_is_refused(art, kind):
     edit, needle = REPORT_EDITS[kind]
     rp = art / "report.json"
     text = rp.read_text()
@@ -308,7 +311,8 @@ def test_cause6_report_json(art, kind):
     assert "report.json" in msg, msg
 
 
-def test_cause6_report_json_of_stage(art):
+@pytest.mark.cause(6)
+def test_malformed_stage_report_json_is_refused(art):
     rp = art / "stage-low" / "report.json"
     doc = json.loads(rp.read_text())
     doc["options"]["batch_size"] = "64"
@@ -327,20 +331,39 @@ PLAN_EDITS = {
     "stage_path": (lambda p: p["controllers"][0].update(stage="../outside"), "controllers[0].stage is malformed"),
     "stage_absolute": (lambda p: p["controllers"][0].update(stage="/etc"), "controllers[0].stage is malformed"),
     "stage_absent": (lambda p: p["controllers"][0].update(stage="stage-nope"), "is missing (plan.json names"),
-    "rescale_factor_zero": (lambda p: p["controllers"][0].update(factor=0), "controllers[0].factor must be >= 1"),
+    "rescale_factor_zero": (
+        lambda p: p["controllers"][0]["options"].update(factor=0),
+        "controllers[0].options.factor must be >= 1",
+    ),
     "rescale_params_list": (lambda p: p["controllers"][0].update(params=[]), "controllers[0].params must be an"),
-    "rescale_switch_bad": (lambda p: p["controllers"][0].update(switch="later"), "controllers[0].switch is malformed"),
+    "rescale_switch_bad": (
+        lambda p: p["controllers"][0]["options"].update(switch="later"),
+        "controllers[0].options.switch is malformed",
+    ),
     "rescale_no_params": (lambda p: p["controllers"][0].pop("params"), "is missing the field 'params'"),
-    "skip_tau_string": (lambda p: p["controllers"][1].update(tau="2"), "controllers[1].tau must be a number"),
-    "skip_tau_nan": (lambda p: p["controllers"][1].update(tau=math.nan), "controllers[1].tau must be a finite"),
-    "skip_every_negative": (lambda p: p["controllers"][1].update(every=-1), "controllers[1].every must be >= 0"),
-    "skip_policy_unknown": (lambda p: p["controllers"][1].update(policy="all"), "controllers[1].policy must be one"),
+    "skip_tau_string": (
+        lambda p: p["controllers"][1]["options"].update(tau="2"),
+        "controllers[1].options.tau must be a number",
+    ),
+    "skip_tau_nan": (
+        lambda p: p["controllers"][1]["options"].update(tau=math.nan),
+        "controllers[1].options.tau must be a finite",
+    ),
+    "skip_every_negative": (
+        lambda p: p["controllers"][1]["options"].update(every=-1),
+        "controllers[1].options.every must be >= 0",
+    ),
+    "skip_policy_unknown": (
+        lambda p: p["controllers"][1]["options"].update(policy="all"),
+        "controllers[1].options.policy must be one",
+    ),
     "nested_deep": (lambda p: p["controllers"][1].update(extra=json.loads("[" * 500 + "]" * 500)), "nested too"),
 }
 
 
+@pytest.mark.cause(6)
 @pytest.mark.parametrize("kind", list(PLAN_EDITS))
-def test_cause6_plan_json(art, kind):
+def test_edited_plan_json_is_refused_as_changed_then_by_schema(art, kind):
     edit, needle = PLAN_EDITS[kind]
     pp = art / "plan.json"
     doc = json.loads(pp.read_text())
@@ -393,14 +416,16 @@ DIR_DAMAGE = {
 }
 
 
+@pytest.mark.cause(6)
 @pytest.mark.parametrize("kind", list(DIR_DAMAGE))
-def test_cause6_directory_layout(art, sentinel, kind):
+def test_damaged_directory_layout_is_refused(art, sentinel, kind):
     fn, needle = DIR_DAMAGE[kind]
     fn(art, sentinel)
     refused(art, needle)
 
 
-def test_cause6_artifact_path_itself(tmp_path):
+@pytest.mark.cause(6)
+def test_artifact_path_missing_a_file_or_dangling_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     (tmp_path / "dangling").symlink_to(tmp_path / "nope")
     for path, needle in (("nope", "no such file"), ("file", "artifact directory"), ("dangling", "symbolic link")):
@@ -412,7 +437,8 @@ def test_cause6_artifact_path_itself(tmp_path):
     refused(tmp_path / "empty", "is not an accelc artifact directory (missing training_model.onnx")
 
 
-def test_cause6_symlinks_inside_are_fine(art, tmp_path):
+@pytest.mark.cause(6)
+def test_symlinks_inside_the_artifact_directory_are_fine(art, tmp_path):
     """A link to the directory, or a file linked to another inside it, reads as the files themselves."""
     (art / "checkpoint").rename(art / "ckpt")
     (art / "checkpoint").symlink_to("ckpt")
@@ -434,9 +460,10 @@ FORGED = {
 }
 
 
+@pytest.mark.cause(6)
 @pytest.mark.parametrize("kind", list(FORGED))
 @pytest.mark.parametrize("name", ["training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"])
-def test_cause6_model_edited_with_hash_updated(art, sentinel, name, kind):
+def test_model_edited_with_hash_updated_loads_or_is_refused_in_one_line(art, sentinel, name, kind):
     """Someone edited a model and report.json's hash: never an internal error (either the file still
     reads as a model and loads, or one line says why not)."""
     FORGED[kind](art / name, sentinel)
@@ -448,7 +475,8 @@ def test_cause6_model_edited_with_hash_updated(art, sentinel, name, kind):
             assert "\n" not in str(e) and (name in str(e) or path != art), str(e)
 
 
-def test_cause6_swapped_graphs_with_hash_updated(art):
+@pytest.mark.cause(6)
+def test_swapped_graphs_with_hashes_updated_are_refused(art):
     """Training and eval graph swapped, or the eval graph in both places (hashes forged)."""
     t, e = (art / "training_model.onnx").read_bytes(), (art / "eval_model.onnx").read_bytes()
     (art / "training_model.onnx").write_bytes(e)
@@ -462,14 +490,16 @@ def test_cause6_swapped_graphs_with_hash_updated(art):
 
 
 # ----------------------------------------------------------------------------- artifacts without hashes
-def test_cause6_unhashed_artifacts_are_refused(art):
+@pytest.mark.cause(6)
+def test_unhashed_artifacts_are_refused(art):
     """Without the hashes report.json records, nothing could notice an edited graph: refused."""
     unhash(art)
     assert "no file hashes" in refused(art)
 
 
+@pytest.mark.cause(6)
 @pytest.mark.parametrize("name", ["training_model.onnx", "checkpoint", "plan.json"])
-def test_cause6_a_file_dropped_from_the_hash_record_is_refused(art, name):
+def test_a_file_dropped_from_the_hash_record_is_refused(art, name):
     import json
 
     report = json.loads((art / "report.json").read_text())
@@ -480,30 +510,34 @@ def test_cause6_a_file_dropped_from_the_hash_record_is_refused(art, name):
 
 
 # ----------------------------------------------------------------------------- the command line
+@pytest.mark.cause(6)
 @pytest.mark.slow
-def test_cause6_cli_inspect_changed_training_model(art):
+def test_cli_inspect_refuses_a_changed_training_model(art):
     _flip(0.5)(art / "training_model.onnx", None)
     assert_refused(run_cli("inspect", art), CHANGED)
     assert_refused(run_cli("inspect", art, "--json"), CHANGED)
 
 
+@pytest.mark.cause(6)
 @pytest.mark.slow
-def test_cause6_cli_inspect_deep_report(art):
+def test_cli_inspect_refuses_a_deeply_nested_report(art):
     (art / "report.json").write_text("[" * 100_000 + "]" * 100_000)
     assert_refused(run_cli("inspect", art), "nested too deeply")
 
 
+@pytest.mark.cause(6)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["checkpoint", "plan.json"])
-def test_cause6_cli_train_damaged(art, tmp_path, sentinel, name):
+def test_cli_train_refuses_damaged_artifacts(art, tmp_path, sentinel, name):
     _truncate(art / name, sentinel)
     run = tmp_path / "run"
     r = run_cli("train", art, "--epochs", "1", "--data", "synthetic:64", "--batch-size", "32", "-o", run)
     assert_refused(r, CHANGED, out=run)
 
 
+@pytest.mark.cause(6)
 @pytest.mark.parametrize("edit", ["node_removed", "input_rewired"])
-def test_cause6_graph_edited_with_hashes_forged_is_refused_on_load(art, edit):
+def test_graph_edited_with_hashes_forged_is_refused_on_load(art, edit):
     """A deliberate edit with report.json's hashes recomputed still cannot reach a training step
     broken: a node reading what nothing produces is refused when the artifacts are loaded."""
     import json

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from accelc.compiler.export import export_zoo
+from accelc.zoo import export_zoo
 
 from conftest import ACCELC
 
@@ -156,7 +156,7 @@ def _get(server, name=None):
 
 
 def test_view_picks_the_graph(rewritten):
-    from accelc.compiler import view
+    from accelc import netron as view
 
     assert list(view.graphs(rewritten)) == [
         "training",
@@ -181,7 +181,7 @@ def test_view_picks_the_graph(rewritten):
 
 
 def test_view_graph_refusals(rewritten, tmp_path):
-    from accelc.compiler import view
+    from accelc import netron as view
 
     from conftest import assert_api_refused
 
@@ -194,7 +194,7 @@ def test_view_graph_refusals(rewritten, tmp_path):
 def test_view_hides_base64_blobs_and_keeps_the_file(rewritten):
     import onnx
 
-    from accelc.compiler import view
+    from accelc import netron as view
 
     path = rewritten / "training_model.onnx"
     before = path.read_bytes()
@@ -217,7 +217,7 @@ def test_view_hides_base64_blobs_and_keeps_the_file(rewritten):
 
 
 def test_view_changes_marks_what_passes_touched(rewritten):
-    from accelc.compiler import view
+    from accelc import netron as view
 
     with view.start(rewritten, changes=True) as server:
         assert server.name == "training_model.changes.onnx"
@@ -242,7 +242,7 @@ def test_netron_renders_the_changes_view(rewritten):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    from accelc.compiler import view
+    from accelc import netron as view
 
     opts = webdriver.ChromeOptions()
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1200,900"):

@@ -1,7 +1,7 @@
 """Issue 15 cause 8: ``accelc view`` serves exactly one model (and its own external data), only to
 requests whose Host is 127.0.0.1:PORT or localhost:PORT, and refuses paths that are not models.
 
-The server runs in-process (``accelc.compiler.view.start(path, port=0)``); requests are written on a
+The server runs in-process (``accelc.netron.start(path, port=0)``); requests are written on a
 raw socket so that every path trick reaches the server byte for byte."""
 
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from accelc.compiler import view
+from accelc import netron as view
 from accelc.compiler.errors import AccelcError, InvalidType, InvalidValue
 
 from conftest import SENTINEL_TEXT, assert_api_refused, assert_refused, run_cli
@@ -45,7 +45,7 @@ def _request(port, path, host="default", method="GET", extra=b""):
 
 @pytest.fixture(scope="module")
 def model_bytes(tmp_path_factory):
-    from accelc.compiler.export import export_zoo
+    from accelc.zoo import export_zoo
 
     p = tmp_path_factory.mktemp("zoo") / "m.onnx"
     export_zoo("cnn3-small", p)
@@ -133,7 +133,8 @@ def _tricks(case: Path, outside: Path, port: int) -> list[str]:
     ]
 
 
-def test_cause8_path_tricks_never_reach_a_file_beside_or_outside(served):
+@pytest.mark.cause(8)
+def test_view_path_tricks_never_reach_a_file_beside_or_outside(served):
     server, case, outside = served
     tricks = _tricks(case, outside, server.port)
     for path in tricks:
@@ -149,7 +150,8 @@ def test_cause8_path_tricks_never_reach_a_file_beside_or_outside(served):
     assert len(tricks) >= 40
 
 
-def test_cause8_only_the_model_is_served(served, model_bytes):
+@pytest.mark.cause(8)
+def test_view_serves_only_the_model(served, model_bytes):
     server, case, _ = served
     assert server.served == ["m.onnx"]
     status, body = _request(server.port, "/data/m.onnx")
@@ -164,6 +166,7 @@ def test_cause8_only_the_model_is_served(served, model_bytes):
 
 
 # ----------------------------------------------------------------------------- Host header
+@pytest.mark.cause(8)
 @pytest.mark.parametrize(
     "host",
     [
@@ -188,7 +191,7 @@ def test_cause8_only_the_model_is_served(served, model_bytes):
     ],
     ids=lambda h: f"cause8-host-{h!r}",
 )
-def test_cause8_bad_host_is_403(served, host):
+def test_view_bad_host_header_is_403(served, host):
     server, _, _ = served
 
     def fill(h):
@@ -202,14 +205,16 @@ def test_cause8_bad_host_is_403(served, host):
         _no_secret(body)
 
 
+@pytest.mark.cause(8)
 @pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "LOCALHOST:{port}"])
-def test_cause8_good_host_serves_the_model(served, model_bytes, host):
+def test_view_good_host_serves_the_model(served, model_bytes, host):
     server, _, _ = served
     status, body = _request(server.port, "/data/m.onnx", host=host.format(port=server.port))
     assert status == 200 and body == model_bytes
 
 
-def test_cause8_http10_without_host_is_403(served):
+@pytest.mark.cause(8)
+def test_view_http10_without_host_is_403(served):
     server, _, _ = served
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"GET /data/m.onnx HTTP/1.0\r\n\r\n")
@@ -234,7 +239,8 @@ def _with_external(case: Path, model_bytes: bytes, location: str) -> Path:
     return case / "m.onnx"
 
 
-def test_cause8_external_data_served_exactly(tmp_path, model_bytes, sentinel):
+@pytest.mark.cause(8)
+def test_view_serves_external_data_exactly(tmp_path, model_bytes, sentinel):
     case = _case(tmp_path, model_bytes, sentinel)
     path = _with_external(case, model_bytes, "m.onnx.data")
     (case / "other.data").write_text(SECRET)
@@ -249,7 +255,8 @@ def test_cause8_external_data_served_exactly(tmp_path, model_bytes, sentinel):
             _no_secret(body)
 
 
-def test_cause8_external_data_in_a_subfolder_is_served(tmp_path, model_bytes, sentinel):
+@pytest.mark.cause(8)
+def test_view_serves_external_data_in_a_subfolder(tmp_path, model_bytes, sentinel):
     case = _case(tmp_path, model_bytes, sentinel)
     path = _with_external(case, model_bytes, "m.onnx.data")
     (case / "sub" / "w.bin").write_bytes((case / "m.onnx.data").read_bytes())
@@ -265,6 +272,7 @@ def test_cause8_external_data_in_a_subfolder_is_served(tmp_path, model_bytes, se
         assert _request(server.port, "/data/sub/secret.txt")[0] == 404
 
 
+@pytest.mark.cause(8)
 @pytest.mark.parametrize(
     "location, needle",
     [
@@ -279,7 +287,7 @@ def test_cause8_external_data_in_a_subfolder_is_served(tmp_path, model_bytes, se
         pytest.param("..\\outside\\secret.txt", "relative path", id="cause8-external-backslashes"),
     ],
 )
-def test_cause8_external_data_outside_is_refused(tmp_path, model_bytes, sentinel, location, needle):
+def test_view_external_data_outside_is_refused(tmp_path, model_bytes, sentinel, location, needle):
     case = _case(tmp_path, model_bytes, sentinel)
     path = _with_external(case, model_bytes, location.format(sentinel=sentinel))
     before = _fds()
@@ -288,7 +296,8 @@ def test_cause8_external_data_outside_is_refused(tmp_path, model_bytes, sentinel
     assert _fds() == before  # every descriptor opened on the way was closed
 
 
-def test_cause8_external_data_symlinked_folder_outside_is_refused(tmp_path, model_bytes, sentinel):
+@pytest.mark.cause(8)
+def test_view_external_data_in_a_symlinked_folder_outside_is_refused(tmp_path, model_bytes, sentinel):
     case = _case(tmp_path, model_bytes, sentinel)
     (case / "escape").symlink_to(sentinel.parent, target_is_directory=True)
     path = _with_external(case, model_bytes, "escape/secret.txt")
@@ -325,7 +334,8 @@ def _non_models(tmp_path: Path):
     ]
 
 
-def test_cause8_non_models_are_refused(tmp_path):
+@pytest.mark.cause(8)
+def test_view_refuses_non_models_without_leaking_files(tmp_path):
     cases = _non_models(tmp_path)
     before = _fds()
     for path, needle in cases:
@@ -336,27 +346,31 @@ def test_cause8_non_models_are_refused(tmp_path):
     assert _fds() == before
 
 
+@pytest.mark.cause(8)
 @pytest.mark.parametrize(
     "port, kind",
     [(-1, InvalidValue), (65536, InvalidValue), (True, InvalidType), ("8080", InvalidType), (1.5, InvalidType)],
 )
-def test_cause8_bad_port(served, port, kind):
+def test_view_bad_port_is_refused(served, port, kind):
     _, case, _ = served
     assert_api_refused(lambda: view.start(case / "m.onnx", port=port), "--port", kind)
 
 
-def test_cause8_bad_path_type():
+@pytest.mark.cause(8)
+def test_view_path_of_wrong_type_is_refused():
     assert_api_refused(lambda: view.start(None), "path", TypeError)
 
 
-def test_cause8_port_in_use_is_one_line(served):
+@pytest.mark.cause(8)
+def test_view_port_in_use_is_one_line(served):
     server, case, _ = served
     before = _fds()
     assert_api_refused(lambda: view.start(case / "m.onnx", port=server.port), "cannot serve on 127.0.0.1")
     assert _fds() == before
 
 
-def test_cause8_stop_releases_port_and_files(tmp_path, model_bytes, sentinel):
+@pytest.mark.cause(8)
+def test_view_stop_releases_port_and_files(tmp_path, model_bytes, sentinel):
     case = _case(tmp_path, model_bytes, sentinel)
     before = _fds()
     server = view.start(case / "m.onnx", port=0)
@@ -368,7 +382,8 @@ def test_cause8_stop_releases_port_and_files(tmp_path, model_bytes, sentinel):
         assert s.connect_ex(("127.0.0.1", server.port)) != 0
 
 
-def test_cause8_file_name_cannot_inject_into_the_page(tmp_path, model_bytes):
+@pytest.mark.cause(8)
+def test_view_file_name_cannot_inject_into_the_page(tmp_path, model_bytes):
     path = tmp_path / 'a"><img src=x onerror=alert(1)>.onnx'
     path.write_bytes(model_bytes)
     with view.start(path, port=0) as server:
@@ -378,7 +393,8 @@ def test_cause8_file_name_cannot_inject_into_the_page(tmp_path, model_bytes):
         assert _request(server.port, "/data/model.onnx")[1] == model_bytes
 
 
-def test_cause8_model_replaced_after_start_is_not_followed(tmp_path, model_bytes, sentinel):
+@pytest.mark.cause(8)
+def test_view_model_replaced_after_start_is_not_followed(tmp_path, model_bytes, sentinel):
     """The served file is the one opened at start: aiming its name at a secret afterwards changes nothing."""
     case = _case(tmp_path, model_bytes, sentinel)
     with view.start(case / "m.onnx", port=0) as server:
@@ -389,15 +405,17 @@ def test_cause8_model_replaced_after_start_is_not_followed(tmp_path, model_bytes
         _no_secret(body)
 
 
-def test_cause8_memory_limit_applies(served):
+@pytest.mark.cause(8)
+def test_view_memory_limit_applies(served):
     _, case, _ = served
     with pytest.raises(AccelcError, match="memory"):
         view.start(case / "m.onnx", port=0, memory_limit=1e-6)
 
 
 # ----------------------------------------------------------------------------- the command line
+@pytest.mark.cause(8)
 @pytest.mark.slow
-def test_cause8_cli_refuses_non_models_in_one_line(tmp_path):
+def test_cli_view_refuses_non_models_in_one_line(tmp_path):
     (tmp_path / "notes.onnx").write_text("not a model\n")
     (tmp_path / "d").mkdir()
     if Path("/etc/hostname").is_file():
@@ -406,15 +424,17 @@ def test_cause8_cli_refuses_non_models_in_one_line(tmp_path):
     assert_refused(run_cli("view", tmp_path / "d", "--port", "0"), "directory without training_model.onnx")
 
 
+@pytest.mark.cause(8)
 @pytest.mark.slow
-def test_cause8_cli_has_no_no_block(tmp_path):
+def test_cli_view_has_no_no_block_flag(tmp_path):
     r = run_cli("view", tmp_path, "--no-block")
     assert r.returncode == 2 and "--no-block" in r.stderr and "Traceback" not in r.stderr
 
 
 # ---------------------------------------------------------------- the same with a view built in memory
+@pytest.mark.cause(8)
 @pytest.mark.parametrize("location", ["m.onnx", "m.changes.onnx"])
-def test_cause8_changes_view_external_data_with_the_model_name_is_refused(tmp_path, model_bytes, sentinel, location):
+def test_changes_view_external_data_with_the_model_name_is_refused(tmp_path, model_bytes, sentinel, location):
     case = _case(tmp_path, model_bytes, sentinel)
     (case / "m.changes.onnx").write_bytes(b"x" * 2048)
     path = _with_external(case, model_bytes, location)
@@ -423,7 +443,8 @@ def test_cause8_changes_view_external_data_with_the_model_name_is_refused(tmp_pa
     assert _fds() == before
 
 
-def test_cause8_changes_view_external_data_outside_is_refused(tmp_path, model_bytes, sentinel):
+@pytest.mark.cause(8)
+def test_changes_view_external_data_outside_is_refused(tmp_path, model_bytes, sentinel):
     case = _case(tmp_path, model_bytes, sentinel)
     path = _with_external(case, model_bytes, "../outside/secret.txt")
     before = _fds()
@@ -431,7 +452,8 @@ def test_cause8_changes_view_external_data_outside_is_refused(tmp_path, model_by
     assert SENTINEL_TEXT not in msg and _fds() == before
 
 
-def test_cause8_changes_view_is_built_at_start_and_serves_only_itself(tmp_path, model_bytes, sentinel):
+@pytest.mark.cause(8)
+def test_changes_view_is_built_at_start_and_serves_only_itself(tmp_path, model_bytes, sentinel):
     case = _case(tmp_path, model_bytes, sentinel)
     path = _with_external(case, model_bytes, "m.onnx.data")
     before = _fds()

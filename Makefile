@@ -27,13 +27,15 @@ test: $(STAMP)
 test-fast: $(STAMP)  # the in-process unit tests only (no end-to-end CLI runs)
 	$(BIN)/python -m pytest -q -n $(JOBS) -m "not slow" tests
 
-# ruff (lint + format check) and the layer contracts (import-linter). import-linter finds a
+# ruff (lint, the argument-count rule, format check), the size budget (.ci/size_budget.py) and
+# the layer contracts (import-linter). import-linter finds a
 # package's modules under one folder, while accelc's are mapped from four (pyproject's
 # package-dir), so the contracts are checked on a copy assembled the way the package installs.
 LINT_TREE := build/lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python .ci/size_budget.py
 	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/accelc
 	cp -r facade/. $(LINT_TREE)/accelc/
 	for p in compiler runtime passes; do cp -r $$p $(LINT_TREE)/accelc/$$p; done

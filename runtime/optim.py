@@ -13,23 +13,25 @@ import math
 import numpy as np
 import torch
 
+# ORT's AdamW attributes (orttraining's AdamWOptimizer) and their defaults
+ADAMW_DEFAULTS = {
+    "lr": 1e-3,
+    "alpha": 0.9,
+    "beta": 0.999,
+    "epsilon": 1e-6,
+    "weight_decay": 0.0,
+    "adam_mode": 1,
+    "correct_bias": 1,
+}
+
 
 class OrtAdamW(torch.optim.Optimizer):
-    def __init__(
-        self, params, lr=1e-3, alpha=0.9, beta=0.999, epsilon=1e-6, weight_decay=0.0, adam_mode=1, correct_bias=1
-    ):
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                alpha=alpha,
-                beta=beta,
-                epsilon=epsilon,
-                weight_decay=weight_decay,
-                adam_mode=adam_mode,
-                correct_bias=correct_bias,
-            ),
-        )
+    def __init__(self, params, **hyper):
+        """``hyper``: any of :data:`ADAMW_DEFAULTS` (the rest take those defaults)."""
+        unknown = sorted(set(hyper) - set(ADAMW_DEFAULTS))
+        if unknown:
+            raise TypeError(f"OrtAdamW has no hyperparameter {', '.join(unknown)}")
+        super().__init__(params, {**ADAMW_DEFAULTS, **hyper})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -135,16 +137,7 @@ def make_optimizer(params, hyper: dict, lr: float) -> torch.optim.Optimizer:
     """Build the optimizer an artifact's optimizer_model.onnx describes."""
     if hyper["kind"] == "sgd":
         return OrtSGD(params, lr=lr)
-    return OrtAdamW(
-        params,
-        lr=lr,
-        alpha=hyper.get("alpha", 0.9),
-        beta=hyper.get("beta", 0.999),
-        epsilon=hyper.get("epsilon", 1e-6),
-        weight_decay=hyper.get("weight_decay", 0.0),
-        adam_mode=hyper.get("adam_mode", 1),
-        correct_bias=hyper.get("correct_bias", 1),
-    )
+    return OrtAdamW(params, **{k: v for k, v in hyper.items() if k in ADAMW_DEFAULTS and k != "lr"}, lr=lr)
 
 
 def optimizer_state_arrays(opt: torch.optim.Optimizer, names: dict) -> dict:

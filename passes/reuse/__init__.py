@@ -17,7 +17,8 @@ from ...runtime.kernels import BuildContext, KernelProvider
 from . import summary
 from .algorithm import Reuse
 from .cost import is_reuse_node, reuse_flops
-from .rewrite import ReuseOptions, ReusePass
+from .options import ReuseOptions
+from .rewrite import ReusePass
 from .spec import DOMAIN, FORWARD_PREFIX
 
 

@@ -44,10 +44,9 @@ from ...runtime.algorithm import Algorithm
 from . import choice as ch
 from .choice import conv_layer_model  # noqa: F401  (re-exported: benchmarks/reuse_layer.py)
 from .cost import bound_remain, cross_batch, expected_remain, modelled_macs
+from .options import ReuseOptions, cross_batch_conflict
 from .rewrite import (
     PASS,
-    ReuseOptions,
-    cross_batch_conflict,
     reuse_variant,
     reused_layers,
     strip,

@@ -35,69 +35,14 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 from ...compiler.graph import pruned
-from ...compiler.options import with_schema
+from .options import DEFAULT_MARGIN, MODES  # noqa: F401  (MODES: the choice's modes)
 from .spec import ConvGeom, ReuseSpec, make_planes
 
-MODES = ("measured", "all")
-DEFAULT_MARGIN = 0.9
-MAX_MARGIN = 10.0
 ENGINES = {"onednn": "oneDNN", "ort": "ORT"}  # exact-conv engines, as the lines name them
-
-
-DEFAULT_PREFILTER = 1.5  # the time model's error on the protocol's layers: docs/reuse-cost-model.md
-MAX_PREFILTER = 100.0
-
-
-@with_schema({"type": "number", "minimum": 0, "maximum": 100})
-def check_prefilter(value) -> float:
-    """A ``prefilter``: 0 (off) or a number in [1, MAX_PREFILTER] (CLI text or a Python number)."""
-    reason = f"must be 0 (off) or a number in [1, {MAX_PREFILTER:g}]"
-    v = parse_number(value, reason)
-    if not (math.isfinite(v) and (v == 0 or 1 <= v <= MAX_PREFILTER)):
-        raise ValueError(reason)
-    return v
 
 
 class NotMeasurable(Exception):
     """The measurement does not apply to this run (no data, no CPU engine): nothing is chosen."""
-
-
-# --------------------------------------------------------------------------- validation
-def check_mode(value) -> str:
-    """A ``choose`` value (plan.json; the pass option parses with ``choice(*MODES)``)."""
-    if not isinstance(value, str) or value not in MODES:
-        raise ValueError(f"must be one of {', '.join(MODES)}")
-    return value
-
-
-def parse_number(value, reason: str, integer: bool = False):
-    """A number from CLI text or a Python number (what the options and plan.json fields share):
-    a bool or another type raises TypeError(reason), text that is no number or (``integer``) a
-    number with a fraction ValueError(reason). The range is the caller's."""
-    if isinstance(value, bool):
-        raise TypeError(reason)
-    if isinstance(value, str):
-        try:
-            value = (int if integer else float)(value.strip())
-        except ValueError:
-            raise ValueError(reason) from None
-    if not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(reason)
-    if not integer:
-        return float(value)
-    if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and float(value).is_integer()):
-        raise ValueError(reason)
-    return int(value)
-
-
-@with_schema({"type": "number", "exclusiveMinimum": 0, "maximum": 10})
-def check_margin(value) -> float:
-    """A ``margin``: a number in (0, MAX_MARGIN] (CLI text or a Python number)."""
-    reason = f"must be a number in (0, {MAX_MARGIN:g}]"
-    v = parse_number(value, reason)
-    if not (math.isfinite(v) and 0 < v <= MAX_MARGIN):
-        raise ValueError(reason)
-    return v
 
 
 # --------------------------------------------------------------------------- the decision
@@ -356,8 +301,7 @@ def time_layer(
     dy_np = np.random.default_rng(0).standard_normal((x.shape[0], geom.Co, ho, wo), dtype=np.float32)
     dy_np *= 1.0 / math.sqrt(dy_np[0].size)
     dyt = torch.from_numpy(dy_np)
-    backward = mask is not None
-    need = tuple(mask) if backward else (False, False, False)
+    backward, need = mask is not None, (False, False, False) if mask is None else tuple(mask)
     exact = Conv2d(conv_node(geom))
     with torch.no_grad():
         y_exact = exact.forward(xt, wt, bt)
@@ -371,10 +315,11 @@ def time_layer(
 
     table = None  # clusters kept across batches (set below for a CR layer)
     if impl == "ort":
-        rsess = _session(reuse_function_model(layer, geom, spec, x.shape[2:4], backward), threads)
-        rfeeds = {"X": xt.numpy(), "W": wt.numpy(), "B": bias, "planes": planes_np}
-        if backward:
-            rfeeds["dY"] = dy_np
+        run_reuse = _ort_runner(
+            reuse_function_model(layer, geom, spec, x.shape[2:4], backward),
+            threads,
+            {"X": xt.numpy(), "W": wt.numpy(), "B": bias, "planes": planes_np, **({"dY": dy_np} if backward else {})},
+        )
         # remain ratio and error from the torch reference: the same mathematics as the functions
         with torch.no_grad():
             ids, offs = cluster_torch(hash_buckets(xt, planes, geom, spec), spec.H, spec.scope)
@@ -382,10 +327,6 @@ def time_layer(
             if backward:
                 backward_torch(dyt, xt, wt, ctx, geom, spec)
         out["remain_ratio"], out["error"] = ctx.remain_ratio, _rel_err(y_r, y_exact)
-
-        def run_reuse():
-            rsess.run(None, rfeeds)
-
     else:
         last: dict = {}
         every = int(setting.get("cross_batch", 0) or 0)
@@ -407,45 +348,19 @@ def time_layer(
                     reuse_backward(dyt, xt, wt, ctx, geom, spec, impl=impl, need_dx=need[0], need_dw=need[1])
             last["y"], last["ctx"] = y, ctx  # the error is computed once, after the timed rounds
 
-    osess = _session(
+    run_ort = _ort_runner(
         conv_layer_model(geom.pads, (geom.kh, geom.kw), geom.stride, geom.dilation, mask if backward else None),
         threads,
+        {"X": xt.numpy(), "W": wt.numpy(), "B": bias, **({"dY": dy_np} if backward else {})},
     )
-    ofeeds = {"X": xt.numpy(), "W": wt.numpy(), "B": bias}
-    if backward:
-        ofeeds["dY"] = dy_np
-
-    def run_ort():
-        osess.run(None, ofeeds)
-
     runs = {"reuse": run_reuse, "onednn": run_exact, "ort": run_ort}
-    times = {k: [] for k in runs}
-    start = clock()
-    for r in range(max(0, warmup) + max(1, repeats)):
-        for k, fn in runs.items():
-            t = clock()
-            fn()
-            if r >= warmup:
-                times[k].append(clock() - t)
-        if r >= warmup and clock() - start > budget_s:
-            break
-        if table is None and len(times["reuse"]) >= CLEAR_ROUNDS and _clear(times, margin):
-            break  # no further round could change the verdict
+    # a layer keeping clusters across batches is timed every round (its refresh is mixed in below)
+    times = _interleaved(runs, warmup, repeats, budget_s, clock, margin if table is None else None)
     ms = {k: float(np.median(v) * 1e3) for k, v in times.items()}
     if impl != "ort":
         out["remain_ratio"], out["error"] = last["ctx"].remain_ratio, _rel_err(last["y"], y_exact)
     if impl != "ort" and table is not None:
-        # one step in K refreshes the table: the layer's time per step is their mix (the reuse
-        # batches here see the batch that built the table: none of their rows is new)
-        refresh = []
-        for _ in range(2):
-            table.reset()
-            t = clock()
-            run_reuse()
-            refresh.append(clock() - t)
-        out["refresh_ms"] = float(min(refresh) * 1e3)
-        out["kept_ms"] = ms["reuse"]
-        ms["reuse"] = (out["refresh_ms"] + (every - 1) * ms["reuse"]) / every
+        _mix_refresh(table, run_reuse, clock, ms, every, out)
     engine = min(("onednn", "ort"), key=lambda k: ms[k])
     return {
         "reuse_ms": ms["reuse"],
@@ -468,6 +383,46 @@ def time_layer(
             else {}
         ),
     }
+
+
+def _ort_runner(model, threads, feeds: dict):
+    """A call that runs ``model`` on ``feeds`` in an ORT session (built once, here)."""
+    sess = _session(model, threads)
+    return lambda: sess.run(None, feeds)
+
+
+def _interleaved(runs: dict, warmup: int, repeats: int, budget_s: float, clock, margin: float | None) -> dict:
+    """Seconds of each run per round, the runs interleaved in every round, after ``warmup``
+    rounds: ``repeats`` rounds, fewer (at least one) past ``budget_s``, and (``margin`` given) as
+    soon as the rounds decide the layer beyond noise (:func:`_clear`)."""
+    times: dict = {k: [] for k in runs}
+    start = clock()
+    for r in range(max(0, warmup) + max(1, repeats)):
+        for k, fn in runs.items():
+            t = clock()
+            fn()
+            if r >= warmup:
+                times[k].append(clock() - t)
+        if r >= warmup and clock() - start > budget_s:
+            break
+        if margin is not None and len(times["reuse"]) >= CLEAR_ROUNDS and _clear(times, margin):
+            break  # no further round could change the verdict
+    return times
+
+
+def _mix_refresh(table, run_reuse, clock, ms: dict, every: int, out: dict) -> None:
+    """Clusters kept across batches: one step in ``every`` refreshes the table, so the layer's
+    time per step is their mix (the reuse batches timed before see the batch that built the
+    table: none of their rows is new). Sets ``ms["reuse"]`` and records both parts in ``out``."""
+    refresh = []
+    for _ in range(2):
+        table.reset()
+        t = clock()
+        run_reuse()
+        refresh.append(clock() - t)
+    out["refresh_ms"] = float(min(refresh) * 1e3)
+    out["kept_ms"] = ms["reuse"]
+    ms["reuse"] = (out["refresh_ms"] + (every - 1) * ms["reuse"]) / every
 
 
 CLEAR_ROUNDS = 2  # rounds before a measurement may stop early
@@ -507,7 +462,7 @@ def measure_layers(
     """layer -> measurement (see :func:`time_layer`; ``{"failed": reason}`` for a layer that could
     not be measured) of every layer in ``settings`` (layer -> L, H, scope, input_grad, seed), on
     the activations of batch (x, y) through ``art``'s graphs with the parameter values ``params``."""
-    from .rewrite import strip
+    from .onnx_form import strip
 
     plain = strip(art.training)
     sites = conv_sites(plain, set(settings))

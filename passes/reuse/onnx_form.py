@@ -39,13 +39,16 @@ whatever N) and the per-row products otherwise. Both are the same mathematics.
 
 from __future__ import annotations
 
+import base64
 import re
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .spec import BACKWARD_PREFIX, DOMAIN, FORWARD_PREFIX, ConvGeom, ReuseSpec
+from ...compiler import provenance
+from ...compiler.errors import AccelcError
+from .spec import BACKWARD_PREFIX, DOMAIN, FORWARD_PREFIX, ORIGINAL_KEY, ConvGeom, ReuseSpec
 
 OPSET = 17
 IR_VERSION = 10
@@ -403,3 +406,28 @@ def build_reuse_functions(
     so use ``nd`` only with one intra-op thread or an EP whose kernel accumulates atomically."""
     ly = _Layer(layer, geom, spec, in_hw, product, scatter)
     return _forward(ly, domain), _backward(ly, domain)
+
+
+def strip(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The training graph with every reuse node put back to the Conv/ConvGrad it replaced (other
+    passes' rewrites, e.g. skip's instrumentation, stay)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names = set()
+    for n in m.graph.node:
+        if n.domain == DOMAIN:
+            orig = provenance.props(n).get(ORIGINAL_KEY)
+            if not orig:
+                raise AccelcError(f"reuse node '{n.name}' carries no original node; recompile")
+            names.add(n.op_type)
+            n.CopyFrom(onnx.NodeProto.FromString(base64.b64decode(orig)))
+    keep_f = [f for f in m.functions if not (f.domain == DOMAIN and f.name in names)]
+    del m.functions[:]
+    m.functions.extend(keep_f)
+    keep_i = [t for t in m.graph.initializer if not t.name.startswith("accelc.reuse.")]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep_i)
+    keep_o = [o for o in m.opset_import if o.domain != DOMAIN]
+    del m.opset_import[:]
+    m.opset_import.extend(keep_o)
+    return m

@@ -39,86 +39,12 @@ from ...compiler import provenance
 from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError
 from ...compiler.graph import TrainingGraph, training_graph
-from ...compiler.options import Options, choice, fraction, int_at_least, integer, name_list, option, with_schema
 from ...compiler.pass_api import Pass, PassResult
-from .choice import DEFAULT_PREFILTER, check_margin, check_prefilter, parse_number
-from .choice import MODES as CHOOSE
-from .onnx_form import build_reuse_functions
+from .onnx_form import build_reuse_functions, strip
+from .options import DEFAULT_RECALIBRATE, ReuseOptions, cross_batch_conflict  # noqa: F401  (re-exported)
 from .spec import CONFIG_KEY, DOMAIN, FORWARD_PREFIX, ORIGINAL_KEY, ConvGeom, ReuseSpec, make_planes
 
 PASS = "reuse"
-STRATEGIES = ("fixed", "lh", "off")
-
-
-@with_schema({"type": "integer", "minimum": 1, "maximum": 20})
-def _hbits(value):
-    v = integer(value)
-    if not 1 <= v <= 20:
-        raise ValueError("must be in 1..20")
-    return v
-
-
-@with_schema({"type": "array", "items": {"type": "string"}})
-def _layers(value):
-    return None if value in (None, "", "auto") else name_list(value)
-
-
-@with_schema({"type": "array", "items": {"type": "array", "minItems": 2, "maxItems": 2}})
-def _schedule(value):
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in value):
-            raise ValueError("write L:H pairs, e.g. [(288, 6), (144, 8)]")
-        return [(int_at_least(1)(a), _hbits(b)) for a, b in value]
-    if not isinstance(value, str):
-        raise TypeError(f"expected L:H pairs, got {value!r}")
-    out = []
-    for part in value.split(","):
-        a, _, b = part.strip().partition(":")
-        if not b:
-            raise ValueError("write L:H pairs, e.g. 288:6,144:8,72:10")
-        out.append((int_at_least(1)(a), _hbits(b)))
-    return out
-
-
-DEFAULT_RECALIBRATE = 32  # batches; the measurement behind it: docs/reuse-choice.md, "BatchNorm after reuse"
-MAX_RECALIBRATE = 100_000
-
-
-@with_schema({"type": "integer", "minimum": 0, "maximum": 100_000})
-def check_recalibrate(value) -> int:
-    """A ``recalibrate`` value: batches, an integer in 0..MAX_RECALIBRATE (0: off)."""
-    reason = f"must be an integer in 0..{MAX_RECALIBRATE} (batches; 0 turns it off)"
-    v = parse_number(value, reason, integer=True)
-    if not 0 <= v <= MAX_RECALIBRATE:
-        raise ValueError(reason)
-    return v
-
-
-MAX_CR_H = 12  # cross.MAX_H, without importing torch at compile time
-MAX_CROSS_BATCH = 1_000_000
-
-
-@with_schema({"type": "integer", "minimum": 0, "maximum": 1_000_000})
-def check_cross_batch(value) -> int:
-    """A ``cross_batch`` value: 0 (off) or the batches K a cluster table serves, 2..MAX_CROSS_BATCH."""
-    reason = f"must be 0 (off) or an integer in 2..{MAX_CROSS_BATCH}"
-    v = parse_number(value, reason, integer=True)
-    if not (v == 0 or 2 <= v <= MAX_CROSS_BATCH):
-        raise ValueError(reason)
-    return v
-
-
-def cross_batch_conflict(cross_batch, strategy: str, H, schedule) -> str | None:
-    """Why a setting cannot keep clusters across batches (None when it can): the table holds
-    2^H centroids per chunk, so every H the strategy uses must be <= MAX_CR_H."""
-    if int(cross_batch or 0) < 2:
-        return None
-    used = [int(h) for _, h in schedule] if strategy == "lh" and schedule else [int(H)]
-    bad = [h for h in used if h > MAX_CR_H]
-    if not bad:
-        return None
-    where = " in the --reuse-schedule" if strategy == "lh" and schedule else ""
-    return f"needs H <= {MAX_CR_H} (a table of 2^H centroids per chunk), got H={max(bad)}{where}"
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -322,31 +248,6 @@ def reused_layers(model: onnx.ModelProto) -> dict:
     return out
 
 
-def strip(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The training graph with every reuse node put back to the Conv/ConvGrad it replaced (other
-    passes' rewrites, e.g. skip's instrumentation, stay)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    names = set()
-    for n in m.graph.node:
-        if n.domain == DOMAIN:
-            orig = provenance.props(n).get(ORIGINAL_KEY)
-            if not orig:
-                raise AccelcError(f"reuse node '{n.name}' carries no original node; recompile")
-            names.add(n.op_type)
-            n.CopyFrom(onnx.NodeProto.FromString(base64.b64decode(orig)))
-    keep_f = [f for f in m.functions if not (f.domain == DOMAIN and f.name in names)]
-    del m.functions[:]
-    m.functions.extend(keep_f)
-    keep_i = [t for t in m.graph.initializer if not t.name.startswith("accelc.reuse.")]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep_i)
-    keep_o = [o for o in m.opset_import if o.domain != DOMAIN]
-    del m.opset_import[:]
-    m.opset_import.extend(keep_o)
-    return m
-
-
 def reuse_variant(base: Artifacts, settings: dict) -> Artifacts:
     """``base`` (compiled with reuse) with other reuse settings; ``{}`` switches reuse off."""
     art = base.copy()
@@ -354,99 +255,6 @@ def reuse_variant(base: Artifacts, settings: dict) -> Artifacts:
     shapes = training_graph(art).shapes
     art.training, _ = apply(plain, shapes, settings)
     return art
-
-
-@dataclasses.dataclass(frozen=True)
-class ReuseOptions(Options):
-    layers: list | None = option(
-        None,
-        "convs to reuse (names as `accelc inspect` prints); default: every group-1 conv with >= 8 input channels",
-        _layers,
-        flag="--reuse-layers",
-    )
-    L: int = option(
-        144,
-        "sub-vector length L (clipped to the layer's K = C·kh·kw; a multiple of kh·kw lets the "
-        "hash run as one grouped conv)",
-        int_at_least(1),
-        flag="--reuse-L",
-    )
-    H: int = option(8, "hyperplanes per sub-vector (cluster IDs have H bits; 1..20)", _hbits, flag="--reuse-H")
-    scope: str = option(
-        "image",
-        "clustering scope: image (rows of one image) or batch",
-        choice("image", "batch"),
-        flag="--reuse-scope",
-    )
-    input_grad: str = option(
-        "exact",
-        "input gradient: exact (the conv's own) or cluster ((Gs/count)·Wᵀ to the members)",
-        choice("exact", "cluster"),
-        flag="--reuse-input-grad",
-    )
-    seed: int = option(0, "seed of the hyperplanes", integer, flag="--reuse-seed")
-    strategy: str = option(
-        "fixed",
-        "runtime strategy: fixed (L, H throughout), lh (L, H stepped coarse to fine "
-        "along --reuse-schedule at each loss plateau), off (reuse on, then off at a "
-        "plateau)",
-        choice(*STRATEGIES),
-        flag="--reuse-strategy",
-    )
-    schedule: object = option(
-        "288:6,144:8,72:10", "lh strategy: the L:H settings, coarse to fine", _schedule, flag="--reuse-schedule"
-    )
-    plateau: float = option(
-        0.05,
-        "a plateau: the epoch's training loss fell by less than this fraction",
-        fraction,
-        flag="--reuse-plateau",
-    )
-    min_epochs: int = option(1, "epochs at least between two switches", int_at_least(1), flag="--reuse-min-epochs")
-    choose: str = option(
-        "measured",
-        "which layers reuse at run time: measured (time each layer reused and exact on the first "
-        "training batch; reuse only where it is faster by --reuse-margin, the rest stay exact) or "
-        "all (every layer, nothing measured)",
-        choice(*CHOOSE),
-        flag="--reuse-choose",
-    )
-    margin: float = option(
-        0.9,
-        "measured choice: a layer reuses only if its forward+backward takes less than margin x the "
-        "exact conv's (0 < margin <= 10)",
-        check_margin,
-        flag="--reuse-margin",
-    )
-    cross_batch: int = option(
-        0,
-        "cluster reuse across batches (CR): the native kernels keep each layer's clusters (one "
-        "centroid per chunk and H-bit code, shared by the whole batch whatever --reuse-scope) "
-        "from a refresh batch and reuse them for the next "
-        "K-1 batches, summing only rows whose code is new (rebuilt sooner when over a quarter of "
-        "a batch's rows are new; needs H <= 12); e.g. --reuse-cross-batch 8; 0: off",
-        check_cross_batch,
-        flag="--reuse-cross-batch",
-    )
-    prefilter: object = option(
-        DEFAULT_PREFILTER,
-        "measured choice: a layer is not measured (stays exact) when this machine's time model "
-        "predicts that, even with no clusters at all, its reused forward+backward takes at least "
-        "prefilter x margin x the exact conv's (hashing, sums, gathers and the exact input "
-        "gradient alone lose), or a speed-up under 1/(prefilter x margin) at the expected remain "
-        "ratio; e.g. --reuse-prefilter 2; 0: measure every layer",
-        check_prefilter,
-        flag="--reuse-prefilter",
-    )
-    recalibrate: object = option(
-        DEFAULT_RECALIBRATE,
-        "BatchNorm after reuse: before evaluating an epoch that trained with reused convs, gather "
-        "the BatchNorm running statistics again on this many training batches through the exact "
-        "convs that evaluation and the exported model use (forward only, no parameter update; "
-        "its seconds count as training time); e.g. --reuse-recalibrate 64; 0: off",
-        check_recalibrate,
-        flag="--reuse-recalibrate",
-    )
 
 
 class ReusePass(Pass):

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,7 +45,7 @@ def check_data(
     arguments, file headers (IDX dimensions and types, image/label counts, every image's size),
     labels against ``num_classes`` and the memory the load will need. Call it before starting
     anything expensive; ``load_data`` makes the same checks again."""
-    _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode=False, val_split=val_split)
+    _load(spec, _Request(shape, num_classes, train_limit, test_limit, memory_limit_gb, False, val_split))
 
 
 def load_data(
@@ -63,16 +65,26 @@ def load_data(
     ``val_split`` (a count or a fraction, see :func:`parse_val_split`) holds out the last images of
     the training split as a validation split; ``train_limit`` then applies to the images before
     them, so the validation images are the same whatever the limit."""
-    return _load(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode=True, val_split=val_split)
+    return _load(spec, _Request(shape, num_classes, train_limit, test_limit, memory_limit_gb, True, val_split))
 
 
-def _load(
-    spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode: bool, val_split=None
-) -> Dataset | None:
+@dataclass(frozen=True)
+class _Request:
+    """What a load is asked for: the model's input and classes, the limits, the memory limit,
+    whether images are decoded (False: only checked) and the validation split."""
+
+    shape: tuple
+    num_classes: int
+    train_limit: int | None
+    test_limit: int | None
+    memory_limit_gb: float | None
+    decode: bool
+    val_split: object = None
+
+
+def _load(spec, req: _Request) -> Dataset | None:
     try:
-        return _load_unguarded(
-            spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, parse_val_split(val_split)
-        )
+        return _load_unguarded(spec, dataclasses.replace(req, val_split=parse_val_split(req.val_split)))
     except OSError as e:  # a folder that cannot be listed, a file that vanished: which one, never a traceback
         where = f" '{show(e.filename)}'" if e.filename else ""
         raise AccelcError(f"cannot read the data{where}: {show(e.strerror or e)}") from None
@@ -82,12 +94,14 @@ def _load(
         ) from None
 
 
-def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, val_split=None):
-    train_limit = checks.optional_positive_int("--train-limit", train_limit)  # the API's and CLI's own check
-    test_limit = checks.optional_positive_int("--test-limit", test_limit)
+def _load_unguarded(spec, req: _Request):
+    train_limit = checks.optional_positive_int("--train-limit", req.train_limit)  # the API's and CLI's own check
+    test_limit = checks.optional_positive_int("--test-limit", req.test_limit)
+    memory_limit_gb, decode, val_split = req.memory_limit_gb, req.decode, req.val_split
     if not isinstance(spec, (str, DataSource)):  # arrays or a torch Dataset given in Python (validation split first)
         spec = in_memory_data(spec, memory_limit_gb, None if val_split else train_limit, test_limit)
-    num_classes, shape = _model_input(num_classes, shape)
+    num_classes, shape = _model_input(req.num_classes, req.shape)
+    req = dataclasses.replace(req, shape=shape, num_classes=num_classes, train_limit=train_limit, test_limit=test_limit)
     if isinstance(spec, DataSource):
         if spec.in_memory:
             ds = _load_in_memory(spec, shape, num_classes, None if val_split else train_limit, test_limit)
@@ -97,9 +111,9 @@ def _load_unguarded(spec, shape, num_classes, train_limit, test_limit, memory_li
         spec = spec.spec
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
-        ds = _load_synthetic(arg, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, val_split)
+        ds = _load_synthetic(arg, req)
     elif kind == "fashion-mnist":
-        ds = _load_fashion_mnist(arg, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, val_split)
+        ds = _load_fashion_mnist(arg, req)
     elif kind == "imagefolder":
         ds = _load_image_folder(arg, shape, num_classes, memory_limit_gb, decode)
     else:
@@ -128,7 +142,9 @@ def _model_input(num_classes, shape) -> tuple[int, tuple]:
     return int(num_classes), tuple(int(s) for s in shape)
 
 
-def _load_synthetic(arg, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, val_split):
+def _load_synthetic(arg, req: _Request):
+    shape, num_classes, train_limit, test_limit = req.shape, req.num_classes, req.train_limit, req.test_limit
+    memory_limit_gb, decode, val_split = req.memory_limit_gb, req.decode, req.val_split
     try:
         n = int(arg) if arg else (train_limit or 6000)
     except ValueError:
@@ -147,7 +163,9 @@ def _load_synthetic(arg, shape, num_classes, train_limit, test_limit, memory_lim
     return ds
 
 
-def _load_fashion_mnist(arg, shape, num_classes, train_limit, test_limit, memory_limit_gb, decode, val_split):
+def _load_fashion_mnist(arg, req: _Request):
+    shape, num_classes, train_limit, test_limit = req.shape, req.num_classes, req.train_limit, req.test_limit
+    memory_limit_gb, decode, val_split = req.memory_limit_gb, req.decode, req.val_split
     if num_classes < FASHION_CLASSES:
         raise AccelcError(f"Fashion-MNIST has {FASHION_CLASSES} classes; the model outputs {num_classes}")
     xtr, ytr, xte, yte = fashion_mnist(

@@ -35,13 +35,14 @@ from .logs import (
     check_resumed_logs,
     tensorboard_writer,
 )
-from .loop import NonFiniteLoss, Trainer
+from .loop import NonFiniteLoss, RunSetup, Trainer
 from .plots import _switches, plot_run
 from .run import train
 from .rundir import RUN_FILES, open_run_dir, recover_run_dir, release_run_dir
 from .summary import engine_line, machine_info
 
 __all__ = [
+    "RunSetup",
     "LOGGERS",
     "LOG_FILES",
     "MAX_STEP_ROWS",

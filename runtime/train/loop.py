@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,20 @@ class NonFiniteLoss(AccelcError):
     pass
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """How a run is recorded and shown, beside its settings (the spec): the configuration's
+    ``name`` (progress bars, records), what a resume must agree with (``fingerprint``: the run's
+    settings; ``artifacts_sha``: the artifact set's content), the evaluation batch size and
+    whether checkpoints are written."""
+
+    name: str = "ort"
+    fingerprint: dict | None = None
+    artifacts_sha: str | None = None
+    eval_batch_size: int = 500
+    checkpoints: bool = True
+
+
 class Trainer(TrainerStart, TrainerRecords):
     """Runs epochs of one engine (ORT TrainingSession or TorchSession) with training-time
     algorithms (see :mod:`accelc.runtime.algorithm`), as ``spec`` says (its run directory, epochs,
@@ -45,11 +60,7 @@ class Trainer(TrainerStart, TrainerRecords):
         data: Dataset,
         *,
         algorithms: list[Algorithm] | None = None,
-        name: str = "ort",
-        eval_batch_size: int = 500,
-        checkpoints: bool = True,
-        fingerprint: dict | None = None,
-        artifacts_sha: str | None = None,
+        setup: RunSetup = RunSetup(),
         dist=None,
     ):
         """``dist``: this process's :class:`~accelc.runtime.distributed.Group` when training
@@ -78,17 +89,17 @@ class Trainer(TrainerStart, TrainerRecords):
             a.logger = self.state.logger
         art = engine.artifacts
         self.schedule = Schedule(art, self.algorithms) if self.algorithms and art is not None else None
-        self.progress, self.name = spec.progress, name
-        self.eval_batch_size = eval_batch_size
-        self.checkpoints = checkpoints and self.run_dir is not None
+        self.progress, self.name = spec.progress, setup.name
+        self.eval_batch_size = setup.eval_batch_size
+        self.checkpoints = setup.checkpoints and self.run_dir is not None
         self.writer = self.dist is None or self.dist.is_main  # only rank 0 writes the run directory
         self.loggers = check_loggers(spec.log)
         self.logs: RunLogs | None = None
         self.history: list[dict] = []
         # what a resume must agree with: the run's settings and the artifact set's content
-        self.fingerprint = dict(fingerprint or {}, epochs=epochs, batch_size=batch_size, seed=seed)
+        self.fingerprint = dict(setup.fingerprint or {}, epochs=epochs, batch_size=batch_size, seed=seed)
         self.allow_change = set(spec.allow_change)
-        self.artifacts_sha = artifacts_sha
+        self.artifacts_sha = setup.artifacts_sha
         self.artifacts_dir = None  # recorded in checkpoints (export-run finds the artifacts by it)
         self.start_epoch = 0
         self.train_time = 0.0

@@ -18,7 +18,7 @@ from ..algorithm import algorithms_for
 from ..data import as_source, load_data
 from ..spec import TrainSpec
 from .logs import _write_error, check_loggers, tensorboard_writer
-from .loop import Trainer
+from .loop import RunSetup, Trainer
 from .plots import plot_run
 from .rundir import open_run_dir, release_run_dir
 from .summary import machine_info
@@ -124,9 +124,10 @@ def train(spec: TrainSpec, *, algorithms: list | None = None, lock_fd: int | Non
             session,
             ds,
             algorithms=algorithms,
-            name="ort",
-            fingerprint=fingerprint,
-            artifacts_sha=ckpt.artifacts_sha256(artifact_dir) if not isinstance(artifact_dir, Artifacts) else None,
+            setup=RunSetup(
+                fingerprint=fingerprint,
+                artifacts_sha=ckpt.artifacts_sha256(artifact_dir) if not isinstance(artifact_dir, Artifacts) else None,
+            ),
             dist=group,
         )
         trainer.artifacts_dir = None if isinstance(artifact_dir, Artifacts) else os.path.abspath(artifact_dir)

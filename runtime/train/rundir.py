@@ -12,6 +12,7 @@ from ...compiler.errors import AccelcError, show
 from ...compiler.fileio import check_clearable, recover
 from .. import checkpoint as ckpt
 from ..runlock import LOCK, RunLock
+from ..spec import SPEC_FILE
 from .logs import TB_DIR, _tb_foreign
 
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "steps.csv", ckpt.META, "summary.json", "curves.png", TB_DIR)
@@ -57,7 +58,8 @@ def open_run_dir(run_dir, resume: bool, force: bool, lock_fd: int | None = None,
     lock.created, lock.created_file = created, not had_lock
     try:
         recover_run_dir(run_dir)
-        content = sorted(f.name for f in run_dir.iterdir() if f.name != LOCK)
+        # not the run's content: the lock, and the spec a launcher (killed before it removed it) left
+        content = sorted(f.name for f in run_dir.iterdir() if f.name not in (LOCK, SPEC_FILE))
         if content and not resume:
             if not force:
                 raise AccelcError(

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from . import api
+from .bench.spec import check_keywords, keyword_signature
 from .compiler import checks
 from .compiler.artifacts import DEFAULT_LR
 from .compiler.errors import AccelcError
@@ -27,84 +30,149 @@ from .compiler.fileio import atomic_dir
 from .compiler.resources import max_threads
 from .runtime.distributed import MAX_WORLD
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-def run_scaling(
-    model: str,
-    data: str,
-    epochs: int,
-    out_dir,
-    nproc: int,
-    batch_size: int = 64,
-    seed: int = 0,
-    lr: float = DEFAULT_LR,
-    repeats: int = 1,
-    train_limit=None,
-    test_limit=None,
-    input_shape=None,
-    force: bool = False,
-    progress: bool = True,
-) -> dict:
-    api.check_train_args(
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        lr=lr,
-        threads=None,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        device="cpu",
-        data=data,
-    )
-    checks.positive_int("--nproc", nproc, MAX_WORLD)
-    checks.positive_int("--repeats", repeats, 1000)
-    if nproc < 2:
-        raise AccelcError("--nproc must be at least 2 to measure scaling")
-    if epochs < 2:
-        raise AccelcError("--epochs must be at least 2 with --nproc (the first epoch carries the start-up)")
-    for n in range(2, nproc + 1):
-        if batch_size % n:
-            raise AccelcError(f"--batch-size {batch_size} must be a multiple of every process count 1..{nproc}")
+
+class ScalingSettings(TypedDict, total=False):
+    """The keywords :func:`run_scaling` takes besides the model, data, epochs, output folder and
+    process count (their meaning: :class:`ScalingSpec`)."""
+
+    batch_size: int
+    seed: int
+    lr: float
+    repeats: int
+    train_limit: int | None
+    test_limit: int | None
+    input_shape: tuple | None
+    force: bool
+    progress: bool
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    """One scaling measurement: the model (a zoo name or an ONNX path) trained on ``data`` for
+    ``epochs`` epochs with 1..``nproc`` processes of one thread each and one process with every
+    core, ``repeats`` rounds, global batch ``batch_size``; written to ``out_dir`` (replaced only
+    with ``force``)."""
+
+    model: str
+    data: str
+    epochs: int
+    out_dir: Any
+    nproc: int
+    batch_size: int = 64
+    seed: int = 0
+    lr: float = DEFAULT_LR
+    repeats: int = 1
+    train_limit: int | None = None
+    test_limit: int | None = None
+    input_shape: tuple | None = None
+    force: bool = False
+    progress: bool = True
+
+
+def run_scaling(model: str, data: str, epochs: int, out_dir, nproc: int, **settings: Unpack[ScalingSettings]) -> dict:
+    """Measure data-parallel scaling (the module doc); the keywords: :class:`ScalingSpec`."""
+    check_keywords("run_scaling", settings, ScalingSettings)
+    spec = ScalingSpec(model, data, epochs, out_dir, nproc, **settings)
+    _check(spec)
     from .zoo import ZOO  # heavy: torch
 
     protect = [] if model in ZOO else [model]
-    with atomic_dir(out_dir, force=force, kind="scaling", protect=protect) as out:
-        return _run(model, data, epochs, Path(out), nproc, batch_size, seed, lr, repeats, train_limit, test_limit,
-                    input_shape, progress)  # fmt: skip
+    with atomic_dir(out_dir, force=spec.force, kind="scaling", protect=protect) as out:
+        return _run(spec, Path(out))
 
 
-def _run(
-    model, data, epochs, out, nproc, batch_size, seed, lr, repeats, train_limit, test_limit, input_shape, progress
-):
-    import sys
+keyword_signature(run_scaling, ScalingSpec, ScalingSettings)
 
-    import numpy as np
+
+def _check(spec: ScalingSpec) -> None:
+    """Refuse what cannot be measured, with the messages the CLI prints."""
+    api.check_train_args(
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        seed=spec.seed,
+        lr=spec.lr,
+        threads=None,
+        train_limit=spec.train_limit,
+        test_limit=spec.test_limit,
+        device="cpu",
+        data=spec.data,
+    )
+    checks.positive_int("--nproc", spec.nproc, MAX_WORLD)
+    checks.positive_int("--repeats", spec.repeats, 1000)
+    if spec.nproc < 2:
+        raise AccelcError("--nproc must be at least 2 to measure scaling")
+    if spec.epochs < 2:
+        raise AccelcError("--epochs must be at least 2 with --nproc (the first epoch carries the start-up)")
+    for n in range(2, spec.nproc + 1):
+        if spec.batch_size % n:
+            raise AccelcError(
+                f"--batch-size {spec.batch_size} must be a multiple of every process count 1..{spec.nproc}"
+            )
+
+
+def _run(spec: ScalingSpec, out: Path) -> dict:
+    import shutil
 
     from .runtime.train import machine_info
     from .zoo import ZOO, export_zoo
 
     work = out / "work"
     work.mkdir()
-    if model in ZOO:
-        model_path = work / f"{model}.onnx"
-        export_zoo(model, model_path, input_shape=input_shape, seed=seed)
+    if spec.model in ZOO:
+        model_path = work / f"{spec.model}.onnx"
+        export_zoo(spec.model, model_path, input_shape=spec.input_shape, seed=spec.seed)
     else:
-        model_path = Path(model)
+        model_path = Path(spec.model)
     art = work / "artifacts"
-    api.compile(model_path, art, lr=lr, batch_size=batch_size)
+    api.compile(model_path, art, lr=spec.lr, batch_size=spec.batch_size)
     cores = max_threads()
-    setups = [(1, cores)] + [(n, 1) for n in range(1, nproc + 1)]
+    setups = [(1, cores)] + [(n, 1) for n in range(1, spec.nproc + 1)]
+    runs = _measure(spec, art, work, setups)
+    rows = _rows(runs, setups, spec.batch_size)
+    rep = {
+        "model": spec.model if spec.model in ZOO else Path(spec.model).name,
+        "data": spec.data.split(":")[0],
+        "epochs": spec.epochs,
+        "batch_size": spec.batch_size,
+        "repeats": spec.repeats,
+        "train_limit": spec.train_limit,
+        "cores": cores,
+        "machine": machine_info(),
+        "rows": rows,
+        "prediction": predict(rows, spec.batch_size),
+    }
+    (out / "scaling.json").write_text(json.dumps(rep, indent=1))
+    (out / "scaling.md").write_text(markdown(rep))
+    plot(rep, out / "scaling.png")
+    for f in sorted(work.glob("run-*")):  # keep the summaries, not the checkpoints
+        (out / "runs").mkdir(exist_ok=True)
+        os.replace(f / "summary.json", out / "runs" / f"{f.name}.json")
+    shutil.rmtree(work)
+    return rep
+
+
+def _measure(spec: ScalingSpec, art: Path, work: Path, setups: list[tuple[int, int]]) -> dict[str, list[dict]]:
+    """Every setup (processes, threads each) trained once per round, interleaved round by round:
+    its median throughput after the first epoch, final accuracy and all-reduce numbers."""
+    import sys
+
+    import numpy as np
+
     runs: dict[str, list[dict]] = {}
-    for r in range(repeats):
+    for r in range(spec.repeats):
         for n, threads in setups:
             key = f"{n}x{threads}"
             run = work / f"run-{key}-{r}"
-            if progress:
-                print(f"scaling: round {r + 1}/{repeats}, {n} process(es) x {threads} thread(s)", file=sys.stderr)
+            if spec.progress:
+                print(f"scaling: round {r + 1}/{spec.repeats}, {n} process(es) x {threads} thread(s)", file=sys.stderr)
             # as rank processes for every n (one included), so every row starts its training the same way
             s = api._train_local_ranks(
-                art, data, epochs, batch_size, run, device="cpu", seed=seed, resume=False, lr=lr, threads=threads,
-                train_limit=train_limit, test_limit=test_limit, force=False, kernels={}, allow_change=set(),
-                memory_limit_gb=None, nproc=n, dist_timeout=300.0,
+                art, spec.data, spec.epochs, spec.batch_size, run, device="cpu", seed=spec.seed, resume=False,
+                lr=spec.lr, threads=threads, train_limit=spec.train_limit, test_limit=spec.test_limit, force=False,
+                kernels={}, allow_change=set(), memory_limit_gb=None, nproc=n, dist_timeout=300.0,
             )  # fmt: skip
             ips = [m["images_per_second"] for m in s["history"][1:]]
             runs.setdefault(key, []).append(
@@ -114,6 +182,14 @@ def _run(
                     **(s.get("distributed") or {}),
                 }
             )
+    return runs
+
+
+def _rows(runs: dict[str, list[dict]], setups: list[tuple[int, int]], batch_size: int) -> list[dict]:
+    """One row per setup over its rounds: throughput median and min–max, step time, speed-up and
+    efficiency against one single-thread process, and the all-reduce cost of distributed rows."""
+    import numpy as np
+
     base = float(np.median([x["images_per_second"] for x in runs["1x1"]]))
     rows = []
     for n, threads in setups:
@@ -137,28 +213,7 @@ def _run(
             row["gradient_bytes"] = xs[0]["gradient_bytes"]
             row["buckets"] = xs[0]["buckets"]
         rows.append(row)
-    rep = {
-        "model": model if model in ZOO else Path(model).name,
-        "data": data.split(":")[0],
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "repeats": repeats,
-        "train_limit": train_limit,
-        "cores": cores,
-        "machine": machine_info(),
-        "rows": rows,
-        "prediction": predict(rows, batch_size),
-    }
-    (out / "scaling.json").write_text(json.dumps(rep, indent=1))
-    (out / "scaling.md").write_text(markdown(rep))
-    plot(rep, out / "scaling.png")
-    for f in sorted(work.glob("run-*")):  # keep the summaries, not the checkpoints
-        (out / "runs").mkdir(exist_ok=True)
-        os.replace(f / "summary.json", out / "runs" / f"{f.name}.json")
-    import shutil
-
-    shutil.rmtree(work)
-    return rep
+    return rows
 
 
 def predict(rows: list[dict], batch_size: int, bandwidths_gbit=(10.0, 100.0), latency_us: float = 20.0) -> dict:

@@ -113,11 +113,21 @@ class Bench(Tool):
                     f"--nproc measures throughput only; {', '.join(given)} apply to the configuration comparison"
                 )
             rep = run_scaling(
-                a.model, a.data, a.epochs, a.output, a.nproc, a.batch_size, a.seed, a.lr, a.repeats,
-                a.train_limit, a.test_limit,
-                checks.input_shape("--input-shape", a.input_shape) if a.input_shape else None,
-                force=a.force, progress=not a.quiet,
-            )  # fmt: skip
+                a.model,
+                a.data,
+                a.epochs,
+                a.output,
+                a.nproc,
+                batch_size=a.batch_size,
+                seed=a.seed,
+                lr=a.lr,
+                repeats=a.repeats,
+                train_limit=a.train_limit,
+                test_limit=a.test_limit,
+                input_shape=checks.input_shape("--input-shape", a.input_shape) if a.input_shape else None,
+                force=a.force,
+                progress=not a.quiet,
+            )
             if not a.quiet:
                 print(scaling_markdown(rep))
                 print(f"wrote {show(a.output)}/scaling.json, scaling.md, scaling.png")
@@ -130,13 +140,13 @@ class Bench(Tool):
             a.epochs,
             configs,
             a.output,
-            a.batch_size,
-            a.seed,
-            a.lr,
-            a.repeats,
-            a.train_limit,
-            a.test_limit,
-            a.target,
+            batch_size=a.batch_size,
+            seed=a.seed,
+            lr=a.lr,
+            repeats=a.repeats,
+            train_limit=a.train_limit,
+            test_limit=a.test_limit,
+            target=a.target,
             progress=not a.quiet,
             threads=a.threads,
             input_shape=checks.input_shape("--input-shape", a.input_shape) if a.input_shape else None,

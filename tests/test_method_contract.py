@@ -103,3 +103,32 @@ def test_the_algorithm_state_round_trips_and_the_summary_renders(method, tmp_pat
     plan = json.loads((tmp_path / "art" / "plan.json").read_text())["controllers"]
     lines = training_summary(s, plan)
     assert any(line.startswith(method.name) for line in lines), lines
+
+
+def test_every_method_folder_is_listed_and_packaged():
+    """A method folder under passes/ is one entry in METHODS and one package in pyproject's list
+    (what a wheel ships; an editable install would not notice a missing one)."""
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    folders = sorted(p.parent.name for p in (root / "passes").glob("*/__init__.py"))
+    assert sorted(m.name for m in METHODS) == folders
+    packages = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert {f"accelc.passes.{f}" for f in folders} <= set(packages)
+
+
+def test_every_package_folder_is_in_the_wheel():
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, folder in setup["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found <= set(setup["packages"]), sorted(found - set(setup["packages"]))

@@ -17,35 +17,47 @@ import sys
 _OPTIONS_WITH_VALUE = ("-W", "-X", "--check-hash-based-pycs")
 
 
-def started_as_cli() -> bool:
-    """This process is ``python [options] -m accelc ...`` or the ``accelc`` console script."""
+def _main_module() -> str | None:
+    """The module of ``python [options] -m MODULE ...``, or None."""
     argv = list(getattr(sys, "orig_argv", None) or [])
     i = 1
     while i < len(argv):
         arg = argv[i]
         if arg == "-m":
-            return i + 1 < len(argv) and argv[i + 1] == "accelc"
+            return argv[i + 1] if i + 1 < len(argv) else None
         if arg.startswith("-m"):
-            return arg[2:] == "accelc"
+            return arg[2:]
         if arg in _OPTIONS_WITH_VALUE:
             i += 2
             continue
         if arg == "-" or arg == "-c" or not arg.startswith("-"):
             break  # a script, -c or stdin: the console script is a script named accelc
         i += 1
+    return None
+
+
+def started_as_cli() -> bool:
+    """This process is ``python [options] -m accelc ...`` or the ``accelc`` console script."""
+    if _main_module() is not None:
+        return _main_module() == "accelc"
     script = getattr(sys.modules.get("__main__"), "__file__", None) or ""
     return bool(sys.argv) and os.path.basename(sys.argv[0]) == "accelc" and os.path.basename(script) == "accelc"
 
 
+def started_as_worker() -> bool:
+    """This process is a training worker, ``python -m accelc.worker SPEC_FILE`` (accelc.worker)."""
+    return _main_module() == "accelc.worker"
+
+
 def _interrupted(signum, frame) -> None:
-    if "--supervised-by" not in sys.argv:  # a training worker: its supervisor says it, once
+    if not started_as_worker():  # a training worker: its supervisor says it, once
         os.write(2, b"accelc: interrupted\n")
     os._exit(130)
 
 
 def install() -> None:
     """SIGINT ends the starting command line with one line (see the module doc)."""
-    if started_as_cli() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if (started_as_cli() or started_as_worker()) and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         try:
             signal.signal(signal.SIGINT, _interrupted)
         except ValueError:  # not the main thread: leave Python's handler

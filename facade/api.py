@@ -9,8 +9,11 @@ naming the CLI flag (``--lr must be a positive finite number, got -1.0``)."""
 
 from __future__ import annotations
 
+import inspect as pyinspect
+import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from .compiler import checks
 from .compiler.artifacts import DEFAULT_LR, LOSSES, OPTIMIZERS
@@ -19,12 +22,16 @@ from .compiler.errors import AccelcError, InvalidType, InvalidValue, show
 from .compiler.method import Method, install, installed, load_entry_points, uninstall
 from .compiler.model import ModelInfo
 from .compiler.pass_api import check_pass_options, parse_pass_list
+from .runtime.checkpoint import CHANGEABLE
 from .runtime.config import DEVICES, ExecConfig
 from .runtime.data import check_data_form, in_memory_data
 from .runtime.distributed import MAX_WORLD
 from .runtime.spec import TrainSpec
 from .runtime.train import check_loggers
 from .runtime.train import train as _train
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "Method",
@@ -36,8 +43,11 @@ __all__ = [
     "train",
     "export",
     "export_run",
+    "train_spec",
     "check_train_args",
     "check_compile_args",
+    "CompileSettings",
+    "TrainSettings",
     "AccelcError",
 ]
 
@@ -65,77 +75,94 @@ def _install_methods() -> None:
 _install_methods()
 
 
-def check_compile_args(
-    *,
-    model,
-    out_dir,
-    passes,
-    pass_options,
-    loss,
-    optimizer,
-    lr,
-    batch_size,
-    force,
-    validate_result,
-    opt,
-    memory_limit_gb=None,
-    info=None,
-) -> tuple[list[str], dict]:
-    """Validate :func:`compile`'s arguments; returns (pass names, pass options). Raises
-    InvalidType/InvalidValue with the CLI's message. Touches no file."""
+class CompileSettings(TypedDict, total=False):
+    """:func:`compile`'s keywords after ``pass_options`` (their defaults: :data:`COMPILE_DEFAULTS`)."""
+
+    loss: str
+    optimizer: str
+    lr: float
+    batch_size: int
+    force: bool
+    validate_result: bool
+    opt: bool
+    info: ModelInfo | None
+    memory_limit_gb: float | None
+
+
+COMPILE_DEFAULTS: dict = {
+    "loss": "cross_entropy",
+    "optimizer": "adamw",
+    "lr": DEFAULT_LR,
+    "batch_size": 64,
+    "force": False,
+    "validate_result": True,
+    "opt": True,
+    "info": None,
+    "memory_limit_gb": None,
+}
+
+
+def _settings(function: str, given: dict, defaults: dict) -> dict:
+    """``given`` keywords over ``defaults``; one that is not a keyword of ``function`` is the
+    TypeError Python raises for it."""
+    for k in given:
+        if k not in defaults:
+            raise TypeError(f"{function}() got an unexpected keyword argument '{k}'")
+    return {**defaults, **given}
+
+
+def _keyword_signature(fn, defaults: dict, settings) -> None:
+    """``fn``'s signature with its ``**settings`` spelt out (keyword-only, with their defaults), for
+    help() and editors."""
+    sig = pyinspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    hints = settings.__annotations__
+    params += [
+        pyinspect.Parameter(
+            k,
+            pyinspect.Parameter.KEYWORD_ONLY,
+            default=v,
+            annotation=getattr(hints.get(k), "__forward_arg__", pyinspect.Parameter.empty),
+        )
+        for k, v in defaults.items()
+    ]
+    fn.__signature__ = sig.replace(parameters=params)
+
+
+def check_compile_args(args: dict | None = None, /, **kw) -> tuple[list[str], dict]:
+    """Validate :func:`compile`'s arguments, given as a dict or as keywords (``model``,
+    ``out_dir``, ``passes``, ``pass_options`` and :class:`CompileSettings`); returns (pass names,
+    pass options). Raises InvalidType/InvalidValue with the CLI's message. Touches no file."""
+    a = {"model": None, "passes": None, "pass_options": None, **COMPILE_DEFAULTS, **(args or {}), **kw}
+    info, model = a["info"], a["model"]
     if info is not None and not isinstance(info, ModelInfo):
         raise InvalidType(f"info must be a ModelInfo, got {type(info).__name__}")
     if info is None or model is not None:
         checks.path_like("model", model)
-    checks.path_like("-o", out_dir)
-    names = parse_pass_list(passes)
-    opt = checks.boolean("opt", opt)
-    pass_options = check_pass_options(names, pass_options, defaults=opt)
-    checks.choice("--loss", loss, LOSSES)
-    checks.choice("--optimizer", optimizer, OPTIMIZERS)
-    checks.positive_float("--lr", lr, checks.MAX_LR)
-    checks.positive_int("--batch-size", batch_size, checks.MAX_BATCH)
-    checks.boolean("force", force)
-    checks.boolean("validate_result", validate_result)
-    checks.memory_limit_gb(memory_limit_gb)
+    checks.path_like("-o", a.get("out_dir"))
+    names = parse_pass_list(a["passes"])
+    opt = checks.boolean("opt", a["opt"])
+    pass_options = check_pass_options(names, a["pass_options"], defaults=opt)
+    checks.choice("--loss", a["loss"], LOSSES)
+    checks.choice("--optimizer", a["optimizer"], OPTIMIZERS)
+    checks.positive_float("--lr", a["lr"], checks.MAX_LR)
+    checks.positive_int("--batch-size", a["batch_size"], checks.MAX_BATCH)
+    checks.boolean("force", a["force"])
+    checks.boolean("validate_result", a["validate_result"])
+    checks.memory_limit_gb(a["memory_limit_gb"])
     return names, pass_options
 
 
-def compile(
-    model,
-    out_dir,
-    passes=None,
-    pass_options: dict | None = None,
-    loss: str = "cross_entropy",  # noqa: A001
-    optimizer: str = "adamw",
-    lr: float = DEFAULT_LR,
-    batch_size: int = 64,
-    force: bool = False,
-    validate_result: bool = True,
-    opt: bool = True,
-    info=None,
-    memory_limit_gb: float | None = None,
-) -> dict:
+def compile(model, out_dir, passes=None, pass_options: dict | None = None, **settings: Unpack[CompileSettings]) -> dict:
     """Compile a forward ONNX model into ORT training artifacts rewritten by ``passes`` (a
     comma-separated string or a list/tuple of names); ``pass_options``: {pass: {option: value}},
-    each value parsed as its CLI flag is. The default ``opt`` pass runs first unless
-    ``opt=False``. ``memory_limit_gb``: the memory limit (``--memory-limit``; default 80% of the
-    memory available). Returns the report (also written to report.json)."""
-    names, pass_options = check_compile_args(
-        model=model,
-        out_dir=out_dir,
-        passes=passes,
-        pass_options=pass_options,
-        loss=loss,
-        optimizer=optimizer,
-        lr=lr,
-        batch_size=batch_size,
-        force=force,
-        validate_result=validate_result,
-        opt=opt,
-        memory_limit_gb=memory_limit_gb,
-        info=info,
-    )
+    each value parsed as its CLI flag is. Keywords (:data:`COMPILE_DEFAULTS`): ``loss``,
+    ``optimizer``, ``lr``, ``batch_size``, ``force``, ``validate_result``; the default ``opt``
+    pass runs first unless ``opt=False``; ``info``: the model's ModelInfo when known;
+    ``memory_limit_gb``: the memory limit (``--memory-limit``; default 80% of the memory
+    available). Returns the report (also written to report.json)."""
+    s = _settings("compile", settings, COMPILE_DEFAULTS)
+    names, pass_options = check_compile_args(s, model=model, out_dir=out_dir, passes=passes, pass_options=pass_options)
     for flag, path in (("model", model), ("-o", out_dir)):
         if path is not None:
             _no_link_loop(flag, path)
@@ -144,16 +171,19 @@ def compile(
         out_dir,
         names,
         pass_options,
-        loss=loss,
-        optimizer=optimizer,
-        lr=float(lr),
-        batch_size=int(batch_size),
-        force=bool(force),
-        validate_result=bool(validate_result),
-        info=info,
-        defaults=bool(opt),
-        memory_limit_gb=memory_limit_gb,
+        loss=s["loss"],
+        optimizer=s["optimizer"],
+        lr=float(s["lr"]),
+        batch_size=int(s["batch_size"]),
+        force=bool(s["force"]),
+        validate_result=bool(s["validate_result"]),
+        info=s["info"],
+        defaults=bool(s["opt"]),
+        memory_limit_gb=s["memory_limit_gb"],
     )
+
+
+_keyword_signature(compile, COMPILE_DEFAULTS, CompileSettings)
 
 
 def _no_link_loop(flag: str, path) -> None:
@@ -182,35 +212,67 @@ def inspect(path) -> dict:
     return view
 
 
-def check_train_args(
-    *,
-    epochs,
-    batch_size,
-    seed,
-    lr,
-    threads,
-    train_limit,
-    test_limit,
-    device,
-    data,
-    memory_limit_gb=None,
-) -> None:
-    """Validate the arguments of ``accelc train`` / :func:`train` that need no file: raises
-    InvalidType/InvalidValue with the message the CLI prints, returns nothing. The CLI calls it
-    before it spawns its training worker; :func:`train` calls it first."""
+class TrainSettings(TypedDict, total=False):
+    """:func:`train`'s keywords that make its :class:`~accelc.runtime.spec.TrainSpec` (their
+    defaults: :data:`TRAIN_DEFAULTS`, the spec's own)."""
+
+    epochs: int
+    batch_size: int
+    run_dir: str | os.PathLike
+    device: str
+    seed: int
+    resume: bool
+    lr: float | None
+    threads: int | None
+    train_limit: int | None
+    test_limit: int | None
+    force: bool
+    progress: bool
+    kernels: dict | None
+    memory_limit_gb: float | None
+    allow_change: list | tuple | str
+    nproc: int
+    dist_timeout: float
+    log: tuple | list | str
+
+
+def _train_defaults() -> dict:
+    spec = TrainSpec()
+    d = {k: getattr(spec, k, None) for k in TrainSettings.__annotations__}
+    d.update(device=spec.exec.device, threads=spec.exec.threads, kernels=None, allow_change=())
+    return d
+
+
+TRAIN_DEFAULTS: dict = _train_defaults()
+
+
+def check_train_args(args=None, /, **kw) -> None:
+    """Validate the arguments of ``accelc train`` / :func:`train` that need no file, given as a
+    :class:`~accelc.runtime.spec.TrainSpec`, a dict of :func:`train`'s keywords (``data``
+    included) or those keywords: raises InvalidType/InvalidValue with the message the CLI prints,
+    returns nothing. :func:`train_spec` calls it first."""
+    if isinstance(args, TrainSpec):
+        args = {
+            **{k: getattr(args, k) for k in ("data", "epochs", "batch_size", "seed", "lr", "memory_limit_gb")},
+            **{k: getattr(args, k) for k in ("train_limit", "test_limit")},
+            "device": args.exec.device,
+            "threads": args.exec.threads,
+        }
+    a = {"data": "synthetic", **TRAIN_DEFAULTS, **(args or {}), **kw}
+    data = a["data"]
     if isinstance(data, str):
         checks.data_spec("--data", data)
     else:  # arrays or a torch Dataset given in Python: the form here, the content when train reads it
         check_data_form(data)
-    checks.positive_int("--epochs", epochs, checks.MAX_EPOCHS)
-    checks.positive_int("--batch-size", batch_size, checks.MAX_BATCH)
-    checks.seed("--seed", seed)
-    checks.optional_positive_float("--lr", lr, checks.MAX_LR)
-    checks.choice("--device", device, DEVICES)
-    checks.threads(threads)
-    checks.optional_positive_int("--train-limit", train_limit)
-    checks.optional_positive_int("--test-limit", test_limit)
-    checks.memory_limit_gb(memory_limit_gb)
+    checks.positive_int("--epochs", a["epochs"], checks.MAX_EPOCHS)
+    checks.positive_int("--batch-size", a["batch_size"], checks.MAX_BATCH)
+    checks.seed("--seed", a["seed"])
+    checks.optional_positive_float("--lr", a["lr"], checks.MAX_LR)
+    checks.choice("--device", a["device"], DEVICES)
+    checks.threads(a["threads"])
+    checks.optional_positive_int("--train-limit", a["train_limit"])
+    checks.optional_positive_int("--test-limit", a["test_limit"])
+    checks.memory_limit_gb(a["memory_limit_gb"])
 
 
 def _check_kernels(kernels) -> dict:
@@ -223,78 +285,39 @@ def _check_kernels(kernels) -> dict:
     return dict(kernels)
 
 
-def train(
-    artifact_dir,
-    data: str = "synthetic",
-    epochs: int = 3,
-    batch_size: int = 64,
-    run_dir="run",
-    device: str = "cpu",
-    seed: int = 0,
-    resume: bool = False,
-    lr: float | None = None,
-    threads: int | None = None,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    force: bool = False,
-    progress: bool = True,
-    kernels: dict | None = None,
-    algorithms=None,
-    memory_limit_gb: float | None = None,
-    allow_change=(),
-    nproc: int = 1,
-    dist_timeout: float = 300.0,
-    log=("csv",),
-    _lock_fd: int | None = None,
-    _dist=None,
-) -> dict:
-    """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
-    ``data``: a ``--data`` spec, or data in Python: ``(x_train, y_train, x_test, y_test)`` numpy
-    arrays or torch tensors (images N,C,H,W float at the model's input shape, used as given;
-    labels integer class indices), ``(train, test)`` with each a torch ``Dataset``, ``DataLoader``
-    or ``(x, y)`` pair (read once into memory: with ``train_limit``/``test_limit`` only that many
-    samples, and one without a ``__len__`` -- an IterableDataset -- at most 1,000,000 samples, so an
-    endless stream is refused: give it a limit), or a dict with those four keys; the run records
-    it by its SHA-256, so a resume with other data is refused.
-    ``allow_change``: with ``resume``, settings that may differ from the checkpoint's
-    (``"batch_size"``, ``"epochs"``; ``--allow-change``).
-    ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``);
-    ``memory_limit_gb``: the memory limit (``--memory-limit``). ``nproc``: train data-parallel on
-    that many local processes (``--nproc``; ``batch_size`` is the global batch), which run
-    ``accelc train`` and are supervised as the CLI does; ``dist_timeout``: seconds a rank waits for
-    the others; ``log``: logs besides metrics.jsonl (``--log``: "csv", "tensorboard", "none").
-    Every argument is validated before any file is read or written."""
-    check_train_args(
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        lr=lr,
-        threads=threads,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        device=device,
-        data=data,
-        memory_limit_gb=memory_limit_gb,
-    )
-    checks.path_like("artifacts", artifact_dir)
-    checks.path_like("-o", run_dir)
-    checks.boolean("resume", resume)
-    checks.boolean("force", force)
-    checks.boolean("progress", progress)
-    kernels = _check_kernels(kernels)
-    if algorithms is not None and not isinstance(algorithms, (list, tuple)):
-        raise InvalidType(
-            f"algorithms must be a list of accelc.runtime.algorithm.Algorithm, got {type(algorithms).__name__}"
-        )
+def _optional_int(v) -> int | None:
+    return None if v is None else int(v)
 
-    config = ExecConfig(device=device, threads=None if threads is None else int(threads), kernels=kernels)
+
+def _check_allow_change(allow_change) -> frozenset:
     if isinstance(allow_change, str):
         allow_change = [x for x in allow_change.split(",") if x.strip()]
     if not isinstance(allow_change, (list, tuple, set, frozenset)):
         raise InvalidType(f"allow_change must be a list of setting names, got {type(allow_change).__name__}")
-    allow_change = {str(x).strip().replace("-", "_") for x in allow_change}
+    allow = {str(x).strip().replace("-", "_") for x in allow_change}
+    bad = sorted(allow - set(CHANGEABLE))
+    if bad:
+        raise InvalidValue(
+            f"--allow-change takes {', '.join(c.replace('_', '-') for c in CHANGEABLE)}, got {show(bad[0])}"
+        )
+    return frozenset(allow)
+
+
+def train_spec(artifact_dir, data="synthetic", **settings: Unpack[TrainSettings]) -> TrainSpec:
+    """:func:`train`'s arguments checked (every one, before any file is read or written, with the
+    CLI's messages) and made one :class:`~accelc.runtime.spec.TrainSpec`. Data given in Python is
+    read here, once (and cannot go to other processes: ``nproc`` > 1 needs a ``--data`` spec)."""
+    s = _settings("train", settings, TRAIN_DEFAULTS)
+    check_train_args(s, data=data)
+    checks.path_like("artifacts", artifact_dir)
+    checks.path_like("-o", s["run_dir"])
+    for flag in ("resume", "force", "progress"):
+        checks.boolean(flag, s[flag])
+    kernels = _check_kernels(s["kernels"])
+    allow_change = _check_allow_change(s["allow_change"])
+    nproc, batch_size = s["nproc"], s["batch_size"]
     checks.positive_int("--nproc", nproc, MAX_WORLD)
-    checks.positive_float("--dist-timeout", dist_timeout, 86400)
+    checks.positive_float("--dist-timeout", s["dist_timeout"], 86400)
     if batch_size % nproc:
         raise InvalidValue(
             f"--batch-size {batch_size} (the global batch) must be a multiple of the number of processes ({nproc})"
@@ -305,74 +328,77 @@ def train(
                 "data given in Python cannot be handed to other processes: with nproc > 1 give a --data spec"
             )
         # read once and checked (model checks when loaded); a torch dataset only as far as the limits
-        data = in_memory_data(data, memory_limit_gb, train_limit, test_limit)
-    log = check_loggers(log)
-    if nproc > 1 and _dist is None:
-        if algorithms is not None:
-            raise InvalidValue("algorithms cannot be handed to other processes: with nproc > 1 the plan's are used")
-        return _train_local_ranks(
-            artifact_dir, data, epochs, batch_size, run_dir, device, seed, resume, lr, threads, train_limit,
-            test_limit, force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout, log,
-        )  # fmt: skip
-    spec = TrainSpec(
+        data = in_memory_data(data, s["memory_limit_gb"], s["train_limit"], s["test_limit"])
+    return TrainSpec(
         artifacts=artifact_dir,
         data=data,
-        epochs=int(epochs),
+        epochs=int(s["epochs"]),
         batch_size=int(batch_size),
-        run_dir=run_dir,
-        seed=int(seed),
-        resume=bool(resume),
-        lr=None if lr is None else float(lr),
-        train_limit=None if train_limit is None else int(train_limit),
-        test_limit=None if test_limit is None else int(test_limit),
-        force=bool(force),
-        progress=bool(progress),
-        exec=config,
-        memory_limit_gb=memory_limit_gb,
-        allow_change=frozenset(allow_change),
+        run_dir=s["run_dir"],
+        seed=int(s["seed"]),
+        resume=bool(s["resume"]),
+        lr=None if s["lr"] is None else float(s["lr"]),
+        train_limit=_optional_int(s["train_limit"]),
+        test_limit=_optional_int(s["test_limit"]),
+        force=bool(s["force"]),
+        progress=bool(s["progress"]),
+        exec=ExecConfig(device=s["device"], threads=_optional_int(s["threads"]), kernels=kernels),
+        memory_limit_gb=s["memory_limit_gb"],
+        allow_change=allow_change,
         nproc=int(nproc),
-        dist_timeout=float(dist_timeout),
-        log=log,
+        dist_timeout=float(s["dist_timeout"]),
+        log=check_loggers(s["log"]),
     )
-    return _train(spec, algorithms=None if algorithms is None else list(algorithms), lock_fd=_lock_fd, dist=_dist)
 
 
-def _train_local_ranks(
-    artifact_dir, data, epochs, batch_size, run_dir, device, seed, resume, lr, threads, train_limit, test_limit,
-    force, kernels, allow_change, memory_limit_gb, nproc, dist_timeout, log=("csv",),
-) -> dict:  # fmt: skip
-    """:func:`train` with ``nproc`` > 1: the ranks are ``accelc train`` processes, supervised as
-    the CLI's ``--nproc`` does; returns rank 0's summary."""
-    import json
+def train(artifact_dir, data="synthetic", *, algorithms=None, **settings: Unpack[TrainSettings]) -> dict:
+    """Train compiled artifacts; returns the summary (also written to RUN_DIR/summary.json).
+    ``data``: a ``--data`` spec, or data in Python: ``(x_train, y_train, x_test, y_test)`` numpy
+    arrays or torch tensors (images N,C,H,W float at the model's input shape, used as given;
+    labels integer class indices), ``(train, test)`` with each a torch ``Dataset``, ``DataLoader``
+    or ``(x, y)`` pair (read once into memory: with ``train_limit``/``test_limit`` only that many
+    samples, and one without a ``__len__`` -- an IterableDataset -- at most 1,000,000 samples, so an
+    endless stream is refused: give it a limit), or a dict with those four keys; the run records
+    it by its SHA-256, so a resume with other data is refused. ``algorithms``: run-time
+    algorithms instead of those the artifacts' plan asks for (one process only).
+    The other arguments are keyword-only (:class:`TrainSettings`, defaults :data:`TRAIN_DEFAULTS`),
+    each the ``accelc train`` flag of its name: ``epochs``, ``batch_size``, ``run_dir`` (``-o``),
+    ``device``, ``seed``, ``resume``, ``lr``, ``threads``, ``train_limit``, ``test_limit``,
+    ``force``, ``progress`` (not ``-q``). ``allow_change``: with ``resume``, settings that may
+    differ from the checkpoint's (``"batch_size"``, ``"epochs"``, ``"nproc"``; ``--allow-change``).
+    ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``);
+    ``memory_limit_gb``: the memory limit (``--memory-limit``). ``nproc``: train data-parallel on
+    that many local processes (``--nproc``; ``batch_size`` is the global batch), each a worker that
+    reads the run's spec from a file in the run directory, supervised as the CLI does;
+    ``dist_timeout``: seconds a rank waits for the others; ``log``: logs besides metrics.jsonl
+    (``--log``: "csv", "tensorboard", "none"). Every argument is validated before any file is read
+    or written (:func:`train_spec`)."""
+    if algorithms is not None and not isinstance(algorithms, (list, tuple)):
+        raise InvalidType(
+            f"algorithms must be a list of accelc.runtime.algorithm.Algorithm, got {type(algorithms).__name__}"
+        )
+    spec = train_spec(artifact_dir, data, **settings)
+    if spec.nproc == 1:
+        return _train(spec, algorithms=None if algorithms is None else list(algorithms))
+    if algorithms is not None:
+        raise InvalidValue("algorithms cannot be handed to other processes: with nproc > 1 the plan's are used")
+    return _train_local_ranks(spec)
 
-    from .launch import launch_local, local_threads
-    from .runtime.train import open_run_dir, release_run_dir
 
-    argv = ["train", os.fspath(artifact_dir), "--data", data, "--epochs", str(epochs)]
-    argv += ["--batch-size", str(batch_size), "-o", os.fspath(run_dir), "--device", device, "--seed", str(seed)]
-    argv += ["--nproc", str(nproc), "--dist-timeout", repr(float(dist_timeout)), "-q"]
-    argv += ["--log", ",".join(log) or "none"]
-    for flag, v in (("--lr", lr), ("--train-limit", train_limit), ("--test-limit", test_limit)):
-        if v is not None:
-            argv += [flag, repr(v)]
-    if memory_limit_gb is not None:
-        argv += ["--memory-limit", repr(float(memory_limit_gb))]
-    if resume:
-        argv.append("--resume")
-    if force:
-        argv.append("--force")
-    if allow_change:
-        argv += ["--allow-change", ",".join(sorted(c.replace("_", "-") for c in allow_change))]
-    for k, v in kernels.items():
-        argv += ["--kernel", f"{k}={v}"]
-    threads = threads if threads is not None else local_threads(os.environ, nproc)
-    rd, lock = open_run_dir(run_dir, resume, force, protect=[artifact_dir])
-    try:
-        worker = argv + ["--in-process", "--supervised-by", str(os.getpid())]
-        launch_local(worker, nproc, rd, lock, epochs, threads)
-    finally:
-        release_run_dir(rd, lock, lock.created)
-    return json.loads((rd / "summary.json").read_text())
+_keyword_signature(train, TRAIN_DEFAULTS, TrainSettings)
+
+
+def _train_local_ranks(spec, *args, **settings) -> dict:
+    """``spec`` trained by ``spec.nproc`` local ranks (:func:`accelc.launch.train_supervised`: each a
+    worker process that reads the spec from a file, supervised as the CLI's ``--nproc`` does, one
+    rank included); returns rank 0's summary. The workers print no progress. (Also takes
+    :func:`train_spec`'s arguments, as ``accelc.scaling`` passes them.)"""
+    from .launch import train_supervised
+
+    if not isinstance(spec, TrainSpec):  # (artifact_dir, data, epochs, batch_size, run_dir, **settings)
+        spec = train_spec(spec, *args[:1], **dict(zip(("epochs", "batch_size", "run_dir"), args[1:])), **settings)
+    train_supervised(spec.replace(progress=False), local_ranks=True)
+    return json.loads((Path(os.path.abspath(spec.run_dir)) / "summary.json").read_text())
 
 
 def export(module, example_input, path):

@@ -1,5 +1,10 @@
 """How ``accelc train`` runs its training processes.
 
+* :func:`train_supervised`: the supervisor's side. The run directory is locked, the
+  :class:`~accelc.runtime.spec.TrainSpec` written to a JSON file in it (:data:`SPEC_FILE`), and
+  every training process is ``python -m accelc.worker SPEC_FILE`` (:mod:`accelc.worker`): never a
+  command line. What a worker needs besides the spec (its rank, the rendezvous, the lock and error
+  pipe it inherits, its supervisor) is a :class:`Worker` in its environment.
 * :func:`supervise`: one worker process (the default). A native crash inside ONNX Runtime, or a
   signal, is reported in one line with what was saved, never as a silent death.
 * :func:`launch_local`: ``--nproc N``, N workers on this machine that train data-parallel
@@ -14,8 +19,8 @@
 
 Workers run in their own process group, die with their parent (``PR_SET_PDEATHSIG``) and get
 every SIGTERM/SIGHUP/SIGINT the parent gets. A worker started by :func:`launch_local` writes its
-final error line to a pipe (``--error-fd``) instead of stderr, so the job prints one line, not one
-per rank.
+final error line to a pipe (:attr:`Worker.error_fd`) instead of stderr, so the job prints one line,
+not one per rank.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .compiler.errors import AccelcError, InvalidValue, show
 from .runtime import checkpoint as ckpt
 from .runtime.distributed import PeerLost
+from .runtime.spec import SPEC_FILE, TrainSpec
 
 STOP_GRACE_S = 3.0  # a surviving rank gets SIGTERM, then SIGKILL after this
 
@@ -154,11 +162,88 @@ def _stopped_by_signal(got: list[int], where: str, saved: str) -> Stopped:
     return Stopped(f"training stopped by {sig.name} {where}; {saved}", 128 + sig.value)
 
 
-def supervise(argv: list[str], run_dir: Path, lock, epochs: int) -> int:
-    """Run the training in a child process (see the module doc). ``lock``: the run directory's
-    lock, shared with the child (None for a rank that does not write the run directory)."""
+@dataclass(frozen=True)
+class Worker:
+    """What a launcher tells one worker process besides its spec, through the worker's environment
+    (:meth:`environ` writes it, :meth:`from_environ` reads it in the worker; nothing else does).
+    ``supervisor``: the PID of the process that supervises it (the worker dies with it);
+    ``lock_fd``: the run directory's lock the supervisor holds and the worker inherits (the process
+    that writes the run); ``error_fd``: a rank of :func:`launch_local` writes its error line to this
+    pipe; ``rank``/``world_size``/``rendezvous``: a rank of :func:`launch_local` (under torchrun,
+    torchrun's own variables say it); ``verbose``: ``-v`` (tracebacks)."""
+
+    supervisor: int | None = None
+    lock_fd: int | None = None
+    error_fd: int | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    rendezvous: str | None = None
+    verbose: bool = False
+
+    _ENV = {
+        "supervisor": "ACCELC_SUPERVISOR",
+        "lock_fd": "ACCELC_LOCK_FD",
+        "error_fd": "ACCELC_ERROR_FD",
+        "rank": "ACCELC_RANK",
+        "world_size": "ACCELC_WORLD_SIZE",
+        "rendezvous": "ACCELC_RENDEZVOUS",
+        "verbose": "ACCELC_VERBOSE",
+    }
+
+    def environ(self, base) -> dict[str, str]:
+        """``base`` (the launcher's environment) with this worker's variables, and no others of ours."""
+        env = {k: v for k, v in base.items() if k not in self._ENV.values()}
+        for name, var in self._ENV.items():
+            value = getattr(self, name)
+            if value is not None and value is not False:
+                env[var] = "1" if value is True else str(value)
+        return env
+
+    @classmethod
+    def from_environ(cls, environ) -> "Worker":
+        """The worker this process is (all None: started by hand, trains alone)."""
+        got: dict = {}
+        for name, var in cls._ENV.items():
+            if var not in environ:
+                continue
+            value = environ[var]
+            if name in ("rendezvous", "verbose"):
+                got[name] = value if name == "rendezvous" else value == "1"
+                continue
+            try:
+                got[name] = int(value)
+            except ValueError:
+                raise InvalidValue(f"{var} must be an integer (accelc's launcher sets it), got {show(value)}") from None
+        return cls(**got)
+
+    def dist(self, timeout_s: float):
+        """This rank's DistConfig (a rank of :func:`launch_local`), else None."""
+        if self.rank is None:
+            return None
+        from .runtime.distributed import DistConfig
+
+        return DistConfig(
+            rank=self.rank, world_size=self.world_size or 1, init_method=self.rendezvous or "", timeout_s=timeout_s
+        )
+
+
+def _start(spec_file: Path, worker: Worker, fds: tuple) -> subprocess.Popen:
+    """``python -m accelc.worker SPEC_FILE`` in its own process group, ``worker`` in its environment."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "accelc.worker", os.fspath(spec_file)],
+        pass_fds=fds,
+        process_group=0,
+        env=worker.environ(os.environ),
+    )
+
+
+def supervise(spec_file: Path, run_dir: Path, lock, epochs: int, verbose: bool = False) -> int:
+    """Run the training of ``spec_file`` in a worker process (see the module doc). ``lock``: the
+    run directory's lock, shared with the worker (None for a rank that does not write the run
+    directory). Returns the worker's exit code (it printed its error line itself)."""
     fds = (lock.fd,) if lock is not None else ()
-    p = subprocess.Popen([sys.executable, "-m", "accelc"] + argv, pass_fds=fds, process_group=0)
+    worker = Worker(supervisor=os.getpid(), lock_fd=lock.fd if lock is not None else None, verbose=verbose)
+    p = _start(spec_file, worker, fds)
     got: list[int] = []
     old = _forwarding([p], got)
     try:
@@ -185,9 +270,8 @@ def _killed(who: str, rc: int, where: str, saved: str) -> AccelcError:
     )
 
 
-def launch_local(argv: list[str], nproc: int, run_dir: Path, lock, epochs: int, threads: int) -> int:
-    """Train on ``nproc`` local ranks (see the module doc). ``argv``: the worker's arguments
-    (``--in-process`` and the supervision flags included); ``threads``: each rank's threads."""
+def launch_local(spec_file: Path, nproc: int, run_dir: Path, lock, epochs: int, verbose: bool = False) -> int:
+    """Train ``spec_file`` on ``nproc`` local ranks (see the module doc)."""
     from .runtime.distributed import free_port  # light: no torch import at call time
 
     addr = f"tcp://127.0.0.1:{free_port()}"
@@ -197,15 +281,17 @@ def launch_local(argv: list[str], nproc: int, run_dir: Path, lock, epochs: int, 
     try:
         for r in range(nproc):
             rfd, wfd = os.pipe()
-            extra = ["--dist-rank", str(r), "--dist-world", str(nproc), "--dist-init", addr, "--error-fd", str(wfd)]
-            extra += ["--threads", str(threads)]
-            fds = (wfd, lock.fd) if r == 0 else (wfd,)
-            if r == 0:
-                extra += ["--lock-fd", str(lock.fd)]
+            worker = Worker(
+                supervisor=os.getpid(),
+                lock_fd=lock.fd if r == 0 else None,
+                error_fd=wfd,
+                rank=r,
+                world_size=nproc,
+                rendezvous=addr,
+                verbose=verbose,
+            )
             try:
-                procs.append(
-                    subprocess.Popen([sys.executable, "-m", "accelc"] + argv + extra, pass_fds=fds, process_group=0)
-                )
+                procs.append(_start(spec_file, worker, (wfd, lock.fd) if r == 0 else (wfd,)))
             finally:
                 os.close(wfd)
             pipes.append(rfd)
@@ -289,6 +375,47 @@ def _read_all(fd: int) -> str:
         if last.startswith(prefix):
             return last[len(prefix) :]
     return last
+
+
+def train_supervised(spec: TrainSpec, dist=None, *, local_ranks: bool | None = None, verbose: bool = False) -> int:
+    """Train ``spec`` in supervised worker processes (see the module doc); returns the exit code.
+    ``dist``: this process's rank under torchrun (a rank other than 0 neither locks nor writes the
+    run directory; its spec goes to a private temporary folder). ``local_ranks``: train as
+    ``spec.nproc`` ranks of :func:`launch_local` (default: when ``spec.nproc`` > 1), each with
+    this machine's cores shared among them unless ``spec`` says its threads."""
+    from .runtime.train import open_run_dir, release_run_dir
+
+    if dist is not None and dist.rank != 0:
+        with _spec_file(spec, None) as path:
+            return supervise(path, Path(os.path.abspath(spec.run_dir)), None, spec.epochs, verbose)
+    local_ranks = spec.nproc > 1 if local_ranks is None else local_ranks
+    if local_ranks and spec.exec.threads is None:
+        spec = spec.replace(exec=replace(spec.exec, threads=local_threads(os.environ, spec.nproc)))
+    rd, lock = open_run_dir(spec.run_dir, spec.resume, spec.force, protect=[spec.artifacts])
+    try:
+        with _spec_file(spec, rd) as path:
+            if local_ranks:
+                return launch_local(path, spec.nproc, rd, lock, spec.epochs, verbose)
+            return supervise(path, rd, lock, spec.epochs, verbose)
+    finally:
+        release_run_dir(rd, lock, lock.created)
+
+
+@contextlib.contextmanager
+def _spec_file(spec: TrainSpec, run_dir: Path | None):
+    """``spec`` written (atomically) to ``run_dir``/:data:`SPEC_FILE` for the workers, removed once
+    they are done; ``run_dir`` None: to a private temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix="accelc-spec-")) if run_dir is None else run_dir
+    path = folder / SPEC_FILE
+    try:
+        spec.write(path)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        if run_dir is None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def torchrun_config(environ, timeout_s: float):

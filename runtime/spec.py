@@ -25,6 +25,7 @@ SPEC_VERSION = 1
 MAX_SPEC_BYTES = 1 << 20  # a spec is a few hundred bytes; a larger file is not one
 LOGGERS = ("csv", "tensorboard")  # logs besides metrics.jsonl (``--log``)
 MAX_NPROC = 4096  # runtime.distributed.MAX_WORLD (not imported: it loads torch)
+SPEC_FILE = ".train-spec.json"  # in the run directory: the spec a launcher hands its worker processes
 
 
 @dataclass(frozen=True)

@@ -155,13 +155,13 @@ def _rank_pid(parent: int, rank: int) -> int:
         if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as fh:  # the launcher gives each worker its rank there
+                env = fh.read().split(b"\0")
             with open(f"/proc/{pid}/stat") as fh:
                 ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if ppid == parent and b"--dist-rank" in cmd and cmd[cmd.index(b"--dist-rank") + 1] == str(rank).encode():
+        if ppid == parent and f"ACCELC_RANK={rank}".encode() in env:
             return int(pid)
     raise AssertionError(f"no worker of rank {rank}")
 

@@ -21,15 +21,12 @@ error, warning and note lines go.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
-import traceback
 import warnings
 
 from .. import _startup
 from ..compiler.compile import VERSION
-from ..compiler.errors import AccelcError, show
+from ..compiler.errors import AccelcError
 from ..compiler.pass_api import PassOrderWarning
 from ..launch import stop_on_signals
 from . import messages
@@ -130,42 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = "-v" in argv or "--verbose" in argv
-    try:
-        _startup.done()  # from here, a Ctrl-C is the KeyboardInterrupt caught below
-        parser = build_parser()
-        a = parser.parse_args(argv)
-        a.argv = list(argv)
-        if not getattr(a, "tool", None):
-            raise AccelcError("a subcommand is required (see 'accelc --help')")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if a.quiet else "always", PassOrderWarning)  # -q: errors only
-            warnings.showwarning = messages.note
-            with stop_on_signals(a):  # compile, bench, export, export-run: SIGTERM/SIGHUP in one line
-                return a.tool.run(a) or 0
-    except AccelcError as e:
-        if verbose:
-            traceback.print_exc()
-        messages.error_line(f"accelc: error: {show(e, 2000)}")
-        return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:
-        if not messages.supervised():  # a worker's supervisor says it, once
-            print("accelc: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except OSError as e:
-        if verbose:
-            traceback.print_exc()
-        where = f": {show(e.filename)}" if e.filename else ""
-        messages.error_line(f"accelc: error: {show(e.strerror or e)}{where}")
-        return 2
-    except Exception as e:  # never a traceback for users; -v shows it
-        if verbose:
-            traceback.print_exc()
-        messages.error_line(f"accelc: internal error: {type(e).__name__}: {show(e, 300)} (run with -v for details)")
-        return 1
-    finally:
-        if messages.supervised():  # a signal the supervisor forwards late must not interrupt interpreter shutdown
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return messages.reporting(lambda: _run(argv), verbose="-v" in argv or "--verbose" in argv)
+
+
+def _run(argv: list[str]) -> int:
+    _startup.done()  # from here, a Ctrl-C is the KeyboardInterrupt messages.reporting catches
+    a = build_parser().parse_args(argv)
+    if not getattr(a, "tool", None):
+        raise AccelcError("a subcommand is required (see 'accelc --help')")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if a.quiet else "always", PassOrderWarning)  # -q: errors only
+        warnings.showwarning = messages.note
+        with stop_on_signals(a):  # compile, bench, export, export-run: SIGTERM/SIGHUP in one line
+            return a.tool.run(a) or 0

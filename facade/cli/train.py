@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -11,12 +10,12 @@ from .. import api, checks
 from ..compiler.artifact_dir import load_artifacts
 from ..compiler.errors import AccelcError, show
 from ..compiler.model import check_step_memory
-from ..launch import launch_local, local_threads, supervise, torchrun_config
+from ..launch import local_threads, torchrun_config, train_supervised
+from ..runtime.config import parse_kernel_choices
 from ..runtime.data import check_data
-from ..runtime.distributed import DEFAULT_TIMEOUT_S, MAX_WORLD, DistConfig
-from ..runtime.runlock import die_with_parent
-from ..runtime.train import open_run_dir, release_run_dir
-from . import messages
+from ..runtime.distributed import DEFAULT_TIMEOUT_S, MAX_WORLD
+from ..runtime.spec import TrainSpec
+from ..runtime.train import train
 from .args import DataArgs, ExecArgs, MemoryArgs, OutputArgs, Tool, TrainingArgs
 from .summary import training_summary
 
@@ -77,12 +76,6 @@ class Train(Tool):
             help="logs besides metrics.jsonl, comma-separated: csv (metrics.csv, steps.csv), tensorboard "
             "(RUN_DIR/tensorboard/, needs the tensorboard package), none (default: csv), e.g. --log csv,tensorboard",
         )
-        p.add_argument("--dist-rank", type=int, default=None, help=argparse.SUPPRESS)  # worker of --nproc
-        p.add_argument("--dist-world", type=int, default=None, help=argparse.SUPPRESS)
-        p.add_argument("--dist-init", default=None, help=argparse.SUPPRESS)
-        p.add_argument("--error-fd", type=int, default=None, help=argparse.SUPPRESS)  # worker: its error line
-        p.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)  # worker: the parent's lock
-        p.add_argument("--supervised-by", type=int, default=None, help=argparse.SUPPRESS)  # worker: parent PID
         p.add_argument(
             "--in-process",
             action="store_true",
@@ -91,31 +84,41 @@ class Train(Tool):
         )
 
     @staticmethod
-    def dist_config(a):
-        """This process's rank: from --nproc's hidden worker flags, from torchrun's environment,
-        or None (one process)."""
-        if a.dist_rank is not None:
-            return DistConfig(
-                rank=a.dist_rank, world_size=a.dist_world, init_method=a.dist_init, timeout_s=a.dist_timeout
-            )
-        return torchrun_config(os.environ, a.dist_timeout)
+    def spec(a) -> TrainSpec:
+        """The run the arguments describe, checked as :func:`accelc.train` checks its own."""
+        return api.train_spec(
+            a.artifacts,
+            a.data,
+            epochs=a.epochs,
+            batch_size=a.batch_size,
+            run_dir=a.output,
+            device=a.device,
+            seed=a.seed,
+            resume=a.resume,
+            lr=a.lr,
+            threads=a.threads,
+            train_limit=a.train_limit,
+            test_limit=a.test_limit,
+            force=a.force,
+            progress=not a.quiet,
+            kernels=parse_kernel_choices(a.kernel),
+            memory_limit_gb=a.memory_limit,
+            allow_change=a.allow_change or (),
+            nproc=a.nproc,
+            dist_timeout=a.dist_timeout,
+            log=a.log,
+        )
 
     def run(self, a):
-        if a.supervised_by is not None and (not a.in_process or a.supervised_by != os.getppid()):
-            # the PID of the accelc process that started this worker (its parent), never a user's
-            raise AccelcError(
-                "--supervised-by is accelc's own flag for the training worker it starts; leave it out "
-                "(to train in this process, give --in-process)"
-            )
         checks.positive_int("--nproc", a.nproc, MAX_WORLD)
         checks.positive_float("--dist-timeout", a.dist_timeout, 86400)
-        if a.in_process and a.nproc > 1 and a.dist_rank is None:
+        if a.in_process and a.nproc > 1:
             raise AccelcError(
                 f"--in-process trains in this one process and --nproc {a.nproc} starts {a.nproc} processes: "
                 "give one or the other"
             )
-        dist = self.dist_config(a)
-        if dist is not None and a.nproc > 1 and a.dist_rank is None:
+        dist = torchrun_config(os.environ, a.dist_timeout)  # this process's rank under torchrun, or None
+        if dist is not None and a.nproc > 1:
             raise AccelcError(
                 "--nproc starts its own processes: under torchrun, leave it out (torchrun sets the ranks)"
             )
@@ -126,82 +129,45 @@ class Train(Tool):
             )
         if a.threads is None and world > 1:  # the cores shared among this machine's ranks
             a.threads = local_threads(os.environ, a.nproc if dist is None else world)
-        if a.error_fd is not None:
-            messages.set_error_fd(a.error_fd)
-        if not a.in_process:
-            # check what can be checked cheaply here, lock the run directory, then train in a
-            # supervised worker that holds the same lock and dies with this process
-            api.check_train_args(
-                epochs=a.epochs,
-                batch_size=a.batch_size,
-                seed=a.seed,
-                lr=a.lr,
-                threads=a.threads,
-                train_limit=a.train_limit,
-                test_limit=a.test_limit,
-                device=a.device,
-                data=a.data,
-                memory_limit_gb=a.memory_limit,
-            )
-            art, _ = load_artifacts(a.artifacts)
-            check_step_memory(art.info, a.batch_size, a.memory_limit, f"training at --batch-size {a.batch_size}")
-            check_data(
-                a.data,
-                art.info.input_shape,
-                art.info.num_classes,
-                a.train_limit,
-                a.test_limit,
-                memory_limit_gb=a.memory_limit,
-            )
-            ExecArgs.config(a)
-            worker = a.argv + ["--in-process", "--supervised-by", str(os.getpid())]
-            if dist is not None and dist.rank != 0:  # a torchrun rank that does not write the run directory
-                return supervise(
-                    worker + ["--threads", str(a.threads)], Path(os.path.abspath(a.output)), None, a.epochs
-                )
-            rd, lock = open_run_dir(a.output, a.resume, a.force, protect=[a.artifacts])
-            try:
-                if a.nproc > 1:
-                    return launch_local(worker, a.nproc, rd, lock, a.epochs, a.threads)
-                if a.threads is not None:
-                    worker += ["--threads", str(a.threads)]
-                return supervise(worker + ["--lock-fd", str(lock.fd)], rd, lock, a.epochs)
-            finally:
-                release_run_dir(rd, lock, lock.created)
-        if a.supervised_by is not None:
-            die_with_parent(a.supervised_by)
-            messages.set_supervised()
-        s = api.train(
-            a.artifacts,
-            a.data,
-            a.epochs,
-            a.batch_size,
-            a.output,
-            a.device,
-            a.seed,
-            a.resume,
-            a.lr,
-            a.threads,
-            a.train_limit,
-            a.test_limit,
-            a.force,
-            progress=not a.quiet,
-            kernels=ExecArgs.config(a).kernels,
-            allow_change=a.allow_change or (),
-            memory_limit_gb=a.memory_limit,
-            log=a.log,
-            _lock_fd=a.lock_fd,
-            _dist=dist,
-        )
-        if not a.quiet and (dist is None or dist.rank == 0):
-            for line in training_summary(s, _read_json(Path(a.artifacts) / "plan.json").get("controllers"),
-                                         _read_json(Path(a.artifacts) / "report.json")):  # fmt: skip
-                print(line)
-            print(
-                f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f} at epoch "
-                f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {show(a.output)}/"
-            )
+        spec = self.spec(a)
+        if a.in_process:
+            summary = train(spec, dist=dist)
+        else:
+            # check what can be checked cheaply here, then train in supervised workers that hold
+            # this process's lock on the run directory and die with it
+            self.check_inputs(spec)
+            rc = train_supervised(spec, dist, verbose=a.verbose)
+            if rc or (dist is not None and dist.rank != 0):
+                return rc
+            summary = _read_json(Path(a.output) / "summary.json")
+        if not a.quiet and (dist is None or dist.rank == 0) and summary:
+            self.print_summary(a, summary)
         return 0
+
+    @staticmethod
+    def check_inputs(spec: TrainSpec) -> None:
+        """The artifacts, the step's memory and the data, refused here in one line before a worker starts."""
+        art, _ = load_artifacts(spec.artifacts)
+        where = f"training at --batch-size {spec.batch_size}"
+        check_step_memory(art.info, spec.batch_size, spec.memory_limit_gb, where)
+        check_data(
+            spec.data,
+            art.info.input_shape,
+            art.info.num_classes,
+            spec.train_limit,
+            spec.test_limit,
+            memory_limit_gb=spec.memory_limit_gb,
+        )
+
+    @staticmethod
+    def print_summary(a, s: dict) -> None:
+        for line in training_summary(s, _read_json(Path(a.artifacts) / "plan.json").get("controllers"),
+                                     _read_json(Path(a.artifacts) / "report.json")):  # fmt: skip
+            print(line)
+        print(
+            f"final test accuracy {s['final_test_acc']:.4f} (best {s['best_test_acc']:.4f} at epoch "
+            f"{s['best_epoch']}), {s['train_time']:.1f}s training; wrote {show(a.output)}/"
+        )
 
 
 def _read_json(path: Path) -> dict:

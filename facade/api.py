@@ -388,15 +388,12 @@ def train(artifact_dir, data="synthetic", *, algorithms=None, **settings: Unpack
 _keyword_signature(train, TRAIN_DEFAULTS, TrainSettings)
 
 
-def _train_local_ranks(spec, *args, **settings) -> dict:
+def _train_local_ranks(spec: TrainSpec) -> dict:
     """``spec`` trained by ``spec.nproc`` local ranks (:func:`accelc.launch.train_supervised`: each a
     worker process that reads the spec from a file, supervised as the CLI's ``--nproc`` does, one
-    rank included); returns rank 0's summary. The workers print no progress. (Also takes
-    :func:`train_spec`'s arguments, as ``accelc.scaling`` passes them.)"""
+    rank included); returns rank 0's summary. The workers print no progress."""
     from .launch import train_supervised
 
-    if not isinstance(spec, TrainSpec):  # (artifact_dir, data, epochs, batch_size, run_dir, **settings)
-        spec = train_spec(spec, *args[:1], **dict(zip(("epochs", "batch_size", "run_dir"), args[1:])), **settings)
     train_supervised(spec.replace(progress=False), local_ranks=True)
     return json.loads((Path(os.path.abspath(spec.run_dir)) / "summary.json").read_text())
 

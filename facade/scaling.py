@@ -170,9 +170,10 @@ def _measure(spec: ScalingSpec, art: Path, work: Path, setups: list[tuple[int, i
                 print(f"scaling: round {r + 1}/{spec.repeats}, {n} process(es) x {threads} thread(s)", file=sys.stderr)
             # as rank processes for every n (one included), so every row starts its training the same way
             s = api._train_local_ranks(
-                art, spec.data, spec.epochs, spec.batch_size, run, device="cpu", seed=spec.seed, resume=False,
-                lr=spec.lr, threads=threads, train_limit=spec.train_limit, test_limit=spec.test_limit, force=False,
-                kernels={}, allow_change=set(), memory_limit_gb=None, nproc=n, dist_timeout=300.0,
+                api.train_spec(
+                    art, spec.data, epochs=spec.epochs, batch_size=spec.batch_size, run_dir=run, seed=spec.seed,
+                    lr=spec.lr, threads=threads, train_limit=spec.train_limit, test_limit=spec.test_limit, nproc=n,
+                )
             )  # fmt: skip
             ips = [m["images_per_second"] for m in s["history"][1:]]
             runs.setdefault(key, []).append(

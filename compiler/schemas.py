@@ -119,7 +119,11 @@ GRAPH_COSTS = {
 COSTS = {
     "type": "object",
     "additionalProperties": False,
-    "properties": {"before": GRAPH_COSTS, "after": GRAPH_COSTS, "stages": {"type": "object", "additionalProperties": COST}},
+    "properties": {
+        "before": GRAPH_COSTS,
+        "after": GRAPH_COSTS,
+        "stages": {"type": "object", "additionalProperties": COST},
+    },
 }
 
 REPORT = {

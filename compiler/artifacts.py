@@ -246,6 +246,18 @@ def generate(
     return Artifacts(training, eval_m, opt, ckpt, info, config), notes
 
 
+# ORT's AdamW attributes (orttraining's AdamWOptimizer op) and their defaults
+ADAMW_DEFAULTS = {
+    "lr": 1e-3,
+    "alpha": 0.9,
+    "beta": 0.999,
+    "epsilon": 1e-6,
+    "weight_decay": 0.0,
+    "adam_mode": 1,
+    "correct_bias": 1,
+}
+
+
 def optimizer_hyperparameters(optimizer_model: onnx.ModelProto) -> dict:
     """Read the optimizer op and its attributes from an ORT optimizer model."""
     for n in optimizer_model.graph.node:

@@ -13,16 +13,7 @@ import math
 import numpy as np
 import torch
 
-# ORT's AdamW attributes (orttraining's AdamWOptimizer) and their defaults
-ADAMW_DEFAULTS = {
-    "lr": 1e-3,
-    "alpha": 0.9,
-    "beta": 0.999,
-    "epsilon": 1e-6,
-    "weight_decay": 0.0,
-    "adam_mode": 1,
-    "correct_bias": 1,
-}
+from ..compiler.artifacts import ADAMW_DEFAULTS
 
 
 class OrtAdamW(torch.optim.Optimizer):

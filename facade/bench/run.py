@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .. import api
 from ..compiler import checks
 from ..compiler.artifact_dir import load_artifacts
-from ..compiler.artifacts import optimizer_hyperparameters
+from ..compiler.artifacts import ADAMW_DEFAULTS, optimizer_hyperparameters
 from ..compiler.cost import graph_costs
 from ..compiler.errors import AccelcError, InvalidValue
 from ..compiler.fileio import atomic_dir, atomic_write_text
@@ -39,15 +39,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 # torch eager uses the optimizer the artifacts describe; these are ORT's AdamW defaults (no artifacts)
-DEFAULT_HYPER = {
-    "kind": "adamw",
-    "alpha": 0.9,
-    "beta": 0.999,
-    "epsilon": 1e-6,
-    "weight_decay": 0.0,
-    "adam_mode": 1,
-    "correct_bias": 1,
-}
+DEFAULT_HYPER = {"kind": "adamw", **{k: v for k, v in ADAMW_DEFAULTS.items() if k != "lr"}}
 
 
 def run_bench(model: str, data, epochs: int, configs, out_dir, **settings: Unpack[BenchSettings]) -> dict:

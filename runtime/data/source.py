@@ -27,7 +27,7 @@ class DataSource:
     ``imagefolder:DIR``; checked when loaded), or ``arrays``, ``(x_train, y_train, x_test, y_test)``
     given in Python, read and checked by :func:`~accelc.runtime.data.in_memory_data` (which builds
     this); ``digest`` is their SHA-256. Images given as arrays are used as given (N, C, H, W float32:
-    neither resized nor normalised, as torch would take them); :meth:`load` checks them against the
+    neither resized nor normalised, as torch would take them); :func:`~accelc.runtime.data.load_data` checks them against the
     model's input shape and class count. Two sources are equal when they describe the same data."""
 
     spec: str | None = None
@@ -100,38 +100,3 @@ class DataSource:
 
     def __hash__(self) -> int:
         return hash((self.spec, self.digest))
-
-    def load(
-        self,
-        shape: tuple,
-        num_classes: int,
-        train_limit: int | None = None,
-        test_limit: int | None = None,
-        *,
-        memory_limit_gb: float | None = None,
-        val_split=None,
-    ):
-        """The :class:`~accelc.runtime.data.Dataset` fitted to a model input ``shape`` (C, H, W) and
-        class count: :func:`~accelc.runtime.data.load_data` of this source."""
-        from .loader import load_data  # the loader dispatches on sources: imported when one loads
-
-        return load_data(
-            self, shape, num_classes, train_limit, test_limit, memory_limit_gb=memory_limit_gb, val_split=val_split
-        )
-
-    def check(
-        self,
-        shape: tuple,
-        num_classes: int,
-        train_limit: int | None = None,
-        test_limit: int | None = None,
-        *,
-        memory_limit_gb: float | None = None,
-        val_split=None,
-    ) -> None:
-        """Every check :meth:`load` makes that needs no image decoded (:func:`~accelc.runtime.data.check_data`)."""
-        from .loader import check_data
-
-        check_data(
-            self, shape, num_classes, train_limit, test_limit, memory_limit_gb=memory_limit_gb, val_split=val_split
-        )

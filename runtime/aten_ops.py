@@ -44,10 +44,15 @@ class Op(NodeKernel):
         super().__init__(node)
         self.fn = fn
         self.a = a
+        self.out = None  # during a run: the preallocated buffer of output 0 (a gradient), if any
 
     def run(self, env: dict, bound: dict) -> None:
         ins = [env[i] if i else None for i in self.inputs]
-        outs = self.fn(self, *ins)
+        self.out = bound.get(self.outputs[0])
+        try:
+            outs = self.fn(self, *ins)
+        finally:
+            self.out = None
         if not isinstance(outs, tuple):
             outs = (outs,)
         for name, t, want in zip(self.outputs, outs, self.wanted):
@@ -140,6 +145,15 @@ def _reduce(fn):
     return run
 
 
+def _into(k, shape, dtype):
+    """The node's preallocated output buffer when it fits (a gradient the optimizer reads): the
+    kernel writes the result straight into it, with no transient of the gradient's size."""
+    out = k.out
+    if out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.is_contiguous():
+        return out
+    return None
+
+
 def _gemm(k, a, b, c=None):
     if k.a.get("transA", 0):
         a = a.t()
@@ -148,7 +162,8 @@ def _gemm(k, a, b, c=None):
     alpha, beta = float(k.a.get("alpha", 1.0)), float(k.a.get("beta", 1.0))
     if c is not None and beta != 0.0:
         return torch.addmm(c, a, b, beta=beta, alpha=alpha)
-    out = torch.mm(a, b)
+    into = _into(k, (a.shape[0], b.shape[1]), torch.result_type(a, b)) if a.dim() == b.dim() == 2 else None
+    out = torch.mm(a, b, out=into) if into is not None else torch.mm(a, b)
     return out if alpha == 1.0 else out.mul_(alpha)
 
 

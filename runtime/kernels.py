@@ -90,6 +90,7 @@ def store(name: str, t, env: dict, bound: dict) -> None:
     """Put a kernel's output into the step's environment; a preallocated (bound) buffer, such as
     a gradient, is written in place."""
     if name in bound:
-        bound[name].copy_(t)
+        if t is not bound[name]:  # a kernel that wrote straight into the buffer has nothing to copy
+            bound[name].copy_(t)
         t = bound[name]
     env[name] = t.contiguous()

@@ -207,6 +207,40 @@ def test_gemm_matmul_softmax():
     close([N("Softmax", ["a"], ["y"], axis=1)], {"a": a}, ["y"], rtol=2e-6)
 
 
+def test_a_weight_gradient_gemm_writes_straight_into_its_buffer():
+    """A Gemm whose output is a preallocated (bound) buffer -- a weight gradient the optimizer
+    reads -- is computed into it: no transient of the gradient's size, and ORT's values (to float32
+    rounding). Alpha scales it in place; a Gemm with a C input still copies."""
+    import onnxruntime as ort
+
+    a, b = f32(8, 6), f32(8, 5)
+    for alpha in (1.0, 0.5):
+        nodes = [N("Gemm", ["a", "b"], ["dw"], transA=1, alpha=alpha)]
+        m = model(nodes, {"a": a, "b": b}, ["dw"])
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        (ref,) = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+            ["dw"], {"a": a, "b": b}
+        )
+        cfg = ExecConfig()
+        runner = SegmentedRunner(m, session_options(), ["CPUExecutionProvider"], cfg, claimed(m, cfg))
+        buf = torch.full((6, 5), float("nan"))
+        copies = []
+        real_copy = torch.Tensor.copy_
+
+        def counting_copy(self, src, *args, **kw):
+            copies.append(tuple(self.shape))
+            return real_copy(self, src, *args, **kw)
+
+        torch.Tensor.copy_ = counting_copy
+        try:
+            got, _ = runner.run({"a": torch.from_numpy(a.copy()), "b": torch.from_numpy(b.copy())}, {"dw": buf})
+        finally:
+            torch.Tensor.copy_ = real_copy
+        assert got["dw"] is buf and copies == []  # written in place, nothing copied
+        np.testing.assert_allclose(buf.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_softmax_grad_and_leaky_relu_and_its_grad():
     """SoftmaxGrad_13 (ResNeSt's split attention) within float32 rounding of ORT's; LeakyRelu and
     its gradient (CSPResNet) bit-equal."""

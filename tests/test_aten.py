@@ -484,11 +484,17 @@ def test_clip_gradient_chain_fused_and_bit_equal():
     x[0, 0, 0], x[0, 0, 1] = 0.0, 6.0
     dy = f32(4, 6, 5)
     dy[1, 1, 1] = np.nan
+    # NaN and infinite dY outside the range (NaN·0 = NaN), NaN X (no gradient), -0.0 on the bound
+    x[1, 2, 3], dy[1, 2, 3] = 10.0, np.nan
+    x[2, 0, 0], dy[2, 0, 0] = -3.0, np.inf
+    x[2, 2, 2] = np.nan
+    x[3, 3, 3] = -0.0
     inits = {"lo": np.float32(0.0), "hi": np.float32(6.0)}
     m = prepared(model(nodes, {"x": x, "dy": dy}, ["dx"], inits), ExecConfig())
     assert [(n.domain, n.op_type) for n in m.graph.node] == [(aten.OWN, "ClipGrad")]
     ref, got = both(nodes, {"x": x, "dy": dy}, ["dx"], inits)
     np.testing.assert_array_equal(ref[0], got[0])  # NaN where ORT has NaN
+    np.testing.assert_array_equal(np.signbit(ref[0]), np.signbit(got[0]))  # signed zeros too
     # the mask read elsewhere: left as it is
     m = prepared(model(nodes, {"x": x, "dy": dy}, ["dx", "m"], inits), ExecConfig())
     assert len(m.graph.node) == 5

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .aten import MS, OWN, attrs, domain_of
+from .aten_pool import MaxPool, MaxPoolGrad, _avg_pool, _global_avg, _global_max
 from .kernels import BuildContext, NodeKernel, store
 from .torch_ops import ConvKernel
 
@@ -452,61 +453,6 @@ def _fused_matmul(k, a, b):
     out = torch.matmul(a, b)
     alpha = float(k.a.get("alpha", 1.0))
     return out if alpha == 1.0 else out.mul_(alpha)
-
-
-# --- pooling -------------------------------------------------------------------------------
-
-
-def _pool_args(a: dict):
-    ks = list(a["kernel_shape"])
-    st = list(a.get("strides", [1] * len(ks)))
-    pads = list(a.get("pads", [0] * 2 * len(ks)))
-    dil = list(a.get("dilations", [1] * len(ks)))
-    return ks, st, pads[: len(ks)], dil, bool(a.get("ceil_mode", 0))
-
-
-class MaxPool(NodeKernel):
-    def __init__(self, node, a):
-        super().__init__(node)
-        self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
-
-    def run(self, env, bound):
-        x = env[self.inputs[0]]
-        if len(self.outputs) > 1 and self.outputs[1] and self.wanted[1]:
-            y, idx = torch.ops.aten.max_pool2d_with_indices(x, self.ks, self.st, self.pad, self.dil, self.ceil)
-            store(self.outputs[1], idx, env, bound)
-            env[self.outputs[1] + "#shape"] = tuple(x.shape)
-        else:
-            y = F.max_pool2d(x, self.ks, self.st, self.pad, self.dil, self.ceil)
-        store(self.outputs[0], y, env, bound)
-
-
-class MaxPoolGrad(NodeKernel):
-    def __init__(self, node, a):
-        super().__init__(node)
-        self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
-
-    def run(self, env, bound):
-        dy, idx = env[self.inputs[0]], env[self.inputs[1]]
-        # the kernel reads only the pooled input's shape: an unwritten tensor of that shape stands in
-        x = dy.new_empty(env[self.inputs[1] + "#shape"])
-        dx = torch.ops.aten.max_pool2d_with_indices_backward(
-            dy.contiguous(), x, self.ks, self.st, self.pad, self.dil, self.ceil, idx
-        )
-        store(self.outputs[0], dx, env, bound)
-
-
-def _avg_pool(k, x):
-    ks, st, pads, _, ceil = _pool_args(k.a)
-    return F.avg_pool2d(x, ks, st, pads, ceil, bool(k.a.get("count_include_pad", 0)))
-
-
-def _global_avg(k, x):
-    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
-
-
-def _global_max(k, x):
-    return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
 # --- loss ------------------------------------------------------------------------------------

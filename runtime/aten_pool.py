@@ -1,0 +1,63 @@
+"""The pooling kernels of the runtime's ``aten`` provider (MaxPool with its indices and their
+gradient, average and global pools), split from :mod:`.aten_ops`, whose table names them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import NodeKernel, store
+
+# --- pooling -------------------------------------------------------------------------------
+
+
+def _pool_args(a: dict):
+    ks = list(a["kernel_shape"])
+    st = list(a.get("strides", [1] * len(ks)))
+    pads = list(a.get("pads", [0] * 2 * len(ks)))
+    dil = list(a.get("dilations", [1] * len(ks)))
+    return ks, st, pads[: len(ks)], dil, bool(a.get("ceil_mode", 0))
+
+
+class MaxPool(NodeKernel):
+    def __init__(self, node, a):
+        super().__init__(node)
+        self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
+
+    def run(self, env, bound):
+        x = env[self.inputs[0]]
+        if len(self.outputs) > 1 and self.outputs[1] and self.wanted[1]:
+            y, idx = torch.ops.aten.max_pool2d_with_indices(x, self.ks, self.st, self.pad, self.dil, self.ceil)
+            store(self.outputs[1], idx, env, bound)
+            env[self.outputs[1] + "#shape"] = tuple(x.shape)
+        else:
+            y = F.max_pool2d(x, self.ks, self.st, self.pad, self.dil, self.ceil)
+        store(self.outputs[0], y, env, bound)
+
+
+class MaxPoolGrad(NodeKernel):
+    def __init__(self, node, a):
+        super().__init__(node)
+        self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
+
+    def run(self, env, bound):
+        dy, idx = env[self.inputs[0]], env[self.inputs[1]]
+        # the kernel reads only the pooled input's shape: an unwritten tensor of that shape stands in
+        x = dy.new_empty(env[self.inputs[1] + "#shape"])
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(
+            dy.contiguous(), x, self.ks, self.st, self.pad, self.dil, self.ceil, idx
+        )
+        store(self.outputs[0], dx, env, bound)
+
+
+def _avg_pool(k, x):
+    ks, st, pads, _, ceil = _pool_args(k.a)
+    return F.avg_pool2d(x, ks, st, pads, ceil, bool(k.a.get("count_include_pad", 0)))
+
+
+def _global_avg(k, x):
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+def _global_max(k, x):
+    return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)

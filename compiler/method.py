@@ -207,19 +207,3 @@ def load_entry_points(group: str = ENTRY_POINTS) -> list[Method]:
             raise AccelcError(f"the method plug-in '{ep.name}' ({ep.value}) is not an accelc Method")
         out.append(obj)
     return out
-
-
-def describe(m: Method) -> dict[str, Any]:
-    """What `accelc passes --json` says of a method."""
-    return {
-        "name": m.name,
-        "summary": m.summary,
-        "paper": m.paper,
-        "default": m.default,
-        "after": list(m.after),
-        "before": list(m.before),
-        "algorithm": m.algorithm is not None,
-        "options": {
-            k: {"default": o.default, "help": o.help, "flag": m.options.flag(k)} for k, o in m.options.fields().items()
-        },
-    }

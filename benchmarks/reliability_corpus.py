@@ -42,6 +42,7 @@ FILES = [
     "tests/test_round3_inputs.py",
     "tests/test_round3_models.py",
     "tests/test_round_trip.py",
+    "tests/test_ort_checkpoint.py",
 ]
 # round 3 (issue 32): one cause per file, its tests named for the behaviour
 BY_FILE = {

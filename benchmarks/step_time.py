@@ -1,8 +1,9 @@
 """One training step (forward, backward, AdamW) per engine, side by side: torch eager fp32,
 torch channels_last fp32, torch.compile fp32, accelc on ORT (``--kernel all=ort``, the whole step on
-ORT Training's kernels, as plain ORT users get it), accelc before the whole-graph engine (``--kernel
-aten=ort``: the opt pass's convs on oneDNN between ORT segments, the previous default) and accelc's
-default engine (every op on its ATen kernels) — with a per-op-kind profile of the accelc engines.
+ORT Training's kernels, as plain ORT users get it), accelc's engine with the activations in NCHW
+(``--layout nchw``, ONNX's layout) and accelc's default (every op on its ATen kernels, the layout
+chosen by timing both at the first step: ``--layout auto``) — with a per-op-kind profile of the
+accelc engines.
 Writes docs/step_time.md and .json.
 
     python benchmarks/step_time.py [--models vgg,resnet18,tv:resnet50,tv:mobilenet_v2] [--rounds 5]
@@ -190,8 +191,8 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
     x = rng.standard_normal((batch, *shape)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int64)
     ort_sess = TrainingSession(art, ExecConfig(kernels={"all": "ort"}))
-    seg_sess = TrainingSession(art, ExecConfig(kernels={"aten": "ort"}))
-    aten_sess = TrainingSession(art, ExecConfig())
+    nchw_sess = TrainingSession(art, ExecConfig(layout="nchw"))
+    aten_sess = TrainingSession(art, ExecConfig())  # --layout auto: measured at its first step
     weights = {k: torch.from_numpy(v) for k, v in ort_sess.param_arrays().items()}
 
     def torch_module():
@@ -216,7 +217,7 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
             print(f"  torch.compile unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
         print(f"  torch.compile warm-up {time.perf_counter() - t0:.1f} s")
     engines["accelc --kernel all=ort"] = ort_sess
-    engines["accelc --kernel aten=ort"] = seg_sess
+    engines["accelc --layout nchw"] = nchw_sess
     engines["accelc default"] = aten_sess
     values = collections.defaultdict(list)
     for e in engines.values():  # untimed warm-up of every engine
@@ -239,7 +240,7 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
     }
     profiles = {
         "accelc --kernel all=ort": Profiled(ort_sess).run(x, y, 3),
-        "accelc --kernel aten=ort": Profiled(seg_sess).run(x, y, 3),
+        "accelc --layout nchw": Profiled(nchw_sess).run(x, y, 3),
         "accelc default": Profiled(aten_sess).run(x, y, 3),
     }
     fell_back = aten_sess.runner.fallback_ops() if aten_sess.runner else {"(whole graph)": 1}
@@ -249,8 +250,17 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
         "rows": rows,
         "profile": profiles,
         "ort_segments_default": len(aten_sess.runner.segments) if aten_sess.runner else 1,
+        "layout_default": aten_sess.engine_report().get("layout"),
         "fell_back": dict(fell_back),
     }
+
+
+def _layout_words(rep) -> str:
+    if not rep or not rep.get("layout"):
+        return "not chosen"
+    ms = rep.get("measured_ms")
+    how = f"measured NCHW {ms['nchw']:.1f} ms, NHWC {ms['nhwc']:.1f} ms" if ms else rep.get("not_measured")
+    return f"{rep['layout'].upper()} ({how})"
 
 
 def markdown(res: dict) -> str:
@@ -278,7 +288,8 @@ def markdown(res: dict) -> str:
         lines += [
             "",
             f"ORT segments per step in accelc default: {m['ort_segments_default']}"
-            + (f" (fell back: {m['fell_back']})" if m["fell_back"] else ""),
+            + (f" (fell back: {m['fell_back']})" if m["fell_back"] else "")
+            + f". accelc default's layout (`--layout auto`): {_layout_words(m.get('layout_default'))}.",
             "",
             "Per-op-kind profile (ms/step, 3 steps):",
             "",

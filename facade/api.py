@@ -23,7 +23,7 @@ from .compiler.method import Method, install, installed, load_entry_points, unin
 from .compiler.model import ModelInfo
 from .compiler.pass_api import check_pass_options, parse_pass_list
 from .runtime.checkpoint import CHANGEABLE
-from .runtime.config import DEVICES, ExecConfig
+from .runtime.config import DEVICES, LAYOUTS, ExecConfig
 from .runtime.data import check_data_form, in_memory_data
 from .runtime.distributed import MAX_WORLD
 from .runtime.spec import TrainSpec
@@ -229,6 +229,7 @@ class TrainSettings(TypedDict, total=False):
     force: bool
     progress: bool
     kernels: dict | None
+    layout: str
     memory_limit_gb: float | None
     allow_change: list | tuple | str
     nproc: int
@@ -239,7 +240,7 @@ class TrainSettings(TypedDict, total=False):
 def _train_defaults() -> dict:
     spec = TrainSpec()
     d = {k: getattr(spec, k, None) for k in TrainSettings.__annotations__}
-    d.update(device=spec.exec.device, threads=spec.exec.threads, kernels=None, allow_change=())
+    d.update(device=spec.exec.device, threads=spec.exec.threads, kernels=None, layout=spec.exec.layout, allow_change=())
     return d
 
 
@@ -257,6 +258,7 @@ def check_train_args(args=None, /, **kw) -> None:
             **{k: getattr(args, k) for k in ("train_limit", "test_limit")},
             "device": args.exec.device,
             "threads": args.exec.threads,
+            "layout": args.exec.layout,
         }
     a = {"data": "synthetic", **TRAIN_DEFAULTS, **(args or {}), **kw}
     data = a["data"]
@@ -269,6 +271,7 @@ def check_train_args(args=None, /, **kw) -> None:
     checks.seed("--seed", a["seed"])
     checks.optional_positive_float("--lr", a["lr"], checks.MAX_LR)
     checks.choice("--device", a["device"], DEVICES)
+    checks.choice("--layout", a["layout"], LAYOUTS)
     checks.threads(a["threads"])
     checks.optional_positive_int("--train-limit", a["train_limit"])
     checks.optional_positive_int("--test-limit", a["test_limit"])
@@ -342,7 +345,7 @@ def train_spec(artifact_dir, data="synthetic", **settings: Unpack[TrainSettings]
         test_limit=_optional_int(s["test_limit"]),
         force=bool(s["force"]),
         progress=bool(s["progress"]),
-        exec=ExecConfig(device=s["device"], threads=_optional_int(s["threads"]), kernels=kernels),
+        exec=ExecConfig(device=s["device"], threads=_optional_int(s["threads"]), kernels=kernels, layout=s["layout"]),
         memory_limit_gb=s["memory_limit_gb"],
         allow_change=allow_change,
         nproc=int(nproc),
@@ -366,7 +369,8 @@ def train(artifact_dir, data="synthetic", *, algorithms=None, **settings: Unpack
     ``device``, ``seed``, ``resume``, ``lr``, ``threads``, ``train_limit``, ``test_limit``,
     ``force``, ``progress`` (not ``-q``). ``allow_change``: with ``resume``, settings that may
     differ from the checkpoint's (``"batch_size"``, ``"epochs"``, ``"nproc"``; ``--allow-change``).
-    ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``);
+    ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``); ``layout``: the
+    activations' memory layout, ``"auto"`` (measured), ``"nchw"`` or ``"nhwc"`` (``--layout``);
     ``memory_limit_gb``: the memory limit (``--memory-limit``). ``nproc``: train data-parallel on
     that many local processes (``--nproc``; ``batch_size`` is the global batch), each a worker that
     reads the run's spec from a file in the run directory, supervised as the CLI does;

@@ -39,10 +39,14 @@ def _ints(t) -> list[int]:
 
 class Op(NodeKernel):
     """A node whose kernel is a function of its input tensors (``None`` for an omitted input)
-    returning its outputs; outputs nobody reads may be returned as None."""
+    returning its outputs; outputs nobody reads may be returned as None. ATen's kernels read and
+    write either memory layout (an elementwise op keeps its input's)."""
+
+    any_layout = True
 
     def __init__(self, node: onnx.NodeProto, fn, a: dict):
         super().__init__(node)
+        self.stateless = fn is not _dropout  # Dropout draws from its own generator
         self.fn = fn
         self.a = a
         self.out = None  # during a run: the preallocated buffer of output 0 (a gradient), if any

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import NodeKernel, store
+from .kernels import NodeKernel, is_nhwc, store
 
 # --- pooling -------------------------------------------------------------------------------
 
@@ -20,6 +20,9 @@ def _pool_args(a: dict):
 
 
 class MaxPool(NodeKernel):
+    any_layout = True
+    stateless = True
+
     def __init__(self, node, a):
         super().__init__(node)
         self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
@@ -36,16 +39,21 @@ class MaxPool(NodeKernel):
 
 
 class MaxPoolGrad(NodeKernel):
+    any_layout = True
+    stateless = True
+
     def __init__(self, node, a):
         super().__init__(node)
         self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
 
     def run(self, env, bound):
         dy, idx = env[self.inputs[0]], env[self.inputs[1]]
-        # the kernel reads only the pooled input's shape: an unwritten tensor of that shape stands in
-        x = dy.new_empty(env[self.inputs[1] + "#shape"])
+        # the kernel reads only the pooled input's shape (and its layout, which the indices have):
+        # an unwritten tensor of that shape stands in
+        fmt = torch.channels_last if is_nhwc(idx) else torch.contiguous_format
+        x = dy.new_empty(env[self.inputs[1] + "#shape"]).contiguous(memory_format=fmt)
         dx = torch.ops.aten.max_pool2d_with_indices_backward(
-            dy.contiguous(), x, self.ks, self.st, self.pad, self.dil, self.ceil, idx
+            dy.contiguous(memory_format=fmt), x, self.ks, self.st, self.pad, self.dil, self.ceil, idx
         )
         store(self.outputs[0], dx, env, bound)
 

@@ -10,6 +10,8 @@ from ..compiler.resources import check_threads
 from .kernels import ALL, ORT, providers
 
 DEVICES = ("cpu", "cuda")
+# the activations' memory layout: NCHW (ONNX's), NHWC (torch's channels_last), or measured per model
+LAYOUTS = ("auto", "nchw", "nhwc")
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,13 @@ class ExecConfig:
     device: str = "cpu"
     threads: int | None = None  # ORT intra-op threads (None: ORT's default, all cores)
     kernels: dict = field(default_factory=dict)
+    layout: str = "auto"  # see LAYOUTS and accelc.runtime.layout
 
     def __post_init__(self):
         if self.device not in DEVICES:
             raise InvalidValue(f"--device must be one of {', '.join(DEVICES)}, got '{show(self.device)}'")
+        if self.layout not in LAYOUTS:
+            raise InvalidValue(f"--layout must be one of {', '.join(LAYOUTS)}, got '{show(self.layout)}'")
         # bounded by the machine (1..4 x the cores this process may use): --threads 100000 would
         # have ORT start 100000 threads
         check_threads(self.threads)

@@ -252,6 +252,8 @@ class SegmentedRunner:
                 self._run_segment(self.segments[item], env, bound, run_options)
                 self.ort_ms += (time.perf_counter() - t0) * 1e3
             else:
+                if not item.any_layout:
+                    _nchw_inputs(item, env)
                 t0 = time.perf_counter()
                 st = item.run(env, bound)
                 if st is not None:
@@ -322,6 +324,14 @@ class SegmentedRunner:
                 shapes[name] = (tuple(t.shape), t.dtype)
         if known is None and not seg.get("dynamic") and len(seg["out_shapes"]) < 16:
             seg["out_shapes"][key] = shapes
+
+
+def _nchw_inputs(kernel: NodeKernel, env: dict) -> None:
+    """A kernel that reads NCHW only gets its 4-D inputs in NCHW (see :mod:`.layout`)."""
+    for name in kernel.inputs:
+        t = env.get(name) if name else None
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and not t.is_contiguous():
+            env[name] = t.contiguous()
 
 
 def _value_types(model: onnx.ModelProto, boundary: set) -> dict:

@@ -33,6 +33,12 @@ class NodeKernel:
     back in the step result under ``key``."""
 
     key: str = ""
+    # reads 4-D inputs in any memory layout (NCHW or NHWC, torch's channels_last); the runner hands
+    # a kernel that does not the NCHW form of each input
+    any_layout: bool = False
+    # keeps no state from run to run (no statistics, counters or adapted choices): running it an
+    # extra time, as the layout measurement does, changes nothing
+    stateless: bool = False
 
     def __init__(self, node: onnx.NodeProto):
         self.node = node
@@ -93,4 +99,12 @@ def store(name: str, t, env: dict, bound: dict) -> None:
         if t is not bound[name]:  # a kernel that wrote straight into the buffer has nothing to copy
             bound[name].copy_(t)
         t = bound[name]
-    env[name] = t.contiguous()
+    # dense tensors stay in their layout (an NHWC activation stays NHWC); anything else is made dense
+    env[name] = t if t.is_contiguous() or is_nhwc(t) else t.contiguous()
+
+
+def is_nhwc(t) -> bool:
+    """A dense 4-D tensor in torch's channels_last (NHWC) memory layout."""
+    import torch  # loaded already: only kernels, which run on torch, get here
+
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)

@@ -22,8 +22,6 @@ A variant swap replaces only the ORT session; parameters and optimizer state sta
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,80 +33,21 @@ from ..compiler.errors import AccelcError, ort_message, show
 from ..compiler.graph import pruned
 from ..compiler.lowering import lower_training_model
 from ..compiler.model import activation_bytes
-from ..compiler.ort_training import import_ort_training
+from ..compiler.ort_checkpoint import read_parameters
 from .config import ExecConfig
 from .engine import EngineBase, ParamUpdate, StepResult
 from .executor import SegmentedRunner, claimed, prepared
 from .kernels import SKIP_UPDATE
+from .layout import Layouts, in_layout
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
+from .ort_options import SHRINK_FROM_BYTES, run_options, session_options  # noqa: F401  (the session's API)
 
 
 def read_checkpoint_params(checkpoint: bytes) -> dict[str, np.ndarray]:
-    """All parameters (trainable and frozen) of an ORT checkpoint, as numpy arrays."""
-    import_ort_training()
-    from onnxruntime.training import api  # heavy: ORT Training
-
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "checkpoint")
-        with open(p, "wb") as fh:
-            fh.write(checkpoint)
-        try:
-            state = api.CheckpointState.load_checkpoint(p)
-            return {name: np.array(param.data, dtype=np.float32, copy=True) for name, param in state.parameters}
-        except Exception as e:  # a damaged file: ORT's error, as one line
-            raise AccelcError(f"the artifacts' checkpoint cannot be read: {ort_message(e)}") from None
-
-
-_SHARED_ARENA = []
-
-
-def _shared_cpu_arena() -> None:
-    """Register one CPU arena with ORT's environment, once per process. Sessions that use it
-    (``session.use_env_allocators``) share their buffers: a training graph cut into segments
-    (one ORT session each) then holds one arena's peak instead of every segment's own (measured,
-    torchvision VGG11-BN 224x224 batch 32: peak 10.4 GB with an arena per segment, 6.9 GB shared)."""
-    import onnxruntime as ort  # heavy
-
-    if not _SHARED_ARENA:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-        _SHARED_ARENA.append(info)
-
-
-_RUN_OPTIONS = []
-SHRINK_FROM_BYTES = 512 << 20  # a step's estimated activations (and their gradients)
-
-
-def run_options(device: str = "cpu", step_bytes: int | None = None):
-    """ORT run options for a training session's runs. On the CPU, for a step whose activations
-    reach :data:`SHRINK_FROM_BYTES`, the shared arena hands the chunks no tensor holds back to the
-    system after each run, so ORT does not keep its high-water mark beside torch's tensors (the
-    optimizer's, accelc's kernels'). With torch allocating the segments' outputs (the executor),
-    torchvision VGG11-BN 224x224 batch 32 peaked at 5.1 GB instead of 7.0 as before (5.6 GB with
-    the shrink alone; the checkpoint's bytes dropped in both). Below that, taking memory back each
-    run buys little and costs page faults on the next (zoo ResNet 28x28 batch 64, 136 MB: 3% slower
-    in one A/B, within noise in others). None where nothing is to be done."""
-    import onnxruntime as ort  # heavy
-
-    if device != "cpu" or (step_bytes is not None and step_bytes < SHRINK_FROM_BYTES):
-        return None
-    if not _RUN_OPTIONS:
-        ro = ort.RunOptions()
-        ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        _RUN_OPTIONS.append(ro)
-    return _RUN_OPTIONS[0]
-
-
-def session_options(threads: int | None = None):
-    import onnxruntime as ort  # heavy
-
-    _shared_cpu_arena()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.use_env_allocators", "1")
-    if threads:
-        so.intra_op_num_threads = threads
-    return so
+    """All parameters (trainable and frozen) of an ORT checkpoint, as float32 numpy arrays of their
+    own, in ORT's order (by name). Read by accelc's own checkpoint reader (no ORT Training needed:
+    compiler/ort_checkpoint.py); a damaged file is one AccelcError line."""
+    return {name: np.asarray(v, dtype=np.float32) for name, v in read_parameters(checkpoint).items()}
 
 
 class TrainingSession(EngineBase):
@@ -158,6 +97,7 @@ class TrainingSession(EngineBase):
         self._pending = None
         self._run_opts = {}  # (variant's info, batch) -> ORT run options
         self._stats_lowered = None  # (variant, its lowered training graph and description)
+        self.layouts = Layouts(self.exec.layout)  # the activations' layout (runtime.layout)
         if lazy:
             self.artifacts, self._pending = art, art
         else:
@@ -285,6 +225,7 @@ class TrainingSession(EngineBase):
         if self.runner is None:
             return {"kernel_nodes": 0, "ort_segments": 1, "fell_back": {"(whole graph)": 1}, "ort_ms_per_step": None}
         rep = self.runner.report()
+        rep["layout"] = dict(self.layouts.report)
         rep["eval"] = "accelc" if isinstance(self.eval_sess, SegmentedRunner) else "ort"
         return rep
 
@@ -393,12 +334,34 @@ class TrainingSession(EngineBase):
         probes = {n: float(outs[first + k]) for k, n in enumerate(self.desc["probes"])}
         return StepResult(loss, logits, probes)
 
-    def _forward_backward_segmented(self, xt, yt, env_out):
+    def _feeds_bound(self, xt, yt) -> tuple[dict, dict]:
         feeds = {self.info.input_name: xt, "labels": yt}
         feeds.update({n: self.params[n] for n in self.train_inputs if n in self.params})
         bound = {out: self.grads[p] for p, out in self.desc["grads"].items() if p in self.grads}
         bound.update(self.bn_buf)
         bound.update(self.bn_inv_std)
+        return feeds, bound
+
+    def _layout(self, xt, yt) -> str:
+        """The layout this step's activations run in (chosen at the first step of a batch shape
+        under ``--layout auto``, by timing the step's forward and backward in both)."""
+
+        def run(layout):  # the forward and backward alone: what the real step then overwrites
+            feeds, bound = self._feeds_bound(in_layout(xt, layout), yt)
+            self.runner.run(feeds, bound, None, None, self._run_options(len(xt)))
+
+        def act_bytes():
+            try:
+                return activation_bytes(self.artifacts.info, len(xt))
+            except Exception:  # shapes unknown to inference: measured
+                return None
+
+        agree = None if self.reducer is None else self.reducer.group.broadcast_json
+        key = (self.variant_name, tuple(xt.shape))
+        return self.layouts.for_step(key, xt.dim(), act_bytes, self.runner.kernels.values(), run, agree)
+
+    def _forward_backward_segmented(self, xt, yt, env_out):
+        feeds, bound = self._feeds_bound(in_layout(xt, self._layout(xt, yt)), yt)
         on_ready = None
         if self.reducer is not None:  # start each bucket's all-reduce as soon as its gradients exist
 
@@ -446,7 +409,9 @@ class TrainingSession(EngineBase):
     def evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         if isinstance(self.eval_sess, SegmentedRunner):
             feeds = {
-                self.info.input_name: torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)),
+                self.info.input_name: in_layout(
+                    torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)), self.layouts.last
+                ),
                 "labels": torch.as_tensor(np.ascontiguousarray(y, dtype=np.int64)),
             }
             feeds.update({n: self.params[n] for n in self.eval_inputs if n in self.params})

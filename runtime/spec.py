@@ -19,9 +19,9 @@ from typing import Any
 from ..compiler import checks
 from ..compiler.errors import AccelcError, InvalidType, InvalidValue, show
 from .checkpoint import CHANGEABLE
-from .config import ExecConfig
+from .config import LAYOUTS, ExecConfig
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: the activations' layout (``layout``)
 MAX_SPEC_BYTES = 1 << 20  # a spec is a few hundred bytes; a larger file is not one
 LOGGERS = ("csv", "tensorboard")  # logs besides metrics.jsonl (``--log``)
 MAX_NPROC = 4096  # runtime.distributed.MAX_WORLD (not imported: it loads torch)
@@ -33,7 +33,7 @@ class TrainSpec:
     """What one training run is. ``artifacts``: the compiled artifact directory (or an
     :class:`~accelc.compiler.artifacts.Artifacts` in memory); ``data``: a ``--data`` spec or data
     given in Python (the data source); ``run_dir``: None trains without a run directory (nothing
-    written). ``exec``: device, threads and kernels. ``allow_change``: settings a resume may change;
+    written). ``exec``: device, threads, kernels and the activations' layout. ``allow_change``: settings a resume may change;
     ``log``: logs besides metrics.jsonl (``csv``, ``tensorboard``)."""
 
     artifacts: Any = None
@@ -85,6 +85,7 @@ class TrainSpec:
                 "device": self.exec.device,
                 "threads": self.exec.threads,
                 "kernels": dict(self.exec.kernels),
+                "layout": self.exec.layout,
                 "memory_limit_gb": self.memory_limit_gb,
                 "allow_change": sorted(self.allow_change),
                 "nproc": self.nproc,
@@ -139,8 +140,8 @@ def _no_constant(name: str):
 
 _FIELDS = (
     "version", "artifacts", "data", "epochs", "batch_size", "run_dir", "seed", "resume", "lr", "train_limit",
-    "test_limit", "force", "progress", "device", "threads", "kernels", "memory_limit_gb", "allow_change", "nproc",
-    "dist_timeout", "log",
+    "test_limit", "force", "progress", "device", "threads", "kernels", "layout", "memory_limit_gb", "allow_change",
+    "nproc", "dist_timeout", "log",
 )  # fmt: skip
 
 
@@ -191,7 +192,12 @@ def _from_dict(raw) -> TrainSpec:
         test_limit=checks.optional_positive_int("--test-limit", raw["test_limit"]),
         force=checks.boolean("force", raw["force"]),
         progress=checks.boolean("progress", raw["progress"]),
-        exec=ExecConfig(device=device, threads=checks.threads(raw["threads"]), kernels=dict(kernels)),
+        exec=ExecConfig(
+            device=device,
+            threads=checks.threads(raw["threads"]),
+            kernels=dict(kernels),
+            layout=checks.choice("--layout", raw["layout"], LAYOUTS),
+        ),
         memory_limit_gb=checks.memory_limit_gb(raw["memory_limit_gb"]),
         allow_change=frozenset(_strings("allow_change", raw["allow_change"], CHANGEABLE)),
         nproc=checks.positive_int("--nproc", raw["nproc"], MAX_NPROC),

@@ -55,7 +55,11 @@ class Conv2d:
 
 
 class ConvKernel(NodeKernel):
-    """A 2-D Conv (X, W[, B] -> Y) or ConvGrad (dY, X, W -> dX, dW, dB) node on oneDNN, zero-copy."""
+    """A 2-D Conv (X, W[, B] -> Y) or ConvGrad (dY, X, W -> dX, dW, dB) node on oneDNN, zero-copy.
+    oneDNN computes in the layout of its input (NCHW in, NCHW out; NHWC in, NHWC out)."""
+
+    any_layout = True
+    stateless = True
 
     def __init__(self, node: onnx.NodeProto):
         super().__init__(node)

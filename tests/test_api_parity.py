@@ -65,6 +65,8 @@ TRAIN_CASES = [
     ("epochs=float", {"epochs": 2.0}, "--epochs must be a positive integer up to 1000000, got float", TypeError),
     ("batch-size=-1", {"batch_size": -1}, "--batch-size must be a positive integer up to 1048576, got -1", ValueError),
     ("device", {"device": "tpu"}, "--device must be one of cpu, cuda, got 'tpu'", ValueError),
+    ("layout", {"layout": "nwhc"}, "--layout must be one of auto, nchw, nhwc, got 'nwhc'", ValueError),
+    ("layout=int", {"layout": 4}, "--layout must be one of auto, nchw, nhwc, got int", TypeError),
     ("data=int", {"data": 5}, "--data must be synthetic[:N]", TypeError),
     ("data=unknown", {"data": "mnist"}, "unknown --data mnist", ValueError),
     ("data=synthetic:x", {"data": "synthetic:x"}, "--data synthetic:N needs an integer N, got x", ValueError),

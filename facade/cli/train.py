@@ -29,6 +29,7 @@ class Train(Tool):
         "accelc train art --data synthetic:2000 --epochs 5 -o run --resume",
         "accelc train art --data synthetic:2000 --epochs 8 -o run --resume --allow-change epochs",
         "accelc train art --kernel conv=ort -o run-ort-convs",
+        "accelc train art --layout nhwc -o run-nhwc",
     )
 
     def add_arguments(self, p):
@@ -102,6 +103,7 @@ class Train(Tool):
             force=a.force,
             progress=not a.quiet,
             kernels=parse_kernel_choices(a.kernel),
+            layout=a.layout,
             memory_limit_gb=a.memory_limit,
             allow_change=a.allow_change or (),
             nproc=a.nproc,

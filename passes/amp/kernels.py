@@ -118,7 +118,10 @@ def scaler_of(tensor: torch.Tensor, growth_interval: int) -> LossScaler:
 
 
 class AmpKernel(NodeKernel):
-    """One node marked by the amp pass (see the module doc); ``role`` picks what it does."""
+    """One node marked by the amp pass (see the module doc); ``role`` picks what it does. Its
+    arithmetic reads either memory layout (the loss scaler is state: it is not ``stateless``)."""
+
+    any_layout = True
 
     def __init__(self, node: onnx.NodeProto, ctx: BuildContext):
         super().__init__(node)

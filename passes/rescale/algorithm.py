@@ -41,7 +41,7 @@ class Rescale(Algorithm):
     def on_switch(self, state, initial):
         changed = list(self.spec["params"])
         if not self.switched:  # start of the low-resolution stage: its downscaled parameters
-            from ...runtime.session import read_checkpoint_params  # heavy: ORT Training
+            from ...runtime.session import read_checkpoint_params  # heavy: imports torch
 
             values = read_checkpoint_params(self.stage.checkpoint)
             return ParamUpdate({p: values[p] for p in changed}, changed)

@@ -20,6 +20,14 @@ def engine_line(rep: dict) -> str:
         line += f"; {rep['ort_segments']} ORT segment(s) for {ops}" + (f" ({ms:.1f} ms/step)" if ms is not None else "")
     else:
         line += ", no ORT in the step"
+    lay = rep.get("layout") or {}
+    if lay.get("layout"):
+        line += f"; activations {lay['layout'].upper()}"
+        ms = lay.get("measured_ms")
+        if ms:
+            line += f" (measured: NCHW {ms['nchw']:.1f} ms, NHWC {ms['nhwc']:.1f} ms)"
+        elif lay.get("not_measured"):
+            line += f" (not measured: {lay['not_measured']})"
     return line
 
 

@@ -1,0 +1,94 @@
+"""The activations' memory layout, chosen for the whole training step.
+
+ONNX graphs are NCHW. ATen's kernels (oneDNN's convolutions, BatchNorm, ReLU, pooling and their
+gradients) also run NHWC — torch's ``channels_last`` — and on some CPUs and models that is much
+faster (depthwise convolutions most of all). Here the choice is the engine's, for the whole graph:
+the data enter the step in the chosen layout and every kernel keeps its input's layout, so the
+activations and their gradients stay NHWC from the first convolution to the flatten before the
+head (parameters and gradients stay in ONNX's layout). Kernels that read NCHW only (a method's
+own, where it does not say otherwise) are handed the NCHW form of their inputs.
+
+``--layout auto`` (the default) measures: at the first step of a batch shape, the step's forward
+and backward run alternately in both layouts (one untimed and :data:`TIMED` timed runs each) and
+the faster is kept (NHWC only when at least :data:`MARGIN` faster). It does not measure, and keeps
+NCHW, where the input is not an image batch, where the step's activations are below
+:data:`MEASURE_FROM_BYTES` (a layout saves less there than the measurement's noise), or where a
+kernel of the step keeps state between runs (the extra runs would change it). ``nchw`` / ``nhwc``
+force a layout. The choice and the measurement go in the engine report (``summary.json``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+NCHW, NHWC = "nchw", "nhwc"
+TIMED = 2  # timed runs per layout
+MARGIN = 0.03  # NHWC must be this much faster to be chosen
+MEASURE_FROM_BYTES = 64 << 20  # activations (and their gradients) of one step
+
+
+def in_layout(x, layout: str):
+    """``x`` (a torch tensor) in ``layout``: NHWC applies to 4-D tensors only."""
+    import torch  # heavy: loaded already when a step runs
+
+    if layout == NHWC and x.dim() == 4:
+        # a fresh NHWC tensor, not ``contiguous(memory_format=...)``: a one-channel batch is dense
+        # in both layouts, and only NHWC strides make the convolutions after it run NHWC
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).copy_(x)
+    return x
+
+
+def why_not_measured(x_dims: int, act_bytes: int | None, kernels) -> str | None:
+    """Why ``auto`` keeps NCHW without measuring this step (None: it measures)."""
+    if x_dims != 4:
+        return "the input is not an image batch"
+    if act_bytes is not None and act_bytes < MEASURE_FROM_BYTES:
+        return f"activations {act_bytes / 2**20:.0f} MiB < {MEASURE_FROM_BYTES >> 20} MiB"
+    keeping = sorted({type(k).__name__ for k in kernels if not k.stateless})
+    if keeping:
+        return f"kernels keep state between runs ({', '.join(keeping[:3])})"
+    return None
+
+
+def measure(run: Callable[[str], None]) -> tuple[str, dict]:
+    """Time ``run(layout)`` (one forward and backward) in both layouts, interleaved: one untimed
+    and :data:`TIMED` timed runs each. Returns the faster layout and the medians in ms."""
+    times: dict[str, list[float]] = {NCHW: [], NHWC: []}
+    for r in range(TIMED + 1):
+        for layout in (NCHW, NHWC):
+            t0 = time.perf_counter()
+            run(layout)
+            if r:  # the first round warms both up
+                times[layout].append((time.perf_counter() - t0) * 1e3)
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    choice = NHWC if med[NHWC] < med[NCHW] * (1.0 - MARGIN) else NCHW
+    return choice, med
+
+
+class Layouts:
+    """One engine's layout choices: one per (variant, batch shape), made at its first step."""
+
+    def __init__(self, forced: str):
+        self.forced = forced  # "auto", or the layout every step runs in
+        self.chosen: dict = {}
+        self.last = forced if forced != "auto" else NCHW  # the evaluation graph runs in it
+        self.report: dict = {"layout": forced} if forced != "auto" else {"layout": None, "auto": True}
+
+    def for_step(self, key, x_dims: int, act_bytes: Callable, kernels, run: Callable, agree=None) -> str:
+        """The layout of a step keyed ``key``: forced, chosen before, or chosen now (``run`` as
+        for :func:`measure`; ``act_bytes()`` the step's activation bytes or None; ``agree``, in
+        data-parallel training, makes every rank take rank 0's choice)."""
+        if self.forced != "auto":
+            return self.forced
+        got = self.chosen.get(key)
+        if got is None:
+            why = why_not_measured(x_dims, act_bytes() if x_dims == 4 else None, kernels)
+            got, med = measure(run) if why is None else (NCHW, None)
+            if agree is not None:
+                got = agree(got)
+            self.chosen[key] = got
+            self.report = {"layout": got, "auto": True, "measured_ms": med, "not_measured": why}
+        self.last = got
+        return got

@@ -1,0 +1,128 @@
+"""The activations' layout for the whole step (accelc.runtime.layout): NCHW or NHWC forced, or chosen
+by timing the step in both (``--layout auto``); kernels that read NCHW only get NCHW. Numerics of
+NHWC against ORT, torch float64 and torch channels_last: tests/test_engine.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from accelc.runtime import layout as L
+from accelc.runtime.config import ExecConfig
+from accelc.runtime.executor import _nchw_inputs
+from accelc.runtime.kernels import NodeKernel, store
+from accelc.runtime.session import TrainingSession
+from accelc.runtime.spec import TrainSpec
+from accelc.runtime.train.summary import engine_line
+
+
+def _batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, n)
+
+
+class _Kernel:
+    def __init__(self, stateless=True):
+        self.stateless = stateless
+
+
+def test_measure_keeps_the_faster_layout_and_nchw_within_the_margin(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(L.time, "perf_counter", lambda: clock[0])
+
+    def runner(cost):
+        calls = []
+
+        def run(layout):
+            calls.append(layout)
+            clock[0] += cost[layout]
+
+        return run, calls
+
+    run, calls = runner({L.NCHW: 0.020, L.NHWC: 0.005})
+    assert L.measure(run) == (L.NHWC, {L.NCHW: 20.0, L.NHWC: 5.0})
+    assert calls == [L.NCHW, L.NHWC] * (L.TIMED + 1)  # interleaved, one untimed round first
+    run, _ = runner({L.NCHW: 0.0100, L.NHWC: 0.0098})  # 2% faster: within the margin
+    assert L.measure(run)[0] == L.NCHW
+
+
+def test_auto_says_why_it_does_not_measure():
+    big = L.MEASURE_FROM_BYTES
+    assert L.why_not_measured(2, big, [_Kernel()]) == "the input is not an image batch"
+    assert "MiB <" in L.why_not_measured(4, big - 1, [_Kernel()])
+    assert "keep state" in L.why_not_measured(4, big, [_Kernel(), _Kernel(stateless=False)])
+    assert L.why_not_measured(4, big, [_Kernel()]) is None
+    assert L.why_not_measured(4, None, [_Kernel()]) is None  # unknown size: measured
+
+
+def test_forced_layouts_are_kept_and_auto_chooses_once_per_key():
+    runs = []
+    forced = L.Layouts(L.NHWC)
+    assert forced.for_step("k", 4, lambda: 1 << 40, [_Kernel()], runs.append) == L.NHWC and runs == []
+    auto = L.Layouts("auto")
+    for _ in range(3):
+        auto.for_step(("base", (8, 1, 28, 28)), 4, lambda: 1 << 40, [_Kernel()], runs.append)
+    assert len(runs) == 2 * (L.TIMED + 1)  # measured at the first step of the key only
+    assert auto.report["auto"] and set(auto.report["measured_ms"]) == {L.NCHW, L.NHWC}
+    # data-parallel: every rank takes rank 0's choice
+    agreed = L.Layouts("auto").for_step("k", 4, lambda: 1 << 40, [_Kernel()], lambda _: None, lambda c: L.NHWC)
+    assert agreed == L.NHWC
+
+
+def test_in_layout_makes_one_channel_batches_nhwc_strided():
+    x = torch.randn(4, 1, 6, 6)
+    y = L.in_layout(x, L.NHWC)
+    assert y.stride() == (36, 1, 6, 1) and torch.equal(x, y)
+    w = torch.randn(8, 1, 3, 3)
+    out = torch.nn.functional.conv2d(y, w)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert L.in_layout(x, L.NCHW) is x and L.in_layout(torch.randn(3, 4), L.NHWC).dim() == 2
+
+
+def test_store_keeps_nhwc_and_a_kernel_reading_nchw_only_gets_nchw():
+    env: dict = {}
+    t = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    store("a", t, env, {})
+    assert env["a"] is t
+    store("b", torch.randn(5, 4).t(), env, {})  # not dense in either layout: made dense
+    assert env["b"].is_contiguous()
+    k = NodeKernel.__new__(NodeKernel)
+    k.inputs = ["a", "b", ""]
+    _nchw_inputs(k, env)
+    assert env["a"].is_contiguous() and torch.equal(env["a"], t)
+
+
+def test_auto_below_the_threshold_keeps_nchw_and_says_why(small_art):
+    s = TrainingSession(small_art, ExecConfig(threads=1))
+    s.train_step(*_batch())
+    rep = s.engine_report()["layout"]
+    assert rep["layout"] == "nchw" and rep["measured_ms"] is None and "MiB" in rep["not_measured"]
+    assert "activations NCHW (not measured: activations" in engine_line(s.engine_report())
+
+
+def test_auto_measures_the_step_and_records_the_choice(small_art, monkeypatch):
+    monkeypatch.setattr(L, "MEASURE_FROM_BYTES", 0)
+    x, y = _batch()
+    s = TrainingSession(small_art, ExecConfig(threads=1))
+    ref = TrainingSession(small_art, ExecConfig(threads=1, layout="nchw"))
+    a, b = s.train_step(x, y).loss, ref.train_step(x, y).loss
+    assert abs(a - b) <= 1e-5 * abs(b)  # the measuring runs left the step as it was
+    rep = s.engine_report()["layout"]
+    assert rep["layout"] in ("nchw", "nhwc") and set(rep["measured_ms"]) == {"nchw", "nhwc"}
+    assert rep["not_measured"] is None and "measured: NCHW" in engine_line(s.engine_report())
+    assert abs(s.param_arrays()["c1.weight"] - ref.param_arrays()["c1.weight"]).max() <= 1e-4
+    le, _ = s.evaluate_batch(x, y)  # the evaluation graph runs in the chosen layout
+    lr_, _ = ref.evaluate_batch(x, y)
+    assert abs(le - lr_) <= 1e-5 * abs(lr_)
+
+
+def test_the_layout_travels_in_the_train_spec():
+    spec = TrainSpec(artifacts="art", exec=ExecConfig(layout="nhwc"))
+    raw = json.loads(spec.to_json())
+    assert raw["layout"] == "nhwc" and TrainSpec.from_json(spec.to_json()).exec.layout == "nhwc"
+    raw["layout"] = "NHWC"
+    with pytest.raises(ValueError, match="--layout must be one of auto, nchw, nhwc"):
+        TrainSpec.from_json(json.dumps(raw))

@@ -221,4 +221,5 @@ PROVIDER = KernelProvider(
     summary="every standard op of a CNN training graph (BatchNorm, pooling, loss, GEMM, elementwise, shape) on ATen",
     generic=True,
     prepare=fuse_gradient_chains,
+    cpu_only=False,  # torch's kernels: cuDNN/cuBLAS on CUDA tensors
 )

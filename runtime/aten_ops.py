@@ -44,9 +44,10 @@ class Op(NodeKernel):
 
     any_layout = True
 
-    def __init__(self, node: onnx.NodeProto, fn, a: dict):
+    def __init__(self, node: onnx.NodeProto, fn, a: dict, device: str = "cpu"):
         super().__init__(node)
         self.stateless = fn is not _dropout  # Dropout draws from its own generator
+        self.device = device  # where the graph runs (a Constant's values go there)
         self.fn = fn
         self.a = a
         self.out = None  # during a run: the preallocated buffer of output 0 (a gradient), if any
@@ -298,7 +299,7 @@ def _dropout(k, x, ratio=None, training=None):
     torch's, not ORT's: the same distribution)."""
     r = float(ratio) if ratio is not None else float(k.a.get("ratio", 0.5))
     if training is None or not bool(training) or r == 0.0:
-        mask = torch.ones(x.shape, dtype=torch.bool) if len(k.outputs) > 1 and k.wanted[1] else None
+        mask = torch.ones(x.shape, dtype=torch.bool, device=x.device) if len(k.outputs) > 1 and k.wanted[1] else None
         return x, mask
     gen = k.__dict__.get("gen")
     if gen is None:
@@ -319,18 +320,24 @@ def _dropout_grad(k, dy, mask, ratio=None, training=None):
 
 
 def _constant(k):
+    """A Constant node's value; floating-point values on the graph's device, integer ones (shape
+    arithmetic) on the CPU, as initializers are (:func:`accelc.runtime.executor._on`)."""
     a = k.a
     if "value" in a:
         from onnx import numpy_helper
 
-        return torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
-    for key, dt in (("value_float", torch.float32), ("value_int", torch.int64)):
-        if key in a:
-            return torch.tensor(a[key], dtype=dt)
-    for key, dt in (("value_floats", torch.float32), ("value_ints", torch.int64)):
-        if key in a:
-            return torch.tensor(list(a[key]), dtype=dt)
-    raise NotImplementedError("Constant without a value")
+        t = torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
+    else:
+        t = None
+        for key, dt in (("value_float", torch.float32), ("value_int", torch.int64)):
+            if key in a:
+                t = torch.tensor(a[key], dtype=dt)
+        for key, dt in (("value_floats", torch.float32), ("value_ints", torch.int64)):
+            if key in a:
+                t = torch.tensor(list(a[key]), dtype=dt)
+        if t is None:
+            raise NotImplementedError("Constant without a value")
+    return t.to(k.device) if k.device != "cpu" and t.is_floating_point() else t
 
 
 def _size(k, x):
@@ -339,7 +346,7 @@ def _size(k, x):
 
 def _slice_grad(k, dy, shape, starts, ends, axes=None, steps=None):
     """com.microsoft::SliceGrad: dY scattered into zeros of the sliced input's shape."""
-    dx = torch.zeros(_ints(shape), dtype=dy.dtype)
+    dx = torch.zeros(_ints(shape), dtype=dy.dtype, device=dy.device)
     view = _slice(k, dx, starts, ends, axes, steps)
     view.copy_(dy)
     return dx
@@ -482,9 +489,9 @@ def _sce_grad(k, dloss, log_prob, labels, weight=None):
         if weight is None:
             total = valid.sum().to(log_prob.dtype)
         else:
-            total = torch.where(valid, weight[labels.clamp(min=0)], torch.zeros((), dtype=weight.dtype)).sum()
+            total = torch.where(valid, weight[labels.clamp(min=0)], 0.0).to(weight.dtype).sum()
     else:
-        total = torch.zeros((), dtype=log_prob.dtype)
+        total = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     flat_lp = log_prob if log_prob.dim() == 2 else log_prob.movedim(1, -1).reshape(-1, log_prob.shape[1])
     flat_lab = labels.reshape(-1)
     dl = dloss.reshape(()) if red != "none" else dloss.reshape(-1)
@@ -602,4 +609,4 @@ def build(node: onnx.NodeProto, ctx: BuildContext) -> NodeKernel:
         return ConvKernel(node)
     if key in CLASSES:
         return CLASSES[key](node, attrs(node))
-    return Op(node, TABLE[key], attrs(node))
+    return Op(node, TABLE[key], attrs(node), ctx.device)

@@ -119,9 +119,10 @@ class SegmentedRunner:
                 if o:
                     producer[o] = k
         kernel_reads = {i for k in owners for i in nodes_all[k].input if i}
-        constants = {i: torch.from_numpy(numpy_helper.to_array(inits[i]).copy()) for i in kernel_reads if i in inits}
+        constants = {i: _on(config.device, numpy_helper.to_array(inits[i])) for i in kernel_reads if i in inits}
         self.kernels: dict[int, NodeKernel] = {
-            k: p.build(nodes_all[k], BuildContext(constants, config.impl(p.name))) for k, p in owners.items()
+            k: p.build(nodes_all[k], BuildContext(constants, config.impl(p.name), config.device))
+            for k, p in owners.items()
         }
         n_levels = max(list(seg_nodes) + list(kernel_after) + [0]) + 1
         graph_outputs = [o.name for o in g.output]
@@ -324,6 +325,13 @@ class SegmentedRunner:
                 shapes[name] = (tuple(t.shape), t.dtype)
         if known is None and not seg.get("dynamic") and len(seg["out_shapes"]) < 16:
             seg["out_shapes"][key] = shapes
+
+
+def _on(device: str, value: np.ndarray) -> torch.Tensor:
+    """An initializer as a kernel reads it: floating-point values on the graph's device; integer
+    ones (shapes, axes, indices) on the CPU, where shape arithmetic (Shape's output) stays."""
+    t = torch.from_numpy(value.copy())
+    return t.to(device) if device != "cpu" and t.is_floating_point() else t
 
 
 def _nchw_inputs(kernel: NodeKernel, env: dict) -> None:

@@ -54,10 +54,12 @@ class NodeKernel:
 @dataclass(frozen=True)
 class BuildContext:
     """What a kernel factory may use: the graph's initializers (as torch tensors, for the inputs
-    kernels read as constants) and the implementation chosen for this provider."""
+    kernels read as constants, on ``device``), the implementation chosen for this provider and the
+    torch device the graph runs on ("cpu" or "cuda")."""
 
     initializers: dict
     impl: str
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class KernelProvider:
     claims: Callable[[onnx.NodeProto], bool]
     build: Callable[[onnx.NodeProto, BuildContext], NodeKernel]
     summary: str = ""
-    cpu_only: bool = True  # on CUDA the default is "ort"
+    cpu_only: bool = True  # its kernels run on CPU tensors only: on CUDA the default is "ort"
     generic: bool = False  # claims standard ops: asked after every pass's own provider
     # an exact graph rewrite run before claiming when the provider is active (e.g. fusing a chain
     # of nodes into one its kernel runs in one pass); the result must still run on ORT

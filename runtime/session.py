@@ -36,7 +36,7 @@ from ..compiler.model import activation_bytes
 from ..compiler.ort_checkpoint import read_parameters
 from .config import ExecConfig
 from .engine import EngineBase, ParamUpdate, StepResult
-from .executor import SegmentedRunner, claimed, prepared
+from .executor import SegmentedRunner, claimed, coverage, prepared
 from .kernels import SKIP_UPDATE
 from .layout import Layouts, in_layout
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
@@ -79,6 +79,7 @@ class TrainingSession(EngineBase):
         if self.exec.threads:  # accelc's own kernels (oneDNN through torch) share the bound with ORT
             torch.set_num_threads(self.exec.threads)
         self.device = self._check_device(self.exec.device)
+        self._check_cuda_kernels(art)  # before anything is put on the GPU
         self.info = art.info
         self.config = dict(report.get("options", {}))
         self.lr = float(lr if lr is not None else self.config.get("lr", 1e-3))
@@ -140,12 +141,27 @@ class TrainingSession(EngineBase):
 
     @staticmethod
     def _check_device(device: str) -> str:
-        if device == "cuda":
-            import onnxruntime as ort  # heavy
-
-            if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
-                raise AccelcError("--device cuda needs the gpu extra (onnxruntime-training==1.19.2) and a CUDA GPU")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise AccelcError("--device cuda needs a CUDA GPU that torch can use (torch.cuda.is_available() is False)")
         return device
+
+    def _check_cuda_kernels(self, art: Artifacts) -> None:
+        """On CUDA the whole step runs on accelc's kernels (torch's: cuDNN, cuBLAS), with no ORT
+        Training CUDA build to run the rest: refuse, by op, artifacts whose training or evaluation
+        graph has nodes no kernel runs on CUDA."""
+        if self.device != "cuda":
+            return
+        lowered, _ = lower_training_model(art.training, art.info.output_name)
+        fell: dict[str, int] = {}
+        for model in (lowered, art.eval):
+            for op, n in coverage(model, self.exec)["fell_back"].items():
+                fell[op] = fell.get(op, 0) + n
+        if fell:
+            ops = ", ".join(f"{show(op)}×{n}" for op, n in sorted(fell.items()))
+            raise AccelcError(
+                f"--device cuda: no CUDA kernel for {ops} (a CUDA step runs on accelc's kernels only; ORT "
+                "Training has no CUDA build to run the rest): train these artifacts with --device cpu"
+            )
 
     # ------------------------------------------------------------------ variants
     def _providers(self):
@@ -231,9 +247,7 @@ class TrainingSession(EngineBase):
 
     def _claim(self, model):
         """``model`` as accelc's kernels run it (after the active providers' rewrites) and the nodes
-        they claim; on CUDA the model as it is and nothing claimed (every node on ORT)."""
-        if self.device != "cpu":
-            return model, {}
+        they claim (on CUDA every node: :meth:`_check_cuda_kernels`)."""
         model = prepared(model, self.exec)
         return model, claimed(model, self.exec)
 
@@ -265,6 +279,7 @@ class TrainingSession(EngineBase):
         shape change).
         """
         art = variant if isinstance(variant, Artifacts) else load_artifacts(variant)[0]
+        self._check_cuda_kernels(art)
         update = update or ParamUpdate()
         for k, v in update.params.items():
             t = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(self.device)
@@ -370,7 +385,7 @@ class TrainingSession(EngineBase):
 
         outs, stats = self.runner.run(feeds, bound, env_out, on_ready, self._run_options(len(xt)))
         loss = float(outs[self.desc["loss"]].reshape(-1)[0])
-        logits = outs[self.desc["logits"]].numpy() if self.desc["logits"] else None
+        logits = outs[self.desc["logits"]].cpu().numpy() if self.desc["logits"] else None
         probes = {n: float(outs[n].reshape(-1)[0]) for n in self.desc["probes"]}
         return StepResult(loss, logits, probes, stats)
 
@@ -410,16 +425,16 @@ class TrainingSession(EngineBase):
         if isinstance(self.eval_sess, SegmentedRunner):
             feeds = {
                 self.info.input_name: in_layout(
-                    torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)), self.layouts.last
+                    torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).to(self.device), self.layouts.last
                 ),
-                "labels": torch.as_tensor(np.ascontiguousarray(y, dtype=np.int64)),
+                "labels": torch.as_tensor(np.ascontiguousarray(y, dtype=np.int64)).to(self.device),
             }
             feeds.update({n: self.params[n] for n in self.eval_inputs if n in self.params})
             with torch.no_grad():
                 outs, _ = self.eval_sess.run(feeds)
             loss = float(outs[self.eval_outputs[0]].reshape(-1)[0])
             logits = outs.get(self.info.output_name)
-            return loss, (logits.numpy().copy() if logits is not None else None)
+            return loss, (logits.cpu().numpy().copy() if logits is not None else None)
         feeds = {
             self.info.input_name: np.ascontiguousarray(x, dtype=np.float32),
             "labels": np.ascontiguousarray(y, dtype=np.int64),

@@ -64,7 +64,8 @@ class TrainingArgs(ArgGroup):
 class ExecArgs(ArgGroup):
     def add(self, parser, **_):
         g = parser.add_argument_group("execution")
-        g.add_argument("--device", default="cpu", help="cpu (default) or cuda (needs the gpu extra)")
+        g.add_argument("--device", default="cpu", help="cpu (default) or cuda: the whole step on torch's CUDA kernels (a torch with CUDA and a GPU; no ORT "
+            "Training CUDA build), refused by op name when an op has no CUDA kernel, e.g. --device cuda")
         g.add_argument(
             "--threads",
             type=int,

@@ -106,7 +106,8 @@ METHOD = Method(
             implementations=(ENGINE,),
             claims=marked_for_onednn,
             build=_build_conv,
-            summary="Conv/ConvGrad marked by opt's conv_onednn rule, on oneDNN (torch)",
+            summary="Conv/ConvGrad marked by opt's conv_onednn rule, on oneDNN (torch; cuDNN on CUDA)",
+            cpu_only=False,
         ),
     ),
 )

@@ -26,6 +26,7 @@ from .runtime.checkpoint import CHANGEABLE
 from .runtime.config import DEVICES, LAYOUTS, ExecConfig
 from .runtime.data import check_data_form, in_memory_data
 from .runtime.distributed import MAX_WORLD
+from .runtime.lr_schedule import LRSchedule
 from .runtime.spec import TrainSpec
 from .runtime.train import check_loggers
 from .runtime.train import train as _train
@@ -223,6 +224,7 @@ class TrainSettings(TypedDict, total=False):
     seed: int
     resume: bool
     lr: float | None
+    lr_schedule: str
     threads: int | None
     train_limit: int | None
     test_limit: int | None
@@ -254,7 +256,8 @@ def check_train_args(args=None, /, **kw) -> None:
     returns nothing. :func:`train_spec` calls it first."""
     if isinstance(args, TrainSpec):
         args = {
-            **{k: getattr(args, k) for k in ("data", "epochs", "batch_size", "seed", "lr", "memory_limit_gb")},
+            **{k: getattr(args, k) for k in ("data", "epochs", "batch_size", "seed", "lr", "lr_schedule")},
+            "memory_limit_gb": args.memory_limit_gb,
             **{k: getattr(args, k) for k in ("train_limit", "test_limit")},
             "device": args.exec.device,
             "threads": args.exec.threads,
@@ -270,6 +273,7 @@ def check_train_args(args=None, /, **kw) -> None:
     checks.positive_int("--batch-size", a["batch_size"], checks.MAX_BATCH)
     checks.seed("--seed", a["seed"])
     checks.optional_positive_float("--lr", a["lr"], checks.MAX_LR)
+    LRSchedule.parse(a["lr_schedule"])
     checks.choice("--device", a["device"], DEVICES)
     checks.choice("--layout", a["layout"], LAYOUTS)
     checks.threads(a["threads"])
@@ -341,6 +345,7 @@ def train_spec(artifact_dir, data="synthetic", **settings: Unpack[TrainSettings]
         seed=int(s["seed"]),
         resume=bool(s["resume"]),
         lr=None if s["lr"] is None else float(s["lr"]),
+        lr_schedule=LRSchedule.parse(s["lr_schedule"]).text(),
         train_limit=_optional_int(s["train_limit"]),
         test_limit=_optional_int(s["test_limit"]),
         force=bool(s["force"]),
@@ -367,7 +372,8 @@ def train(artifact_dir, data="synthetic", *, algorithms=None, **settings: Unpack
     The other arguments are keyword-only (:class:`TrainSettings`, defaults :data:`TRAIN_DEFAULTS`),
     each the ``accelc train`` flag of its name: ``epochs``, ``batch_size``, ``run_dir`` (``-o``),
     ``device``, ``seed``, ``resume``, ``lr``, ``threads``, ``train_limit``, ``test_limit``,
-    ``force``, ``progress`` (not ``-q``). ``allow_change``: with ``resume``, settings that may
+    ``force``, ``progress`` (not ``-q``), ``lr_schedule`` (``"constant"``, ``"linear"`` or
+    ``"linear:W"``: warm-up over W of the budget, then linear decay to zero over the epochs). ``allow_change``: with ``resume``, settings that may
     differ from the checkpoint's (``"batch_size"``, ``"epochs"``, ``"nproc"``; ``--allow-change``).
     ``kernels``: {node-kernel name: implementation} (see ``accelc train --help``); ``layout``: the
     activations' memory layout, ``"auto"`` (measured), ``"nchw"`` or ``"nhwc"`` (``--layout``);

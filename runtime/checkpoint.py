@@ -483,4 +483,4 @@ def compare_fingerprint(saved: dict, now: dict, allow: set, run_dir) -> None:
 
 CHANGEABLE = ("batch_size", "epochs", "nproc")
 # settings older checkpoints do not record, at the value they were written with
-FINGERPRINT_DEFAULTS = {"nproc": 1}
+FINGERPRINT_DEFAULTS = {"nproc": 1, "lr_schedule": "constant"}

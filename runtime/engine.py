@@ -65,12 +65,14 @@ class Engine(Protocol):
     ``artifacts`` is the artifact set it runs now (None for an engine that runs no artifacts, such
     as torch eager); ``variant_name`` names it. ``exec``: how it runs (device, threads, kernels).
     ``world_size``: the ranks training data-parallel (1 alone); ``collective``: their process
-    group (None alone). ``optimizer_kind``: the optimizer's kind (``sgd`` keeps no state)."""
+    group (None alone). ``optimizer_kind``: the optimizer's kind (``sgd`` keeps no state). ``lr``:
+    the base learning rate (a schedule sets each step's as a multiple of it with :meth:`set_lr`)."""
 
     artifacts: Any
     variant_name: str
     exec: ExecConfig
     world_size: int
+    lr: float
 
     @property
     def optimizer_kind(self) -> str: ...
@@ -80,6 +82,9 @@ class Engine(Protocol):
 
     def ready(self) -> None:
         """Build what the current variant needs now (a lazy engine builds it when first used)."""
+
+    def set_lr(self, lr: float) -> None:
+        """The optimizer's learning rate from the next step on (a learning-rate schedule's)."""
 
     def train_step(self, x, y) -> StepResult: ...
 
@@ -123,9 +128,15 @@ class EngineBase:
     world_size: int = 1
     optimizer_kind: str = "adamw"
     collective: Collective | None = None
+    lr: float = 1e-3  # the base learning rate (a schedule's steps are multiples of it)
+    optimizer: Any = None  # a torch.optim.Optimizer whose groups' "lr" set_lr sets
 
     def ready(self) -> None:
         return None
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            group["lr"] = float(lr)
 
     def param_arrays(self) -> dict[str, np.ndarray]:
         return {}

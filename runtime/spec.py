@@ -20,8 +20,9 @@ from ..compiler import checks
 from ..compiler.errors import AccelcError, InvalidType, InvalidValue, show
 from .checkpoint import CHANGEABLE
 from .config import LAYOUTS, ExecConfig
+from .lr_schedule import LRSchedule
 
-SPEC_VERSION = 2  # 2: the activations' layout (``layout``)
+SPEC_VERSION = 2  # 2: the activations' layout (``layout``), the learning-rate schedule
 MAX_SPEC_BYTES = 1 << 20  # a spec is a few hundred bytes; a larger file is not one
 LOGGERS = ("csv", "tensorboard")  # logs besides metrics.jsonl (``--log``)
 MAX_NPROC = 4096  # runtime.distributed.MAX_WORLD (not imported: it loads torch)
@@ -44,6 +45,7 @@ class TrainSpec:
     seed: int = 0
     resume: bool = False
     lr: float | None = None
+    lr_schedule: str = "constant"  # runtime.lr_schedule: constant, linear or linear:W
     train_limit: int | None = None
     test_limit: int | None = None
     force: bool = False
@@ -78,6 +80,7 @@ class TrainSpec:
                 "seed": self.seed,
                 "resume": self.resume,
                 "lr": self.lr,
+                "lr_schedule": self.lr_schedule,
                 "train_limit": self.train_limit,
                 "test_limit": self.test_limit,
                 "force": self.force,
@@ -139,7 +142,8 @@ def _no_constant(name: str):
 
 
 _FIELDS = (
-    "version", "artifacts", "data", "epochs", "batch_size", "run_dir", "seed", "resume", "lr", "train_limit",
+    "version", "artifacts", "data", "epochs", "batch_size", "run_dir", "seed", "resume", "lr", "lr_schedule",
+    "train_limit",
     "test_limit", "force", "progress", "device", "threads", "kernels", "layout", "memory_limit_gb", "allow_change",
     "nproc", "dist_timeout", "log",
 )  # fmt: skip
@@ -188,6 +192,7 @@ def _from_dict(raw) -> TrainSpec:
         seed=checks.seed("--seed", raw["seed"]),
         resume=checks.boolean("resume", raw["resume"]),
         lr=checks.optional_positive_float("--lr", raw["lr"], checks.MAX_LR),
+        lr_schedule=LRSchedule.parse(raw["lr_schedule"]).text(),
         train_limit=checks.optional_positive_int("--train-limit", raw["train_limit"]),
         test_limit=checks.optional_positive_int("--test-limit", raw["test_limit"]),
         force=checks.boolean("force", raw["force"]),

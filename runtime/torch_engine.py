@@ -35,6 +35,7 @@ class TorchSession(EngineBase):
         self.optimizer_kind = str((hyper or {}).get("kind", "adamw"))
         self.module = module.to(device)
         self.named = dict(self.module.named_parameters())
+        self.lr = float(lr)
         self.optimizer = make_optimizer(list(self.named.values()), hyper, lr)
         self.steps = 0
         self.autocast_dtype = autocast_dtype

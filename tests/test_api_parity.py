@@ -65,6 +65,8 @@ TRAIN_CASES = [
     ("epochs=float", {"epochs": 2.0}, "--epochs must be a positive integer up to 1000000, got float", TypeError),
     ("batch-size=-1", {"batch_size": -1}, "--batch-size must be a positive integer up to 1048576, got -1", ValueError),
     ("device", {"device": "tpu"}, "--device must be one of cpu, cuda, got 'tpu'", ValueError),
+    ("lr-schedule", {"lr_schedule": "cosine"}, "--lr-schedule takes constant, linear or linear:W", ValueError),
+    ("lr-schedule=int", {"lr_schedule": 1}, "--lr-schedule takes constant, linear or linear:W", TypeError),
     ("layout", {"layout": "nwhc"}, "--layout must be one of auto, nchw, nhwc, got 'nwhc'", ValueError),
     ("layout=int", {"layout": 4}, "--layout must be one of auto, nchw, nhwc, got int", TypeError),
     ("data=int", {"data": 5}, "--data must be synthetic[:N]", TypeError),

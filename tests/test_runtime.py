@@ -36,9 +36,14 @@ def test_train_cli_writes_metrics_summary_plot_checkpoint(small_art, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_and_resume_matches_uninterrupted(small_art, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_kill_and_resume_matches_uninterrupted(small_art, tmp_path, schedule):
+    """A killed and resumed run equals the uninterrupted one; with a learning-rate schedule each
+    step of the resumed epochs gets the rate of its place in the same budget."""
     args = [
         "train",
+        "--lr-schedule",
+        schedule,
         str(small_art),
         "--data",
         "synthetic:2048",

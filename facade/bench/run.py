@@ -84,6 +84,7 @@ def _checked(spec: BenchSpec) -> BenchSpec:
         batch_size=spec.batch_size,
         seed=spec.seed,
         lr=spec.lr,
+        lr_schedule=spec.lr_schedule,
         threads=spec.threads,
         train_limit=spec.train_limit,
         test_limit=spec.test_limit,
@@ -279,7 +280,14 @@ class _Bench:
         spec = self.spec
         engine, algs = self.engine(c, s)
         name = c if len(spec.seeds) == 1 else f"{c} seed {s}"
-        run = TrainSpec(run_dir=None, epochs=spec.epochs, batch_size=spec.batch_size, seed=s, progress=spec.progress)
+        run = TrainSpec(
+            run_dir=None,
+            epochs=spec.epochs,
+            batch_size=spec.batch_size,
+            seed=s,
+            progress=spec.progress,
+            lr_schedule=spec.lr_schedule,
+        )
         tr = Trainer(run, engine, self.ds, algorithms=algs, setup=RunSetup(name=name, checkpoints=False))
         if spec.stop_at_target:
             fixed = self.fixed
@@ -327,6 +335,7 @@ class _Bench:
                 "seed": spec.first_seed,
                 "seeds": spec.seeds,
                 "lr": spec.lr,
+                "lr_schedule": spec.lr_schedule,
                 "repeats": spec.repeats,
                 "input_shape": list(self.info.input_shape),
                 "train_images": int(len(ds.x_train)),

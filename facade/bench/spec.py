@@ -18,6 +18,7 @@ class BenchSettings(TypedDict, total=False):
     batch_size: int
     seed: int
     lr: float
+    lr_schedule: str
     repeats: int
     train_limit: int | None
     test_limit: int | None
@@ -39,6 +40,8 @@ class BenchSpec:
     {"engine", "passes", "options", "opt"}) once per seed in ``seeds`` and per repeat, written to
     ``out_dir``. ``target``: ort-best, torch-best-0.2 or an accuracy, judged on the validation split
     ``val_split``; ``stop_at_target``: stop a configuration at the epoch that reached a fixed target.
+    ``lr_schedule``: the learning rate over the ``epochs`` (``--lr-schedule``; every configuration,
+    torch's included, follows it step by step);
     ``seed``: the one seed when ``seeds`` is not given; ``pass_options``: the pass flags as given
     (already applied to ``configs``)."""
 
@@ -50,6 +53,7 @@ class BenchSpec:
     batch_size: int = 64
     seed: int = 0
     lr: float = DEFAULT_LR
+    lr_schedule: str = "constant"
     repeats: int = 1
     train_limit: int | None = None
     test_limit: int | None = None

@@ -53,19 +53,33 @@ class DataArgs(ArgGroup):
 
 
 class TrainingArgs(ArgGroup):
-    def add(self, parser, lr=DEFAULT_LR, lr_help: str = "", epochs: int = 3, **_):
+    def add(self, parser, lr=DEFAULT_LR, lr_help: str = "", epochs: int = 3, schedule: bool = False, **_):
+        """``schedule``: also --lr-schedule."""
         g = parser.add_argument_group("training")
         g.add_argument("--epochs", type=int, default=epochs, help=f"epochs to train (default {epochs})")
         g.add_argument("--batch-size", type=int, default=64, help="training batch size (default 64)")
         g.add_argument("--seed", type=int, default=0, help="seed of the data order (default 0)")
         g.add_argument("--lr", type=float, default=lr, help=lr_help or f"learning rate (default {lr})")
+        if schedule:
+            g.add_argument(
+                "--lr-schedule",
+                default="constant",
+                metavar="constant|linear[:W]",
+                help="the learning rate over the run: constant (default), or linear: the epochs are a budget, "
+                "the rate rises over the first W of its steps (default 0.05) and falls linearly to zero at the "
+                "last, e.g. --epochs 16 --lr-schedule linear:0.1",
+            )
 
 
 class ExecArgs(ArgGroup):
     def add(self, parser, **_):
         g = parser.add_argument_group("execution")
-        g.add_argument("--device", default="cpu", help="cpu (default) or cuda: the whole step on torch's CUDA kernels (a torch with CUDA and a GPU; no ORT "
-            "Training CUDA build), refused by op name when an op has no CUDA kernel, e.g. --device cuda")
+        g.add_argument(
+            "--device",
+            default="cpu",
+            help="cpu (default) or cuda: the whole step on torch's CUDA kernels (a torch with CUDA and a GPU; no ORT "
+            "Training CUDA build), refused by op name when an op has no CUDA kernel, e.g. --device cuda",
+        )
         g.add_argument(
             "--threads",
             type=int,

@@ -28,7 +28,7 @@ class Bench(Tool):
     def add_arguments(self, p):
         p.add_argument("--model", default="vgg", help="zoo model name or ONNX path (default vgg)")
         DataArgs().add(p)
-        TrainingArgs().add(p)
+        TrainingArgs().add(p, schedule=True)
         p.add_argument(
             "--configs",
             default=None,
@@ -143,6 +143,7 @@ class Bench(Tool):
             batch_size=a.batch_size,
             seed=a.seed,
             lr=a.lr,
+            lr_schedule=a.lr_schedule,
             repeats=a.repeats,
             train_limit=a.train_limit,
             test_limit=a.test_limit,

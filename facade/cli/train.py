@@ -30,12 +30,13 @@ class Train(Tool):
         "accelc train art --data synthetic:2000 --epochs 8 -o run --resume --allow-change epochs",
         "accelc train art --kernel conv=ort -o run-ort-convs",
         "accelc train art --layout nhwc -o run-nhwc",
+        "accelc train art --data fashion-mnist --epochs 16 --lr-schedule linear -o run-budget16",
     )
 
     def add_arguments(self, p):
         p.add_argument("artifacts", help="artifact directory made by accelc compile")
         DataArgs().add(p)
-        TrainingArgs().add(p, lr=None, lr_help="learning rate (default: the one compiled in)")
+        TrainingArgs().add(p, lr=None, lr_help="learning rate (default: the one compiled in)", schedule=True)
         ExecArgs().add(p)
         MemoryArgs().add(p)
         OutputArgs().add(p, output="run", what="run directory", force_help="replace a non-empty run directory")
@@ -97,6 +98,7 @@ class Train(Tool):
             seed=a.seed,
             resume=a.resume,
             lr=a.lr,
+            lr_schedule=a.lr_schedule,
             threads=a.threads,
             train_limit=a.train_limit,
             test_limit=a.test_limit,

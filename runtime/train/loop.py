@@ -18,6 +18,7 @@ from .. import checkpoint as ckpt
 from ..algorithm import Algorithm, Schedule, TrainState
 from ..data import Dataset
 from ..engine import Engine, ParamUpdate
+from ..lr_schedule import LRSchedule
 from ..spec import TrainSpec
 from .logs import RunLogs, _hw, check_loggers, check_resumed_logs
 from .records import TrainerRecords
@@ -97,7 +98,16 @@ class Trainer(TrainerStart, TrainerRecords):
         self.logs: RunLogs | None = None
         self.history: list[dict] = []
         # what a resume must agree with: the run's settings and the artifact set's content
-        self.fingerprint = dict(setup.fingerprint or {}, epochs=epochs, batch_size=batch_size, seed=seed)
+        self.lr_schedule = LRSchedule.parse(spec.lr_schedule)
+        self.base_lr = float(engine.lr)  # the schedule's steps are multiples of it
+        self.lr_now = self.base_lr
+        self.fingerprint = dict(
+            setup.fingerprint or {},
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            lr_schedule=self.lr_schedule.text(),
+        )
         self.allow_change = set(spec.allow_change)
         self.artifacts_sha = setup.artifacts_sha
         self.artifacts_dir = None  # recorded in checkpoints (export-run finds the artifacts by it)
@@ -307,6 +317,7 @@ class Trainer(TrainerStart, TrainerRecords):
                 "images_per_second": seen / train_s if train_s > 0 else None,
                 "before_eval_seconds": pre_eval_s,
                 "steps": steps,
+                "lr": self.lr_now,  # of the epoch's last step
                 "train_time": self.train_time,
                 "wall_time": self.wall_time,
                 "input_hw": list(self.data.shape[1:]),
@@ -334,6 +345,9 @@ class Trainer(TrainerStart, TrainerRecords):
             n_global = len(y)
             if self.dist is not None:  # this rank's shard; the step's loss comes back averaged
                 x, y = self.dist.shard(x, y)
+            if not self.lr_schedule.constant:  # this step's rate: its place in the budget of epochs
+                self.lr_now = self.base_lr * self.lr_schedule.factor(epoch * steps + step, self.epochs * steps)
+                self.engine.set_lr(self.lr_now)
             result = self.engine.train_step(x, y)
             loss, logits = result.loss, result.logits
             if not math.isfinite(loss):

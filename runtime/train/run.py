@@ -137,6 +137,7 @@ def train(spec: TrainSpec, *, algorithms: list | None = None, lock_fd: int | Non
                 "artifacts": Path(str(artifact_dir)).name,
                 "data": data.name,
                 "device": config.device,
+                "lr_schedule": trainer.lr_schedule.text(),
                 "machine": machine_info(),
             }
         )

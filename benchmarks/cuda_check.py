@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -174,11 +173,9 @@ def main(argv=None) -> int:
     for m in MODELS:
         print(f"{m}:", flush=True)
         res["models"][m] = run_model(m, d / m.replace(":", "_"), a.device, a.rounds, a.block)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cuda_check.json").write_text(json.dumps(res, indent=1))
-    (out / "cuda_check.md").write_text(markdown(res))
-    print(markdown(res))
+    from step_time import write_results
+
+    write_results(Path(a.out), "cuda_check", res, markdown(res))
     return 0
 
 

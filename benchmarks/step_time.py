@@ -326,12 +326,16 @@ def main(argv=None) -> int:
         for name in a.models.split(","):
             print(f"{name}:", flush=True)
             res["models"][name] = run_model(name, a.rounds, a.block, not a.no_compile, Path(d))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "step_time.json").write_text(json.dumps(res, indent=1))
-    (out / "step_time.md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(Path(a.out), "step_time", res, markdown(res))
     return 0
+
+
+def write_results(out: Path, stem: str, res: dict, md: str) -> None:
+    """OUT/STEM.json and OUT/STEM.md, and the table on the terminal."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{stem}.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

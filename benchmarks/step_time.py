@@ -170,6 +170,24 @@ class Profiled:
         return out
 
 
+def torch_profile(eng, x, y, steps: int, top: int = 15) -> dict:
+    """torch's own profiler over ``steps`` steps of a torch engine: the ``top`` ATen ops by self CPU
+    time (ms/step), the rest summed, and the step's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.train_step(x, y)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            eng.train_step(x, y)
+    total = (time.perf_counter() - t0) * 1e3 / steps
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    out = {e.key: round(e.self_cpu_time_total / 1e3 / steps, 2) for e in ops[:top]}
+    out["(other ops)"] = round(sum(e.self_cpu_time_total for e in ops[top:]) / 1e3 / steps, 2)
+    out["step (total, profiled)"] = round(total, 2)
+    return out
+
+
 def time_block(eng, x, y, block: int) -> float:
     eng.train_step(x, y)
     vals = []
@@ -244,11 +262,14 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
         "accelc default": Profiled(aten_sess).run(x, y, 3),
     }
     fell_back = aten_sess.runner.fallback_ops() if aten_sess.runner else {"(whole graph)": 1}
+    torch_rows = [k for k in rows if k.startswith("torch")]
+    best_torch = min(torch_rows, key=lambda k: rows[k]["ms"])
     return {
         "batch": batch,
         "input": list(shape),
         "rows": rows,
         "profile": profiles,
+        "torch_profile": {"row": best_torch, "ops": torch_profile(engines[best_torch], x, y, 3)},
         "ort_segments_default": len(aten_sess.runner.segments) if aten_sess.runner else 1,
         "layout_default": aten_sess.engine_report().get("layout"),
         "fell_back": dict(fell_back),
@@ -300,6 +321,17 @@ def markdown(res: dict) -> str:
         for k in kinds:
             lines.append(f"| {k} | " + " | ".join(str(p.get(k, "")) for p in m["profile"].values()) + " |")
         lines.append("")
+        tp = m.get("torch_profile")
+        if tp:
+            lines += [
+                f"torch's own profiler on the best torch row ({tp['row']}), self CPU time of its ATen ops "
+                "(ms/step, 3 steps; the profiler's overhead included in the total):",
+                "",
+                "| ATen op | ms/step |",
+                "|---|---|",
+            ]
+            lines += [f"| {k} | {v} |" for k, v in tp["ops"].items()]
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -48,7 +48,8 @@ $(FASHION):
 	 else echo "Fashion-MNIST missing: sudo apt-get install dataset-fashion-mnist"; exit 2; fi
 
 # the time-to-accuracy protocol (benchmarks/workloads.json: VGG and ResNet at 32x32, largekernel at
-# 64x64, fixed targets on a validation split, 3 seeds); writes docs/results/time-to-accuracy.md
+# 64x64 on Fashion-MNIST and on its multi-scale canvases, fixed targets on a validation split, 3 seeds);
+# writes docs/results/time-to-accuracy.md
 bench: $(STAMP) $(FASHION)
 	$(BIN)/python benchmarks/protocol.py -o bench-out --results docs/results/time-to-accuracy.md
 	$(BIN)/python benchmarks/skip_step_time.py 25

@@ -1,7 +1,8 @@
 """The time-to-accuracy protocol (MLPerf Training / DAWNBench style) over the standard workloads.
 
 Every workload of ``benchmarks/workloads.json`` (the zoo VGG and ResNet at 32×32 and largekernel at
-64×64, all on real Fashion-MNIST) runs through ``accelc bench`` with a validation split held out of
+64×64 on real Fashion-MNIST, largekernel at 64×64 on fashion-mnist-multiscale: a workload's
+``"data"``, default fashion-mnist) runs through ``accelc bench`` with a validation split held out of
 the training images, a fixed target accuracy judged on it, several seeds with the configurations
 interleaved per seed, and every configuration up to the workload's epoch cap. Each workload writes
 ``OUT/<workload>/`` (bench.json, bench.md, time_to_target.png, ...); ``OUT/protocol.md`` gathers the
@@ -84,7 +85,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         rep = run_bench(
             w["model"],
-            args.data,
+            args.data or w.get("data", "fashion-mnist"),
             args.epochs or w["epochs"],
             configs,
             out / name,
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--pass-options", default=None, help='JSON {pass: {option: value}}, e.g. {"skip": {"tau": 1.5}}')
     p.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1,2")
     p.add_argument("--epochs", type=int, default=None, help="override every workload's epoch cap")
-    p.add_argument("--data", default="fashion-mnist", help="default fashion-mnist")
+    p.add_argument("--data", default=None, help='every workload\'s data (default: its "data", else fashion-mnist)')
     p.add_argument("--quick", action="store_true", help="one seed, fewer images and epochs: for trying things")
     p.add_argument("--calibrate", action="store_true", help="ort alone; proposes each workload's fixed target")
     p.add_argument("--report-only", action="store_true", help="only rebuild protocol.md (and --results)")

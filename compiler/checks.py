@@ -169,21 +169,21 @@ def threads(value) -> int | None:
     return check_threads(None if value is None else int(value))
 
 
-DATA_KINDS = ("synthetic", "fashion-mnist", "imagefolder")
+DATA_KINDS = ("synthetic", "fashion-mnist", "fashion-mnist-multiscale", "imagefolder")
+# the --data specs as every message lists them (one line)
+DATA_SPECS = "synthetic[:N], fashion-mnist[:DIR], fashion-mnist-multiscale[:DIR] or imagefolder:DIR"
 
 
 def data_spec(flag: str, value) -> str:
-    """``synthetic[:N]``, ``fashion-mnist[:DIR]`` or ``imagefolder:DIR`` (the form only; what the
-    spec names is checked when the data is loaded)."""
+    """``synthetic[:N]``, ``fashion-mnist[:DIR]``, ``fashion-mnist-multiscale[:DIR]`` or
+    ``imagefolder:DIR`` (the form only; what the spec names is checked when the data is loaded)."""
     if not isinstance(value, str):
-        raise InvalidType(
-            f"{flag} must be synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR, got {type(value).__name__}"
-        )
+        raise InvalidType(f"{flag} must be {DATA_SPECS}, got {type(value).__name__}")
     if "\x00" in value:
         raise InvalidValue(f"{flag} must not contain a NUL byte, got {got(value)}")
     kind, sep, arg = value.partition(":")
     if kind not in DATA_KINDS:
-        raise InvalidValue(f"unknown {flag} {got(value)}; use synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR")
+        raise InvalidValue(f"unknown {flag} {got(value)}; use {DATA_SPECS}")
     if kind == "synthetic" and sep:
         try:
             n = int(arg)
@@ -193,4 +193,6 @@ def data_spec(flag: str, value) -> str:
             raise InvalidValue(f"{flag} synthetic:N needs N > 0, got {n}")
     if kind == "imagefolder" and not arg.strip():
         raise InvalidValue(f"{flag} imagefolder:DIR needs a folder")
+    if kind == "fashion-mnist-multiscale" and sep and not arg.strip():
+        raise InvalidValue(f"{flag} fashion-mnist-multiscale:DIR needs a folder (or no ':' for the default one)")
     return value

@@ -111,7 +111,8 @@ def test_bad_arrays_refused(small_art, tmp_path):
         ((x, y, xt, "labels"), "y_test must be a 1-D array", InvalidValue),
         (
             5,
-            "--data must be synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR, or data given in Python",
+            "--data must be synthetic[:N], fashion-mnist[:DIR], fashion-mnist-multiscale[:DIR] or imagefolder:DIR, "
+            "or data given in Python",
             InvalidType,
         ),
         (torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), "give a test split too", None),

@@ -46,7 +46,7 @@ class DataArgs(ArgGroup):
         g.add_argument(
             "--data",
             default="synthetic",
-            help="synthetic[:N] | fashion-mnist[:DIR] | imagefolder:DIR (default synthetic)",
+            help="synthetic[:N] | fashion-mnist[:DIR] | fashion-mnist-multiscale[:DIR] | imagefolder:DIR (default synthetic)",
         )
         g.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
         g.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")

@@ -4,6 +4,9 @@ Specs (``--data``):
   synthetic[:N]          built in, deterministic, no download: N training images (default 6000)
   fashion-mnist[:DIR]    IDX files (default DIR /usr/share/datasets/fashion-mnist, Debian's
                          dataset-fashion-mnist package)
+  fashion-mnist-multiscale[:DIR]
+                         64x64 canvases of 1-3 Fashion-MNIST items at scales 0.5-1.5x, labelled by
+                         the largest (the same IDX files; see :mod:`.multiscale`)
   imagefolder:DIR        DIR/<class>/*.png|jpg (or DIR/train/<class>, DIR/test/<class>)
 
 Data given in Python (``accelc.train(..., data=...)``; :func:`in_memory_data`):
@@ -25,8 +28,8 @@ limit *before* anything large is read or generated, so a gzip bomb or ``syntheti
 refused in a second instead of exhausting the machine.
 
 Modules: :mod:`.dataset` (the Dataset, fitting images to the model input, label checks),
-:mod:`.synth` (synthetic), :mod:`.idx` (IDX files: Fashion-MNIST), :mod:`.folder` (image folders),
-:mod:`.arrays` (data given in Python), :mod:`.split` (the validation split), :mod:`.source` (the
+:mod:`.synth` (synthetic), :mod:`.idx` (IDX files: Fashion-MNIST), :mod:`.multiscale` (its
+multi-scale canvases), :mod:`.folder` (image folders), :mod:`.arrays` (data given in Python), :mod:`.split` (the validation split), :mod:`.source` (the
 :class:`DataSource` a run records) and :mod:`.loader` (:func:`load_data`, :func:`check_data`).
 """
 
@@ -35,6 +38,7 @@ from .dataset import Dataset, adapt, resize
 from .folder import image_folder
 from .idx import fashion_mnist
 from .loader import as_source, check_data, load_data
+from .multiscale import Layout, compose, layout
 from .source import DataSource
 from .split import parse_val_split, take_validation
 from .synth import _synthetic_bytes, synthetic
@@ -44,14 +48,17 @@ from .synth import _synthetic_bytes, synthetic
 __all__ = [
     "DataSource",
     "Dataset",
+    "Layout",
     "_synthetic_bytes",
     "adapt",
     "as_source",
     "check_data",
     "check_data_form",
+    "compose",
     "fashion_mnist",
     "image_folder",
     "in_memory_data",
+    "layout",
     "load_data",
     "parse_val_split",
     "resize",

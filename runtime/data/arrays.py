@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from ...compiler import checks
 from ...compiler.errors import AccelcError, InvalidType, InvalidValue, exception_text, show
 from ...compiler.resources import check_memory
 from .dataset import RESIZE_CHUNK, Dataset, _check_labels, _float_bytes
@@ -220,8 +221,7 @@ def check_data_form(data) -> None:
     if isinstance(data, (DataSource, tuple, list, dict)) or _is_torch_source(data):
         return
     raise InvalidType(
-        f"--data must be synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR, or data given in Python: "
-        f"{DATA_FORMS}; got {type(data).__name__}"
+        f"--data must be {checks.DATA_SPECS}, or data given in Python: {DATA_FORMS}; got {type(data).__name__}"
     )
 
 
@@ -264,10 +264,7 @@ def in_memory_data(
             f"data: a tuple must be (x_train, y_train, x_test, y_test) or (train, test), got {len(data)} items"
         )
     else:
-        raise InvalidType(
-            f"--data must be a string (synthetic[:N], fashion-mnist[:DIR], imagefolder:DIR) or {DATA_FORMS}, "
-            f"got {type(data).__name__}"
-        )
+        raise InvalidType(f"--data must be a string ({checks.DATA_SPECS}) or {DATA_FORMS}, got {type(data).__name__}")
     out = []
     for (x, y), split in zip(parts, ("train", "test")):
         x = _check_images(x, f"x_{split}", memory_limit_gb)

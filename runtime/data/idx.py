@@ -184,14 +184,44 @@ class _IdxFile:
                     pass
 
 
-def _find(d: Path, stem: str) -> Path:
+def _find(d: Path, stem: str, kind: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (d / name).exists():
             return d / name
     raise AccelcError(
         f"Fashion-MNIST file '{stem}[.gz]' not found in '{show(d)}'. Install Debian's package "
-        f"(apt-get install dataset-fashion-mnist) or pass --data fashion-mnist:DIR"
+        f"(apt-get install dataset-fashion-mnist) or pass --data {kind}:DIR"
     )
+
+
+def open_splits(directory: str | None, kind: str = "fashion-mnist") -> tuple[Path, list[_IdxFile]]:
+    """The folder (default :data:`FASHION_DIR`) and its four IDX files, opened with their headers
+    read and checked, their data not yet read: train images, train labels, test (t10k) images,
+    test labels; each split's image and label counts agree. ``kind`` is the ``--data`` kind the
+    errors name. The caller closes the files (reading one closes it)."""
+    d = Path(directory or FASHION_DIR)
+    if not d.is_dir():
+        raise AccelcError(
+            f"Fashion-MNIST folder '{show(d)}' not found. Install Debian's package "
+            f"(apt-get install dataset-fashion-mnist) or pass --data {kind}:DIR"
+        )
+    files = []
+    try:
+        for split in ("train", "t10k"):
+            images = _IdxFile(_find(d, f"{split}-images-idx3-ubyte", kind), "images", 3)
+            files.append(images)
+            labels = _IdxFile(_find(d, f"{split}-labels-idx1-ubyte", kind), "labels", 1)
+            files.append(labels)
+            if images.count != labels.count:
+                raise AccelcError(
+                    f"'{show(images.path)}' holds {images.count} images but '{show(labels.path)}' "
+                    f"holds {labels.count} labels"
+                )
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+    return d, files
 
 
 def fashion_mnist(
@@ -210,24 +240,8 @@ def fashion_mnist(
     needs -- adapted to a model input ``shape`` when given -- is checked before any data is read;
     labels are checked against ``num_classes`` when given. ``read_images=False`` stops after the
     labels (the image arrays come back as None): every check but the images' bodies, in a second."""
-    d = Path(directory or FASHION_DIR)
-    if not d.is_dir():
-        raise AccelcError(
-            f"Fashion-MNIST folder '{show(d)}' not found. Install Debian's package "
-            f"(apt-get install dataset-fashion-mnist) or pass --data fashion-mnist:DIR"
-        )
-    files = []
+    d, files = open_splits(directory)
     try:
-        for split, limit in (("train", train_limit), ("t10k", test_limit)):
-            images = _IdxFile(_find(d, f"{split}-images-idx3-ubyte"), "images", 3)
-            files.append(images)
-            labels = _IdxFile(_find(d, f"{split}-labels-idx1-ubyte"), "labels", 1)
-            files.append(labels)
-            if images.count != labels.count:
-                raise AccelcError(
-                    f"'{show(images.path)}' holds {images.count} images but '{show(labels.path)}' "
-                    f"holds {labels.count} labels"
-                )
         need = 0
         for images, limit in ((files[0], train_limit), (files[2], test_limit)):
             n = images.count if limit is None else min(limit, images.count)

@@ -16,6 +16,7 @@ from .arrays import _load_in_memory, in_memory_data
 from .dataset import Dataset, _check_labels, _normalise, adapt
 from .folder import image_folder
 from .idx import FASHION_CLASSES, fashion_mnist
+from .multiscale import load_multiscale
 from .source import DataSource
 from .split import parse_val_split, take_validation
 from .synth import _check_synthetic_memory, synthetic
@@ -114,13 +115,17 @@ def _load_unguarded(spec, req: _Request):
         ds = _load_synthetic(arg, req)
     elif kind == "fashion-mnist":
         ds = _load_fashion_mnist(arg, req)
+    elif kind == "fashion-mnist-multiscale":
+        ds = _load_multiscale(spec, arg, req)
     elif kind == "imagefolder":
         ds = _load_image_folder(arg, shape, num_classes, memory_limit_gb, decode)
     else:
-        raise InvalidValue(f"unknown --data '{show(spec)}'; use synthetic[:N], fashion-mnist[:DIR] or imagefolder:DIR")
+        raise InvalidValue(f"unknown --data '{show(spec)}'; use {checks.DATA_SPECS}")
     if ds is None:  # checked, nothing decoded
         return None
-    if kind != "synthetic":
+    if kind == "fashion-mnist-multiscale":  # only the canvases asked for were built: split and limited
+        ds = _fit(ds, shape, None, None, None, shuffled=True)
+    elif kind != "synthetic":
         # Fashion-MNIST's files are shuffled at the source; a folder is read class by class
         ds = _fit(ds, shape, train_limit, test_limit, val_split, shuffled=kind == "fashion-mnist")
     _check_splits(ds, spec, num_classes)
@@ -183,6 +188,14 @@ def _load_fashion_mnist(arg, req: _Request):
     return Dataset("fashion-mnist", xtr, ytr, xte, yte, k)
 
 
+def _load_multiscale(spec: str, arg: str, req: _Request):
+    if spec.startswith("fashion-mnist-multiscale:") and not arg.strip():
+        raise InvalidValue("--data fashion-mnist-multiscale:DIR needs a folder (or no ':' for the default one)")
+    if req.num_classes < FASHION_CLASSES:
+        raise AccelcError(f"Fashion-MNIST has {FASHION_CLASSES} classes; the model outputs {req.num_classes}")
+    return load_multiscale(arg or None, req)
+
+
 def _load_image_folder(arg, shape, num_classes, memory_limit_gb, decode):
     if not arg:
         raise InvalidValue("--data imagefolder:DIR needs a folder")
@@ -197,11 +210,12 @@ def _fit(ds: Dataset, shape: tuple, train_limit, test_limit, val_split, shuffled
     applied, the images adapted to ``shape`` and normalised (each split its own writeable memory)."""
     if val_split:
         ds = take_validation(ds, val_split, train_limit, shuffled=shuffled)
+    elif train_limit:
+        ds.x_train, ds.y_train = ds.x_train[:train_limit], ds.y_train[:train_limit]
+    if ds.x_val is not None:  # held out here, or by the source (fashion-mnist-multiscale)
         ds.x_val = adapt(ds.x_val, shape)
         if not ds.x_val.flags.writeable or np.may_share_memory(ds.x_train, ds.x_val):
             ds.x_val = ds.x_val.copy()
-    elif train_limit:
-        ds.x_train, ds.y_train = ds.x_train[:train_limit], ds.y_train[:train_limit]
     if test_limit:
         ds.x_test, ds.y_test = ds.x_test[:test_limit], ds.y_test[:test_limit]
     ds.x_train = adapt(ds.x_train, shape)

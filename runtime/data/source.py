@@ -24,8 +24,8 @@ def arrays_digest(x_train, y_train, x_test, y_test) -> str:
 @dataclass(frozen=True, eq=False)
 class DataSource:
     """The data of a run: ``spec``, a ``--data`` spec (``synthetic[:N]``, ``fashion-mnist[:DIR]``,
-    ``imagefolder:DIR``; checked when loaded), or ``arrays``, ``(x_train, y_train, x_test, y_test)``
-    given in Python, read and checked by :func:`~accelc.runtime.data.in_memory_data` (which builds
+    ``fashion-mnist-multiscale[:DIR]``, ``imagefolder:DIR``; checked when loaded), or ``arrays``,
+    ``(x_train, y_train, x_test, y_test)`` given in Python, read and checked by :func:`~accelc.runtime.data.in_memory_data` (which builds
     this); ``digest`` is their SHA-256. Images given as arrays are used as given (N, C, H, W float32:
     neither resized nor normalised, as torch would take them); :func:`~accelc.runtime.data.load_data` checks them against the
     model's input shape and class count. Two sources are equal when they describe the same data."""

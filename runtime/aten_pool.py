@@ -51,7 +51,7 @@ class MaxPoolGrad(NodeKernel):
         # the kernel reads only the pooled input's shape (and its layout, which the indices have):
         # an unwritten tensor of that shape stands in
         fmt = torch.channels_last if is_nhwc(idx) else torch.contiguous_format
-        x = dy.new_empty(env[self.inputs[1] + "#shape"]).contiguous(memory_format=fmt)
+        x = torch.empty(env[self.inputs[1] + "#shape"], dtype=dy.dtype, device=dy.device, memory_format=fmt)
         dx = torch.ops.aten.max_pool2d_with_indices_backward(
             dy.contiguous(memory_format=fmt), x, self.ks, self.st, self.pad, self.dil, self.ceil, idx
         )

@@ -56,6 +56,8 @@ def child(kind: str, spec: str, size: int, batch: int, steps: int, work: Path) -
         sess = TrainingSession(work / "art")
         for _ in range(steps):
             sess.train_step(x, y)
+        layout = sess.engine_report().get("layout", {})
+        return {"kind": kind, "peak_rss_mb": _peak_mb(), "seconds": time.perf_counter() - t0, "layout": layout}
     return {"kind": kind, "peak_rss_mb": _peak_mb(), "seconds": time.perf_counter() - t0}
 
 
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
                 res = json.loads(p.stdout.strip().splitlines()[-1])
                 results[kind].append(res)
                 print(
-                    f"round {r + 1} {kind:8s} peak RSS {res['peak_rss_mb']:8.0f} MB  ({res['seconds']:.1f} s)",
+                    f"round {r + 1} {kind:8s} peak RSS {res['peak_rss_mb']:8.0f} MB  ({res['seconds']:.1f} s)"
+                    + (f", layout {res['layout']}" if res.get("layout") else ""),
                     flush=True,
                 )
     med = {k: statistics.median(x["peak_rss_mb"] for x in v) for k, v in results.items()}

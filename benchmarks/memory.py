@@ -51,9 +51,10 @@ def child(kind: str, spec: str, size: int, batch: int, steps: int, work: Path) -
         accelc.export(build(lib, name), torch.zeros(2, 3, size, size), work / "m.onnx")
         accelc.compile(work / "m.onnx", work / "art", force=True, batch_size=batch)
     else:
+        from accelc.runtime.config import ExecConfig
         from accelc.runtime.session import TrainingSession
 
-        sess = TrainingSession(work / "art")
+        sess = TrainingSession(work / "art", ExecConfig(layout=kind.partition("-")[2] or "auto"))
         for _ in range(steps):
             sess.train_step(x, y)
         layout = sess.engine_report().get("layout", {})
@@ -68,16 +69,20 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--layouts", default="auto", help="accelc's --layout per measurement, comma list (default auto), e.g. auto,nchw"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(a.child, a.model, a.size, a.batch, a.steps, Path(a.work))))
         return 0
-    results: dict = {"torch": [], "compile": [], "accelc": []}
+    ours = ["accelc" if lay == "auto" else f"accelc-{lay}" for lay in a.layouts.split(",")]
+    results: dict = {k: [] for k in ["torch", "compile", *ours]}
     with tempfile.TemporaryDirectory(prefix="accelc-mem-") as work:
         for r in range(a.rounds):
-            for kind in ("torch", "compile", "accelc"):
+            for kind in results:
                 cmd = [
                     sys.executable,
                     __file__,
@@ -108,8 +113,8 @@ def main(argv=None) -> int:
     med = {k: statistics.median(x["peak_rss_mb"] for x in v) for k, v in results.items()}
     print(
         f"{a.model} {a.size}x{a.size} batch {a.batch}, {a.steps} steps, medians of {a.rounds} rounds: "
-        f"torch {med['torch']:.0f} MB, accelc compile {med['compile']:.0f} MB, accelc training "
-        f"{med['accelc']:.0f} MB ({med['accelc'] / med['torch']:.2f}x torch)"
+        f"torch {med['torch']:.0f} MB, accelc compile {med['compile']:.0f} MB, "
+        + ", ".join(f"{k} training {med[k]:.0f} MB ({med[k] / med['torch']:.2f}x torch)" for k in ours)
     )
     return 0
 

@@ -198,7 +198,8 @@ def _no_link_loop(flag: str, path) -> None:
 def inspect(path) -> dict:
     """Per-layer view of an artifact directory or an ONNX model; for artifacts also ``engine``:
     how many of the training graph's nodes accelc's kernels run on this machine's default
-    configuration, and the op kinds left to ORT."""
+    configuration, the op kinds left to ORT, and under ``cuda`` the op kinds of the training and
+    evaluation graphs no kernel runs on CUDA (what ``--device cuda`` refuses; none: it trains there)."""
     checks.path_like("path", path)
     view = inspect_path(path)
     if view.get("source") == "artifacts":
@@ -210,6 +211,11 @@ def inspect(path) -> dict:
         art, _ = load_artifacts(path)
         lowered, _ = lower_training_model(art.training, art.info.output_name)
         view["engine"] = coverage(lowered, ExecConfig())
+        cuda: dict[str, int] = {}
+        for model in (lowered, art.eval):
+            for op, n in coverage(model, ExecConfig(device="cuda"))["fell_back"].items():
+                cuda[op] = cuda.get(op, 0) + n
+        view["engine"]["cuda"] = {"no_cuda_kernel": cuda}
     return view
 
 

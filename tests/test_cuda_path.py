@@ -88,3 +88,19 @@ def test_constants_go_to_the_graph_device_and_shape_arithmetic_stays_on_the_cpu(
     node = helper.make_node("Constant", [], ["c"], value_floats=[1.0, 2.0])
     k = build(node, BuildContext({}, "aten", "meta"))
     assert k.fn(k).device.type == "meta"
+
+
+def test_inspect_says_whether_the_artifacts_train_on_cuda(small_art, tmp_path):
+    import accelc
+    from accelc.zoo import export_zoo
+
+    view = accelc.inspect(small_art)
+    assert view["engine"]["cuda"] == {"no_cuda_kernel": {}}
+    r = run_cli("inspect", small_art)
+    assert r.returncode == 0 and "--device cuda: every node has a CUDA kernel" in r.stdout
+    export_zoo("cnn3-small", tmp_path / "m.onnx")
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "art", passes=["reuse"])
+    no_cuda = accelc.inspect(tmp_path / "art")["engine"]["cuda"]["no_cuda_kernel"]
+    assert no_cuda and all("Reuse" in op for op in no_cuda), no_cuda
+    r = run_cli("inspect", tmp_path / "art")
+    assert "--device cuda: refused, no CUDA kernel for ReuseConv" in r.stdout, r.stdout

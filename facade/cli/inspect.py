@@ -48,6 +48,15 @@ class Inspect(Tool):
                     f"engine: {eng['kernel_nodes']} of {eng['nodes']} training-graph nodes on accelc's kernels"
                     + (f"; left to ORT: {fb}" if fb else "; no ORT in the step")
                 )
+                no_cuda = eng.get("cuda", {}).get("no_cuda_kernel", {})
+                print(
+                    "--device cuda: "
+                    + (
+                        "refused, no CUDA kernel for " + ", ".join(f"{k}×{v}" for k, v in sorted(no_cuda.items()))
+                        if no_cuda
+                        else "every node has a CUDA kernel"
+                    )
+                )
             lines = explain(view)
             if lines:
                 print()

@@ -206,16 +206,12 @@ def inspect(path) -> dict:
         from .compiler.artifact_dir import load_artifacts
         from .compiler.lowering import lower_training_model
         from .runtime.config import ExecConfig
-        from .runtime.executor import coverage
+        from .runtime.executor import coverage, fell_back
 
         art, _ = load_artifacts(path)
         lowered, _ = lower_training_model(art.training, art.info.output_name)
         view["engine"] = coverage(lowered, ExecConfig())
-        cuda: dict[str, int] = {}
-        for model in (lowered, art.eval):
-            for op, n in coverage(model, ExecConfig(device="cuda"))["fell_back"].items():
-                cuda[op] = cuda.get(op, 0) + n
-        view["engine"]["cuda"] = {"no_cuda_kernel": cuda}
+        view["engine"]["cuda"] = {"no_cuda_kernel": fell_back((lowered, art.eval), ExecConfig(device="cuda"))}
     return view
 
 

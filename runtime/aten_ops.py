@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .aten import MS, OWN, attrs, domain_of
 from .aten_pool import MaxPool, MaxPoolGrad, _avg_pool, _global_avg, _global_max
-from .kernels import BuildContext, NodeKernel, store
+from .kernels import BuildContext, NodeKernel, on_device, store
 from .torch_ops import ConvKernel
 
 DTYPES = {
@@ -320,24 +320,22 @@ def _dropout_grad(k, dy, mask, ratio=None, training=None):
 
 
 def _constant(k):
-    """A Constant node's value; floating-point values on the graph's device, integer ones (shape
-    arithmetic) on the CPU, as initializers are (:func:`accelc.runtime.executor._on`)."""
-    a = k.a
+    """A Constant node's value, placed as initializers are (:func:`~accelc.runtime.kernels.on_device`)."""
+    return on_device(_constant_value(k.a), k.device)
+
+
+def _constant_value(a: dict) -> torch.Tensor:
     if "value" in a:
         from onnx import numpy_helper
 
-        t = torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
-    else:
-        t = None
-        for key, dt in (("value_float", torch.float32), ("value_int", torch.int64)):
-            if key in a:
-                t = torch.tensor(a[key], dtype=dt)
-        for key, dt in (("value_floats", torch.float32), ("value_ints", torch.int64)):
-            if key in a:
-                t = torch.tensor(list(a[key]), dtype=dt)
-        if t is None:
-            raise NotImplementedError("Constant without a value")
-    return t.to(k.device) if k.device != "cpu" and t.is_floating_point() else t
+        return torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
+    for key, dt in (("value_float", torch.float32), ("value_int", torch.int64)):
+        if key in a:
+            return torch.tensor(a[key], dtype=dt)
+    for key, dt in (("value_floats", torch.float32), ("value_ints", torch.int64)):
+        if key in a:
+            return torch.tensor(list(a[key]), dtype=dt)
+    raise NotImplementedError("Constant without a value")
 
 
 def _size(k, x):
@@ -489,7 +487,7 @@ def _sce_grad(k, dloss, log_prob, labels, weight=None):
         if weight is None:
             total = valid.sum().to(log_prob.dtype)
         else:
-            total = torch.where(valid, weight[labels.clamp(min=0)], 0.0).to(weight.dtype).sum()
+            total = torch.where(valid, weight[labels.clamp(min=0)], 0.0).sum()
     else:
         total = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     flat_lp = log_prob if log_prob.dim() == 2 else log_prob.movedim(1, -1).reshape(-1, log_prob.shape[1])

@@ -19,7 +19,9 @@ def _pool_args(a: dict):
     return ks, st, pads[: len(ks)], dil, bool(a.get("ceil_mode", 0))
 
 
-class MaxPool(NodeKernel):
+class _MaxPoolKernel(NodeKernel):
+    """A MaxPool or MaxPoolGrad node: its pooling arguments; either layout, no state."""
+
     any_layout = True
     stateless = True
 
@@ -27,6 +29,8 @@ class MaxPool(NodeKernel):
         super().__init__(node)
         self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
 
+
+class MaxPool(_MaxPoolKernel):
     def run(self, env, bound):
         x = env[self.inputs[0]]
         if len(self.outputs) > 1 and self.outputs[1] and self.wanted[1]:
@@ -38,14 +42,7 @@ class MaxPool(NodeKernel):
         store(self.outputs[0], y, env, bound)
 
 
-class MaxPoolGrad(NodeKernel):
-    any_layout = True
-    stateless = True
-
-    def __init__(self, node, a):
-        super().__init__(node)
-        self.ks, self.st, self.pad, self.dil, self.ceil = _pool_args(a)
-
+class MaxPoolGrad(_MaxPoolKernel):
     def run(self, env, bound):
         dy, idx = env[self.inputs[0]], env[self.inputs[1]]
         # the kernel reads only the pooled input's shape (and its layout, which the indices have):

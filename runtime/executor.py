@@ -21,7 +21,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from .config import ExecConfig
-from .kernels import ORT, BuildContext, NodeKernel, providers
+from .kernels import ORT, BuildContext, NodeKernel, on_device, providers
 
 _HEAP_KEPT: list = []
 
@@ -86,6 +86,16 @@ def coverage(model: onnx.ModelProto, config: ExecConfig) -> dict:
     return {"nodes": len(model.graph.node), "kernel_nodes": len(owners), "fell_back": dict(fell)}
 
 
+def fell_back(models, config: ExecConfig) -> dict[str, int]:
+    """Op kind -> nodes no kernel claims, over ``models`` (e.g. a training and an evaluation graph)
+    under ``config``."""
+    out: dict[str, int] = defaultdict(int)
+    for model in models:
+        for op, n in coverage(model, config)["fell_back"].items():
+            out[op] += n
+    return dict(out)
+
+
 class SegmentedRunner:
     """Executes a lowered training graph with claimed nodes (see the module doc)."""
 
@@ -119,7 +129,11 @@ class SegmentedRunner:
                 if o:
                     producer[o] = k
         kernel_reads = {i for k in owners for i in nodes_all[k].input if i}
-        constants = {i: _on(config.device, numpy_helper.to_array(inits[i])) for i in kernel_reads if i in inits}
+        constants = {
+            i: on_device(torch.from_numpy(numpy_helper.to_array(inits[i]).copy()), config.device)
+            for i in kernel_reads
+            if i in inits
+        }
         self.kernels: dict[int, NodeKernel] = {
             k: p.build(nodes_all[k], BuildContext(constants, config.impl(p.name), config.device))
             for k, p in owners.items()
@@ -325,13 +339,6 @@ class SegmentedRunner:
                 shapes[name] = (tuple(t.shape), t.dtype)
         if known is None and not seg.get("dynamic") and len(seg["out_shapes"]) < 16:
             seg["out_shapes"][key] = shapes
-
-
-def _on(device: str, value: np.ndarray) -> torch.Tensor:
-    """An initializer as a kernel reads it: floating-point values on the graph's device; integer
-    ones (shapes, axes, indices) on the CPU, where shape arithmetic (Shape's output) stays."""
-    t = torch.from_numpy(value.copy())
-    return t.to(device) if device != "cpu" and t.is_floating_point() else t
 
 
 def _nchw_inputs(kernel: NodeKernel, env: dict) -> None:

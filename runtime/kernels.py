@@ -105,6 +105,12 @@ def store(name: str, t, env: dict, bound: dict) -> None:
     env[name] = t if t.is_contiguous() or is_nhwc(t) else t.contiguous()
 
 
+def on_device(t, device: str):
+    """A constant as a kernel reads it: floating-point values on the graph's device; integer ones
+    (shapes, axes, indices) on the CPU, where shape arithmetic (Shape's output) stays."""
+    return t.to(device) if device != "cpu" and t.is_floating_point() else t
+
+
 def is_nhwc(t) -> bool:
     """A dense 4-D tensor in torch's channels_last (NHWC) memory layout."""
     import torch  # loaded already: only kernels, which run on torch, get here

@@ -75,13 +75,20 @@ class Layouts:
         self.last = forced if forced != "auto" else NCHW  # the evaluation graph runs in it
         self.report: dict = {"layout": forced} if forced != "auto" else {"layout": None, "auto": True}
 
+    def known(self, key) -> str | None:
+        """The layout of a step keyed ``key`` when it is forced or chosen already, else None."""
+        if self.forced != "auto":
+            return self.forced
+        got = self.chosen.get(key)
+        if got is not None:
+            self.last = got
+        return got
+
     def for_step(self, key, x_dims: int, act_bytes: Callable, kernels, run: Callable, agree=None) -> str:
         """The layout of a step keyed ``key``: forced, chosen before, or chosen now (``run`` as
         for :func:`measure`; ``act_bytes()`` the step's activation bytes or None; ``agree``, in
         data-parallel training, makes every rank take rank 0's choice)."""
-        if self.forced != "auto":
-            return self.forced
-        got = self.chosen.get(key)
+        got = self.known(key)
         if got is None:
             why = why_not_measured(x_dims, act_bytes() if x_dims == 4 else None, kernels)
             got, med = measure(run) if why is None else (NCHW, None)

@@ -36,7 +36,7 @@ from ..compiler.model import activation_bytes
 from ..compiler.ort_checkpoint import read_parameters
 from .config import ExecConfig
 from .engine import EngineBase, ParamUpdate, StepResult
-from .executor import SegmentedRunner, claimed, coverage, prepared
+from .executor import SegmentedRunner, claimed, fell_back, prepared
 from .kernels import SKIP_UPDATE
 from .layout import Layouts, in_layout
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
@@ -152,10 +152,7 @@ class TrainingSession(EngineBase):
         if self.device != "cuda":
             return
         lowered, _ = lower_training_model(art.training, art.info.output_name)
-        fell: dict[str, int] = {}
-        for model in (lowered, art.eval):
-            for op, n in coverage(model, self.exec)["fell_back"].items():
-                fell[op] = fell.get(op, 0) + n
+        fell = fell_back((lowered, art.eval), self.exec)
         if fell:
             ops = ", ".join(f"{show(op)}×{n}" for op, n in sorted(fell.items()))
             raise AccelcError(
@@ -360,6 +357,10 @@ class TrainingSession(EngineBase):
     def _layout(self, xt, yt) -> str:
         """The layout this step's activations run in (chosen at the first step of a batch shape
         under ``--layout auto``, by timing the step's forward and backward in both)."""
+        key = (self.variant_name, tuple(xt.shape))
+        known = self.layouts.known(key)
+        if known is not None:  # every step after a shape's first
+            return known
 
         def run(layout):  # the forward and backward alone: what the real step then overwrites
             feeds, bound = self._feeds_bound(in_layout(xt, layout), yt)
@@ -372,7 +373,6 @@ class TrainingSession(EngineBase):
                 return None
 
         agree = None if self.reducer is None else self.reducer.group.broadcast_json
-        key = (self.variant_name, tuple(xt.shape))
         return self.layouts.for_step(key, xt.dim(), act_bytes, self.runner.kernels.values(), run, agree)
 
     def _forward_backward_segmented(self, xt, yt, env_out):

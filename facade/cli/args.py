@@ -8,7 +8,7 @@ from .. import api  # noqa: F401  (installs the methods: their options become fl
 from ..compiler.compile import DEFAULT_LR
 from ..compiler.errors import AccelcError
 from ..compiler.pass_api import registered
-from ..runtime.config import LAYOUTS, ExecConfig, parse_kernel_choices
+from ..runtime.config import LAYOUTS
 from ..runtime.kernels import ORT, providers
 from .report import plain
 
@@ -106,10 +106,6 @@ class ExecArgs(ArgGroup):
             "channels_last) or auto (default: the faster of the two, timed on the first step of each batch "
             "shape, when the step's activations reach 64 MiB; else nchw), e.g. --layout nhwc",
         )
-
-    @staticmethod
-    def config(a):
-        return ExecConfig(device=a.device, threads=a.threads, kernels=parse_kernel_choices(a.kernel), layout=a.layout)
 
 
 class MemoryArgs(ArgGroup):

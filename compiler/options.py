@@ -259,6 +259,15 @@ def fraction(value):
     return v
 
 
+@with_schema({"type": "number", "exclusiveMinimum": 0, "maximum": 1})
+def part(value):
+    """Parser: a number in (0, 1] (a part of a whole, e.g. of a run's epochs)."""
+    v = _number(value, float)
+    if not 0 < v <= 1:
+        raise ValueError("must be in (0, 1]")
+    return v
+
+
 @with_schema({"type": "integer"})
 def integer(value):
     """Parser: any integer."""

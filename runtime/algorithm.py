@@ -69,6 +69,17 @@ class TrainState:
     # do not change. None (the service or its result): nothing to recalibrate (no engine support, no
     # BatchNorm). The runtime picks the batches and keeps every rank consistent (see Trainer)
     recalibrate_batchnorm: Any = None
+    # the training step about to run or running: 0-based over the whole run (epoch × steps per epoch
+    # + step), and the steps of one epoch (set by the training loop before each step)
+    step: int = 0
+    steps_per_epoch: int = 0
+
+    @property
+    def progress(self) -> float:
+        """The run's progress at the current step, in [0, 1): ``step / (epochs × steps per epoch)``
+        (a budget's fraction spent; 0 before the first step)."""
+        total = self.epochs * self.steps_per_epoch
+        return self.step / total if total > 0 else 0.0
 
 
 class Algorithm:
@@ -92,6 +103,19 @@ class Algorithm:
     # ------------------------------------------------------------------ events
     def on_train_start(self, state: TrainState) -> None:
         """Once before the first epoch (also after a resume, with the state loaded)."""
+
+    def before_step(self, state: TrainState, epoch: int, step: int) -> None:
+        """Before each training step (``state.step``, ``state.progress`` say where in the run; keep
+        it cheap). It may change the decision: the switch then happens before this step. Such a
+        decision must follow from what every rank and a resumed run see alike (the step count, the
+        state restored at the epoch's start), and must keep the input's shape (the epoch's batches
+        are already being cut)."""
+
+    def lr_scales(self, state: TrainState) -> dict[str, float] | None:
+        """Per-parameter multiples of the learning rate for the step about to run
+        (``{parameter: scale}``, after :meth:`before_step`), or None for none. The scales of all
+        algorithms multiply."""
+        return None
 
     def on_step(self, state: TrainState, step: int, result: StepResult) -> None:
         """After each training step (keep it cheap)."""
@@ -117,7 +141,8 @@ class Algorithm:
 
     def on_switch(self, state: TrainState, initial: bool) -> ParamUpdate | None:
         """Parameter changes that come with the current decision; called at train start
-        (``initial``) and after an epoch whose end changed this algorithm's decision."""
+        (``initial``) and after an epoch end or a step start that changed this algorithm's
+        decision."""
         return None
 
     def describe(self) -> str:

@@ -86,6 +86,10 @@ class Engine(Protocol):
     def set_lr(self, lr: float) -> None:
         """The optimizer's learning rate from the next step on (a learning-rate schedule's)."""
 
+    def set_lr_scales(self, scales: dict[str, float]) -> None:
+        """Per-parameter multiples of the rate from the next step on (``{name: scale}``; a name
+        left out: 1). Replaces the previous scales; names the engine does not train are ignored."""
+
     def train_step(self, x, y) -> StepResult: ...
 
     def evaluate_batch(self, x, y) -> tuple[float, np.ndarray]: ...
@@ -137,6 +141,17 @@ class EngineBase:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups if self.optimizer is not None else ():
             group["lr"] = float(lr)
+
+    def set_lr_scales(self, scales: dict[str, float]) -> None:
+        opt = self.optimizer
+        if opt is None or not hasattr(opt, "lr_scales"):
+            raise AccelcError(f"{type(self).__name__} has no per-parameter learning rates")
+        params = self._named_params()
+        opt.lr_scales = {params[n]: float(k) for n, k in scales.items() if n in params and k != 1.0}
+
+    def _named_params(self) -> dict:
+        """name -> the parameter tensor the optimizer updates (for :meth:`set_lr_scales`)."""
+        return {}
 
     def param_arrays(self) -> dict[str, np.ndarray]:
         return {}

@@ -67,7 +67,8 @@ def measure(run: Callable[[str], None]) -> tuple[str, dict]:
 
 
 class Layouts:
-    """One engine's layout choices: one per (variant, batch shape), made at its first step."""
+    """One engine's layout choices: one per (parameter shapes, batch shape), made at the first step
+    of a variant that brings a new one (variants that only prune the backward share it)."""
 
     def __init__(self, forced: str):
         self.forced = forced  # "auto", or the layout every step runs in

@@ -23,6 +23,8 @@ class OrtAdamW(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"OrtAdamW has no hyperparameter {', '.join(unknown)}")
         super().__init__(params, {**ADAMW_DEFAULTS, **hyper})
+        # parameter tensor -> multiple of its group's rate (``Engine.set_lr_scales``); absent: 1
+        self.lr_scales: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -45,20 +47,30 @@ class OrtAdamW(torch.optim.Optimizer):
                 torch._foreach_add_(ms, gs, alpha=1.0 - a)
                 torch._foreach_mul_(vs, b)
                 torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b)
+                s = self._scales(ps)
                 if group["adam_mode"] == 0:
                     if wd:
-                        torch._foreach_mul_(ps, 1.0 - lr * wd)
+                        _mul(ps, 1.0 - lr * wd, s, lambda k: 1.0 - lr * k * wd)
                     denom = torch._foreach_div(vs, bc)
                     torch._foreach_sqrt_(denom)
                     torch._foreach_add_(denom, eps)
-                    torch._foreach_addcdiv_(ps, ms, denom, value=-lr / ac)
+                    _addcdiv(ps, ms, denom, -lr / ac, s, lambda k: -lr * k / ac)
                 else:
                     denom = torch._foreach_sqrt(vs)
                     torch._foreach_add_(denom, eps)
-                    torch._foreach_addcdiv_(ps, ms, denom, value=-lr_c)
+                    # the scaled rate goes through the kernel's float32 rounding like the rate itself
+                    _addcdiv(ps, ms, denom, -lr_c, s, lambda k: -_corrections(group, lr * k, a, b, t)[2])
                     if wd:
-                        torch._foreach_mul_(ps, 1.0 - lr * wd)
+                        _mul(ps, 1.0 - lr * wd, s, lambda k: 1.0 - lr * k * wd)
         return None
+
+    def _scales(self, ps: list) -> list | None:
+        """Each parameter's multiple of the rate, or None when every one is 1 (the kernel's own
+        arithmetic, one scalar for all)."""
+        if not self.lr_scales:
+            return None
+        s = [self.lr_scales.get(p, 1.0) for p in ps]
+        return None if all(k == 1.0 for k in s) else s
 
     def _advance(self, p) -> dict:
         """``p``'s state with its step count moved on (moments created at the first step)."""
@@ -114,14 +126,31 @@ def _corrections(group: dict, lr: float, a: float, b: float, t: int) -> tuple[fl
 class OrtSGD(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3):
         super().__init__(params, dict(lr=lr))
+        self.lr_scales: dict = {}  # as OrtAdamW's
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    p.add_(p.grad, alpha=-group["lr"])
+                    p.add_(p.grad, alpha=-group["lr"] * self.lr_scales.get(p, 1.0))
         return None
+
+
+def _mul(ps: list, value: float, scales: list | None, scaled) -> None:
+    """``ps *= value``, or per parameter ``scaled(its scale)``."""
+    if scales is None:
+        torch._foreach_mul_(ps, value)
+    else:
+        torch._foreach_mul_(ps, [scaled(k) for k in scales])
+
+
+def _addcdiv(ps: list, ms: list, denom: list, value: float, scales: list | None, scaled) -> None:
+    """``ps += value * ms / denom``, or per parameter with ``scaled(its scale)``."""
+    if scales is None:
+        torch._foreach_addcdiv_(ps, ms, denom, value=value)
+    else:
+        torch._foreach_addcdiv_(ps, ms, denom, [scaled(k) for k in scales])
 
 
 def make_optimizer(params, hyper: dict, lr: float) -> torch.optim.Optimizer:

@@ -290,6 +290,7 @@ class TrainingSession(EngineBase):
         for k in update.reset_optimizer_for:
             self.optimizer.state.pop(self.params[k], None)
         self.variant_name = name or str(variant)
+        self._param_key = None
         if self.__dict__.get("_pending") is not None:  # nothing built yet: build this one when needed
             self.artifacts = self._pending = art
             return
@@ -299,6 +300,12 @@ class TrainingSession(EngineBase):
         for group in self.optimizer.param_groups:
             group["params"] = [new if p is old else p for p in group["params"]]
         self.optimizer.state.pop(old, None)
+        scales = self.optimizer.lr_scales
+        if old in scales:
+            scales[new] = scales.pop(old)
+
+    def _named_params(self) -> dict:
+        return self.params
 
     # ------------------------------------------------------------------ steps
     def _bind(self, x: torch.Tensor, y: torch.Tensor):
@@ -357,7 +364,11 @@ class TrainingSession(EngineBase):
     def _layout(self, xt, yt) -> str:
         """The layout this step's activations run in (chosen at the first step of a batch shape
         under ``--layout auto``, by timing the step's forward and backward in both)."""
-        key = (self.variant_name, tuple(xt.shape))
+        # a variant with the same parameters (e.g. a pruned backward) keeps the layout measured for
+        # an earlier one: the convolutions, which decide it, are the same
+        if self.__dict__.get("_param_key") is None:  # after a swap or a load: shapes may differ
+            self._param_key = tuple((n, tuple(p.shape)) for n, p in self.params.items())
+        key = (self._param_key, tuple(xt.shape))
         known = self.layouts.known(key)
         if known is not None:  # every step after a shape's first
             return known
@@ -610,6 +621,7 @@ class TrainingSession(EngineBase):
                     self.params[n] = t
                     if old is not None:
                         self._replace_in_optimizer(old, t)
+        self._param_key = None
         self.optimizer.state.clear()
         load_optimizer_state_arrays(
             self.optimizer, self.params, {k[len("optim/") :]: v for k, v in arrays.items() if k.startswith("optim/")}

@@ -98,6 +98,9 @@ class TorchSession(EngineBase):
     def swap(self, artifacts, name: str, update: ParamUpdate | None = None) -> None:
         raise AccelcError("torch eager runs no compiled variants")
 
+    def _named_params(self) -> dict:
+        return self.named
+
     def state_arrays(self):
         out = {f"param/{k}": v.detach().cpu().numpy() for k, v in self.module.state_dict().items()}
         names = {id(p): k for k, p in self.named.items()}

@@ -83,7 +83,9 @@ class Trainer(TrainerStart, TrainerRecords):
         self.data_full, self.data = data, data
         self.run_dir = Path(spec.run_dir) if spec.run_dir else None
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
-        self._cost_of: tuple = (None, {})  # (artifacts, cost-model FLOPs/bytes per step of that variant)
+        self._cost_of: dict = {}  # id(artifacts) -> (artifacts, cost-model FLOPs/bytes per step of that variant)
+        self._steps_before = 0
+        self._ran_with: list = []  # this epoch's [(artifacts, steps run with them)], a switch before a step closing one
         self.algorithms = list(algorithms or [])
         self.state = TrainState(engine, epochs, batch_size)
         for a in self.algorithms:
@@ -117,6 +119,7 @@ class Trainer(TrainerStart, TrainerRecords):
         # stop after an epoch whose metrics satisfy it (bench's --stop-at-target); None: run every epoch
         self.stop_when = None
         self._resized: dict = {}
+        self._lr_scales: dict | None = None  # the per-parameter scales the engine has (None: unknown)
         self._start(spec.resume)
 
     def _start(self, resume: bool) -> None:
@@ -130,6 +133,8 @@ class Trainer(TrainerStart, TrainerRecords):
         self.state.sample = self._sample_batch
         self.state.recalibrate_batchnorm = self._recalibrate_batchnorm
         self._epoch = self.start_epoch  # the epoch that trains (0-based): recalibration batches come from its order
+        self.state.steps_per_epoch = self.data.steps_per_epoch(self.batch_size)
+        self.state.step = self.start_epoch * self.state.steps_per_epoch
         t0 = time.perf_counter()
         for a in self.algorithms:
             a.on_train_start(self.state)
@@ -323,7 +328,7 @@ class Trainer(TrainerStart, TrainerRecords):
                 "input_hw": list(self.data.shape[1:]),
             }
             m.update(val)
-            m.update(self._step_cost())
+            m.update(self._step_cost(self._ran_with + [(self.engine.artifacts, steps - self._steps_before)]))
             self._end_epoch(epoch, label, m, val)
             if self.stop_when is not None and self.stop_when(m):
                 break
@@ -336,6 +341,7 @@ class Trainer(TrainerStart, TrainerRecords):
     def _train_epoch(self, epoch: int, steps: int, label: str) -> tuple[float, int, int, float]:
         """The epoch's training steps: (loss sum, correct predictions, images, seconds)."""
         bar = self._bar(steps, label, "step")
+        self._ran_with, self._steps_before = [], 0
         loss_sum, correct, seen = 0.0, 0, 0
         variant = self.engine.variant_name
         step_m = {"variant": variant, "input_hw": list(self.data.shape[1:]), "train_time": self.train_time}
@@ -348,6 +354,8 @@ class Trainer(TrainerStart, TrainerRecords):
             if not self.lr_schedule.constant:  # this step's rate: its place in the budget of epochs
                 self.lr_now = self.base_lr * self.lr_schedule.factor(epoch * steps + step, self.epochs * steps)
                 self.engine.set_lr(self.lr_now)
+            if self.algorithms:
+                self._before_step(epoch, step, steps)
             result = self.engine.train_step(x, y)
             loss, logits = result.loss, result.logits
             if not math.isfinite(loss):
@@ -381,6 +389,34 @@ class Trainer(TrainerStart, TrainerRecords):
         if self.dist is not None:  # every rank's correct predictions
             correct = int(self.dist.sum([correct], "the accuracy all-reduce")[0])
         return loss_sum, correct, seen, train_s
+
+    def _before_step(self, epoch: int, step: int, steps: int) -> None:
+        """The algorithms see the step about to run: a decision they change switches the variant
+        now (same input shape), and their per-parameter learning-rate scales apply to this step."""
+        st = self.state
+        st.step, st.steps_per_epoch = epoch * steps + step, steps
+        before = [a.decision() for a in self.algorithms]
+        for a in self.algorithms:
+            a.before_step(st, epoch + 1, step)
+        changed = [a for a, k in zip(self.algorithms, before) if a.decision() != k]
+        if changed:
+            shape = tuple(self.engine.artifacts.info.input_shape)
+            self._ran_with.append((self.engine.artifacts, step - self._steps_before))
+            self._steps_before = step
+            self._switch(changed, initial=False)
+            if tuple(self.engine.artifacts.info.input_shape) != shape:
+                raise AccelcError(
+                    f"{', '.join(a.name for a in changed)}: a decision taken before a step changed the "
+                    f"input's shape (from {list(shape)}); only an epoch's end may"
+                )
+            self._lr_scales = None  # the new variant's tensors take them again
+        scales: dict[str, float] = {}
+        for a in self.algorithms:
+            for name, k in (a.lr_scales(st) or {}).items():
+                scales[name] = scales.get(name, 1.0) * float(k)
+        if scales != self._lr_scales and (scales or self._lr_scales):
+            self.engine.set_lr_scales(scales)
+        self._lr_scales = scales
 
     def _end_epoch(self, epoch: int, label: str, m: dict, val: dict) -> None:
         """The algorithms see the epoch (and may switch the variant); its record is kept, shown

@@ -83,21 +83,30 @@ class TrainerRecords:
             have, logged = have[len(line) :], logged + 1
         self._write_records(self.history if self.logs is not None and self.logs.tb_new else self.history[logged:])
 
-    def _step_cost(self) -> dict:
-        """Cost-model FLOPs and bytes of one training step of the variant that ran this epoch
-        (custom nodes at their expected values; flops_bound holds the bound)."""
-        art = self.engine.artifacts
-        if art is None:
+    def _step_cost(self, ran: list | None = None) -> dict:
+        """Cost-model FLOPs and bytes of one training step of the variants that ran this epoch
+        (``ran``: [(artifacts, steps)], their average weighted by steps; default: the engine's
+        current variant), custom nodes at their expected values."""
+        ran = [(a, k) for a, k in (ran or [(self.engine.artifacts, 1)]) if a is not None and k > 0]
+        costs = [(self._variant_cost(a), k) for a, k in ran]
+        if not costs or any(not c for c, _ in costs):
             return {}
-        if self._cost_of[0] is not art:  # computed once per variant
+        n = sum(k for _, k in costs)
+        return {key: sum(c[key] * k for c, k in costs) / n for key in ("flops_per_step", "bytes_per_step")}
+
+    def _variant_cost(self, art) -> dict:
+        """One variant's cost-model FLOPs and bytes per step, computed once per variant (held by
+        id with the artifacts, so the id stays theirs)."""
+        got = self._cost_of.get(id(art))
+        if got is None:
             cost = {}
             try:
                 c = graph_costs(training_graph(art), art.config.get("optimizer", "adamw"))["total"]
                 cost = {"flops_per_step": c["flops"], "bytes_per_step": c["bytes"]}
             except Exception:  # accounting must never stop training
                 pass
-            self._cost_of = (art, cost)
-        return dict(self._cost_of[1])
+            got = self._cost_of[id(art)] = (art, cost)
+        return got[1]
 
     def summary(self) -> dict:
         h = self.history

@@ -37,8 +37,29 @@ def machine_info() -> dict:
 
     return {
         "platform": platform.platform(),
+        "cpu": cpu_line(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "torch": torch.__version__,
     }
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the fast kernels and precisions
+
+
+def cpu_line() -> str:
+    """The CPU's model name and the instruction sets that decide its kernels, e.g. ``AMD EPYC
+    9554 (avx2, avx512f, avx512_bf16)``: every benchmark compares only runs on the same one."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+                elif line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"{model} ({', '.join(have) if have else 'none of ' + ', '.join(CPU_FLAGS)})"

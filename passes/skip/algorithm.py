@@ -12,10 +12,13 @@ bandwidth reduction.
 
 from __future__ import annotations
 
+import time
+
 from ...compiler.cost import graph_costs
 from ...compiler.graph import training_graph
 from ...runtime.algorithm import Algorithm
-from .rewrite import SkipOptions, lars_outputs, rule_text, skip_variant
+from .freezeout import freeze_times, lr_multiplier
+from .rewrite import SkipOptions, lars_outputs, layer_groups, rule_text, skip_variant, trainable_layers
 
 
 def lars(w_norm: float, g_norm: float, eta: float, beta: float) -> float:
@@ -42,6 +45,19 @@ class LarsSkip(Algorithm):
         self._n: dict[str, int] = {}
         self._last: dict[str, float] = {}
         self._costs: dict = {}
+        self._ran: dict[tuple, int] = {}  # skip set -> steps run with it in the current epoch
+        # freezeout: the schedule (layer -> fraction of the run at which it freezes), the parameters
+        # each layer's learning-rate scale covers, and the measured time per step of each skip set
+        self.freeze_at: dict[str, float] = {}
+        self.frozen_at: dict[str, dict] = {}  # layer -> {"step", "progress"} when it froze
+        self.step_time: dict[str, list] = {}  # skip set (joined) -> [steps timed, seconds]
+        self._tick: tuple | None = None  # (skip set, perf_counter) of the previous step's start
+        if self.options.rule == "freezeout":
+            self.layers = trainable_layers(tg)
+            times = freeze_times(len(self.layers), self.options.t0, self.options.spacing, self.options.keep_last)
+            self.freeze_at = dict(zip(self.layers, times))
+            groups = layer_groups(tg)
+            self.params_of = {name: [p for p in groups[name] if p in tg.params] for name in self.layers}
 
     def _cost_of(self, tg) -> dict:
         c = graph_costs(tg, self.optimizer)
@@ -55,7 +71,60 @@ class LarsSkip(Algorithm):
     # ------------------------------------------------------------------ λ
     lars = staticmethod(lars)
 
+    # ------------------------------------------------------------------ freezeout
+    def before_step(self, state, epoch, step):
+        key = tuple(self.skipped)  # what the engine runs now
+        if key not in self._costs:
+            self._costs[key] = self._cost_of(training_graph(state.engine.artifacts))
+        self._time_step(key, step)
+        if self.options.rule != "freezeout":
+            self._ran[key] = self._ran.get(key, 0) + 1
+            return
+        t = state.progress
+        new = [name for name in self.layers if self.freeze_at[name] <= t]
+        if new != self.skipped:  # an input-side prefix, growing: t_i grows with the layer's index
+            added = [name for name in new if name not in self.skipped]
+            for name in added:
+                self.frozen_at[name] = {"step": state.step, "progress": t}
+            self.decide(
+                epoch,
+                "freeze",
+                f"{', '.join(added)} frozen at step {state.step} ({t:.1%} of the run; learning rate annealed "
+                f"to 0): skipping {', '.join(new)} from this step",
+                step=state.step,
+                progress=t,
+                skipped=new,
+            )
+            self.skipped = new
+        key = tuple(self.skipped)
+        self._ran[key] = self._ran.get(key, 0) + 1
+
+    def _time_step(self, key: tuple, step: int) -> None:
+        """The wall time from the previous step's start to this one's, per skip set (the first step
+        of an epoch and of a set are left out: a switch or an evaluation came before them)."""
+        now = time.perf_counter()
+        if self._tick is not None and self._tick[0] == key and step > 0:
+            rec = self.step_time.setdefault(",".join(key) or "(none)", [0, 0.0])
+            rec[0] += 1
+            rec[1] += now - self._tick[1]
+        self._tick = (key, now)
+
+    def lr_scales(self, state):
+        if self.options.rule != "freezeout":
+            return None
+        t = state.progress
+        out = {}
+        for name in self.layers:
+            if name in self.skipped or self.freeze_at[name] >= 1.0:
+                continue
+            m = lr_multiplier(t, self.freeze_at[name], self.options.scale_lr)
+            for p in self.params_of[name]:
+                out[p] = m
+        return out
+
     def on_step(self, state, step, result):
+        if self.options.rule == "freezeout":
+            return
         every = max(1, self.options.every)
         if step % every:
             return
@@ -123,20 +192,28 @@ class LarsSkip(Algorithm):
         key = tuple(self.skipped)
         if key not in self._costs:  # the cost of what ran (the engine's current artifacts)
             self._costs[key] = self._cost_of(training_graph(state.engine.artifacts))
-        cost = self._costs[key]
         steps = metrics["steps"]
+        ran = self._ran or {key: steps}  # steps per skip set (a run without step events: all the last)
+        n = max(sum(ran.values()), 1)
         self.accounting.append(
             {
                 "epoch": epoch,
                 "skipped": list(self.skipped),
                 "steps": steps,
-                "flops_per_step": cost["flops"],
-                "bytes_per_step": cost["bytes"],
+                # per step, averaged over the skip sets the epoch's steps ran with
+                "flops_per_step": sum(k * self._costs[s]["flops"] for s, k in ran.items()) / n,
+                "bytes_per_step": sum(k * self._costs[s]["bytes"] for s, k in ran.items()) / n,
                 "base_flops_per_step": self.base_cost["flops"],
                 "base_bytes_per_step": self.base_cost["bytes"],
                 "ms_per_step": 1000 * metrics["train_seconds"] / max(steps, 1),
+                "steps_by_skip_set": {",".join(s) or "(none)": k for s, k in ran.items()},
             }
         )
+        self._ran = {}
+        self._tick = None
+        if self.options.rule == "freezeout":
+            self.logger.log_metrics({"skip": {"skipped": list(self.skipped)}})
+            return
         agg = self.options.aggregate
         lam = {name: (self._sum[name] / self._n[name] if agg == "mean" else self._last[name]) for name in self._n}
         self.lambdas.append({"epoch": epoch, **lam})
@@ -185,6 +262,10 @@ class LarsSkip(Algorithm):
             "epochs": a,
             "lambdas": self.lambdas,
             "final_skip_set": list(self.skipped),
+            "rule": self.options.rule,
+            **({"freeze_at": self.freeze_at, "frozen_at": self.frozen_at} if self.freeze_at else {}),
+            # measured: mean ms per step with each skip set (first steps after a switch left out)
+            "ms_per_step_by_skip_set": {k: 1000 * sec / cnt for k, (cnt, sec) in self.step_time.items() if cnt},
         }
 
     def state_dict(self) -> dict:
@@ -194,6 +275,8 @@ class LarsSkip(Algorithm):
             "first": self.first,
             "lambdas": self.lambdas,
             "accounting": self.accounting,
+            "frozen_at": self.frozen_at,
+            "step_time": self.step_time,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -202,3 +285,5 @@ class LarsSkip(Algorithm):
         self.first = dict(state.get("first", {}))
         self.lambdas = list(state.get("lambdas", []))
         self.accounting = list(state.get("accounting", []))
+        self.frozen_at = dict(state.get("frozen_at", {}))
+        self.step_time = {k: list(v) for k, v in dict(state.get("step_time", {})).items()}

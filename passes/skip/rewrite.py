@@ -36,13 +36,24 @@ from ...compiler.artifacts import Artifacts, quiet_native_stderr
 from ...compiler.cost import OPTIMIZER_COST, gflops, graph_costs, node_cost, numel
 from ...compiler.errors import AccelcError, show
 from ...compiler.graph import ACC_OUT_SUFFIX, BUFFER_SUFFIX, GRAD_SUFFIX, TrainingGraph, training_graph
-from ...compiler.options import Options, choice, int_at_least, name_list, option, positive_float
+from ...compiler.options import (
+    Options,
+    boolean,
+    choice,
+    int_at_least,
+    name_list,
+    option,
+    part,
+    positive_float,
+)
 from ...compiler.ort_training import import_ort_training
 from ...compiler.pass_api import Pass, PassResult
 from ...compiler.validation import seed_random_ops
+from .freezeout import freeze_times
 
 LARS_PREFIX = "accelc.lars."
 POLICIES = ("prefix", "suffix", "any")
+RULES = ("lars", "freezeout")
 TAU_MODES = ("relative", "absolute", "growth")
 
 
@@ -149,6 +160,54 @@ def prune(tg: TrainingGraph, skip: list[str]) -> tuple[list[dict], list[str]]:
     changes = [{"layer": s, "frozen_params": groups[s], "summary": f"{s}: skipped (no gradients)"} for s in skip]
     changes.append({"summary": f"{len(removed)} backward node(s) removed", "removed_nodes": removed})
     return changes, frozen
+
+
+def trainable_layers(tg: TrainingGraph) -> list[str]:
+    """The layers with a trained weight, input side first (the ones skip can take out)."""
+    tensors = tg.graph.tensors()
+    return [layer.name for layer in tg.layers if layer.weight in tg.params and layer.weight + GRAD_SUFFIX in tensors]
+
+
+def freeze_plan(tg: TrainingGraph, options) -> list[dict]:
+    """freezeout: each trainable layer's freeze time, as change records (the graph is unchanged)."""
+    layers = trainable_layers(tg)
+    times = freeze_times(len(layers), options.t0, options.spacing, options.keep_last)
+    return [
+        {
+            "layer": name,
+            "freezes_at": t,
+            "summary": f"{name}: freezes at {t:.0%} of the run" if t < 1 else f"{name}: trains to the end",
+        }
+        for name, t in zip(layers, times)
+    ]
+
+
+def explain_freezeout(opts: dict, changes: list[dict]) -> list[str]:
+    """What a freezeout plan entry will do, for ``accelc inspect``/``explain``."""
+    timed = [c for c in changes if isinstance(c.get("freezes_at"), (int, float)) and c.get("layer")]
+    frozen = [c for c in timed if c["freezes_at"] < 1]
+    out = [
+        f"freezeout schedule: {len(frozen)} of {len(timed)} layers freeze input side first, from "
+        f"{opts.get('t0')} of the run's epochs on ({opts.get('spacing')} spacing), each layer's learning "
+        f"rate annealed to zero first (cosine{', scaled by 1/t_i' if opts.get('scale_lr') else ''}); "
+        "nothing is frozen yet: the run's budget fixes the steps"
+    ]
+    if frozen:
+        out.append(
+            "freezes at: "
+            + ", ".join(f"{show(str(c['layer']), 60)} {float(c['freezes_at']):.0%}" for c in frozen)
+            + (
+                "; freezing up to it would save per step: "
+                + ", ".join(
+                    f"{show(str(c['layer']), 60)} {gflops(c['saves_flops_per_step'])}"
+                    for c in frozen
+                    if isinstance(c.get("saves_flops_per_step"), (int, float))
+                )
+                if any(isinstance(c.get("saves_flops_per_step"), (int, float)) for c in frozen)
+                else ""
+            )
+        )
+    return out
 
 
 def freeze_in_checkpoint(checkpoint: bytes, frozen: list[str]) -> bytes:
@@ -312,6 +371,36 @@ class SkipOptions(Options):
         name_list,
         flag="--skip-layers",
     )
+    rule: str = option(
+        "lars",
+        "how layers are chosen: lars (the paper: a layer whose LARS variable λ passes the "
+        "threshold at an epoch's end is skipped from the next epoch) or freezeout (FreezeOut: "
+        "layers freeze input side first at fixed fractions of the run's epochs, each layer's "
+        "learning rate annealed to zero first; decided at every step)",
+        choice(*RULES),
+        flag="--skip-rule",
+    )
+    t0: float = option(
+        0.5,
+        "freezeout: the fraction of the run at which the first layer freezes (the others follow "
+        "up to the end of the run, --skip-spacing)",
+        part,
+        flag="--skip-t0",
+    )
+    spacing: str = option(
+        "linear",
+        "freezeout: the freeze times of the layers after the first, linear or cubic in the "
+        "layer's index (cubic freezes more of the network earlier)",
+        choice("linear", "cubic"),
+        flag="--skip-spacing",
+    )
+    scale_lr: bool = option(
+        False,
+        "freezeout: start each layer's learning rate at 1/t_i of the run's (FreezeOut's "
+        "compensation for a layer that trains for a fraction t_i of the run)",
+        boolean,
+        flag="--skip-scale-lr",
+    )
     eta: float = option(0.001, "LARS η (trust coefficient)", positive_float, flag="--skip-eta")
     beta: float = option(1e-4, "LARS β (weight-decay term in the denominator)", positive_float, flag="--skip-beta")
     tau_mode: str = option(
@@ -347,14 +436,18 @@ class SkipPass(Pass):
             new, changes = skip_variant(art, layers)
             return PassResult(new, True, changes)
         tg = training_graph(art)
-        changes = instrument(tg)
-        art.training = tg.to_onnx()
+        if options.rule == "freezeout":  # a schedule of the budget: nothing to measure in the graph
+            changes = freeze_plan(tg, options)
+        else:
+            changes = instrument(tg)
+            art.training = tg.to_onnx()
         art.plan.append(self.method.plan_entry(options))
         if art.is_stage:  # the savings are reported for the root's layers only
             return PassResult(art, bool(changes), changes)
         # what the controller's decisions would save: per layer, the skip set that takes it in
         layers = [c["layer"] for c in changes]
-        saved = skip_savings(art, layers, options.policy, options.keep_last, tg)
+        policy = "prefix" if options.rule == "freezeout" else options.policy
+        saved = skip_savings(art, layers, policy, options.keep_last, tg)
         for c in changes:
             if c["layer"] in saved:
                 c["saves_flops_per_step"] = saved[c["layer"]]
@@ -367,6 +460,8 @@ class SkipPass(Pass):
         opts = record.get("options") if isinstance(record.get("options"), dict) else {}
         changes = record.get("changes") if isinstance(record.get("changes"), list) else []
         changes = [c for c in changes if isinstance(c, dict)]
+        if opts.get("rule") == "freezeout" and not opts.get("layers"):
+            return explain_freezeout(opts, changes)
         if opts.get("layers") or not any(str(c.get("summary", "")).endswith("LARS norms exposed") for c in changes):
             return super().explain(record, plan)
         layers = [c for c in changes if c.get("layer")]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 def run_summary(rep: dict, decisions: list, options, history: list) -> list[str]:
     """The skip decisions with the λ values behind them, or why nothing was skipped."""
+    if getattr(options, "rule", "lars") == "freezeout":
+        return [freezeout_summary(rep, decisions, options)]
     lam = [e for e in rep.get("lambdas") or [] if isinstance(e, dict)]
     tau, mode = options.tau, options.tau_mode
     skips = [d for d in decisions if d.get("action") == "skip"]
@@ -47,6 +49,28 @@ def run_summary(rep: dict, decisions: list, options, history: list) -> list[str]
                     f"{top[1]:.2f}x in epoch {top[2]})"
                 )
     return [text]
+
+
+def freezeout_summary(rep: dict, decisions: list, options) -> str:
+    """Which layers froze at which step, and the measured time per step of each frozen prefix."""
+    froze = [d for d in decisions if d.get("action") == "freeze"]
+    if not froze:
+        return (
+            f"skip (freezeout): nothing froze; the first layer freezes at {options.t0:.0%} of the run's "
+            "epochs (a run that stopped before it, or a network with one trainable layer)"
+        )
+    parts = []
+    for d in froze:
+        added = [k for k in d.get("skipped") or [] if k not in (parts[-1][1] if parts else [])]
+        parts.append(
+            (f"{', '.join(added)} at step {d.get('step')} ({float(d.get('progress', 0)):.0%})", d.get("skipped") or [])
+        )
+    text = "skip (freezeout): froze " + "; ".join(p for p, _ in parts)
+    ms = rep.get("ms_per_step_by_skip_set") or {}
+    if isinstance(ms, dict) and ms.get("(none)") and len(ms) > 1:
+        last = list(ms)[-1]
+        text += f"; measured {ms['(none)']:.0f} ms/step with nothing frozen, {ms[last]:.0f} with the most"
+    return text
 
 
 def _skipped(m: dict) -> list:

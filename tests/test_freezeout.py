@@ -1,0 +1,194 @@
+"""skip's freezeout rule (FreezeOut's budgeted progressive freezing): the schedule's arithmetic, the
+optimizer's per-parameter learning-rate scales (bit-equal to an optimizer at the scaled rate), and
+a run that freezes input side first at the scheduled steps, each layer's weights still from the
+step its rate reached zero, and resumes to the same result."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import accelc
+from accelc.compiler.artifact_dir import load_artifacts
+from accelc.passes.skip.freezeout import freeze_times, lr_multiplier
+from accelc.runtime.optim import OrtAdamW, OrtSGD
+
+from conftest import export_test_model
+
+
+def test_freeze_times_linear_cubic_and_kept_layers():
+    assert freeze_times(5, 0.5, "linear", 1) == [0.5, 0.625, 0.75, 0.875, 1.0]
+    cubic = freeze_times(5, 0.5, "cubic", 1)
+    assert cubic[0] == 0.5 and cubic[-1] == 1.0
+    assert all(c <= lin for c, lin in zip(cubic, freeze_times(5, 0.5, "linear", 1)))  # cubic freezes earlier
+    assert freeze_times(5, 0.5, "linear", 2)[-2:] == [1.0, 1.0]  # keep_last: never frozen
+    assert freeze_times(5, 0.5, "linear", 0)[-1] == 1.0  # the last layer always trains
+    assert freeze_times(1, 0.5, "linear", 1) == [1.0]
+    t = freeze_times(9, 0.3, "cubic", 1)
+    assert t == sorted(t)  # monotone: the frozen set is always an input-side prefix
+
+
+def test_lr_multiplier_is_a_cosine_to_zero_at_the_freeze_time():
+    assert lr_multiplier(0.0, 0.5, False) == 1.0
+    assert lr_multiplier(0.25, 0.5, False) == pytest.approx(0.5)
+    assert lr_multiplier(0.5, 0.5, False) == 0.0 and lr_multiplier(0.9, 0.5, False) == 0.0
+    assert lr_multiplier(0.499999, 0.5, False) < 1e-9
+    assert lr_multiplier(0.0, 0.5, True) == 2.0  # FreezeOut's 1/t_i
+    assert lr_multiplier(0.7, 1.0, True) == 1.0  # a layer that never freezes
+
+
+def _params(seed, shapes=((3, 4), (5,), (2, 2, 3))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+@pytest.mark.parametrize("adam_mode", [0, 1])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_adamw_scales_equal_an_optimizer_at_the_scaled_rate(adam_mode, wd):
+    """Each parameter's update with scale k is bit-equal to the update of an optimizer whose rate
+    is k × lr (scale 1 is the unscaled kernel; scale 0 leaves the parameter as it was)."""
+    lr, scales = 1e-2, [1.0, 0.37, 0.0]
+    ps = _params(0)
+    opt = OrtAdamW(ps, lr=lr, adam_mode=adam_mode, weight_decay=wd)
+    opt.lr_scales = {p: k for p, k in zip(ps, scales)}
+    refs = []
+    for k, p in zip(scales, _params(0)):
+        refs.append((p, OrtAdamW([p], lr=lr * k, adam_mode=adam_mode, weight_decay=wd)))
+    start = [p.clone() for p in ps]
+    for step in range(3):
+        grads = _params(10 + step)
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        for (p, o), g in zip(refs, grads):
+            p.grad = g.clone()
+            o.step()
+    for p, (ref, _), k, p0 in zip(ps, refs, scales, start):
+        assert torch.equal(p, ref), k
+        if k == 0:
+            assert torch.equal(p, p0)
+
+
+def test_sgd_scales():
+    ps = _params(0)
+    opt = OrtSGD(ps, lr=0.1)
+    opt.lr_scales = {ps[1]: 0.5, ps[2]: 0.0}
+    start = [p.clone() for p in ps]
+    for p, g in zip(ps, _params(1)):
+        p.grad = g
+    opt.step()
+    assert torch.equal(ps[0], start[0] - 0.1 * ps[0].grad)
+    assert torch.equal(ps[1], start[1] - 0.05 * ps[1].grad)
+    assert torch.equal(ps[2], start[2])
+
+
+@pytest.fixture(scope="module")
+def freezeout_art(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fo")
+    export_test_model("vgg", d / "m.onnx")
+    accelc.compile(d / "m.onnx", d / "art", passes=["skip"], pass_options={"skip": {"rule": "freezeout", "t0": 0.5}})
+    return d / "art"
+
+
+def _train(art, run_dir, epochs=2, **kw):
+    return accelc.train(
+        art,
+        "synthetic",
+        epochs=epochs,
+        batch_size=32,
+        train_limit=256,
+        test_limit=64,
+        lr_schedule="linear",
+        run_dir=run_dir,
+        progress=False,
+        **kw,
+    )
+
+
+def test_compile_records_the_schedule_and_no_instrumentation(freezeout_art):
+    art, _ = load_artifacts(freezeout_art)
+    assert not [o.name for o in art.training.graph.output if o.name.startswith("accelc.lars.")]
+    entry = art.plan[0]
+    assert entry["type"] == "skip" and entry["options"]["rule"] == "freezeout"
+    rep = json.loads((freezeout_art / "report.json").read_text())
+    changes = [c for p in rep["passes"] if p.get("name") == "skip" for c in p.get("changes", [])]
+    times = [c["freezes_at"] for c in changes if "freezes_at" in c]
+    assert times[0] == 0.5 and times[-1] == 1.0 and times == sorted(times)
+
+
+def test_run_freezes_input_side_first_at_the_scheduled_steps(freezeout_art, tmp_path):
+    s = _train(freezeout_art, tmp_path / "run")
+    rep = s["controllers"]["skip"]
+    steps = 2 * (256 // 32)  # the budget's steps
+    layers = list(rep["freeze_at"])
+    frozen = rep["frozen_at"]
+    assert list(frozen) == [n for n in layers if rep["freeze_at"][n] < 1]  # input side first, all of them
+    for name, rec in frozen.items():  # at the first step at or past its time
+        t = rep["freeze_at"][name]
+        assert rec["step"] == int(np.ceil(t * steps - 1e-9)), (name, rec, t)
+    decisions = [d for d in s["decisions"] if d["action"] == "freeze"]
+    assert decisions and all("step" in d for d in decisions)
+    # the epochs' cost: the second half of the run skips a growing prefix
+    e1, e2 = rep["epochs"]
+    assert e1["flops_per_step"] == e1["base_flops_per_step"] and e2["flops_per_step"] < e1["flops_per_step"]
+    assert sum(e2["steps_by_skip_set"].values()) == e2["steps"]
+    assert s["history"][1]["flops_per_step"] == pytest.approx(e2["flops_per_step"])
+    assert 0 < rep["op_reduction"] < 0.5
+
+
+def test_resume_freezes_at_the_same_steps(freezeout_art, tmp_path, monkeypatch):
+    """A run stopped after its first epoch and resumed (the same 2-epoch budget) freezes at the
+    same steps and ends where the uninterrupted run ends."""
+    from accelc.runtime.train import loop
+
+    whole = _train(freezeout_art, tmp_path / "whole")
+    init = loop.Trainer.__init__
+
+    def stopping(self, *a, **kw):  # the run as a kill after epoch 1 leaves it
+        init(self, *a, **kw)
+        self.stop_when = lambda m: m["epoch"] == 1
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loop.Trainer, "__init__", stopping)
+        cut = _train(freezeout_art, tmp_path / "split")
+    assert len(cut["history"]) == 1
+    resumed = _train(freezeout_art, tmp_path / "split", resume=True)
+    assert [m["test_loss"] for m in resumed["history"]] == [m["test_loss"] for m in whole["history"]]
+    assert resumed["controllers"]["skip"]["frozen_at"] == whole["controllers"]["skip"]["frozen_at"]
+
+
+def test_first_layer_does_not_move_after_its_freeze(freezeout_art, tmp_path):
+    from accelc.passes.skip.algorithm import LarsSkip
+    from accelc.runtime.data import synthetic
+    from accelc.runtime.session import TrainingSession
+    from accelc.runtime.spec import TrainSpec
+    from accelc.runtime.train import Trainer
+
+    sess = TrainingSession(freezeout_art)
+    ctrl = LarsSkip(sess.artifacts, sess.artifacts.plan[0])
+    first = ctrl.layers[0]
+    params = ctrl.params_of[first]
+    seen = {}
+
+    class Watch(LarsSkip):  # records the first layer's parameters before every step
+        def before_step(self, state, epoch, step):
+            super().before_step(state, epoch, step)
+            seen[state.step] = {p: sess.param_arrays()[p].copy() for p in params}
+
+    w = Watch(sess.artifacts, sess.artifacts.plan[0])
+    ds = synthetic((1, 28, 28), 10, 256, 64)
+    Trainer(
+        TrainSpec(run_dir=None, epochs=2, batch_size=32, seed=0, progress=False, lr_schedule="linear"),
+        sess,
+        ds,
+        algorithms=[w],
+    ).run()
+    t = w.frozen_at[first]["step"]
+    end = sess.param_arrays()
+    for p in params:
+        assert not np.array_equal(seen[0][p], seen[t - 1][p]), p  # it trained before
+        assert np.array_equal(seen[t][p], end[p]), p  # and not after its rate reached zero
+        # the last steps before the freeze move it little: the cosine's tail
+        assert np.abs(seen[t][p] - seen[t - 1][p]).max() <= np.abs(seen[1][p] - seen[0][p]).max()
+    assert ctrl.freeze_at == w.freeze_at

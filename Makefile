@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXTRA ?= cpu
 JOBS ?= 2
 
-.PHONY: demo test test-fast lint bench bench-quick coverage install clean
+.PHONY: demo test test-fast lint bench bench-quick bench-budget coverage install clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -59,6 +59,11 @@ bench: $(STAMP) $(FASHION)
 
 bench-quick: $(STAMP) $(FASHION)  # one seed, fewer images and epochs: for trying things
 	$(BIN)/python benchmarks/protocol.py --quick -o bench-quick
+
+# protocol v2 (docs/time-to-accuracy.md): budgets of 2, 4 and 8 epochs with the linear schedule, each
+# trained in full; writes bench-budget/vgg32/budget-<E>/ and its fronts (fronts.json, .md, .png)
+bench-budget: $(STAMP) $(FASHION)
+	$(BIN)/python benchmarks/protocol.py --budgets 2,4,8 --workloads vgg32 --train-limit 10000 --configs torch,ort,ort+skip -o bench-budget
 
 coverage: $(STAMP)  # torchvision's and timm's CNNs through every pass: docs/results/model-coverage.md
 	$(BIN)/python benchmarks/model_coverage.py -o docs/results/model-coverage

@@ -14,12 +14,24 @@ README is never rewritten).
     python benchmarks/protocol.py --calibrate -o bench-calibrate     # ort alone: proposes each fixed target
     python benchmarks/protocol.py --workloads vgg32 --configs ort,ort+skip -o out
     python benchmarks/protocol.py --report-only -o docs/tta --results docs/results/time-to-accuracy.md
+    python benchmarks/protocol.py --budgets 2,4,8 --workloads vgg32 --train-limit 10000 --configs torch,ort,ort+skip \\
+        -o bench-budget                                               # protocol v2, budgeted (make bench-budget)
+    python benchmarks/protocol.py --report-only -o bench-budget --workloads vgg32   # its fronts again
 
 ``--calibrate`` trains ``ort`` alone for every seed and proposes, per workload, the highest
 multiple of 0.005 that *every* seed's validation accuracy reached by the middle of the epoch cap:
 a target the baseline reaches reliably after several epochs, leaving the second half of the cap
 for configurations that need more epochs. The chosen values are then written into workloads.json
 by hand (once); the test split plays no part in it.
+
+``--budgets 2,4,8`` (protocol v2, budgeted): per workload and budget of E epochs, every
+configuration and seed (interleaved) trains all E epochs, the learning rate warmed up and decayed
+linearly to zero over them (``--lr-schedule linear``), with no stop at the target; each budget
+writes ``OUT/<workload>/budget-<E>/``. ``benchmarks/fronts.py`` then gives each configuration's
+time-versus-accuracy front over the budgets and, per budget, every configuration's time to ort's
+(and torch's) validation accuracy there: ``OUT/<workload>/fronts.json``, ``fronts.md`` and
+``fronts.png``, also gathered in ``protocol.md`` (and ``--results``). ``--report-only`` rebuilds
+them from the budget folders.
 """
 
 from __future__ import annotations
@@ -59,6 +71,9 @@ def run(args) -> int:
     if unknown:
         print(f"protocol: unknown workload(s) {unknown}; known: {list(spec['workloads'])}", file=sys.stderr)
         return 2
+    budgets = parse_budgets(args.budgets) if args.budgets else None
+    if budgets and (args.epochs or args.calibrate):
+        raise Refused("--budgets gives the epochs of every run: leave out --epochs and --calibrate")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds or spec["seeds"]
@@ -78,9 +93,15 @@ def run(args) -> int:
         if args.quick:
             w.update({k: v for k, v in spec["quick"].items() if k != "seeds"})
             seeds = args.seeds or spec["quick"]["seeds"]
+        if args.train_limit is not None:
+            w["train_limit"] = args.train_limit
         target = w["target"]
         if args.calibrate or target is None:
             target = "ort-best" if "ort" in names_of else "torch-best-0.2"
+        if budgets:
+            po = None if isinstance(configs, dict) else pass_options
+            run_budgets(name, w, budgets, args, out, seeds=seeds, configs=configs, target=target, pass_options=po)
+            continue
         print(f"protocol: {name}: {w['model']} {w['input_shape']}, seeds {seeds}, target {target}", file=sys.stderr)
         t0 = time.perf_counter()
         rep = run_bench(
@@ -110,6 +131,67 @@ def run(args) -> int:
     results = Path(args.results) if args.results else None
     report(out, names, results, " ".join(sys.argv[1:]), list(spec["workloads"]))
     return 0
+
+
+def parse_budgets(text: str) -> list[int]:
+    """``--budgets 2,4,8``: distinct positive epoch counts, smallest first."""
+    try:
+        budgets = [int(v) for v in text.split(",")]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1 or len(set(budgets)) != len(budgets):
+        raise Refused(f"--budgets takes distinct positive epoch counts, e.g. 2,4,8, got '{text}'")
+    return sorted(budgets)
+
+
+def run_budgets(name: str, w: dict, budgets: list[int], args, out: Path, **kw) -> None:
+    """Protocol v2 on workload ``name``: per budget E, every configuration and seed (interleaved)
+    trains all E epochs with the learning rate warmed up and decayed linearly to zero over them,
+    into ``out/<name>/budget-<E>/``; then the workload's fronts (fronts.json, .md, .png)."""
+    from accelc.bench import markdown, run_bench
+
+    (out / name).mkdir(parents=True, exist_ok=True)
+    for e in budgets:
+        print(
+            f"protocol: {name}: budget {e} epochs (linear schedule): {w['model']} {w['input_shape']}, "
+            f"seeds {kw['seeds']}, train limit {w['train_limit']}",
+            file=sys.stderr,
+        )
+        t0 = time.perf_counter()
+        rep = run_bench(
+            w["model"],
+            args.data or w.get("data", "fashion-mnist"),
+            e,
+            kw["configs"],
+            out / name / f"budget-{e}",
+            batch_size=w.get("batch_size", 64),
+            lr=w["lr"],
+            lr_schedule="linear",
+            train_limit=w["train_limit"],
+            test_limit=w["test_limit"],
+            target=str(kw["target"]),
+            input_shape=tuple(int(v) for v in w["input_shape"].split(",")),
+            seeds=kw["seeds"],
+            val_split=w["val_split"],
+            stop_at_target=False,
+            force=True,
+            progress=not args.quiet,
+            pass_options=kw["pass_options"],
+        )
+        print(f"protocol: {name}: budget {e} took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(markdown(rep))
+    fr = _fronts().write_fronts(out / name, name)
+    if fr is not None:
+        print(_fronts().markdown(fr))
+
+
+def _fronts():
+    """benchmarks/fronts.py (this script's folder is not a package)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import fronts
+
+    return fronts
 
 
 def propose_target(rep: dict, cap: int) -> float | None:
@@ -205,23 +287,33 @@ class Refused(Exception):
 
 
 def report(out: Path, names: list[str], results: Path | None, argv: str, all_names: list[str] | None = None) -> None:
-    """OUT/protocol.md from every workload's bench.json; with ``results``, that whole results page
-    too (only when every workload of the workloads file has its bench.json: a partial run never
-    replaces the published tables)."""
+    """OUT/protocol.md from every workload's bench.json and budgeted fronts (``OUT/<workload>/
+    budget-<E>/``: fronts.json, .md and .png rebuilt there); with ``results``, that whole results
+    page too (only when every workload of the workloads file has its bench.json or budget folders:
+    a partial run never replaces the published tables)."""
     if not out.is_dir():
         raise Refused(f"output folder '{out}' does not exist")
-    missing = [n for n in (all_names or names) if not (out / n / "bench.json").is_file()]
+    fronts = _fronts()
+    missing = [
+        n for n in (all_names or names) if not (out / n / "bench.json").is_file() and not fronts.budget_dirs(out / n)
+    ]
     if results is not None and missing:
         raise Refused(
             f"not rewriting {results}: no bench.json for {', '.join(missing)} in '{out}' "
             "(run every workload, or leave out --results)"
         )
     parts = []
+    budgeted = fixed = False
     for name in names:
+        fr = fronts.write_fronts(out / name, name)  # protocol v2: the budget folders' fronts
+        if fr is not None:
+            budgeted = True
+            parts += [fronts.markdown(fr), ""]
         p = out / name / "bench.json"
         if not p.exists():
             continue
         rep = json.loads(p.read_text())
+        fixed = True
         study = not set(rep["configs"]) <= STANDARD  # named configurations: a study
         parts += [
             f"#### {name}: {rep['model']} at {'×'.join(str(v) for v in rep['input_shape'][1:])}, "
@@ -241,31 +333,48 @@ def report(out: Path, names: list[str], results: Path | None, argv: str, all_nam
         return
     results.parent.mkdir(parents=True, exist_ok=True)
     tmp = results.with_name(f".{results.name}.tmp")
-    tmp.write_text(results_page(body, argv, out, results))
+    tmp.write_text(results_page(body, argv, out, results, budgeted, fixed))
     os.replace(tmp, results)  # a reader sees the old page or the new one, never half of it
     print(f"protocol: wrote {results}", file=sys.stderr)
 
 
-def results_page(body: str, argv: str, out: Path, results: Path) -> str:
+def results_page(body: str, argv: str, out: Path, results: Path, budgeted: bool = False, fixed: bool = True) -> str:
     """The whole results page: a title, where it comes from, a link to the protocol's rules and
-    analysis (docs/time-to-accuracy.md, relative to the page), then the tables."""
+    analysis (docs/time-to-accuracy.md, relative to the page), what the tables are (the fixed-target
+    runs', ``fixed``; the budgeted fronts', ``budgeted``), then the tables."""
     rules = os.path.relpath(HERE.parent / "docs" / "time-to-accuracy.md", results.resolve().parent)
-    return (
-        "# Time to accuracy: results\n\n"
-        f"Generated by `python benchmarks/protocol.py {argv}` from `{out}/*/bench.json` (`make bench` "
-        "rewrites this page; do not edit it by hand). The rules, the workloads, how each target was "
-        f"chosen and what the numbers mean: [the protocol]({rules}).\n\n"
+    fixed_text = (
         "Each configuration trains until its validation accuracy reaches the workload's fixed target "
         "(or the epoch cap); the tables give the training time to get there (median and min–max over "
         "the seeds, configurations interleaved per seed), how many seeds got there, and the test "
         "accuracy at that point. Every run's epochs, the controllers' decisions and the plots are in "
         f"`{out}/<workload>/bench.md`.\n\n"
-        f"{body}"
+    )
+    v2 = (
+        "Budgeted fronts (protocol v2, `--budgets`): every configuration trains each budget of E epochs "
+        "in full, the learning rate warmed up and decayed linearly to zero over it; the tables give each "
+        "budget's training time and final accuracies over the seeds (configurations interleaved per seed), "
+        "and per budget each configuration's time to ort's validation accuracy there, interpolated along "
+        f"its front. Every run's epochs and the plots are in `{out}/<workload>/budget-<E>/bench.md` and "
+        f"`{out}/<workload>/fronts.png`.\n\n"
+    )
+    source = f"`{out}/*/bench.json`" if fixed or not budgeted else f"`{out}/*/budget-*/bench.json`"
+    regen = "`make bench` rewrites this page; " if fixed or not budgeted else ""
+    return (
+        "# Time to accuracy: results\n\n"
+        f"Generated by `python benchmarks/protocol.py {argv}` from {source} ({regen}do not edit it by "
+        "hand). The rules, the workloads, how each target was "
+        f"chosen and what the numbers mean: [the protocol]({rules}).\n\n"
+        f"{fixed_text if fixed or not budgeted else ''}{v2 if budgeted else ''}{body}"
     )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-o", "--output", default="bench-out", help="output folder (default bench-out)")
     p.add_argument("--workloads", default=None, help="comma list (default: all of the workloads file)")
     p.add_argument("--workloads-file", default=str(HERE / "workloads.json"), help="default benchmarks/workloads.json")
@@ -276,6 +385,15 @@ def main(argv=None) -> int:
     p.add_argument("--pass-options", default=None, help='JSON {pass: {option: value}}, e.g. {"skip": {"tau": 1.5}}')
     p.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1,2")
     p.add_argument("--epochs", type=int, default=None, help="override every workload's epoch cap")
+    p.add_argument(
+        "--budgets",
+        default=None,
+        help="protocol v2: epoch budgets, e.g. 2,4,8; each trained in full with the linear schedule, "
+        "no stop at the target; writes OUT/<workload>/budget-<E>/ and fronts.json/.md/.png",
+    )
+    p.add_argument(
+        "--train-limit", type=int, default=None, help="override every workload's training images (before --val-split)"
+    )
     p.add_argument("--data", default=None, help='every workload\'s data (default: its "data", else fashion-mnist)')
     p.add_argument("--quick", action="store_true", help="one seed, fewer images and epochs: for trying things")
     p.add_argument("--calibrate", action="store_true", help="ort alone; proposes each workload's fixed target")

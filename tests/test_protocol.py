@@ -222,3 +222,231 @@ def test_bench_nproc_refuses_the_protocol_flags(tmp_path, flags):
     r = run_cli("bench", "--model", "cnn3-small", "--nproc", "2", *flags, "-o", tmp_path / "s")
     assert r.returncode == 2 and "--nproc measures throughput only" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+# ----------------------------------------------------------------------------- protocol v2: budgeted fronts
+def _budget_rep(budget, configs, val=True, machine=None):
+    """A bench.json of one budget: ``configs`` {name: [(train_time, val_acc, test_acc) per seed]},
+    every seed trained all ``budget`` epochs (the given values are its final epoch's)."""
+
+    def history(t, v, a):
+        h = [{"epoch": i + 1, "train_time": t * (i + 1) / budget, "test_acc": a - 0.1, "val_acc": v - 0.1}
+             for i in range(budget)]  # fmt: skip
+        h[-1].update({"test_acc": a, "val_acc": v})
+        if not val:
+            for m in h:
+                del m["val_acc"]
+        return h
+
+    return {
+        "model": "vgg",
+        "data": "synthetic",
+        "input_shape": [1, 32, 32],
+        "epochs": budget,
+        "seeds": list(range(len(next(iter(configs.values()))))),
+        "lr": 0.001,
+        "lr_schedule": "linear",
+        "stop_at_target": False,
+        "batch_size": 64,
+        "train_images": 1000,
+        "val_images": 200 if val else 0,
+        "test_images": 500,
+        "decided_on": "validation" if val else "test (no validation split)",
+        "date": "2026-12-07",
+        "machine": machine or {"platform": "Linux", "cpus": 2},
+        "not_run": {},
+        "configs": {
+            c: {"seeds": list(range(len(runs))), "histories": [history(*r) for r in runs]}
+            for c, runs in configs.items()
+        },
+    }
+
+
+def _reps(table):
+    """{E: bench.json} from {E: {config: [(time, val, test), ...]}}."""
+    return {e: _budget_rep(e, configs) for e, configs in table.items()}
+
+
+def test_fronts_points_are_median_time_and_mean_and_range_of_the_final_epoch():
+    import fronts
+
+    rep = _budget_rep(4, {"ort": [(10.0, 0.80, 0.79), (12.0, 0.82, 0.80), (30.0, 0.90, 0.84)]})
+    (p,) = fronts.fronts_of({4: rep})["ort"]
+    assert p["budget"] == 4 and p["time"] == 12.0 and p["time_range"] == [10.0, 30.0]
+    assert p["val_acc"] == pytest.approx(0.84) and p["val_acc_range"] == [0.80, 0.90]
+    assert p["test_acc"] == pytest.approx(0.81) and p["test_acc_range"] == [0.79, 0.84]
+    assert p["complete"] and p["seeds"] == [0, 1, 2]
+    rep["configs"]["ort"]["histories"][1].pop()  # a seed that stopped before the end of its budget
+    assert not fronts.fronts_of({4: rep})["ort"][0]["complete"]
+    # without a validation split the test split decides (as the bench)
+    p = fronts.fronts_of({2: _budget_rep(2, {"ort": [(5.0, 0.7, 0.6)]}, val=False)})["ort"][0]
+    assert p["val_acc"] == pytest.approx(0.6)
+
+
+FRONT = {
+    2: {"ort": [(20.0, 0.80, 0.79)], "c": [(10.0, 0.78, 0.77)], "fast": [(5.0, 0.90, 0.88)]},
+    4: {"ort": [(40.0, 0.85, 0.84)], "c": [(20.0, 0.84, 0.83)], "fast": [(9.0, 0.91, 0.89)]},
+    8: {"ort": [(80.0, 0.88, 0.87)], "c": [(40.0, 0.86, 0.85)], "fast": [(18.0, 0.92, 0.90)]},
+}
+
+
+def test_fronts_time_to_ort_accuracy_interpolates_between_budgets():
+    import fronts
+
+    fr = fronts.build(_reps(FRONT), "w")
+    assert fr["budgets"] == [2, 4, 8] and "torch" not in fr["time_to"] and all(fr["time_follows_budget"].values())
+    by = {row["budget"]: row for row in fr["time_to"]["ort"]}
+    assert by[2]["ref_val_acc"] == pytest.approx(0.80) and by[2]["ref_time"] == 20.0
+    c2, c4, c8 = (by[e]["configs"]["c"] for e in (2, 4, 8))
+    # 0.80 lies a third of the way from c's E=2 (10 s, 0.78) to its E=4 (20 s, 0.84)
+    assert c2["time"] == pytest.approx(10 + 10 / 3) and not c2["upper_bound"] and c2["between"] == [2, 4]
+    assert c2["ratio"] == pytest.approx((10 + 10 / 3) / 20) and c2["test_acc"] == pytest.approx(0.79)
+    assert c4["time"] == pytest.approx(30.0) and c4["ratio"] == pytest.approx(0.75)
+    assert c4["test_acc"] == pytest.approx(0.84) and c4["between"] == [4, 8]
+    # ort's E=8 accuracy is above c's best point: not reached, never extrapolated
+    assert not c8["reached"] and c8["time"] is None and c8["ratio"] is None and c8["best"] == pytest.approx(0.86)
+    # ort against itself: exactly its own time, except at its first budget (an upper bound)
+    o2, o4 = by[2]["configs"]["ort"], by[4]["configs"]["ort"]
+    assert o4["time"] == 40.0 and o4["ratio"] == 1.0 and not o4["upper_bound"]
+    assert o2["upper_bound"] and o2["time"] == 20.0 and o2["ratio"] == 1.0
+
+
+def test_fronts_first_budget_already_above_is_an_upper_bound():
+    import fronts
+
+    fr = fronts.build(_reps(FRONT), "w")
+    for row in fr["time_to"]["ort"]:
+        f = row["configs"]["fast"]  # its smallest budget already beats ort at every budget
+        assert f["reached"] and f["upper_bound"] and f["time"] == 5.0 and f["between"] == [2]
+        assert f["ratio"] == pytest.approx(5.0 / row["ref_time"]) and f["test_acc"] == pytest.approx(0.88)
+    text = fronts.markdown(fr)
+    assert "| E=2 | 0.8000 | 0.7900 | 20.0 | fast | ≤ 5.0 | ≤ 0.25 | 0.8800 | E=2 |" in text
+    assert "| E=8 | 0.8800 | 0.8700 | 80.0 | c | not reached (best 0.8600) | — | — | — |" in text
+
+
+def test_fronts_ties_and_non_monotone_fronts():
+    import fronts
+
+    front = [
+        {"budget": 2, "time": 10.0, "val_acc": 0.70, "test_acc": 0.69},
+        {"budget": 4, "time": 20.0, "val_acc": 0.70, "test_acc": 0.70},  # flat: no division by zero
+        {"budget": 8, "time": 20.0, "val_acc": 0.80, "test_acc": 0.79},  # the same time as E=4
+        {"budget": 16, "time": 50.0, "val_acc": 0.75, "test_acc": 0.74},  # worse again: the first crossing counts
+    ]
+    r = fronts.reach(front, 0.80)  # exactly a point's accuracy: that point's time, not a bound
+    assert r["reached"] and r["time"] == 20.0 and not r["upper_bound"] and r["between"] == [4, 8]
+    assert r["test_acc"] == pytest.approx(0.79)
+    r = fronts.reach(front, 0.72)
+    assert r["time"] == 20.0 and r["between"] == [4, 8] and r["test_acc"] == pytest.approx(0.718)
+    r = fronts.reach(front, 0.70)  # the first point ties the accuracy: reached there, as an upper bound
+    assert r["upper_bound"] and r["time"] == 10.0
+    assert not fronts.reach(front, 0.8001)["reached"] and not fronts.reach([], 0.5)["reached"]
+    # a larger budget that took less time (noise): the front follows time, and the report says so
+    swapped = {e: dict(c) for e, c in FRONT.items()}
+    swapped[4]["c"] = [(8.0, 0.84, 0.83)]
+    fr = fronts.build(_reps(swapped), "w")
+    assert [p["budget"] for p in fr["fronts"]["c"]] == [4, 2, 8] and not fr["time_follows_budget"]["c"]
+    c2 = fr["time_to"]["ort"][0]["configs"]["c"]  # its fastest point (E=4) already reaches ort's E=2
+    assert c2["upper_bound"] and c2["time"] == 8.0 and c2["between"] == [4] and c2["ratio"] == pytest.approx(0.4)
+    assert "Training time does not grow with the budget for c " in fronts.markdown(fr)
+    # two configurations with the same points get the same answers
+    same = {e: {**c, "twin": c["c"]} for e, c in FRONT.items()}
+    for row in fronts.build(_reps(same), "w")["time_to"]["ort"]:
+        assert row["configs"]["twin"] == row["configs"]["c"]
+
+
+def test_fronts_against_torch_when_torch_ran():
+    import fronts
+
+    table = {e: {**c, "torch": [(t * 0.5, v, a) for t, v, a in c["ort"]]} for e, c in FRONT.items()}
+    fr = fronts.build(_reps(table), "w")
+    assert set(fr["time_to"]) == {"ort", "torch"}
+    row = fr["time_to"]["torch"][1]  # E=4: torch 20 s at 0.85; ort's front reaches 0.85 at its E=4, 40 s
+    assert row["budget"] == 4 and row["ref_time"] == 20.0 and row["configs"]["ort"]["ratio"] == pytest.approx(2.0)
+    assert "Time to torch's accuracy" in fronts.markdown(fr)
+
+
+def test_write_fronts_writes_json_markdown_and_png(tmp_path):
+    import fronts
+
+    w = tmp_path / "vgg32"
+    assert fronts.write_fronts(w) is None  # no folder: nothing
+    w.mkdir()
+    (w / "budget-x").mkdir()  # not a budget folder
+    (w / "budget-16").mkdir()  # no bench.json: ignored
+    assert fronts.write_fronts(w) is None and not list(w.glob("fronts.*"))
+    reps = _reps(FRONT)
+    reps[2]["machine"]["cpu"] = "AMD EPYC 7B13"
+    reps[2]["not_run"] = {"torch-amp": "no bf16"}
+    for e, rep in reps.items():
+        (w / f"budget-{e}").mkdir()
+        (w / f"budget-{e}" / "bench.json").write_text(json.dumps(rep))
+    fr = fronts.write_fronts(w)
+    saved = json.loads((w / "fronts.json").read_text())
+    assert saved["budgets"] == [2, 4, 8] and saved["cpu"] == "AMD EPYC 7B13" and saved["workload"] == "vgg32"
+    assert [p["budget"] for p in saved["fronts"]["c"]] == [2, 4, 8] and saved["time_to"]["ort"][0]["budget"] == 2
+    assert saved == json.loads(json.dumps(fr))
+    text = (w / "fronts.md").read_text()
+    assert text.startswith("# vgg32: budgeted fronts") and "AMD EPYC 7B13" in text
+    assert "| c | E=4 | 20.0 (20.0–20.0) | 0.8400 (0.8400–0.8400) | 0.8300 (0.8300–0.8300) |" in text
+    assert "| torch-amp | not run: no bf16 |" in text
+    assert (w / "fronts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(w.glob(".*tmp*"))
+
+
+def test_protocol_report_gathers_budgeted_fronts(tmp_path):
+    """--report-only rebuilds the fronts from the budget folders, into protocol.md and --results."""
+    import protocol
+
+    out = tmp_path / "o"
+    for e, rep in _reps(FRONT).items():
+        (out / "w1" / f"budget-{e}").mkdir(parents=True)
+        (out / "w1" / f"budget-{e}" / "bench.json").write_text(json.dumps(rep))
+    spec = tmp_path / "workloads.json"
+    spec.write_text(json.dumps({"seeds": [0], "configs": ["ort"], "workloads": {"w1": {}}, "quick": {}}))
+    page = tmp_path / "results" / "tta.md"
+    args = ["--report-only", "-o", str(out), "--workloads-file", str(spec), "--results", str(page)]
+    assert protocol.main(args) == 0
+    assert (out / "w1" / "fronts.png").is_file() and (out / "w1" / "fronts.json").is_file()
+    md = (out / "protocol.md").read_text()
+    assert "#### w1: budgeted fronts" in md and "Time to ort's accuracy" in md
+    text = page.read_text()
+    assert "Budgeted fronts (protocol v2" in text and "fixed target" not in text and "budget-*/bench.json" in text
+
+
+@pytest.mark.parametrize("flags", [["--budgets", "2,2"], ["--budgets", "0,2"], ["--budgets", "x"],
+                                   ["--budgets", "2", "--epochs", "3"], ["--budgets", "2", "--calibrate"]])  # fmt: skip
+def test_protocol_budgets_refusals_are_one_line(tmp_path, flags, capsys):
+    import protocol
+
+    assert protocol.main([*flags, "--workloads", "vgg32", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--budgets" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_protocol_budgets_end_to_end(tmp_path, capsys):
+    """--budgets 1,2 on a tiny workload: every budget trained in full with the linear schedule, no
+    stop at the (easy) target, the fronts written and rebuilt by --report-only."""
+    import protocol
+
+    spec = tmp_path / "workloads.json"
+    tiny = {"model": "cnn3-small", "input_shape": "1,16,16", "data": "synthetic:700", "lr": 0.001,
+            "train_limit": 5000, "test_limit": 200, "val_split": 100, "epochs": 3, "target": 0.05}  # fmt: skip
+    spec.write_text(json.dumps({"seeds": [0], "configs": ["ort"], "workloads": {"tiny": tiny}, "quick": {}}))
+    out = tmp_path / "o"
+    args = ["--workloads-file", str(spec), "--configs", "ort,torch", "--seeds", "0,1", "-q", "-o", str(out)]
+    assert protocol.main(["--budgets", "2,1", "--train-limit", "300", *args]) == 0
+    for e in (1, 2):
+        rep = json.loads((out / "tiny" / f"budget-{e}" / "bench.json").read_text())
+        assert rep["epochs"] == e and rep["lr_schedule"] == "linear" and not rep["stop_at_target"]
+        assert rep["train_images"] == 300 and rep["val_images"] == 100 and rep["seeds"] == [0, 1]
+        assert all(len(h) == e for c in ("ort", "torch") for h in rep["configs"][c]["histories"])
+        assert rep["configs"]["ort"]["histories"][0][-1]["lr"] < 0.001  # decayed towards zero
+    fr = json.loads((out / "tiny" / "fronts.json").read_text())
+    assert fr["budgets"] == [1, 2] and set(fr["fronts"]) == {"ort", "torch"} and set(fr["time_to"]) == {"ort", "torch"}
+    assert "#### tiny: budgeted fronts" in (out / "protocol.md").read_text()
+    for f in ("fronts.json", "fronts.md", "fronts.png"):
+        (out / "tiny" / f).unlink()
+    assert protocol.main(["--report-only", *args]) == 0
+    assert json.loads((out / "tiny" / "fronts.json").read_text()) == fr and (out / "tiny" / "fronts.png").is_file()

@@ -21,6 +21,10 @@ are refused. Every failure is one :class:`AccelcError` line.
 
 The parameters come in ORT's order (``CheckpointState.parameters`` iterates them sorted by name,
 trainable and frozen together), with the dtype the checkpoint stores.
+
+:func:`write_checkpoint` writes a parameters-only checkpoint byte for byte as ORT Training 1.19.2's
+``onnxblock.save_checkpoint`` does, with the same generated classes and ``flatbuffers``' Builder;
+:func:`freeze` re-saves a checkpoint with more parameters frozen (skip's variants, export-run).
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ def read_checkpoint_parameters(data: bytes, what: str = "the artifacts' checkpoi
 _FBS: list = []
 
 
-def _schema_classes(what: str):
+def _schema_classes(what: str, failing: str = "cannot be read"):
     """(Checkpoint, TensorDataType names) from plain onnxruntime's generated flatbuffer classes,
     imported without importing onnxruntime itself (nor ORT Training)."""
     if _FBS:
@@ -167,7 +171,7 @@ def _schema_classes(what: str):
         types = importlib.import_module("ort_flatbuffers_py.fbs.TensorDataType").TensorDataType
     except ImportError as e:
         raise AccelcError(
-            f"{what} cannot be read: reading ORT checkpoints needs onnxruntime and the flatbuffers package ({show(e, 160)})"
+            f"{what} {failing}: ORT checkpoints need onnxruntime and the flatbuffers package ({show(e, 160)})"
         ) from None
     type_names = {v: k for k, v in vars(types).items() if k.isupper() and isinstance(v, int)}
     _FBS.append((checkpoint, type_names))
@@ -333,3 +337,126 @@ def _parameter(t, where: str, trainable: bool, type_names: dict, budget: list) -
         raise _Bad(f"the data of {label} could not be read")
     value = raw.view(dtype).astype(dtype.newbyteorder("="), copy=True).reshape(dims)
     return CheckpointParameter(name, value, trainable)
+
+
+# ----------------------------------------------------------------------------- writing
+# numpy (kind, item size) -> TensorDataType: every type the reader accepts
+_CODES = {(np.dtype(s).kind, np.dtype(s).itemsize): code for code, s in _DTYPES.items()}
+# ORT 1.19.2's save_checkpoint moves the data to an external file (which the reader refuses) once the
+# tensors' TensorProto sizes, rounded up to whole MiB, reach 1800 MiB (measured: 1799 MiB - 3 bytes
+# stay in the file, 1799 MiB + 21 bytes go external); the writer refuses where ORT goes external
+MAX_PROTO_BYTES = 1799 * 1024 * 1024
+
+
+def write_checkpoint(trainable, frozen, what: str = "the checkpoint") -> bytes:
+    """An ORT Training checkpoint holding ``trainable`` and ``frozen`` (each a list of (name, numpy
+    array)), byte for byte what ORT Training 1.19.2's ``onnxblock.save_checkpoint`` writes for the
+    same tensors (``numpy_helper.from_array``) -- without ORT Training: version 2, identifier
+    ``ODTC``, a ``Checkpoint`` with only ``module_state``, whose ``requires_grad_params`` and
+    ``frozen_params`` list the tensors in the order given (name, dims, data_type, little-endian
+    ``raw_data``; no doc string, optimizer groups, property bag, nominal or external-data flag).
+    Every dtype the reader accepts is written as stored; names must be non-empty and unique."""
+    flatbuffers, fbs = _writer_classes(what)
+    lists = (_tensors_to_write(trainable, what, "trainable"), _tensors_to_write(frozen, what, "frozen"))
+    names = [n for tensors in lists for n, _ in tensors]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise AccelcError(f"{what} cannot be written: parameter {show(dup.decode())!r} appears twice")
+    total = sum(a.nbytes for tensors in lists for _, a in tensors)
+    if sum(_proto_size(*t) for tensors in lists for t in tensors) > MAX_PROTO_BYTES:
+        raise AccelcError(
+            f"{what} cannot be written: its parameters take {total / 2**20:.0f} MiB, more than ORT Training "
+            f"1.19.2 keeps in one checkpoint file (about {MAX_PROTO_BYTES / 2**20:.0f} MiB)"
+        )
+    tensor_cls, module_cls, checkpoint_cls = fbs
+    b = flatbuffers.Builder(total + 1024 + 256 * len(names))
+    vectors = []
+    for tensors in lists:  # as ORT's FromTensorProtos: every tensor table, then the two vectors
+        vectors.append([_write_tensor(b, tensor_cls, *t) for t in tensors])
+    for j, offsets in enumerate(vectors):
+        b.StartVector(4, len(offsets), 4 if offsets else 1)  # C++ aligns no empty vector
+        for o in reversed(offsets):
+            b.PrependUOffsetTRelative(o)
+        vectors[j] = b.EndVector()
+    module_cls.Start(b)
+    module_cls.AddRequiresGradParams(b, vectors[0])
+    module_cls.AddFrozenParams(b, vectors[1])
+    module_state = module_cls.End(b)
+    checkpoint_cls.Start(b)
+    checkpoint_cls.AddVersion(b, VERSIONS[-1])
+    checkpoint_cls.AddModuleState(b, module_state)
+    b.Finish(checkpoint_cls.End(b), file_identifier=FILE_IDENTIFIER)
+    return bytes(b.Output())
+
+
+def freeze(checkpoint: bytes, frozen_names, what: str = "the checkpoint") -> bytes:
+    """``checkpoint`` rewritten with the parameters named in ``frozen_names`` frozen (requires_grad
+    False; the frozen stay frozen): every parameter in ORT's order (sorted by name) with its stored
+    dtype, as ORT Training's ``save_checkpoint`` of its ``CheckpointState.parameters`` writes it."""
+    frozen_names = set(frozen_names)
+    lists: tuple[list, list] = ([], [])
+    for p in read_checkpoint_parameters(checkpoint, what):
+        lists[0 if p.requires_grad and p.name not in frozen_names else 1].append((p.name, p.value))
+    return write_checkpoint(*lists, what=what)
+
+
+def _writer_classes(what: str):
+    """(flatbuffers, (Tensor, ModuleState, Checkpoint) generated modules)."""
+    _schema_classes(what, "cannot be written")
+    import flatbuffers
+
+    mods = tuple(
+        importlib.import_module(f"ort_flatbuffers_py.fbs.{n}") for n in ("Tensor", "ModuleState", "Checkpoint")
+    )
+    return flatbuffers, mods
+
+
+def _tensors_to_write(params, what: str, kind: str) -> list[tuple[bytes, np.ndarray]]:
+    """(UTF-8 name, the array as a contiguous little-endian one) per (name, array) of ``params``."""
+    out = []
+    for j, item in enumerate(params):
+        name, value = item if isinstance(item, (tuple, list)) and len(item) == 2 else (None, None)
+        if not isinstance(name, str) or not name:
+            raise AccelcError(f"{what} cannot be written: {kind} parameter #{j} has no name")
+        try:
+            encoded = name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AccelcError(f"{what} cannot be written: the name {show(name)!r} is not valid unicode") from None
+        a = np.asarray(value)
+        code = _CODES.get((a.dtype.kind, a.dtype.itemsize))
+        if code is None:
+            raise AccelcError(
+                f"{what} cannot be written: parameter {show(name)!r} has dtype {a.dtype}, which ONNX Runtime 1.19.2 does not load from a checkpoint"
+            )
+        if a.ndim > MAX_RANK:
+            raise AccelcError(f"{what} cannot be written: parameter {show(name)!r} has {a.ndim} dimensions")
+        out.append((encoded, a.astype(np.dtype(_DTYPES[code]), order="C", copy=False)))  # keeps 0-d
+    return out
+
+
+def _proto_size(name: bytes, a: np.ndarray) -> int:
+    """The size of the tensor as the serialised ``onnx.TensorProto`` ORT's save_checkpoint is given
+    (``numpy_helper.from_array``: unpacked dims, data_type, name, raw_data), as ORT measures it."""
+
+    def varint(v: int) -> int:
+        return max(1, (v.bit_length() + 6) // 7)
+
+    code = _CODES[(a.dtype.kind, a.dtype.itemsize)]
+    fields = sum(1 + varint(d) for d in a.shape) + 1 + varint(code)
+    return fields + 1 + varint(len(name)) + len(name) + 1 + varint(a.nbytes) + a.nbytes
+
+
+def _write_tensor(b, tensor_cls, name: bytes, a: np.ndarray) -> int:
+    """One Tensor table, built as ORT's SaveInitializerOrtFormat builds it: name, dims, raw data."""
+    name_off = b.CreateString(name)
+    b.StartVector(8, a.ndim, 8 if a.ndim else 1)  # dims as int64; C++ aligns no empty vector
+    for d in reversed(a.shape):
+        b.PrependInt64(d)
+    dims_off = b.EndVector()
+    raw_off = b.CreateByteVector(a.tobytes())  # little-endian already
+    tensor_cls.Start(b)
+    tensor_cls.AddName(b, name_off)
+    tensor_cls.AddDims(b, dims_off)
+    tensor_cls.AddDataType(b, _CODES[(a.dtype.kind, a.dtype.itemsize)])
+    tensor_cls.AddRawData(b, raw_off)
+    return tensor_cls.End(b)

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from onnx import numpy_helper
 from ..compiler.artifact_dir import REQUIRED, load_artifacts
 from ..compiler.errors import AccelcError, ort_message, show
 from ..compiler.fileio import atomic_write_bytes, output_state, recover
-from ..compiler.ort_training import import_ort_training
+from ..compiler.ort_checkpoint import read_checkpoint_parameters, write_checkpoint
 from . import checkpoint as ckpt
 
 LABELS = "labels"
@@ -278,34 +277,21 @@ def _check_model(model: onnx.ModelProto, info) -> bytes:
 
 def ort_checkpoint_bytes(art, arrays: dict, epoch: int, variant: str, run_dir: Path) -> tuple[bytes, int]:
     """The artifacts' ORT CheckpointState with the run's values (every parameter it holds,
-    trainable or frozen); returns (bytes, number of parameters)."""
-    import_ort_training()
-    from onnxruntime.training import api  # heavy: ORT Training
-    from onnxruntime.training.onnxblock.checkpoint_utils import save_checkpoint
-
+    trainable or frozen); returns (bytes, number of parameters). Read and written without ORT
+    Training, byte for byte as its ``save_checkpoint`` writes them."""
     shapes = {vi.name: _static_shape(vi) for vi in art.eval.graph.input}
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = os.path.join(d, "initial"), os.path.join(d, "trained")
-        with open(src, "wb") as fh:
-            fh.write(art.checkpoint)
-        try:  # the artifacts' own checkpoint: which parameters it holds, in its order, trainable or not
-            state = api.CheckpointState.load_checkpoint(src)
-            held = [(name, p.requires_grad, p.data.shape) for name, p in state.parameters]
-        except Exception as e:
-            raise ExportError(f"the artifacts' checkpoint cannot be read: {ort_message(e)}") from None
-        del state
-        groups: tuple[list, list] = ([], [])
-        for name, trainable, initial_shape in held:
-            a = _param(arrays, name, shapes.get(name) or initial_shape, variant, epoch, run_dir)
-            groups[0 if trainable else 1].append(numpy_helper.from_array(np.ascontiguousarray(a), name))
-        try:
-            save_checkpoint(groups, dst)
-        except Exception as e:
-            raise ExportError(f"onnxruntime cannot write the training checkpoint: {ort_message(e)}") from None
-        if not os.path.isfile(dst) or os.path.exists(dst + ".data"):  # external data: not one file
-            raise ExportError("the training checkpoint is too large for one file; export-run writes single files")
-        with open(dst, "rb") as fh:
-            return fh.read(), len(held)
+    try:  # the artifacts' own checkpoint: which parameters it holds, in its order, trainable or not
+        held = [(p.name, p.requires_grad, p.value.shape) for p in read_checkpoint_parameters(art.checkpoint)]
+    except AccelcError as e:
+        raise ExportError(str(e)) from None
+    groups: tuple[list, list] = ([], [])
+    for name, trainable, initial_shape in held:
+        a = _param(arrays, name, shapes.get(name) or initial_shape, variant, epoch, run_dir)
+        groups[0 if trainable else 1].append((name, a))
+    try:
+        return write_checkpoint(*groups, what="the training checkpoint"), len(held)
+    except AccelcError as e:
+        raise ExportError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -24,15 +24,12 @@ What the pass does to the training graph:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 
-from ...compiler.artifacts import Artifacts, quiet_native_stderr
+from ...compiler.artifacts import Artifacts
 from ...compiler.cost import OPTIMIZER_COST, gflops, graph_costs, node_cost, numel
 from ...compiler.errors import AccelcError, show
 from ...compiler.graph import ACC_OUT_SUFFIX, BUFFER_SUFFIX, GRAD_SUFFIX, TrainingGraph, training_graph
@@ -46,7 +43,7 @@ from ...compiler.options import (
     part,
     positive_float,
 )
-from ...compiler.ort_training import import_ort_training
+from ...compiler.ort_checkpoint import freeze
 from ...compiler.pass_api import Pass, PassResult
 from ...compiler.validation import seed_random_ops
 from .freezeout import freeze_times
@@ -211,24 +208,9 @@ def explain_freezeout(opts: dict, changes: list[dict]) -> list[str]:
 
 
 def freeze_in_checkpoint(checkpoint: bytes, frozen: list[str]) -> bytes:
-    """Rewrite an ORT checkpoint so ``frozen`` parameters have requires_grad = False."""
-    import_ort_training()
-    from onnxruntime.training import api, onnxblock  # heavy: ORT Training
-
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "in")
-        with open(src, "wb") as fh:
-            fh.write(checkpoint)
-        state = api.CheckpointState.load_checkpoint(src)
-        trainable, non_trainable = [], []
-        for name, p in state.parameters:
-            t = numpy_helper.from_array(np.array(p.data), name)
-            (trainable if p.requires_grad and name not in frozen else non_trainable).append(t)
-        dst = os.path.join(d, "out")
-        with quiet_native_stderr():
-            onnxblock.save_checkpoint((trainable, non_trainable), dst)
-        with open(dst, "rb") as fh:
-            return fh.read()
+    """Rewrite an ORT checkpoint so ``frozen`` parameters have requires_grad = False (byte for byte
+    what ORT Training's save_checkpoint writes, without ORT Training)."""
+    return freeze(checkpoint, frozen)
 
 
 def skip_sets(layers: list[str], policy: str, keep_last: int) -> dict[str, list[str]]:

@@ -1,6 +1,11 @@
-"""The LARS skip algorithm (run-time half of the ``skip`` pass).
+"""The skip algorithm (run-time half of the ``skip`` pass), by one of two rules.
 
-Every ``every`` steps it reads the per-layer norms the instrumented graph outputs (the step's
+``freezeout`` (:mod:`.freezeout`): before every step it freezes the layers whose time in the
+run's budget has come (an input-side prefix that grows) and gives the optimizer each unfrozen
+layer's learning-rate multiple (a cosine that reaches zero at the layer's freeze time); it times
+the steps of each frozen prefix.
+
+``lars``: every ``every`` steps it reads the per-layer norms the instrumented graph outputs (the step's
 probes) and forms the LARS variable λ = η‖w‖/(‖∇w‖ + β‖w‖); at each epoch end it aggregates λ
 (mean or last), judges a layer done when λ passes the threshold τ (absolute; relative: τ × the
 layer's own first-epoch λ; or growth: λ's rise over the previous epoch fell under τ), picks the skip set by policy (default: the longest input-side prefix
@@ -46,6 +51,7 @@ class LarsSkip(Algorithm):
         self._last: dict[str, float] = {}
         self._costs: dict = {}
         self._ran: dict[tuple, int] = {}  # skip set -> steps run with it in the current epoch
+        self._arts: dict[tuple, object] = {}  # skip set -> its artifacts, until its cost is known
         # freezeout: the schedule (layer -> fraction of the run at which it freezes), the parameters
         # each layer's learning-rate scale covers, and the measured time per step of each skip set
         self.freeze_at: dict[str, float] = {}
@@ -73,9 +79,9 @@ class LarsSkip(Algorithm):
 
     # ------------------------------------------------------------------ freezeout
     def before_step(self, state, epoch, step):
-        key = tuple(self.skipped)  # what the engine runs now
-        if key not in self._costs:
-            self._costs[key] = self._cost_of(training_graph(state.engine.artifacts))
+        key = tuple(self.skipped)  # what the engine runs now: costed at the epoch's end, off the clock
+        if key not in self._costs and key not in self._arts:
+            self._arts[key] = state.engine.artifacts
         self._time_step(key, step)
         if self.options.rule != "freezeout":
             self._ran[key] = self._ran.get(key, 0) + 1
@@ -192,6 +198,10 @@ class LarsSkip(Algorithm):
         key = tuple(self.skipped)
         if key not in self._costs:  # the cost of what ran (the engine's current artifacts)
             self._costs[key] = self._cost_of(training_graph(state.engine.artifacts))
+        for k, art in self._arts.items():  # the sets the epoch ran before its last
+            if k not in self._costs:
+                self._costs[k] = self._cost_of(training_graph(art))
+        self._arts = {}
         steps = metrics["steps"]
         ran = self._ran or {key: steps}  # steps per skip set (a run without step events: all the last)
         n = max(sum(ran.values()), 1)

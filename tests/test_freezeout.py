@@ -192,3 +192,87 @@ def test_first_layer_does_not_move_after_its_freeze(freezeout_art, tmp_path):
         # the last steps before the freeze move it little: the cosine's tail
         assert np.abs(seen[t][p] - seen[t - 1][p]).max() <= np.abs(seen[1][p] - seen[0][p]).max()
     assert ctrl.freeze_at == w.freeze_at
+
+
+# ----------------------------------------------------------------------------- the loop's step events
+def _fake_run(algorithms, epochs=2):
+    """A Trainer over a fake engine that records its swaps and learning-rate scales per step."""
+    from types import SimpleNamespace
+
+    from accelc.runtime.data import synthetic
+    from accelc.runtime.engine import EngineBase, StepResult
+    from accelc.runtime.spec import TrainSpec
+    from accelc.runtime.train import Trainer
+
+    root = SimpleNamespace(info=SimpleNamespace(input_shape=(1, 8, 8)), name="root")
+
+    class Engine(EngineBase):
+        artifacts = root
+        optimizer = SimpleNamespace(lr_scales={}, param_groups=[])
+
+        def __init__(self):
+            self.swaps, self.scales, self.steps = [], [], 0
+
+        def swap(self, artifacts, name, update=None):
+            self.artifacts, self.variant_name = artifacts, name
+            self.swaps.append((self.steps, name))
+
+        def set_lr_scales(self, scales):
+            self.scales.append((self.steps, dict(scales)))
+
+        def train_step(self, x, y):
+            self.steps += 1
+            return StepResult(1.0, np.zeros((len(y), 10), np.float32))
+
+        def evaluate_batch(self, x, y):
+            return 1.0, np.zeros((len(y), 10), np.float32)
+
+    engine = Engine()
+    ds = synthetic((1, 8, 8), 10, 128, 32)  # 4 steps per epoch
+    spec = TrainSpec(run_dir=None, epochs=epochs, batch_size=32, progress=False)
+    return engine, Trainer(spec, engine, ds, algorithms=algorithms).run()
+
+
+def _algorithm(name, at_step, shape=(1, 8, 8), scales=None):
+    from types import SimpleNamespace
+
+    from accelc.runtime.algorithm import Algorithm
+
+    class A(Algorithm):
+        def __init__(self):
+            super().__init__(None, {})
+            self.name, self.on = name, False
+
+        def before_step(self, state, epoch, step):
+            self.on = state.step >= at_step
+
+        def decision(self):
+            return self.on
+
+        def transform(self, art):
+            return SimpleNamespace(info=SimpleNamespace(input_shape=shape), name=name) if self.on else art
+
+        def describe(self):
+            return name if self.on else ""
+
+        def lr_scales(self, state):
+            return scales(state) if scales else None
+
+    return A()
+
+
+def test_a_decision_before_a_step_switches_at_that_step_and_scales_multiply():
+    a = _algorithm("a", 5, scales=lambda st: {"w": 0.5, "v": 2.0} if st.step < 6 else {})
+    b = _algorithm("b", 99, scales=lambda st: {"w": 0.5} if st.step < 6 else {})
+    engine, s = _fake_run([a, b])
+    assert engine.swaps == [(5, "a")]  # before the 6th step (0-based step 5), inside epoch 2
+    # set when they change only: both algorithms' scales multiplied, then cleared once
+    assert engine.scales == [(0, {"w": 0.25, "v": 2.0}), (5, {"w": 0.25, "v": 2.0}), (6, {})]
+    assert s["history"][1]["variant"] == "a"
+
+
+def test_a_decision_before_a_step_may_not_change_the_input_shape():
+    from accelc.compiler.errors import AccelcError
+
+    with pytest.raises(AccelcError, match="before a step changed the input's shape"):
+        _fake_run([_algorithm("a", 2, shape=(1, 4, 4))])

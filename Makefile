@@ -61,9 +61,10 @@ bench-quick: $(STAMP) $(FASHION)  # one seed, fewer images and epochs: for tryin
 	$(BIN)/python benchmarks/protocol.py --quick -o bench-quick
 
 # protocol v2 (docs/time-to-accuracy.md): budgets of 2, 4 and 8 epochs with the linear schedule, each
-# trained in full; writes bench-budget/vgg32/budget-<E>/ and its fronts (fronts.json, .md, .png)
+# trained in full, torch and ort against skip's freezeout rule (benchmarks/budget-freezeout.json);
+# writes bench-budget/<workload>/budget-<E>/ and the fronts (fronts.json, .md, .png); ~80 min on 2 cores
 bench-budget: $(STAMP) $(FASHION)
-	$(BIN)/python benchmarks/protocol.py --budgets 2,4,8 --workloads vgg32 --train-limit 10000 --configs torch,ort,ort+skip -o bench-budget
+	$(BIN)/python benchmarks/protocol.py --budgets 2,4,8 --workloads vgg32,resnet32 --train-limit 8000 --config-file benchmarks/budget-freezeout.json -o bench-budget
 
 coverage: $(STAMP)  # torchvision's and timm's CNNs through every pass: docs/results/model-coverage.md
 	$(BIN)/python benchmarks/model_coverage.py -o docs/results/model-coverage

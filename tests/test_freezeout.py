@@ -276,3 +276,24 @@ def test_a_decision_before_a_step_may_not_change_the_input_shape():
 
     with pytest.raises(AccelcError, match="before a step changed the input's shape"):
         _fake_run([_algorithm("a", 2, shape=(1, 4, 4))])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"step_time": {"(none)": ["1", 0.5]}},
+        {"step_time": {"(none)": [1, float("nan")]}},
+        {"step_time": {"(none)": [1]}},
+        {"frozen_at": {"features.0": {"step": 3}}},
+        {"frozen_at": []},
+    ],
+)
+def test_a_malformed_controller_state_is_refused_on_load(freezeout_art, bad):
+    """What a checkpoint says of the freezeout controller is checked when it is loaded (the
+    resume turns these errors into one line), not when the report later reads it."""
+    from accelc.passes.skip.algorithm import LarsSkip
+
+    art, _ = load_artifacts(freezeout_art)
+    ctrl = LarsSkip(art, art.plan[0])
+    with pytest.raises((TypeError, ValueError, KeyError, AttributeError)):
+        ctrl.load_state_dict({"log": [], **bad})

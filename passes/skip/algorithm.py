@@ -295,5 +295,20 @@ class LarsSkip(Algorithm):
         self.first = dict(state.get("first", {}))
         self.lambdas = list(state.get("lambdas", []))
         self.accounting = list(state.get("accounting", []))
-        self.frozen_at = dict(state.get("frozen_at", {}))
-        self.step_time = {k: list(v) for k, v in dict(state.get("step_time", {})).items()}
+        self.frozen_at = {
+            str(k): {"step": int(v["step"]), "progress": float(v["progress"])}
+            for k, v in _mapping(state, "frozen_at").items()
+        }
+        self.step_time = {}
+        for k, (n, sec) in _mapping(state, "step_time").items():  # a file: checked, not trusted
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not 0 <= float(sec) < float("inf"):
+                raise ValueError("step_time")
+            self.step_time[str(k)] = [n, float(sec)]
+
+
+def _mapping(state: dict, key: str) -> dict:
+    """``state[key]`` (default {}), which must be a JSON object."""
+    v = state.get(key, {})
+    if not isinstance(v, dict):
+        raise TypeError(key)
+    return v

@@ -23,7 +23,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import accelc
 from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
 from accelc.runtime.torch_engine import TorchSession
+from accelc.runtime.train.summary import cpu_model_and_flags
 from accelc.zoo import ZOO, zoo_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,16 +49,7 @@ DEFAULT = {  # model -> (batch, input shape)
 
 
 def cpu_info() -> dict:
-    flags, model = set(), platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    model, flags = cpu_model_and_flags()
     keep = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
     return {
         "model": model,

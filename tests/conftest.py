@@ -128,3 +128,14 @@ def assert_api_refused(fn, needle: str = "", kind=None):
     msg = str(ei.value)
     assert needle in msg and "\n" not in msg, msg
     return msg
+
+
+# the start of a fresh interpreter's code where importing ORT Training fails, as on a machine with
+# plain onnxruntime (GPU machines, Python >= 3.13): for tests of what must work without it
+BLOCK_ORT_TRAINING = """import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnxruntime.training" or name.startswith("onnxruntime.training."):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+"""

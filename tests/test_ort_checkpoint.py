@@ -13,6 +13,8 @@ import pytest
 from accelc.compiler.errors import AccelcError
 from accelc.compiler.ort_checkpoint import read_checkpoint_parameters, read_parameters
 
+from conftest import BLOCK_ORT_TRAINING
+
 PREFIX = "the artifacts' checkpoint cannot be read: "
 
 
@@ -382,13 +384,9 @@ def test_the_reader_imports_neither_ort_training_nor_onnxruntime(checkpoints, tm
     is never imported (the reader only locates its generated flatbuffer classes)."""
     p = tmp_path / "checkpoint"
     p.write_bytes(checkpoints["resnet"])
-    code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "onnxruntime.training" or name.startswith("onnxruntime.training."):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
+    code = (
+        BLOCK_ORT_TRAINING
+        + f"""
 from accelc.runtime.session import read_checkpoint_params
 params = read_checkpoint_params(open({str(p)!r}, "rb").read())
 assert len(params) == 47, len(params)
@@ -396,6 +394,7 @@ bad = sorted(m for m in sys.modules if m == "onnxruntime" or m.startswith("onnxr
 assert not bad, bad
 print("ok", len(params))
 """
+    )
     env = {**os.environ, "PYTHONPATH": ""}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok 47", r.stderr[-3000:]

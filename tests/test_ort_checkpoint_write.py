@@ -13,7 +13,7 @@ import pytest
 from accelc.compiler.errors import AccelcError
 from accelc.compiler.ort_checkpoint import freeze, read_checkpoint_parameters, write_checkpoint
 
-from conftest import export_test_model
+from conftest import BLOCK_ORT_TRAINING, export_test_model
 
 
 def _ort_training():
@@ -269,13 +269,9 @@ def test_skip_variant_needs_no_ort_training(compiled, tmp_path):
     """In a fresh interpreter where importing onnxruntime.training fails (plain onnxruntime, GPU
     machines), skip's variant is built and its checkpoint written; the writer itself imports no
     onnxruntime at all (it only locates the generated flatbuffer classes)."""
-    code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "onnxruntime.training" or name.startswith("onnxruntime.training."):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
+    code = (
+        BLOCK_ORT_TRAINING
+        + f"""
 import numpy as np
 from accelc.compiler.ort_checkpoint import freeze, read_checkpoint_parameters
 data = open({str(compiled / "checkpoint")!r}, "rb").read()
@@ -289,6 +285,7 @@ assert "features.0.weight" in frozen, frozen
 assert "onnxruntime.training" not in sys.modules
 print("ok")
 """
+    )
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""}
     )

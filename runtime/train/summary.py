@@ -51,6 +51,14 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the f
 def cpu_line() -> str:
     """The CPU's model name and the instruction sets that decide its kernels, e.g. ``AMD EPYC
     9554 (avx2, avx512f, avx512_bf16)``: every benchmark compares only runs on the same one."""
+    model, flags = cpu_model_and_flags()
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"{model} ({', '.join(have) if have else 'none of ' + ', '.join(CPU_FLAGS)})"
+
+
+def cpu_model_and_flags() -> tuple[str, set]:
+    """The CPU's model name and its instruction-set flags, from /proc/cpuinfo (Linux; elsewhere
+    the platform's processor name and no flags)."""
     model, flags = platform.processor() or "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -61,5 +69,4 @@ def cpu_line() -> str:
                     model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    have = [f for f in CPU_FLAGS if f in flags]
-    return f"{model} ({', '.join(have) if have else 'none of ' + ', '.join(CPU_FLAGS)})"
+    return model, flags

@@ -83,11 +83,11 @@ class TrainerRecords:
             have, logged = have[len(line) :], logged + 1
         self._write_records(self.history if self.logs is not None and self.logs.tb_new else self.history[logged:])
 
-    def _step_cost(self, ran: list | None = None) -> dict:
+    def _step_cost(self, ran: list) -> dict:
         """Cost-model FLOPs and bytes of one training step of the variants that ran this epoch
-        (``ran``: [(artifacts, steps)], their average weighted by steps; default: the engine's
-        current variant), custom nodes at their expected values."""
-        ran = [(a, k) for a, k in (ran or [(self.engine.artifacts, 1)]) if a is not None and k > 0]
+        (``ran``: [(artifacts, steps)], their average weighted by steps), custom nodes at their
+        expected values."""
+        ran = [(a, k) for a, k in ran if a is not None and k > 0]
         costs = [(self._variant_cost(a), k) for a, k in ran]
         if not costs or any(not c for c, _ in costs):
             return {}

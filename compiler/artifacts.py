@@ -55,6 +55,9 @@ class Artifacts:
     # a stage's artifacts while the pass manager replays passes on them: a pass's change records
     # (and what it computes only for them) are the root's
     is_stage: bool = False
+    # the training graph's data input when it is not the model's input: a variant that trains on
+    # activations computed ahead (skip's cached frozen prefix) reads them under this tensor's name
+    train_input: str | None = None
 
     def __repr__(self) -> str:  # never reads a checkpoint held on disk
         src = self.checkpoint_source()
@@ -86,6 +89,7 @@ class Artifacts:
             [dict(p) for p in self.plan],
             dict(self.stages),
             self.is_stage,
+            self.train_input,
         )
 
 

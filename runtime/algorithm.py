@@ -73,6 +73,9 @@ class TrainState:
     # + step), and the steps of one epoch (set by the training loop before each step)
     step: int = 0
     steps_per_epoch: int = 0
+    # () -> the training images at the current input size (every row, in the data set's order: the
+    # rows :meth:`Algorithm.training_inputs` answers for); None: no data
+    train_images: Any = None
 
     @property
     def progress(self) -> float:
@@ -115,6 +118,13 @@ class Algorithm:
         """Per-parameter multiples of the learning rate for the step about to run
         (``{parameter: scale}``, after :meth:`before_step`), or None for none. The scales of all
         algorithms multiply."""
+        return None
+
+    def training_inputs(self, state: TrainState):
+        """What the current variant's training graph reads in place of the images, when it reads
+        something else (e.g. a frozen prefix's activations, computed once): an array with one row
+        per training image, in the order of ``state.train_images()``; None (the default): the
+        images. Asked after every switch of the variant; a step takes its batch's rows from it."""
         return None
 
     def on_step(self, state: TrainState, step: int, result: StepResult) -> None:

@@ -119,6 +119,11 @@ class Engine(Protocol):
     def allreduce_report(self) -> dict | None:
         """Data-parallel: the gradient all-reduce's statistics (after the last step); None alone."""
 
+    def infer(self, model, x: np.ndarray, output: str, chunk: int = 256) -> np.ndarray:
+        """``output`` of the inference graph ``model`` (of this model: its other inputs are
+        parameters the engine holds) for every row of ``x``, with the engine's kernels and current
+        parameter values, no gradients."""
+
 
 class EngineBase:
     """Defaults of the :class:`Engine` members an engine may have nothing to say about: no
@@ -179,3 +184,6 @@ class EngineBase:
 
     def allreduce_report(self) -> dict | None:
         return None
+
+    def infer(self, model, x: np.ndarray, output: str, chunk: int = 256) -> np.ndarray:
+        raise AccelcError(f"{type(self).__name__} runs no inference graphs")

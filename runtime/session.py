@@ -57,7 +57,7 @@ class TrainingSession(EngineBase):
     # what :meth:`_build` sets: read before the first build of a lazy session, they build it
     _BUILT = frozenset(
         {"runner", "train_sess", "eval_sess", "desc", "train_inputs", "eval_inputs", "eval_outputs", "trained",
-         "grads", "_grad_param", "bn_buf", "bn_inv_std", "bn_spatial"}
+         "grads", "_grad_param", "bn_buf", "bn_inv_std", "bn_spatial", "_train_input"}
     )  # fmt: skip
 
     def __init__(
@@ -180,7 +180,7 @@ class TrainingSession(EngineBase):
         missing = [
             i.name
             for i in lowered.graph.input
-            if i.name not in self.params and i.name not in (art.info.input_name, "labels")
+            if i.name not in self.params and i.name not in (art.train_input or art.info.input_name, "labels")
         ]
         if missing:
             raise AccelcError(
@@ -211,6 +211,7 @@ class TrainingSession(EngineBase):
         except Exception as e:  # ORT refusing a damaged or edited graph: its reason, in one line
             raise AccelcError(f"ONNX Runtime cannot load the artifacts' graphs: {ort_message(e)}") from None
         self.desc = desc
+        self._train_input = art.train_input or art.info.input_name  # what a step's data feeds
         self.train_inputs = [i.name for i in lowered.graph.input]
         if isinstance(self.eval_sess, SegmentedRunner):
             self.eval_inputs = list(self.eval_sess.inputs)
@@ -316,7 +317,7 @@ class TrainingSession(EngineBase):
         def bind_in(name, t):
             io.bind_input(name, dev, idx, _np_dtype(t), tuple(t.shape), t.data_ptr())
 
-        bind_in(self.info.input_name, x)
+        bind_in(self._train_input, x)
         bind_in("labels", y)
         for n in self.train_inputs:
             if n in self.params:
@@ -354,7 +355,7 @@ class TrainingSession(EngineBase):
         return StepResult(loss, logits, probes)
 
     def _feeds_bound(self, xt, yt) -> tuple[dict, dict]:
-        feeds = {self.info.input_name: xt, "labels": yt}
+        feeds = {self._train_input: xt, "labels": yt}
         feeds.update({n: self.params[n] for n in self.train_inputs if n in self.params})
         bound = {out: self.grads[p] for p, out in self.desc["grads"].items() if p in self.grads}
         bound.update(self.bn_buf)
@@ -519,7 +520,10 @@ class TrainingSession(EngineBase):
         n = 0
         for x, _ in itertools.chain([first], batches):
             xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
-            feeds = {artifacts.info.input_name: xt, **{p: self.params[p] for p in st["inputs"]}}
+            feeds = {
+                artifacts.train_input or artifacts.info.input_name: xt,
+                **{p: self.params[p] for p in st["inputs"]},
+            }
             if st["runner"] is not None:
                 st["runner"].run(feeds, {**st["bn_buf"], **st["inv_std"]}, run_options=self._run_options(len(xt)))
             else:
@@ -560,7 +564,7 @@ class TrainingSession(EngineBase):
         st = None
         if desc["bn_stats"]:
             model = pruned(lowered, outs)
-            inputs = [i.name for i in model.graph.input if i.name != art.info.input_name]
+            inputs = [i.name for i in model.graph.input if i.name != (art.train_input or art.info.input_name)]
             missing = [n for n in inputs if n not in self.params]
             if missing:
                 raise AccelcError(
@@ -630,6 +634,11 @@ class TrainingSession(EngineBase):
 
     def param_arrays(self) -> dict[str, np.ndarray]:
         return {k: v.detach().cpu().numpy().copy() for k, v in self.params.items()}
+
+    def infer(self, model, x: np.ndarray, output: str, chunk: int = 256) -> np.ndarray:
+        from .infer import run_forward  # the engine's kernels on an inference graph of this model
+
+        return run_forward(self, model, x, output, chunk)
 
 
 def _np_dtype(t: torch.Tensor):

@@ -17,13 +17,16 @@ bandwidth reduction.
 
 from __future__ import annotations
 
+import math
 import time
 
 from ...compiler.cost import graph_costs
+from ...compiler.errors import AccelcError
 from ...compiler.graph import training_graph
 from ...runtime.algorithm import Algorithm
+from .cache import cut_variant, find_cut, prefix_model
 from .freezeout import freeze_times, lr_multiplier
-from .rewrite import SkipOptions, lars_outputs, layer_groups, rule_text, skip_variant, trainable_layers
+from .rewrite import SkipOptions, lars_outputs, layer_groups, prune, rule_text, skip_variant, trainable_layers
 
 
 def lars(w_norm: float, g_norm: float, eta: float, beta: float) -> float:
@@ -58,6 +61,13 @@ class LarsSkip(Algorithm):
         self.frozen_at: dict[str, dict] = {}  # layer -> {"step", "progress"} when it froze
         self.step_time: dict[str, list] = {}  # skip set (joined) -> [steps timed, seconds]
         self._tick: tuple | None = None  # (skip set, perf_counter) of the previous step's start
+        # the frozen prefix's cache: the tensor the variant trains from (None: the images), the
+        # cuts found per skip set, the activations computed ((tensor, image shape), array) and the
+        # record of every cache step (where, what it holds, what computing it cost)
+        self.cut: str | None = None
+        self._cuts: dict[tuple, str | None] = {}
+        self._feat: tuple | None = None
+        self.cache_log: list[dict] = []
         if self.options.rule == "freezeout":
             self.layers = trainable_layers(tg)
             times = freeze_times(len(self.layers), self.options.t0, self.options.spacing, self.options.keep_last)
@@ -78,8 +88,12 @@ class LarsSkip(Algorithm):
     lars = staticmethod(lars)
 
     # ------------------------------------------------------------------ freezeout
+    def _key(self) -> tuple:
+        """What the engine runs: the skip set and the tensor the step starts from."""
+        return (*self.skipped, *((f"[cached {self.cut}]",) if self.cut else ()))
+
     def before_step(self, state, epoch, step):
-        key = tuple(self.skipped)  # what the engine runs now: costed at the epoch's end, off the clock
+        key = self._key()  # what the engine runs now: costed at the epoch's end, off the clock
         if key not in self._costs and key not in self._arts:
             self._arts[key] = state.engine.artifacts
         self._time_step(key, step)
@@ -102,7 +116,8 @@ class LarsSkip(Algorithm):
                 skipped=new,
             )
             self.skipped = new
-        key = tuple(self.skipped)
+            self._update_cut(state, epoch)
+        key = self._key()
         self._ran[key] = self._ran.get(key, 0) + 1
 
     def _time_step(self, key: tuple, step: int) -> None:
@@ -110,7 +125,7 @@ class LarsSkip(Algorithm):
         of an epoch and of a set are left out: a switch or an evaluation came before them)."""
         now = time.perf_counter()
         if self._tick is not None and self._tick[0] == key and step > 0:
-            rec = self.step_time.setdefault(",".join(key) or "(none)", [0, 0.0])
+            rec = self.step_time.setdefault(_joined(key), [0, 0.0])
             rec[0] += 1
             rec[1] += now - self._tick[1]
         self._tick = (key, now)
@@ -184,18 +199,95 @@ class LarsSkip(Algorithm):
         return [name for name in order if name in set(chosen) | set(self.skipped)]
 
     def decision(self):
-        return tuple(self.skipped)
+        return (tuple(self.skipped), self.cut)
 
     def transform(self, art):
         if not self.skipped:
             return art
-        return skip_variant(art, self.skipped)[0]
+        out = skip_variant(art, self.skipped)[0]
+        return cut_variant(out, self.cut) if self.cut else out
 
     def describe(self) -> str:
-        return "skip:" + ",".join(self.skipped) if self.skipped else ""
+        if not self.skipped:
+            return ""
+        return "skip:" + ",".join(self.skipped) + (f" cached:{self.cut}" if self.cut else "")
+
+    # ------------------------------------------------------------------ the frozen prefix's cache
+    def _update_cut(self, state, epoch: int) -> None:
+        """After the skip set grew: move the cache to the deepest tensor the new frozen prefix
+        allows, while enough of the budget remains for it to pay (computing it costs about one
+        epoch of the layers it adds, each later epoch saves as much) and it fits the bound."""
+        o = self.options
+        if not o.cache or not self.skipped:
+            return
+        key = tuple(self.skipped)
+        if key not in self._cuts:  # the pruned graph alone (its checkpoint is not needed here)
+            tg = training_graph(self.root)
+            prune(tg, list(key))
+            self._cuts[key] = find_cut(tg.to_onnx(), self.root.eval, self.root.info.input_name, set(tg.params))
+        t = self._cuts[key]
+        left = (1.0 - state.progress) * state.epochs
+        if t is None or t == self.cut or left < o.cache_min_epochs:
+            return
+        rows = len(state.train_images()) if state.train_images is not None else 0
+        shape = self.root.info.shapes(1).get(t, ())
+        mib = rows * math.prod(shape[1:]) * 4 / 2**20
+        where = f"at step {state.step} ({state.progress:.1%} of the run, {left:.2f} epochs left)"
+        if mib > o.cache_mb:
+            if not any(e.get("tensor") == t and e.get("refused") for e in self.cache_log):
+                self.cache_log.append({"step": state.step, "tensor": t, "mib": mib, "refused": True})
+                self.decide(
+                    epoch,
+                    "cache-refused",
+                    f"{where}: caching '{t}' for {rows} images needs {mib:.0f} MiB > --skip-cache-mb "
+                    f"{o.cache_mb}: the frozen prefix's forward stays in the step",
+                    step=state.step,
+                    mib=mib,
+                )
+            return
+        self.decide(
+            epoch,
+            "cache",
+            f"{where}: the frozen prefix's output '{t}' {list(shape[1:])} is computed once for the "
+            f"{rows} training images ({mib:.0f} MiB, BatchNorm on running statistics) and the step "
+            "starts from it",
+            step=state.step,
+            tensor=t,
+            mib=mib,
+        )
+        self.cut = t
+
+    def training_inputs(self, state):
+        t = getattr(state.engine.artifacts, "train_input", None)
+        if t is None:
+            return None
+        images = state.train_images()
+        key = (t, tuple(images.shape[1:]))
+        if self._feat is not None and self._feat[0] == key:
+            return self._feat[1]
+        art, info = state.engine.artifacts, self.root.info
+        t0 = time.perf_counter()
+        model, src, rows = None, "images", images
+        if self._feat is not None and self._feat[0][1] == key[1]:  # on from the previous cut
+            model = prefix_model(art.eval, info.input_name, self._feat[0][0], t, info.shapes(1))
+            src, rows = self._feat[0][0], self._feat[1]
+        if model is None:
+            model, src, rows = prefix_model(art.eval, info.input_name, None, t, info.shapes(1)), "images", images
+        if model is None:
+            raise AccelcError(f"skip cache: the evaluation graph does not compute '{t}' from the images")
+        self._feat = None  # the previous cut's activations go before the new ones are made
+        feats = state.engine.infer(model, rows, t)
+        self._feat = (key, feats)
+        sec = time.perf_counter() - t0
+        self.cache_log.append(
+            {"step": state.step, "progress": state.progress, "tensor": t, "shape": list(feats.shape[1:]),
+             "mib": feats.nbytes / 2**20, "seconds": sec, "from": src}
+        )  # fmt: skip
+        self._tick = None  # the step after it carries the computation: not a step's time
+        return feats
 
     def on_epoch_end(self, state, epoch, metrics):
-        key = tuple(self.skipped)
+        key = self._key()
         if key not in self._costs:  # the cost of what ran (the engine's current artifacts)
             self._costs[key] = self._cost_of(training_graph(state.engine.artifacts))
         for k, art in self._arts.items():  # the sets the epoch ran before its last
@@ -216,7 +308,7 @@ class LarsSkip(Algorithm):
                 "base_flops_per_step": self.base_cost["flops"],
                 "base_bytes_per_step": self.base_cost["bytes"],
                 "ms_per_step": 1000 * metrics["train_seconds"] / max(steps, 1),
-                "steps_by_skip_set": {",".join(s) or "(none)": k for s, k in ran.items()},
+                "steps_by_skip_set": {_joined(s): k for s, k in ran.items()},
             }
         )
         self._ran = {}
@@ -256,6 +348,7 @@ class LarsSkip(Algorithm):
             skipped=new,
         )
         self.skipped = new
+        self._update_cut(state, epoch)
 
     # ------------------------------------------------------------------ reporting and state
     def report(self) -> dict:
@@ -276,6 +369,8 @@ class LarsSkip(Algorithm):
             **({"freeze_at": self.freeze_at, "frozen_at": self.frozen_at} if self.freeze_at else {}),
             # measured: mean ms per step with each skip set (first steps after a switch left out)
             "ms_per_step_by_skip_set": {k: 1000 * sec / cnt for k, (cnt, sec) in self.step_time.items() if cnt},
+            "cache": self.cache_log,
+            "cached_from": self.cut,
         }
 
     def state_dict(self) -> dict:
@@ -287,6 +382,8 @@ class LarsSkip(Algorithm):
             "accounting": self.accounting,
             "frozen_at": self.frozen_at,
             "step_time": self.step_time,
+            "cut": self.cut,
+            "cache_log": self.cache_log,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -299,11 +396,23 @@ class LarsSkip(Algorithm):
             str(k): {"step": int(v["step"]), "progress": float(v["progress"])}
             for k, v in _mapping(state, "frozen_at").items()
         }
+        cut = state.get("cut")
+        if cut is not None and not isinstance(cut, str):
+            raise TypeError("cut")
+        self.cut = cut
+        log = state.get("cache_log", [])
+        if not isinstance(log, list) or not all(isinstance(e, dict) for e in log):
+            raise TypeError("cache_log")
+        self.cache_log = list(log)
         self.step_time = {}
         for k, (n, sec) in _mapping(state, "step_time").items():  # a file: checked, not trusted
             if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not 0 <= float(sec) < float("inf"):
                 raise ValueError("step_time")
             self.step_time[str(k)] = [n, float(sec)]
+
+
+def _joined(key: tuple) -> str:
+    return ",".join(key) or "(none)"
 
 
 def _mapping(state: dict, key: str) -> dict:

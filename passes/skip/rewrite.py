@@ -383,6 +383,27 @@ class SkipOptions(Options):
         boolean,
         flag="--skip-scale-lr",
     )
+    cache: bool = option(
+        True,
+        "cache the frozen prefix's output (Egeria): once an input-side prefix is frozen, its output on "
+        "every training image is computed once with the evaluation graph (BatchNorm on running "
+        "statistics) and the step starts from it, so the prefix's forward leaves the step too",
+        boolean,
+        flag="--skip-cache",
+    )
+    cache_mb: float = option(
+        4096.0,
+        "the most memory (MiB) the cached activations may take; a prefix whose output needs more keeps its forward",
+        positive_float,
+        flag="--skip-cache-mb",
+    )
+    cache_min_epochs: float = option(
+        1.5,
+        "move the cache deeper only while at least this many epochs of the budget remain (computing it "
+        "costs about one epoch of the layers it adds; each later epoch saves as much)",
+        positive_float,
+        flag="--skip-cache-min-epochs",
+    )
     eta: float = option(0.001, "LARS η (trust coefficient)", positive_float, flag="--skip-eta")
     beta: float = option(1e-4, "LARS β (weight-decay term in the denominator)", positive_float, flag="--skip-beta")
     tau_mode: str = option(

@@ -36,10 +36,14 @@ class Dataset:
 
     def batches(self, epoch: int, batch_size: int, seed: int, start: int = 0):
         """Yield (step, x, y) for one epoch; the last partial batch is dropped (fixed shapes)."""
+        for s, idx in self.batch_indices(epoch, batch_size, seed, start):
+            yield s, self.x_train[idx], self.y_train[idx]
+
+    def batch_indices(self, epoch: int, batch_size: int, seed: int, start: int = 0):
+        """Yield (step, rows of the training split) for one epoch, as :meth:`batches` cuts it."""
         perm = self.order(epoch, seed)
         for s in range(start, self.steps_per_epoch(batch_size)):
-            idx = perm[s * batch_size : (s + 1) * batch_size]
-            yield s, self.x_train[idx], self.y_train[idx]
+            yield s, perm[s * batch_size : (s + 1) * batch_size]
 
     def test_batches(self, batch_size: int):
         for i in range(0, len(self.x_test), batch_size):

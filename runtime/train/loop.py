@@ -131,6 +131,10 @@ class Trainer(TrainerStart, TrainerRecords):
             if self.writer:
                 check_resumed_logs(self.run_dir, self.loggers)
         self.state.sample = self._sample_batch
+        self.state.train_images = lambda: self.data.x_train
+        # what the variant trains on in place of the images: None (the images), an array, or False
+        # (not asked yet since the last switch)
+        self._inputs = False
         self.state.recalibrate_batchnorm = self._recalibrate_batchnorm
         self._epoch = self.start_epoch  # the epoch that trains (0-based): recalibration batches come from its order
         self.state.steps_per_epoch = self.data.steps_per_epoch(self.batch_size)
@@ -168,6 +172,19 @@ class Trainer(TrainerStart, TrainerRecords):
         if art is not self.engine.artifacts or update.params or update.reset_optimizer_for:
             self.engine.swap(art, self.schedule.name(), update)
         self._fit_data(art)
+        self._inputs = False  # asked at the next step, from the parameters then (a resume loads them after this)
+
+    def _training_inputs(self):
+        """What the variant's training graph reads in place of the images (None: the images)."""
+        for a in self.algorithms:
+            got = a.training_inputs(self.state)
+            if got is not None:
+                if len(got) != len(self.data.x_train):
+                    raise AccelcError(
+                        f"{a.name}: its training inputs have {len(got)} rows for {len(self.data.x_train)} images"
+                    )
+                return got
+        return None
 
     def _fit_data(self, art) -> None:
         """The data at the spatial size the variant's input has (e.g. a low-resolution stage)."""
@@ -347,15 +364,18 @@ class Trainer(TrainerStart, TrainerRecords):
         step_m = {"variant": variant, "input_hw": list(self.data.shape[1:]), "train_time": self.train_time}
         t0 = time.perf_counter()
         ts = t0
-        for step, x, y in self.data.batches(epoch, self.batch_size, self.seed):
-            n_global = len(y)
-            if self.dist is not None:  # this rank's shard; the step's loss comes back averaged
-                x, y = self.dist.shard(x, y)
+        for step, idx in self.data.batch_indices(epoch, self.batch_size, self.seed):
+            n_global = len(idx)
             if not self.lr_schedule.constant:  # this step's rate: its place in the budget of epochs
                 self.lr_now = self.base_lr * self.lr_schedule.factor(epoch * steps + step, self.epochs * steps)
                 self.engine.set_lr(self.lr_now)
             if self.algorithms:
                 self._before_step(epoch, step, steps)
+            if self._inputs is False:  # the variant changed: what does it train on?
+                self._inputs = self._training_inputs()
+            x, y = (self.data.x_train if self._inputs is None else self._inputs)[idx], self.data.y_train[idx]
+            if self.dist is not None:  # this rank's shard; the step's loss comes back averaged
+                x, y = self.dist.shard(x, y)
             result = self.engine.train_step(x, y)
             loss, logits = result.loss, result.logits
             if not math.isfinite(loss):

@@ -1,0 +1,55 @@
+"""An inference graph of an engine's model run over many rows with the engine's kernels and its
+current parameter values (:meth:`~accelc.runtime.session.TrainingSession.infer`): e.g. a frozen
+prefix of the network computed once over the training set, whose activations a variant then
+trains on."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..compiler.errors import AccelcError, ort_message, show
+from .executor import SegmentedRunner
+from .ort_options import session_options
+
+
+def run_forward(sess, model, x: np.ndarray, output: str, chunk: int = 256) -> np.ndarray:
+    """``output`` of ``model`` for every row of ``x`` (fed to the graph's first input; every other
+    input is a parameter the session holds), computed ``chunk`` rows at a time without gradients,
+    as one float32 array with a row per row of ``x`` (NCHW, whatever layout the kernels chose)."""
+    data = model.graph.input[0].name
+    params = [i.name for i in model.graph.input[1:]]
+    missing = [p for p in params if p not in sess.params]
+    if missing:
+        raise AccelcError(
+            f"the inference graph needs inputs the session does not hold: {', '.join(map(show, missing[:5]))}"
+        )
+    so = session_options(sess.exec.threads)
+    claimed_model, owners = sess._claim(model)
+    runner = ort_sess = None
+    try:
+        if owners and len(owners) == len(claimed_model.graph.node):
+            runner = SegmentedRunner(claimed_model, so, sess._providers(), sess.exec, owners)
+        else:
+            import onnxruntime as ort  # heavy
+
+            ort_sess = ort.InferenceSession(model.SerializeToString(), so, providers=sess._providers())
+    except AccelcError:
+        raise
+    except Exception as e:
+        raise AccelcError(f"ONNX Runtime cannot load the inference graph: {ort_message(e)}") from None
+    out = None
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            rows = np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)
+            if runner is not None:
+                feeds = {data: torch.from_numpy(rows).to(sess.device), **{p: sess.params[p] for p in params}}
+                outs, _ = runner.run(feeds)
+                y = outs[output].contiguous().cpu().numpy()
+            else:
+                feeds = {data: rows, **{p: sess.params[p].detach().cpu().numpy() for p in params}}
+                (y,) = ort_sess.run([output], feeds)
+            if out is None:
+                out = np.empty((len(x), *y.shape[1:]), np.float32)
+            out[i : i + len(y)] = y
+    return out if out is not None else np.empty((0,), np.float32)

@@ -133,6 +133,13 @@ class Group:
             torch.cuda.set_device(local % max(torch.cuda.device_count(), 1))
         if not dist.is_available() or (self.backend == "gloo" and not dist.is_gloo_available()):
             raise AccelcError(f"this torch build has no torch.distributed {self.backend} backend")
+        # torch.distributed.nn binds ``group.WORLD`` into its functions' defaults when first imported,
+        # and torch imports it late (the first optimizer imports torch._dynamo, which imports it):
+        # imported after the group exists, it would hold the group past destroy_process_group, with
+        # its gloo threads (and rank 0's store server), into the interpreter's exit, where their
+        # native teardown can abort the process after its error line. Imported now, it binds None.
+        import torch.distributed.nn  # noqa: F401
+
         try:
             with _native_stderr_held() as ok:
                 dist.init_process_group(

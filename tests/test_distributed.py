@@ -299,3 +299,34 @@ def test_rank_without_the_checkpoint_is_refused(art, tmp_path):
     assert "rank 1: the ranks do not start from the same state (rank 0: epoch 2, this rank: epoch 1)" in errs[1]
     assert "a file system all machines share" in errs[0] and "a file system all machines share" in errs[1]
     assert len(metrics(run)) == 1  # nothing trained
+
+
+CLOSE_RELEASES = """
+import json, os, torch
+from accelc.runtime.distributed import DistConfig, Group, free_port
+
+def threads():
+    return {open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")}
+
+g = Group(DistConfig(rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}", timeout_s=60))
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # imports torch._dynamo, as a session's does
+g.sum([1.0])
+before = threads()
+g.close()
+print(json.dumps([sorted(before), sorted(threads())]))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the process's threads from Linux's /proc")
+def test_close_releases_the_group_threads():
+    """Group.close leaves no native thread of the group (gloo's, rank 0's store server) behind, even
+    when torch imports torch.distributed.nn after the group exists (its functions' defaults bound
+    group.WORLD): a thread left running into the interpreter's exit can abort a rank after its one
+    line (SIGABRT, 'terminate called without an active exception'). A fresh interpreter: this one
+    may have imported torch.distributed.nn already."""
+    r = subprocess.run([sys.executable, "-c", CLOSE_RELEASES], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    before, after = (set(names) for names in json.loads(r.stdout))
+    native = {n for n in before if n.startswith(("pt_gloo", "gloo", "pt_tcpstore"))}
+    assert native, before  # the group had them (the check below is not vacuous)
+    assert not native & after, after

@@ -265,7 +265,7 @@ def _killed(who: str, rc: int, where: str, saved: str) -> AccelcError:
     native = sig in ("SIGFPE", "SIGSEGV", "SIGBUS", "SIGILL", "SIGABRT")
     return AccelcError(
         f"{who} was killed by {sig} {where}"
-        + (" (a native crash inside ONNX Runtime)" if native else "")
+        + (" (a native crash: ONNX Runtime, torch or a library they load)" if native else "")
         + f"; {saved}"
     )
 

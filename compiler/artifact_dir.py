@@ -184,10 +184,12 @@ def _load(d: Path, real: Path, depth: int) -> tuple[Artifacts, dict]:
         dict(report["options"]),
         plan=plan,
     )
-    for spec in plan:
-        stage = spec.get("stage")
-        if stage and stage not in art.stages:
-            art.stages[stage] = _load_stage(d, real, stage, depth)
+    for spec in plan:  # the stage a plan entry names, and every stage of its list (one per size)
+        listed = spec.get("stages") if isinstance(spec.get("stages"), list) else []
+        names = [spec.get("stage")] + [s.get("dir") for s in listed if isinstance(s, dict)]
+        for stage in names:
+            if isinstance(stage, str) and stage and stage not in art.stages:
+                art.stages[stage] = _load_stage(d, real, stage, depth)
     return art, report
 
 

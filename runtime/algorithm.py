@@ -63,11 +63,13 @@ class TrainState:
     # () -> (x, y): a batch of the run's training data (the first of the data order, at the current
     # input size), for algorithms that calibrate on real activations before they decide; None: no data
     sample: Any = None
-    # (artifacts, batches) -> {"batches", "images"} or None: the BatchNorm running statistics gathered
-    # again by forward passes of ``artifacts`` (a variant of the engine's model, e.g. one that computes
-    # what the eval graph computes) over ``batches`` training batches; parameters and optimizer state
-    # do not change. None (the service or its result): nothing to recalibrate (no engine support, no
-    # BatchNorm). The runtime picks the batches and keeps every rank consistent (see Trainer)
+    # (artifacts, batches, full_size=False) -> {"batches", "images"} or None: the BatchNorm running
+    # statistics gathered again by forward passes of ``artifacts`` (a variant of the engine's model,
+    # e.g. one that computes what the eval graph computes) over ``batches`` training batches, at the
+    # current input size or, with ``full_size``, at the model's own (for a variant that trains at
+    # another size: statistics for the full-size model); parameters and optimizer state do not change.
+    # None (the service or its result): nothing to recalibrate (no engine support, no BatchNorm). The
+    # runtime picks the batches and keeps every rank consistent (see Trainer)
     recalibrate_batchnorm: Any = None
     # the training step about to run or running: 0-based over the whole run (epoch × steps per epoch
     # + step), and the steps of one epoch (set by the training loop before each step)

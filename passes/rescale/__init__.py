@@ -1,7 +1,9 @@
 """rescale — fast training of CNNs via kernel rescaling (Gusmão et al., 2016), in one folder:
 
-* :mod:`.rewrite`: the kernel and head resampling, the low-resolution stage, the pass and its options;
-* :mod:`.algorithm`: the run-time algorithm that trains the stage first and switches.
+* :mod:`.options`: the options of both modes and the plan entry's fields;
+* :mod:`.rewrite`: the kernel and head resampling, the low-resolution stage, the pass;
+* :mod:`.ramp`, :mod:`.progressive`: progressive mode's resolution ramp and its stages (one per size);
+* :mod:`.algorithm`: the run-time algorithms (the stage first, then the switch; progressive: the ramp).
 """
 
 from ...compiler.method import Method, Panel
@@ -11,7 +13,8 @@ from .rewrite import PLAN_FIELDS, RescaleOptions, RescalePass
 
 METHOD = Method(
     name="rescale",
-    summary="kernel rescaling: a low-resolution stage with downscaled kernels first, then full resolution",
+    summary="kernel rescaling: a low-resolution stage with downscaled kernels first, then full resolution "
+    "(or, --rescale-mode progressive, progressive resizing with every parameter shared)",
     paper="Gusmão et al., Fast training of CNNs via kernel rescaling, 2016",
     options=RescaleOptions,
     compile=RescalePass,

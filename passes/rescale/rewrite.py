@@ -42,9 +42,8 @@ from ...compiler.artifacts import Artifacts, generate
 from ...compiler.compile import legalized
 from ...compiler.errors import AccelcError
 from ...compiler.model import check_model, infer_shapes
-from ...compiler.options import Options, choice, int_at_least, option, with_schema
 from ...compiler.pass_api import Pass, PassResult
-from ...compiler.schemas import DIMS
+from .options import PLAN_FIELDS, RescaleOptions  # noqa: F401 (the pass's options, re-exported)
 
 PASS = "rescale"
 PASS_THROUGH = ("Dropout", "Identity")  # ops between Flatten and the head that keep its features
@@ -145,14 +144,8 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     plan = {"params": {}, "convs": {}}
+    check_reshapes(model, inits)
     for n in model.graph.node:
-        if n.op_type in ("Reshape",) and len(n.input) > 1 and n.input[1] in inits:
-            shape = numpy_helper.to_array(inits[n.input[1]])
-            if len(shape) > 2 or (len(shape) == 2 and shape[-1] not in (-1, 0)):
-                raise AccelcError(
-                    f"cannot rescale: Reshape '{n.name}' has a fixed shape {list(shape)} that would "
-                    f"not follow the smaller feature map (use Flatten or a global pool)"
-                )
         if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits:
             w = inits[n.input[1]]
             k = list(w.dims[2:])
@@ -171,26 +164,47 @@ def plan_rescale(model: onnx.ModelProto, input_name: str, s: int, min_kernel: in
                 ]
                 plan["params"][n.input[1]] = {"kind": "conv", "full": list(w.dims), "small": list(w.dims[:2]) + ks}
                 plan["convs"][n.name] = {"kernel_shape": ks, "pads": new_pads}
-        if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
-            src = producers.get(n.input[0])
-            while src is not None and src.op_type in PASS_THROUGH:  # Flatten -> Dropout -> Gemm
-                src = producers.get(src.input[0])
-            if src is not None and src.op_type == "Flatten":
-                if after_global_pool(src.input[0], producers, inits):
-                    continue  # a global-pooling head: the Gemm sees C values at any resolution
-                fshape = shapes.get(src.input[0])
-                if not fshape or len(fshape) != 4:
-                    raise AccelcError(f"cannot rescale: the shape before Flatten '{src.name}' is unknown")
-                _, c, h, w_ = fshape
-                tb = n.op_type == "Gemm" and _attrs(n).get("transB", 0) == 1
-                plan["params"][n.input[1]] = {
-                    "kind": "gemm",
-                    "flatten": src.input[0],
-                    "chw": [c, h, w_],
-                    "transB": tb,
-                    "full": list(inits[n.input[1]].dims),
-                }
+        src = flatten_head(n, producers, inits)
+        if src is not None:
+            fshape = shapes.get(src.input[0])
+            if not fshape or len(fshape) != 4:
+                raise AccelcError(f"cannot rescale: the shape before Flatten '{src.name}' is unknown")
+            _, c, h, w_ = fshape
+            tb = n.op_type == "Gemm" and _attrs(n).get("transB", 0) == 1
+            plan["params"][n.input[1]] = {
+                "kind": "gemm",
+                "flatten": src.input[0],
+                "chw": [c, h, w_],
+                "transB": tb,
+                "full": list(inits[n.input[1]].dims),
+            }
     return plan
+
+
+def check_reshapes(model: onnx.ModelProto, inits: dict) -> None:
+    """Refuse a Reshape whose fixed shape would not follow a smaller feature map."""
+    for n in model.graph.node:
+        if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in inits:
+            shape = numpy_helper.to_array(inits[n.input[1]])
+            if len(shape) > 2 or (len(shape) == 2 and shape[-1] not in (-1, 0)):
+                raise AccelcError(
+                    f"cannot rescale: Reshape '{n.name}' has a fixed shape {list(shape)} that would "
+                    f"not follow the smaller feature map (use Flatten or a global pool)"
+                )
+
+
+def flatten_head(node, producers: dict, inits: dict):
+    """The Flatten feeding ``node`` when ``node`` is a Gemm/MatMul head over a spatial feature map
+    (Flatten -> [Dropout, Identity] -> Gemm), else None (not a head, or a global-pooling head: the
+    Gemm then sees C values at any resolution)."""
+    if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    src = producers.get(node.input[0])
+    while src is not None and src.op_type in PASS_THROUGH:  # Flatten -> Dropout -> Gemm
+        src = producers.get(src.input[0])
+    if src is None or src.op_type != "Flatten" or after_global_pool(src.input[0], producers, inits):
+        return None
+    return src
 
 
 def _is_global_pool(node, inits) -> bool:
@@ -273,7 +287,7 @@ def _divisors_hint(dims, s: int, works) -> str:
     return (f"use --rescale-factor {' or '.join(map(str, ok))}, or " if ok else "") + hint
 
 
-def _window_too_large(model: onnx.ModelProto, shapes: dict) -> str | None:
+def window_too_large(model: onnx.ModelProto, shapes: dict) -> str | None:
     """The first Conv or pool whose (padded) input is smaller than its (dilated) window, named for
     the message: shape inference still gives such a node a 1x1 output, ORT refuses to run it."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -320,7 +334,7 @@ def low_resolution_model(
             _set_attr(n, "kernel_shape", ch["kernel_shape"])
             _set_attr(n, "pads", ch["pads"])
     shapes = infer_shapes(m, 1)
-    small = _window_too_large(m, shapes)
+    small = window_too_large(m, shapes)
     if small:
         raise AccelcError(
             f"cannot rescale: at 1/{s} resolution the feature map before {small} is smaller than its window; "
@@ -369,115 +383,56 @@ def _rescales(model: onnx.ModelProto, input_name: str, s: int, min_kernel: int) 
     return True
 
 
-# ----------------------------------------------------------------------------- options and pass
+# ----------------------------------------------------------------------------- the pass
 
 
-@with_schema({"type": "string", "pattern": r"^(epoch:[0-9]+|fraction:[0-9.eE+-]+|plateau(:[0-9]+)?)$"})
-def _switch(value):
-    if not isinstance(value, str):
-        raise TypeError(f"expected epoch:E, fraction:F or plateau[:PATIENCE], got {value!r}")
-    text = value
-    kind, _, val = text.partition(":")
-    if kind == "epoch" and val.isdigit() and int(val) >= 1:
-        return text
-    if kind == "fraction":
-        f = float(val)
-        if 0 < f < 1:
-            return text
-    if kind == "plateau":
-        if not val or val.isdigit():
-            return text
-    raise ValueError("use epoch:E, fraction:F (0<F<1) or plateau[:PATIENCE]")
-
-
-@dataclasses.dataclass(frozen=True)
-class RescaleOptions(Options):
-    factor: int = option(2, "resolution factor s of the low-resolution stage", int_at_least(1), flag="--rescale-factor")
-    min_kernel: int = option(
-        5,
-        "kernels at least this large are resampled; smaller ones keep their size",
-        int_at_least(1),
-        flag="--rescale-min-kernel",
-    )
-    switch: str = option(
-        "fraction:0.5",
-        "when to go to full resolution: epoch:E, fraction:F of the epochs, or "
-        "plateau[:PATIENCE] (low-res validation loss stops improving)",
-        _switch,
-        flag="--rescale-switch",
-    )
-    method: str = option(
-        "bilinear",
-        "interpolation of the up-rescale: bilinear or bicubic",
-        choice("bilinear", "bicubic"),
-        flag="--rescale-method",
-    )
-    reset_moments: str = option(
-        "changed",
-        "optimizer moments reset at the switch: changed (resampled "
-        "parameters only; moments never carry across a shape change) or all",
-        choice("changed", "all"),
-        flag="--rescale-reset-moments",
-    )
-
-
-# the fields of its plan.json entry besides the options: the stage, the resampled parameters
-PLAN_FIELDS = {
-    "required": ["stage", "params"],
-    "properties": {
-        "params": {
-            "type": "object",
-            "additionalProperties": {
-                "type": "object",
-                "required": ["kind", "full"],
-                "properties": {
-                    "kind": {"enum": ["conv", "gemm"]},
-                    "full": DIMS,
-                    "small": DIMS,
-                    "chw": DIMS,
-                    "transB": {"type": "boolean"},
-                },
-            },
-        },
-        "input_hw": {**DIMS, "minItems": 2, "maxItems": 2},
-    },
-}
+def compile_stage(art: Artifacts, model: onnx.ModelProto, what: str, at: str) -> Artifacts:
+    """``model`` (``art``'s forward model at another input size) checked, legalised and compiled as
+    ``art`` was (its loss, optimizer, learning rate and batch size): a stage of ``art``. ``what``
+    and ``at`` name it in the refusals ("the low-resolution model", "at 1/2 resolution")."""
+    info = art.info
+    try:
+        st_info = check_model(model, info.sha256)
+    except AccelcError as e:
+        raise AccelcError(f"cannot rescale: {what} is invalid: {e}") from None
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as e:
+        where = re.search(r"node name: ([^)]+)\): .*?(Dimension mismatch[^.\n]*|[A-Z][^.\n]*)", str(e))
+        detail = f"{where.group(1)}: {where.group(2)}" if where else str(e).splitlines()[0][:160]
+        detail = re.sub(r"\b[A-Za-z]+Error\] ", "", detail)  # onnx's error class, not the reason
+        raise AccelcError(
+            f"cannot rescale: {at} the shapes do not fit ({detail}); a layer sized for the full "
+            f"resolution (an exported adaptive pool, a fixed reshape) cannot follow the smaller feature map"
+        ) from None
+    try:
+        legal = legalized(dataclasses.replace(st_info, warnings=[]))
+        st_art, _ = generate(
+            legal,
+            art.config["loss"],
+            art.config["optimizer"],
+            art.config["lr"],
+            art.config["batch_size"],
+        )
+    except AccelcError as e:
+        raise AccelcError(f"cannot rescale: {what} cannot be trained: {e}") from None
+    st_art.info = dataclasses.replace(legal, warnings=list(st_info.warnings))
+    return st_art
 
 
 class RescalePass(Pass):
     def run(self, art: Artifacts, options: RescaleOptions) -> PassResult:
+        if options.mode == "progressive":
+            from .progressive import compile_progressive
+
+            return compile_progressive(self.method, art, options)
         s = options.factor
         if s == 1:
             return PassResult(art, False, [{"summary": "s=1: nothing to rescale"}])
         info = art.info
         # from the model as given: its legalised form may hold sizes folded at the full resolution
         low_model, plan = low_resolution_model(info.source or info.model, info.input_name, s, options.min_kernel)
-        try:
-            low_info = check_model(low_model, info.sha256)
-        except AccelcError as e:
-            raise AccelcError(f"cannot rescale: the low-resolution model is invalid: {e}") from None
-        try:
-            onnx.shape_inference.infer_shapes(low_model, strict_mode=True)
-        except Exception as e:
-            where = re.search(r"node name: ([^)]+)\): .*?(Dimension mismatch[^.\n]*|[A-Z][^.\n]*)", str(e))
-            detail = f"{where.group(1)}: {where.group(2)}" if where else str(e).splitlines()[0][:160]
-            detail = re.sub(r"\b[A-Za-z]+Error\] ", "", detail)  # onnx's error class, not the reason
-            raise AccelcError(
-                f"cannot rescale: at 1/{s} resolution the shapes do not fit ({detail}); a layer sized for the full "
-                f"resolution (an exported adaptive pool, a fixed reshape) cannot follow the smaller feature map"
-            ) from None
-        try:
-            low_legal = legalized(dataclasses.replace(low_info, warnings=[]))
-            low_art, _ = generate(
-                low_legal,
-                art.config["loss"],
-                art.config["optimizer"],
-                art.config["lr"],
-                art.config["batch_size"],
-            )
-        except AccelcError as e:
-            raise AccelcError(f"cannot rescale: the low-resolution model cannot be trained: {e}") from None
-        low_art.info = dataclasses.replace(low_legal, warnings=list(low_info.warnings))
+        low_art = compile_stage(art, low_model, "the low-resolution model", f"at 1/{s} resolution")
         art.stages[STAGE_DIR] = low_art
         spec = {k: v for k, v in plan["params"].items()}
         art.plan.append(
@@ -509,8 +464,13 @@ class RescalePass(Pass):
 
     def ensures(self, before: Artifacts, after: Artifacts, options: RescaleOptions) -> str | None:
         """Down-then-up rescaling returns every resampled parameter's full shape (the manager
-        validates the stage itself)."""
+        validates the stage itself); progressive: every stage holds the full model's parameters,
+        shape for shape."""
         spec = after.plan[-1]
+        if options.mode == "progressive":
+            from .progressive import check_stages
+
+            return check_stages(after, spec)
         inits = {t.name: numpy_helper.to_array(t) for t in before.info.model.graph.initializer}
         s = options.factor
         for p, sp in spec["params"].items():

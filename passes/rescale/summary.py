@@ -12,8 +12,37 @@ def _epochs(es: list[int]) -> str:
     return "epochs " + ",".join(map(str, es))
 
 
+def _progressive(rep: dict) -> list[str]:
+    """The sizes epoch by epoch, the full-size epochs and what the FixRes recalibration cost."""
+    eps = [e for e in rep.get("epochs", []) if isinstance(e, dict) and e.get("hw")]
+    full = rep.get("full_hw") or []
+    runs: list[list] = []  # [first epoch, last epoch, size] of each stretch at one size
+    for e in eps:
+        if runs and runs[-1][2] == e["hw"] and runs[-1][1] + 1 == e["epoch"]:
+            runs[-1][1] = e["epoch"]
+        else:
+            runs.append([e["epoch"], e["epoch"], e["hw"]])
+    sizes = ", ".join(
+        f"{_epochs(list(range(a, b + 1)))} at {'x'.join(map(str, hw))}" + (" (full)" if hw == full else "")
+        for a, b, hw in runs
+    )
+    text = f"rescale: progressive resizing: {sizes or 'no epoch'}"
+    recal = [e["recalibrate"] for e in eps if e.get("recalibrate")]
+    if recal:
+        text += (
+            f"; BatchNorm recalibrated at full size before {len(recal)} evaluation(s), "
+            f"{sum(r['images'] for r in recal)} images in {sum(r['seconds'] for r in recal):.2f} s"
+        )
+    if rep.get("low_over_full_time_per_pixel"):
+        text += f"; per pixel, a smaller epoch took {rep['low_over_full_time_per_pixel']:.2f}x a full one (measured)"
+    return [text]
+
+
 def run_summary(rep: dict, decisions: list, options, history: list) -> list[str]:
-    """The low-resolution epochs, the switch and why, from the controller's report."""
+    """The low-resolution epochs, the switch and why, from the controller's report (progressive
+    mode: the size of every epoch)."""
+    if rep.get("mode") == "progressive":
+        return _progressive(rep)
     low = [e["epoch"] for e in rep.get("epochs", []) if e.get("stage") == "low"]
     hw = next((m.get("input_hw") for m in history if m.get("epoch") in low and m.get("input_hw")), None)
     at = f" ({'x'.join(map(str, hw))})" if hw else ""

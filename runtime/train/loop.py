@@ -232,24 +232,27 @@ class Trainer(TrainerStart, TrainerRecords):
             x, y = self.dist.shard(x, y)
         return x, y
 
-    def _recalibrate_batchnorm(self, artifacts, batches: int) -> dict | None:
+    def _recalibrate_batchnorm(self, artifacts, batches: int, full_size: bool = False) -> dict | None:
         """``state.recalibrate_batchnorm``: the engine's BatchNorm running statistics gathered
         again by forward passes of ``artifacts`` over ``batches`` training batches (the first of
         the data order of the epoch that just trained, continuing into the next epochs' orders when
-        it has fewer; at the current input size). Data-parallel: rank 0 alone runs them, on its
-        shard of each batch (the shard its running statistics come from in training); the other
-        ranks get its statistics from the broadcast before every evaluation, as after a training
-        epoch. Returns {"batches", "images"}, or None when there is nothing to recalibrate."""
+        it has fewer; at the current input size, or with ``full_size`` at the model's own input
+        size, whatever size the current variant trains at: for ``artifacts`` that take it).
+        Data-parallel: rank 0 alone runs them, on its shard of each batch (the shard its running
+        statistics come from in training); the other ranks get its statistics from the broadcast
+        before every evaluation, as after a training epoch. Returns {"batches", "images"}, or None
+        when there is nothing to recalibrate."""
         batches = int(batches)
         if batches <= 0:
             return None
         main = self.dist is None or self.dist.is_main
         images = []
+        data = self.data_full if full_size else self.data
 
         def source():
             epoch = self._epoch
             while True:
-                for _, x, y in self.data.batches(epoch, self.batch_size, self.seed):
+                for _, x, y in data.batches(epoch, self.batch_size, self.seed):
                     if self.dist is not None:
                         x, y = self.dist.shard(x, y)
                     images.append(len(y))

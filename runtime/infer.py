@@ -10,13 +10,15 @@ import torch
 
 from ..compiler.errors import AccelcError, ort_message, show
 from .executor import SegmentedRunner
+from .layout import in_layout
 from .ort_options import session_options
 
 
 def run_forward(sess, model, x: np.ndarray, output: str, chunk: int = 256) -> np.ndarray:
     """``output`` of ``model`` for every row of ``x`` (fed to the graph's first input; every other
     input is a parameter the session holds), computed ``chunk`` rows at a time without gradients,
-    as one float32 array with a row per row of ``x`` (NCHW, whatever layout the kernels chose)."""
+    as one float32 array with a row per row of ``x`` (NCHW; the kernels run in the layout the
+    training step chose)."""
     data = model.graph.input[0].name
     params = [i.name for i in model.graph.input[1:]]
     missing = [p for p in params if p not in sess.params]
@@ -43,7 +45,10 @@ def run_forward(sess, model, x: np.ndarray, output: str, chunk: int = 256) -> np
         for i in range(0, len(x), chunk):
             rows = np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)
             if runner is not None:
-                feeds = {data: torch.from_numpy(rows).to(sess.device), **{p: sess.params[p] for p in params}}
+                # in the layout the training step chose (NHWC pools and BatchNorm are much faster where
+                # it won); the rows come back dense NCHW
+                xt = in_layout(torch.from_numpy(rows).to(sess.device), sess.layouts.last)
+                feeds = {data: xt, **{p: sess.params[p] for p in params}}
                 outs, _ = runner.run(feeds)
                 y = outs[output].contiguous().cpu().numpy()
             else:

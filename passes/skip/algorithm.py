@@ -24,7 +24,7 @@ from ...compiler.cost import graph_costs
 from ...compiler.errors import AccelcError
 from ...compiler.graph import training_graph
 from ...runtime.algorithm import Algorithm
-from .cache import cut_variant, find_cut, prefix_model
+from .cache import cut_variant, find_cut, intensity, prefix_model
 from .freezeout import freeze_times, lr_multiplier
 from .rewrite import SkipOptions, lars_outputs, layer_groups, prune, rule_text, skip_variant, trainable_layers
 
@@ -229,6 +229,21 @@ class LarsSkip(Algorithm):
         left = (1.0 - state.progress) * state.epochs
         if t is None or t == self.cut or left < o.cache_min_epochs:
             return
+        flop_per_byte = intensity(self.root, t)
+        if flop_per_byte < o.cache_min_intensity:  # storing and re-reading it costs about what computing it does
+            if not any(e.get("tensor") == t for e in self.cache_log):
+                self.cache_log.append(
+                    {"step": state.step, "tensor": t, "flop_per_byte": flop_per_byte, "skipped": True}
+                )
+                self.decide(
+                    epoch,
+                    "cache-skipped",
+                    f"at step {state.step}: '{t}' is not cached: its prefix costs {flop_per_byte:.1f} FLOP per byte "
+                    f"of its output, under --skip-cache-min-intensity {o.cache_min_intensity:g}",
+                    step=state.step,
+                    flop_per_byte=flop_per_byte,
+                )
+            return
         rows = len(state.train_images()) if state.train_images is not None else 0
         shape = self.root.info.shapes(1).get(t, ())
         mib = rows * math.prod(shape[1:]) * 4 / 2**20
@@ -236,6 +251,7 @@ class LarsSkip(Algorithm):
         if mib > o.cache_mb:
             if not any(e.get("tensor") == t and e.get("refused") for e in self.cache_log):
                 self.cache_log.append({"step": state.step, "tensor": t, "mib": mib, "refused": True})
+                # (its intensity passed: the memory bound alone refuses it)
                 self.decide(
                     epoch,
                     "cache-refused",
@@ -254,6 +270,7 @@ class LarsSkip(Algorithm):
             step=state.step,
             tensor=t,
             mib=mib,
+            flop_per_byte=flop_per_byte,
         )
         self.cut = t
 

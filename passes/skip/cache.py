@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...compiler.artifacts import Artifacts
+from ...compiler.cost import node_cost
 from ...compiler.errors import AccelcError, show
 from ...compiler.graph import ACCUMULATOR_OP, training_graph
 from ...compiler.validation import RANDOM_OPS
@@ -76,6 +77,27 @@ def _closed(t: str, nodes, producer, readers, outputs, data) -> bool:
         stack.extend(producer[x] for x in nodes[i].input if x and x in producer)
     made = {o for i in inside for o in nodes[i].output if o and o != t} | {data}
     return not any(m in outputs or any(r not in inside for r in readers.get(m, ())) for m in made)
+
+
+def intensity(art: Artifacts, tensor: str) -> float:
+    """Forward FLOPs (cost model) of everything that computes ``tensor``, per byte of ``tensor``,
+    per image: what the cache saves per step against what storing and re-reading it costs. Low for
+    a cheap layer with a wide output (the zoo VGG's first conv: ~6), high once a pool has shrunk
+    the output of costly convolutions (through its second conv and pool: ~590)."""
+    tg = training_graph(art)
+    nodes = [n for n in tg.graph.nodes if not tg.is_backward(n)]
+    producer = {o.name: n for n in nodes for o in n.outputs if o.name}
+    seen, stack, flops = set(), [producer[tensor]], 0.0
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        flops += node_cost(tg, n).flops
+        stack.extend(producer[t.name] for t in n.inputs if t.name in producer)
+    batch = int(art.config.get("batch_size", 64))
+    per_image = int(np.prod(art.info.shapes(1)[tensor][1:])) * 4
+    return flops / batch / max(per_image, 1)
 
 
 def cut_variant(art: Artifacts, tensor: str) -> Artifacts:

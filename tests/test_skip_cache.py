@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_freezeout import _train as train_freezeout
 
 import accelc
 from accelc.compiler.artifact_dir import load_artifacts
@@ -117,19 +118,9 @@ def test_prefix_model_from_an_earlier_cut_equals_the_one_from_the_images(zoo):
     assert prefix_model(art.eval, art.info.input_name, b, a, shapes) is None
 
 
-def _train(path, run_dir, epochs=4, **kw):
-    return accelc.train(
-        path,
-        "synthetic",
-        epochs=epochs,
-        batch_size=32,
-        train_limit=256,
-        test_limit=64,
-        lr_schedule="linear",
-        run_dir=run_dir,
-        progress=False,
-        **kw,
-    )
+def _train(path, run_dir, **kw):
+    """A 4-epoch budget (256 synthetic images, batch 32, linear schedule) of the freezeout tests' run."""
+    return train_freezeout(path, run_dir, epochs=4, **kw)
 
 
 @pytest.fixture(scope="module")

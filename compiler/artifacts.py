@@ -59,6 +59,11 @@ class Artifacts:
     # activations computed ahead (skip's cached frozen prefix) reads them under this tensor's name
     train_input: str | None = None
 
+    @property
+    def data_input(self) -> str:
+        """The training graph's input a step's data feeds."""
+        return self.train_input or self.info.input_name
+
     def __repr__(self) -> str:  # never reads a checkpoint held on disk
         src = self.checkpoint_source()
         ckpt = f"<{len(src):,} bytes>" if isinstance(src, bytes) else repr(src)

@@ -26,16 +26,8 @@ def run_forward(sess, model, x: np.ndarray, output: str, chunk: int = 256) -> np
         raise AccelcError(
             f"the inference graph needs inputs the session does not hold: {', '.join(map(show, missing[:5]))}"
         )
-    so = session_options(sess.exec.threads)
-    claimed_model, owners = sess._claim(model)
-    runner = ort_sess = None
     try:
-        if owners and len(owners) == len(claimed_model.graph.node):
-            runner = SegmentedRunner(claimed_model, so, sess._providers(), sess.exec, owners)
-        else:
-            import onnxruntime as ort  # heavy
-
-            ort_sess = ort.InferenceSession(model.SerializeToString(), so, providers=sess._providers())
+        engine = sess._eval_engine(model, session_options(sess.exec.threads))
     except AccelcError:
         raise
     except Exception as e:
@@ -44,16 +36,16 @@ def run_forward(sess, model, x: np.ndarray, output: str, chunk: int = 256) -> np
     with torch.no_grad():
         for i in range(0, len(x), chunk):
             rows = np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)
-            if runner is not None:
+            if isinstance(engine, SegmentedRunner):
                 # in the layout the training step chose (NHWC pools and BatchNorm are much faster where
                 # it won); the rows come back dense NCHW
                 xt = in_layout(torch.from_numpy(rows).to(sess.device), sess.layouts.last)
                 feeds = {data: xt, **{p: sess.params[p] for p in params}}
-                outs, _ = runner.run(feeds)
+                outs, _ = engine.run(feeds)
                 y = outs[output].contiguous().cpu().numpy()
             else:
                 feeds = {data: rows, **{p: sess.params[p].detach().cpu().numpy() for p in params}}
-                (y,) = ort_sess.run([output], feeds)
+                (y,) = engine.run([output], feeds)
             if out is None:
                 out = np.empty((len(x), *y.shape[1:]), np.float32)
             out[i : i + len(y)] = y

@@ -57,7 +57,7 @@ class TrainingSession(EngineBase):
     # what :meth:`_build` sets: read before the first build of a lazy session, they build it
     _BUILT = frozenset(
         {"runner", "train_sess", "eval_sess", "desc", "train_inputs", "eval_inputs", "eval_outputs", "trained",
-         "grads", "_grad_param", "bn_buf", "bn_inv_std", "bn_spatial", "_train_input"}
+         "grads", "_grad_param", "bn_buf", "bn_inv_std", "bn_spatial"}
     )  # fmt: skip
 
     def __init__(
@@ -180,7 +180,7 @@ class TrainingSession(EngineBase):
         missing = [
             i.name
             for i in lowered.graph.input
-            if i.name not in self.params and i.name not in (art.train_input or art.info.input_name, "labels")
+            if i.name not in self.params and i.name not in (art.data_input, "labels")
         ]
         if missing:
             raise AccelcError(
@@ -205,13 +205,12 @@ class TrainingSession(EngineBase):
             else:
                 self.runner = None
                 self.train_sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=self._providers())
-            self.eval_sess = self._eval_engine(art, so)
+            self.eval_sess = self._eval_engine(art.eval, so)
         except AccelcError:
             raise
         except Exception as e:  # ORT refusing a damaged or edited graph: its reason, in one line
             raise AccelcError(f"ONNX Runtime cannot load the artifacts' graphs: {ort_message(e)}") from None
         self.desc = desc
-        self._train_input = art.train_input or art.info.input_name  # what a step's data feeds
         self.train_inputs = [i.name for i in lowered.graph.input]
         if isinstance(self.eval_sess, SegmentedRunner):
             self.eval_inputs = list(self.eval_sess.inputs)
@@ -249,15 +248,16 @@ class TrainingSession(EngineBase):
         model = prepared(model, self.exec)
         return model, claimed(model, self.exec)
 
-    def _eval_engine(self, art: Artifacts, so):
-        """The evaluation graph's engine: accelc's kernels when they claim every node of it (no
-        ORT at all, parameters read in place), else one ORT session."""
+    def _eval_engine(self, graph, so):
+        """The engine of an inference graph of this model (the evaluation graph, or a part of it):
+        accelc's kernels when they claim every node of it (no ORT at all, parameters read in
+        place), else one ORT session."""
         import onnxruntime as ort  # heavy
 
-        model, owners = self._claim(art.eval)
+        model, owners = self._claim(graph)
         if owners and len(owners) == len(model.graph.node):
             return SegmentedRunner(model, so, self._providers(), self.exec, owners)
-        return ort.InferenceSession(art.eval.SerializeToString(), so, providers=self._providers())
+        return ort.InferenceSession(graph.SerializeToString(), so, providers=self._providers())
 
     def _alloc_grads(self) -> None:
         """Gradient buffers of the parameters this variant trains (ORT writes them in place)."""
@@ -317,7 +317,7 @@ class TrainingSession(EngineBase):
         def bind_in(name, t):
             io.bind_input(name, dev, idx, _np_dtype(t), tuple(t.shape), t.data_ptr())
 
-        bind_in(self._train_input, x)
+        bind_in(self.artifacts.data_input, x)
         bind_in("labels", y)
         for n in self.train_inputs:
             if n in self.params:
@@ -355,7 +355,7 @@ class TrainingSession(EngineBase):
         return StepResult(loss, logits, probes)
 
     def _feeds_bound(self, xt, yt) -> tuple[dict, dict]:
-        feeds = {self._train_input: xt, "labels": yt}
+        feeds = {self.artifacts.data_input: xt, "labels": yt}
         feeds.update({n: self.params[n] for n in self.train_inputs if n in self.params})
         bound = {out: self.grads[p] for p, out in self.desc["grads"].items() if p in self.grads}
         bound.update(self.bn_buf)
@@ -520,10 +520,7 @@ class TrainingSession(EngineBase):
         n = 0
         for x, _ in itertools.chain([first], batches):
             xt = torch.as_tensor(x).to(self.device, torch.float32).contiguous()
-            feeds = {
-                artifacts.train_input or artifacts.info.input_name: xt,
-                **{p: self.params[p] for p in st["inputs"]},
-            }
+            feeds = {artifacts.data_input: xt, **{p: self.params[p] for p in st["inputs"]}}
             if st["runner"] is not None:
                 st["runner"].run(feeds, {**st["bn_buf"], **st["inv_std"]}, run_options=self._run_options(len(xt)))
             else:
@@ -564,7 +561,7 @@ class TrainingSession(EngineBase):
         st = None
         if desc["bn_stats"]:
             model = pruned(lowered, outs)
-            inputs = [i.name for i in model.graph.input if i.name != (art.train_input or art.info.input_name)]
+            inputs = [i.name for i in model.graph.input if i.name != art.data_input]
             missing = [n for n in inputs if n not in self.params]
             if missing:
                 raise AccelcError(

@@ -184,7 +184,6 @@ class ProgressiveRescale(Rescale):
         self.budget: int | None = None  # the run's epochs, which the ramp spans
         self.epochs: list[dict] = []
         self._recal: dict | None = None  # the recalibration before this epoch's evaluation
-        self._loaded = False
 
     # ------------------------------------------------------------------ the ramp
     def _size(self, epoch: int) -> tuple:
@@ -199,7 +198,7 @@ class ProgressiveRescale(Rescale):
     def on_train_start(self, state) -> None:
         self.budget = state.epochs
         first = state.step // state.steps_per_epoch if state.steps_per_epoch else 0
-        if not self._loaded or self.hw is None:  # a resumed run goes on at the size it stopped before
+        if self.hw is None:  # a resumed run goes on at the size it stopped before (its state loaded)
             self.hw = self._size(first)
         for e in range(first, self.budget):  # the stages this run trains, read before its first step
             hw = self._size(e)
@@ -226,7 +225,7 @@ class ProgressiveRescale(Rescale):
         model, gathered again at full size (forward only, ``recalibrate`` training batches)."""
         self._recal = None
         n = self.options.recalibrate
-        service = getattr(state, "recalibrate_batchnorm", None)
+        service = state.recalibrate_batchnorm
         if not n or service is None or self.hw in (None, self.full_hw):
             return
         t0 = time.perf_counter()
@@ -310,4 +309,3 @@ class ProgressiveRescale(Rescale):
             raise ValueError(f"no stage of size {self.hw}")
         self.budget = state.get("budget")
         self.epochs = list(state.get("epochs", []))
-        self._loaded = True

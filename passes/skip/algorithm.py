@@ -275,14 +275,14 @@ class LarsSkip(Algorithm):
         self.cut = t
 
     def training_inputs(self, state):
-        t = getattr(state.engine.artifacts, "train_input", None)
+        art, info = state.engine.artifacts, self.root.info
+        t = art.train_input
         if t is None:
             return None
         images = state.train_images()
         key = (t, tuple(images.shape[1:]))
         if self._feat is not None and self._feat[0] == key:
             return self._feat[1]
-        art, info = state.engine.artifacts, self.root.info
         t0 = time.perf_counter()
         model, src, rows = None, "images", images
         if self._feat is not None and self._feat[0][1] == key[1]:  # on from the previous cut

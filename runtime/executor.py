@@ -30,12 +30,18 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for the next step instead of handing it back (once
     per process, on Linux with glibc; False elsewhere). A training step frees and allocates the
     same activations every step; below 32 MB they now come from the heap and stay mapped (M_MMAP_
-    THRESHOLD 32 MB, M_TRIM_THRESHOLD 16 GB, M_TOP_PAD 1 GB), so no step pays page faults to map
-    and zero them again. The peak is what it was; the process holds it between steps as torch's
-    CUDA allocator does. Measured (resnet50 b16 128x128, 2-core AVX2 EPYC, medians of 4
-    interleaved rounds against torch eager in the same process): accelc 1623 ms/step against
-    torch's 1463 without these settings, 1481 against 1561 with them given as glibc's environment
-    variables, 1493 against 1415 with this function setting them."""
+    THRESHOLD 32 MB, M_TRIM_THRESHOLD 16 GB), and the heap grows by at least M_TOP_PAD (128 MB)
+    at a time, so no step pays page faults to map and zero them again.
+
+    Measured 2026-12-07 on a 2-core AVX2 EPYC, one process per run, interleaved, medians of 3
+    rounds (torchvision resnet50, batch 16, 128x128, NCHW, median of 4 steps): no settings
+    1301 ms/step, these with no pad 1444, pad 64 MB 1186, 128 MB 1166, 256 MB 1123, 1 GB 1106;
+    torch eager 1180-1255 (two series). The pad costs peak memory (torchvision VGG11-BN, 224x224, batch 32,
+    peak RSS over 3 steps, 2-3 runs each, 3 interleaved series): torch eager 4.79-4.87 GB, accelc
+    without settings 4.79-4.84; with the MaxPool indices kept as int64, pad 32 MB 4.85-4.87, 64 MB
+    4.92-4.93, 128 MB 4.86-4.97, 256 MB 4.98-5.01, 1 GB 5.08-5.34; with them kept narrow
+    (:mod:`.aten_pool`), 128 MB 4.55-4.69, 256 MB 4.81-4.86, 1 GB 4.62-4.86 (torch 4.79-4.82 in
+    that series). 128 MB is the largest pad below torch's peak in every run there."""
     if _HEAP_KEPT:
         return _HEAP_KEPT[0]
     ok = False
@@ -45,7 +51,7 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         m_trim, m_top_pad, m_mmap = -1, -2, -3  # glibc's mallopt parameters
         ok = bool(libc.mallopt(m_mmap, 32 << 20)) and bool(libc.mallopt(m_trim, 16 << 30))
-        ok = ok and bool(libc.mallopt(m_top_pad, 1 << 30))
+        ok = ok and bool(libc.mallopt(m_top_pad, 128 << 20))
     except (OSError, AttributeError):  # not glibc: nothing to set
         ok = False
     _HEAP_KEPT.append(ok)

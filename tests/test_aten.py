@@ -296,6 +296,35 @@ def test_maxpool_and_its_gradient_bit_equal(attrs):
         np.testing.assert_array_equal(r, g)
 
 
+def test_maxpool_gradient_bit_equal_when_its_indices_are_kept_as_int32():
+    # a plane of more than 65,536 positions: the indices are kept as int32, not int16
+    attrs = dict(kernel_shape=[2, 2], strides=[2, 2])
+    x = f32(1, 2, 260, 260)
+    pool = N("MaxPool", ["x"], ["y", "idx"], **attrs)
+    grad = N("MaxPoolGrad", ["dy", "idx"], ["dx"], **attrs)
+    dy = f32(1, 2, 130, 130)
+    ref, got = both([pool, grad], {"x": x, "dy": dy}, ["y", "dx"], shapes={"dx": x.shape})
+    for r, g in zip(ref, got):
+        np.testing.assert_array_equal(r, g)
+
+
+@pytest.mark.parametrize("plane,dtype", [(9, "int16"), (1 << 16, "int16"), ((1 << 16) + 1, "int32")])
+def test_maxpool_indices_are_kept_narrow_and_widened_exactly(plane, dtype):
+    import torch
+
+    from accelc.runtime.aten_pool import narrow_indices, widen_indices
+
+    # the extreme positions of the plane and some between, in channels_last strides
+    vals = torch.tensor([0, 1, plane // 2, plane - 2, plane - 1] * 4, dtype=torch.int64).clamp(0, plane - 1)
+    idx = vals.reshape(1, 2, 2, 5).contiguous(memory_format=torch.channels_last)
+    narrow = narrow_indices(idx.clone(), plane)
+    assert str(narrow.dtype) == f"torch.{dtype}"
+    assert narrow.is_contiguous(memory_format=torch.channels_last)
+    wide = widen_indices(narrow)
+    assert wide.dtype == torch.int64 and torch.equal(wide, idx)
+    assert wide.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("include", [0, 1])
 def test_average_pools(include):
     x = f32(2, 3, 8, 8)

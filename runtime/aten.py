@@ -169,6 +169,98 @@ def fuse_gradient_chains(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def pool_before_relu(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An exact rewrite: MaxPool(Relu(a)) -> Relu(MaxPool(a)) where the ReLU's output feeds only
+    the pool (and, in a training graph, the ReLU's own gradient). ReLU is monotone, so the pooled
+    values are equal bit for bit; the pool's indices differ only in windows with no positive value,
+    whose gradient the ReLU zeroes either way. In the backward, ReluGrad(MaxPoolGrad(dP, I), a)
+    becomes MaxPoolGrad(ReluGrad(dP, P), I) over the pooled tensor P: the ReLU and its gradient run
+    on a quarter of the elements (a 2x2 pool), and the pre-ReLU activation ``a`` is freed after the
+    pool instead of being kept for the backward (the pooled output P, which the gradient reads
+    now, is kept anyway for the next layer's ConvGrad). The gradient is the same value for finite
+    inputs: a position gets dP of the windows whose maximum it is, and only where it is positive."""
+    g = model.graph
+    nodes = list(g.node)
+    consumers: dict[str, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in n.input:
+            consumers.setdefault(i, []).append(k)
+    outs = {o.name for o in g.output}
+    repl: dict[int, onnx.NodeProto] = {}
+    for kr, relu in enumerate(nodes):
+        if relu.op_type != "Relu" or domain_of(relu) != "" or relu.output[0] in outs:
+            continue
+        a, r = relu.input[0], relu.output[0]
+        readers = consumers.get(r, [])
+        pools = [k for k in readers if nodes[k].op_type == "MaxPool" and domain_of(nodes[k]) == ""]
+        if len(pools) != 1 or any(k in repl for k in (kr, pools[0])):
+            continue
+        kp = pools[0]
+        pool = nodes[kp]
+        idx = pool.output[1] if len(pool.output) > 1 else ""
+        if pool.input[0] != r or idx in outs:  # the indices change in windows with no positive value
+            continue
+        read = bool(idx) and bool(consumers.get(idx))
+        back = _pool_relu_backward(nodes, consumers, outs, idx, a, r) if read else None
+        if read and back is None:  # indices read by a gradient this rewrite does not know
+            continue
+        if any(k != kp and (back is None or k != back[1]) for k in readers):
+            continue
+        pooled = pool.output[0]
+        pre = f"{pooled}__maxpool_before_relu"
+        new_pool = helper.make_node("MaxPool", [a], [pre, *pool.output[1:]], name=pool.name)
+        new_pool.attribute.extend(pool.attribute)
+        new_relu = helper.make_node("Relu", [pre], [pooled], name=relu.name)
+        for old, new in ((pool, new_pool), (relu, new_relu)):
+            new.metadata_props.extend(old.metadata_props)
+        repl[kr], repl[kp] = new_pool, new_relu
+        if back is not None:
+            kq, kg = back
+            q, grad = nodes[kq], nodes[kg]
+            dpre = f"{grad.output[0]}__maxpool_before_relu"
+            new_grad = helper.make_node("ReluGrad", [q.input[0], pooled], [dpre], name=grad.name, domain=MS)
+            new_q = helper.make_node("MaxPoolGrad", [dpre, q.input[1]], list(grad.output), name=q.name)
+            new_q.attribute.extend(q.attribute)
+            for old, new in ((grad, new_grad), (q, new_q)):
+                new.metadata_props.extend(old.metadata_props)
+            repl[kq], repl[kg] = new_grad, new_q
+    if not repl:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.node[:]
+    m.graph.node.extend(repl.get(k, n) for k, n in enumerate(nodes))
+    if any(n.domain == MS for n in repl.values()) and not any(o.domain == MS for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid(MS, 1))
+    return m
+
+
+def _pool_relu_backward(nodes, consumers, outs, idx, a, r):
+    """(MaxPoolGrad position, ReluGrad position) when the pool's indices ``idx`` are read only by
+    a MaxPoolGrad whose output feeds only ReluGrad(·, a or r); else None."""
+    if len(consumers[idx]) != 1:
+        return None
+    kq = consumers[idx][0]
+    q = nodes[kq]
+    if q.op_type != "MaxPoolGrad" or domain_of(q) != "" or q.input[1] != idx or q.output[0] in outs:
+        return None
+    readers = consumers.get(q.output[0], [])
+    if len(readers) != 1:
+        return None
+    kg = readers[0]
+    grad = nodes[kg]
+    if grad.op_type != "ReluGrad" or domain_of(grad) != MS or grad.input[0] != q.output[0]:
+        return None
+    if grad.input[1] not in (a, r) or kq > kg:
+        return None
+    return kq, kg
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """This provider's exact rewrites of a graph before its nodes are claimed."""
+    return pool_before_relu(fuse_gradient_chains(model))
+
+
 def _clip_grad_function(opset: int) -> onnx.FunctionProto:
     """ClipGrad's ONNX form (the chain it replaces, as a local function): ORT runs it where this
     provider does not (a segment, the typing session of the executor)."""
@@ -220,6 +312,6 @@ PROVIDER = KernelProvider(
     build=_build,
     summary="every standard op of a CNN training graph (BatchNorm, pooling, loss, GEMM, elementwise, shape) on ATen",
     generic=True,
-    prepare=fuse_gradient_chains,
+    prepare=prepare,
     cpu_only=False,  # torch's kernels: cuDNN/cuBLAS on CUDA tensors
 )

@@ -115,6 +115,70 @@ def test_opt_relu_grad_chain_fused_and_bit_equal():
     assert [n.op_type for n in m.graph.node] == ["Greater", "Cast", "Mul"]
 
 
+def _relu_pool(grad_reads: str, attrs: dict, backward: bool = True):
+    nodes = [N("Relu", ["a"], ["r"]), N("MaxPool", ["r"], ["p", "idx"] if backward else ["p"], **attrs)]
+    if backward:
+        nodes += [
+            N("MaxPoolGrad", ["dp", "idx"], ["dr"], **attrs),
+            N("ReluGrad", ["dr", grad_reads], ["da"], domain=MS),
+        ]
+    return nodes
+
+
+def _run_both(m, feeds, outputs):
+    """(ORT's outputs for ``m``, the aten runner's for ``m`` as prepared)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(outputs, feeds)
+    cfg = ExecConfig()
+    m2 = prepared(m, cfg)
+    runner = SegmentedRunner(m2, session_options(), ["CPUExecutionProvider"], cfg, claimed(m2, cfg))
+    assert runner.segments == [], runner.fallback_ops()
+    got, _ = runner.run({k: torch.from_numpy(v.copy()) for k, v in feeds.items()})
+    return m2, ref, [got[o].numpy() for o in outputs]
+
+
+@pytest.mark.parametrize("grad_reads", ["a", "r"])
+@pytest.mark.parametrize(
+    "attrs", [dict(kernel_shape=[2, 2], strides=[2, 2]), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])]
+)
+def test_pool_before_relu_bit_equal(grad_reads, attrs):
+    # halves and whole numbers: ties between positive maxima, exact zeros and all-negative windows
+    a = np.round(f32(2, 3, 9, 9) * 2) / 2
+    nodes = _relu_pool(grad_reads, attrs)
+    m2, ref, got = _run_both(model(nodes[:2], {"a": a}, ["p"]), {"a": a}, ["p"])  # forward only (evaluation)
+    assert [n.op_type for n in m2.graph.node] == ["MaxPool", "Relu"]
+    np.testing.assert_array_equal(ref[0], got[0])
+    feeds = {"a": a, "dp": f32(*ref[0].shape)}
+    m = model(nodes, feeds, ["p", "da"], shapes={"da": a.shape})
+    m.graph.value_info.append(helper.make_tensor_value_info("dr", TensorProto.FLOAT, a.shape))  # ORT's MaxPoolGrad
+    m2, ref, got = _run_both(m, feeds, ["p", "da"])
+    assert [n.op_type for n in m2.graph.node] == ["MaxPool", "Relu", "ReluGrad", "MaxPoolGrad"]
+    for r, g in zip(ref, got):
+        np.testing.assert_array_equal(r, g)
+    assert (ref[0] == 0).any() and (ref[1] == 0).any() and (ref[1] != 0).any()
+
+
+def test_pool_before_relu_left_alone_where_the_relu_output_or_indices_feed_more():
+    attrs = dict(kernel_shape=[2, 2], strides=[2, 2])
+    a, dp = f32(1, 2, 4, 4), f32(1, 2, 2, 2)
+    nodes = _relu_pool("a", attrs)
+    # the ReLU output read by another node
+    extra = nodes + [N("Identity", ["r"], ["r2"])]
+    m = prepared(model(extra, {"a": a, "dp": dp}, ["p", "da", "r2"]), ExecConfig())
+    assert [n.op_type for n in m.graph.node][:2] == ["Relu", "MaxPool"]
+    # the pool's gradient read by something other than the ReLU's gradient
+    extra = nodes + [N("Identity", ["dr"], ["dr2"])]
+    m = prepared(model(extra, {"a": a, "dp": dp}, ["p", "da", "dr2"]), ExecConfig())
+    assert [n.op_type for n in m.graph.node][:2] == ["Relu", "MaxPool"]
+    # the ReLU output is a graph output
+    m = prepared(model(nodes[:2], {"a": a}, ["p", "r"]), ExecConfig())
+    assert [n.op_type for n in m.graph.node] == ["Relu", "MaxPool"]
+
+
 @pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min"])
 def test_binary_broadcast_bit_equal(op):
     same([N(op, ["a", "b"], ["c"])], {"a": f32(4, 3, 5), "b": f32(3, 1)}, ["c"])

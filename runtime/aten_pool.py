@@ -31,19 +31,18 @@ class _MaxPoolKernel(NodeKernel):
 
 
 # The indices a MaxPool keeps for its gradient are torch's: int64 positions in their (n, c) plane.
-# They are stored narrower where the plane allows it and widened again in the gradient kernel:
-# a plane of at most 65,536 positions as int16 offset by -32,768 (exact: the values fit), up to
-# 2**31 as int32. They are the largest saved tensors of a VGG's forward after its activations
-# (torchvision VGG11-BN at 224x224, batch 32: 392 MB as int64, 98 MB as int16), and every one of
-# them is alive at the step's peak, at the start of the backward.
-_INT16_PLANE = 1 << 16
-_INT16_SHIFT = 1 << 15
+# They are stored narrower where the plane allows it and widened again in the gradient kernel: a
+# plane of at most 65,536 positions as uint16 (on the CPU; int32 elsewhere), up to 2**31 as int32,
+# each one cast each way. They are the largest saved tensors of a VGG's forward after its
+# activations (torchvision VGG11-BN at 224x224, batch 32: 392 MB as int64, 98 MB as uint16), and
+# every one of them is alive at the step's peak, at the start of the backward.
+_UINT16_PLANE = 1 << 16
 
 
 def narrow_indices(idx: torch.Tensor, plane: int) -> torch.Tensor:
-    """``idx`` (int64 plane positions, consumed) in the narrowest exact dtype for ``plane``."""
-    if plane <= _INT16_PLANE:
-        return idx.sub_(_INT16_SHIFT).to(torch.int16)
+    """``idx`` (int64 plane positions) in the narrowest exact dtype for ``plane``."""
+    if plane <= _UINT16_PLANE and idx.device.type == "cpu":
+        return idx.to(torch.uint16)
     if plane < (1 << 31):
         return idx.to(torch.int32)
     return idx
@@ -51,9 +50,7 @@ def narrow_indices(idx: torch.Tensor, plane: int) -> torch.Tensor:
 
 def widen_indices(idx: torch.Tensor) -> torch.Tensor:
     """The int64 positions :func:`narrow_indices` stored (the same layout)."""
-    if idx.dtype == torch.int16:
-        return idx.to(torch.int64).add_(_INT16_SHIFT)
-    return idx.to(torch.int64)
+    return idx if idx.dtype == torch.int64 else idx.to(torch.int64)
 
 
 class MaxPool(_MaxPoolKernel):

@@ -361,7 +361,7 @@ def test_maxpool_and_its_gradient_bit_equal(attrs):
 
 
 def test_maxpool_gradient_bit_equal_when_its_indices_are_kept_as_int32():
-    # a plane of more than 65,536 positions: the indices are kept as int32, not int16
+    # a plane of more than 65,536 positions: the indices are kept as int32, not uint16
     attrs = dict(kernel_shape=[2, 2], strides=[2, 2])
     x = f32(1, 2, 260, 260)
     pool = N("MaxPool", ["x"], ["y", "idx"], **attrs)
@@ -372,7 +372,7 @@ def test_maxpool_gradient_bit_equal_when_its_indices_are_kept_as_int32():
         np.testing.assert_array_equal(r, g)
 
 
-@pytest.mark.parametrize("plane,dtype", [(9, "int16"), (1 << 16, "int16"), ((1 << 16) + 1, "int32")])
+@pytest.mark.parametrize("plane,dtype", [(9, "uint16"), (1 << 16, "uint16"), ((1 << 16) + 1, "int32")])
 def test_maxpool_indices_are_kept_narrow_and_widened_exactly(plane, dtype):
     import torch
 

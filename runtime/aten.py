@@ -155,13 +155,7 @@ def fuse_gradient_chains(model: onnx.ModelProto) -> onnx.ModelProto:
             break
     if not repl:
         return model
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.node[:]
-    m.graph.node.extend(repl.get(k, n) for k, n in enumerate(nodes) if k not in drop)
-    for dom in (MS, OWN):
-        if not any(o.domain == dom for o in m.opset_import):
-            m.opset_import.append(helper.make_opsetid(dom, 1))
+    m = _rebuilt(model, nodes, repl, drop, (MS, OWN))
     if any(n.domain == OWN and n.op_type == "ClipGrad" for n in repl.values()):
         if not any(f.domain == OWN and f.name == "ClipGrad" for f in m.functions):
             onnx_opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 17)
@@ -226,12 +220,19 @@ def pool_before_relu(model: onnx.ModelProto) -> onnx.ModelProto:
             repl[kq], repl[kg] = new_grad, new_q
     if not repl:
         return model
+    return _rebuilt(model, nodes, repl, (), {n.domain for n in repl.values() if n.domain})
+
+
+def _rebuilt(model: onnx.ModelProto, nodes: list, repl: dict, drop, domains) -> onnx.ModelProto:
+    """A copy of ``model`` whose nodes are ``nodes`` with those at the positions of ``repl``
+    replaced and those in ``drop`` left out, importing the opsets of ``domains`` (version 1)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     del m.graph.node[:]
-    m.graph.node.extend(repl.get(k, n) for k, n in enumerate(nodes))
-    if any(n.domain == MS for n in repl.values()) and not any(o.domain == MS for o in m.opset_import):
-        m.opset_import.append(helper.make_opsetid(MS, 1))
+    m.graph.node.extend(repl.get(k, n) for k, n in enumerate(nodes) if k not in drop)
+    for dom in domains:
+        if not any(o.domain == dom for o in m.opset_import):
+            m.opset_import.append(helper.make_opsetid(dom, 1))
     return m
 
 
@@ -251,7 +252,7 @@ def _pool_relu_backward(nodes, consumers, outs, idx, a, r):
     grad = nodes[kg]
     if grad.op_type != "ReluGrad" or domain_of(grad) != MS or grad.input[0] != q.output[0]:
         return None
-    if grad.input[1] not in (a, r) or kq > kg:
+    if grad.input[1] not in (a, r):
         return None
     return kq, kg
 

@@ -50,7 +50,7 @@ def narrow_indices(idx: torch.Tensor, plane: int) -> torch.Tensor:
 
 def widen_indices(idx: torch.Tensor) -> torch.Tensor:
     """The int64 positions :func:`narrow_indices` stored (the same layout)."""
-    return idx if idx.dtype == torch.int64 else idx.to(torch.int64)
+    return idx.to(torch.int64)  # the tensor itself when it is int64 already
 
 
 class MaxPool(_MaxPoolKernel):
@@ -58,9 +58,7 @@ class MaxPool(_MaxPoolKernel):
         x = env[self.inputs[0]]
         if len(self.outputs) > 1 and self.outputs[1] and self.wanted[1]:
             y, idx = torch.ops.aten.max_pool2d_with_indices(x, self.ks, self.st, self.pad, self.dil, self.ceil)
-            if self.outputs[1] not in bound:  # a caller's buffer gets torch's int64 as it is
-                idx = narrow_indices(idx, x.shape[-2] * x.shape[-1])
-            store(self.outputs[1], idx, env, bound)
+            store(self.outputs[1], narrow_indices(idx, x.shape[-2] * x.shape[-1]), env, bound)
             env[self.outputs[1] + "#shape"] = tuple(x.shape)
         else:
             y = F.max_pool2d(x, self.ks, self.st, self.pad, self.dil, self.ceil)

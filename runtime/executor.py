@@ -35,8 +35,9 @@ def keep_freed_memory() -> bool:
 
     Measured 2026-12-07 on a 2-core AVX2 EPYC, one process per run, interleaved, medians of 3
     rounds (torchvision resnet50, batch 16, 128x128, NCHW, median of 4 steps): no settings
-    1301 ms/step, these with no pad 1444, pad 64 MB 1186, 128 MB 1166, 256 MB 1123, 1 GB 1106;
-    torch eager 1180-1255 (two series). The pad costs peak memory (torchvision VGG11-BN, 224x224, batch 32,
+    1301 ms/step, these with no pad 1444 (one series), pad 64 MB 1186, 128 MB 1166, 256 MB 1123,
+    1 GB 1106 (a second series; 1133 and 1126 in the first); torch eager 1180-1255 in both. The
+    pad costs peak memory (torchvision VGG11-BN, 224x224, batch 32,
     peak RSS over 3 steps, 2-3 runs each, 3 interleaved series): torch eager 4.79-4.87 GB, accelc
     without settings 4.79-4.84; with the MaxPool indices kept as int64, pad 32 MB 4.85-4.87, 64 MB
     4.92-4.93, 128 MB 4.86-4.97, 256 MB 4.98-5.01, 1 GB 5.08-5.34; with them kept narrow

@@ -61,19 +61,26 @@ def model(nodes, feeds: dict, outputs: list, inits: dict | None = None, opset: i
 
 def both(nodes, feeds, outputs, inits=None, opset=17, shapes=None):
     """(ORT's outputs, the aten runner's outputs), after checking that no node fell back to ORT."""
+    cfg = ExecConfig(kernels={"conv": "ort"} if "conv" in providers() else {})
+    _, ref, got = run_both(model(nodes, feeds, outputs, inits, opset, shapes), feeds, outputs, cfg)
+    return ref, got
+
+
+def run_both(m, feeds, outputs, cfg=None):
+    """(``m`` as the runner ran it, ORT's outputs for ``m``, the aten runner's) after checking that
+    no node fell back to ORT. The runner runs ``m`` after the active providers' rewrites."""
     import onnxruntime as ort
 
-    m = model(nodes, feeds, outputs, inits, opset, shapes)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     ref = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(outputs, feeds)
-    cfg = ExecConfig(kernels={"conv": "ort"} if "conv" in providers() else {})
+    cfg = cfg or ExecConfig()
     m2 = prepared(m, cfg)
     runner = SegmentedRunner(m2, session_options(), ["CPUExecutionProvider"], cfg, claimed(m2, cfg))
     assert runner.segments == [], runner.fallback_ops()
     got, _ = runner.run({k: torch.from_numpy(v.copy()) for k, v in feeds.items()})
-    return ref, [got[o].numpy() for o in outputs]
+    return m2, ref, [got[o].numpy() for o in outputs]
 
 
 def same(nodes, feeds, outputs, inits=None, opset=17):
@@ -125,22 +132,6 @@ def _relu_pool(grad_reads: str, attrs: dict, backward: bool = True):
     return nodes
 
 
-def _run_both(m, feeds, outputs):
-    """(ORT's outputs for ``m``, the aten runner's for ``m`` as prepared)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    ref = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(outputs, feeds)
-    cfg = ExecConfig()
-    m2 = prepared(m, cfg)
-    runner = SegmentedRunner(m2, session_options(), ["CPUExecutionProvider"], cfg, claimed(m2, cfg))
-    assert runner.segments == [], runner.fallback_ops()
-    got, _ = runner.run({k: torch.from_numpy(v.copy()) for k, v in feeds.items()})
-    return m2, ref, [got[o].numpy() for o in outputs]
-
-
 @pytest.mark.parametrize("grad_reads", ["a", "r"])
 @pytest.mark.parametrize(
     "attrs", [dict(kernel_shape=[2, 2], strides=[2, 2]), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])]
@@ -149,13 +140,13 @@ def test_pool_before_relu_bit_equal(grad_reads, attrs):
     # halves and whole numbers: ties between positive maxima, exact zeros and all-negative windows
     a = np.round(f32(2, 3, 9, 9) * 2) / 2
     nodes = _relu_pool(grad_reads, attrs)
-    m2, ref, got = _run_both(model(nodes[:2], {"a": a}, ["p"]), {"a": a}, ["p"])  # forward only (evaluation)
+    m2, ref, got = run_both(model(nodes[:2], {"a": a}, ["p"]), {"a": a}, ["p"])  # forward only (evaluation)
     assert [n.op_type for n in m2.graph.node] == ["MaxPool", "Relu"]
     np.testing.assert_array_equal(ref[0], got[0])
     feeds = {"a": a, "dp": f32(*ref[0].shape)}
     m = model(nodes, feeds, ["p", "da"], shapes={"da": a.shape})
     m.graph.value_info.append(helper.make_tensor_value_info("dr", TensorProto.FLOAT, a.shape))  # ORT's MaxPoolGrad
-    m2, ref, got = _run_both(m, feeds, ["p", "da"])
+    m2, ref, got = run_both(m, feeds, ["p", "da"])
     assert [n.op_type for n in m2.graph.node] == ["MaxPool", "Relu", "ReluGrad", "MaxPoolGrad"]
     for r, g in zip(ref, got):
         np.testing.assert_array_equal(r, g)
@@ -374,8 +365,6 @@ def test_maxpool_gradient_bit_equal_when_its_indices_are_kept_as_int32():
 
 @pytest.mark.parametrize("plane,dtype", [(9, "uint16"), (1 << 16, "uint16"), ((1 << 16) + 1, "int32")])
 def test_maxpool_indices_are_kept_narrow_and_widened_exactly(plane, dtype):
-    import torch
-
     from accelc.runtime.aten_pool import narrow_indices, widen_indices
 
     # the extreme positions of the plane and some between, in channels_last strides

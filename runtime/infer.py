@@ -32,21 +32,22 @@ def run_forward(sess, model, x: np.ndarray, output: str, chunk: int = 256) -> np
         raise
     except Exception as e:
         raise AccelcError(f"ONNX Runtime cannot load the inference graph: {ort_message(e)}") from None
-    out = None
+    out = None  # a CPU tensor the rows are copied into (its numpy view is returned)
     with torch.no_grad():
         for i in range(0, len(x), chunk):
             rows = np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)
             if isinstance(engine, SegmentedRunner):
                 # in the layout the training step chose (NHWC pools and BatchNorm are much faster where
-                # it won); the rows come back dense NCHW
+                # it won); the copy into ``out`` makes the rows dense NCHW
                 xt = in_layout(torch.from_numpy(rows).to(sess.device), sess.layouts.last)
                 feeds = {data: xt, **{p: sess.params[p] for p in params}}
                 outs, _ = engine.run(feeds)
-                y = outs[output].contiguous().cpu().numpy()
+                y = outs[output]
             else:
                 feeds = {data: rows, **{p: sess.params[p].detach().cpu().numpy() for p in params}}
                 (y,) = engine.run([output], feeds)
+                y = torch.from_numpy(np.asarray(y, dtype=np.float32))
             if out is None:
-                out = np.empty((len(x), *y.shape[1:]), np.float32)
-            out[i : i + len(y)] = y
-    return out if out is not None else np.empty((0,), np.float32)
+                out = torch.empty((len(x), *y.shape[1:]), dtype=torch.float32)
+            out[i : i + len(y)].copy_(y)
+    return out.numpy() if out is not None else np.empty((0,), np.float32)

@@ -78,6 +78,9 @@ class TrainState:
     # () -> the training images at the current input size (every row, in the data set's order: the
     # rows :meth:`Algorithm.training_inputs` answers for); None: no data
     train_images: Any = None
+    # the run's learning rate for the step about to run (the schedule's, before any per-parameter
+    # scale an algorithm gives; set by the training loop before each step)
+    lr: float = 0.0
 
     @property
     def progress(self) -> float:

@@ -286,6 +286,8 @@ def test_a_decision_before_a_step_may_not_change_the_input_shape():
         {"step_time": {"(none)": [1]}},
         {"frozen_at": {"features.0": {"step": 3}}},
         {"frozen_at": []},
+        {"freeze_at": {"features.0": 0.5}},
+        {"motion": {}},
     ],
 )
 def test_a_malformed_controller_state_is_refused_on_load(freezeout_art, bad):
@@ -297,3 +299,77 @@ def test_a_malformed_controller_state_is_refused_on_load(freezeout_art, bad):
     ctrl = LarsSkip(art, art.plan[0])
     with pytest.raises((TypeError, ValueError, KeyError, AttributeError)):
         ctrl.load_state_dict({"log": [], **bad})
+
+
+# ----------------------------------------------------------------------------- the veto
+def test_drift_is_one_for_steps_in_one_direction_and_small_for_steps_that_cancel():
+    from accelc.passes.skip.freezeout import angle, drift, postponed
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal(1000).astype(np.float32)
+    lr, steps = 1e-3, 100
+    sign = np.sign(rng.standard_normal(1000))
+    straight = w0 + steps * lr * sign  # every element moved by the rate at every step, the same way
+    assert drift(w0, straight, steps * lr) == pytest.approx(1.0, rel=1e-4)
+    walk = w0 + lr * np.sign(rng.standard_normal((steps, 1000))).sum(0)  # each step's sign at random
+    assert drift(w0, walk, steps * lr) == pytest.approx(1 / np.sqrt(steps), rel=0.1)
+    assert drift(w0, w0, steps * lr) == 0.0 and drift(w0, straight, 0.0) is None
+    assert angle(w0, 3 * w0) == pytest.approx(0.0, abs=1e-5)  # a scale is no change of direction
+    assert angle(np.array([1.0, 0.0]), np.array([0.0, 2.0])) == pytest.approx(90.0)
+    assert postponed([0.5, 0.6, 0.9, 1.0], 1, 0.25) == [0.5, 0.85, 1.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def veto_art(tmp_path_factory):
+    """freezeout from t0 0.5 with a drift veto no training layer passes under (every due layer is
+    kept), and with one every layer passes under (the plain schedule)."""
+    d = tmp_path_factory.mktemp("veto")
+    export_test_model("vgg", d / "m.onnx")
+    out = {}
+    for name, limit in (("always", 1e-9), ("never", 1e9)):
+        opts = {"rule": "freezeout", "t0": 0.5, "veto": "drift", "veto_drift": limit}
+        accelc.compile(d / "m.onnx", d / name, passes=["skip"], pass_options={"skip": opts})
+        out[name] = d / name
+    return out
+
+
+def test_the_veto_keeps_moving_layers_and_records_every_epochs_motion(veto_art, freezeout_art, tmp_path):
+    kept = _train(veto_art["always"], tmp_path / "kept", epochs=3)
+    rep = kept["controllers"]["skip"]
+    vetoes = [d for d in kept["decisions"] if d["action"] == "veto"]
+    # epoch 1's end: the first layer (due at 50%) one epoch later, the rest past the end; epoch 2's: never
+    assert len(vetoes) == 2 and all(v["drift"] > 1e-9 for v in vetoes)
+    assert vetoes[0]["was"] == 0.5 and vetoes[0]["freeze_at"] == pytest.approx(0.5 + 1 / 3)
+    assert vetoes[1]["freeze_at"] == 1.0
+    assert rep["frozen_at"] == {} and set(rep["freeze_at"].values()) == {1.0}
+    motion = rep["motion"]
+    assert [m["epoch"] for m in motion] == [1, 2, 3] and motion[-1]["progress"] == 1.0
+    layers = list(rep["freeze_at"])
+    for m in motion:  # every layer trained every epoch; its drift is a fraction of its steps' reach
+        assert set(m["drift"]) == set(layers)
+        assert all(0 < v < 1.5 for v in m["drift"].values()) and all(0 < a < 90 for a in m["angle"].values())
+    # a veto no layer passes leaves the schedule as it was: the same run as without the veto
+    same = _train(veto_art["never"], tmp_path / "same")
+    plain = _train(freezeout_art, tmp_path / "plain")
+    assert not [d for d in same["decisions"] if d["action"] == "veto"]
+    assert same["controllers"]["skip"]["frozen_at"] == plain["controllers"]["skip"]["frozen_at"]
+    assert [m["test_loss"] for m in same["history"]] == [m["test_loss"] for m in plain["history"]]
+
+
+def test_a_resumed_run_keeps_the_schedule_the_veto_changed(veto_art, tmp_path, monkeypatch):
+    from accelc.runtime.train import loop
+
+    whole = _train(veto_art["always"], tmp_path / "whole", epochs=3)
+    init = loop.Trainer.__init__
+
+    def stopping(self, *a, **kw):
+        init(self, *a, **kw)
+        self.stop_when = lambda m: m["epoch"] == 1
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loop.Trainer, "__init__", stopping)
+        _train(veto_art["always"], tmp_path / "split", epochs=3)
+    resumed = _train(veto_art["always"], tmp_path / "split", epochs=3, resume=True)
+    assert [m["test_loss"] for m in resumed["history"]] == [m["test_loss"] for m in whole["history"]]
+    for key in ("freeze_at", "frozen_at", "motion"):
+        assert resumed["controllers"]["skip"][key] == whole["controllers"]["skip"][key], key

@@ -25,7 +25,7 @@ from ...compiler.errors import AccelcError
 from ...compiler.graph import training_graph
 from ...runtime.algorithm import Algorithm
 from .cache import cut_variant, find_cut, intensity, prefix_model
-from .freezeout import freeze_times, lr_multiplier
+from .freezeout import angle, drift, freeze_times, lr_multiplier, postponed
 from .rewrite import SkipOptions, lars_outputs, layer_groups, prune, rule_text, skip_variant, trainable_layers
 
 
@@ -74,6 +74,12 @@ class LarsSkip(Algorithm):
             self.freeze_at = dict(zip(self.layers, times))
             groups = layer_groups(tg)
             self.params_of = {name: [p for p in groups[name] if p in tg.params] for name in self.layers}
+        # freezeout: each training layer's motion over every epoch (its weight's drift and angle,
+        # :mod:`.freezeout`), from the weight at the epoch's first step and the learning rate its
+        # steps applied since; what the veto reads
+        self.motion: list[dict] = []
+        self._w0: dict | None = None
+        self._lr_sum: dict[str, float] = {}
 
     def _cost_of(self, tg) -> dict:
         c = graph_costs(tg, self.optimizer)
@@ -101,6 +107,8 @@ class LarsSkip(Algorithm):
             self._ran[key] = self._ran.get(key, 0) + 1
             return
         t = state.progress
+        if self._w0 is None:  # the epoch's first step: the weights its motion is measured from
+            self._start_window(state)
         new = [name for name in self.layers if self.freeze_at[name] <= t]
         if new != self.skipped:  # an input-side prefix, growing: t_i grows with the layer's index
             added = [name for name in new if name not in self.skipped]
@@ -117,8 +125,60 @@ class LarsSkip(Algorithm):
             )
             self.skipped = new
             self._update_cut(state, epoch)
+        for name in self._lr_sum:  # the rate this step applies to each layer (0 once frozen)
+            self._lr_sum[name] += state.lr * lr_multiplier(t, self.freeze_at[name], self.options.scale_lr)
         key = self._key()
         self._ran[key] = self._ran.get(key, 0) + 1
+
+    def _weight(self, name: str) -> str:
+        return self.weights.get(name) or self.params_of[name][0]
+
+    def _start_window(self, state) -> None:
+        arrays = state.engine.param_arrays()
+        live = [n for n in self.layers if n not in self.skipped and self._weight(n) in arrays]
+        self._w0 = {n: arrays[self._weight(n)].copy() for n in live}
+        self._lr_sum = dict.fromkeys(live, 0.0)
+
+    def _end_window(self, state, epoch: int) -> None:
+        """The epoch's motion of every layer that trained in it, and the veto on the layers due to
+        freeze within the next epoch."""
+        if self._w0 is None:
+            return
+        arrays = state.engine.param_arrays()
+        d, a = {}, {}
+        for name, w0 in self._w0.items():
+            w1 = arrays.get(self._weight(name))
+            v = drift(w0, w1, self._lr_sum[name]) if w1 is not None else None
+            if v is not None:
+                d[name], a[name] = v, angle(w0, w1)
+        self._w0, self._lr_sum = None, {}
+        total = state.epochs * state.steps_per_epoch
+        end = (state.step + 1) / total if total else 1.0
+        self.motion.append({"epoch": epoch, "progress": end, "drift": d, "angle": a})
+        o = self.options
+        if o.veto != "drift" or end >= 1.0:
+            return
+        within = end + 1.0 / state.epochs
+        times = [self.freeze_at[n] for n in self.layers]
+        for i, name in enumerate(self.layers):
+            if name in self.skipped or times[i] >= within:
+                continue
+            if d.get(name, 0.0) > o.veto_drift:
+                was = times[i]
+                self.freeze_at = dict(zip(self.layers, postponed(times, i, 1.0 / state.epochs)))
+                now = self.freeze_at[name]
+                later = "never frozen" if now >= 1.0 else f"frozen at {now:.1%} of the run"
+                self.decide(
+                    epoch,
+                    "veto",
+                    f"{name} still moves (drift {d[name]:.3f} over epoch {epoch} > --skip-veto-drift "
+                    f"{o.veto_drift:g}): due to freeze at {was:.1%} of the run, now {later}, and the layers "
+                    "after it one epoch later",
+                    drift=d[name],
+                    was=was,
+                    freeze_at=now,
+                )
+                break
 
     def _time_step(self, key: tuple, step: int) -> None:
         """The wall time from the previous step's start to this one's, per skip set (the first step
@@ -331,6 +391,7 @@ class LarsSkip(Algorithm):
         self._ran = {}
         self._tick = None
         if self.options.rule == "freezeout":
+            self._end_window(state, epoch)
             self.logger.log_metrics({"skip": {"skipped": list(self.skipped)}})
             return
         agg = self.options.aggregate
@@ -384,6 +445,7 @@ class LarsSkip(Algorithm):
             "final_skip_set": list(self.skipped),
             "rule": self.options.rule,
             **({"freeze_at": self.freeze_at, "frozen_at": self.frozen_at} if self.freeze_at else {}),
+            **({"motion": self.motion} if self.motion else {}),
             # measured: mean ms per step with each skip set (first steps after a switch left out)
             "ms_per_step_by_skip_set": {k: 1000 * sec / cnt for k, (cnt, sec) in self.step_time.items() if cnt},
             "cache": self.cache_log,
@@ -401,6 +463,8 @@ class LarsSkip(Algorithm):
             "step_time": self.step_time,
             "cut": self.cut,
             "cache_log": self.cache_log,
+            "freeze_at": self.freeze_at,
+            "motion": self.motion,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -421,6 +485,18 @@ class LarsSkip(Algorithm):
         if not isinstance(log, list) or not all(isinstance(e, dict) for e in log):
             raise TypeError("cache_log")
         self.cache_log = list(log)
+        if "freeze_at" in state and self.options.rule == "freezeout":  # the schedule as the veto left it
+            at = _mapping(state, "freeze_at")
+            if set(at) != set(self.layers):
+                raise ValueError("freeze_at: not this model's layers")
+            times = [float(at[n]) for n in self.layers]
+            if not all(0.0 < t <= 1.0 for t in times) or times != sorted(times):
+                raise ValueError("freeze_at: times must grow input side first, in (0, 1]")
+            self.freeze_at = dict(zip(self.layers, times))
+        motion = state.get("motion", [])
+        if not isinstance(motion, list) or not all(isinstance(e, dict) for e in motion):
+            raise TypeError("motion")
+        self.motion = list(motion)
         self.step_time = {}
         for k, (n, sec) in _mapping(state, "step_time").items():  # a file: checked, not trusted
             if isinstance(n, bool) or not isinstance(n, int) or n < 0 or not 0 <= float(sec) < float("inf"):

@@ -46,3 +46,37 @@ def lr_multiplier(progress: float, t: float, scale_lr: bool) -> float:
         return 0.0
     m = 0.5 * (1.0 + math.cos(math.pi * progress / t))
     return m / t if scale_lr else m
+
+
+def drift(w0, w1, lr_sum: float) -> float | None:
+    """How far a layer's weights went over a window against how far its steps could have taken
+    them: ``‖w1 − w0‖ / (√n × Σ lr)``, where Σ lr is the learning rate the layer's steps applied
+    over the window (the run's rate times the layer's multiple, summed). An Adam(W) step moves each
+    element by about the rate at most, so the drift is about 1 while every step goes the same way
+    (the layer still learns) and falls towards 1/√steps while its steps cancel (it jitters around
+    what it has learned). None when the layer took no step (Σ lr = 0)."""
+    if lr_sum <= 0.0:
+        return None
+    d = (w1.astype("float64") - w0.astype("float64")).ravel()
+    return float((d @ d) ** 0.5 / (d.size**0.5 * lr_sum))
+
+
+def angle(w0, w1) -> float:
+    """The angle (degrees) between two values of a weight: its change of direction, which is what
+    changes a convolution's output through the BatchNorm after it (the scale does not)."""
+    a, b = w0.astype("float64").ravel(), w1.astype("float64").ravel()
+    n = (a @ a) ** 0.5 * (b @ b) ** 0.5
+    if n == 0.0:
+        return 0.0
+    return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ b) / n))))
+
+
+def postponed(times: list[float], i: int, by: float) -> list[float]:
+    """The freeze times with layer ``i`` and every layer after it ``by`` later (the frozen set stays
+    an input-side prefix); a time that reaches the end of the run becomes 1.0 (never frozen)."""
+    out = list(times)
+    for j in range(i, len(out)):
+        if out[j] < 1.0:
+            t = out[j] + by
+            out[j] = t if t < 1.0 - 1e-12 else 1.0
+    return out

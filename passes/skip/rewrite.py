@@ -383,6 +383,22 @@ class SkipOptions(Options):
         boolean,
         flag="--skip-scale-lr",
     )
+    veto: str = option(
+        "off",
+        "freezeout: keep a layer training while it still moves. drift: at each epoch's end, a layer "
+        "due to freeze within the next epoch whose weights drifted more than --skip-veto-drift over "
+        "the epoch (‖Δw‖ / (√n × the learning rate its steps applied): about 1 while its steps add "
+        "up, towards 0 while they cancel) freezes one epoch later, the layers after it with it",
+        choice("off", "drift"),
+        flag="--skip-veto",
+    )
+    veto_drift: float = option(
+        0.075,
+        "freezeout with --skip-veto drift: the drift over an epoch above which a layer still learns "
+        "(0.075 told the zoo ResNet's stem from the zoo VGG's first conv at 50% of an 8-epoch run)",
+        positive_float,
+        flag="--skip-veto-drift",
+    )
     cache: bool = option(
         True,
         "cache the frozen prefix's output (Egeria): once an input-side prefix is frozen, its output on "

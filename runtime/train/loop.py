@@ -417,7 +417,7 @@ class Trainer(TrainerStart, TrainerRecords):
         """The algorithms see the step about to run: a decision they change switches the variant
         now (same input shape), and their per-parameter learning-rate scales apply to this step."""
         st = self.state
-        st.step, st.steps_per_epoch = epoch * steps + step, steps
+        st.step, st.steps_per_epoch, st.lr = epoch * steps + step, steps, self.lr_now
         before = [a.decision() for a in self.algorithms]
         for a in self.algorithms:
             a.before_step(st, epoch + 1, step)

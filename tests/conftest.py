@@ -139,3 +139,19 @@ class Block:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 """
+
+
+def stopped_after(monkeypatch, epoch: int, run):
+    """``run()`` (a training run) as a kill at the end of ``epoch`` leaves it: the trainer stops
+    there, with the checkpoint a resume starts from. Returns what ``run()`` returns."""
+    from accelc.runtime.train import loop
+
+    init = loop.Trainer.__init__
+
+    def stopping(self, *a, **kw):
+        init(self, *a, **kw)
+        self.stop_when = lambda m: m["epoch"] == epoch
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loop.Trainer, "__init__", stopping)
+        return run()

@@ -14,7 +14,7 @@ from accelc.compiler.artifact_dir import load_artifacts
 from accelc.passes.skip.freezeout import freeze_times, lr_multiplier
 from accelc.runtime.optim import OrtAdamW, OrtSGD
 
-from conftest import export_test_model
+from conftest import export_test_model, stopped_after
 
 
 def test_freeze_times_linear_cubic_and_kept_layers():
@@ -140,18 +140,8 @@ def test_run_freezes_input_side_first_at_the_scheduled_steps(freezeout_art, tmp_
 def test_resume_freezes_at_the_same_steps(freezeout_art, tmp_path, monkeypatch):
     """A run stopped after its first epoch and resumed (the same 2-epoch budget) freezes at the
     same steps and ends where the uninterrupted run ends."""
-    from accelc.runtime.train import loop
-
     whole = _train(freezeout_art, tmp_path / "whole")
-    init = loop.Trainer.__init__
-
-    def stopping(self, *a, **kw):  # the run as a kill after epoch 1 leaves it
-        init(self, *a, **kw)
-        self.stop_when = lambda m: m["epoch"] == 1
-
-    with monkeypatch.context() as mp:
-        mp.setattr(loop.Trainer, "__init__", stopping)
-        cut = _train(freezeout_art, tmp_path / "split")
+    cut = stopped_after(monkeypatch, 1, lambda: _train(freezeout_art, tmp_path / "split"))
     assert len(cut["history"]) == 1
     resumed = _train(freezeout_art, tmp_path / "split", resume=True)
     assert [m["test_loss"] for m in resumed["history"]] == [m["test_loss"] for m in whole["history"]]
@@ -357,18 +347,8 @@ def test_the_veto_keeps_moving_layers_and_records_every_epochs_motion(veto_art, 
 
 
 def test_a_resumed_run_keeps_the_schedule_the_veto_changed(veto_art, tmp_path, monkeypatch):
-    from accelc.runtime.train import loop
-
     whole = _train(veto_art["always"], tmp_path / "whole", epochs=3)
-    init = loop.Trainer.__init__
-
-    def stopping(self, *a, **kw):
-        init(self, *a, **kw)
-        self.stop_when = lambda m: m["epoch"] == 1
-
-    with monkeypatch.context() as mp:
-        mp.setattr(loop.Trainer, "__init__", stopping)
-        _train(veto_art["always"], tmp_path / "split", epochs=3)
+    stopped_after(monkeypatch, 1, lambda: _train(veto_art["always"], tmp_path / "split", epochs=3))
     resumed = _train(veto_art["always"], tmp_path / "split", epochs=3, resume=True)
     assert [m["test_loss"] for m in resumed["history"]] == [m["test_loss"] for m in whole["history"]]
     for key in ("freeze_at", "frozen_at", "motion"):

@@ -19,7 +19,7 @@ from accelc.passes.rescale.progressive import adaptive_pool_matrix
 from accelc.passes.rescale.ramp import ramp, stage_sizes
 from accelc.runtime.algorithm import Algorithm, algorithms_for
 
-from conftest import assert_api_refused, assert_refused, off_gradients, run_cli
+from conftest import assert_api_refused, assert_refused, off_gradients, run_cli, stopped_after
 
 PROGRESSIVE = {"mode": "progressive"}
 
@@ -280,18 +280,9 @@ def test_recalibration_gathers_full_size_statistics(prog, tmp_path):
 
 
 def test_resume_in_the_middle_of_the_ramp_ends_as_the_whole_run(prog, tmp_path, monkeypatch):
-    from accelc.runtime.train import loop
-
     whole = accelc.train(prog.art, "synthetic", run_dir=tmp_path / "whole", **RUN)
-    init = loop.Trainer.__init__
-
-    def stopping(self, *a, **kw):  # the run as a kill after epoch 2 (still at 8x8; 12x12 next) leaves it
-        init(self, *a, **kw)
-        self.stop_when = lambda m: m["epoch"] == 2
-
-    with monkeypatch.context() as mp:
-        mp.setattr(loop.Trainer, "__init__", stopping)
-        cut = accelc.train(prog.art, "synthetic", run_dir=tmp_path / "split", **RUN)
+    # stopped after epoch 2 (still at 8x8; 12x12 next)
+    cut = stopped_after(monkeypatch, 2, lambda: accelc.train(prog.art, "synthetic", run_dir=tmp_path / "split", **RUN))
     assert len(cut["history"]) == 2
     # a run stopped in the ramp exports the full-size model (every stage holds its parameters' shapes)
     out = accelc.export_run(tmp_path / "split", tmp_path / "model.onnx")

@@ -16,7 +16,7 @@ from accelc.compiler.graph import training_graph
 from accelc.passes.skip.cache import cut_variant, find_cut, prefix_model
 from accelc.passes.skip.rewrite import skip_variant
 
-from conftest import export_test_model
+from conftest import export_test_model, stopped_after
 
 
 @pytest.fixture(scope="module")
@@ -182,18 +182,8 @@ def test_a_cache_over_the_memory_bound_is_refused_with_its_size(cached_art, tmp_
 
 
 def test_a_resumed_run_computes_the_cache_again_and_ends_alike(cached_art, tmp_path, monkeypatch):
-    from accelc.runtime.train import loop
-
     whole = _train(cached_art["on"], tmp_path / "whole")
-    init = loop.Trainer.__init__
-
-    def stopping(self, *a, **kw):
-        init(self, *a, **kw)
-        self.stop_when = lambda m: m["epoch"] == 3
-
-    with monkeypatch.context() as mp:
-        mp.setattr(loop.Trainer, "__init__", stopping)
-        cut = _train(cached_art["on"], tmp_path / "split")
+    cut = stopped_after(monkeypatch, 3, lambda: _train(cached_art["on"], tmp_path / "split"))
     assert cut["controllers"]["skip"]["cached_from"]  # stopped with a cache in use
     resumed = _train(cached_art["on"], tmp_path / "split", resume=True)
     new = resumed["controllers"]["skip"]["cache"][len(cut["controllers"]["skip"]["cache"]) :]

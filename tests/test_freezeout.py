@@ -277,6 +277,7 @@ def test_a_decision_before_a_step_may_not_change_the_input_shape():
         {"frozen_at": {"features.0": {"step": 3}}},
         {"frozen_at": []},
         {"freeze_at": {"features.0": 0.5}},
+        {"freeze_at": "0.5"},
         {"motion": {}},
     ],
 )
@@ -353,3 +354,25 @@ def test_a_resumed_run_keeps_the_schedule_the_veto_changed(veto_art, tmp_path, m
     assert [m["test_loss"] for m in resumed["history"]] == [m["test_loss"] for m in whole["history"]]
     for key in ("freeze_at", "frozen_at", "motion"):
         assert resumed["controllers"]["skip"][key] == whole["controllers"]["skip"][key], key
+
+
+def test_a_checkpointed_schedule_is_checked_before_it_is_used(freezeout_art):
+    """The schedule a checkpoint carries (the veto may have changed it) must name this model's
+    layers with numbers that grow input side first, within the run."""
+    from accelc.passes.skip.algorithm import LarsSkip
+
+    art, _ = load_artifacts(freezeout_art)
+    ctrl = LarsSkip(art, art.plan[0])
+    layers, times = list(ctrl.freeze_at), list(ctrl.freeze_at.values())
+    later = [min(1.0, t + 0.1) for t in times]
+    ctrl.load_state_dict({"log": [], "freeze_at": dict(zip(layers, later))})
+    assert list(ctrl.freeze_at.values()) == later  # a valid one replaces the compiled schedule
+    for bad in (
+        {**dict(zip(layers, times)), layers[0]: "0.5"},
+        {**dict(zip(layers, times)), layers[0]: True},
+        {**dict(zip(layers, times)), layers[0]: 0.99},  # later than the next layer's
+        {**dict(zip(layers, times)), layers[-1]: 1.5},
+        {**dict(zip(layers, times)), layers[0]: float("nan")},
+    ):
+        with pytest.raises((TypeError, ValueError)):
+            ctrl.load_state_dict({"log": [], "freeze_at": bad})

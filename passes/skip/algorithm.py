@@ -489,6 +489,8 @@ class LarsSkip(Algorithm):
             at = _mapping(state, "freeze_at")
             if set(at) != set(self.layers):
                 raise ValueError("freeze_at: not this model's layers")
+            if any(isinstance(at[n], bool) or not isinstance(at[n], (int, float)) for n in self.layers):
+                raise TypeError("freeze_at: times must be numbers")
             times = [float(at[n]) for n in self.layers]
             if not all(0.0 < t <= 1.0 for t in times) or times != sorted(times):
                 raise ValueError("freeze_at: times must grow input side first, in (0, 1]")

@@ -136,7 +136,7 @@ class LarsSkip(Algorithm):
     def _start_window(self, state) -> None:
         arrays = state.engine.param_arrays()
         live = [n for n in self.layers if n not in self.skipped and self._weight(n) in arrays]
-        self._w0 = {n: arrays[self._weight(n)].copy() for n in live}
+        self._w0 = {n: arrays[self._weight(n)] for n in live}  # copies (Engine.param_arrays)
         self._lr_sum = dict.fromkeys(live, 0.0)
 
     def _end_window(self, state, epoch: int) -> None:

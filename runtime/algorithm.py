@@ -81,6 +81,10 @@ class TrainState:
     # the run's learning rate for the step about to run (the schedule's, before any per-parameter
     # scale an algorithm gives; set by the training loop before each step)
     lr: float = 0.0
+    # the fraction of the budget from which the run trains the model at its full input size: the
+    # latest :meth:`Algorithm.full_size_from` of the run's algorithms (0.0: from the start). Set by the
+    # training loop before ``on_train_start``
+    full_size_from: float = 0.0
 
     @property
     def progress(self) -> float:
@@ -107,6 +111,14 @@ class Algorithm:
         self.options = opts
         self.log: list[dict] = []
         self.logger: Logger | None = None
+
+    def full_size_from(self, state: TrainState) -> float | None:
+        """The fraction of the budget (``state.epochs`` epochs) from which this algorithm trains
+        the model at its full input size, when it trains below it first on a schedule fixed in
+        advance (a resolution ramp); None (the default): it never changes the input size, or when it
+        does is not known in advance. Asked once before ``on_train_start``; the run's latest is
+        ``state.full_size_from``, which schedules that must not overlap a smaller input read."""
+        return None
 
     # ------------------------------------------------------------------ events
     def on_train_start(self, state: TrainState) -> None:

@@ -334,3 +334,39 @@ def test_a_start_below_what_the_model_runs_at_is_refused_with_what_works(prog, t
     msg = assert_api_refused(lambda: comp(start_scale=0.1, step=1), "cannot rescale progressively: at 1x1")
     assert "smaller than its window" in msg and "the ramp's sizes from 2x2 work" in msg, msg
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("after", [True, False])
+def test_freezeout_with_the_ramp_starts_freezing_at_full_size(prog, tmp_path, after):
+    """skip's freezeout composed with the ramp (8, 8, 12, 16 px over 4 epochs): by default its
+    schedule moves to the full-size epochs (t_i -> 0.75 + 0.25 t_i), so no layer freezes before it
+    has trained at the size it is used at; ``after_resize`` off keeps FreezeOut's own times."""
+    fo = {"rule": "freezeout", "t0": 0.5, "after_resize": after}
+    art = tmp_path / "art"
+    accelc.compile(
+        prog.dir / "m.onnx", art, passes=["rescale", "skip"], pass_options={"rescale": PROGRESSIVE, "skip": fo}
+    )
+    s = accelc.train(art, "synthetic", run_dir=tmp_path / "run", lr_schedule="linear", **RUN)
+    assert [m["input_hw"] for m in s["history"]] == [[8, 8], [8, 8], [12, 12], [16, 16]]
+    rep = s["controllers"]["skip"]
+    plain = [0.5, 0.75, 1.0]  # c1, c2, fc (the last layer trains to the end)
+    moved = [0.75 + 0.25 * t if t < 1 else 1.0 for t in plain]
+    assert list(rep["freeze_at"].values()) == pytest.approx(moved if after else plain)
+    orders = [d for d in s["decisions"] if d["action"] == "after-resize"]
+    assert len(orders) == (1 if after else 0)
+    if after:
+        assert orders[0]["full_size_from"] == 0.75 and "from 75.0% of the budget" in orders[0]["why"]
+    # the first layer freezes at 87.5% of the 32 steps (t0 0.5 of the full-size quarter), or at half
+    first = min(r["step"] for r in rep["frozen_at"].values())
+    assert first == (28 if after else 16)
+    assert all(np.isfinite(m["train_loss"]) for m in s["history"])
+
+
+@pytest.mark.parametrize(
+    "switch, epochs, at", [("fraction:0.5", 8, 0.5), ("epoch:1", 4, 0.25), ("epoch:9", 4, 1.0), ("plateau:1", 8, None)]
+)
+def test_the_kernel_modes_fixed_switch_says_when_full_size_starts(switch, epochs, at):
+    from accelc.passes.rescale.algorithm import Rescale
+
+    me = SimpleNamespace(options=SimpleNamespace(switch=switch))
+    assert Rescale.full_size_from(me, SimpleNamespace(epochs=epochs)) == at

@@ -91,6 +91,19 @@ class Rescale(Algorithm):
             return f"low-resolution {split} loss {loss:.4f} did not improve on {self.best:.4f} for {self.bad} epoch(s)"
         return None
 
+    def full_size_from(self, state) -> float | None:
+        """A fixed switch (``epoch:k``, ``fraction:f``) trains at full size from its epoch on; a
+        plateau switch is decided by the loss, not known in advance (None)."""
+        kind, _, val = self.options.switch.partition(":")
+        total = state.epochs
+        if kind == "epoch":
+            at = int(val)
+        elif kind == "fraction":
+            at = max(1, round(float(val) * total))
+        else:
+            return None
+        return min(at, total) / total if total > 0 else None
+
     def on_epoch_end(self, state, epoch, metrics):
         self.epochs.append(
             {
@@ -194,6 +207,14 @@ class ProgressiveRescale(Rescale):
             return hw
         fits = [d for d in self.dirs if d[0] <= hw[0] and d[1] <= hw[1]]
         return max(fits) if fits else self.full_hw
+
+    def full_size_from(self, state) -> float | None:
+        """The start of the ramp's full-size epochs (the last ones), as a fraction of the budget."""
+        self.budget = state.epochs
+        e = self.budget
+        while e > 0 and self._size(e - 1) == self.full_hw:
+            e -= 1
+        return e / self.budget if self.budget > 0 else None
 
     def on_train_start(self, state) -> None:
         self.budget = state.epochs

@@ -58,6 +58,7 @@ class LarsSkip(Algorithm):
         # freezeout: the schedule (layer -> fraction of the run at which it freezes), the parameters
         # each layer's learning-rate scale covers, and the measured time per step of each skip set
         self.freeze_at: dict[str, float] = {}
+        self._resumed = False  # the schedule came from a checkpoint (after any move and veto)
         self.frozen_at: dict[str, dict] = {}  # layer -> {"step", "progress"} when it froze
         self.step_time: dict[str, list] = {}  # skip set (joined) -> [steps timed, seconds]
         self._tick: tuple | None = None  # (skip set, perf_counter) of the previous step's start
@@ -80,6 +81,24 @@ class LarsSkip(Algorithm):
         self.motion: list[dict] = []
         self._w0: dict | None = None
         self._lr_sum: dict[str, float] = {}
+
+    def on_train_start(self, state) -> None:
+        """freezeout with ``after_resize``: the schedule moved after the run's smaller input sizes
+        (once: a resumed run's schedule comes from its checkpoint, already moved)."""
+        f = state.full_size_from
+        if self.options.rule != "freezeout" or not self.options.after_resize or self._resumed or not 0.0 < f < 1.0:
+            return
+        self.freeze_at = {n: (t if t >= 1.0 else f + (1.0 - f) * t) for n, t in self.freeze_at.items()}
+        first = min(self.freeze_at.values(), default=1.0)
+        self.decide(
+            0,
+            "after-resize",
+            f"the run trains at full input size from {f:.1%} of the budget on: the freeze schedule starts "
+            f"there (t_i = {f:.3g} + {1 - f:.3g} × t_i; the first layer freezes at {first:.1%}; "
+            "--skip-after-resize off keeps it as it was)",
+            full_size_from=f,
+            freeze_at=dict(self.freeze_at),
+        )
 
     def _cost_of(self, tg) -> dict:
         c = graph_costs(tg, self.optimizer)
@@ -495,6 +514,7 @@ class LarsSkip(Algorithm):
             if not all(0.0 < t <= 1.0 for t in times) or times != sorted(times):
                 raise ValueError("freeze_at: times must grow input side first, in (0, 1]")
             self.freeze_at = dict(zip(self.layers, times))
+            self._resumed = True
         motion = state.get("motion", [])
         if not isinstance(motion, list) or not all(isinstance(e, dict) for e in motion):
             raise TypeError("motion")

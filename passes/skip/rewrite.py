@@ -188,6 +188,11 @@ def explain_freezeout(opts: dict, changes: list[dict]) -> list[str]:
         f"{opts.get('t0')} of the run's epochs on ({opts.get('spacing')} spacing), each layer's learning "
         f"rate annealed to zero first (cosine{', scaled by 1/t_i' if opts.get('scale_lr') else ''}); "
         "nothing is frozen yet: the run's budget fixes the steps"
+        + (
+            "; with a pass that trains below full size first (rescale), the schedule starts where full size does"
+            if opts.get("after_resize", True)
+            else ""
+        )
     ]
     if frozen:
         out.append(
@@ -382,6 +387,15 @@ class SkipOptions(Options):
         "compensation for a layer that trains for a fraction t_i of the run)",
         boolean,
         flag="--skip-scale-lr",
+    )
+    after_resize: bool = option(
+        True,
+        "freezeout: when another pass trains below the full input size for the first part of the run "
+        "on a fixed schedule (rescale's ramp or fixed switch), the freeze schedule starts where full "
+        "size does: t_i becomes f + (1 - f) × t_i, f the fraction from which the run trains at full "
+        "size, so no layer freezes before it has trained at the size it will be used at",
+        boolean,
+        flag="--skip-after-resize",
     )
     veto: str = option(
         "off",

@@ -140,6 +140,8 @@ class Trainer(TrainerStart, TrainerRecords):
         self.state.steps_per_epoch = self.data.steps_per_epoch(self.batch_size)
         self.state.step = self.start_epoch * self.state.steps_per_epoch
         t0 = time.perf_counter()
+        ends = [a.full_size_from(self.state) for a in self.algorithms]
+        self.state.full_size_from = max([f for f in ends if f is not None], default=0.0)
         for a in self.algorithms:
             a.on_train_start(self.state)
         self._switch(self.algorithms, initial=True)

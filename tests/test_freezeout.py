@@ -36,6 +36,11 @@ def test_lr_multiplier_is_a_cosine_to_zero_at_the_freeze_time():
     assert lr_multiplier(0.499999, 0.5, False) < 1e-9
     assert lr_multiplier(0.0, 0.5, True) == 2.0  # FreezeOut's 1/t_i
     assert lr_multiplier(0.7, 1.0, True) == 1.0  # a layer that never freezes
+    # the cosine from a later start (the schedule run within the last quarter): 1 before it
+    assert lr_multiplier(0.3, 0.875, False, 0.75) == 1.0 and lr_multiplier(0.75, 0.875, False, 0.75) == 1.0
+    assert lr_multiplier(0.8125, 0.875, False, 0.75) == pytest.approx(0.5)
+    assert lr_multiplier(0.875, 0.875, False, 0.75) == 0.0
+    assert lr_multiplier(0.75, 0.875, True, 0.75) == pytest.approx(2.0)  # 1/t_i of the part it trains in
 
 
 def _params(seed, shapes=((3, 4), (5,), (2, 2, 3))):

@@ -336,30 +336,46 @@ def test_a_start_below_what_the_model_runs_at_is_refused_with_what_works(prog, t
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("after", [True, False])
+def _compose(prog, out, skip=None):
+    passes, opts = ["rescale"], {"rescale": PROGRESSIVE}
+    if skip is not None:
+        passes, opts = ["rescale", "skip"], {**opts, "skip": {"rule": "freezeout", "t0": 0.5, **skip}}
+    out.mkdir(exist_ok=True)
+    accelc.compile(prog.dir / "m.onnx", out / "art", passes=passes, pass_options=opts)
+    return accelc.train(out / "art", "synthetic", run_dir=out / "run", lr_schedule="linear", **RUN)
+
+
+@pytest.mark.parametrize("after", ["schedule", "freeze", "off"])
 def test_freezeout_with_the_ramp_starts_freezing_at_full_size(prog, tmp_path, after):
-    """skip's freezeout composed with the ramp (8, 8, 12, 16 px over 4 epochs): by default its
-    schedule moves to the full-size epochs (t_i -> 0.75 + 0.25 t_i), so no layer freezes before it
-    has trained at the size it is used at; ``after_resize`` off keeps FreezeOut's own times."""
-    fo = {"rule": "freezeout", "t0": 0.5, "after_resize": after}
-    art = tmp_path / "art"
-    accelc.compile(
-        prog.dir / "m.onnx", art, passes=["rescale", "skip"], pass_options={"rescale": PROGRESSIVE, "skip": fo}
-    )
-    s = accelc.train(art, "synthetic", run_dir=tmp_path / "run", lr_schedule="linear", **RUN)
+    """skip's freezeout composed with the ramp (8, 8, 12, 16 px over 4 epochs): by default FreezeOut's
+    whole schedule runs in the full-size epochs (t_i -> 0.75 + 0.25 t_i, each rate annealed from
+    there), so no layer freezes before it has trained at the size it is used at; ``freeze`` moves
+    the times only, ``off`` keeps FreezeOut's own."""
+    s = _compose(prog, tmp_path, {"after_resize": after})
     assert [m["input_hw"] for m in s["history"]] == [[8, 8], [8, 8], [12, 12], [16, 16]]
     rep = s["controllers"]["skip"]
     plain = [0.5, 0.75, 1.0]  # c1, c2, fc (the last layer trains to the end)
     moved = [0.75 + 0.25 * t if t < 1 else 1.0 for t in plain]
-    assert list(rep["freeze_at"].values()) == pytest.approx(moved if after else plain)
+    assert list(rep["freeze_at"].values()) == pytest.approx(plain if after == "off" else moved)
     orders = [d for d in s["decisions"] if d["action"] == "after-resize"]
-    assert len(orders) == (1 if after else 0)
-    if after:
+    assert len(orders) == (0 if after == "off" else 1)
+    if orders:
         assert orders[0]["full_size_from"] == 0.75 and "from 75.0% of the budget" in orders[0]["why"]
+        assert orders[0]["mode"] == after
     # the first layer freezes at 87.5% of the 32 steps (t0 0.5 of the full-size quarter), or at half
     first = min(r["step"] for r in rep["frozen_at"].values())
-    assert first == (28 if after else 16)
+    assert first == (16 if after == "off" else 28)
     assert all(np.isfinite(m["train_loss"]) for m in s["history"])
+
+
+def test_the_ramps_epochs_train_as_without_skip_when_its_schedule_waits(prog, tmp_path):
+    """With the whole schedule in the full-size part, every layer trains at the run's rate during
+    the ramp: the epochs before full size are the rescale-only run's, loss for loss."""
+    alone = _compose(prog, tmp_path / "alone")
+    both = _compose(prog, tmp_path / "both", {})
+    losses = [[m["train_loss"], m["test_loss"]] for m in alone["history"]]
+    assert [[m["train_loss"], m["test_loss"]] for m in both["history"]][:3] == losses[:3]
+    assert both["history"][3]["train_loss"] != losses[3][0]  # the full-size epoch anneals and freezes
 
 
 @pytest.mark.parametrize(

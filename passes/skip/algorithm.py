@@ -59,6 +59,7 @@ class LarsSkip(Algorithm):
         # each layer's learning-rate scale covers, and the measured time per step of each skip set
         self.freeze_at: dict[str, float] = {}
         self._resumed = False  # the schedule came from a checkpoint (after any move and veto)
+        self._anneal_from = 0.0  # where each layer's rate starts its cosine (after_resize schedule: f)
         self.frozen_at: dict[str, dict] = {}  # layer -> {"step", "progress"} when it froze
         self.step_time: dict[str, list] = {}  # skip set (joined) -> [steps timed, seconds]
         self._tick: tuple | None = None  # (skip set, perf_counter) of the previous step's start
@@ -84,21 +85,30 @@ class LarsSkip(Algorithm):
 
     def on_train_start(self, state) -> None:
         """freezeout with ``after_resize``: the schedule moved after the run's smaller input sizes
-        (once: a resumed run's schedule comes from its checkpoint, already moved)."""
-        f = state.full_size_from
-        if self.options.rule != "freezeout" or not self.options.after_resize or self._resumed or not 0.0 < f < 1.0:
+        (the times once: a resumed run's come from its checkpoint, already moved)."""
+        f, mode = state.full_size_from, self.options.after_resize
+        if self.options.rule != "freezeout" or mode == "off" or not 0.0 < f < 1.0:
+            return
+        if mode == "schedule":
+            self._anneal_from = f
+        if self._resumed:
             return
         self.freeze_at = {n: (t if t >= 1.0 else f + (1.0 - f) * t) for n, t in self.freeze_at.items()}
         first = min(self.freeze_at.values(), default=1.0)
+        rate = "each layer's rate annealed from there" if mode == "schedule" else "each layer's rate annealed from the start"
         self.decide(
             0,
             "after-resize",
             f"the run trains at full input size from {f:.1%} of the budget on: the freeze schedule starts "
-            f"there (t_i = {f:.3g} + {1 - f:.3g} × t_i; the first layer freezes at {first:.1%}; "
-            "--skip-after-resize off keeps it as it was)",
+            f"there (t_i = {f:.3g} + {1 - f:.3g} × t_i; the first layer freezes at {first:.1%}; {rate}; "
+            "--skip-after-resize off keeps FreezeOut's own times)",
             full_size_from=f,
+            mode=mode,
             freeze_at=dict(self.freeze_at),
         )
+
+    def _rate(self, t: float, name: str) -> float:
+        return lr_multiplier(t, self.freeze_at[name], self.options.scale_lr, self._anneal_from)
 
     def _cost_of(self, tg) -> dict:
         c = graph_costs(tg, self.optimizer)
@@ -145,7 +155,7 @@ class LarsSkip(Algorithm):
             self.skipped = new
             self._update_cut(state, epoch)
         for name in self._lr_sum:  # the rate this step applies to each layer (0 once frozen)
-            self._lr_sum[name] += state.lr * lr_multiplier(t, self.freeze_at[name], self.options.scale_lr)
+            self._lr_sum[name] += state.lr * self._rate(t, name)
         key = self._key()
         self._ran[key] = self._ran.get(key, 0) + 1
 
@@ -217,7 +227,7 @@ class LarsSkip(Algorithm):
         for name in self.layers:
             if name in self.skipped or self.freeze_at[name] >= 1.0:
                 continue
-            m = lr_multiplier(t, self.freeze_at[name], self.options.scale_lr)
+            m = self._rate(t, name)
             for p in self.params_of[name]:
                 out[p] = m
         return out

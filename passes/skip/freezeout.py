@@ -37,15 +37,17 @@ def freeze_times(n: int, t0: float, spacing: str, keep_last: int) -> list[float]
     return out
 
 
-def lr_multiplier(progress: float, t: float, scale_lr: bool) -> float:
+def lr_multiplier(progress: float, t: float, scale_lr: bool, start: float = 0.0) -> float:
     """A layer's multiple of the run's learning rate at ``progress`` when it freezes at ``t``
-    (0 from ``t`` on; 1 for a layer that never freezes)."""
+    (0 from ``t`` on; 1 for a layer that never freezes). The cosine runs from ``start`` (1 before
+    it) to ``t``: FreezeOut's schedule within the part of the run from ``start`` on; with
+    ``scale_lr`` it is divided by the fraction of that part the layer trains in."""
     if t >= 1.0:
         return 1.0
     if progress >= t:
         return 0.0
-    m = 0.5 * (1.0 + math.cos(math.pi * progress / t))
-    return m / t if scale_lr else m
+    m = 0.5 * (1.0 + math.cos(math.pi * max(0.0, progress - start) / (t - start)))
+    return m * (1.0 - start) / (t - start) if scale_lr else m
 
 
 def drift(w0, w1, lr_sum: float) -> float | None:

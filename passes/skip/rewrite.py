@@ -190,7 +190,7 @@ def explain_freezeout(opts: dict, changes: list[dict]) -> list[str]:
         "nothing is frozen yet: the run's budget fixes the steps"
         + (
             "; with a pass that trains below full size first (rescale), the schedule starts where full size does"
-            if opts.get("after_resize", True)
+            if opts.get("after_resize", "schedule") != "off"
             else ""
         )
     ]
@@ -388,13 +388,14 @@ class SkipOptions(Options):
         boolean,
         flag="--skip-scale-lr",
     )
-    after_resize: bool = option(
-        True,
-        "freezeout: when another pass trains below the full input size for the first part of the run "
-        "on a fixed schedule (rescale's ramp or fixed switch), the freeze schedule starts where full "
-        "size does: t_i becomes f + (1 - f) × t_i, f the fraction from which the run trains at full "
-        "size, so no layer freezes before it has trained at the size it will be used at",
-        boolean,
+    after_resize: str = option(
+        "schedule",
+        "freezeout, composed with a pass that trains below the full input size first on a fixed schedule "
+        "(rescale's ramp or fixed switch; f: the fraction of the run from which it trains at full size): "
+        "schedule runs FreezeOut's whole schedule within the full-size part (t_i becomes f + (1 - f) × t_i "
+        "and each layer's rate is annealed from f on, at the run's rate before); freeze moves only the "
+        "freeze times (the rate annealed from the start); off keeps FreezeOut's own times",
+        choice("schedule", "freeze", "off"),
         flag="--skip-after-resize",
     )
     veto: str = option(

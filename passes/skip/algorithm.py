@@ -95,7 +95,11 @@ class LarsSkip(Algorithm):
             return
         self.freeze_at = {n: (t if t >= 1.0 else f + (1.0 - f) * t) for n, t in self.freeze_at.items()}
         first = min(self.freeze_at.values(), default=1.0)
-        rate = "each layer's rate annealed from there" if mode == "schedule" else "each layer's rate annealed from the start"
+        rate = (
+            "each layer's rate annealed from there"
+            if mode == "schedule"
+            else "each layer's rate annealed from the start"
+        )
         self.decide(
             0,
             "after-resize",

@@ -72,12 +72,22 @@ class Rescale(Algorithm):
         reset = list(up) if self.options.reset_moments == "changed" else list(self.root.info.params)
         return ParamUpdate(up, reset)
 
-    def _due(self, epoch: int, metrics: dict, total: int) -> str | None:
+    def _fixed_switch(self, total: int) -> int | None:
+        """The epoch (1-based) after which a fixed switch (``epoch:k``, ``fraction:f``) comes in a
+        run of ``total`` epochs; None for a plateau switch, which the loss decides."""
         kind, _, val = self.options.switch.partition(":")
         if kind == "epoch":
-            return f"epoch {epoch} reached the fixed switch epoch {val}" if epoch >= int(val) else None
+            return int(val)
         if kind == "fraction":
-            at = max(1, round(float(val) * total))
+            return max(1, round(float(val) * total))
+        return None
+
+    def _due(self, epoch: int, metrics: dict, total: int) -> str | None:
+        kind, _, val = self.options.switch.partition(":")
+        at = self._fixed_switch(total)
+        if kind == "epoch":
+            return f"epoch {epoch} reached the fixed switch epoch {val}" if epoch >= at else None
+        if kind == "fraction":
             return f"{epoch}/{total} epochs reached fraction {val}" if epoch >= at else None
         patience = int(val or 1)
         # the validation split decides; without one (no --val-split) the test split stands in, named
@@ -94,15 +104,9 @@ class Rescale(Algorithm):
     def full_size_from(self, state) -> float | None:
         """A fixed switch (``epoch:k``, ``fraction:f``) trains at full size from its epoch on; a
         plateau switch is decided by the loss, not known in advance (None)."""
-        kind, _, val = self.options.switch.partition(":")
         total = state.epochs
-        if kind == "epoch":
-            at = int(val)
-        elif kind == "fraction":
-            at = max(1, round(float(val) * total))
-        else:
-            return None
-        return min(at, total) / total if total > 0 else None
+        at = self._fixed_switch(total)
+        return min(at, total) / total if at is not None and total > 0 else None
 
     def on_epoch_end(self, state, epoch, metrics):
         self.epochs.append(

@@ -10,9 +10,10 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from . import aten_elementwise as ew
 from .aten import MS, OWN, attrs, domain_of
 from .aten_pool import MaxPool, MaxPoolGrad, _avg_pool, _global_avg, _global_max
-from .kernels import BuildContext, NodeKernel, on_device, store
+from .kernels import FRESH, UNKNOWN, VIEW, BuildContext, NodeKernel, on_device, store
 from .torch_ops import ConvKernel
 
 DTYPES = {
@@ -43,6 +44,7 @@ class Op(NodeKernel):
     write either memory layout (an elementwise op keeps its input's)."""
 
     any_layout = True
+    takes_donations = True
 
     def __init__(self, node: onnx.NodeProto, fn, a: dict, device: str = "cpu"):
         super().__init__(node)
@@ -50,46 +52,26 @@ class Op(NodeKernel):
         self.device = device  # where the graph runs (a Constant's values go there)
         self.fn = fn
         self.a = a
+        self.memory = _memory(fn, node)
         self.out = None  # during a run: the preallocated buffer of output 0 (a gradient), if any
+        self.free = ()  # during a run: per input, whether its buffer may take the output
 
     def run(self, env: dict, bound: dict) -> None:
         ins = [env[i] if i else None for i in self.inputs]
         self.out = bound.get(self.outputs[0])
+        if self.donate:
+            self.free = tuple(d and name not in bound for d, name in zip(self.donate, self.inputs))
         try:
             outs = self.fn(self, *ins)
         finally:
             self.out = None
+            self.free = ()
         if not isinstance(outs, tuple):
             outs = (outs,)
         for name, t, want in zip(self.outputs, outs, self.wanted):
             if want and t is not None:  # wanted: read later, or a graph output (bound ones included)
                 store(name, t, env, bound)
         return None
-
-
-def _relu(k, x):
-    return torch.relu(x)
-
-
-def _relu_grad(k, dy, x):
-    return torch.ops.aten.threshold_backward(dy, x, 0)
-
-
-def _binary(fn):
-    return lambda k, a, b: fn(a, b)
-
-
-def _div(k, a, b):
-    if a.is_floating_point():
-        return torch.div(a, b)
-    return torch.div(a, b, rounding_mode="trunc")
-
-
-def _sum(k, *xs):
-    out = xs[0]
-    for x in xs[1:]:
-        out = out + x
-    return out
 
 
 def _identity(k, x):
@@ -238,12 +220,6 @@ def _slice(k, x, starts, ends, axes=None, steps=None):
     return x[tuple(idx)]
 
 
-def _clip(k, x, lo=None, hi=None):
-    lo = float(lo) if lo is not None else k.a.get("min")
-    hi = float(hi) if hi is not None else k.a.get("max")
-    return torch.clamp(x, lo, hi)
-
-
 def _where(k, c, a, b):
     return torch.where(c, a, b)
 
@@ -350,14 +326,6 @@ def _slice_grad(k, dy, shape, starts, ends, axes=None, steps=None):
     return dx
 
 
-def _sigmoid_grad(k, dy, y):
-    return torch.ops.aten.sigmoid_backward(dy, y)
-
-
-def _tanh_grad(k, dy, y):
-    return torch.ops.aten.tanh_backward(dy, y)
-
-
 def _clip_grad(k, dy, x, lo, hi):
     """The fused gradient of Clip: dY where lo <= X <= hi, else 0 (NaN·0 stays NaN, as in the chain).
 
@@ -383,7 +351,7 @@ def _quick_gelu(k, x):
 def _quick_gelu_grad(k, dy, x):
     alpha = float(k.a.get("alpha", 1.702))
     if alpha == 1.0:
-        return torch.ops.aten.silu_backward(dy, x)
+        return ew.silu_grad(k, dy, x)
     s = torch.sigmoid(x * alpha)
     return dy * (s + x * alpha * s * (1.0 - s))
 
@@ -535,10 +503,10 @@ BINARY = {
 
 # (domain, op) -> kernel function; "" is ONNX's domain
 TABLE: dict[tuple[str, str], object] = {
-    ("", "Relu"): _relu,
-    (MS, "ReluGrad"): _relu_grad,
-    ("", "Div"): _div,
-    ("", "Sum"): _sum,
+    ("", "Relu"): ew.relu,
+    (MS, "ReluGrad"): ew.relu_grad,
+    ("", "Div"): ew.div,
+    ("", "Sum"): ew.add_n,
     ("", "Identity"): _identity,
     ("", "Cast"): _cast,
     ("", "Shape"): _shape,
@@ -560,7 +528,7 @@ TABLE: dict[tuple[str, str], object] = {
     ("", "Unsqueeze"): _unsqueeze,
     ("", "Squeeze"): _squeeze,
     ("", "Slice"): _slice,
-    ("", "Clip"): _clip,
+    ("", "Clip"): ew.clip,
     ("", "Where"): _where,
     ("", "Softmax"): _softmax,
     (MS, "SoftmaxGrad_13"): _softmax_grad,
@@ -573,8 +541,8 @@ TABLE: dict[tuple[str, str], object] = {
     ("", "Size"): _size,
     (MS, "SplitTraining"): _split,
     (MS, "SliceGrad"): _slice_grad,
-    (MS, "SigmoidGrad"): _sigmoid_grad,
-    (MS, "TanhGrad"): _tanh_grad,
+    (MS, "SigmoidGrad"): ew.sigmoid_grad,
+    (MS, "TanhGrad"): ew.tanh_grad,
     (MS, "QuickGelu"): _quick_gelu,
     (OWN, "ClipGrad"): _clip_grad,
     ("", "LayerNormalization"): _layer_norm,
@@ -594,9 +562,27 @@ TABLE: dict[tuple[str, str], object] = {
     (MS, "SoftmaxCrossEntropyLossGrad"): _sce_grad,
 }
 for _n, _f in UNARY.items():
-    TABLE[("", _n)] = (lambda f: lambda k, x: f(x))(_f)
+    TABLE[("", _n)] = ew.unary(_f)
 for _n, _f in BINARY.items():
-    TABLE[("", _n)] = _binary(_f)
+    TABLE[("", _n)] = ew.binary(_f)
+# what each kernel function's outputs share (NodeKernel.memory): these return views of (or the
+# very tensor of) their first input; _constant returns the node's own constant; the rest of the
+# table returns new tensors and keeps no input
+_VIEWS = {
+    _identity, _cast, _reshape, _flatten, _expand, _transpose, _split, _unsqueeze, _squeeze, _slice, _pad, _dropout,
+}  # fmt: skip
+_VIEWS.update(f for key, f in TABLE.items() if key[1].startswith("Reduce"))  # no axes: the input itself
+_UNKNOWN = {_constant}
+
+
+def _memory(fn, node: onnx.NodeProto) -> str:
+    if fn in _UNKNOWN:
+        return UNKNOWN
+    if fn in _VIEWS or (fn is ew.add_n and len(node.input) < 2):
+        return VIEW
+    return FRESH
+
+
 CLASSES = {("", "MaxPool"): MaxPool, ("", "MaxPoolGrad"): MaxPoolGrad}
 CONV = {("", "Conv"), (MS, "ConvGrad")}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import NodeKernel, is_nhwc, store
+from .kernels import FRESH, NodeKernel, is_nhwc, store
 
 # --- pooling -------------------------------------------------------------------------------
 
@@ -24,6 +24,7 @@ class _MaxPoolKernel(NodeKernel):
 
     any_layout = True
     stateless = True
+    memory = FRESH
 
     def __init__(self, node, a):
         super().__init__(node)

@@ -21,7 +21,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from .config import ExecConfig
-from .kernels import ORT, BuildContext, NodeKernel, on_device, providers
+from .kernels import FRESH, ORT, VIEW, BuildContext, NodeKernel, on_device, providers
 
 _HEAP_KEPT: list = []
 _HUGE_OFF: list = []
@@ -237,6 +237,7 @@ class SegmentedRunner:
         self.inputs = [i.name for i in g.input if i.name not in inits]
         self.constants = constants
         self.free_after = self._liveness()
+        self.donated = self._donations()
         if self.kernels:
             keep_freed_memory()
             no_huge_page_stalls()
@@ -259,6 +260,10 @@ class SegmentedRunner:
             "ort_segments": len(self.segments),
             "fell_back": self.fallback_ops(),
             "ort_ms_per_step": round(self.ort_ms / self.steps, 3) if self.steps else None,
+            # kernel outputs written over an input that died there (runs so far, per run)
+            "in_place_per_step": round(sum(k.in_place for k in self.kernels.values()) / self.steps, 1)
+            if self.steps
+            else None,
         }
 
     def _liveness(self) -> dict:
@@ -277,6 +282,67 @@ class SegmentedRunner:
                 free[idx].append(name)
         return dict(free)
 
+    def _donations(self) -> int:
+        """Give each kernel its inputs whose memory it may write its output into
+        (``NodeKernel.donate``): those whose every alias dies at that kernel. Returns how many
+        inputs were donated.
+
+        Memory is followed statically: a FRESH kernel's outputs (:data:`~.kernels.FRESH`) each
+        start their own memory, a VIEW kernel's output 0 shares its first input's, and anything an
+        ORT segment or an UNKNOWN kernel reads or writes, the step's feeds, the constants and the
+        graph's outputs are never reused. An input is donated to a kernel when the kernel is the
+        last reader of every tensor on that memory, reads it once and reads no other view of it.
+        Whether the memory is still shared when the kernel runs (the caller's bound buffers, a
+        view torch made) is checked again then (:func:`~.kernels.reusable`)."""
+        parent: dict[str, str] = {}
+
+        def root(n):
+            while parent.get(n, n) != n:
+                n = parent[n]
+            return n
+
+        def union(a, b):
+            ra, rb = root(a), root(b)
+            if ra != rb:
+                parent[ra] = rb
+
+        unsafe = set(self.inputs) | set(self.constants) | set(self.graph_outputs)
+        last = {}
+        for idx, (kind, item) in enumerate(self.order):
+            if kind == "seg":
+                seg = self.segments[item]
+                names = [n for n in seg["inputs"] + seg["outputs"] if n]
+                unsafe.update(names)
+                for n in names:
+                    last[n] = idx
+                continue
+            ins = [i for i in item.inputs if i]
+            outs = [o for o in item.outputs if o]
+            for n in ins + outs:
+                last[n] = idx
+            if item.memory == VIEW and item.inputs and item.inputs[0]:
+                for o in outs:
+                    union(o, item.inputs[0])
+            elif item.memory != FRESH:
+                unsafe.update(ins + outs)
+        members = defaultdict(list)
+        for n in last:
+            members[root(n)].append(n)
+        bad = {root(n) for n in unsafe}
+        end = {r: max(last[m] for m in ms) for r, ms in members.items()}
+        count = 0
+        for idx, (kind, item) in enumerate(self.order):
+            if kind != "kernel" or not item.takes_donations:
+                continue
+            roots = [root(i) if i else None for i in item.inputs]
+            give = []
+            for i, r in zip(item.inputs, roots):
+                ok = bool(i) and r not in bad and end[r] == idx and roots.count(r) == 1
+                give.append(ok)
+            item.donate = tuple(give) if any(give) else ()
+            count += sum(give)
+        return count
+
     def run(
         self, feeds: dict, bound: dict | None = None, env_out: dict | None = None, on_ready=None, run_options=None
     ) -> tuple[dict, dict]:
@@ -292,6 +358,7 @@ class SegmentedRunner:
         bound = bound or {}
         stats = {}
         self.steps += 1
+        keep_all = env_out is not None
         for idx, (kind, item) in enumerate(self.order):
             if kind == "seg":
                 t0 = time.perf_counter()
@@ -301,7 +368,14 @@ class SegmentedRunner:
                 if not item.any_layout:
                     _nchw_inputs(item, env)
                 t0 = time.perf_counter()
-                st = item.run(env, bound)
+                if keep_all and item.donate:  # the caller reads every tensor afterwards: none reused
+                    donate, item.donate = item.donate, ()
+                    try:
+                        st = item.run(env, bound)
+                    finally:
+                        item.donate = donate
+                else:
+                    st = item.run(env, bound)
                 if st is not None:
                     st.setdefault("ms", (time.perf_counter() - t0) * 1e3)
                     stats[item.key] = st

@@ -39,6 +39,14 @@ class NodeKernel:
     # keeps no state from run to run (no statistics, counters or adapted choices): running it an
     # extra time, as the layout measurement does, changes nothing
     stateless: bool = False
+    # what its outputs' memory is, for the runner's buffer reuse: FRESH (new tensors, sharing memory
+    # with no input and nothing the kernel keeps; and it keeps no input after its run), VIEW (output
+    # 0 may share the first input's memory; the kernel keeps nothing), or UNKNOWN (may share any
+    # input's, or keep them: nothing it reads or writes is ever reused)
+    memory: str = "unknown"
+    # writes its output over a donated input where it can (see ``donate``); counts how often in
+    # ``in_place``
+    takes_donations: bool = False
 
     def __init__(self, node: onnx.NodeProto):
         self.node = node
@@ -46,6 +54,11 @@ class NodeKernel:
         self.outputs = list(node.output)
         self.wanted = [bool(o) for o in self.outputs]
         self.key = node.name or node.op_type
+        # set by the runner: per input, True when this node is the last reader of that input's
+        # memory, which nothing else (no view, graph output or buffer of the caller's) shares, so
+        # the kernel may write its output there (see :func:`reusable`)
+        self.donate: tuple = ()
+        self.in_place = 0
 
     def run(self, env: dict, bound: dict) -> dict | None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -103,6 +116,33 @@ def store(name: str, t, env: dict, bound: dict) -> None:
         t = bound[name]
     # dense tensors stay in their layout (an NHWC activation stays NHWC); anything else is made dense
     env[name] = t if t.is_contiguous() or is_nhwc(t) else t.contiguous()
+
+
+FRESH, VIEW, UNKNOWN = "fresh", "view", "unknown"  # NodeKernel.memory
+
+
+def reusable(t, shape=None, dtype=None) -> bool:
+    """Whether a donated input tensor ``t`` (see ``NodeKernel.donate``) can take a result of
+    ``shape`` and ``dtype`` in place: dense in its layout, and the only tensor on its memory (no
+    view of it, nor it a view of a tensor still held, at the time of the call)."""
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        return False
+    if dtype is not None and t.dtype != dtype:
+        return False
+    if not (t.is_contiguous() or is_nhwc(t)) or t.numel() == 0:
+        return False
+    return _storage_users(t) == 1
+
+
+def _storage_users(t) -> int:
+    """How many tensors share ``t``'s memory (2 or more also when torch cannot say)."""
+    import torch
+
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return 2
+    # the storage object made here holds one reference of its own
+    return int(count(t.untyped_storage()._cdata)) - 1
 
 
 def on_device(t, device: str):

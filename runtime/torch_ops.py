@@ -8,7 +8,7 @@ import onnx
 import torch
 from onnx import helper
 
-from .kernels import NodeKernel, store
+from .kernels import FRESH, NodeKernel, store
 
 
 class Conv2d:
@@ -60,6 +60,7 @@ class ConvKernel(NodeKernel):
 
     any_layout = True
     stateless = True
+    memory = FRESH
 
     def __init__(self, node: onnx.NodeProto):
         super().__init__(node)

@@ -55,6 +55,7 @@ bench: $(STAMP) $(FASHION)
 	$(BIN)/python benchmarks/skip_step_time.py 25
 	$(BIN)/python benchmarks/lars_overhead.py 80
 	$(BIN)/python benchmarks/reuse_layer.py --repeats 9 -o bench-out/reuse_layer.json
+	$(BIN)/python benchmarks/buffer_reuse.py --json bench-out/buffer_reuse.json
 	$(BIN)/accelc bench --model vgg --data fashion-mnist --train-limit 4096 --test-limit 1000 --epochs 3 --nproc 2 --repeats 3 -o bench-scaling --force
 
 bench-quick: $(STAMP) $(FASHION)  # one seed, fewer images and epochs: for trying things

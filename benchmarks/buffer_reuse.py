@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from accelc.runtime.config import ExecConfig
 from accelc.runtime.session import TrainingSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import DEFAULT, build_module, cpu_info, time_block  # noqa: E402
+from step_time import DEFAULT, build_module, cpu_info, interleaved  # noqa: E402
 
 
 def no_reuse(sess: TrainingSession) -> None:
@@ -60,22 +58,7 @@ def run_model(name: str, rounds: int, block: int, work: Path) -> dict:
     before = {k.key: k.in_place for k in on.runner.kernels.values()}
     on._forward_backward(x, y)
     in_place = sum(k.in_place - before[k.key] for k in on.runner.kernels.values())
-    vals: dict[str, list[float]] = {"reuse off": [], "reuse on (default)": []}
-    for _ in range(rounds):
-        for label, sess in (("reuse off", off), ("reuse on (default)", on)):
-            time.sleep(0.3)
-            vals[label].append(time_block(sess, x, y, block))
-    base = statistics.median(vals["reuse off"])
-    rows = {
-        label: {
-            "ms": round(statistics.median(v), 1),
-            "min": round(min(v), 1),
-            "max": round(max(v), 1),
-            "x_off": round(statistics.median(v) / base, 3),
-            "rounds": [round(t, 1) for t in v],
-        }
-        for label, v in vals.items()
-    }
+    rows = interleaved({"reuse off": off, "reuse on (default)": on}, x, y, rounds, block, "reuse off", "x_off")
     return {
         "batch": batch,
         "shape": list(shape),

@@ -189,6 +189,29 @@ def time_block(eng, x, y, block: int) -> float:
     return statistics.median(vals)
 
 
+def interleaved(engines: dict, x, y, rounds: int, block: int, base: str, ratio: str, values=None, log=False) -> dict:
+    """Interleaved rounds of every engine (0.3 s idle before each block, a round's value its
+    block's median): label -> median ms, min, max, ``ratio`` (median / ``base``'s median), rounds."""
+    values = collections.defaultdict(list) if values is None else values
+    for r in range(rounds):
+        for label, eng in engines.items():
+            time.sleep(0.3)
+            values[label].append(time_block(eng, x, y, block))
+        if log:
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in values.items()), flush=True)
+    ref = statistics.median(values[base])
+    return {
+        k: {
+            "ms": round(statistics.median(v), 2),
+            "min": round(min(v), 2),
+            "max": round(max(v), 2),
+            ratio: round(statistics.median(v) / ref, 3),
+            "rounds": [round(t, 2) for t in v],
+        }
+        for k, v in values.items()
+    }
+
+
 def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) -> dict:
     batch, shape = DEFAULT.get(name, (16, (3, 64, 64)))
     module = build_module(name)
@@ -228,25 +251,9 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
     engines["accelc --kernel all=ort"] = ort_sess
     engines["accelc --layout nchw"] = nchw_sess
     engines["accelc default"] = aten_sess
-    values = collections.defaultdict(list)
     for e in engines.values():  # untimed warm-up of every engine
         e.train_step(x, y)
-    for r in range(rounds):
-        for label, eng in engines.items():
-            time.sleep(0.3)
-            values[label].append(time_block(eng, x, y, block))
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in values.items()), flush=True)
-    base = statistics.median(values["torch eager fp32"])
-    rows = {
-        k: {
-            "ms": round(statistics.median(v), 2),
-            "min": round(min(v), 2),
-            "max": round(max(v), 2),
-            "x_torch_fp32": round(statistics.median(v) / base, 3),
-            "rounds": [round(t, 2) for t in v],
-        }
-        for k, v in values.items()
-    }
+    rows = interleaved(engines, x, y, rounds, block, "torch eager fp32", "x_torch_fp32", log=True)
     profiles = {
         "accelc --kernel all=ort": Profiled(ort_sess).run(x, y, 3),
         "accelc --layout nchw": Profiled(nchw_sess).run(x, y, 3),

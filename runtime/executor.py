@@ -30,20 +30,25 @@ _HUGE_OFF: list = []
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for the next step instead of handing it back (once
     per process, on Linux with glibc; False elsewhere). A training step frees and allocates the
-    same activations every step; below 32 MB they now come from the heap and stay mapped (M_MMAP_
-    THRESHOLD 32 MB, M_TRIM_THRESHOLD 16 GB), and the heap grows by at least M_TOP_PAD (128 MB)
-    at a time, so no step pays page faults to map and zero them again.
+    same activations every step; below 32 MB (M_MMAP_THRESHOLD, the most glibc takes) they come
+    from the heap, freed memory stays there (M_TRIM_THRESHOLD the largest value an int holds, 2
+    GiB: the heap's free top is not handed back below that), and the heap grows by at least
+    M_TOP_PAD (128 MB) at a time, so a step does not pay page faults to map and zero its
+    activations again.
 
-    Measured 2026-12-07 on a 2-core AVX2 EPYC, one process per run, interleaved, medians of 3
-    rounds (torchvision resnet50, batch 16, 128x128, NCHW, median of 4 steps): no settings
-    1301 ms/step, these with no pad 1444 (one series), pad 64 MB 1186, 128 MB 1166, 256 MB 1123,
-    1 GB 1106 (a second series; 1133 and 1126 in the first); torch eager 1180-1255 in both. The
-    pad costs peak memory (torchvision VGG11-BN, 224x224, batch 32,
-    peak RSS over 3 steps, 2-3 runs each, 3 interleaved series): torch eager 4.79-4.87 GB, accelc
-    without settings 4.79-4.84; with the MaxPool indices kept as int64, pad 32 MB 4.85-4.87, 64 MB
-    4.92-4.93, 128 MB 4.86-4.97, 256 MB 4.98-5.01, 1 GB 5.08-5.34; with them kept narrow
-    (:mod:`.aten_pool`), 128 MB 4.55-4.69, 256 MB 4.81-4.86, 1 GB 4.62-4.86 (torch 4.79-4.82 in
-    that series). 128 MB is the largest pad below torch's peak in every run there."""
+    Until 2026-12-07 the trim threshold was passed as 16 GB, which a C int cannot hold: glibc got
+    0, and trimmed whatever free top lay above the pad at every free. Measured then, on the 2-core
+    AVX2 EPYC, one process per run, 4 pairs interleaved, 5 steps each after 5 untimed
+    (torchvision resnet50, batch 16, 128x128, NHWC): with 0, 6,148-24,834 minor page faults per
+    step and 1,089-1,190 ms/step (medians of the processes); with 2 GiB, 2 faults and 1,021-1,121
+    ms. Peak memory (torchvision VGG11-BN, 224x224, batch 32, NCHW, one run each): 3,948 MB with
+    0, 4,275 MB with 2 GiB, torch eager 4,812-4,843. Every allocation from the heap (M_MMAP_MAX
+    0) removed the page faults of activations above 32 MB too (mobilenet_v2's 48 MB ones, mapped
+    and faulted in at some steps in some processes), but raised that peak to 4,903 MB: not set.
+
+    Measured before, with the threshold at 0 (resnet50, NCHW, medians of 3 rounds): no settings
+    1301 ms/step, pad 64 MB 1186, 128 MB 1166, 256 MB 1123, 1 GB 1106, torch eager 1180-1255 —
+    the pad was then all of the free top the heap kept."""
     if _HEAP_KEPT:
         return _HEAP_KEPT[0]
     ok = False
@@ -52,12 +57,19 @@ def keep_freed_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim, m_top_pad, m_mmap = -1, -2, -3  # glibc's mallopt parameters
-        ok = bool(libc.mallopt(m_mmap, 32 << 20)) and bool(libc.mallopt(m_trim, 16 << 30))
-        ok = ok and bool(libc.mallopt(m_top_pad, 128 << 20))
+        # mallopt takes a C int, and ctypes wraps a larger value silently (16 GB became 0)
+        assert all(0 <= v < 1 << 31 for v in (MMAP_THRESHOLD, TRIM_THRESHOLD, TOP_PAD))
+        ok = bool(libc.mallopt(m_mmap, MMAP_THRESHOLD)) and bool(libc.mallopt(m_trim, TRIM_THRESHOLD))
+        ok = ok and bool(libc.mallopt(m_top_pad, TOP_PAD))
     except (OSError, AttributeError):  # not glibc: nothing to set
         ok = False
     _HEAP_KEPT.append(ok)
     return ok
+
+
+MMAP_THRESHOLD = 32 << 20  # bytes, the most glibc takes
+TRIM_THRESHOLD = (1 << 31) - 1  # bytes: mallopt takes an int
+TOP_PAD = 128 << 20
 
 
 def no_huge_page_stalls() -> bool:

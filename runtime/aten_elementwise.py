@@ -96,7 +96,10 @@ def add_n(k, *xs):
     else:
         torch.add(xs[0], xs[1], out=out)
     for x in xs[2:]:
-        out = out.add_(x)
+        # in place only where out-of-place would give the same shape and dtype (no broadcast to a
+        # larger shape, no promotion): then the two are the same add
+        same = torch.broadcast_shapes(out.shape, x.shape) == out.shape and torch.result_type(out, x) == out.dtype
+        out = out.add_(x) if same else out + x
     return out
 
 

@@ -173,3 +173,12 @@ def test_zoo_resnet_step_is_bit_equal_with_and_without_reuse(tmp_path, layout):
         assert torch.equal(g, g_off[k]), k
     assert s.runner.report()["in_place_per_step"] > 0
     assert s.runner.donated > 0
+
+
+def test_sum_whose_later_input_broadcasts_to_a_larger_shape():
+    """Sum(a, b, c) with c larger than a + b: no input can take the result, and the later add
+    broadcasts (it is not done in place)."""
+    feeds = {"a": _f32(1, 3, 4, 5), "b": _f32(1, 3, 4, 5, seed=1), "c": _f32(2, 3, 4, 5, seed=2)}
+    ref, got, runner, _ = _run(_fresh("a") + [N("Sum", ["a_", "b", "c"], ["y"])], feeds, ["y"])
+    np.testing.assert_array_equal(got[0], ref[0])
+    assert got[0].shape == (2, 3, 4, 5) and _in_place(runner, "Sum") == 0

@@ -27,10 +27,24 @@ def donor(k, ins, shape, dtype, first: int | None = None):
     n = len(ins) if first is None else first
     for i in range(min(len(k.free), n)):
         t = ins[i]
-        if k.free[i] and t is not None and reusable(t, shape, dtype):
+        if k.free[i] and t is not None and reusable(t, shape, dtype) and not _ambiguous(t):
             k.in_place += 1
             return t
     return None
+
+
+def _ambiguous(t) -> bool:
+    """Dense in NCHW order with strides other than NCHW's own: a 4-D tensor with one channel or a
+    1×1 map kept in channels_last strides. An op writing a new tensor gives it NCHW's strides, and
+    the kernels after it (a convolution) choose their layout from the strides: kept, they would
+    compute in another layout and round differently."""
+    if not t.is_contiguous():
+        return False
+    expect, acc = [], 1
+    for d in reversed(t.shape):
+        expect.append(acc)
+        acc *= d
+    return tuple(reversed(expect)) != t.stride() and any(d > 1 for d in t.shape)
 
 
 def relu(k, x):
@@ -61,17 +75,23 @@ def elementwise_out(k, ins, first: int | None = None):
     return donor(k, ins, shape, dtype, first)
 
 
-def binary(fn):
+def binary(fn, in_place: bool):
+    """An ONNX binary op on ``fn``; ``in_place`` for arithmetic (its result has its inputs' float
+    dtype), never for comparisons and logic (a bool result: torch would write 0/1 into a float
+    ``out``)."""
+
     def run(k, a, b):
-        out = elementwise_out(k, (a, b)) if a.is_floating_point() else None
+        out = elementwise_out(k, (a, b)) if in_place and a.is_floating_point() else None
         return fn(a, b, out=out) if out is not None else fn(a, b)
 
     return run
 
 
-def unary(fn):
+def unary(fn, in_place: bool):
+    """An ONNX unary op on ``fn``; ``in_place`` where its result has its input's dtype."""
+
     def run(k, x):
-        out = elementwise_out(k, (x,)) if x.is_floating_point() else None
+        out = elementwise_out(k, (x,)) if in_place and x.is_floating_point() else None
         return fn(x, out=out) if out is not None else fn(x)
 
     return run

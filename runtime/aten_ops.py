@@ -562,9 +562,9 @@ TABLE: dict[tuple[str, str], object] = {
     (MS, "SoftmaxCrossEntropyLossGrad"): _sce_grad,
 }
 for _n, _f in UNARY.items():
-    TABLE[("", _n)] = ew.unary(_f)
+    TABLE[("", _n)] = ew.unary(_f, in_place=_n != "Not")
 for _n, _f in BINARY.items():
-    TABLE[("", _n)] = ew.binary(_f)
+    TABLE[("", _n)] = ew.binary(_f, in_place=_n in ("Add", "Sub", "Mul", "Pow", "Max", "Min"))
 # what each kernel function's outputs share (NodeKernel.memory): these return views of (or the
 # very tensor of) their first input; _constant returns the node's own constant; the rest of the
 # table returns new tensors and keeps no input

@@ -246,6 +246,7 @@ class SegmentedRunner:
         for kern in self.kernels.values():
             kern.wanted = [bool(o) and o in reads_anywhere for o in kern.outputs]
         self.graph_outputs = graph_outputs
+        self._outputs = set(graph_outputs)
         self.inputs = [i.name for i in g.input if i.name not in inits]
         self.constants = constants
         self.free_after = self._liveness()
@@ -370,7 +371,9 @@ class SegmentedRunner:
         bound = bound or {}
         stats = {}
         self.steps += 1
-        keep_all = env_out is not None
+        # none reused where the caller reads every tensor afterwards, or binds a buffer that is not
+        # a graph output (the static plan knows graph outputs only)
+        keep_all = env_out is not None or any(b not in self._outputs for b in bound)
         for idx, (kind, item) in enumerate(self.order):
             if kind == "seg":
                 t0 = time.perf_counter()
@@ -380,7 +383,7 @@ class SegmentedRunner:
                 if not item.any_layout:
                     _nchw_inputs(item, env)
                 t0 = time.perf_counter()
-                if keep_all and item.donate:  # the caller reads every tensor afterwards: none reused
+                if keep_all and item.donate:
                     donate, item.donate = item.donate, ()
                     try:
                         st = item.run(env, bound)

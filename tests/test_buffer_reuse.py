@@ -182,3 +182,41 @@ def test_sum_whose_later_input_broadcasts_to_a_larger_shape():
     ref, got, runner, _ = _run(_fresh("a") + [N("Sum", ["a_", "b", "c"], ["y"])], feeds, ["y"])
     np.testing.assert_array_equal(got[0], ref[0])
     assert got[0].shape == (2, 3, 4, 5) and _in_place(runner, "Sum") == 0
+
+
+def test_comparisons_keep_their_bool_result_when_an_input_dies_there():
+    """Greater's float input dies at it: its bool result is not written into the float buffer."""
+    feeds = {"a": _f32(2, 3, 4, 5), "b": _f32(2, 3, 4, 5, seed=1)}
+    nodes = _fresh("a") + [N("Greater", ["a_", "b"], ["g"]), N("Where", ["g", "a", "b"], ["y"])]
+    ref, got, runner, _ = _run(nodes, feeds, ["y"])
+    np.testing.assert_array_equal(got[0], ref[0])
+    assert _in_place(runner) == 0
+
+
+def test_no_reuse_of_a_tensor_dense_in_both_layouts_with_channels_last_strides():
+    """A 1×1 map in channels_last strides (a convolution's NHWC output at 1×1) is dense in NCHW
+    order too: a new tensor gets NCHW's strides, and the convolution after it chooses its layout
+    from them, so a donated one is not written over (the kernel-level rule)."""
+    from types import SimpleNamespace
+
+    from accelc.runtime import aten_elementwise as ew
+
+    x = torch.empty(4, 6, 1, 1, memory_format=torch.channels_last).copy_(torch.from_numpy(_f32(4, 6, 1, 1)))
+    assert x.is_contiguous() and x.stride() != (6, 1, 1, 1)
+    k = SimpleNamespace(free=(True,), in_place=0)
+    y = ew.relu(k, x)
+    assert k.in_place == 0 and y is not x and y.stride() == torch.relu(x).stride()
+    plain = torch.from_numpy(_f32(4, 6, 1, 1))  # NCHW's own strides: written over
+    assert ew.relu(k, plain) is plain and k.in_place == 1
+
+
+def test_a_bound_buffer_that_is_not_a_graph_output_stops_reuse_for_the_run():
+    """The static plan knows graph outputs only: a caller's buffer under another name (here read
+    through an Identity by the last reader) turns reuse off for that run."""
+    a = _f32(2, 3, 4, 5)
+    nodes = _fresh("a") + [N("Identity", ["a_"], ["i"]), N("Relu", ["i"], ["y"])]
+    buf = torch.empty(2, 3, 4, 5)
+    ref, got, runner, _ = _run(nodes, {"a": a}, ["y"], bound={"a_": buf})
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(buf.numpy(), a)
+    assert _in_place(runner) == 0

@@ -173,6 +173,9 @@ def test_zoo_resnet_step_is_bit_equal_with_and_without_reuse(tmp_path, layout):
         assert torch.equal(g, g_off[k]), k
     assert s.runner.report()["in_place_per_step"] > 0
     assert s.runner.donated > 0
+    from accelc.runtime.train.summary import engine_line
+
+    assert "written over a dead input" in engine_line(s.engine_report())
 
 
 def test_sum_whose_later_input_broadcasts_to_a_larger_shape():

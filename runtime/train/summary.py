@@ -20,6 +20,8 @@ def engine_line(rep: dict) -> str:
         line += f"; {rep['ort_segments']} ORT segment(s) for {ops}" + (f" ({ms:.1f} ms/step)" if ms is not None else "")
     else:
         line += ", no ORT in the step"
+    if rep.get("in_place_per_step"):
+        line += f"; {rep['in_place_per_step']:g} outputs per step written over a dead input"
     lay = rep.get("layout") or {}
     if lay.get("layout"):
         line += f"; activations {lay['layout'].upper()}"

@@ -53,13 +53,6 @@ def relu(k, x):
     return torch.relu(x)
 
 
-def relu_grad(k, dy, x):
-    out = donor(k, (dy, x), dy.shape, dy.dtype) if k.free and dy.shape == x.shape else None
-    if out is not None:
-        return torch.ops.aten.threshold_backward.grad_input(dy, x, 0, grad_input=out)
-    return torch.ops.aten.threshold_backward(dy, x, 0)
-
-
 def elementwise_out(k, ins, first: int | None = None):
     """The donated input (among the ``first`` ones, default all) that can take an elementwise
     result of ``ins`` (None: none can)."""
@@ -130,16 +123,18 @@ def clip(k, x, lo=None, hi=None):
     return torch.clamp(x, lo, hi, out=out) if out is not None else torch.clamp(x, lo, hi)
 
 
-def grad_into(op):
-    """An elementwise gradient kernel ``op(dY, X)`` whose result may take a donated input's buffer."""
+def grad_into(op, *extra):
+    """An elementwise gradient kernel ``op(dY, X, *extra)`` whose result may take a donated input's
+    buffer (dY's or X's)."""
 
     def run(k, dy, x):
         out = donor(k, (dy, x), dy.shape, dy.dtype) if k.free and dy.shape == x.shape else None
-        return op.grad_input(dy, x, grad_input=out) if out is not None else op(dy, x)
+        return op.grad_input(dy, x, *extra, grad_input=out) if out is not None else op(dy, x, *extra)
 
     return run
 
 
+relu_grad = grad_into(torch.ops.aten.threshold_backward, 0)
 sigmoid_grad = grad_into(torch.ops.aten.sigmoid_backward)
 tanh_grad = grad_into(torch.ops.aten.tanh_backward)
 silu_grad = grad_into(torch.ops.aten.silu_backward)

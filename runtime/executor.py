@@ -43,8 +43,9 @@ def keep_freed_memory() -> bool:
     step and 1,089-1,190 ms/step (medians of the processes); with 2 GiB, 2 faults and 1,021-1,121
     ms. Peak memory (torchvision VGG11-BN, 224x224, batch 32, NCHW, one run each): 3,948 MB with
     0, 4,275 MB with 2 GiB, torch eager 4,812-4,843. Every allocation from the heap (M_MMAP_MAX
-    0) removed the page faults of activations above 32 MB too (mobilenet_v2's 48 MB ones, mapped
-    and faulted in at some steps in some processes), but raised that peak to 4,903 MB: not set.
+    0) also removed the page faults of mobilenet_v2's 48 MB activations (mapped and faulted in at
+    some steps in some processes; none in 4 processes of 4 with it), though not always VGG11-BN's
+    (one process of two still faulted 1.8 GB per step), and raised that peak to 4,903 MB: not set.
 
     Measured before, with the threshold at 0 (resnet50, NCHW, medians of 3 rounds): no settings
     1301 ms/step, pad 64 MB 1186, 128 MB 1166, 256 MB 1123, 1 GB 1106, torch eager 1180-1255 —
@@ -319,7 +320,7 @@ class SegmentedRunner:
             if ra != rb:
                 parent[ra] = rb
 
-        unsafe = set(self.inputs) | set(self.constants) | set(self.graph_outputs)
+        unsafe = set(self.inputs) | set(self.constants) | self._outputs
         last = {}
         for idx, (kind, item) in enumerate(self.order):
             if kind == "seg":

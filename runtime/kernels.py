@@ -24,6 +24,7 @@ ORT = "ort"  # every provider's fallback: leave the node to ONNX Runtime
 # be skipped (e.g. a non-finite gradient under loss scaling); the session then leaves parameters and
 # optimizer state as they were.
 SKIP_UPDATE = "skip_update"
+FRESH, VIEW, UNKNOWN = "fresh", "view", "unknown"  # NodeKernel.memory
 
 
 class NodeKernel:
@@ -43,7 +44,7 @@ class NodeKernel:
     # with no input and nothing the kernel keeps; and it keeps no input after its run), VIEW (output
     # 0 may share the first input's memory; the kernel keeps nothing), or UNKNOWN (may share any
     # input's, or keep them: nothing it reads or writes is ever reused)
-    memory: str = "unknown"
+    memory: str = UNKNOWN
     # writes its output over a donated input where it can (see ``donate``); counts how often in
     # ``in_place``
     takes_donations: bool = False
@@ -118,16 +119,11 @@ def store(name: str, t, env: dict, bound: dict) -> None:
     env[name] = t if t.is_contiguous() or is_nhwc(t) else t.contiguous()
 
 
-FRESH, VIEW, UNKNOWN = "fresh", "view", "unknown"  # NodeKernel.memory
-
-
-def reusable(t, shape=None, dtype=None) -> bool:
+def reusable(t, shape, dtype) -> bool:
     """Whether a donated input tensor ``t`` (see ``NodeKernel.donate``) can take a result of
     ``shape`` and ``dtype`` in place: dense in its layout, and the only tensor on its memory (no
     view of it, nor it a view of a tensor still held, at the time of the call)."""
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        return False
-    if dtype is not None and t.dtype != dtype:
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
         return False
     if not (t.is_contiguous() or is_nhwc(t)) or t.numel() == 0:
         return False

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
+from test_aten import model as _model
 
 import accelc
 from accelc.runtime.config import ExecConfig
@@ -17,18 +18,6 @@ from accelc.zoo import zoo_module
 
 MS = "com.microsoft"
 N = helper.make_node
-
-
-def _model(nodes, feeds: dict, outputs: list, inits: dict):
-    ins = [helper.make_tensor_value_info(k, TensorProto.FLOAT, v.shape) for k, v in feeds.items()]
-    outs = [helper.make_empty_tensor_value_info(o) for o in outputs]
-    init = [numpy_helper.from_array(v, k) for k, v in inits.items()]
-    m = helper.make_model(
-        helper.make_graph(nodes, "case", ins, outs, init),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
-    )
-    m.ir_version = 8
-    return m
 
 
 def _run(nodes, feeds: dict, outputs: list, inits: dict | None = None, bound=None, env_out=None):

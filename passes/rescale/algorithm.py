@@ -85,10 +85,12 @@ class Rescale(Algorithm):
     def _due(self, epoch: int, metrics: dict, total: int) -> str | None:
         kind, _, val = self.options.switch.partition(":")
         at = self._fixed_switch(total)
-        if kind == "epoch":
-            return f"epoch {epoch} reached the fixed switch epoch {val}" if epoch >= at else None
-        if kind == "fraction":
-            return f"{epoch}/{total} epochs reached fraction {val}" if epoch >= at else None
+        if at is not None:
+            if epoch < at:
+                return None
+            if kind == "epoch":
+                return f"epoch {epoch} reached the fixed switch epoch {val}"
+            return f"{epoch}/{total} epochs reached fraction {val}"
         patience = int(val or 1)
         # the validation split decides; without one (no --val-split) the test split stands in, named
         split = "validation" if "val_loss" in metrics else "test (no validation split)"

@@ -189,10 +189,10 @@ def time_block(eng, x, y, block: int) -> float:
     return statistics.median(vals)
 
 
-def interleaved(engines: dict, x, y, rounds: int, block: int, base: str, ratio: str, values=None, log=False) -> dict:
+def interleaved(engines: dict, x, y, rounds: int, block: int, base: str, ratio: str, log: bool = False) -> dict:
     """Interleaved rounds of every engine (0.3 s idle before each block, a round's value its
     block's median): label -> median ms, min, max, ``ratio`` (median / ``base``'s median), rounds."""
-    values = collections.defaultdict(list) if values is None else values
+    values = collections.defaultdict(list)
     for r in range(rounds):
         for label, eng in engines.items():
             time.sleep(0.3)

@@ -553,30 +553,74 @@ def test_gelu_and_fused_matmul():
     close([fm], {"a": f32(2, 3, 4, 6), "b": f32(5, 6)}, ["y"], rtol=1e-5, atol=1e-6)
 
 
-def test_clip_gradient_chain_fused_and_bit_equal():
-    """ORT's gradient of Clip (ReLU6): Mul(dY, Cast(And(X >= lo, X <= hi))) -> one ClipGrad node."""
-    nodes = [
+def _clip_chain():
+    return [
         N("GreaterOrEqual", ["x", "lo"], ["a"]),
         N("LessOrEqual", ["x", "hi"], ["b"]),
         N("And", ["a", "b"], ["m"]),
         N("Cast", ["m"], ["mf"], to=TensorProto.FLOAT),
         N("Mul", ["dy", "mf"], ["dx"]),
     ]
-    x = np.round(f32(4, 6, 5) * 4)  # values on the bounds 0 and 6 included
-    x[0, 0, 0], x[0, 0, 1] = 0.0, 6.0
-    dy = f32(4, 6, 5)
-    dy[1, 1, 1] = np.nan
-    # NaN and infinite dY outside the range (NaN·0 = NaN), NaN X (no gradient), -0.0 on the bound
-    x[1, 2, 3], dy[1, 2, 3] = 10.0, np.nan
-    x[2, 0, 0], dy[2, 0, 0] = -3.0, np.inf
-    x[2, 2, 2] = np.nan
-    x[3, 3, 3] = -0.0
+
+
+def test_clip_gradient_chain_fused_and_equal():
+    """ORT's gradient of Clip (ReLU6): Mul(dY, Cast(And(X >= lo, X <= hi))) -> one ClipGrad node,
+    one pass (hardtanh_backward with the bounds moved out by one ulp): ORT's values wherever X and
+    dY are finite, the bounds themselves (and -0.0 on the bound 0) passing dY as in the chain."""
+    nodes = _clip_chain()
+    x = np.round(f32(40, 6, 5) * 4)  # values on the bounds 0 and 6 included
+    x[0, 0, 0], x[0, 0, 1], x[3, 3, 3] = 0.0, 6.0, -0.0
+    x[5, 0, :] = [np.float32(6.0000005), -1e-45, 1e-45, np.nextafter(np.float32(6), np.float32(0)), -1e-38]
+    dy = f32(40, 6, 5)
     inits = {"lo": np.float32(0.0), "hi": np.float32(6.0)}
     m = prepared(model(nodes, {"x": x, "dy": dy}, ["dx"], inits), ExecConfig())
     assert [(n.domain, n.op_type) for n in m.graph.node] == [(aten.OWN, "ClipGrad")]
     ref, got = both(nodes, {"x": x, "dy": dy}, ["dx"], inits)
-    np.testing.assert_array_equal(ref[0], got[0])  # NaN where ORT has NaN
-    np.testing.assert_array_equal(np.signbit(ref[0]), np.signbit(got[0]))  # signed zeros too
+    np.testing.assert_array_equal(ref[0], got[0])  # -0.0 == 0.0: equal values, signs aside
+    assert got[0][0, 0, 0] == dy[0, 0, 0] and got[0][0, 0, 1] == dy[0, 0, 1] and got[0][3, 3, 3] == dy[3, 3, 3]
+    # non-finite dY where the mask is 0: torch autograd's 0.0 where the chain has NaN·0
+    x2, dy2 = x.copy(), dy.copy()
+    x2[1, 2, 3], dy2[1, 2, 3] = 10.0, np.nan
+    x2[2, 0, 0], dy2[2, 0, 0] = -3.0, np.inf
+    x2[1, 1, 1], dy2[1, 1, 1] = 3.0, np.nan  # inside the range: NaN passes
+    ref, got = both(nodes, {"x": x2, "dy": dy2}, ["dx"], inits)
+    assert np.isnan(ref[0][1, 2, 3]) and np.isnan(ref[0][2, 0, 0]) and np.isnan(ref[0][1, 1, 1])
+    assert got[0][1, 2, 3] == 0.0 and got[0][2, 0, 0] == 0.0 and np.isnan(got[0][1, 1, 1])
+    finite = np.isfinite(ref[0])
+    np.testing.assert_array_equal(ref[0][finite], got[0][finite])
     # the mask read elsewhere: left as it is
     m = prepared(model(nodes, {"x": x, "dy": dy}, ["dx", "m"], inits), ExecConfig())
     assert len(m.graph.node) == 5
+
+
+def test_clip_gradient_three_pass_form_is_bit_equal():
+    """Where the one-pass bound would be a subnormal that this thread flushes (lo = 0 under
+    torch.set_flush_denormal), the three-pass form runs: bit-equal to ORT's chain, NaN·0 and the
+    sign of zero included (checked against the chain in numpy's arithmetic: ORT's own session
+    resets the thread's subnormal mode when it starts)."""
+    x = np.round(f32(4, 6, 5) * 4)
+    x[0, 0, 0], x[0, 0, 1], x[3, 3, 3], x[2, 2, 2] = 0.0, 6.0, -0.0, np.nan
+    dy = f32(4, 6, 5)
+    dy[1, 1, 1] = np.nan
+    x[1, 2, 3], dy[1, 2, 3] = 10.0, np.nan
+    x[2, 0, 0], dy[2, 0, 0] = -3.0, np.inf
+    from types import SimpleNamespace
+
+    from accelc.runtime.aten_ops import _clip_grad
+
+    chain = dy * ((x >= 0) & (x <= 6)).astype(np.float32)  # ORT's chain, in numpy's arithmetic
+    k = SimpleNamespace(free=(), in_place=0)
+    lo, hi = torch.tensor(0.0), torch.tensor(6.0)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        got = _clip_grad(k, torch.from_numpy(dy), torch.from_numpy(x), lo, hi).numpy()
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(chain, got)  # NaN where the chain has NaN
+    np.testing.assert_array_equal(np.signbit(chain), np.signbit(got))  # signed zeros too
+    one = _clip_grad(k, torch.from_numpy(dy), torch.from_numpy(x), lo, hi).numpy()  # the one pass
+    assert np.isnan(chain[1, 2, 3]) and one[1, 2, 3] == 0.0 and not np.signbit(one).all()
+    # bounds that are not values of float32 take it too: the same values as the chain
+    got = _clip_grad(k, torch.from_numpy(dy), torch.from_numpy(x), torch.tensor(0.1, dtype=torch.float64), hi)
+    np.testing.assert_array_equal(dy * ((x >= 0.1) & (x <= 6)).astype(np.float32), got.numpy())

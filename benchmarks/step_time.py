@@ -191,14 +191,15 @@ def time_block(eng, x, y, block: int) -> float:
 
 def interleaved(engines: dict, x, y, rounds: int, block: int, base: str, ratio: str, log: bool = False) -> dict:
     """Interleaved rounds of every engine (0.3 s idle before each block, a round's value its
-    block's median): label -> median ms, min, max, ``ratio`` (median / ``base``'s median), rounds."""
+    block's median; every other round in the reverse order, so no engine always follows the same
+    one): label -> median ms, min, max, ``ratio`` (median / ``base``'s median), rounds."""
     values = collections.defaultdict(list)
     for r in range(rounds):
-        for label, eng in engines.items():
+        for label in list(engines) if r % 2 == 0 else list(engines)[::-1]:
             time.sleep(0.3)
-            values[label].append(time_block(eng, x, y, block))
+            values[label].append(time_block(engines[label], x, y, block))
         if log:
-            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in values.items()), flush=True)
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {values[k][-1]:.1f}" for k in engines), flush=True)
     ref = statistics.median(values[base])
     return {
         k: {
@@ -262,12 +263,19 @@ def run_model(name: str, rounds: int, block: int, compiled: bool, work: Path) ->
     fell_back = aten_sess.runner.fallback_ops() if aten_sess.runner else {"(whole graph)": 1}
     torch_rows = [k for k in rows if k.startswith("torch")]
     best_torch = min(torch_rows, key=lambda k: rows[k]["ms"])
+    # round by round against the best torch row: the two blocks of a round ran seconds apart, so
+    # a drift of the machine's speed between rounds cancels
+    paired = {}
+    for label in ("accelc default", "accelc --layout nchw"):
+        q = [a / b for a, b in zip(rows[label]["rounds"], rows[best_torch]["rounds"])]
+        paired[label] = {"median": round(statistics.median(q), 3), "min": round(min(q), 3), "max": round(max(q), 3)}
     return {
         "batch": batch,
         "input": list(shape),
         "rows": rows,
         "profile": profiles,
         "torch_profile": {"row": best_torch, "ops": torch_profile(engines[best_torch], x, y, 3)},
+        "paired": {"against": best_torch, "rows": paired},
         "ort_segments_default": len(aten_sess.runner.segments) if aten_sess.runner else 1,
         "layout_default": aten_sess.engine_report().get("layout"),
         "fell_back": dict(fell_back),
@@ -304,6 +312,13 @@ def markdown(res: dict) -> str:
         ]
         for label, r in m["rows"].items():
             lines.append(f"| {label} | {r['ms']:.1f} | {r['min']:.1f}–{r['max']:.1f} | {r['x_torch_fp32']:.2f} |")
+        pr = m.get("paired")
+        if pr:
+            lines += [""] + [
+                f"{label} against {pr['against']}, the ratio of the two in each round: median "
+                f"**{q['median']:.2f}×** ({q['min']:.2f}–{q['max']:.2f})."
+                for label, q in pr["rows"].items()
+            ]
         lines += [
             "",
             f"ORT segments per step in accelc default: {m['ort_segments_default']}"

@@ -5,8 +5,11 @@ gradients) also run NHWC — torch's ``channels_last`` — and on some CPUs and 
 faster (depthwise convolutions most of all). Here the choice is the engine's, for the whole graph:
 the data enter the step in the chosen layout and every kernel keeps its input's layout, so the
 activations and their gradients stay NHWC from the first convolution to the flatten before the
-head (parameters and gradients stay in ONNX's layout). Kernels that read NCHW only (a method's
-own, where it does not say otherwise) are handed the NCHW form of their inputs.
+head; the 4-D parameters (convolution weights), their gradient buffers and the optimizer's moments
+take the same layout (:func:`params_in_layout`: oneDNN reorders an NCHW weight for an NHWC
+convolution at every call, forward and backward, and its weight gradient comes back NHWC). Kernels
+that read NCHW only (a method's own, where it does not say otherwise) are handed the NCHW form of
+their inputs, and ORT (a whole-graph session, a segment) is always handed NCHW parameters.
 
 ``--layout auto`` (the default) measures: at the first step of a batch shape, the step's forward
 and backward run alternately in both layouts (one untimed and :data:`TIMED` timed runs each) and
@@ -37,6 +40,29 @@ def in_layout(x, layout: str):
         # in both layouts, and only NHWC strides make the convolutions after it run NHWC
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).copy_(x)
     return x
+
+
+def params_in_layout(tensors, state: dict, layout: str) -> int:
+    """Give the 4-D tensors among ``tensors`` (parameters and gradient buffers) and the 4-D
+    tensors of their optimizer ``state`` (a torch optimizer's, keyed by parameter) the memory
+    layout of ``layout``, in place: the same tensor objects (their ``.data`` swapped, as
+    ``Module.to(memory_format=...)`` does), so the optimizer, the bound buffers and every holder
+    keep working. Values are unchanged. Returns how many tensors moved.
+
+    Measured on torchvision resnet50 (batch 16, 128x128, NHWC, 2-core AVX2 EPYC, torch's profiler
+    over 3 steps): with NCHW weights, 1,321 ``copy_`` per step took 33.2 ms (a 512x512x3x3 weight
+    copied four times per step: reordered for the forward and the backward convolution, its NHWC
+    gradient transposed into the NCHW buffer), torch channels_last 9.9 ms."""
+    import torch
+
+    fmt = torch.channels_last if layout == NHWC else torch.contiguous_format
+    moved = 0
+    for t in tensors:
+        for u in [t, *(v for v in state.get(t, {}).values() if isinstance(v, torch.Tensor))]:
+            if u.dim() == 4 and not u.is_contiguous(memory_format=fmt):
+                u.data = u.data.contiguous(memory_format=fmt)
+                moved += 1
+    return moved
 
 
 def why_not_measured(x_dims: int, act_bytes: int | None, kernels) -> str | None:

@@ -1,16 +1,16 @@
 """The training session: one model's parameters and optimizer state, run on ORT.
 
-Design (and why not ``onnxruntime.training.api.Module``/``Optimizer``): the passes need to swap
-between compiled *variants* of one model between epochs — a variant may train fewer parameters or
-have other shapes — while carrying every parameter value and the optimizer state
-exactly. ORT's Module binds a fixed trainable set and hides the optimizer moments inside its
-CheckpointState, so a swap would mean a lossy round trip. Here:
+Design (and why not ``onnxruntime.training.api.Module``/``Optimizer``): the passes swap between
+compiled *variants* of one model between epochs (fewer trained parameters, other shapes), carrying
+every parameter value and the optimizer state exactly; ORT's Module binds a fixed trainable set and
+hides the moments in its CheckpointState, so a swap would be a lossy round trip. Here:
 
 * the artifact's ``training_model.onnx`` runs in an ORT InferenceSession (the training kernels —
   ConvGrad, ReluGrad, BatchNormInternal, ... — are ORT Training's own). The gradient-accumulator
   nodes are lowered away (with ``lazy_reset_grad`` true they are identities), and gradients are
   written straight into preallocated buffers through IOBinding;
-* parameters live in torch tensors that ORT reads in place (zero copy, CPU or CUDA);
+* parameters live in torch tensors that ORT reads in place (zero copy, CPU or CUDA; NCHW for ORT,
+  NHWC convolution weights while accelc's engine runs a step NHWC: ``layout.params_in_layout``);
 * the optimizer step is the artifact's own optimizer op (AdamW mode 0/1 or SGD, hyper-parameters
   read from ``optimizer_model.onnx``) computed with torch tensor ops, in place;
 * BatchNorm running statistics, which ORT's training graph computes but never writes back, are
@@ -38,7 +38,7 @@ from .config import ExecConfig
 from .engine import EngineBase, ParamUpdate, StepResult
 from .executor import SegmentedRunner, claimed, fell_back, prepared
 from .kernels import SKIP_UPDATE
-from .layout import Layouts, in_layout
+from .layout import NCHW, Layouts, in_layout, params_in_layout
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
 from .ort_options import SHRINK_FROM_BYTES, run_options, session_options  # noqa: F401  (the session's API)
 
@@ -243,15 +243,13 @@ class TrainingSession(EngineBase):
         return rep
 
     def _claim(self, model):
-        """``model`` as accelc's kernels run it (after the active providers' rewrites) and the nodes
-        they claim (on CUDA every node: :meth:`_check_cuda_kernels`)."""
+        """``model`` after the providers' rewrites, and the nodes they claim (CUDA: every one)."""
         model = prepared(model, self.exec)
         return model, claimed(model, self.exec)
 
     def _eval_engine(self, graph, so):
-        """The engine of an inference graph of this model (the evaluation graph, or a part of it):
-        accelc's kernels when they claim every node of it (no ORT at all, parameters read in
-        place), else one ORT session."""
+        """The engine of an inference graph of this model (the evaluation graph or a part of it):
+        accelc's kernels when they claim every node (parameters read in place), else ORT."""
         import onnxruntime as ort  # heavy
 
         model, owners = self._claim(graph)
@@ -343,6 +341,7 @@ class TrainingSession(EngineBase):
         if self.runner is not None:
             return self._forward_backward_segmented(xt, yt, env_out)
         # Inputs are re-bound each step (the data buffer changes); params and grads stay put.
+        self._params_layout(NCHW)  # ORT reads the buffers as NCHW
         io = self._bind(xt, yt)
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -375,6 +374,7 @@ class TrainingSession(EngineBase):
             return known
 
         def run(layout):  # the forward and backward alone: what the real step then overwrites
+            self._params_layout(layout)
             feeds, bound = self._feeds_bound(in_layout(xt, layout), yt)
             self.runner.run(feeds, bound, None, None, self._run_options(len(xt)))
 
@@ -387,8 +387,15 @@ class TrainingSession(EngineBase):
         agree = None if self.reducer is None else self.reducer.group.broadcast_json
         return self.layouts.for_step(key, xt.dim(), act_bytes, self.runner.kernels.values(), run, agree)
 
+    def _params_layout(self, layout: str) -> None:  # data-parallel: NCHW (grads are bucket views)
+        if self.reducer is None:
+            grads = self.__dict__.get("grads", {}).values()
+            params_in_layout([*self.params.values(), *grads], self.optimizer.state, layout)
+
     def _forward_backward_segmented(self, xt, yt, env_out):
-        feeds, bound = self._feeds_bound(in_layout(xt, self._layout(xt, yt)), yt)
+        layout = self._layout(xt, yt)
+        self._params_layout(layout)
+        feeds, bound = self._feeds_bound(in_layout(xt, layout), yt)
         on_ready = None
         if self.reducer is not None:  # start each bucket's all-reduce as soon as its gradients exist
 
@@ -451,6 +458,7 @@ class TrainingSession(EngineBase):
             self.info.input_name: np.ascontiguousarray(x, dtype=np.float32),
             "labels": np.ascontiguousarray(y, dtype=np.int64),
         }
+        self._params_layout(NCHW)
         for n in self.eval_inputs:
             if n in self.params:
                 feeds[n] = self.params[n].detach().cpu().numpy()
@@ -477,8 +485,7 @@ class TrainingSession(EngineBase):
         return torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
 
     def gradient_norm(self, param: str) -> float | None:
-        """L2 norm of ``param``'s gradient of the last step (after the all-reduce when training
-        data-parallel); None when this variant does not train it."""
+        """L2 norm of ``param``'s last gradient (all-reduced); None when this variant does not train it."""
         g = self.grads.get(param)
         return None if g is None else float(torch.linalg.vector_norm(g))
 
@@ -489,7 +496,7 @@ class TrainingSession(EngineBase):
 
     def gradients(self) -> dict[str, np.ndarray]:
         """Gradients of the last step (before the optimizer update), as numpy."""
-        return {p: g.detach().cpu().numpy().copy() for p, g in self.grads.items()}
+        return {p: np.array(g.detach().cpu().numpy(), order="C") for p, g in self.grads.items()}
 
     def batchnorm_step(self, x, y) -> float:
         """Forward+backward without an optimizer step: only BatchNorm running statistics move
@@ -524,6 +531,7 @@ class TrainingSession(EngineBase):
             if st["runner"] is not None:
                 st["runner"].run(feeds, {**st["bn_buf"], **st["inv_std"]}, run_options=self._run_options(len(xt)))
             else:
+                self._params_layout(NCHW)  # ORT reads the buffers as NCHW
                 io = st["sess"].io_binding()
                 dev = "cuda" if self.device == "cuda" else "cpu"
                 idx = torch.cuda.current_device() if self.device == "cuda" else 0
@@ -605,7 +613,7 @@ class TrainingSession(EngineBase):
     # ------------------------------------------------------------------ state
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Parameters and optimizer state as named numpy arrays (for checkpoints)."""
-        out = {f"param/{k}": v.detach().cpu().numpy() for k, v in self.params.items()}
+        out = {f"param/{k}": np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in self.params.items()}
         names = {id(t): k for k, t in self.params.items()}
         out.update({f"optim/{k}": v for k, v in optimizer_state_arrays(self.optimizer, names).items()})
         return out
@@ -630,7 +638,7 @@ class TrainingSession(EngineBase):
         self._build(self.artifacts)
 
     def param_arrays(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy().copy() for k, v in self.params.items()}
+        return {k: np.array(v.detach().cpu().numpy(), order="C") for k, v in self.params.items()}
 
     def infer(self, model, x: np.ndarray, output: str, chunk: int = 256) -> np.ndarray:
         from .infer import run_forward  # the engine's kernels on an inference graph of this model

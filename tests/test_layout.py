@@ -126,3 +126,46 @@ def test_the_layout_travels_in_the_train_spec():
     raw["layout"] = "NHWC"
     with pytest.raises(ValueError, match="--layout must be one of auto, nchw, nhwc"):
         TrainSpec.from_json(json.dumps(raw))
+
+
+def test_params_in_layout_moves_weights_and_moments_in_place():
+    """The tensor objects stay (the optimizer and bound buffers hold them); values are kept."""
+    w, b = torch.randn(8, 4, 3, 3), torch.randn(8)
+    m = torch.randn(8, 4, 3, 3)
+    before = w.clone()
+    ident = id(w)
+    assert L.params_in_layout([w, b], {w: {"exp_avg": m, "step": 3}}, L.NHWC) == 2
+    assert id(w) == ident and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert m.is_contiguous(memory_format=torch.channels_last) and torch.equal(w, before)
+    assert L.params_in_layout([w, b], {w: {"exp_avg": m}}, L.NHWC) == 0  # already there
+    assert L.params_in_layout([w, b], {w: {"exp_avg": m}}, L.NCHW) == 2
+    assert w.is_contiguous() and m.is_contiguous() and torch.equal(w, before)
+
+
+def test_an_nhwc_step_keeps_weights_nhwc_and_hands_ort_nchw(small_art):
+    """Under --layout nhwc the convolution weights, their gradient buffers and AdamW's moments are
+    NHWC (no reorder per call); ORT's paths (a whole-graph session, the arrays handed out) get NCHW,
+    and the training matches an NCHW session's."""
+    x, y = _batch()
+    s = TrainingSession(small_art, ExecConfig(threads=1, layout="nhwc"))
+    ref = TrainingSession(small_art, ExecConfig(threads=1, layout="nchw"))
+    for _ in range(2):
+        a, b = s.train_step(x, y).loss, ref.train_step(x, y).loss
+        assert abs(a - b) <= 1e-5 * abs(b)
+    name = next(k for k, v in s.params.items() if v.dim() == 4 and v.shape[1] > 1)  # c1 has one channel
+    w = s.params[name]
+    assert w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    assert s.grads[name].is_contiguous(memory_format=torch.channels_last)
+    assert s.optimizer.state[w]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    arrays = s.param_arrays()
+    assert arrays[name].flags["C_CONTIGUOUS"] and s.gradients()[name].flags["C_CONTIGUOUS"]
+    assert abs(arrays[name] - ref.param_arrays()[name]).max() <= 1e-5
+    assert all(v.flags["C_CONTIGUOUS"] for v in s.state_arrays().values() if isinstance(v, np.ndarray))
+    # the same session's parameters run by ORT's whole-graph session: NCHW again, same loss
+    import dataclasses
+
+    s.exec = dataclasses.replace(s.exec, kernels={"all": "ort"})
+    s._build(s.artifacts)
+    assert s.runner is None
+    a = s.train_step(x, y).loss
+    assert w.is_contiguous() and abs(a - ref.train_step(x, y).loss) <= 1e-5 * abs(a)

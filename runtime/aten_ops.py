@@ -375,7 +375,10 @@ def _open_bounds(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float
 
 def _subnormals_kept(dtype: torch.dtype) -> bool:
     """Whether this thread's arithmetic sees subnormal values of ``dtype`` (not flushed to zero,
-    e.g. by ``torch.set_flush_denormal(True)``)."""
+    e.g. by ``torch.set_flush_denormal(True)``). The calling thread's mode only: torch sets it on
+    the thread that asks, and ATen's worker threads keep the one they started with, so a process
+    whose workers flush while this thread does not (FTZ/DAZ set before the pool started, cleared
+    after) would drop the gradient at X == 0 exactly in the workers' part of the tensor."""
     return bool((torch.tensor([torch.finfo(dtype).tiny], dtype=dtype) / 2 > 0).item())
 
 

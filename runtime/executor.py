@@ -426,9 +426,11 @@ class SegmentedRunner:
             io.bind_input(name, "cpu", 0, _np(t.dtype), tuple(t.shape), t.data_ptr())
         key = tuple(key)
         known = seg["out_shapes"].get(key)  # None: not seen yet, or outputs whose shapes vary
-        made = {}
+        made, staged = {}, {}
         for name in seg["outputs"]:
             b = bound.get(name)
+            if b is not None and not b.is_contiguous():  # ORT writes NCHW: an NHWC weight's gradient
+                b = staged[name] = torch.empty(b.shape, dtype=b.dtype)  # goes in after the run
             if b is None and known is not None and name in known:
                 b = made[name] = torch.empty(known[name][0], dtype=known[name][1])
             if b is not None:
@@ -450,6 +452,8 @@ class SegmentedRunner:
         shapes = {}
         for name, v in zip(seg["outputs"], io._iobinding.get_outputs()):
             if name in bound or name in made:
+                if name in staged:
+                    bound[name].copy_(staged[name])
                 env[name] = bound[name] if name in bound else made[name]
                 continue
             t = torch.utils.dlpack.from_dlpack(v.to_dlpack())

@@ -77,12 +77,15 @@ def why_not_measured(x_dims: int, act_bytes: int | None, kernels) -> str | None:
     return None
 
 
-def measure(run: Callable[[str], None]) -> tuple[str, dict]:
+def measure(run: Callable[[str], None], prepare: Callable[[str], None] | None = None) -> tuple[str, dict]:
     """Time ``run(layout)`` (one forward and backward) in both layouts, interleaved: one untimed
-    and :data:`TIMED` timed runs each. Returns the faster layout and each one's fastest run in ms."""
+    and :data:`TIMED` timed runs each, ``prepare(layout)`` untimed before each (the parameters
+    moved to the layout). Returns the faster layout and each one's fastest run in ms."""
     times: dict[str, list[float]] = {NCHW: [], NHWC: []}
     for r in range(TIMED + 1):
         for layout in (NCHW, NHWC):
+            if prepare is not None:
+                prepare(layout)
             t0 = time.perf_counter()
             run(layout)
             if r:  # the first round warms both up
@@ -111,14 +114,14 @@ class Layouts:
             self.last = got
         return got
 
-    def for_step(self, key, x_dims: int, act_bytes: Callable, kernels, run: Callable, agree=None) -> str:
-        """The layout of a step keyed ``key``: forced, chosen before, or chosen now (``run`` as
-        for :func:`measure`; ``act_bytes()`` the step's activation bytes or None; ``agree``, in
+    def for_step(self, key, x_dims: int, act_bytes: Callable, kernels, run: Callable, agree=None, prepare=None) -> str:
+        """The layout of a step keyed ``key``: forced, chosen before, or chosen now (``run`` and
+        ``prepare`` as for :func:`measure`; ``act_bytes()`` the step's activation bytes or None; ``agree``, in
         data-parallel training, makes every rank take rank 0's choice)."""
         got = self.known(key)
         if got is None:
             why = why_not_measured(x_dims, act_bytes() if x_dims == 4 else None, kernels)
-            got, med = measure(run) if why is None else (NCHW, None)
+            got, med = measure(run, prepare) if why is None else (NCHW, None)
             if agree is not None:
                 got = agree(got)
             self.chosen[key] = got

@@ -374,7 +374,6 @@ class TrainingSession(EngineBase):
             return known
 
         def run(layout):  # the forward and backward alone: what the real step then overwrites
-            self._params_layout(layout)
             feeds, bound = self._feeds_bound(in_layout(xt, layout), yt)
             self.runner.run(feeds, bound, None, None, self._run_options(len(xt)))
 
@@ -385,7 +384,8 @@ class TrainingSession(EngineBase):
                 return None
 
         agree = None if self.reducer is None else self.reducer.group.broadcast_json
-        return self.layouts.for_step(key, xt.dim(), act_bytes, self.runner.kernels.values(), run, agree)
+        kernels, prepare = self.runner.kernels.values(), self._params_layout  # params moved untimed
+        return self.layouts.for_step(key, xt.dim(), act_bytes, kernels, run, agree, prepare)
 
     def _params_layout(self, layout: str) -> None:  # data-parallel: NCHW (grads are bucket views)
         if self.reducer is None:

@@ -588,6 +588,13 @@ def test_clip_gradient_chain_fused_and_equal():
     assert got[0][1, 2, 3] == 0.0 and got[0][2, 0, 0] == 0.0 and np.isnan(got[0][1, 1, 1])
     finite = np.isfinite(ref[0])
     np.testing.assert_array_equal(ref[0][finite], got[0][finite])
+    # NaN X: 0.0 (ATen's vector loop) or dY (its scalar tail) where the chain has 0.0 (dY·0)
+    x3 = x.copy()
+    x3[4, :, :] = np.nan
+    ref, got = both(nodes, {"x": x3, "dy": dy}, ["dx"], inits)
+    nan_x = np.isnan(x3)
+    assert (ref[0][nan_x] == 0).all() and ((got[0][nan_x] == 0) | (got[0][nan_x] == dy[nan_x])).all()
+    np.testing.assert_array_equal(ref[0][~nan_x], got[0][~nan_x])
     # the mask read elsewhere: left as it is
     m = prepared(model(nodes, {"x": x, "dy": dy}, ["dx", "m"], inits), ExecConfig())
     assert len(m.graph.node) == 5

@@ -47,6 +47,16 @@ def test_measure_keeps_the_faster_layout_and_nchw_within_the_margin(monkeypatch)
     assert calls == [L.NCHW, L.NHWC] * (L.TIMED + 1)  # interleaved, one untimed round first
     run, _ = runner({L.NCHW: 0.0100, L.NHWC: 0.0098})  # 2% faster: within the margin
     assert L.measure(run)[0] == L.NCHW
+    # the parameters' move to each layout happens before the clock starts
+    run, calls = runner({L.NCHW: 0.020, L.NHWC: 0.005})
+    moved = []
+
+    def prepare(layout):
+        moved.append(layout)
+        clock[0] += 1.0
+
+    assert L.measure(run, prepare) == (L.NHWC, {L.NCHW: 20.0, L.NHWC: 5.0})
+    assert moved == calls
 
 
 def test_auto_says_why_it_does_not_measure():
@@ -169,3 +179,26 @@ def test_an_nhwc_step_keeps_weights_nhwc_and_hands_ort_nchw(small_art):
     assert s.runner is None
     a = s.train_step(x, y).loss
     assert w.is_contiguous() and abs(a - ref.train_step(x, y).loss) <= 1e-5 * abs(a)
+
+
+def test_an_ort_segment_writes_a_bound_nhwc_buffer_through_an_nchw_one():
+    """ORT writes NCHW: a bound output of an ORT segment kept NHWC (an NHWC weight's gradient
+    buffer, when a convolution falls back to ORT) is written through an NCHW buffer."""
+    from onnx import helper
+    from test_aten import model
+
+    from accelc.runtime.executor import SegmentedRunner, claimed, prepared
+    from accelc.runtime.session import session_options
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((2, 3, 5, 5)).astype(np.float32), rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER")  # not claimed: ORT's
+    m = prepared(model([conv], {"x": x, "w": w}, ["y"]), ExecConfig())
+    runner = SegmentedRunner(m, session_options(), ["CPUExecutionProvider"], ExecConfig(), claimed(m, ExecConfig()))
+    assert runner.segments
+    feeds = {"x": torch.from_numpy(x), "w": torch.from_numpy(w)}
+    ref, _ = runner.run(dict(feeds), {})
+    buf = torch.empty(2, 4, 5, 5, memory_format=torch.channels_last)
+    got, _ = runner.run(dict(feeds), {"y": buf})
+    assert got["y"] is buf and buf.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(buf, ref["y"])

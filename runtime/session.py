@@ -613,7 +613,7 @@ class TrainingSession(EngineBase):
     # ------------------------------------------------------------------ state
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Parameters and optimizer state as named numpy arrays (for checkpoints)."""
-        out = {f"param/{k}": np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in self.params.items()}
+        out = {f"param/{k}": np.asarray(v.detach().cpu().numpy(), order="C") for k, v in self.params.items()}
         names = {id(t): k for k, t in self.params.items()}
         out.update({f"optim/{k}": v for k, v in optimizer_state_arrays(self.optimizer, names).items()})
         return out

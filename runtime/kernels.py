@@ -108,15 +108,43 @@ def providers() -> dict[str, KernelProvider]:
     return dict(sorted(out.items(), key=lambda kv: kv[1].generic))
 
 
-def store(name: str, t, env: dict, bound: dict) -> None:
+class Bound(dict):
+    """The caller's preallocated buffers (output name -> tensor) with the names in ``adopt``,
+    whose buffer a kernel's fresh result of the same shape, dtype and strides may replace instead
+    of being copied into it (a convolution's weight gradient: ATen's ``convolution_backward``
+    cannot write into a given tensor). The names replaced are in ``adopted``; the caller reads
+    those tensors back from the dict after the run."""
+
+    def __init__(self, buffers=(), adopt=()):
+        super().__init__(buffers)
+        self.adopt = frozenset(adopt)
+        self.adopted: set = set()
+
+
+def store(name: str, t, env: dict, bound: dict, fresh: bool = False) -> None:
     """Put a kernel's output into the step's environment; a preallocated (bound) buffer, such as
-    a gradient, is written in place."""
+    a gradient, is written in place, or replaced by ``t`` where the caller allows it (``Bound``)
+    and ``fresh`` says that ``t`` is a new tensor nothing else holds."""
     if name in bound:
-        if t is not bound[name]:  # a kernel that wrote straight into the buffer has nothing to copy
-            bound[name].copy_(t)
-        t = bound[name]
+        b = bound[name]
+        if t is b:  # a kernel that wrote straight into the buffer has nothing to copy
+            pass
+        elif fresh and name in getattr(bound, "adopt", ()) and _same_buffer_kind(t, b):
+            bound[name] = b = t
+            bound.adopted.add(name)
+        else:
+            b.copy_(t)
+        t = b
     # dense tensors stay in their layout (an NHWC activation stays NHWC); anything else is made dense
     env[name] = t if t.is_contiguous() or is_nhwc(t) else t.contiguous()
+
+
+def _same_buffer_kind(t, b) -> bool:
+    """The same shape, dtype, device and memory order (strides of size-1 dimensions aside: a 1x1
+    weight's gradient comes back with channels_last strides on the same memory order)."""
+    if t.shape != b.shape or t.dtype != b.dtype or t.device != b.device:
+        return False
+    return all(n == 1 or x == y for n, x, y in zip(t.shape, t.stride(), b.stride()))
 
 
 def reusable(t, shape, dtype) -> bool:

@@ -37,7 +37,7 @@ from ..compiler.ort_checkpoint import read_parameters
 from .config import ExecConfig
 from .engine import EngineBase, ParamUpdate, StepResult
 from .executor import SegmentedRunner, claimed, fell_back, prepared
-from .kernels import SKIP_UPDATE
+from .kernels import SKIP_UPDATE, Bound
 from .layout import NCHW, Layouts, in_layout, params_in_layout
 from .optim import load_optimizer_state_arrays, make_optimizer, optimizer_state_arrays
 from .ort_options import SHRINK_FROM_BYTES, run_options, session_options  # noqa: F401  (the session's API)
@@ -356,7 +356,8 @@ class TrainingSession(EngineBase):
     def _feeds_bound(self, xt, yt) -> tuple[dict, dict]:
         feeds = {self.artifacts.data_input: xt, "labels": yt}
         feeds.update({n: self.params[n] for n in self.train_inputs if n in self.params})
-        bound = {out: self.grads[p] for p, out in self.desc["grads"].items() if p in self.grads}
+        grads = {out: self.grads[p] for p, out in self.desc["grads"].items() if p in self.grads}
+        bound = Bound(grads, adopt=grads if self.reducer is None else ())  # all-reduce: the buckets
         bound.update(self.bn_buf)
         bound.update(self.bn_inv_std)
         return feeds, bound
@@ -403,6 +404,7 @@ class TrainingSession(EngineBase):
                 self.reducer.ready([self._grad_param[n] for n in names if n in self._grad_param])
 
         outs, stats = self.runner.run(feeds, bound, env_out, on_ready, self._run_options(len(xt)))
+        self.grads.update({p: bound[o] for p, o in self.desc["grads"].items() if o in bound.adopted})
         loss = float(outs[self.desc["loss"]].reshape(-1)[0])
         logits = outs[self.desc["logits"]].cpu().numpy() if self.desc["logits"] else None
         probes = {n: float(outs[n].reshape(-1)[0]) for n in self.desc["probes"]}
@@ -490,8 +492,7 @@ class TrainingSession(EngineBase):
         return None if g is None else float(torch.linalg.vector_norm(g))
 
     def buffers(self) -> list[torch.Tensor]:
-        """The state a step changes besides parameters and optimizer state: BatchNorm running
-        statistics (rank 0's are broadcast to the other ranks in data-parallel training)."""
+        """BatchNorm running statistics: what else a step changes (rank 0's go to every rank)."""
         return [self.params[p] for p in dict.fromkeys(self.desc["bn_stats"].values())]
 
     def gradients(self) -> dict[str, np.ndarray]:
@@ -499,8 +500,7 @@ class TrainingSession(EngineBase):
         return {p: np.array(g.detach().cpu().numpy(), order="C") for p, g in self.grads.items()}
 
     def batchnorm_step(self, x, y) -> float:
-        """Forward+backward without an optimizer step: only BatchNorm running statistics move
-        (recalibrating them for another variant of the layers before them). Returns the loss."""
+        """Forward+backward, no update: only BatchNorm running statistics move. Returns the loss."""
         r = self._forward_backward(x, y)
         self._update_bn_stats(len(y))
         return r.loss

@@ -76,6 +76,6 @@ class ConvKernel(NodeKernel):
         dy, x, w = env[self.inputs[0]], env[self.inputs[1]], env[self.inputs[2]]
         mask = [bool(i < len(self.outputs) and self.outputs[i] and self.wanted[i]) for i in range(3)]
         for i, t in enumerate(self.conv.backward(dy, x, w, mask)):
-            if mask[i]:
-                store(self.outputs[i], t, env, bound)
+            if mask[i]:  # dW and dB are new tensors (dX a slice where padding was asymmetric)
+                store(self.outputs[i], t, env, bound, fresh=i > 0)
         return None

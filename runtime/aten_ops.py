@@ -55,20 +55,17 @@ class Op(NodeKernel):
         self.fn = fn
         self.a = a
         self.memory = _memory(fn, node)
-        self.out = None  # during a run: the preallocated buffer of output 0 (a gradient), if any
         self.free = ()  # during a run: per input, whether its buffer may take the output
         self.bound: dict = {}  # during a run: the caller's preallocated buffers (by output name)
 
     def run(self, env: dict, bound: dict) -> None:
         ins = [env[i] if i else None for i in self.inputs]
-        self.out = bound.get(self.outputs[0])
         self.bound = bound
         if self.donate:
             self.free = tuple(d and name not in bound for d, name in zip(self.donate, self.inputs))
         try:
             outs = self.fn(self, *ins)
         finally:
-            self.out = None
             self.free = ()
             self.bound = {}
         if not isinstance(outs, tuple):
@@ -138,10 +135,15 @@ def _reduce(fn):
     return run
 
 
+def _bound_out(k, i: int):
+    """The caller's preallocated buffer of the node's output ``i`` during its run, or None."""
+    return k.bound.get(k.outputs[i]) if i < len(k.outputs) else None
+
+
 def _into(k, shape, dtype):
     """The node's preallocated output buffer when it fits (a gradient the optimizer reads): the
     kernel writes the result straight into it, with no transient of the gradient's size."""
-    out = k.out
+    out = _bound_out(k, 0)
     if out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.is_contiguous():
         return out
     return None
@@ -342,7 +344,7 @@ def _clip_grad(k, dy, x, lo, hi):
     with the exact three-pass form below. Where they differ: a zero of the mask gives +0.0 (the
     chain gives -0.0 for negative dY, NaN for non-finite dY) and a NaN X gives 0.0 or dY
     (ATen's vector and scalar loops differ; the chain gives NaN·0) -- torch autograd's own
-    gradient of ReLU6 is this kernel. The three-pass form (clamp, ``eq_``, ``mul_``: bit-equal to
+    gradient of ReLU6 runs this kernel too. The three-pass form (clamp, ``eq_``, ``mul_``: bit-equal to
     the chain, NaN and signed zeros included) runs for other dtypes, tensor bounds, and where a
     bound's neighbour is subnormal while this thread flushes subnormals to zero."""
     scalar = all(b is not None and b.numel() == 1 for b in (lo, hi))
@@ -410,9 +412,9 @@ def _bn_train(k, x, scale, bias, mean, var):
         # m·old + (1-m)·batch as one lerp each (to float32 rounding), into the caller's buffers
         # when it bound them: 4 small ops instead of 8 and 2 copies, 14-18 against 28-39 us per
         # layer (256 channels, 2-core AVX2 EPYC; resnet50 has 53 layers)
-        rm = _lerp(save_mean, mean, m, k.bound.get(k.outputs[1]) if len(k.outputs) > 1 else None)
+        rm = _lerp(save_mean, mean, m, _bound_out(k, 1))
         vb = inv_std.pow(-2).sub_(eps)
-        rv = _lerp(vb, var, m, k.bound.get(k.outputs[2]) if len(k.outputs) > 2 else None)
+        rv = _lerp(vb, var, m, _bound_out(k, 2))
     return y, rm, rv, save_mean, inv_std
 
 

@@ -116,8 +116,8 @@ class Layouts:
 
     def for_step(self, key, x_dims: int, act_bytes: Callable, kernels, run: Callable, agree=None, prepare=None) -> str:
         """The layout of a step keyed ``key``: forced, chosen before, or chosen now (``run`` and
-        ``prepare`` as for :func:`measure`; ``act_bytes()`` the step's activation bytes or None; ``agree``, in
-        data-parallel training, makes every rank take rank 0's choice)."""
+        ``prepare`` as for :func:`measure`; ``act_bytes()`` the step's activation bytes or None;
+        ``agree``, in data-parallel training, makes every rank take rank 0's choice)."""
         got = self.known(key)
         if got is None:
             why = why_not_measured(x_dims, act_bytes() if x_dims == 4 else None, kernels)

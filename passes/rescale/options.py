@@ -88,7 +88,7 @@ class RescaleOptions(Options):
         "kernel: the seed's kernel rescaling (one low-resolution stage with resampled kernels and head, "
         "then full resolution); progressive: progressive resizing (the input size ramps up over the "
         "run's epochs, every parameter shared at every size). The options whose help starts with "
-        "'progressive:' apply to progressive mode, the others to kernel mode",
+        "'progressive:' apply to progressive mode, the others to kernel mode (--rescale-min-kernel to both)",
         choice("kernel", "progressive"),
         flag="--rescale-mode",
     )
@@ -117,6 +117,16 @@ class RescaleOptions(Options):
         "stage is compiled per size, so a larger step compiles fewer",
         int_at_least(1),
         flag="--rescale-step",
+    )
+    large_kernels: str = option(
+        "keep",
+        "progressive: the kernels of at least --rescale-min-kernel at a size below full: keep (the same "
+        "kernel at every size), shrink (resampled to the input's scale with the kernel mode's tent "
+        "weights, their sum kept) or pi (FlexiViT's pseudo-inverse resize: the least-squares kernel "
+        "whose response to the resized input matches the full kernel's on the full input). shrink and pi "
+        "resize in the graph, from the full-size parameter, which learns through the resize",
+        choice("keep", "shrink", "pi"),
+        flag="--rescale-large-kernels",
     )
     recalibrate: int = option(
         0,
@@ -171,6 +181,7 @@ PLAN_FIELDS = {
                     "hw": {**DIMS, "minItems": 2, "maxItems": 2},
                     "dir": {"type": "string", "pattern": STAGE_NAME},
                     "heads": {"type": "object"},
+                    "kernels": {"type": "object"},
                 },
             },
         },

@@ -14,6 +14,17 @@ is, with the SAME parameters as the full model, shape for shape:
   engine (ORT's kernels, accelc's), and the rows of each matrix sum to 1, so a flat feature map
   reaches the head with the same values at every size.
 
+* with ``--rescale-large-kernels shrink`` or ``pi``, a convolution whose kernel is at least
+  ``--rescale-min-kernel`` reads, at a size below full, its full-size weight resized in the graph,
+  ``P_h @ W @ P_wᵀ`` with constant matrices, to the size the kernel mode would give it (radius
+  divided by the input's scale, rounded up; pads that centred the kernel centre the small one):
+  ``shrink`` with the kernel mode's tent weights (the kernel's sum kept), ``pi`` with FlexiViT's
+  pseudo-inverse resize (Beyer et al. 2023): ``P = pinv(Dᵀ)`` for the matrix ``D`` that resizes a
+  k-pixel patch as the data path resizes images (bilinear, antialiased), so that
+  ``<D x, P w> ≈ <x, w>`` in the least-squares sense for every patch ``x``. The parameter keeps
+  its full shape and learns through the resize. Convolutions with ``auto_pad`` or dilation keep
+  their kernels.
+
 The switch between stages then needs no parameter update, and the optimizer's moments carry over.
 """
 
@@ -29,7 +40,18 @@ from ...compiler.errors import AccelcError
 from ...compiler.model import infer_shapes
 from ...compiler.pass_api import PassResult
 from .ramp import stage_dir, stage_sizes
-from .rewrite import PASS, check_reshapes, compile_stage, flatten_head, window_too_large
+from .rewrite import (
+    PASS,
+    _attrs,
+    _set_attr,
+    _tent,
+    check_reshapes,
+    compile_stage,
+    flatten_head,
+    kernel_down_matrix,
+    small_size,
+    window_too_large,
+)
 
 MAX_STAGES = 32  # one compile (and one validation) per stage: more asks for a larger --rescale-step
 
@@ -43,9 +65,9 @@ def adaptive_pool_matrix(n_out: int, n_in: int) -> np.ndarray:
     return a
 
 
-def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+def _const(name: str, value: np.ndarray, note: str = "adaptive average pool matrix of a resolution-agnostic head"):
     node = helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name))
-    provenance.tag(node, PASS, note="adaptive average pool matrix of a resolution-agnostic head")
+    provenance.tag(node, PASS, note=note)
     return node
 
 
@@ -76,10 +98,82 @@ def _pool_to(m: onnx.ModelProto, flatten: onnx.NodeProto, hw: tuple, full: tuple
         m.graph.node.insert(at + k, n)
 
 
-def progressive_model(model: onnx.ModelProto, input_name: str, hw: tuple) -> tuple[onnx.ModelProto, dict]:
-    """The forward model at input size ``hw`` with the full model's parameters: kernels kept, every
-    flatten→Gemm head fed the full-size final map through an adaptive average pool. Returns it and
-    {head parameter: {"from": [h, w], "to": [H, W]}} for the heads that got a pool."""
+def image_down_matrix(k: int, s: float) -> np.ndarray:
+    """D [k', k] (k' = ``small_size(k, s)``): a k-pixel patch resized by 1/s as the data path resizes
+    images (bilinear, antialiased: a tent of half-width s around each small pixel's centre, rows
+    normalised to 1), centred on the patch."""
+    ks = small_size(k, s)
+    u = np.arange(k) - (k - 1) / 2
+    j = np.arange(ks) - (ks - 1) / 2
+    d = _tent(u[None, :] - s * j[:, None], s)
+    return d / d.sum(axis=1, keepdims=True)
+
+
+def kernel_resize_matrix(k: int, s: float, how: str) -> np.ndarray:
+    """P [k', k]: the small kernel is ``P w`` per axis. ``shrink``: the kernel mode's tent weights
+    (sum kept); ``pi``: ``pinv(Dᵀ)`` (:func:`image_down_matrix`), the least-squares solution of
+    ``Dᵀ w' = w``, i.e. of ``<D x, w'> = <x, w>`` for every patch x."""
+    if how == "shrink":
+        return kernel_down_matrix(k, s).astype(np.float64)
+    return np.linalg.pinv(image_down_matrix(k, s).T)
+
+
+def _resize_kernels(m: onnx.ModelProto, hw: tuple, full: tuple, how: str, min_kernel: int) -> dict:
+    """Every 2-D Conv of ``m`` whose kernel is at least ``min_kernel`` (and that uses no auto_pad or
+    dilation) reads its weight resized to the input's scale (see the module): returns
+    {parameter: {"from": [kh, kw], "to": [kh', kw']}}."""
+    inits = {t.name: t for t in m.graph.initializer}
+    scale = (full[0] / hw[0], full[1] / hw[1])
+    resized = {}
+    for n in list(m.graph.node):
+        if n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        w = inits[n.input[1]]
+        k = [int(v) for v in w.dims[2:]]
+        a = _attrs(n)
+        if len(k) != 2 or min(k) < min_kernel or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        if max(a.get("dilations", [1, 1])) > 1:
+            continue
+        ks = [small_size(k[i], scale[i]) for i in range(2)]
+        if ks == k:
+            continue
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        pads = [
+            (ks[i % 2] - 1) // 2 if pads[i] == (k[i % 2] - 1) // 2 else round(pads[i] / scale[i % 2]) for i in range(4)
+        ]
+        dt = helper.tensor_dtype_to_np_dtype(w.data_type)
+        tag = f"accelc.rescale.{n.name or n.output[0]}"
+        ph = kernel_resize_matrix(k[0], scale[0], how).astype(dt)
+        pw = kernel_resize_matrix(k[1], scale[1], how).T.astype(dt).copy()
+        note = f"{how} resize of the {k[0]}x{k[1]} kernel '{n.input[1]}' to {ks[0]}x{ks[1]} at {hw[0]}x{hw[1]}"
+        nodes = [_const(f"{tag}.resize_h", ph, note), _const(f"{tag}.resize_w", pw, note)]
+        nodes.append(
+            helper.make_node("MatMul", [nodes[0].output[0], n.input[1]], [f"{tag}.w_h"], name=f"{tag}/resize_h")
+        )
+        nodes.append(
+            helper.make_node("MatMul", [nodes[2].output[0], nodes[1].output[0]], [f"{tag}.w"], name=f"{tag}/resize_w")
+        )
+        for x in nodes[2:]:
+            provenance.tag(x, PASS, note=note + " (the parameter keeps its full shape)")
+        resized[n.input[1]] = {"from": k, "to": ks}
+        n.input[1] = nodes[-1].output[0]
+        _set_attr(n, "kernel_shape", ks)
+        _set_attr(n, "pads", pads)
+        at = list(m.graph.node).index(n)
+        for i, x in enumerate(nodes):
+            m.graph.node.insert(at + i, x)
+    return resized
+
+
+def progressive_model(
+    model: onnx.ModelProto, input_name: str, hw: tuple, large_kernels: str = "keep", min_kernel: int = 5
+) -> tuple[onnx.ModelProto, dict, dict]:
+    """The forward model at input size ``hw`` with the full model's parameters: kernels kept (or
+    resized in the graph, ``large_kernels``), every flatten→Gemm head fed the full-size final map
+    through an adaptive average pool. Returns it, {head parameter: {"from": [h, w], "to": [H, W]}}
+    for the heads that got a pool and {parameter: {"from": [kh, kw], "to": [kh', kw']}} for the
+    kernels resized."""
     inits = {t.name: t for t in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     check_reshapes(model, inits)
@@ -97,6 +191,9 @@ def progressive_model(model: onnx.ModelProto, input_name: str, hw: tuple) -> tup
                 d.dim_value = int(size)
     for vi in list(m.graph.value_info):
         m.graph.value_info.remove(vi)
+    vi = next(v for v in model.graph.input if v.name == input_name)
+    full_hw = tuple(int(d.dim_value) for d in vi.type.tensor_type.shape.dim[2:])
+    kernels = _resize_kernels(m, tuple(hw), full_hw, large_kernels, min_kernel)
     shapes = infer_shapes(m, 1)
     small = window_too_large(m, shapes)
     if small:
@@ -115,18 +212,19 @@ def progressive_model(model: onnx.ModelProto, input_name: str, hw: tuple) -> tup
             pooled[param] = {"from": [int(v) for v in low[2:]], "to": [int(v) for v in big[2:]]}
     if m.ir_version < 10:
         m.ir_version = 10
-    return m, pooled
+    return m, pooled, kernels
 
 
-def _stage_model(model: onnx.ModelProto, input_name: str, hw: tuple, sizes: list) -> tuple[onnx.ModelProto, dict]:
+def _stage_model(model: onnx.ModelProto, input_name: str, hw: tuple, sizes: list, options) -> tuple:
     """:func:`progressive_model`, its refusal naming the size and the smallest start that works."""
+    kw = {"large_kernels": options.large_kernels, "min_kernel": options.min_kernel}
     try:
-        return progressive_model(model, input_name, hw)
+        return progressive_model(model, input_name, hw, **kw)
     except AccelcError as e:
         ok = None
         for later in sizes[sizes.index(hw) + 1 :]:
             try:
-                progressive_model(model, input_name, later)
+                progressive_model(model, input_name, later, **kw)
                 ok = later
                 break
             except AccelcError:
@@ -160,14 +258,20 @@ def compile_progressive(method, art: Artifacts, options) -> PassResult:
     source = info.source or info.model  # as given: the legalised form may hold sizes folded at full size
     stages, changes = [], []
     for hw in sizes:
-        model, pooled = _stage_model(source, info.input_name, hw, sizes)
+        model, pooled, kernels = _stage_model(source, info.input_name, hw, sizes, options)
         at = f"at {hw[0]}x{hw[1]}"
         name = stage_dir(hw)
         art.stages[name] = compile_stage(art, model, f"the {hw[0]}x{hw[1]} stage", at)
-        stages.append({"hw": list(hw), "dir": name, "heads": pooled})
+        stages.append({"hw": list(hw), "dir": name, "heads": pooled, "kernels": kernels})
         pools = "; ".join(
-            f"head '{p}' over an adaptive average pool {v['from'][0]}x{v['from'][1]} -> {v['to'][0]}x{v['to'][1]}"
-            for p, v in pooled.items()
+            [
+                f"head '{p}' over an adaptive average pool {v['from'][0]}x{v['from'][1]} -> {v['to'][0]}x{v['to'][1]}"
+                for p, v in pooled.items()
+            ]
+            + [
+                f"kernel '{p}' {v['from'][0]}x{v['from'][1]} -> {v['to'][0]}x{v['to'][1]} ({options.large_kernels})"
+                for p, v in kernels.items()
+            ]
         )
         changes.append({"summary": f"stage {hw[0]}x{hw[1]} compiled to {name}/" + (f" ({pools})" if pools else "")})
     art.plan.append(

@@ -14,16 +14,15 @@ is, with the SAME parameters as the full model, shape for shape:
   engine (ORT's kernels, accelc's), and the rows of each matrix sum to 1, so a flat feature map
   reaches the head with the same values at every size.
 
-* with ``--rescale-large-kernels shrink`` or ``pi``, a convolution whose kernel is at least
-  ``--rescale-min-kernel`` reads, at a size below full, its full-size weight resized in the graph,
-  ``P_h @ W @ P_wᵀ`` with constant matrices, to the size the kernel mode would give it (radius
-  divided by the input's scale, rounded up; pads that centred the kernel centre the small one):
+* with ``--rescale-large-kernels shrink`` or ``pi``, a convolution whose kernel is odd, at least
+  ``--rescale-min-kernel`` and centred by its pads reads, at a size below full, its full-size
+  weight resized in the graph, ``P_h @ W @ P_wᵀ`` with constant matrices, to the size the kernel
+  mode would give it (radius divided by the input's scale, rounded up), centred again:
   ``shrink`` with the kernel mode's tent weights (the kernel's sum kept), ``pi`` with FlexiViT's
-  pseudo-inverse resize (Beyer et al. 2023): ``P = pinv(Dᵀ)`` for the matrix ``D`` that resizes a
-  k-pixel patch as the data path resizes images (bilinear, antialiased), so that
-  ``<D x, P w> ≈ <x, w>`` in the least-squares sense for every patch ``x``. The parameter keeps
-  its full shape and learns through the resize. Convolutions with ``auto_pad`` or dilation keep
-  their kernels.
+  pseudo-inverse resize (Beyer et al. 2023): the least-squares solution of ``<D x, w'> = <x, w>``
+  for every patch x, D weighing the pixels around the window as an antialiased bilinear resize
+  does (:func:`image_down_matrix`). The parameter keeps its full shape and learns through the
+  resize. Other convolutions (auto_pad, dilation, even or uncentred kernels) keep theirs.
 
 The switch between stages then needs no parameter update, and the optimizer's moments carry over.
 """
@@ -98,30 +97,54 @@ def _pool_to(m: onnx.ModelProto, flatten: onnx.NodeProto, hw: tuple, full: tuple
         m.graph.node.insert(at + k, n)
 
 
-def image_down_matrix(k: int, s: float) -> np.ndarray:
-    """D [k', k] (k' = ``small_size(k, s)``): a k-pixel patch resized by 1/s as the data path resizes
-    images (bilinear, antialiased: a tent of half-width s around each small pixel's centre, rows
-    normalised to 1), centred on the patch."""
+def image_down_matrix(k: int, s: float) -> tuple[np.ndarray, int]:
+    """(D [k', n], offset): the pixels of a patch centred on a k-tap kernel, resized by 1/s to the
+    k' = ``small_size(k, s)`` pixels the small kernel reads, as an antialiased bilinear resize
+    weighs them (a tent of half-width s around each small pixel's centre, at s·j from the
+    patch's centre, rows normalised to 1), over the tents' whole support: n ≥ k pixels, of which
+    the kernel's k taps are columns offset .. offset + k - 1. (The small grid is taken centred on
+    the kernel: for a convolution, whose windows overlap, the alignment of the two grids varies
+    from window to window, so this is the patch-level model FlexiViT's resize is built on.)"""
     ks = small_size(k, s)
-    u = np.arange(k) - (k - 1) / 2
     j = np.arange(ks) - (ks - 1) / 2
+    n = k + 2 * int(np.ceil(s * ks))  # wider than any tent reaches; trimmed below, symmetrically
+    u = np.arange(n) - (n - 1) / 2
     d = _tent(u[None, :] - s * j[:, None], s)
-    return d / d.sum(axis=1, keepdims=True)
+    used = np.flatnonzero(d.any(axis=0))
+    cut = min(used[0], n - 1 - used[-1], (n - k) // 2)
+    d = d[:, cut : n - cut]
+    return d / d.sum(axis=1, keepdims=True), (n - 2 * cut - k) // 2
 
 
 def kernel_resize_matrix(k: int, s: float, how: str) -> np.ndarray:
     """P [k', k]: the small kernel is ``P w`` per axis. ``shrink``: the kernel mode's tent weights
-    (sum kept); ``pi``: ``pinv(Dᵀ)`` (:func:`image_down_matrix`), the least-squares solution of
-    ``Dᵀ w' = w``, i.e. of ``<D x, w'> = <x, w>`` for every patch x."""
+    (sum kept); ``pi``: the least-squares solution of ``Dᵀ w' = w`` over the resize's whole
+    support (:func:`image_down_matrix`; w is 0 outside its k taps), i.e. of ``<D x, w'> = <x, w>``
+    for every patch x: ``pinv(Dᵀ)``, restricted to the kernel's columns."""
     if how == "shrink":
         return kernel_down_matrix(k, s).astype(np.float64)
-    return np.linalg.pinv(image_down_matrix(k, s).T)
+    d, off = image_down_matrix(k, s)
+    return np.linalg.pinv(d.T)[:, off : off + k]
+
+
+def _resizable(n, k: list, min_kernel: int) -> bool:
+    """A 2-D Conv whose kernel is odd and at least ``min_kernel`` on both axes, centred by its pads
+    (no auto_pad, no dilation): its output keeps its size when the kernel shrinks. Others (e.g. a
+    patchify convolution, stride ≥ kernel and no pads) keep their kernels."""
+    a = _attrs(n)
+    if len(k) != 2 or min(k) < min_kernel or any(x % 2 == 0 for x in k):
+        return False
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or max(a.get("dilations", [1, 1])) > 1:
+        return False
+    return list(a.get("pads", [0, 0, 0, 0])) == [(k[0] - 1) // 2, (k[1] - 1) // 2] * 2
 
 
 def _resize_kernels(m: onnx.ModelProto, hw: tuple, full: tuple, how: str, min_kernel: int) -> dict:
-    """Every 2-D Conv of ``m`` whose kernel is at least ``min_kernel`` (and that uses no auto_pad or
-    dilation) reads its weight resized to the input's scale (see the module): returns
+    """Every Conv of ``m`` that :func:`_resizable` admits reads its weight resized to the input's
+    scale (see the module); an axis whose size stays is left as it is. Returns
     {parameter: {"from": [kh, kw], "to": [kh', kw']}}."""
+    if how == "keep":
+        return {}
     inits = {t.name: t for t in m.graph.initializer}
     scale = (full[0] / hw[0], full[1] / hw[1])
     resized = {}
@@ -130,24 +153,17 @@ def _resize_kernels(m: onnx.ModelProto, hw: tuple, full: tuple, how: str, min_ke
             continue
         w = inits[n.input[1]]
         k = [int(v) for v in w.dims[2:]]
-        a = _attrs(n)
-        if len(k) != 2 or min(k) < min_kernel or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            continue
-        if max(a.get("dilations", [1, 1])) > 1:
+        if not _resizable(n, k, min_kernel):
             continue
         ks = [small_size(k[i], scale[i]) for i in range(2)]
         if ks == k:
             continue
-        pads = list(a.get("pads", [0, 0, 0, 0]))
-        pads = [
-            (ks[i % 2] - 1) // 2 if pads[i] == (k[i % 2] - 1) // 2 else round(pads[i] / scale[i % 2]) for i in range(4)
-        ]
+        pads = [(ks[0] - 1) // 2, (ks[1] - 1) // 2] * 2
         dt = helper.tensor_dtype_to_np_dtype(w.data_type)
-        tag = f"accelc.rescale.{n.name or n.output[0]}"
-        ph = kernel_resize_matrix(k[0], scale[0], how).astype(dt)
-        pw = kernel_resize_matrix(k[1], scale[1], how).T.astype(dt).copy()
+        tag = f"accelc.rescale.{n.output[0]}"
+        ph, pw = (np.eye(k[i]) if ks[i] == k[i] else kernel_resize_matrix(k[i], scale[i], how) for i in range(2))
         note = f"{how} resize of the {k[0]}x{k[1]} kernel '{n.input[1]}' to {ks[0]}x{ks[1]} at {hw[0]}x{hw[1]}"
-        nodes = [_const(f"{tag}.resize_h", ph, note), _const(f"{tag}.resize_w", pw, note)]
+        nodes = [_const(f"{tag}.resize_h", ph.astype(dt), note), _const(f"{tag}.resize_w", pw.T.astype(dt), note)]
         nodes.append(
             helper.make_node("MatMul", [nodes[0].output[0], n.input[1]], [f"{tag}.w_h"], name=f"{tag}/resize_h")
         )

@@ -8,7 +8,7 @@ training time, the one its time to target uses: the final epoch's cumulative ``t
 the mean and min–max over the seeds of the final epoch's validation and test accuracy; each
 configuration's points sorted by time form its front.
 
-Per budget E and reference configuration R (``ort``; ``torch`` too when it was run): for each
+Per budget E and reference configuration R (``ort``; ``torch`` and ``torch-cl`` too when they ran): for each
 configuration C, the training time at which C's front reaches R's mean validation accuracy at E,
 by linear interpolation between consecutive points of C's front, and its ratio to R's time at E.
 Validation decides; test accuracy only reports (C's, interpolated the same way, beside R's at E).
@@ -26,7 +26,9 @@ import re
 import statistics
 from pathlib import Path
 
-REFERENCES = ("ort", "torch")  # the configurations each one is compared with, where they ran
+# the configurations each one is compared with, where they ran (torch-cl: torch eager fp32 in
+# channels_last, the tuned torch anchor of a CPU without native bf16)
+REFERENCES = ("ort", "torch", "torch-cl")
 BUDGET_DIR = re.compile(r"^budget-([1-9][0-9]*)$")
 EPS = 1e-9  # the tolerance the bench's own target test uses
 

@@ -27,13 +27,25 @@ class TorchSession(EngineBase):
     variant_name = "torch"
     artifacts = None
 
-    def __init__(self, module: torch.nn.Module, hyper: dict, lr: float, device: str = "cpu", autocast_dtype=None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        hyper: dict,
+        lr: float,
+        device: str = "cpu",
+        autocast_dtype=None,
+        channels_last: bool = False,
+    ):
+        """``channels_last``: the module's 4-D parameters and every 4-D input in torch's
+        channels_last memory format (``Module.to(memory_format=...)``), what a torch user tunes a
+        CNN with on a CPU (oneDNN runs NHWC convolutions without reordering)."""
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise AccelcError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype!r}")
         self.device = device
         self.exec = ExecConfig(device="cuda" if str(device).startswith("cuda") else "cpu")
         self.optimizer_kind = str((hyper or {}).get("kind", "adamw"))
-        self.module = module.to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.module = module.to(device, memory_format=self.memory_format)
         self.named = dict(self.module.named_parameters())
         self.lr = float(lr)
         self.optimizer = make_optimizer(list(self.named.values()), hyper, lr)
@@ -42,6 +54,12 @@ class TorchSession(EngineBase):
         self.scaler = torch.amp.GradScaler(device) if autocast_dtype == torch.float16 else None
         if autocast_dtype is not None:
             self.variant_name = "torch-amp"
+        elif channels_last:
+            self.variant_name = "torch-cl"
+
+    def _input(self, x) -> torch.Tensor:
+        t = torch.as_tensor(x).to(self.device)
+        return t.contiguous(memory_format=self.memory_format) if t.dim() == 4 else t
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -50,7 +68,7 @@ class TorchSession(EngineBase):
 
     def train_step(self, x, y):
         self.module.train()
-        xt = torch.as_tensor(x).to(self.device)
+        xt = self._input(x)
         yt = torch.as_tensor(y).to(self.device)
         for p in self.named.values():
             p.grad = None
@@ -71,7 +89,7 @@ class TorchSession(EngineBase):
     def evaluate_batch(self, x, y):
         self.module.eval()
         with self._autocast():
-            logits = self.module(torch.as_tensor(x).to(self.device))
+            logits = self.module(self._input(x))
             loss = F.cross_entropy(logits, torch.as_tensor(y).to(self.device))
         return float(loss), logits.float().cpu().numpy()
 
@@ -80,7 +98,7 @@ class TorchSession(EngineBase):
         for p in self.named.values():
             p.grad = None
         with self._autocast():
-            logits = self.module(torch.as_tensor(x).to(self.device))
+            logits = self.module(self._input(x))
             loss = F.cross_entropy(logits, torch.as_tensor(y).to(self.device))
         loss.backward()
         return (

@@ -13,7 +13,8 @@ from ..compiler import checks
 from ..compiler.errors import AccelcError, show
 from ..compiler.pass_api import check_pass_options, parse_pass_list, registered
 
-BASELINES = ("torch", "torch-amp", "ort", "ort-noopt")  # torch-amp: torch eager under bf16 autocast
+# torch-amp: torch eager under bf16 autocast; torch-cl: torch eager fp32 in channels_last
+BASELINES = ("torch", "torch-amp", "torch-cl", "ort", "ort-noopt")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 CONFIG_FILE_SCHEMA = {
     "type": "object",
@@ -45,12 +46,12 @@ CONFIG_FILE_SCHEMA = {
 
 
 def parse_configs(text=None, pass_options: dict | None = None, config_file=None) -> dict[str, dict]:
-    """The configurations to run, by name: ``text`` lists torch, torch-amp, ort, ort-noopt and
+    """The configurations to run, by name: ``text`` lists torch, torch-amp, torch-cl, ort, ort-noopt and
     ort+PASS[+PASS...] (ort+all: every pass), comma-separated; ``pass_options`` ({pass: {option:
     value}}, the compile flags ``--skip-tau 1.5`` ...) apply to every configuration that runs the
     pass; ``config_file`` (JSON ``{"configs": [NAME | {"name", "passes", "options", "opt"}]}``) adds
     named configurations with options of their own (e.g. two reuse strategies side by side).
-    Returns name -> {"engine": torch|torch-amp|ort, "passes", "options", "opt"}."""
+    Returns name -> {"engine": torch|torch-amp|torch-cl|ort, "passes", "options", "opt"}."""
     items: list = []
     if text is not None:
         if not isinstance(text, str):
@@ -100,9 +101,11 @@ def parse_configs(text=None, pass_options: dict | None = None, config_file=None)
 
 def _meaning(spec: dict) -> str:
     if spec["engine"] != "ort":
-        return {"torch": "torch eager", "torch-amp": "torch eager under bf16 autocast"}.get(
-            spec["engine"], spec["engine"]
-        )
+        return {
+            "torch": "torch eager",
+            "torch-amp": "torch eager under bf16 autocast",
+            "torch-cl": "torch eager in channels_last",
+        }.get(spec["engine"], spec["engine"])
     opt = "" if spec.get("opt", True) else " without the opt pass"
     return f"ORT with passes {'+'.join(spec['passes'])}{opt}" if spec["passes"] else f"plain ORT{opt}"
 
@@ -134,7 +137,7 @@ def _check_reserved(name: str, spec: dict, own_options: bool) -> None:
 
 def _named(c: str) -> dict:
     """A configuration given by name (see :func:`parse_configs`)."""
-    if c in ("torch", "torch-amp"):
+    if c in ("torch", "torch-amp", "torch-cl"):
         return {"engine": c, "passes": [], "options": {}, "opt": False}
     if c in ("ort", "ort-noopt"):
         return {"engine": "ort", "passes": [], "options": {}, "opt": c == "ort"}

@@ -45,7 +45,7 @@ DEFAULT_HYPER = {"kind": "adamw", **{k: v for k, v in ADAMW_DEFAULTS.items() if 
 def run_bench(model: str, data, epochs: int, configs, out_dir, **settings: Unpack[BenchSettings]) -> dict:
     """Run ``configs`` side by side; everything is written to ``out_dir`` atomically (a failed or
     interrupted benchmark leaves no folder; an existing one is replaced only with ``force``).
-    ``configs``: names (a comma-separated string or a list: torch, torch-amp, ort, ort-noopt,
+    ``configs``: names (a comma-separated string or a list: torch, torch-amp, torch-cl, ort, ort-noopt,
     ort+PASS[+PASS], ort+all), or what :func:`parse_configs` returns (with a config file's named
     configurations); ``pass_options``: {pass: {option: value}} for every configuration that runs
     the pass (the compile flags). The other keywords (:class:`BenchSettings`, defaults in
@@ -269,7 +269,10 @@ class _Bench:
             from ..runtime.torch_engine import TorchSession  # heavy
 
             autocast = torch.bfloat16 if kind == "torch-amp" else None
-            return TorchSession(self.torch_module(s), self.hyper, self.spec.lr, autocast_dtype=autocast), []
+            module = self.torch_module(s)
+            return TorchSession(
+                module, self.hyper, self.spec.lr, autocast_dtype=autocast, channels_last=kind == "torch-cl"
+            ), []
         from ..runtime.session import TrainingSession  # heavy
 
         engine = TrainingSession(self.art_dirs[s][c], ExecConfig(threads=self.spec.threads), lr=self.spec.lr, lazy=True)

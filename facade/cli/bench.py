@@ -33,7 +33,8 @@ class Bench(Tool):
             "--configs",
             default=None,
             metavar="CONFIG[,CONFIG...]",
-            help="comma list of torch (eager), torch-amp (eager, bf16 autocast), ort, ort-noopt, "
+            help="comma list of torch (eager), torch-amp (eager, bf16 autocast), torch-cl (eager, channels_last), "
+            "ort, ort-noopt, "
             f"ort+PASS[+PASS...], ort+all (every pass) (default {DEFAULT_CONFIGS}, or none with --config-file); "
             "pass options: the same flags as compile (below), for every configuration that runs the pass",
         )

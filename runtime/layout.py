@@ -13,7 +13,8 @@ their inputs, and ORT (a whole-graph session, a segment) is always handed NCHW p
 
 ``--layout auto`` (the default) measures: at the first step of a batch shape, the step's forward
 and backward run alternately in both layouts (one untimed and :data:`TIMED` timed runs each) and
-the faster is kept (NHWC only when at least :data:`MARGIN` faster). It does not measure, and keeps
+the faster is kept (NHWC only when at least :data:`MARGIN` faster; when the fastest runs are
+within :data:`CLOSE` of that line, :data:`TIMED` more runs each decide). It does not measure, and keeps
 NCHW, where the input is not an image batch, where the step's activations are below
 :data:`MEASURE_FROM_BYTES` (a layout saves less there than the measurement's noise), or where a
 kernel of the step keeps state between runs (the extra runs would change it). ``nchw`` / ``nhwc``
@@ -28,6 +29,7 @@ from typing import Callable
 NCHW, NHWC = "nchw", "nhwc"
 TIMED = 3  # timed runs per layout
 MARGIN = 0.03  # NHWC must be this much faster to be chosen
+CLOSE = 0.05  # fastest runs this close (relative) to the margin's line: TIMED more runs each
 MEASURE_FROM_BYTES = 64 << 20  # activations (and their gradients) of one step
 
 
@@ -82,14 +84,24 @@ def measure(run: Callable[[str], None], prepare: Callable[[str], None] | None = 
     and :data:`TIMED` timed runs each, ``prepare(layout)`` untimed before each (the parameters
     moved to the layout). Returns the faster layout and each one's fastest run in ms."""
     times: dict[str, list[float]] = {NCHW: [], NHWC: []}
-    for r in range(TIMED + 1):
-        for layout in (NCHW, NHWC):
-            if prepare is not None:
-                prepare(layout)
-            t0 = time.perf_counter()
-            run(layout)
-            if r:  # the first round warms both up
-                times[layout].append((time.perf_counter() - t0) * 1e3)
+
+    def rounds(n: int, warm: bool) -> None:
+        for r in range(n):
+            for layout in (NCHW, NHWC):
+                if prepare is not None:
+                    prepare(layout)
+                t0 = time.perf_counter()
+                run(layout)
+                if r or not warm:  # the first round warms both up
+                    times[layout].append((time.perf_counter() - t0) * 1e3)
+
+    rounds(TIMED + 1, True)
+    # a close call is measured again: on a shared machine one slow run of a few can move the
+    # fastest by several percent (the zoo VGG at 28x28 measured NHWC 2% faster once, and 12-20%
+    # faster in the whole steps run after it)
+    ratio = min(times[NHWC]) / max(min(times[NCHW]), 1e-9)
+    if abs(ratio - (1.0 - MARGIN)) < CLOSE:
+        rounds(TIMED, False)
     med = {k: round(min(v), 3) for k, v in times.items()}
     choice = NHWC if med[NHWC] < med[NCHW] * (1.0 - MARGIN) else NCHW
     return choice, med
@@ -104,6 +116,7 @@ class Layouts:
         self.chosen: dict = {}
         self.last = forced if forced != "auto" else NCHW  # the evaluation graph runs in it
         self.report: dict = {"layout": forced} if forced != "auto" else {"layout": None, "auto": True}
+        self.choices: list = []  # every choice made by measuring, in order ("choices" in the report)
 
     def known(self, key) -> str | None:
         """The layout of a step keyed ``key`` when it is forced or chosen already, else None."""
@@ -125,6 +138,8 @@ class Layouts:
             if agree is not None:
                 got = agree(got)
             self.chosen[key] = got
+            self.choices.append({"layout": got, "measured_ms": med, "not_measured": why})
             self.report = {"layout": got, "auto": True, "measured_ms": med, "not_measured": why}
+            self.report["choices"] = self.choices
         self.last = got
         return got

@@ -117,6 +117,8 @@ def summarise(results: dict, target_spec: str, ds, batch_size: int, full_hw=None
             "histories": [s["history"] for s in runs],
             "controllers": runs[0].get("controllers", {}),
             "peak_rss_mb": med([s.get("peak_rss_mb", 0.0) for s in runs]),
+            # per run, every layout the engine's --layout auto chose by measuring (None: forced)
+            "layouts": [((s.get("engine") or {}).get("layout") or {}).get("choices") for s in runs],
         }
         if "op_reduction" in runs[0]:
             rows[c]["op_reduction"] = med([s["op_reduction"] for s in runs])

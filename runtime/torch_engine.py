@@ -44,8 +44,10 @@ class TorchSession(EngineBase):
         self.device = device
         self.exec = ExecConfig(device="cuda" if str(device).startswith("cuda") else "cpu")
         self.optimizer_kind = str((hyper or {}).get("kind", "adamw"))
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.module = module.to(device, memory_format=self.memory_format)
+        self.channels_last = bool(channels_last)  # otherwise the module and inputs stay as given
+        self.module = module.to(device)
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
         self.named = dict(self.module.named_parameters())
         self.lr = float(lr)
         self.optimizer = make_optimizer(list(self.named.values()), hyper, lr)
@@ -59,7 +61,7 @@ class TorchSession(EngineBase):
 
     def _input(self, x) -> torch.Tensor:
         t = torch.as_tensor(x).to(self.device)
-        return t.contiguous(memory_format=self.memory_format) if t.dim() == 4 else t
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t.dim() == 4 else t
 
     def _autocast(self):
         if self.autocast_dtype is None:

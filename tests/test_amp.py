@@ -215,6 +215,11 @@ def test_torch_channels_last_anchor_trains_as_torch_eager():
     assert cl.variant_name == "torch-cl"
     conv = next(p for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    # without it, a module and inputs are used as given (a channels_last module stays so)
+    kept = TorchSession(copy.deepcopy(m), hyper, 1e-3)
+    assert next(p for p in kept.module.parameters() if p.dim() == 4 and p.shape[1] > 1).is_contiguous(
+        memory_format=torch.channels_last
+    )
     x, y = batch(8)
     (la, ga, _), (lb, gb, _) = eager.compute_gradients(x, y), cl.compute_gradients(x, y)
     assert abs(la - lb) <= 1e-5 * max(1.0, abs(la)) and set(ga) == set(gb)

@@ -97,8 +97,8 @@ def measure(run: Callable[[str], None], prepare: Callable[[str], None] | None = 
 
     rounds(TIMED + 1, True)
     # a close call is measured again: on a shared machine one slow run of a few can move the
-    # fastest by several percent (the zoo VGG at 28x28 measured NHWC 2% faster once, and 12-20%
-    # faster in the whole steps run after it)
+    # fastest by several percent (the zoo VGG at 28x28 measured NHWC 1.6% faster once, and 16%
+    # faster in whole steps run interleaved after it)
     ratio = min(times[NHWC]) / max(min(times[NCHW]), 1e-9)
     if abs(ratio - (1.0 - MARGIN)) < CLOSE:
         rounds(TIMED, False)
@@ -139,7 +139,6 @@ class Layouts:
                 got = agree(got)
             self.chosen[key] = got
             self.choices.append({"layout": got, "measured_ms": med, "not_measured": why})
-            self.report = {"layout": got, "auto": True, "measured_ms": med, "not_measured": why}
-            self.report["choices"] = self.choices
+            self.report = {**self.choices[-1], "auto": True, "choices": self.choices}
         self.last = got
         return got

@@ -162,6 +162,9 @@ def test_bench_protocol_end_to_end(tmp_path):
     assert rep["seeds"] == [0, 1]
     ort = rep["configs"]["ort"]
     assert ort["runs"] == 2 and ort["seeds"] == [0, 1] and ort["reached"] == 2
+    # per run, the layout choices of --layout auto (this small step's are not measured: NCHW)
+    assert [[c["layout"] for c in run] for run in ort["layouts"]] == [["nchw"], ["nchw"]]
+    assert rep["configs"]["torch"]["layouts"] == [None, None]
     for h in ort["histories"]:  # stopped at the epoch that reached it
         assert h[-1]["val_acc"] >= 0.3 and all(m["val_acc"] < 0.3 for m in h[:-1])
     # torch and ort start from the same weights and data order: the same first-epoch accuracy

@@ -13,8 +13,12 @@ from ..compiler import checks
 from ..compiler.errors import AccelcError, show
 from ..compiler.pass_api import check_pass_options, parse_pass_list, registered
 
-# torch-amp: torch eager under bf16 autocast; torch-cl: torch eager fp32 in channels_last
-BASELINES = ("torch", "torch-amp", "torch-cl", "ort", "ort-noopt")
+TORCH_ENGINES = {  # the torch configurations, each its own engine
+    "torch": "torch eager",
+    "torch-amp": "torch eager under bf16 autocast",
+    "torch-cl": "torch eager in channels_last",
+}
+BASELINES = (*TORCH_ENGINES, "ort", "ort-noopt")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 CONFIG_FILE_SCHEMA = {
     "type": "object",
@@ -101,11 +105,7 @@ def parse_configs(text=None, pass_options: dict | None = None, config_file=None)
 
 def _meaning(spec: dict) -> str:
     if spec["engine"] != "ort":
-        return {
-            "torch": "torch eager",
-            "torch-amp": "torch eager under bf16 autocast",
-            "torch-cl": "torch eager in channels_last",
-        }.get(spec["engine"], spec["engine"])
+        return TORCH_ENGINES.get(spec["engine"], spec["engine"])
     opt = "" if spec.get("opt", True) else " without the opt pass"
     return f"ORT with passes {'+'.join(spec['passes'])}{opt}" if spec["passes"] else f"plain ORT{opt}"
 
@@ -137,7 +137,7 @@ def _check_reserved(name: str, spec: dict, own_options: bool) -> None:
 
 def _named(c: str) -> dict:
     """A configuration given by name (see :func:`parse_configs`)."""
-    if c in ("torch", "torch-amp", "torch-cl"):
+    if c in TORCH_ENGINES:
         return {"engine": c, "passes": [], "options": {}, "opt": False}
     if c in ("ort", "ort-noopt"):
         return {"engine": "ort", "passes": [], "options": {}, "opt": c == "ort"}

@@ -269,10 +269,8 @@ class _Bench:
             from ..runtime.torch_engine import TorchSession  # heavy
 
             autocast = torch.bfloat16 if kind == "torch-amp" else None
-            module = self.torch_module(s)
-            return TorchSession(
-                module, self.hyper, self.spec.lr, autocast_dtype=autocast, channels_last=kind == "torch-cl"
-            ), []
+            module, cl = self.torch_module(s), kind == "torch-cl"
+            return TorchSession(module, self.hyper, self.spec.lr, autocast_dtype=autocast, channels_last=cl), []
         from ..runtime.session import TrainingSession  # heavy
 
         engine = TrainingSession(self.art_dirs[s][c], ExecConfig(threads=self.spec.threads), lr=self.spec.lr, lazy=True)

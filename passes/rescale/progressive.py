@@ -92,7 +92,11 @@ def _pool_to(m: onnx.ModelProto, flatten: onnx.NodeProto, hw: tuple, full: tuple
                 "(the Gemm keeps its full-size weights)",
             )
     flatten.input[0] = x
-    at = list(m.graph.node).index(flatten)
+    _insert_before(m, flatten, nodes)
+
+
+def _insert_before(m: onnx.ModelProto, node: onnx.NodeProto, nodes: list) -> None:
+    at = list(m.graph.node).index(node)
     for k, n in enumerate(nodes):
         m.graph.node.insert(at + k, n)
 
@@ -176,9 +180,7 @@ def _resize_kernels(m: onnx.ModelProto, hw: tuple, full: tuple, how: str, min_ke
         n.input[1] = nodes[-1].output[0]
         _set_attr(n, "kernel_shape", ks)
         _set_attr(n, "pads", pads)
-        at = list(m.graph.node).index(n)
-        for i, x in enumerate(nodes):
-            m.graph.node.insert(at + i, x)
+        _insert_before(m, n, nodes)
     return resized
 
 

@@ -101,6 +101,21 @@ SCHEMA = {
         "train_time": {"type": "number", "minimum": 0},
         "wall_time": {"type": "number", "minimum": 0},
         "controllers": {"type": "object", "additionalProperties": {"type": "object"}},
+        # the activation layouts --layout auto chose (runtime.layout.Layouts.state); absent in
+        # checkpoints written before
+        "layouts": {
+            "type": "array",
+            "maxItems": 1024,
+            "items": {
+                "type": "object",
+                "required": ["key", "layout"],
+                "properties": {
+                    "key": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                    "layout": {"enum": ["nchw", "nhwc"]},
+                },
+                "additionalProperties": False,
+            },
+        },
         # per method, its decision ({} for the plain graph); a string in checkpoints written before
         # (their joined name, at most 200 characters)
         "variant": {

@@ -106,6 +106,13 @@ class Engine(Protocol):
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None: ...
 
+    def layout_state(self) -> list[dict]:
+        """The activation layouts the engine chose by measuring (``runtime.layout``), for a
+        checkpoint; [] for none."""
+
+    def restore_layouts(self, choices: list[dict]) -> None:
+        """The choices :meth:`layout_state` gave, from a checkpoint: a resumed run reuses them."""
+
     def buffers(self) -> list:
         """State a step changes besides parameters and optimizer state (BatchNorm running
         statistics), as tensors rank 0 broadcasts; [] for none."""
@@ -174,6 +181,15 @@ class EngineBase:
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         return None
+
+    def layout_state(self) -> list[dict]:  # an engine with a ``layouts`` (runtime.layout.Layouts)
+        layouts = getattr(self, "layouts", None)
+        return layouts.state() if layouts is not None else []
+
+    def restore_layouts(self, choices: list[dict]) -> None:
+        layouts = getattr(self, "layouts", None)
+        if layouts is not None:
+            layouts.restore(choices)
 
     def buffers(self) -> list:
         return []

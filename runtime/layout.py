@@ -23,6 +23,8 @@ force a layout. The choice and the measurement go in the engine report (``summar
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Callable
 
@@ -31,6 +33,15 @@ TIMED = 3  # timed runs per layout
 MARGIN = 0.03  # NHWC must be this much faster to be chosen
 CLOSE = 0.05  # fastest runs this close (relative) to the margin's line: TIMED more runs each
 MEASURE_FROM_BYTES = 64 << 20  # activations (and their gradients) of one step
+MAX_KEPT = 1024  # choices a checkpoint may carry (one per parameter shapes and batch shape)
+
+
+def key_digest(key) -> str:
+    """A step's key (its parameters' names and shapes, its batch shape) as the SHA-256 hex digest
+    a checkpoint carries (``Layouts.state``)."""
+    params, batch = key
+    text = json.dumps([[[str(n), [int(d) for d in s]] for n, s in params], [int(d) for d in batch]])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def in_layout(x, layout: str):
@@ -118,11 +129,29 @@ class Layouts:
         self.report: dict = {"layout": forced} if forced != "auto" else {"layout": None, "auto": True}
         self.choices: list = []  # every choice made by measuring, in order ("choices" in the report)
 
+    def state(self) -> list[dict]:
+        """The choices made so far, for a checkpoint: a resumed run reuses them instead of measuring
+        again (under load a measurement may choose otherwise, and the resumed run would not be
+        the uninterrupted one bit for bit). [] when the layout is forced."""
+        if self.forced != "auto":
+            return []
+        return [{"key": k, "layout": v} for k, v in self.chosen.items()]
+
+    def restore(self, choices: list[dict]) -> None:
+        """The choices :meth:`state` gave (a checkpoint's, checked against its schema), taken as
+        made; nothing when the layout is forced."""
+        if self.forced != "auto" or not choices:
+            return
+        for c in choices[:MAX_KEPT]:
+            if c.get("layout") in (NCHW, NHWC) and isinstance(c.get("key"), str):
+                self.chosen[c["key"]] = c["layout"]
+        self.report = {**self.report, "restored": len(self.chosen)}
+
     def known(self, key) -> str | None:
         """The layout of a step keyed ``key`` when it is forced or chosen already, else None."""
         if self.forced != "auto":
             return self.forced
-        got = self.chosen.get(key)
+        got = self.chosen.get(key_digest(key))
         if got is not None:
             self.last = got
         return got
@@ -137,7 +166,7 @@ class Layouts:
             got, med = measure(run, prepare) if why is None else (NCHW, None)
             if agree is not None:
                 got = agree(got)
-            self.chosen[key] = got
+            self.chosen[key_digest(key)] = got
             self.choices.append({"layout": got, "measured_ms": med, "not_measured": why})
             self.report = {**self.choices[-1], "auto": True, "choices": self.choices}
         self.last = got

@@ -98,10 +98,10 @@ def freezeout_art(tmp_path_factory):
 
 def _train(art, run_dir, epochs=2, **kw):
     """The runs here are compared bit for bit, a resumed one with an uninterrupted one: the layout
-    is fixed, since ``auto`` times both at each session's start and, on a loaded machine, an
-    uninterrupted run and a resumed one can choose differently (seen: NCHW 113.6 against NHWC
-    143.6 ms in one, NHWC 88.7 against NCHW 151.7 in the other), and the two layouts round
-    differently (docs/engine.md: a resumed run measures again)."""
+    is fixed, since ``auto`` times both at each run's first step and, on a loaded machine, two
+    runs can choose differently (seen: NCHW 113.6 against NHWC 143.6 ms in one, NHWC 88.7 against
+    NCHW 151.7 in the other), and the two layouts round differently. (A resumed run reuses its
+    checkpoint's choices: tests/test_layout.py.)"""
     return accelc.train(
         art,
         "synthetic",

@@ -237,3 +237,46 @@ def test_weight_gradients_are_adopted_not_copied(small_art, monkeypatch):
         assert a == b
         assert np.array_equal(s.gradients()[name], ref.gradients()[name])
         assert np.array_equal(s.param_arrays()[name], ref.param_arrays()[name])
+
+
+def test_a_resumed_run_keeps_the_layouts_its_checkpoint_carries(small_art, tmp_path, monkeypatch):
+    """``--layout auto`` measures at a run's first step; a resumed run takes the choices from the
+    checkpoint instead of measuring again (under load a second measurement may choose the other
+    layout, which rounds differently), so it ends where the run would have ended uninterrupted.
+    The checkpoint's choices are untrusted input: a malformed entry is refused in one line."""
+    import accelc
+    from accelc.runtime import checkpoint as ckpt
+
+    from conftest import stopped_after
+
+    monkeypatch.setattr(L, "MEASURE_FROM_BYTES", 0)
+    choose = {"layout": L.NHWC}
+    measured = []
+
+    def fake_measure(run, prepare=None):
+        measured.append(choose["layout"])
+        return choose["layout"], {L.NCHW: 2.0, L.NHWC: 1.0}
+
+    monkeypatch.setattr(L, "measure", fake_measure)
+
+    def train(run_dir, **kw):
+        return accelc.train(
+            small_art, "synthetic", epochs=2, batch_size=32, train_limit=96, test_limit=32,
+            run_dir=run_dir, progress=False, threads=1, **kw,
+        )  # fmt: skip
+
+    whole = train(tmp_path / "whole")
+    cut = stopped_after(monkeypatch, 1, lambda: train(tmp_path / "split"))
+    assert len(cut["history"]) == 1
+    meta = json.loads((tmp_path / "split" / ckpt.META).read_text())
+    assert [c["layout"] for c in meta["layouts"]] == [L.NHWC] and len(meta["layouts"][0]["key"]) == 64
+    choose["layout"] = L.NCHW  # what a second measurement would choose now
+    n = len(measured)
+    resumed = train(tmp_path / "split", resume=True)
+    assert len(measured) == n  # not measured again
+    assert [m["test_loss"] for m in resumed["history"]] == [m["test_loss"] for m in whole["history"]]
+
+    meta["layouts"] = [{"key": "0" * 64, "layout": "nhwc", "extra": 1}]
+    (tmp_path / "split" / ckpt.META).write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointError, match="malformed at layouts/0"):
+        train(tmp_path / "split", resume=True)

@@ -38,6 +38,7 @@ class TrainerRecords:
                 "artifacts_dir": self.artifacts_dir,
                 "variant": self._variant(),
                 "controllers": {a.name: a.state_dict() for a in self.algorithms},
+                "layouts": self.engine.layout_state(),  # a resume reuses them (runtime.layout)
                 "data_position": {"next_epoch": epoch + 1, "next_step": 0},
             }
             try:

@@ -89,6 +89,7 @@ class TrainerStart:
                     f"controller state of {show(a.name)} in '{show(self.run_dir / ckpt.META)}' is malformed "
                     f"({type(e).__name__})"
                 ) from None
+        self.engine.restore_layouts(meta.get("layouts", []))
         return arrays
 
     # ------------------------------------------------------------------ variants

@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from ...compiler import provenance
 from ...compiler.artifacts import Artifacts
-from ...compiler.errors import AccelcError
+from ...compiler.errors import AccelcError, show
 from ...compiler.model import infer_shapes
 from ...compiler.pass_api import PassResult
 from .ramp import stage_dir, stage_sizes
@@ -276,10 +276,29 @@ def compile_progressive(method, art: Artifacts, options) -> PassResult:
     source = info.source or info.model  # as given: the legalised form may hold sizes folded at full size
     stages, changes = [], []
     for hw in sizes:
-        model, pooled, kernels = _stage_model(source, info.input_name, hw, sizes, options)
         at = f"at {hw[0]}x{hw[1]}"
         name = stage_dir(hw)
-        art.stages[name] = compile_stage(art, model, f"the {hw[0]}x{hw[1]} stage", at)
+        if hw == sizes[0]:  # the start: refused with the smallest start that works
+            model, pooled, kernels = _stage_model(source, info.input_name, hw, sizes, options)
+            art.stages[name] = compile_stage(art, model, f"the {hw[0]}x{hw[1]} stage", at)
+        else:
+            # a size above the start that cannot be trained (e.g. a ceil-mode pool with partial
+            # windows at that size's parity) is left out: the ramp trains at the largest compiled
+            # size below it instead (ProgressiveRescale._size)
+            try:
+                model, pooled, kernels = progressive_model(
+                    source, info.input_name, hw, large_kernels=options.large_kernels, min_kernel=options.min_kernel
+                )
+                art.stages[name] = compile_stage(art, model, f"the {hw[0]}x{hw[1]} stage", at)
+            except AccelcError as e:
+                reason = str(e).removeprefix("cannot rescale: ")
+                changes.append(
+                    {
+                        "summary": f"stage {hw[0]}x{hw[1]} left out ({show(reason, 300)}): epochs the ramp puts "
+                        f"there train at {stages[-1]['hw'][0]}x{stages[-1]['hw'][1]}"
+                    }
+                )
+                continue
         stages.append({"hw": list(hw), "dir": name, "heads": pooled, "kernels": kernels})
         pools = "; ".join(
             [
@@ -304,7 +323,7 @@ def compile_progressive(method, art: Artifacts, options) -> PassResult:
     )
     changes.append(
         {
-            "summary": f"progressive resizing: {len(sizes)} stage(s) from {sizes[0][0]}x{sizes[0][1]} to "
+            "summary": f"progressive resizing: {len(stages)} stage(s) from {sizes[0][0]}x{sizes[0][1]} to "
             f"{full[0]}x{full[1]} in steps of {options.step} px, every parameter kept at its full shape"
         }
     )

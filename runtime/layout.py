@@ -24,7 +24,6 @@ force a layout. The choice and the measurement go in the engine report (``summar
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from typing import Callable
 
@@ -37,11 +36,10 @@ MAX_KEPT = 1024  # choices a checkpoint may carry (one per parameter shapes and 
 
 
 def key_digest(key) -> str:
-    """A step's key (its parameters' names and shapes, its batch shape) as the SHA-256 hex digest
-    a checkpoint carries (``Layouts.state``)."""
-    params, batch = key
-    text = json.dumps([[[str(n), [int(d) for d in s]] for n, s in params], [int(d) for d in batch]])
-    return hashlib.sha256(text.encode()).hexdigest()
+    """A step's key (its parameters' names and shapes, its batch shape: tuples of strings and
+    ints, whose repr is the same in every process) as the SHA-256 hex digest a checkpoint carries
+    (``Layouts.state``)."""
+    return hashlib.sha256(repr(key).encode()).hexdigest()
 
 
 def in_layout(x, layout: str):

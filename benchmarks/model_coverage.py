@@ -149,7 +149,7 @@ def _outcome(fn):
         return "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", time.perf_counter() - t0
 
 
-def run_model(lib: str, name: str, size: int, work: Path, runs: str = "every") -> dict:
+def run_model(lib: str, name: str, size: int, work: Path, runs: str = "every", passes_run=PASSES) -> dict:
     import torch
 
     import accelc
@@ -169,7 +169,7 @@ def run_model(lib: str, name: str, size: int, work: Path, runs: str = "every") -
     row["export"] = _outcome(lambda: accelc.export(copy.deepcopy(module), torch.zeros(2, 3, size, size), onnx_path))
     if row["export"][0] != "ok":
         return row
-    for passes in PASSES:
+    for passes in [p for p in PASSES if p in passes_run]:
         art = work / f"art-{passes}"
         names = PASS_LISTS.get(passes, [passes])
         # rescale goes to full size after epoch 1, so the run below ends with full-size epochs to export
@@ -281,11 +281,11 @@ def run_model(lib: str, name: str, size: int, work: Path, runs: str = "every") -
     return row
 
 
-def child(spec: str, out: str, runs: str = "every") -> None:
+def child(spec: str, out: str, runs: str = "every", passes_run=PASSES) -> None:
     lib, name, size = spec.split(":")
     with tempfile.TemporaryDirectory(prefix="accelc-cov-") as d:
         try:
-            row = run_model(lib, name, int(size), Path(d), runs)
+            row = run_model(lib, name, int(size), Path(d), runs, passes_run)
         except Exception as e:
             row = {"model": f"{lib}:{name}", "fatal": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -400,11 +400,21 @@ def main(argv=None) -> int:
         choices=["every", *PASSES[1:]],
         help="after which pass lists a run is trained, resumed and exported: every one, or only that one",
     )
+    ap.add_argument(
+        "--passes",
+        default=",".join(PASSES),
+        help=f"comma list of the pass lists to compile (of {','.join(PASSES)}; default every one), e.g. "
+        "rescale,all after a change of rescale's defaults: 'none' holds the gradient and lockstep checks",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    passes_run = [p for p in a.passes.split(",") if p]
+    bad = [p for p in passes_run if p not in PASSES]
+    if bad or not passes_run:
+        ap.error(f"--passes takes pass lists of {','.join(PASSES)}, got '{a.passes}'")
     if a.child:
-        child(a.child, a.child_out, a.runs)
+        child(a.child, a.child_out, a.runs, passes_run)
         return 0
     sizes = {f"{lib}:{name}": size for lib, name, size in MODELS}
     wanted = list(sizes) if a.models == "all" else SMALL if a.models == "small" else a.models.split(",")
@@ -414,7 +424,8 @@ def main(argv=None) -> int:
         size = sizes.get(spec, 64)
         with tempfile.NamedTemporaryFile(suffix=".json") as fh:
             p = subprocess.run(
-                [sys.executable, __file__, "--child", f"{lib}:{name}:{size}", "--child-out", fh.name, "--runs", a.runs],
+                [sys.executable, __file__, "--child", f"{lib}:{name}:{size}", "--child-out", fh.name, "--runs", a.runs]
+                + ["--passes", ",".join(passes_run)],
                 capture_output=True,
                 text=True,
             )

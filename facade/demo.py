@@ -1,8 +1,8 @@
 """``make demo``: the story of one pass that pays off, in about three minutes on 2 cores.
 
-It exports the built-in ``largekernel`` CNN (7×7/2 and 5×5/2 convolutions on 64×64 images, where
-kernel rescaling pays), compiles it with ``--passes rescale`` and prints what the compiler says the
-pass will do, then trains torch eager, plain ORT Training and ORT + rescale side by side on the
+It exports the built-in ``largekernel`` CNN (7×7/2 and 5×5/2 convolutions on 64×64 images),
+compiles it with ``--passes rescale`` (progressive resizing: the input size ramps up over the
+epochs) and prints what the compiler says the pass will do, then trains torch eager, plain ORT Training and ORT + rescale side by side on the
 built-in synthetic data (same weights, data order and learning rate), with one line per epoch, and
 ends with a few lines on what the pass did and what it saved, measured in this run.
 """
@@ -64,11 +64,25 @@ def main(out: str = "demo-out") -> int:
     for line in story(rep):
         print(line)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; plots and JSON in {out_dir}/bench/")
+    stage = first_stage(out_dir / "artifacts")
     print(
-        f"see what rescale rewrote: accelc view {out_dir}/artifacts --graph stage-low --changes "
-        f"(the low-resolution stage; --graph training for the full-resolution graph)"
+        f"see what rescale rewrote: accelc view {out_dir}/artifacts --graph {stage} --changes "
+        f"(the smallest input size's stage; --graph training for the full-resolution graph)"
     )
     return 0
+
+
+def first_stage(art_dir: Path) -> str:
+    """The stage the run trains first (the plan lists a progressive ramp's stages smallest first;
+    kernel mode has one, ``stage-low``)."""
+    import json
+
+    try:
+        plan = json.loads((art_dir / "plan.json").read_text())["controllers"]
+        entry = next(e for e in plan if e.get("type") == "rescale")
+        return str(entry["stages"][0]["dir"]) if entry.get("stages") else str(entry.get("stage") or "stage-low")
+    except (OSError, ValueError, StopIteration, KeyError, IndexError, TypeError, AttributeError):
+        return "stage-low"
 
 
 def story(rep: dict) -> list[str]:

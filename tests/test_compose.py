@@ -29,7 +29,8 @@ def test_pass_order_is_put_right_with_a_note(small32, tmp_path):
 
 @pytest.mark.slow
 def test_all_passes_rewrite_both_stages(small32, tmp_path):
-    r = run_cli("compile", small32 / "m.onnx", "--passes", "rescale,reuse,skip", "-o", tmp_path / "art")
+    seed = ("--rescale-mode", "kernel", "--skip-rule", "lars")  # the papers' modes: one stage, instrumented
+    r = run_cli("compile", small32 / "m.onnx", "--passes", "rescale,reuse,skip", *seed, "-o", tmp_path / "art")
     assert r.returncode == 0, r.stderr
     for d in (tmp_path / "art", tmp_path / "art" / "stage-low"):
         m = onnx.load(d / "training_model.onnx")
@@ -50,7 +51,7 @@ def test_a_skipped_reused_layer_loses_its_backward(small32, tmp_path):
     from accelc.passes.skip.algorithm import LarsSkip
     from accelc.runtime.algorithm import Schedule
 
-    r = run_cli("compile", small32 / "m.onnx", "--passes", "reuse,skip", "-o", tmp_path / "art")
+    r = run_cli("compile", small32 / "m.onnx", "--passes", "reuse,skip", "--skip-rule", "lars", "-o", tmp_path / "art")
     assert r.returncode == 0, r.stderr
     art, _ = load_artifacts(tmp_path / "art")
     plan = {p["type"]: p for p in art.plan}
@@ -77,6 +78,10 @@ def test_end_to_end_every_controller_acts(small32, tmp_path):
         small32 / "m.onnx",
         "--passes",
         "rescale,reuse,skip",
+        "--rescale-mode",
+        "kernel",
+        "--skip-rule",
+        "lars",
         "--reuse-strategy",
         "off",
         "--reuse-plateau",

@@ -127,7 +127,7 @@ def test_adaptive_skip_same_decisions_on_every_rank(model, tmp_path):
     """The controller fires after epoch 1 (absolute τ tiny); every rank decides on its own from the
     all-reduced gradients, rank 0's decision is applied, and the run makes the one-process decisions."""
     art = tmp_path / "art"
-    opts = {"skip": {"tau_mode": "absolute", "tau": 1e-9}}
+    opts = {"skip": {"rule": "lars", "tau_mode": "absolute", "tau": 1e-9}}
     accelc.compile(model / "m.onnx", art, passes=["skip"], pass_options=opts)
     one, two = tmp_path / "one", tmp_path / "two"
     accelc.train(art, DATA, epochs=3, batch_size=32, run_dir=one, threads=1, progress=False)

@@ -82,7 +82,12 @@ def test_reuse_is_counted_at_its_expected_remain_ratio(model, tmp_path):
 
 
 def test_compile_and_inspect_explain_each_pass(model, tmp_path):
-    rep = accelc.compile(model / "m.onnx", tmp_path / "art", "rescale,reuse,skip")
+    rep = accelc.compile(
+        model / "m.onnx",
+        tmp_path / "art",
+        "rescale,reuse,skip",
+        {"rescale": {"mode": "kernel"}, "skip": {"rule": "lars"}},
+    )  # the seed's modes
     lines = explain(rep)
     text = "\n".join(lines)
     by = {ln.split(":")[0]: ln for ln in lines}
@@ -108,9 +113,16 @@ def test_compile_and_inspect_explain_each_pass(model, tmp_path):
     assert "opt,reuse,skip" in table and "~" in table and "plain ORT training step" in table
 
 
+SEED_MODES = {"rescale": {"mode": "kernel"}, "skip": {"rule": "lars"}}  # the papers' own (not the defaults)
+
+
 def test_training_summary_says_what_every_controller_decided(model, tmp_path):
     accelc.compile(
-        model / "m.onnx", tmp_path / "art", "rescale,reuse,skip", {"reuse": {"choose": "all"}}, validate_result=False
+        model / "m.onnx",
+        tmp_path / "art",
+        "rescale,reuse,skip",
+        {"reuse": {"choose": "all"}, **SEED_MODES},
+        validate_result=False,
     )
     s = accelc.train(
         tmp_path / "art", "synthetic:256", epochs=3, batch_size=64, run_dir=tmp_path / "run", progress=False, threads=1

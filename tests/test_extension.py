@@ -177,7 +177,7 @@ def test_toy_method_composes_with_skip_and_trains(toy, tmp_path):
         tmp_path / "m.onnx",
         tmp_path / "art",
         passes="toy,skip",
-        pass_options={"toy": {"min_channels": 32}, "skip": {"tau_mode": "absolute", "tau": 1e-9}},
+        pass_options={"toy": {"min_channels": 32}, "skip": {"rule": "lars", "tau_mode": "absolute", "tau": 1e-9}},
     )
     rec = {p["name"]: p for p in rep["passes"]}
     assert rec["toy"]["modified"] and rec["toy"]["changes"][0]["summary"] == f"2 Relu(s) -> {OP}"  # c2, c3

@@ -180,7 +180,10 @@ def test_rescale_heads(head, tmp_path):
                 return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
             return self.fc(self.drop(F.max_pool2d(h, 2).flatten(1)))
 
-    rep = accelc.compile(_export(Net(), tmp_path, (3, 16, 16)), tmp_path / "art", passes=["rescale"])
+    kernel = {"rescale": {"mode": "kernel"}}  # the kernel mode resamples the head
+    rep = accelc.compile(
+        _export(Net(), tmp_path, (3, 16, 16)), tmp_path / "art", passes=["rescale"], pass_options=kernel
+    )
     art, _ = load_artifacts(tmp_path / "art")
     assert art.stages["stage-low"].info.input_shape == (3, 8, 8)
     params = rep["plan"][0]["params"]

@@ -113,7 +113,7 @@ def test_skip_prunes_a_fixed_set_and_keeps_the_other_gradients():
 
 def test_skip_instruments_the_lars_norms():
     art = artifacts()
-    res = run_pass("skip", art)
+    res = run_pass("skip", art, rule="lars")
     assert res.modified and res.artifacts.plan[-1]["type"] == "skip"
     out = outputs(art, res.artifacts.training)
     for layer, w in (("c1", "c1.weight"), ("c2", "c2.weight"), ("fc", "fc.weight")):
@@ -140,18 +140,22 @@ def test_reuse_refuses_what_it_cannot_reuse():
 
 def test_rescale_builds_the_low_resolution_stage():
     art = artifacts(k1=5)
-    res = run_pass("rescale", art, factor=2, min_kernel=5)
+    res = run_pass("rescale", art, mode="kernel", factor=2, min_kernel=5)
     assert res.modified
     stage = res.artifacts.stages["stage-low"]
     assert stage.info.input_shape == (3, 4, 4)
     w = {t.name: tuple(t.dims) for t in stage.info.model.graph.initializer}
     assert w["c1.weight"] == (8, 3, 3, 3) and w["c2.weight"] == (8, 8, 3, 3) and w["fc.weight"] == (4, 128)
-    assert get("rescale")().ensures(art, res.artifacts, get("rescale").resolve_options({"min_kernel": 5}))
+    assert get("rescale")().ensures(
+        art, res.artifacts, get("rescale").resolve_options({"mode": "kernel", "min_kernel": 5})
+    )
 
 
 def test_manager_validates_every_stage_it_changed():
     art = artifacts(k1=5)
-    manager = PassManager(["opt", "rescale", "skip"], {"rescale": {"min_kernel": 5}})
+    manager = PassManager(
+        ["opt", "rescale", "skip"], {"rescale": {"mode": "kernel", "min_kernel": 5}, "skip": {"rule": "lars"}}
+    )
     out, records = manager.run(art)
     rec = {r["name"]: r for r in records}
     assert manager.validation["training_step"] and manager.validation["stages"]["stage-low"]["training_step"]

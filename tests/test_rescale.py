@@ -53,7 +53,10 @@ def test_factor_one_is_identity(tmp_path):
     assert np.allclose(map_down_matrix(8, 1), np.eye(8)) and np.allclose(map_up_matrix(8, 1), np.eye(8))
     export_zoo("largekernel", tmp_path / "m.onnx")
     rep = accelc.compile(
-        tmp_path / "m.onnx", tmp_path / "a", passes=["rescale"], pass_options={"rescale": {"factor": "1"}}
+        tmp_path / "m.onnx",
+        tmp_path / "a",
+        passes=["rescale"],
+        pass_options={"rescale": {"mode": "kernel", "factor": "1"}},
     )
     rec = [p for p in rep["passes"] if p["name"] == "rescale"][0]
     assert rec["modified"] is False and not (tmp_path / "a" / "stage-low").exists()
@@ -119,7 +122,16 @@ def test_down_then_up_returns_close_to_original(method):
 def test_low_resolution_stage_and_switch_through_gemm_head(tmp_path):
     export_zoo("largekernel", tmp_path / "m.onnx")
     r = run_cli(
-        "compile", tmp_path / "m.onnx", "-o", tmp_path / "a", "--passes", "rescale", "--rescale-switch", "epoch:1"
+        "compile",
+        tmp_path / "m.onnx",
+        "-o",
+        tmp_path / "a",
+        "--passes",
+        "rescale",
+        "--rescale-mode",
+        "kernel",
+        "--rescale-switch",
+        "epoch:1",
     )
     assert r.returncode == 0, r.stderr
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())["controllers"][0]
@@ -154,7 +166,9 @@ def test_head_over_a_map_s_does_not_divide(tmp_path):
     """largekernel at 56x56: final map 7x7, at 28x28 it is 3x3 (pooling rounds down); the head is
     resampled 7x7 -> 3x3 instead of refused."""
     export_zoo("largekernel", tmp_path / "m.onnx", input_shape=(1, 56, 56))
-    rep = accelc.compile(tmp_path / "m.onnx", tmp_path / "a", passes=["rescale"])
+    rep = accelc.compile(
+        tmp_path / "m.onnx", tmp_path / "a", passes=["rescale"], pass_options={"rescale": {"mode": "kernel"}}
+    )
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())["controllers"][0]
     fc = plan["params"]["fc.weight"]
     assert fc["chw"][1:] == [7, 7] and fc["small_chw"][1:] == [3, 3]
@@ -204,7 +218,10 @@ def test_quick_start_vgg_at_28_rescales_and_trains(tmp_path):
 
     export_zoo("vgg", tmp_path / "vgg.onnx")
     accelc.compile(
-        tmp_path / "vgg.onnx", tmp_path / "a", passes=["rescale"], pass_options={"rescale": {"switch": "epoch:1"}}
+        tmp_path / "vgg.onnx",
+        tmp_path / "a",
+        passes=["rescale"],
+        pass_options={"rescale": {"mode": "kernel", "switch": "epoch:1"}},
     )
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())["controllers"][0]
     assert plan["input_hw"] == [14, 14]
@@ -233,7 +250,9 @@ def test_refusals_give_advice_that_works(tmp_path):
     export_zoo("vgg", tmp_path / "vgg.onnx")
 
     def comp(path, factor, out):
-        return accelc.compile(path, out, passes=["rescale"], pass_options={"rescale": {"factor": str(factor)}})
+        return accelc.compile(
+            path, out, passes=["rescale"], pass_options={"rescale": {"mode": "kernel", "factor": str(factor)}}
+        )
 
     msg = assert_api_refused(lambda: comp(tmp_path / "vgg.onnx", 3, tmp_path / "a3"), "not divisible by s=3")
     assert "--rescale-factor 2," in msg and "--input-shape 1,30,30" in msg, msg
@@ -287,7 +306,10 @@ def test_a_legalised_average_pool_trains_through_the_switch_resumes_and_exports(
 
     torch.manual_seed(0)
     accelc.export(Net(), torch.zeros(2, 1, 16, 16), tmp_path / "m.onnx")
-    rep = accelc.compile(tmp_path / "m.onnx", tmp_path / "art", passes=["rescale"])
+    kernel = {
+        "rescale": {"mode": "kernel"}
+    }  # the stage of the seed's mode (progressive: tests/test_rescale_progressive.py)
+    rep = accelc.compile(tmp_path / "m.onnx", tmp_path / "art", passes=["rescale"], pass_options=kernel)
     assert any("AveragePool" in n for n in rep["fixups"])
     kw = {"batch_size": 8, "run_dir": tmp_path / "run", "progress": False}
     accelc.train(tmp_path / "art", "synthetic:32", epochs=1, **kw)

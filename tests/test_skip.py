@@ -27,6 +27,8 @@ CASES = {
     "mixed": [["stem", "grouped"], ["dw"], ["pw", "fc"]],
 }
 
+LARS = {"skip": {"rule": "lars"}}  # the paper's rule (the default is freezeout: tests/test_freezeout.py)
+
 
 def _model(name, tmp_path):
     m, shape = export_test_model(name, tmp_path / "m.onnx")
@@ -146,7 +148,7 @@ def test_compile_fixed_skip_set_cli_and_plain_ort(tmp_path):
 
 def test_lars_values_match_numpy_and_controller_skips_crossers(tmp_path):
     _model("vgg", tmp_path)
-    accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], force=True)
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], pass_options=LARS, force=True)
     sess = TrainingSession(tmp_path / "inst")
     ctrl = LarsSkip(sess.artifacts, sess.artifacts.plan[0])
     opts = sess.artifacts.plan[0]["options"]
@@ -192,7 +194,7 @@ def test_controller_end_to_end_skips_and_accounts(tmp_path):
     from accelc.runtime.train import Trainer
 
     _model("vgg", tmp_path)
-    accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], force=True)
+    accelc.compile(tmp_path / "m.onnx", tmp_path / "inst", passes=["skip"], pass_options=LARS, force=True)
     sess = TrainingSession(tmp_path / "inst")
     entry = sess.artifacts.plan[0]
     opts = {**entry["options"], "tau": 1.05, "policy": "any"}  # a low threshold so the tiny run decides

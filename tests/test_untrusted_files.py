@@ -43,7 +43,12 @@ CHANGED = "was changed after compile (hash differs from report.json); recompile"
 def compiled(tmp_path_factory):
     d = tmp_path_factory.mktemp("cause6")
     export_zoo("largekernel", d / "m.onnx", input_shape=(1, 32, 32))
-    accelc.compile(d / "m.onnx", d / "art", passes=["rescale", "skip"])
+    accelc.compile(
+        d / "m.onnx",
+        d / "art",
+        passes=["rescale", "skip"],
+        pass_options={"rescale": {"mode": "kernel"}, "skip": {"rule": "lars"}},
+    )  # the kernel mode's stage-low
     return d / "art"
 
 

@@ -13,7 +13,8 @@ class View(Tool):
     examples = (
         "accelc view art",
         "accelc view art --changes",
-        "accelc view art --graph stage-low/eval --port 8081",
+        "accelc view art --graph stage-32x32 --changes   # a stage of rescale's ramp",
+        "accelc view art --graph stage-low/eval --port 8081   # the kernel mode's stage",
     )
 
     def add_arguments(self, p):
@@ -22,8 +23,8 @@ class View(Tool):
             "--graph",
             default=None,
             metavar="GRAPH",
-            help="of an artifact directory: training (default), eval, optimizer, a stage (stage-low) "
-            "or a stage's graph (stage-low/eval)",
+            help="of an artifact directory: training (default), eval, optimizer, a stage (rescale's: stage-HxW "
+            "per size of its ramp, stage-low in --rescale-mode kernel) or a stage's graph (stage-32x32/eval)",
         )
         p.add_argument(
             "--changes",

@@ -84,10 +84,11 @@ class RescaleOptions(Options):
         flag="--rescale-reset-moments",
     )
     mode: str = option(
-        "kernel",
+        "progressive",
+        "progressive: progressive resizing (the input size ramps up over the run's epochs, every "
+        "parameter shared at every size; the default, measured best on validation: docs/methods/rescale.md); "
         "kernel: the seed's kernel rescaling (one low-resolution stage with resampled kernels and head, "
-        "then full resolution); progressive: progressive resizing (the input size ramps up over the "
-        "run's epochs, every parameter shared at every size). The options whose help starts with "
+        "then full resolution). The options whose help starts with "
         "'progressive:' apply to progressive mode, the others to kernel mode (--rescale-min-kernel to both)",
         choice("kernel", "progressive"),
         flag="--rescale-mode",

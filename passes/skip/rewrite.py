@@ -359,23 +359,24 @@ class SkipOptions(Options):
         flag="--skip-layers",
     )
     rule: str = option(
-        "lars",
-        "how layers are chosen: lars (the paper: a layer whose LARS variable λ passes the "
-        "threshold at an epoch's end is skipped from the next epoch) or freezeout (FreezeOut: "
-        "layers freeze input side first at fixed fractions of the run's epochs, each layer's "
-        "learning rate annealed to zero first; decided at every step)",
+        "freezeout",
+        "how layers are chosen: freezeout (FreezeOut: layers freeze input side first at fixed "
+        "fractions of the run's epochs, each layer's learning rate annealed to zero first; decided "
+        "at every step; the default, measured best on validation: docs/methods/skip.md) or lars (the "
+        "paper: a layer whose LARS variable λ passes the threshold at an epoch's end is skipped from "
+        "the next epoch)",
         choice(*RULES),
         flag="--skip-rule",
     )
     t0: float = option(
-        0.5,
+        0.6,
         "freezeout: the fraction of the run at which the first layer freezes (the others follow "
         "up to the end of the run, --skip-spacing)",
         part,
         flag="--skip-t0",
     )
     spacing: str = option(
-        "linear",
+        "cubic",
         "freezeout: the freeze times of the layers after the first, linear or cubic in the "
         "layer's index (cubic freezes more of the network earlier)",
         choice("linear", "cubic"),

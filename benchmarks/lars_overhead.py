@@ -23,7 +23,7 @@ def main(steps=60, batch=64):
     d = Path(tempfile.mkdtemp())
     export_zoo("vgg", d / "m.onnx")
     accelc.compile(d / "m.onnx", d / "plain")
-    accelc.compile(d / "m.onnx", d / "inst", passes=["skip"])
+    accelc.compile(d / "m.onnx", d / "inst", passes=["skip"], pass_options={"skip": {"rule": "lars"}})  # instrumented
     a, b = TrainingSession(d / "plain"), TrainingSession(d / "inst")
     ctrl = LarsSkip(b.artifacts, b.artifacts.plan[0])
     rng = np.random.default_rng(0)

@@ -242,6 +242,8 @@ def study_table(rep: dict) -> list[str]:
                 acts.append(f"ep {d['epoch'] + 1}: skip {', '.join(d.get('skipped') or [])}")
             elif d["action"] in ("switch", "off", "refine"):
                 acts.append(f"ep {d['epoch'] + 1}: {d['action']}")
+            elif d["action"] in ("freeze", "resize"):  # freezeout's and the ramp's (the defaults)
+                acts.append(f"ep {d['epoch'] + 1}: {d['action']}")
         lam = (r.get("controllers") or {}).get("skip", {}).get("lambdas") or []
         if not acts and lam:
             acts.append("nothing skipped")

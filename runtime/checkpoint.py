@@ -112,6 +112,7 @@ SCHEMA = {
                 "properties": {
                     "key": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                     "layout": {"enum": ["nchw", "nhwc"]},
+                    "last": {"const": True},  # the layout the last step ran in
                 },
                 "additionalProperties": False,
             },

@@ -126,6 +126,9 @@ class Layouts:
         self.last = forced if forced != "auto" else NCHW  # the evaluation graph runs in it
         self.report: dict = {"layout": forced} if forced != "auto" else {"layout": None, "auto": True}
         self.choices: list = []  # every choice made by measuring, in order ("choices" in the report)
+        self.last_key: str | None = None  # the digest of the key the last step ran with
+        self.restored = 0  # choices a checkpoint gave (restore)
+        self._digests: dict = {}  # key -> key_digest(key), computed once per key
 
     def state(self) -> list[dict]:
         """The choices made so far, for a checkpoint: a resumed run reuses them instead of measuring
@@ -133,7 +136,11 @@ class Layouts:
         the uninterrupted one bit for bit). [] when the layout is forced."""
         if self.forced != "auto":
             return []
-        return [{"key": k, "layout": v} for k, v in self.chosen.items()]
+        out = [{"key": k, "layout": v} for k, v in list(self.chosen.items())[-MAX_KEPT:]]
+        for c in out:
+            if c["key"] == self.last_key:
+                c["last"] = True  # the evaluation graph (and skip's prefix cache) runs in its layout
+        return out
 
     def restore(self, choices: list[dict]) -> None:
         """The choices :meth:`state` gave (a checkpoint's, checked against its schema), taken as
@@ -143,15 +150,28 @@ class Layouts:
         for c in choices[:MAX_KEPT]:
             if c.get("layout") in (NCHW, NHWC) and isinstance(c.get("key"), str):
                 self.chosen[c["key"]] = c["layout"]
-        self.report = {**self.report, "restored": len(self.chosen)}
+                if c.get("last") is True:
+                    self.last, self.last_key = c["layout"], c["key"]
+        self.restored = len(self.chosen)
+        self.report = {
+            "layout": self.last,
+            "measured_ms": None,
+            "not_measured": f"{self.restored} choice(s) restored from the checkpoint",
+            "auto": True,
+            "restored": self.restored,
+            "choices": self.choices,
+        }
 
     def known(self, key) -> str | None:
         """The layout of a step keyed ``key`` when it is forced or chosen already, else None."""
         if self.forced != "auto":
             return self.forced
-        got = self.chosen.get(key_digest(key))
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = self._digests[key] = key_digest(key)
+        got = self.chosen.get(digest)
         if got is not None:
-            self.last = got
+            self.last, self.last_key = got, digest
         return got
 
     def for_step(self, key, x_dims: int, act_bytes: Callable, kernels, run: Callable, agree=None, prepare=None) -> str:
@@ -164,8 +184,10 @@ class Layouts:
             got, med = measure(run, prepare) if why is None else (NCHW, None)
             if agree is not None:
                 got = agree(got)
-            self.chosen[key_digest(key)] = got
+            self.last_key = self._digests[key]  # known() computed it
+            self.chosen[self.last_key] = got
             self.choices.append({"layout": got, "measured_ms": med, "not_measured": why})
-            self.report = {**self.choices[-1], "auto": True, "choices": self.choices}
+            restored = {"restored": self.restored} if self.restored else {}
+            self.report = {**self.choices[-1], "auto": True, **restored, "choices": self.choices}
         self.last = got
         return got

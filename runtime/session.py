@@ -369,7 +369,7 @@ class TrainingSession(EngineBase):
         # an earlier one: the convolutions, which decide it, are the same
         if self.__dict__.get("_param_key") is None:  # after a swap or a load: shapes may differ
             self._param_key = tuple((n, tuple(p.shape)) for n, p in self.params.items())
-        key = (self._param_key, tuple(xt.shape))
+        key = (self._param_key, tuple(xt.shape), str(xt.device), torch.get_num_threads())  # resumed elsewhere: new
         known = self.layouts.known(key)
         if known is not None:  # every step after a shape's first
             return known

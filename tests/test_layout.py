@@ -270,11 +270,14 @@ def test_a_resumed_run_keeps_the_layouts_its_checkpoint_carries(small_art, tmp_p
     assert len(cut["history"]) == 1
     meta = json.loads((tmp_path / "split" / ckpt.META).read_text())
     assert [c["layout"] for c in meta["layouts"]] == [L.NHWC] and len(meta["layouts"][0]["key"]) == 64
+    assert meta["layouts"][0]["last"] is True  # the evaluation graph (and skip's prefix cache) runs in it
     choose["layout"] = L.NCHW  # what a second measurement would choose now
     n = len(measured)
     resumed = train(tmp_path / "split", resume=True)
     assert len(measured) == n  # not measured again
     assert [m["test_loss"] for m in resumed["history"]] == [m["test_loss"] for m in whole["history"]]
+    lay = resumed["engine"]["layout"]
+    assert lay["layout"] == L.NHWC and lay["restored"] == 1 and "restored from the checkpoint" in lay["not_measured"]
 
     meta["layouts"] = [{"key": "0" * 64, "layout": "nhwc", "extra": 1}]
     (tmp_path / "split" / ckpt.META).write_text(json.dumps(meta))

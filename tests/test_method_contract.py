@@ -24,9 +24,9 @@ from accelc.runtime import checkpoint as ckpt
 
 # what each method needs to change the tiny graph: (tiny()'s arguments, the method's options)
 SETTINGS = {
-    "rescale": ({"k1": 5, "hw": 16}, {"factor": 2, "min_kernel": 5, "switch": "epoch:1"}),
+    "rescale": ({"k1": 5, "hw": 16}, {"mode": "kernel", "factor": 2, "min_kernel": 5, "switch": "epoch:1"}),
     "reuse": ({"hw": 6}, {"layers": "c2", "choose": "all"}),
-    "skip": ({}, {"min_epochs": 1, "tau_mode": "absolute", "tau": 1e-9}),
+    "skip": ({}, {"rule": "lars", "min_epochs": 1, "tau_mode": "absolute", "tau": 1e-9}),
 }
 IDS = [m.name for m in METHODS]
 WITH_ALGORITHM = [m for m in METHODS if m.algorithm is not None]

@@ -85,7 +85,10 @@ def test_every_file_of_a_deep_run_through_every_pass_reads_back(tmp_path):
     convs = sum(n.op_type == "Conv" for n in onnx.load(tmp_path / "m.onnx").graph.node)
     assert convs >= 60
     art, run = tmp_path / "art", tmp_path / "run"
-    opts = {"skip": {"tau_mode": "absolute", "tau": 1e-12, "policy": "any"}, "rescale": {"switch": "epoch:1"}}
+    opts = {  # the seed's modes (their options below); the defaults: tests/test_freezeout.py, test_rescale_progressive.py
+        "skip": {"rule": "lars", "tau_mode": "absolute", "tau": 1e-12, "policy": "any"},
+        "rescale": {"mode": "kernel", "switch": "epoch:1"},
+    }
     accelc.compile(tmp_path / "m.onnx", art, passes=passes, pass_options=opts)
     kw = {"batch_size": 16, "run_dir": run, "progress": False, "log": "csv,tensorboard"}
     accelc.train(art, "synthetic:64", epochs=2, **kw)

@@ -18,7 +18,7 @@ class Bench(Tool):
     name = "bench"
     examples = (
         "accelc bench --model vgg --data fashion-mnist --configs torch,ort,ort+skip -o bench-out",
-        "accelc bench --model cnn3-small --configs ort,ort+skip --skip-policy suffix --skip-tau 1.5 --epochs 2",
+        "accelc bench --model cnn3-small --configs ort,ort+skip --skip-rule lars --skip-policy suffix --skip-tau 1.5 --epochs 2",
         "accelc bench --model vgg --config-file benchmarks/bench-vgg32.json --input-shape 1,32,32 -o bench-out",
         "accelc bench --model vgg --data fashion-mnist --train-limit 4096 --nproc 2 -o scaling-out",
         "accelc bench --model vgg --data fashion-mnist --input-shape 1,32,32 --target 0.88 --seeds 0,1,2 "

@@ -1,4 +1,5 @@
-"""rescale — fast training of CNNs via kernel rescaling (Gusmão et al., 2016), in one folder:
+"""rescale — progressive resizing (the default) and fast training of CNNs via kernel rescaling
+(Gusmão et al., 2016; ``--rescale-mode kernel``), in one folder:
 
 * :mod:`.options`: the options of both modes and the plan entry's fields;
 * :mod:`.rewrite`: the kernel and head resampling, the low-resolution stage, the pass;
@@ -13,8 +14,9 @@ from .rewrite import PLAN_FIELDS, RescaleOptions, RescalePass
 
 METHOD = Method(
     name="rescale",
-    summary="kernel rescaling: a low-resolution stage with downscaled kernels first, then full resolution "
-    "(or, --rescale-mode progressive, progressive resizing with every parameter shared)",
+    summary="progressive resizing: the input size ramps up over the epochs, every parameter shared (or, "
+    "--rescale-mode kernel, kernel rescaling: a low-resolution stage with downscaled kernels first, then "
+    "full resolution)",
     paper="Gusmão et al., Fast training of CNNs via kernel rescaling, 2016",
     options=RescaleOptions,
     compile=RescalePass,

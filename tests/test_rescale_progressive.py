@@ -331,7 +331,11 @@ def test_a_start_below_what_the_model_runs_at_is_refused_with_what_works(prog, t
         )
 
     assert_api_refused(lambda: comp(start_scale=0.1), "--rescale-start-scale 0.1 of 16x16 is below one --rescale-step")
-    msg = assert_api_refused(lambda: comp(start_scale=0.1, step=1), "cannot rescale progressively: at 1x1")
+    grown = assert_api_refused(lambda: comp(start_scale=0.1, step=1), "below one --rescale-step (2 px")
+    assert "grown to fit --rescale-max-stages 8" in grown and "more stages" in grown, grown
+    msg = assert_api_refused(
+        lambda: comp(start_scale=0.1, step=1, max_stages=32), "cannot rescale progressively: at 1x1"
+    )
     assert "smaller than its window" in msg and "the ramp's sizes from 2x2 work" in msg, msg
     assert not (tmp_path / "a").exists()
 
@@ -428,3 +432,23 @@ def test_a_ramp_size_that_cannot_be_trained_is_left_out(tmp_path):
         lambda: accelc.compile(tmp_path / "m.onnx", tmp_path / "b", passes=["rescale"], pass_options=bad),
         "cannot be trained",
     )
+
+
+def test_the_step_grows_until_the_ramp_fits_max_stages():
+    """Each size below full is a compiled stage with its own copy of the weights: a 224-px model
+    from 112 in steps of 4 would compile 28 (the coverage suite's AlexNet held 11.6 GB compiling
+    them). --rescale-max-stages (8) grows the step to the smallest multiple that fits; the runtime's
+    ramp snaps to the same step. A 64-px model keeps steps of 4 (8 stages)."""
+    from accelc.passes.rescale.ramp import ramp_step
+
+    def opts(**kw):
+        return SimpleNamespace(**{"step": 4, "max_stages": 8, "start_scale": 0.5, "start_fraction": 0.4,
+                                  "full_fraction": 0.2, **kw})  # fmt: skip
+
+    assert ramp_step((224, 224), opts()) == 16 and len(stage_sizes((224, 224), 0.5, 16)) == 7
+    assert ramp_step((64, 64), opts()) == 4 and len(stage_sizes((64, 64), 0.5, 4)) == 8
+    assert ramp_step((224, 224), opts(max_stages=28)) == 4
+    five = ramp_step((224, 224), opts(step=5))
+    assert five % 5 == 0 and len(stage_sizes((224, 224), 0.5, five)) <= 8 < len(stage_sizes((224, 224), 0.5, five - 5))
+    assert ramp(8, (224, 224), opts())[4] == (144, 144)  # on the 16-px grid
+    assert all(hw in stage_sizes((224, 224), 0.5, 16) + [(224, 224)] for hw in ramp(50, (224, 224), opts()))

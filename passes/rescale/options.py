@@ -119,6 +119,14 @@ class RescaleOptions(Options):
         int_at_least(1),
         flag="--rescale-step",
     )
+    max_stages: int = option(
+        8,
+        "progressive: at most this many sizes below full (each a compiled training graph with its own "
+        "copy of the weights): where steps of --rescale-step would give more, the step grows to the "
+        "smallest multiple of it that fits (a 224-px model from 112: steps of 16, 7 stages)",
+        int_at_least(1),
+        flag="--rescale-max-stages",
+    )
     large_kernels: str = option(
         "keep",
         "progressive: the kernels of at least --rescale-min-kernel at a size below full: keep (the same "

@@ -38,7 +38,7 @@ from ...compiler.artifacts import Artifacts
 from ...compiler.errors import AccelcError, show
 from ...compiler.model import infer_shapes
 from ...compiler.pass_api import PassResult
-from .ramp import stage_dir, stage_sizes
+from .ramp import ramp_step, stage_dir, stage_sizes
 from .rewrite import (
     PASS,
     _attrs,
@@ -259,18 +259,25 @@ def compile_progressive(method, art: Artifacts, options) -> PassResult:
     """The pass in progressive mode: a stage per ramp size, compiled into ``stage-HxW/``."""
     info = art.info
     full = tuple(int(d) for d in info.input_shape[1:])
-    sizes = stage_sizes(full, options.start_scale, options.step)
+    step = ramp_step(full, options)
+    sizes = stage_sizes(full, options.start_scale, step)
     if not sizes:
         return PassResult(art, False, [{"summary": f"no input size below {full[0]}x{full[1]} on the ramp"}])
-    if min(min(hw) for hw in sizes) < 1 or min(sizes[0]) < options.step:
+    if min(min(hw) for hw in sizes) < 1 or min(sizes[0]) < step:
         raise AccelcError(
             f"cannot rescale progressively: --rescale-start-scale {options.start_scale:g} of {full[0]}x{full[1]} "
-            f"is below one --rescale-step ({options.step} px); use a larger start scale or a smaller step"
+            f"is below one --rescale-step ({step} px"
+            + (
+                f": --rescale-step {options.step} grown to fit --rescale-max-stages {options.max_stages}); use a "
+                "larger start scale or more stages"
+                if step != options.step
+                else "); use a larger start scale or a smaller step"
+            )
         )
     if len(sizes) > MAX_STAGES:
         raise AccelcError(
             f"cannot rescale progressively: the ramp {sizes[0][0]}x{sizes[0][1]} -> {full[0]}x{full[1]} in steps of "
-            f"{options.step} px has {len(sizes)} sizes below full, each a stage to compile (at most {MAX_STAGES}); "
+            f"{step} px has {len(sizes)} sizes below full, each a stage to compile (at most {MAX_STAGES}); "
             f"use a larger --rescale-step"
         )
     source = info.source or info.model  # as given: the legalised form may hold sizes folded at full size
@@ -324,7 +331,13 @@ def compile_progressive(method, art: Artifacts, options) -> PassResult:
     changes.append(
         {
             "summary": f"progressive resizing: {len(stages)} stage(s) from {sizes[0][0]}x{sizes[0][1]} to "
-            f"{full[0]}x{full[1]} in steps of {options.step} px, every parameter kept at its full shape"
+            f"{full[0]}x{full[1]} in steps of {step} px"
+            + (
+                f" (--rescale-step {options.step} grown to fit --rescale-max-stages {options.max_stages})"
+                if step != options.step
+                else ""
+            )
+            + ", every parameter kept at its full shape"
         }
     )
     return PassResult(art, True, changes)

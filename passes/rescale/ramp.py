@@ -41,12 +41,12 @@ def epoch_scale(epoch: int, epochs: int, start_scale: float, start_fraction: flo
 
 def epoch_size(epoch: int, epochs: int, full_hw, options) -> tuple[int, int]:
     """The input size (H, W) 0-based ``epoch`` of a budget of ``epochs`` trains at (``options``:
-    the method's start_scale, start_fraction, full_fraction and step)."""
+    the method's start_scale, start_fraction, full_fraction, step and max_stages)."""
     full_hw = tuple(full_hw)
     s = epoch_scale(epoch, epochs, options.start_scale, options.start_fraction, options.full_fraction)
     if s >= 1.0:
         return full_hw
-    hw = scaled(full_hw, s, options.step)
+    hw = scaled(full_hw, s, ramp_step(full_hw, options))
     # never above the full size, never below the start (a size the compiled stages hold)
     return tuple(min(x, f) for x, f in zip(hw, full_hw))
 
@@ -69,6 +69,17 @@ def stage_sizes(full_hw, start_scale: float, step: int) -> list[tuple[int, int]]
             k += 1
     sizes = {scaled(full_hw, s, step) for s in cuts if start_scale <= s < 1.0}
     return sorted(hw for hw in sizes if hw != (h, w))
+
+
+def ramp_step(full_hw, options) -> int:
+    """The ramp's step in pixels: ``options.step``, or the smallest multiple of it whose ramp has
+    at most ``options.max_stages`` sizes below full (each size is a stage to compile: a 224-px
+    model from 112 in steps of 4 would have 28; in steps of 16, 7)."""
+    step, most = int(options.step), int(getattr(options, "max_stages", 0) or 0)
+    k = 1
+    while most and len(stage_sizes(full_hw, options.start_scale, k * step)) > most and k * step < max(full_hw):
+        k += 1
+    return k * step
 
 
 def stage_dir(hw) -> str:

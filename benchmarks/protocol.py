@@ -240,9 +240,7 @@ def study_table(rep: dict) -> list[str]:
         for d in r.get("decisions", []):
             if d["action"] == "skip":
                 acts.append(f"ep {d['epoch'] + 1}: skip {', '.join(d.get('skipped') or [])}")
-            elif d["action"] in ("switch", "off", "refine"):
-                acts.append(f"ep {d['epoch'] + 1}: {d['action']}")
-            elif d["action"] in ("freeze", "resize"):  # freezeout's and the ramp's (the defaults)
+            elif d["action"] in ("switch", "off", "refine", "freeze", "resize"):  # freeze, resize: the defaults'
                 acts.append(f"ep {d['epoch'] + 1}: {d['action']}")
         lam = (r.get("controllers") or {}).get("skip", {}).get("lambdas") or []
         if not acts and lam:

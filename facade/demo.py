@@ -69,7 +69,7 @@ def main(out: str = "demo-out") -> int:
     for line in story(rep):
         print(line)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; plots and JSON in {out_dir}/bench/")
-    stage = first_stage(out_dir / "artifacts")
+    stage = first_stage(report)
     print(
         f"see what rescale rewrote: accelc view {out_dir}/artifacts --graph {stage} --changes "
         f"(the smallest input size's stage; --graph training for the full-resolution graph)"
@@ -77,17 +77,11 @@ def main(out: str = "demo-out") -> int:
     return 0
 
 
-def first_stage(art_dir: Path) -> str:
-    """The stage the run trains first (the plan lists a progressive ramp's stages smallest first;
-    kernel mode has one, ``stage-low``)."""
-    import json
-
-    try:
-        plan = json.loads((art_dir / "plan.json").read_text())["controllers"]
-        entry = next(e for e in plan if e.get("type") == "rescale")
-        return str(entry["stages"][0]["dir"]) if entry.get("stages") else str(entry.get("stage") or "stage-low")
-    except (OSError, ValueError, StopIteration, KeyError, IndexError, TypeError, AttributeError):
-        return "stage-low"
+def first_stage(report: dict) -> str:
+    """The stage the run trains first, from the compile report's plan entry: the rescale pass
+    names it (``stage``: a progressive ramp's smallest size, or kernel mode's ``stage-low``)."""
+    entry = next((e for e in report.get("plan", []) if e.get("type") == "rescale"), {})
+    return str(entry.get("stage") or "stage-low")
 
 
 def story(rep: dict) -> list[str]:

@@ -285,27 +285,28 @@ def compile_progressive(method, art: Artifacts, options) -> PassResult:
     for hw in sizes:
         at = f"at {hw[0]}x{hw[1]}"
         name = stage_dir(hw)
-        if hw == sizes[0]:  # the start: refused with the smallest start that works
-            model, pooled, kernels = _stage_model(source, info.input_name, hw, sizes, options)
+        start = hw == sizes[0]
+        try:
+            if start:  # refused with the smallest start that works
+                model, pooled, kernels = _stage_model(source, info.input_name, hw, sizes, options)
+            else:
+                kw = {"large_kernels": options.large_kernels, "min_kernel": options.min_kernel}
+                model, pooled, kernels = progressive_model(source, info.input_name, hw, **kw)
             art.stages[name] = compile_stage(art, model, f"the {hw[0]}x{hw[1]} stage", at)
-        else:
+        except AccelcError as e:
+            if start:
+                raise
             # a size above the start that cannot be trained (e.g. a ceil-mode pool with partial
             # windows at that size's parity) is left out: the ramp trains at the largest compiled
             # size below it instead (ProgressiveRescale._size)
-            try:
-                model, pooled, kernels = progressive_model(
-                    source, info.input_name, hw, large_kernels=options.large_kernels, min_kernel=options.min_kernel
-                )
-                art.stages[name] = compile_stage(art, model, f"the {hw[0]}x{hw[1]} stage", at)
-            except AccelcError as e:
-                reason = str(e).removeprefix("cannot rescale: ")
-                changes.append(
-                    {
-                        "summary": f"stage {hw[0]}x{hw[1]} left out ({show(reason, 300)}): epochs the ramp puts "
-                        f"there train at {stages[-1]['hw'][0]}x{stages[-1]['hw'][1]}"
-                    }
-                )
-                continue
+            reason = str(e).removeprefix("cannot rescale: ")
+            changes.append(
+                {
+                    "summary": f"stage {hw[0]}x{hw[1]} left out ({show(reason, 300)}): epochs the ramp puts "
+                    f"there train at {stages[-1]['hw'][0]}x{stages[-1]['hw'][1]}"
+                }
+            )
+            continue
         stages.append({"hw": list(hw), "dir": name, "heads": pooled, "kernels": kernels})
         pools = "; ".join(
             [
